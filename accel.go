@@ -1,0 +1,115 @@
+package smolvm
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
+	"github.com/smolvm/smolvm/internal/supervisor"
+)
+
+// AccelReport says which accelerator VMs use on this host, and why.
+type AccelReport struct {
+	Accel  string `json:"accel"`
+	Reason string `json:"reason"`
+	Cached bool   `json:"cached"`
+}
+
+type probeRecord struct {
+	Key    string `json:"key"`
+	KVM    bool   `json:"kvm"`
+	Reason string `json:"reason"`
+}
+
+// kvmProbeTimeout bounds the KVM boot probe. A working KVM boots the
+// default image far faster; a broken one (a nested hypervisor that does not
+// boot standard kernels) hangs, and the probe gives up.
+const kvmProbeTimeout = 20 * time.Second
+
+func resolveAccel(ctx context.Context, home string, cfg *Config, img *resolvedImage) (hypervisor.Accel, error) {
+	switch cfg.Accel {
+	case "tcg":
+		return hypervisor.AccelTCG, nil
+	case "kvm":
+		if err := kvmDeviceUsable(); err != nil {
+			return "", fmt.Errorf("%w: accel kvm: %w", ErrUnsupported, err)
+		}
+		return hypervisor.AccelKVM, nil
+	}
+	rep := ProbeAccel(ctx, home, img.kernel, img.initrd)
+	if rep.Accel == "kvm" {
+		return hypervisor.AccelKVM, nil
+	}
+	cfg.Logger.Debug("using TCG software emulation", "reason", rep.Reason)
+	return hypervisor.AccelTCG, nil
+}
+
+func kvmDeviceUsable() error {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("/dev/kvm is not usable (%w): enable virtualization or add your user to the kvm group", err)
+	}
+	f.Close()
+	return nil
+}
+
+// ProbeAccel decides between KVM and TCG for this kernel: KVM only when
+// /dev/kvm opens and a real boot with it reaches the guest agent. The
+// result is cached per kernel, initrd and QEMU version.
+func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
+	if err := kvmDeviceUsable(); err != nil {
+		return AccelReport{Accel: "tcg", Reason: err.Error()}
+	}
+	ver, _ := qemu.Version(ctx, "")
+	key := probeKey(kernel, initrd, ver)
+	path := filepath.Join(home, "cache", "accel-probe.json")
+	var rec probeRecord
+	if b, err := os.ReadFile(path); err == nil && json.Unmarshal(b, &rec) == nil && rec.Key == key {
+		return report(rec, true)
+	}
+	dir, err := os.MkdirTemp(home, "probe-")
+	if err != nil {
+		return AccelReport{Accel: "tcg", Reason: "cannot run the KVM probe: " + err.Error()}
+	}
+	defer os.RemoveAll(dir)
+	mc := &hypervisor.MachineConfig{
+		ID: "kvm-probe", Dir: dir, Kernel: kernel, Initrd: initrd, Cmdline: kernelCmdline("probe", hypervisor.AccelKVM, ""),
+		VCPUs: 1, MemoryMiB: 256, Accel: hypervisor.AccelKVM, Channel: hypervisor.ChannelVirtioSerial,
+		ConsoleLog: filepath.Join(dir, "console.log"),
+	}
+	rec = probeRecord{Key: key, KVM: true, Reason: "a test boot with KVM reached the guest agent"}
+	if err := supervisor.Probe(ctx, "qemu", mc, kvmProbeTimeout); err != nil {
+		rec = probeRecord{Key: key, Reason: fmt.Sprintf("a test boot with KVM failed (%v): using TCG software emulation", err)}
+	}
+	if b, err := json.Marshal(rec); err == nil {
+		_ = os.MkdirAll(filepath.Dir(path), 0o700)
+		_ = os.WriteFile(path, b, 0o600)
+	}
+	return report(rec, false)
+}
+
+func report(rec probeRecord, cached bool) AccelReport {
+	r := AccelReport{Accel: "tcg", Reason: rec.Reason, Cached: cached}
+	if rec.KVM {
+		r.Accel = "kvm"
+	}
+	return r
+}
+
+func probeKey(kernel, initrd, qemuVersion string) string {
+	h := sha256.New()
+	for _, p := range []string{kernel, initrd} {
+		fi, err := os.Stat(p)
+		if err == nil {
+			fmt.Fprintf(h, "%s|%d|%d|", p, fi.Size(), fi.ModTime().UnixNano())
+		}
+	}
+	fmt.Fprint(h, qemuVersion)
+	return fmt.Sprintf("%x", h.Sum(nil))
+}

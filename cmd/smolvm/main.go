@@ -1,0 +1,97 @@
+// Command smolvm creates and runs disposable microVM sandboxes.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/smolvm/smolvm"
+)
+
+// exitError carries a process exit code through cobra.
+type exitError struct{ code int }
+
+func (e *exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+type globals struct {
+	home  string
+	debug bool
+	log   *slog.Logger
+}
+
+func main() {
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer cancel()
+	g := &globals{}
+	root := newRoot(g)
+	err := root.ExecuteContext(ctx)
+	var ee *exitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		os.Exit(ee.code)
+	default:
+		fmt.Fprintln(os.Stderr, "smolvm:", err)
+		os.Exit(exitCode(err))
+	}
+}
+
+// exitCode maps error kinds to exit codes, so scripts can tell them apart.
+func exitCode(err error) int {
+	switch {
+	case errors.Is(err, smolvm.ErrNotFound):
+		return 2
+	case errors.Is(err, smolvm.ErrInvalid):
+		return 3
+	case errors.Is(err, smolvm.ErrNotRunning):
+		return 4
+	case errors.Is(err, smolvm.ErrExists), errors.Is(err, smolvm.ErrInUse):
+		return 5
+	}
+	return 1
+}
+
+func newRoot(g *globals) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "smolvm",
+		Short: "Disposable, hardware-isolated Linux sandboxes for AI agents",
+		Long: `smolvm boots microVMs (QEMU, one kernel each) in about a second, runs commands
+in them with millisecond round trips, and throws them away.
+
+Start with:  smolvm setup && smolvm run -- uname -a`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			if g.home != "" {
+				if err := os.Setenv("SMOLVM_HOME", g.home); err != nil {
+					return err
+				}
+			}
+			level := slog.LevelWarn
+			if g.debug || os.Getenv("SMOLVM_DEBUG") != "" {
+				level = slog.LevelDebug
+			}
+			g.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			slog.SetDefault(g.log)
+			return nil
+		},
+	}
+	root.PersistentFlags().StringVar(&g.home, "home", "", "state folder (default $SMOLVM_HOME, else $XDG_STATE_HOME/smolvm)")
+	root.PersistentFlags().BoolVar(&g.debug, "debug", false, "log debug messages, naming each phase")
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return fmt.Errorf("%w: %w (see '%s --help')", smolvm.ErrInvalid, err, c.CommandPath())
+	})
+	root.AddCommand(
+		newSetupCmd(g), newDoctorCmd(g), newRunCmd(g), newCreateCmd(g), newStartCmd(g),
+		newExecCmd(g), newListCmd(g), newInfoCmd(g), newStopCmd(g), newRmCmd(g),
+		newLogsCmd(g), newCleanupCmd(g), newVersionCmd(), newSuperviseCmd(g),
+	)
+	return root
+}

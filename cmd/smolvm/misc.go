@@ -1,0 +1,90 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/supervisor"
+)
+
+func newLogsCmd(g *globals) *cobra.Command {
+	var follow, sup bool
+	cmd := &cobra.Command{
+		Use:   "logs VM",
+		Short: "Print a VM's guest console (or its supervisor log)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm, err := smolvm.Open(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			defer vm.Close()
+			name := supervisor.ConsoleLog
+			if sup {
+				name = supervisor.LogFile
+			}
+			f, err := os.Open(filepath.Join(vm.Dir(), name))
+			if err != nil {
+				return fmt.Errorf("read logs of VM %s: %w", vm.Name(), err)
+			}
+			defer f.Close()
+			if _, err := io.Copy(os.Stdout, f); err != nil {
+				return err
+			}
+			for follow {
+				select {
+				case <-cmd.Context().Done():
+					return nil
+				case <-time.After(200 * time.Millisecond):
+				}
+				if _, err := io.Copy(os.Stdout, f); err != nil {
+					return err
+				}
+				if in, err := vm.Info(cmd.Context()); err != nil || (in.State != "running" && in.State != "creating") {
+					return nil
+				}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing while the VM runs")
+	cmd.Flags().BoolVar(&sup, "supervisor", false, "print the supervisor's log instead")
+	return cmd
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, args []string) {
+			fmt.Printf("smolvm %s (%s, %s/%s)\n", smolvm.Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		},
+	}
+}
+
+func newSuperviseCmd(g *globals) *cobra.Command {
+	var started, createDone string
+	cmd := &cobra.Command{
+		Use:    "__supervise ID",
+		Short:  "Run a VM's supervisor (internal)",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ready := os.NewFile(3, "ready")
+			t0, _ := time.Parse(time.RFC3339Nano, started)
+			t1, _ := time.Parse(time.RFC3339Nano, createDone)
+			return smolvm.RunSupervisor(cmd.Context(), args[0], ready, t0, t1, g.log)
+		},
+	}
+	cmd.Flags().StringVar(&started, "started", "", "")
+	cmd.Flags().StringVar(&createDone, "create-done", "", "")
+	return cmd
+}

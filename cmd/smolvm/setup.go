@@ -1,0 +1,44 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/smolvm/smolvm"
+)
+
+func newSetupCmd(g *globals) *cobra.Command {
+	var kernel string
+	var noInstall bool
+	cmd := &cobra.Command{
+		Use:   "setup",
+		Short: "Install host packages and build the default image (idempotent)",
+		Long: `Prepare this host for smolvm: install missing host packages with apt-get (when
+run as root on Debian or Ubuntu; otherwise print what to install), fetch Debian's
+cloud kernel, and build the initramfs with busybox and the guest agent. Safe to
+run again: finished steps are cached under the state folder.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var progress *os.File
+			if term.IsTerminal(int(os.Stderr.Fd())) {
+				progress = os.Stderr
+			}
+			opts := smolvm.SetupOptions{KernelPath: kernel, InstallPackages: !noInstall}
+			if progress != nil {
+				opts.Progress = progress
+			}
+			d, err := smolvm.Setup(cmd.Context(), opts)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "kernel:    %s (%s)\ninitramfs: %s\nready: try 'smolvm run -- uname -a'\n", d.Kernel, d.KernelVersion, d.Initrd)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&kernel, "kernel", "", "use this kernel instead of Debian's cloud kernel")
+	cmd.Flags().BoolVar(&noInstall, "no-install", false, "do not install host packages; only check for them")
+	return cmd
+}

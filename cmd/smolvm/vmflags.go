@@ -1,0 +1,54 @@
+package main
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/smolvm/smolvm"
+)
+
+// vmFlags are the flags shared by run and create.
+type vmFlags struct {
+	name        string
+	cpus        int
+	memory      int
+	kernel      string
+	initrd      string
+	rootfs      string
+	bootArgs    string
+	accel       string
+	channel     string
+	bootTimeout time.Duration
+}
+
+func (f *vmFlags) register(fs *pflag.FlagSet) {
+	fs.StringVar(&f.name, "name", "", "name of the VM (default: generated)")
+	fs.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
+	fs.IntVarP(&f.memory, "memory", "m", 512, "memory in MiB")
+	fs.StringVar(&f.kernel, "kernel", "", "boot this kernel instead of the default image's")
+	fs.StringVar(&f.initrd, "initrd", "", "boot this initramfs instead of the default image's")
+	fs.StringVar(&f.rootfs, "rootfs", "", "attach this disk image (raw or .qcow2) as /dev/vda")
+	fs.StringVar(&f.bootArgs, "boot-args", "", "extra kernel command line arguments")
+	fs.StringVar(&f.accel, "accel", "", "kvm or tcg (default: KVM when a test boot with it works)")
+	fs.StringVar(&f.channel, "channel", "", "vsock or virtio-serial (default: vsock when the host has it)")
+	fs.DurationVar(&f.bootTimeout, "boot-timeout", 90*time.Second, "how long to wait for the guest agent")
+}
+
+func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
+	if f.memory < 64 {
+		return smolvm.Config{}, fmt.Errorf("%w: --memory %d: give at least 64 (MiB)", smolvm.ErrInvalid, f.memory)
+	}
+	if f.cpus < 1 {
+		return smolvm.Config{}, fmt.Errorf("%w: --cpus %d: give at least 1", smolvm.ErrInvalid, f.cpus)
+	}
+	if f.bootTimeout <= 0 {
+		return smolvm.Config{}, fmt.Errorf("%w: --boot-timeout must be positive", smolvm.ErrInvalid)
+	}
+	return smolvm.Config{
+		Name: f.name, VCPUs: f.cpus, MemoryMiB: f.memory,
+		KernelPath: f.kernel, InitrdPath: f.initrd, RootfsPath: f.rootfs, BootArgs: f.bootArgs,
+		Accel: f.accel, Channel: f.channel, BootTimeout: f.bootTimeout, Logger: g.log,
+	}, nil
+}

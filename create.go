@@ -1,0 +1,257 @@
+package smolvm
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/supervisor"
+)
+
+// New creates a VM, boots it and returns once its agent answers. Unless
+// cfg.Persistent, the VM lives in this process: Close stops and deletes it.
+// A failed create leaves nothing behind.
+func New(ctx context.Context, cfg Config) (*VM, error) {
+	started := time.Now()
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	st, err := openStore(ctx, cfg.Home)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := create(ctx, st, &cfg, started)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	return vm, nil
+}
+
+func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time) (*VM, error) {
+	log := cfg.Logger
+	log.Debug("phase create: allocating state", "name", cfg.Name)
+	img, err := resolveImage(ctx, homeOf(st), cfg)
+	if err != nil {
+		return nil, err
+	}
+	rec := &store.VM{Name: cfg.Name, State: store.StateCreating, Ephemeral: !cfg.Persistent, Image: img.name, SupervisorPID: os.Getpid()}
+	if err := st.CreateVM(ctx, rec); err != nil {
+		return nil, fmt.Errorf("create VM: %w", err)
+	}
+	dir := filepath.Join(homeOf(st), "vms", rec.ID)
+	undo := func(cause error) error {
+		_ = os.RemoveAll(dir)
+		return errors.Join(cause, st.DeleteVM(context.WithoutCancel(ctx), rec.ID))
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, undo(fmt.Errorf("create state folder: %w", err))
+	}
+	spec, err := buildSpec(ctx, st, cfg, img, rec, dir)
+	if err != nil {
+		return nil, undo(err)
+	}
+	sj, _ := json.Marshal(spec)
+	if _, err := st.UpdateVM(ctx, rec.ID, func(v *store.VM) error { v.Dir, v.Config = dir, sj; return nil }); err != nil {
+		return nil, undo(err)
+	}
+	createDone := time.Now()
+	log.Debug("phase create done", "vm", rec.ID, "took", createDone.Sub(started))
+	if cfg.Persistent {
+		if err := spawnSupervisor(ctx, cfg, homeOf(st), rec.ID, started, createDone); err != nil {
+			return nil, undo(err)
+		}
+		vm, err := open(ctx, st, rec.ID, cfg.Logger)
+		if err != nil {
+			return nil, undo(err)
+		}
+		return vm, nil
+	}
+	sup, err := supervisor.Start(ctx, rec.ID, supervisor.Options{Store: st, Logger: log, Started: started, CreateDone: createDone})
+	if err != nil {
+		return nil, undo(err)
+	}
+	vm, err := open(ctx, st, rec.ID, cfg.Logger)
+	if err != nil {
+		_ = sup.Stop(context.WithoutCancel(ctx), true, 0)
+		return nil, undo(err)
+	}
+	vm.sup, vm.owned = sup, true
+	vm.agent = sup.Agent()
+	return vm, nil
+}
+
+// buildSpec turns the user's config into what the supervisor runs.
+func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedImage, rec *store.VM, dir string) (*supervisor.Spec, error) {
+	accel, err := resolveAccel(ctx, homeOf(st), cfg, img)
+	if err != nil {
+		return nil, err
+	}
+	channel, err := resolveChannel(cfg.Channel)
+	if err != nil {
+		return nil, err
+	}
+	mc := hypervisor.MachineConfig{
+		ID: rec.ID, Dir: dir, Kernel: img.kernel, Initrd: img.initrd,
+		Cmdline: kernelCmdline(rec.Name, accel, cfg.BootArgs), VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
+		Accel: accel, Channel: channel, ConsoleLog: filepath.Join(dir, supervisor.ConsoleLog),
+	}
+	if cfg.RootfsPath != "" {
+		mc.Disks = append(mc.Disks, hypervisor.Disk{Path: cfg.RootfsPath, Format: diskFormat(cfg.RootfsPath)})
+	}
+	if channel == hypervisor.ChannelVsock {
+		cid, err := st.Allocate(ctx, "vsock-cid", rec.ID, 3, 1<<31)
+		if err != nil {
+			return nil, fmt.Errorf("allocate vsock cid: %w", err)
+		}
+		mc.CID = uint32(cid)
+	}
+	return &supervisor.Spec{Driver: "qemu", Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name, Persistent: cfg.Persistent}, nil
+}
+
+func kernelCmdline(hostname string, accel hypervisor.Accel, extra string) string {
+	parts := []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet", "loglevel=3",
+		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "smolvm.hostname=" + hostname}
+	if accel == hypervisor.AccelTCG {
+		// Under TCG the guest's TSC runs at the host's rate, but microvm
+		// has no PIT/HPET to calibrate it against and the boot stalls.
+		// Tell the kernel the rate instead.
+		if khz := hostTSCkHz(); khz > 0 {
+			parts = append(parts, fmt.Sprintf("tsc_early_khz=%d", khz), "tsc=reliable")
+		}
+	}
+	if extra = strings.TrimSpace(extra); extra != "" {
+		parts = append(parts, extra)
+	}
+	return strings.Join(parts, " ")
+}
+
+func diskFormat(path string) string {
+	if strings.HasSuffix(path, ".qcow2") {
+		return "qcow2"
+	}
+	return "raw"
+}
+
+func resolveChannel(want string) (hypervisor.Channel, error) {
+	switch hypervisor.Channel(want) {
+	case hypervisor.ChannelVirtioSerial:
+		return hypervisor.ChannelVirtioSerial, nil
+	case hypervisor.ChannelVsock:
+		if !haveVhostVsock() {
+			return "", fmt.Errorf("%w: channel vsock needs /dev/vhost-vsock (modprobe vhost_vsock), or use virtio-serial", ErrUnsupported)
+		}
+		return hypervisor.ChannelVsock, nil
+	}
+	if haveVhostVsock() {
+		return hypervisor.ChannelVsock, nil
+	}
+	return hypervisor.ChannelVirtioSerial, nil
+}
+
+func haveVhostVsock() bool {
+	f, err := os.OpenFile("/dev/vhost-vsock", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
+}
+
+// supervisorBinary finds the smolvm CLI that runs detached supervisors.
+func supervisorBinary(cfg *Config) (string, error) {
+	if cfg.SupervisorBinary != "" {
+		return cfg.SupervisorBinary, nil
+	}
+	if exe, err := os.Executable(); err == nil && filepath.Base(exe) == "smolvm" {
+		return exe, nil
+	}
+	if p, err := exec.LookPath("smolvm"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("persistent VMs need the smolvm binary: put it in PATH or set Config.SupervisorBinary")
+}
+
+// spawnSupervisor starts `smolvm __supervise ID` detached from this process
+// and waits until it reports the VM ready (or why not) on a pipe.
+func spawnSupervisor(ctx context.Context, cfg *Config, home, id string, started, createDone time.Time) error {
+	bin, err := supervisorBinary(cfg)
+	if err != nil {
+		return err
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	logf, err := os.OpenFile(filepath.Join(home, "vms", id, supervisor.LogFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		w.Close()
+		return fmt.Errorf("open supervisor log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, "__supervise", id,
+		"--started", started.Format(time.RFC3339Nano), "--create-done", createDone.Format(time.RFC3339Nano))
+	cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = []*os.File{w} // fd 3
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		w.Close()
+		return fmt.Errorf("start supervisor %s: %w", bin, err)
+	}
+	w.Close()
+	pid := cmd.Process.Pid
+	_ = cmd.Process.Release()
+	type result struct {
+		line string
+		err  error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		line, err := bufio.NewReader(r).ReadString('\n')
+		ch <- result{strings.TrimSpace(line), err}
+	}()
+	select {
+	case res := <-ch:
+		switch {
+		case res.line == "ok":
+			return nil
+		case strings.HasPrefix(res.line, "error: "):
+			return errors.New(strings.ReplaceAll(strings.TrimPrefix(res.line, "error: "), `\n`, "\n"))
+		default:
+			return fmt.Errorf("supervisor exited before the VM was ready: see %s", filepath.Join(home, "vms", id, supervisor.LogFile))
+		}
+	case <-ctx.Done():
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		return fmt.Errorf("create VM: %w", ctx.Err())
+	}
+}
+
+// hostTSCkHz reads the host CPU's clock rate in kHz (0 when unknown).
+func hostTSCkHz() int {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if ok && strings.TrimSpace(k) == "cpu MHz" {
+			var mhz float64
+			if _, err := fmt.Sscanf(strings.TrimSpace(v), "%f", &mhz); err == nil {
+				return int(mhz * 1000)
+			}
+		}
+	}
+	return 0
+}

@@ -1,0 +1,336 @@
+package smolvm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
+)
+
+// Cmd is a command to run in a VM, shaped like os/exec.Cmd.
+type Cmd struct {
+	// Path is the program; it is looked up in the guest's PATH.
+	Path string
+	// Args holds the command line, Args[0] included.
+	Args []string
+	// Shell, when set, runs through /bin/sh -c instead of Path and Args.
+	Shell string
+	// Env entries (KEY=VALUE) are added over the sandbox environment.
+	Env []string
+	// Dir is the working directory in the guest (default /root).
+	Dir string
+	// Stdin, Stdout and Stderr work as in os/exec; nil Stdout or Stderr
+	// discard the output, nil Stdin reads from /dev/null.
+	Stdin  io.Reader
+	Stdout io.Writer
+	Stderr io.Writer
+	// Timeout kills the whole process group in the guest; 0 means none.
+	Timeout time.Duration
+	// TTY runs the command on a pseudo-terminal (stderr is merged into
+	// stdout); Rows and Cols set its first size.
+	TTY        bool
+	Rows, Cols uint16
+
+	// Process is set by Start.
+	Process *Process
+	// ProcessState is set by Wait.
+	ProcessState *ProcessState
+
+	vm     *VM
+	ctx    context.Context
+	cancel context.CancelFunc
+	stream agentpb.Agent_ExecClient
+	sendMu sync.Mutex
+	done   chan struct{}
+	err    error
+	wait   sync.Once
+}
+
+// Process is a started command in the guest.
+type Process struct {
+	Pid int
+	cmd *Cmd
+}
+
+// ProcessState is how a command ended.
+type ProcessState struct {
+	ExitCode int // -1 when killed by a signal
+	Signal   syscall.Signal
+	TimedOut bool
+	Duration time.Duration
+}
+
+// Success reports whether the command exited with status 0.
+func (p *ProcessState) Success() bool { return p.ExitCode == 0 }
+
+// ExitError is returned by Wait and Run for a command that did not exit 0.
+type ExitError struct {
+	*ProcessState
+	// Stderr holds the start of the standard error output when Output
+	// collected it.
+	Stderr []byte
+}
+
+func (e *ExitError) Error() string {
+	switch {
+	case e.TimedOut:
+		return "command timed out and was killed"
+	case e.Signal != 0:
+		return "signal: " + e.Signal.String()
+	}
+	return fmt.Sprintf("exit status %d", e.ExitCode)
+}
+
+// Command returns a Cmd that runs name with args in the VM.
+func (vm *VM) Command(ctx context.Context, name string, args ...string) *Cmd {
+	return &Cmd{Path: name, Args: append([]string{name}, args...), vm: vm, ctx: ctx}
+}
+
+// ShellCommand returns a Cmd that runs script with /bin/sh -c.
+func (vm *VM) ShellCommand(ctx context.Context, script string) *Cmd {
+	return &Cmd{Shell: script, vm: vm, ctx: ctx}
+}
+
+// String is a human-readable form of the command.
+func (c *Cmd) String() string {
+	if c.Shell != "" {
+		return c.Shell
+	}
+	return strings.Join(c.Args, " ")
+}
+
+// Start starts the command and returns once the guest process exists.
+func (c *Cmd) Start() error {
+	if c.Process != nil {
+		return errors.New("smolvm: command already started")
+	}
+	if c.ctx == nil {
+		c.ctx = context.Background()
+	}
+	a, err := c.vm.agentClient(c.ctx)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(c.ctx)
+	c.cancel = cancel
+	stream, err := a.Exec(ctx)
+	if err != nil {
+		cancel()
+		return c.vm.callErr(c.ctx, "exec", err)
+	}
+	c.stream = stream
+	start := &agentpb.ExecStart{Shell: c.Shell, Env: c.Env, Dir: c.Dir, Tty: c.TTY, Stdin: c.Stdin != nil,
+		TimeoutMs: c.Timeout.Milliseconds()}
+	if c.Shell == "" {
+		start.Argv = c.Args
+		if len(start.Argv) == 0 {
+			start.Argv = []string{c.Path}
+		}
+	}
+	if c.Timeout > 0 && start.TimeoutMs == 0 {
+		start.TimeoutMs = 1
+	}
+	if c.TTY {
+		start.Size = &agentpb.WindowSize{Rows: uint32(c.Rows), Cols: uint32(c.Cols)}
+	}
+	if err := c.send(&agentpb.ExecRequest{Msg: &agentpb.ExecRequest_Start{Start: start}}); err != nil {
+		cancel()
+		return c.vm.callErr(c.ctx, "exec", err)
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		cancel()
+		return c.vm.callErr(c.ctx, "exec", statusErr(err))
+	}
+	switch m := first.Msg.(type) {
+	case *agentpb.ExecResponse_Started:
+		c.Process = &Process{Pid: int(m.Started.Pid), cmd: c}
+	case *agentpb.ExecResponse_Exit:
+		cancel()
+		if m.Exit.Error != "" {
+			return fmt.Errorf("exec %q: %s", c.String(), m.Exit.Error)
+		}
+		return fmt.Errorf("exec %q: ended before it started", c.String())
+	default:
+		cancel()
+		return fmt.Errorf("exec %q: protocol error: unexpected first message %T", c.String(), m)
+	}
+	c.done = make(chan struct{})
+	if c.Stdin != nil {
+		go c.copyStdin()
+	}
+	go c.receive()
+	return nil
+}
+
+func statusErr(err error) error {
+	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
+		return fmt.Errorf("%s", s.Message())
+	}
+	return err
+}
+
+func (c *Cmd) send(req *agentpb.ExecRequest) error {
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	return c.stream.Send(req)
+}
+
+func (c *Cmd) copyStdin() {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := c.Stdin.Read(buf)
+		if n > 0 {
+			if c.send(&agentpb.ExecRequest{Msg: &agentpb.ExecRequest_Stdin{Stdin: append([]byte(nil), buf[:n]...)}}) != nil {
+				return
+			}
+		}
+		if err != nil {
+			_ = c.send(&agentpb.ExecRequest{Msg: &agentpb.ExecRequest_CloseStdin{CloseStdin: true}})
+			return
+		}
+	}
+}
+
+func (c *Cmd) receive() {
+	defer close(c.done)
+	defer c.cancel()
+	for {
+		resp, err := c.stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("agent closed the stream without an exit status")
+			}
+			c.err = c.vm.callErr(c.ctx, "exec", statusErr(err))
+			return
+		}
+		switch m := resp.Msg.(type) {
+		case *agentpb.ExecResponse_Stdout:
+			if c.Stdout != nil {
+				_, _ = c.Stdout.Write(m.Stdout)
+			}
+		case *agentpb.ExecResponse_Stderr:
+			if c.Stderr != nil {
+				_, _ = c.Stderr.Write(m.Stderr)
+			}
+		case *agentpb.ExecResponse_Exit:
+			e := m.Exit
+			if e.Error != "" {
+				c.err = fmt.Errorf("exec %q: %s", c.String(), e.Error)
+				return
+			}
+			c.ProcessState = &ProcessState{ExitCode: int(e.ExitCode), Signal: syscall.Signal(e.Signal),
+				TimedOut: e.TimedOut, Duration: time.Duration(e.DurationNs)}
+			if !c.ProcessState.Success() {
+				c.err = &ExitError{ProcessState: c.ProcessState}
+			}
+			return
+		}
+	}
+}
+
+// Wait waits for the command to exit and its output to be copied.
+func (c *Cmd) Wait() error {
+	if c.Process == nil {
+		return errors.New("smolvm: command not started")
+	}
+	<-c.done
+	return c.err
+}
+
+// Run starts the command and waits for it.
+func (c *Cmd) Run() error {
+	if err := c.Start(); err != nil {
+		return err
+	}
+	return c.Wait()
+}
+
+// Output runs the command and returns its standard output.
+func (c *Cmd) Output() ([]byte, error) {
+	if c.Stdout != nil {
+		return nil, errors.New("smolvm: Stdout already set")
+	}
+	var out bytes.Buffer
+	c.Stdout = &out
+	var errb *capWriter
+	if c.Stderr == nil {
+		errb = &capWriter{max: 64 << 10}
+		c.Stderr = errb
+	}
+	err := c.Run()
+	var ee *ExitError
+	if errb != nil && errors.As(err, &ee) {
+		ee.Stderr = errb.buf.Bytes()
+	}
+	return out.Bytes(), err
+}
+
+// CombinedOutput runs the command and returns stdout and stderr together.
+func (c *Cmd) CombinedOutput() ([]byte, error) {
+	if c.Stdout != nil || c.Stderr != nil {
+		return nil, errors.New("smolvm: Stdout or Stderr already set")
+	}
+	var out syncBuffer
+	c.Stdout, c.Stderr = &out, &out
+	err := c.Run()
+	return out.Bytes(), err
+}
+
+// Signal sends a signal to the command's process group in the guest.
+func (p *Process) Signal(sig syscall.Signal) error {
+	return p.cmd.send(&agentpb.ExecRequest{Msg: &agentpb.ExecRequest_Signal{Signal: int32(sig)}})
+}
+
+// Kill sends SIGKILL to the command's process group.
+func (p *Process) Kill() error { return p.Signal(syscall.SIGKILL) }
+
+// Resize changes the terminal size of a TTY command.
+func (c *Cmd) Resize(rows, cols uint16) error {
+	return c.send(&agentpb.ExecRequest{Msg: &agentpb.ExecRequest_Resize{Resize: &agentpb.WindowSize{Rows: uint32(rows), Cols: uint32(cols)}}})
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) Bytes() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Bytes()
+}
+
+// capWriter keeps the first max bytes and counts the rest.
+type capWriter struct {
+	buf       bytes.Buffer
+	max       int
+	truncated bool
+}
+
+func (w *capWriter) Write(p []byte) (int, error) {
+	if room := w.max - w.buf.Len(); room < len(p) {
+		w.truncated = true
+		if room > 0 {
+			w.buf.Write(p[:room])
+		}
+		return len(p), nil
+	}
+	return w.buf.Write(p)
+}

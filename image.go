@@ -1,0 +1,102 @@
+package smolvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+
+	"github.com/smolvm/smolvm/internal/image"
+)
+
+// resolvedImage is the kernel and initrd a VM boots.
+type resolvedImage struct {
+	name        string
+	kernel      string
+	initrd      string
+	fingerprint string
+}
+
+// SetupOptions tune Setup.
+type SetupOptions struct {
+	Home string
+	// KernelPath uses this kernel instead of Debian's cloud kernel.
+	KernelPath string
+	// InstallPackages installs missing host packages with apt-get (root).
+	InstallPackages bool
+	// Progress receives progress bars and messages; nil is silent.
+	Progress io.Writer
+	// CachedOnly fails instead of downloading or building anything.
+	CachedOnly bool
+}
+
+// Setup prepares the host: host packages (when asked), the default kernel
+// and the initramfs with the guest agent. It is idempotent and fast when
+// everything is in place.
+func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
+	if opts.InstallPackages {
+		if err := image.InstallHostPackages(ctx, opts.Progress); err != nil {
+			return nil, err
+		}
+	} else if probs := image.CheckHost(ctx); len(probs) > 0 {
+		return nil, fmt.Errorf("host is missing: %v: run 'smolvm setup'", probs)
+	}
+	home := opts.Home
+	if home == "" {
+		home = Home()
+	}
+	agent, err := AgentBinary()
+	if err != nil {
+		return nil, err
+	}
+	return image.EnsureDefault(ctx, image.Options{
+		CacheDir: filepath.Join(home, "cache"), AgentPath: agent, KernelPath: opts.KernelPath, Progress: opts.Progress,
+	})
+}
+
+// AgentBinary finds the static guest agent: $SMOLVM_AGENT, smolvm-agent
+// beside the running executable or in ../libexec/smolvm, or in PATH.
+func AgentBinary() (string, error) {
+	if p := os.Getenv("SMOLVM_AGENT"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("SMOLVM_AGENT: %w", err)
+		}
+		return p, nil
+	}
+	if exe, err := os.Executable(); err == nil {
+		dir := filepath.Dir(exe)
+		for _, p := range []string{filepath.Join(dir, "smolvm-agent"), filepath.Join(dir, "..", "libexec", "smolvm", "smolvm-agent")} {
+			if _, err := os.Stat(p); err == nil {
+				return p, nil
+			}
+		}
+	}
+	if p, err := exec.LookPath("smolvm-agent"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("guest agent binary smolvm-agent not found: build it with 'make build' (CGO_ENABLED=0 go build -o bin/smolvm-agent ./cmd/smolvm-agent) or set SMOLVM_AGENT")
+}
+
+func resolveImage(ctx context.Context, home string, cfg *Config) (*resolvedImage, error) {
+	if cfg.KernelPath != "" && cfg.InitrdPath != "" {
+		return &resolvedImage{name: "custom", kernel: cfg.KernelPath, initrd: cfg.InitrdPath}, nil
+	}
+	agent, err := AgentBinary()
+	if err != nil {
+		return nil, err
+	}
+	d, err := image.EnsureDefault(ctx, image.Options{
+		CacheDir: filepath.Join(home, "cache"), AgentPath: agent, KernelPath: cfg.KernelPath, Logger: cfg.Logger,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("default image: %w", err)
+	}
+	r := &resolvedImage{name: "default", kernel: d.Kernel, initrd: d.Initrd, fingerprint: d.Fingerprint}
+	if cfg.InitrdPath != "" {
+		r.initrd, r.name = cfg.InitrdPath, "custom"
+	}
+	return r, nil
+}

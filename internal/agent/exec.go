@@ -1,0 +1,211 @@
+package agent
+
+import (
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
+)
+
+const (
+	outputChunk = 32 << 10
+	// pipeGrace is how long Exec keeps reading output after the process
+	// exited, in case a background child still holds the pipes open.
+	pipeGrace = 200 * time.Millisecond
+	// stdinQueue bounds the stdin messages buffered while the process is not
+	// reading, so that signals and resizes still get through.
+	stdinQueue = 8
+)
+
+type execStream = grpc.BidiStreamingServer[agentpb.ExecRequest, agentpb.ExecResponse]
+
+// execSender serialises Sends on one stream and refuses output after exit.
+type execSender struct {
+	mu     sync.Mutex
+	stream execStream
+	closed bool
+	failed bool
+}
+
+func (s *execSender) send(r *agentpb.ExecResponse) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.failed {
+		return
+	}
+	if err := s.stream.Send(r); err != nil {
+		s.failed = true
+	}
+}
+
+// exit sends the final message; nothing is sent after it.
+func (s *execSender) exit(e *agentpb.ExecExit) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	return s.stream.Send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Exit{Exit: e}})
+}
+
+// Exec runs one process and streams its output.
+func (s *Server) Exec(stream execStream) error {
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	start := first.GetStart()
+	if start == nil {
+		return status.Error(codes.InvalidArgument, "the first Exec message must be start")
+	}
+	argv := start.GetArgv()
+	if start.GetShell() != "" {
+		argv = []string{"/bin/sh", "-c", start.GetShell()}
+	}
+	if len(argv) == 0 || argv[0] == "" {
+		return status.Error(codes.InvalidArgument, "exec needs argv or shell")
+	}
+	env, err := s.buildEnv(start)
+	if err != nil {
+		return err
+	}
+	dir := start.GetDir()
+	if dir == "" {
+		dir = s.cfg.DefaultDir
+	}
+
+	out := &execSender{stream: stream}
+	begin := time.Now()
+	p, err := s.startProcess(argv, env, dir, start)
+	if err != nil {
+		s.log.Debug("exec failed to start", "argv", argv, "err", err)
+		return out.exit(&agentpb.ExecExit{ExitCode: -1, Error: err.Error()})
+	}
+	defer p.closeAll()
+	s.log.Debug("exec started", "pid", p.pid, "argv", argv)
+	out.send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Started{Started: &agentpb.ExecStarted{Pid: int32(p.pid)}}})
+
+	// Output readers.
+	var readers sync.WaitGroup
+	for _, o := range p.outputs {
+		readers.Add(1)
+		go func(f *os.File, stderr bool) {
+			defer readers.Done()
+			buf := make([]byte, outputChunk)
+			for {
+				n, err := f.Read(buf)
+				if n > 0 {
+					var m agentpb.ExecResponse
+					if stderr {
+						m.Msg = &agentpb.ExecResponse_Stderr{Stderr: buf[:n]}
+					} else {
+						m.Msg = &agentpb.ExecResponse_Stdout{Stdout: buf[:n]}
+					}
+					out.send(&m) // blocks while the host reads slowly
+				}
+				if err != nil {
+					return
+				}
+			}
+		}(o.f, o.stderr)
+	}
+	outDone := make(chan struct{})
+	go func() { readers.Wait(); close(outDone) }()
+
+	// Requests after start: stdin, close_stdin, signal, resize.
+	done := make(chan struct{})
+	defer close(done)
+	go s.execControl(stream, p, done)
+
+	ctx := stream.Context()
+	var timeout <-chan time.Time
+	if ms := start.GetTimeoutMs(); ms > 0 {
+		t := time.NewTimer(time.Duration(ms) * time.Millisecond)
+		defer t.Stop()
+		timeout = t.C
+	}
+	timedOut := false
+	var ws syscall.WaitStatus
+wait:
+	for {
+		select {
+		case ws = <-p.wait:
+			break wait
+		case <-timeout:
+			timedOut = true
+			timeout = nil
+			p.kill(syscall.SIGKILL)
+		case <-ctx.Done():
+			p.kill(syscall.SIGKILL)
+			return status.FromContextError(ctx.Err()).Err()
+		}
+	}
+	elapsed := time.Since(begin)
+	p.closeStdin()
+	select {
+	case <-outDone:
+	case <-time.After(pipeGrace):
+	}
+	p.closeOutputs() // unblocks readers still waiting on a background child
+	exit := &agentpb.ExecExit{TimedOut: timedOut, DurationNs: elapsed.Nanoseconds()}
+	switch {
+	case ws.Exited():
+		exit.ExitCode = int32(ws.ExitStatus())
+	case ws.Signaled():
+		exit.ExitCode = -1
+		exit.Signal = int32(ws.Signal())
+	default:
+		exit.ExitCode = -1
+	}
+	s.log.Debug("exec exited", "pid", p.pid, "code", exit.ExitCode, "signal", exit.Signal, "timed_out", timedOut)
+	return out.exit(exit)
+}
+
+// execControl handles the requests that follow start until the stream ends.
+func (s *Server) execControl(stream execStream, p *process, done <-chan struct{}) {
+	stdin := make(chan []byte, stdinQueue)
+	go p.feedStdin(stdin)
+	stdinOpen := true
+	closeStdin := func() {
+		if stdinOpen {
+			stdinOpen = false
+			close(stdin)
+		}
+	}
+	defer closeStdin()
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			return // io.EOF: the host sent everything, so stdin ends too
+		}
+		switch m := req.GetMsg().(type) {
+		case *agentpb.ExecRequest_Stdin:
+			if !stdinOpen {
+				continue
+			}
+			select {
+			case stdin <- m.Stdin:
+			case <-done:
+				return
+			}
+		case *agentpb.ExecRequest_CloseStdin:
+			if m.CloseStdin {
+				closeStdin()
+			}
+		case *agentpb.ExecRequest_Signal:
+			if m.Signal > 0 && m.Signal < 65 {
+				p.kill(syscall.Signal(m.Signal))
+			}
+		case *agentpb.ExecRequest_Resize:
+			if p.pty != nil && m.Resize != nil {
+				if err := setWinsize(p.pty, m.Resize); err != nil {
+					s.log.Debug("resize failed", "pid", p.pid, "err", err)
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,237 @@
+package agent
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// bootParams holds the smolvm.* options of the kernel command line.
+type bootParams struct {
+	hostname string
+	debug    bool
+}
+
+func readBootParams() bootParams {
+	var bp bootParams
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return bp
+	}
+	for _, f := range strings.Fields(string(b)) {
+		k, v, _ := strings.Cut(f, "=")
+		switch k {
+		case "smolvm.hostname":
+			bp.hostname = v
+		case "smolvm.debug":
+			bp.debug = v == "1" || v == "true" || v == "yes"
+		}
+	}
+	return bp
+}
+
+type mountSpec struct {
+	source, target, fstype string
+	flags                  uintptr
+	data                   string
+	optional               bool
+}
+
+var pid1Mounts = []mountSpec{
+	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "", false},
+	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "", false},
+	{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755", false},
+	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "ptmxmode=0666,mode=0620", false},
+	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777", false},
+	{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777", false},
+	{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755", false},
+	{"cgroup2", "/sys/fs/cgroup", "cgroup2", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "", true},
+}
+
+// mounted returns the mount points listed in /proc/self/mounts.
+func mounted() map[string]bool {
+	m := map[string]bool{}
+	f, err := os.Open("/proc/self/mounts")
+	if err != nil {
+		return m
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if fs := strings.Fields(sc.Text()); len(fs) > 1 {
+			m[fs[1]] = true
+		}
+	}
+	return m
+}
+
+// initSystem does the work of PID 1 before the agent serves: file systems,
+// console logging, environment, kernel modules, hostname and loopback. It
+// returns the logger; failures are logged, not fatal.
+func initSystem() *slog.Logger {
+	var errs []error
+	for _, m := range pid1Mounts {
+		if mounted()[m.target] {
+			continue
+		}
+		if err := os.MkdirAll(m.target, 0o755); err != nil && !m.optional {
+			errs = append(errs, fmt.Errorf("mkdir %s: %w", m.target, err))
+			continue
+		}
+		err := unix.Mount(m.source, m.target, m.fstype, m.flags, m.data)
+		if err != nil && !errors.Is(err, unix.EBUSY) && !m.optional {
+			errs = append(errs, fmt.Errorf("mount %s on %s: %w", m.fstype, m.target, err))
+		}
+	}
+	devLinks := [][2]string{
+		{"pts/ptmx", "/dev/ptmx"},
+		{"/proc/self/fd", "/dev/fd"},
+		{"/proc/self/fd/0", "/dev/stdin"},
+		{"/proc/self/fd/1", "/dev/stdout"},
+		{"/proc/self/fd/2", "/dev/stderr"},
+	}
+	for _, l := range devLinks {
+		if _, err := os.Lstat(l[1]); errors.Is(err, os.ErrNotExist) {
+			_ = os.Symlink(l[0], l[1])
+		}
+	}
+
+	bp := readBootParams()
+	var out io.Writer = os.Stderr
+	if c, err := os.OpenFile("/dev/console", os.O_RDWR|unix.O_NOCTTY, 0); err == nil {
+		// Panics and stray writes of PID 1 go to the console too.
+		for fd := 0; fd < 3; fd++ {
+			_ = unix.Dup3(int(c.Fd()), fd, 0)
+		}
+		out = c
+	}
+	level := slog.LevelInfo
+	if bp.debug {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: level}))
+	slog.SetDefault(log)
+	for _, err := range errs {
+		log.Error("init", "err", err)
+	}
+
+	os.Setenv("PATH", DefaultPath)
+	os.Setenv("HOME", "/root")
+	if err := os.MkdirAll("/root", 0o700); err != nil {
+		log.Warn("create /root", "err", err)
+	}
+	if bp.hostname != "" {
+		if err := unix.Sethostname([]byte(bp.hostname)); err != nil {
+			log.Warn("set hostname", "hostname", bp.hostname, "err", err)
+		}
+	}
+	loadModules(log, DefaultModulesFile)
+	if err := linkUp("lo"); err != nil {
+		log.Warn("bring up lo", "err", err)
+	}
+	return log
+}
+
+// loadModules loads the kernel modules listed one path per line, in order.
+func loadModules(log *slog.Logger, list string) {
+	data, err := os.ReadFile(list)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			log.Warn("read module list", "path", list, "err", err)
+		}
+		return
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		p := strings.TrimSpace(line)
+		if p == "" || strings.HasPrefix(p, "#") {
+			continue
+		}
+		if err := loadModule(p); err != nil {
+			log.Error("load kernel module", "path", p, "err", err)
+		} else {
+			log.Debug("loaded kernel module", "path", p)
+		}
+	}
+}
+
+func loadModule(p string) error {
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	flags := 0
+	switch filepath.Ext(p) {
+	case ".xz", ".zst", ".gz":
+		flags |= unix.MODULE_INIT_COMPRESSED_FILE
+	}
+	err = unix.FinitModule(fd, moduleParams(p), flags)
+	if errors.Is(err, unix.EEXIST) {
+		return nil
+	}
+	return err
+}
+
+// moduleParams returns the module's options from the kernel command line
+// (name.param=value), as modprobe would pass them: the kernel applies such
+// options only to built-in code, not to modules loaded later. QEMU's microvm
+// describes its virtio-mmio devices this way (virtio_mmio.device=…).
+func moduleParams(path string) string {
+	name := strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
+	name = strings.TrimSuffix(name, ".ko")
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return ""
+	}
+	norm := func(s string) string { return strings.ReplaceAll(s, "-", "_") }
+	var params []string
+	for _, f := range strings.Fields(string(b)) {
+		mod, param, ok := strings.Cut(f, ".")
+		if ok && norm(mod) == norm(name) && param != "" {
+			params = append(params, param)
+		}
+	}
+	return strings.Join(params, " ")
+}
+
+// linkUp sets IFF_UP on an interface with ioctls (no shelling out).
+func linkUp(name string) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("get flags of %s: %w", name, err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("set flags of %s: %w", name, err)
+	}
+	return nil
+}
+
+// powerOff ends the machine: it kills every other process, syncs, tries to
+// remount / read-only and powers off or reboots. It returns only on failure.
+func powerOff(reboot bool) error {
+	_ = unix.Kill(-1, unix.SIGKILL)
+	unix.Sync()
+	_ = unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+	unix.Sync()
+	cmd := unix.LINUX_REBOOT_CMD_POWER_OFF
+	if reboot {
+		cmd = unix.LINUX_REBOOT_CMD_RESTART
+	}
+	return unix.Reboot(cmd)
+}

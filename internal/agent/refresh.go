@@ -1,0 +1,96 @@
+package agent
+
+import (
+	"context"
+	"encoding/binary"
+	"os"
+	"regexp"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
+)
+
+const maxEntropy = 4096
+
+var (
+	hostnameRE  = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$`)
+	machineIDRE = regexp.MustCompile(`^[0-9a-f]{32}$`)
+)
+
+// Refresh makes a restored snapshot unique again: fresh entropy, the host's
+// wall clock, a new hostname and machine id.
+func (s *Server) Refresh(_ context.Context, req *agentpb.RefreshRequest) (*agentpb.RefreshResponse, error) {
+	if len(req.GetEntropy()) > maxEntropy {
+		return nil, status.Errorf(codes.InvalidArgument, "entropy is %d bytes; at most %d are accepted", len(req.GetEntropy()), maxEntropy)
+	}
+	if h := req.GetHostname(); h != "" && !hostnameRE.MatchString(h) {
+		return nil, status.Errorf(codes.InvalidArgument, "invalid hostname %q: want letters, digits, '-' and '.', at most 64 characters", h)
+	}
+	if id := req.GetMachineId(); id != "" && !machineIDRE.MatchString(id) {
+		return nil, status.Errorf(codes.InvalidArgument, "invalid machine id %q: want 32 lower-case hex digits", id)
+	}
+	if e := req.GetEntropy(); len(e) > 0 {
+		if err := addEntropy(e); err != nil {
+			return nil, status.Errorf(codes.Internal, "add entropy: %v", err)
+		}
+	}
+	if ns := req.GetTimeUnixNs(); ns != 0 {
+		ts := unix.NsecToTimespec(ns)
+		if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
+			return nil, status.Errorf(codes.FailedPrecondition, "set clock to %s: %v", time.Unix(0, ns).UTC().Format(time.RFC3339Nano), err)
+		}
+	}
+	if h := req.GetHostname(); h != "" {
+		if err := unix.Sethostname([]byte(h)); err != nil {
+			return nil, status.Errorf(codes.FailedPrecondition, "set hostname %q: %v", h, err)
+		}
+	}
+	if id := req.GetMachineId(); id != "" {
+		if err := writeFileAtomic(s.cfg.MachineIDFile, []byte(id+"\n"), 0o444); err != nil {
+			return nil, status.Errorf(codes.Internal, "write %s: %v", s.cfg.MachineIDFile, err)
+		}
+	}
+	return &agentpb.RefreshResponse{}, nil
+}
+
+// addEntropy mixes data into the kernel pool and credits it with
+// RNDADDENTROPY so that the pool is reseeded. Crediting needs CAP_SYS_ADMIN;
+// without it the data is still mixed in through a plain write.
+func addEntropy(data []byte) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := f.Write(data); err != nil {
+		return err
+	}
+	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+	words := (len(data) + 3) / 4
+	buf := make([]byte, 8+words*4)
+	binary.NativeEndian.PutUint32(buf[0:], uint32(len(data)*8))
+	binary.NativeEndian.PutUint32(buf[4:], uint32(len(data)))
+	copy(buf[8:], data)
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ierr error
+	if err := rc.Control(func(fd uintptr) {
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
+		if e != 0 {
+			ierr = e
+		}
+	}); err != nil {
+		return err
+	}
+	if ierr == unix.EPERM && os.Getpid() != 1 {
+		return nil // unprivileged (tests): mixed in, not credited
+	}
+	return ierr
+}

@@ -1,0 +1,126 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// Main is the agent program: as PID 1 it initialises the guest first, then
+// it serves the Agent service on virtio-serial and vsock. As PID 1 it never
+// returns: on a fatal error it reports on the console and powers off.
+func Main() {
+	pid1 := os.Getpid() == 1
+	var log *slog.Logger
+	if pid1 {
+		// The kernel ignores signals to PID 1 that have no handler, but the
+		// Go runtime installs handlers that exit; catch the usual ones so a
+		// stray SIGTERM cannot kill init (children still get defaults).
+		sigs := make(chan os.Signal, 8)
+		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT,
+			syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGPIPE)
+		go func() {
+			for range sigs {
+			}
+		}()
+		log = initSystem()
+	} else {
+		level := slog.LevelInfo
+		if os.Getenv("SMOLVM_DEBUG") != "" {
+			level = slog.LevelDebug
+		}
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	}
+	log.Info("smolvm-agent starting", "version", Version, "pid1", pid1)
+	cfg := Config{Logger: log, Reaper: SharedReaper(pid1)}
+	if pid1 {
+		cfg.PowerOff = powerOff
+	}
+	err := Run(context.Background(), cfg)
+	if !pid1 {
+		if err != nil {
+			log.Error("agent failed", "err", err)
+			os.Exit(1)
+		}
+		return
+	}
+	fmt.Fprintf(os.Stderr, "smolvm-agent: fatal: %v: powering off\n", err)
+	log.Error("agent failed, powering off", "err", err)
+	if perr := powerOff(false); perr != nil {
+		log.Error("power off failed", "err", perr)
+	}
+	select {} // PID 1 must not exit
+}
+
+// Run serves the agent on every channel the guest has: vsock when
+// /dev/vsock exists, and the virtio-serial port org.smolvm.agent, waited for
+// up to PortWaitTimeout. It returns when serving fails on every channel or
+// when ctx ends.
+func Run(ctx context.Context, cfg Config) error {
+	srv, err := NewServer(cfg)
+	if err != nil {
+		return err
+	}
+	log := srv.log
+	g := NewGRPCServer(srv)
+	defer g.Stop()
+
+	type result struct {
+		channel string
+		err     error
+	}
+	results := make(chan result, 2)
+	serve := func(name string, l net.Listener) {
+		log.Info("serving", "channel", name, "addr", l.Addr().String())
+		results <- result{name, g.Serve(l)}
+	}
+	running := 0
+	if _, err := os.Stat("/dev/vsock"); err == nil {
+		if l, err := ListenVsock(VsockPort); err != nil {
+			log.Warn("vsock unavailable", "err", err)
+		} else {
+			running++
+			go serve("vsock", l)
+		}
+	}
+	running++
+	go func() {
+		p, err := WaitVirtioPort(ctx, log, VirtioPortName, PortWaitTimeout)
+		if err != nil {
+			results <- result{"virtio-serial", err}
+			return
+		}
+		l, err := ListenSerial(p)
+		if err != nil {
+			results <- result{"virtio-serial", err}
+			return
+		}
+		serve("virtio-serial", l)
+	}()
+
+	var errs []error
+	for running > 0 {
+		select {
+		case <-ctx.Done():
+			return nil
+		case r := <-results:
+			running--
+			if r.err != nil {
+				err := fmt.Errorf("%s: %w", r.channel, r.err)
+				errs = append(errs, err)
+				if running > 0 {
+					log.Warn("channel failed", "err", err)
+				}
+			}
+		}
+	}
+	if len(errs) == 0 {
+		return errors.New("all channels closed")
+	}
+	return errors.Join(errs...)
+}

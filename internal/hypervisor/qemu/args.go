@@ -1,0 +1,99 @@
+package qemu
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+)
+
+// Files a machine keeps in its state folder.
+const (
+	qmpSocket   = "qmp.sock"
+	agentSocket = "agent.sock"
+	netSocket   = "net.sock"
+)
+
+// incomingFD is the file descriptor a snapshot's memory file is passed on.
+const incomingFD = 3
+
+// buildArgs turns a machine config into QEMU's argv (without the binary).
+func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
+	p := func(name string) string { return dir + "/" + name }
+	args := []string{
+		"-name", "smolvm-" + cfg.ID,
+		"-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		// Seccomp: no new privileges, no spawning, no resource changes.
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+		"-m", strconv.Itoa(cfg.MemoryMiB),
+		"-smp", strconv.Itoa(cfg.VCPUs),
+		"-qmp", "unix:" + p(qmpSocket) + ",server=on,wait=off",
+		"-chardev", "file,id=console,path=" + escape(cfg.ConsoleLog) + ",append=on",
+		"-serial", "chardev:console",
+		"-device", "virtio-rng-device",
+	}
+	if cfg.Accel == hypervisor.AccelKVM {
+		args = append(args, "-accel", "kvm", "-cpu", "host")
+	} else {
+		args = append(args, "-accel", "tcg", "-cpu", "max")
+	}
+	if cfg.Incoming == "" {
+		args = append(args, "-kernel", escape(cfg.Kernel))
+		if cfg.Initrd != "" {
+			args = append(args, "-initrd", escape(cfg.Initrd))
+		}
+		args = append(args, "-append", cfg.Cmdline)
+	} else {
+		// A restored machine must be built exactly like the saved one;
+		// the kernel and initrd are needed for the command line to be
+		// accepted but are not booted.
+		args = append(args, "-kernel", escape(cfg.Kernel))
+		if cfg.Initrd != "" {
+			args = append(args, "-initrd", escape(cfg.Initrd))
+		}
+		args = append(args, "-append", cfg.Cmdline, "-incoming", "fd:"+strconv.Itoa(incomingFD))
+	}
+	switch cfg.Channel {
+	case hypervisor.ChannelVsock:
+		args = append(args, "-device", fmt.Sprintf("vhost-vsock-device,guest-cid=%d", cfg.CID))
+	default:
+		args = append(args,
+			"-device", "virtio-serial-device,max_ports=2",
+			"-chardev", "socket,id=agent,path="+p(agentSocket)+",server=on,wait=off",
+			"-device", "virtserialport,chardev=agent,name="+hypervisor.AgentPortName,
+		)
+	}
+	for i, d := range cfg.Disks {
+		format := d.Format
+		if format == "" {
+			format = "raw"
+		}
+		drive := fmt.Sprintf("id=disk%d,if=none,file=%s,format=%s,cache=unsafe,discard=unmap", i, escape(d.Path), format)
+		if d.ReadOnly {
+			drive += ",readonly=on"
+		}
+		args = append(args, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
+	}
+	for i, n := range cfg.Net {
+		var netdev string
+		switch {
+		case n.StreamSocket != "":
+			netdev = fmt.Sprintf("stream,id=net%d,server=off,addr.type=unix,addr.path=%s", i, escape(n.StreamSocket))
+		case n.TAP != "":
+			netdev = fmt.Sprintf("tap,id=net%d,ifname=%s,script=no,downscript=no", i, escape(n.TAP))
+		default:
+			continue
+		}
+		dev := fmt.Sprintf("virtio-net-device,netdev=net%d", i)
+		if n.MAC != "" {
+			dev += ",mac=" + n.MAC
+		}
+		args = append(args, "-netdev", netdev, "-device", dev)
+	}
+	return args
+}
+
+// escape doubles commas, QEMU's option separator, in a value.
+func escape(s string) string { return strings.ReplaceAll(s, ",", ",,") }

@@ -1,0 +1,362 @@
+// Package qemu is the QEMU driver: x86_64 `-M microvm` machines, one QEMU
+// process each, controlled through QMP and sandboxed with seccomp.
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+	"github.com/mdlayher/vsock"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+)
+
+// Binary is the QEMU system emulator the driver runs.
+const Binary = "qemu-system-x86_64"
+
+// Driver starts QEMU microVMs.
+type Driver struct {
+	// Path of the QEMU binary; empty means look up Binary in PATH.
+	Path string
+}
+
+var _ hypervisor.Driver = (*Driver)(nil)
+var _ hypervisor.Machine = (*Machine)(nil)
+var _ hypervisor.Pauser = (*Machine)(nil)
+var _ hypervisor.Snapshotter = (*Machine)(nil)
+
+func init() { hypervisor.Register(&Driver{}) }
+
+// Name implements hypervisor.Driver.
+func (d *Driver) Name() string { return "qemu" }
+
+func (d *Driver) binary() (string, error) {
+	if d.Path != "" {
+		return d.Path, nil
+	}
+	p, err := exec.LookPath(Binary)
+	if err != nil {
+		return "", fmt.Errorf("%s not found: run 'smolvm setup' (or apt-get install qemu-system-x86)", Binary)
+	}
+	return p, nil
+}
+
+// Check implements hypervisor.Driver.
+func (d *Driver) Check(ctx context.Context) error {
+	_, err := Version(ctx, d.Path)
+	return err
+}
+
+var versionRE = regexp.MustCompile(`version (\d+\.\d+(\.\d+)?)`)
+
+// Version returns QEMU's version, e.g. "7.2.0".
+func Version(ctx context.Context, path string) (string, error) {
+	d := Driver{Path: path}
+	bin, err := d.binary()
+	if err != nil {
+		return "", err
+	}
+	out, err := exec.CommandContext(ctx, bin, "-version").Output()
+	if err != nil {
+		return "", fmt.Errorf("run %s -version: %w", bin, err)
+	}
+	return parseVersion(string(out))
+}
+
+func parseVersion(out string) (string, error) {
+	m := versionRE.FindStringSubmatch(out)
+	if m == nil {
+		return "", fmt.Errorf("cannot read QEMU version from %q", strings.TrimSpace(out))
+	}
+	return m[1], nil
+}
+
+// Start implements hypervisor.Driver.
+func (d *Driver) Start(ctx context.Context, cfg *hypervisor.MachineConfig) (hypervisor.Machine, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	bin, err := d.binary()
+	if err != nil {
+		return nil, err
+	}
+	if len(filepath.Join(cfg.Dir, qmpSocket)) > 100 {
+		return nil, fmt.Errorf("state folder path %q is too long for unix sockets: set SMOLVM_HOME to a shorter path", cfg.Dir)
+	}
+	for _, s := range []string{qmpSocket, agentSocket} {
+		_ = os.Remove(filepath.Join(cfg.Dir, s))
+	}
+	cmd := exec.Command(bin, buildArgs(cfg, cfg.Dir)...)
+	cmd.Dir = cfg.Dir
+	stderr := &limitedWriter{max: 16 << 10}
+	cmd.Stderr = stderr
+	// QEMU dies with the process that started it (the supervisor), so a
+	// crashed supervisor never leaves an orphaned guest behind.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if cfg.Incoming != "" {
+		f, err := os.Open(filepath.Join(cfg.Incoming, "memory"))
+		if err != nil {
+			return nil, fmt.Errorf("open snapshot memory: %w", err)
+		}
+		defer f.Close()
+		cmd.ExtraFiles = []*os.File{f} // fd 3 = incomingFD
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr}
+	m.info = hypervisor.Info{Driver: "qemu", Accel: cfg.Accel, Channel: cfg.Channel}
+	go m.wait()
+
+	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	c, err := hypervisor.WaitSocket(qctx, filepath.Join(cfg.Dir, qmpSocket), m.done)
+	if err == nil {
+		c.Close()
+		m.mon, err = qmp.NewSocketMonitor("unix", filepath.Join(cfg.Dir, qmpSocket), 10*time.Second)
+		if err == nil {
+			err = m.mon.Connect()
+		}
+	}
+	if err != nil {
+		_ = m.Kill()
+		return nil, fmt.Errorf("start qemu: %w%s", err, m.stderrTail())
+	}
+	if cfg.Incoming != "" {
+		if err := m.waitIncoming(ctx); err != nil {
+			_ = m.Kill()
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// Machine is one QEMU process.
+type Machine struct {
+	cfg    hypervisor.MachineConfig
+	cmd    *exec.Cmd
+	mon    *qmp.SocketMonitor
+	monMu  sync.Mutex
+	info   hypervisor.Info
+	done   chan struct{}
+	err    error
+	stderr *limitedWriter
+}
+
+func (m *Machine) wait() {
+	err := m.cmd.Wait()
+	if err != nil {
+		m.err = fmt.Errorf("qemu exited: %w%s", err, m.stderrTail())
+	}
+	close(m.done)
+}
+
+func (m *Machine) stderrTail() string {
+	s := strings.TrimSpace(m.stderr.String())
+	if s == "" {
+		return ""
+	}
+	return ": " + s
+}
+
+// PID implements hypervisor.Machine.
+func (m *Machine) PID() int { return m.cmd.Process.Pid }
+
+// Done implements hypervisor.Machine.
+func (m *Machine) Done() <-chan struct{} { return m.done }
+
+// Err implements hypervisor.Machine.
+func (m *Machine) Err() error {
+	<-m.done
+	return m.err
+}
+
+// Info implements hypervisor.Machine.
+func (m *Machine) Info() hypervisor.Info { return m.info }
+
+// Kill implements hypervisor.Machine.
+func (m *Machine) Kill() error {
+	select {
+	case <-m.done:
+	default:
+		_ = m.cmd.Process.Kill()
+		<-m.done
+	}
+	if m.mon != nil {
+		_ = m.mon.Disconnect()
+	}
+	for _, s := range []string{qmpSocket, agentSocket} {
+		_ = os.Remove(filepath.Join(m.cfg.Dir, s))
+	}
+	return nil
+}
+
+// DialAgent implements hypervisor.Machine.
+func (m *Machine) DialAgent(ctx context.Context) (net.Conn, error) {
+	if m.cfg.Channel == hypervisor.ChannelVsock {
+		return vsock.Dial(m.cfg.CID, hypervisor.AgentVsockPort, nil)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", filepath.Join(m.cfg.Dir, agentSocket))
+}
+
+// run executes one QMP command and decodes its "return" into out (may be nil).
+func (m *Machine) run(cmd string, args any, out any) error {
+	return m.runWithFile(cmd, args, nil, out)
+}
+
+func (m *Machine) runWithFile(cmd string, args any, f *os.File, out any) error {
+	req := map[string]any{"execute": cmd}
+	if args != nil {
+		req["arguments"] = args
+	}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	m.monMu.Lock()
+	defer m.monMu.Unlock()
+	var raw []byte
+	if f != nil {
+		raw, err = m.mon.RunWithFile(b, f)
+	} else {
+		raw, err = m.mon.Run(b)
+	}
+	if err != nil {
+		return fmt.Errorf("qmp %s: %w", cmd, err)
+	}
+	if out == nil {
+		return nil
+	}
+	var resp struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal(raw, &resp); err != nil {
+		return fmt.Errorf("qmp %s: decode reply: %w", cmd, err)
+	}
+	return json.Unmarshal(resp.Return, out)
+}
+
+// Pause implements hypervisor.Pauser.
+func (m *Machine) Pause(ctx context.Context) error { return m.run("stop", nil, nil) }
+
+// Resume implements hypervisor.Pauser.
+func (m *Machine) Resume(ctx context.Context) error { return m.run("cont", nil, nil) }
+
+// Quit asks QEMU to exit at once.
+func (m *Machine) Quit() error { return m.run("quit", nil, nil) }
+
+type migrateStatus struct {
+	Status      string `json:"status"`
+	ErrorDesc   string `json:"error-desc"`
+	TotalTimeMS int64  `json:"total-time"`
+	RAM         struct {
+		Transferred int64 `json:"transferred"`
+	} `json:"ram"`
+}
+
+// Snapshot implements hypervisor.Snapshotter: the guest is paused and its
+// memory and device state written to dir/memory through a migration stream.
+func (m *Machine) Snapshot(ctx context.Context, dir string) error {
+	if err := m.run("stop", nil, nil); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "memory"), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("create snapshot memory file: %w", err)
+	}
+	defer f.Close()
+	if err := m.runWithFile("getfd", map[string]any{"fdname": "snapshot"}, f, nil); err != nil {
+		return err
+	}
+	if err := m.run("migrate", map[string]any{"uri": "fd:snapshot"}, nil); err != nil {
+		return err
+	}
+	for {
+		var st migrateStatus
+		if err := m.run("query-migrate", nil, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "completed":
+			return f.Sync()
+		case "failed", "cancelled":
+			return fmt.Errorf("snapshot failed: %s", st.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			_ = m.run("migrate_cancel", nil, nil)
+			return ctx.Err()
+		case <-m.done:
+			return errors.New("snapshot failed: qemu exited")
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// waitIncoming waits until a restored machine has loaded its state, then
+// lets it run.
+func (m *Machine) waitIncoming(ctx context.Context) error {
+	for {
+		var st struct {
+			Status string `json:"status"`
+		}
+		if err := m.run("query-status", nil, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "paused", "postmigrate", "prelaunch":
+			return m.run("cont", nil, nil)
+		case "running":
+			return nil
+		case "inmigrate":
+		default:
+			return fmt.Errorf("restore snapshot: unexpected machine state %q", st.Status)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("restore snapshot: %w", ctx.Err())
+		case <-m.done:
+			return fmt.Errorf("restore snapshot: %w", m.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
+type limitedWriter struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+	max int
+}
+
+func (w *limitedWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+func (w *limitedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if room := w.max - w.buf.Len(); room > 0 {
+		if len(p) > room {
+			w.buf.Write(p[:room])
+		} else {
+			w.buf.Write(p)
+		}
+	}
+	return len(p), nil
+}

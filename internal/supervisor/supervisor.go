@@ -1,0 +1,385 @@
+// Package supervisor runs one VM: it starts the hypervisor, connects to the
+// guest agent, serves the VM's API socket (its own Control service plus the
+// agent's service forwarded to the guest), records state and timings in the
+// store, and cleans up when the machine ends. It runs inside the process
+// that created the VM (library, `smolvm run`) or as a detached process of
+// its own (`smolvm create`).
+package supervisor
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
+	"github.com/smolvm/smolvm/internal/proto/controlpb"
+	"github.com/smolvm/smolvm/internal/store"
+)
+
+// Files in a VM's state folder that belong to the supervisor.
+const (
+	APISocket  = "api.sock"
+	ConsoleLog = "console.log"
+	LogFile    = "supervisor.log"
+)
+
+// MaxMessage bounds every gRPC message to and from the guest.
+const MaxMessage = 8 << 20
+
+// Spec is what a supervisor needs to run a VM; it is stored with the VM.
+type Spec struct {
+	Driver      string                   `json:"driver"`
+	Machine     hypervisor.MachineConfig `json:"machine"`
+	BootTimeout time.Duration            `json:"boot_timeout"`
+	// Restored VMs get fresh entropy, clock and identity after restore.
+	Restored bool   `json:"restored,omitempty"`
+	Hostname string `json:"hostname,omitempty"`
+	// Persistent VMs run under a detached supervisor process.
+	Persistent bool `json:"persistent,omitempty"`
+}
+
+// Timings are the phases a user sees, as in the seed's benchmark.
+type Timings struct {
+	Create       time.Duration `json:"create"`
+	Launch       time.Duration `json:"launch"`
+	FirstCommand time.Duration `json:"first_command"`
+	// CreateToFirstCommand is the whole wait, from the call to a working agent.
+	CreateToFirstCommand time.Duration `json:"create_to_first_command"`
+	StopDelete           time.Duration `json:"stop_delete,omitempty"`
+}
+
+// Supervisor runs one VM.
+type Supervisor struct {
+	id      string
+	spec    Spec
+	st      *store.Store
+	log     *slog.Logger
+	machine hypervisor.Machine
+
+	agentConn *grpc.ClientConn
+	agent     agentpb.AgentClient
+	server    *grpc.Server
+	listener  net.Listener
+
+	mu       sync.Mutex
+	stopping bool
+	stopped  chan struct{} // closed when teardown is complete
+	exitErr  error
+	timings  Timings
+}
+
+// Options tune Start.
+type Options struct {
+	Store  *store.Store
+	Logger *slog.Logger
+	// Started is when the user asked for the VM; phases count from it.
+	Started time.Time
+	// CreateDone is when allocation of state finished (end of "create").
+	CreateDone time.Time
+}
+
+// Start launches the VM described by the store row id and returns once its
+// agent answers. On failure everything it started is torn down and the row
+// is marked failed with the reason.
+func Start(ctx context.Context, id string, opts Options) (*Supervisor, error) {
+	vm, err := opts.Store.GetVM(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	var spec Spec
+	if err := json.Unmarshal(vm.Config, &spec); err != nil {
+		return nil, fmt.Errorf("read spec of VM %s: %w", id, err)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Supervisor{id: vm.ID, spec: spec, st: opts.Store, log: log.With("vm", vm.ID), stopped: make(chan struct{})}
+	if opts.Started.IsZero() {
+		opts.Started = time.Now()
+	}
+	if opts.CreateDone.IsZero() {
+		opts.CreateDone = opts.Started
+	}
+	s.timings.Create = opts.CreateDone.Sub(opts.Started)
+	if err := s.start(ctx, opts); err != nil {
+		reason := err.Error()
+		s.teardown()
+		_, uerr := s.st.UpdateVM(context.WithoutCancel(ctx), s.id, func(v *store.VM) error {
+			v.State, v.Reason, v.HypervisorPID, v.SupervisorPID = "failed", reason, 0, 0
+			return nil
+		})
+		close(s.stopped)
+		return nil, errors.Join(err, uerr)
+	}
+	go s.watch()
+	return s, nil
+}
+
+func (s *Supervisor) start(ctx context.Context, opts Options) error {
+	d, err := hypervisor.Get(s.spec.Driver)
+	if err != nil {
+		return err
+	}
+	mc := s.spec.Machine
+	t0 := time.Now()
+	s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
+	m, err := d.Start(ctx, &mc)
+	if err != nil {
+		return fmt.Errorf("launch: %w", err)
+	}
+	s.machine = m
+	launched := time.Now()
+	s.timings.Launch = launched.Sub(t0)
+	s.log.Debug("phase launch done", "took", s.timings.Launch, "pid", m.PID())
+
+	s.agentConn, err = DialAgent(m)
+	if err != nil {
+		return fmt.Errorf("connect agent: %w", err)
+	}
+	s.agent = agentpb.NewAgentClient(s.agentConn)
+	s.log.Debug("phase first command: waiting for guest agent", "timeout", s.spec.BootTimeout)
+	if err := s.waitReady(ctx); err != nil {
+		return err
+	}
+	if s.spec.Restored {
+		if err := Refresh(ctx, s.agent, s.spec.Hostname, s.id); err != nil {
+			return fmt.Errorf("refresh restored guest: %w", err)
+		}
+	}
+	ready := time.Now()
+	s.timings.FirstCommand = ready.Sub(launched)
+	s.timings.CreateToFirstCommand = ready.Sub(opts.Started)
+	s.log.Debug("phase first command done", "took", s.timings.FirstCommand, "total", s.timings.CreateToFirstCommand)
+
+	if err := s.serve(); err != nil {
+		return err
+	}
+	tj, _ := json.Marshal(s.timings)
+	ij, _ := json.Marshal(m.Info())
+	_, err = s.st.UpdateVM(ctx, s.id, func(v *store.VM) error {
+		v.State, v.Reason = "running", ""
+		v.SupervisorPID, v.HypervisorPID = os.Getpid(), m.PID()
+		v.Timings, v.Info = tj, ij
+		return nil
+	})
+	return err
+}
+
+// DialAgent makes a gRPC client of the machine's agent channel. It
+// reconnects quickly and waits patiently: the guest may still be booting.
+func DialAgent(m hypervisor.Machine) (*grpc.ClientConn, error) {
+	return grpc.NewClient("passthrough:///agent",
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return m.DialAgent(ctx) }),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 10 * time.Millisecond, Multiplier: 1.5, MaxDelay: 200 * time.Millisecond},
+			MinConnectTimeout: 5 * time.Minute,
+		}),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessage), grpc.MaxCallSendMsgSize(MaxMessage)),
+		grpc.WithInitialWindowSize(1<<20), grpc.WithInitialConnWindowSize(4<<20),
+	)
+}
+
+// Probe boots a machine and waits up to timeout for its agent to answer,
+// then kills it. It tells whether an accelerator really works.
+func Probe(ctx context.Context, driver string, mc *hypervisor.MachineConfig, timeout time.Duration) error {
+	d, err := hypervisor.Get(driver)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	m, err := d.Start(ctx, mc)
+	if err != nil {
+		return err
+	}
+	defer m.Kill()
+	conn, err := DialAgent(m)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	go func() {
+		select {
+		case <-m.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	_, err = agentpb.NewAgentClient(conn).Ping(ctx, &agentpb.PingRequest{}, grpc.WaitForReady(true))
+	return err
+}
+
+// waitReady pings the agent until it answers, the machine dies or the boot
+// timeout passes; the last two fail with the tail of the guest console.
+func (s *Supervisor) waitReady(ctx context.Context) error {
+	timeout := s.spec.BootTimeout
+	if timeout <= 0 {
+		timeout = 90 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-s.machine.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	_, err := s.agent.Ping(ctx, &agentpb.PingRequest{}, grpc.WaitForReady(true))
+	if err == nil {
+		return nil
+	}
+	tail := ConsoleTail(filepath.Join(s.spec.Machine.Dir, ConsoleLog), 15)
+	select {
+	case <-s.machine.Done():
+		return fmt.Errorf("guest died during boot: %w\nlast console lines:\n%s", s.machine.Err(), tail)
+	default:
+	}
+	if ctx.Err() != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("guest agent did not answer within %s (raise the boot timeout if the host is slow)\nlast console lines:\n%s", timeout, tail)
+	}
+	return fmt.Errorf("wait for guest agent: %w", err)
+}
+
+func (s *Supervisor) serve() error {
+	path := filepath.Join(s.spec.Machine.Dir, APISocket)
+	_ = os.Remove(path)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("serve API socket: %w", err)
+	}
+	_ = os.Chmod(path, 0o600)
+	s.listener = l
+	s.server = grpc.NewServer(
+		grpc.ForceServerCodec(codec{}),
+		grpc.UnknownServiceHandler(s.proxy),
+		grpc.MaxRecvMsgSize(MaxMessage), grpc.MaxSendMsgSize(MaxMessage),
+		grpc.InitialWindowSize(1<<20), grpc.InitialConnWindowSize(4<<20),
+	)
+	controlpb.RegisterControlServer(s.server, &control{s: s})
+	go func() { _ = s.server.Serve(l) }()
+	return nil
+}
+
+// watch waits for the machine to end and records why.
+func (s *Supervisor) watch() {
+	<-s.machine.Done()
+	err := s.machine.Err()
+	s.mu.Lock()
+	stopping := s.stopping
+	s.mu.Unlock()
+	state, reason := "stopped", "stopped"
+	switch {
+	case stopping:
+	case err == nil:
+		reason = "guest powered off"
+	default:
+		state, reason = "failed", "hypervisor exited unexpectedly: "+err.Error()
+		s.log.Error("vm failed", "err", err)
+	}
+	s.teardown()
+	_, uerr := s.st.UpdateVM(context.Background(), s.id, func(v *store.VM) error {
+		v.State, v.Reason, v.HypervisorPID, v.SupervisorPID = state, reason, 0, 0
+		return nil
+	})
+	if uerr != nil && !errors.Is(uerr, store.ErrNotFound) {
+		s.log.Error("record vm state", "err", uerr)
+	}
+	s.mu.Lock()
+	if state == "failed" {
+		s.exitErr = errors.New(reason)
+	}
+	s.mu.Unlock()
+	close(s.stopped)
+}
+
+// teardown releases everything the supervisor holds, machine included.
+func (s *Supervisor) teardown() {
+	if s.server != nil {
+		done := make(chan struct{})
+		go func() { s.server.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second):
+			s.server.Stop()
+		}
+	}
+	if s.agentConn != nil {
+		_ = s.agentConn.Close()
+	}
+	if s.machine != nil {
+		_ = s.machine.Kill()
+	}
+	_ = os.Remove(filepath.Join(s.spec.Machine.Dir, APISocket))
+}
+
+// Agent is a direct client of the guest agent (no proxy hop).
+func (s *Supervisor) Agent() agentpb.AgentClient { return s.agent }
+
+// Timings reports the phases measured so far.
+func (s *Supervisor) Timings() Timings {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.timings
+}
+
+// Done is closed once the VM has ended and everything is torn down.
+func (s *Supervisor) Done() <-chan struct{} { return s.stopped }
+
+// Err says why the VM ended, after Done; nil for a requested stop.
+func (s *Supervisor) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.exitErr
+}
+
+// Stop ends the VM. Unless force, the guest is asked to power off first
+// and given timeout to do so.
+func (s *Supervisor) Stop(ctx context.Context, force bool, timeout time.Duration) error {
+	s.stopMachine(ctx, force, timeout)
+	select {
+	case <-s.stopped:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// stopMachine ends the hypervisor process; teardown follows in watch.
+func (s *Supervisor) stopMachine(ctx context.Context, force bool, timeout time.Duration) {
+	s.mu.Lock()
+	s.stopping = true
+	s.mu.Unlock()
+	select {
+	case <-s.machine.Done():
+		return
+	default:
+	}
+	if !force {
+		if timeout <= 0 {
+			timeout = 10 * time.Second
+		}
+		sctx, cancel := context.WithTimeout(ctx, timeout)
+		_, _ = s.agent.Shutdown(sctx, &agentpb.ShutdownRequest{Reboot: true})
+		select {
+		case <-s.machine.Done():
+		case <-sctx.Done():
+		}
+		cancel()
+	}
+	_ = s.machine.Kill()
+}

@@ -1,0 +1,132 @@
+package smolvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/smolvm/smolvm/internal/store"
+)
+
+// List describes every VM in the default state folder. A VM whose
+// supervisor died is reported (and recorded) as failed with the reason.
+func List(ctx context.Context) ([]*Info, error) { return ListIn(ctx, "") }
+
+// ListIn is List with an explicit state folder.
+func ListIn(ctx context.Context, home string) ([]*Info, error) {
+	st, err := openStore(ctx, home)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	recs, err := reconcile(ctx, st)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Info, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, infoOf(r))
+	}
+	return out, nil
+}
+
+// reconcile marks live-looking VMs whose supervisor is gone as failed.
+func reconcile(ctx context.Context, st *store.Store) ([]*store.VM, error) {
+	recs, err := st.ListVMs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for i, r := range recs {
+		if !r.Live() || processAlive(r.SupervisorPID) {
+			continue
+		}
+		reason := "supervisor process exited unexpectedly"
+		if r.State == store.StateCreating {
+			reason = "creation was interrupted"
+		}
+		if u, err := st.UpdateVM(ctx, r.ID, func(v *store.VM) error {
+			if v.Live() && !processAlive(v.SupervisorPID) {
+				v.State, v.Reason = store.StateFailed, reason
+			}
+			return nil
+		}); err == nil {
+			recs[i] = u
+		}
+	}
+	return recs, nil
+}
+
+// CleanupOptions tune Cleanup.
+type CleanupOptions struct {
+	Home string
+	// All removes every VM, running ones included.
+	All bool
+}
+
+// Cleanup removes VMs whose processes died (state, sockets, disks, leases,
+// a leftover hypervisor process) and state folders no VM owns. With All it
+// removes every VM. It returns the ids it removed.
+func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
+	st, err := openStore(ctx, opts.Home)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	recs, err := reconcile(ctx, st)
+	if err != nil {
+		return nil, err
+	}
+	var removed []string
+	var errs []error
+	known := map[string]bool{}
+	for _, r := range recs {
+		known[r.ID] = true
+		if r.State != store.StateFailed && !opts.All {
+			continue
+		}
+		if r.Live() {
+			vm, err := open(ctx, st, r.ID, nil)
+			if err == nil {
+				_ = vm.stop(ctx, true)
+			}
+		}
+		killStrayHypervisor(r.HypervisorPID, r.ID)
+		if err := removeVM(ctx, st, r.ID, r.Dir); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		removed = append(removed, r.ID)
+	}
+	// State folders without a VM row (a crash between steps).
+	entries, _ := os.ReadDir(filepath.Join(homeOf(st), "vms"))
+	for _, e := range entries {
+		if !known[e.Name()] {
+			if err := os.RemoveAll(filepath.Join(homeOf(st), "vms", e.Name())); err != nil {
+				errs = append(errs, err)
+			} else {
+				removed = append(removed, e.Name())
+			}
+		}
+	}
+	probes, _ := filepath.Glob(filepath.Join(homeOf(st), "probe-*"))
+	for _, p := range probes {
+		_ = os.RemoveAll(p)
+	}
+	return removed, errors.Join(errs...)
+}
+
+// killStrayHypervisor kills pid only if it is this VM's QEMU.
+func killStrayHypervisor(pid int, id string) {
+	if pid <= 0 {
+		return
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(cmdline), "smolvm-"+id) {
+		return
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+}

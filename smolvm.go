@@ -1,0 +1,159 @@
+// Package smolvm gives programs disposable, hardware-isolated Linux
+// computers: each sandbox is a microVM with its own kernel that boots in
+// about a second, runs commands with millisecond round trips and is gone
+// when closed.
+//
+//	vm, err := smolvm.New(ctx, smolvm.Config{})
+//	if err != nil { ... }
+//	defer vm.Close()
+//	res, err := vm.Run(ctx, "uname -a")
+//	fmt.Printf("%s", res.Stdout)
+//
+// A VM created with New lives in the calling process: Close stops and
+// deletes it. A persistent VM (Config.Persistent, or `smolvm create`) runs
+// under a supervisor process of its own and is reached with Open from any
+// process.
+package smolvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
+	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/supervisor"
+)
+
+// Version of smolvm, set at build time with -ldflags.
+var Version = "dev"
+
+// Errors callers can test for with errors.Is. The CLI maps them to exit codes.
+var (
+	ErrNotFound    = store.ErrNotFound
+	ErrExists      = store.ErrExists
+	ErrInUse       = store.ErrInUse
+	ErrNotRunning  = errors.New("not running")
+	ErrInvalid     = errors.New("invalid argument")
+	ErrUnsupported = hypervisor.ErrUnsupported
+)
+
+// Config describes a VM to create. The zero value is a working default:
+// the default image, 1 vCPU, 512 MiB.
+type Config struct {
+	// Name is unique among VMs; empty picks a generated one.
+	Name string
+	// VCPUs defaults to 1.
+	VCPUs int
+	// MemoryMiB defaults to 512; below 64 is refused.
+	MemoryMiB int
+	// KernelPath, InitrdPath and RootfsPath override the default image.
+	KernelPath string
+	InitrdPath string
+	RootfsPath string
+	// BootArgs are appended to the kernel command line.
+	BootArgs string
+	// Accel is "kvm", "tcg" or "" (KVM when a real boot probe on this
+	// host succeeded, TCG otherwise).
+	Accel string
+	// Channel is "vsock", "virtio-serial" or "" (vsock where the host has
+	// /dev/vhost-vsock, else virtio-serial).
+	Channel string
+	// BootTimeout bounds the wait for the guest agent; default 90 s.
+	BootTimeout time.Duration
+	// Persistent runs the VM under a detached supervisor process, so it
+	// outlives the calling process. It needs the smolvm binary
+	// (SupervisorBinary, or smolvm in PATH).
+	Persistent bool
+	// SupervisorBinary is the smolvm CLI used for persistent VMs.
+	SupervisorBinary string
+	// Home is the state folder; default $SMOLVM_HOME, else
+	// $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
+	Home string
+	// Logger receives debug logs naming each phase; nil means slog.Default.
+	Logger *slog.Logger
+}
+
+var nameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
+
+func (c *Config) setDefaults() error {
+	if c.VCPUs == 0 {
+		c.VCPUs = 1
+	}
+	if c.MemoryMiB == 0 {
+		c.MemoryMiB = 512
+	}
+	switch {
+	case c.VCPUs < 1 || c.VCPUs > 64:
+		return fmt.Errorf("%w: vcpus must be between 1 and 64, got %d", ErrInvalid, c.VCPUs)
+	case c.MemoryMiB < 64:
+		return fmt.Errorf("%w: memory must be at least 64 MiB, got %d", ErrInvalid, c.MemoryMiB)
+	case c.MemoryMiB > 1<<20:
+		return fmt.Errorf("%w: memory of %d MiB is more than 1 TiB", ErrInvalid, c.MemoryMiB)
+	case c.Name != "" && !nameRE.MatchString(c.Name):
+		return fmt.Errorf("%w: name %q: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit", ErrInvalid, c.Name)
+	}
+	switch c.Accel {
+	case "", "kvm", "tcg":
+	default:
+		return fmt.Errorf("%w: accel %q: use kvm, tcg or leave empty", ErrInvalid, c.Accel)
+	}
+	switch c.Channel {
+	case "", "vsock", "virtio-serial":
+	default:
+		return fmt.Errorf("%w: channel %q: use vsock, virtio-serial or leave empty", ErrInvalid, c.Channel)
+	}
+	for _, p := range []struct{ what, path string }{{"kernel", c.KernelPath}, {"initrd", c.InitrdPath}, {"rootfs", c.RootfsPath}} {
+		if p.path == "" {
+			continue
+		}
+		if _, err := os.Stat(p.path); err != nil {
+			return fmt.Errorf("%w: %s %q: %w", ErrInvalid, p.what, p.path, err)
+		}
+	}
+	if c.BootTimeout == 0 {
+		c.BootTimeout = 90 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+// Home returns the state folder smolvm uses: $SMOLVM_HOME, else
+// $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
+func Home() string {
+	if h := os.Getenv("SMOLVM_HOME"); h != "" {
+		return h
+	}
+	if x := os.Getenv("XDG_STATE_HOME"); x != "" {
+		return filepath.Join(x, "smolvm")
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".local", "state", "smolvm")
+	}
+	return filepath.Join(os.TempDir(), "smolvm")
+}
+
+func openStore(ctx context.Context, home string) (*store.Store, error) {
+	if home == "" {
+		home = Home()
+	}
+	st, err := store.Open(ctx, home)
+	if err != nil {
+		return nil, fmt.Errorf("open state folder %s (set SMOLVM_HOME to a writable folder): %w", home, err)
+	}
+	return st, nil
+}
+
+// Timings are a VM's phases as the seed's benchmark names them.
+type Timings = supervisor.Timings
+
+// homeOf is the state folder a store lives in.
+func homeOf(st *store.Store) string { return filepath.Dir(st.Path()) }

@@ -1,0 +1,376 @@
+package smolvm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
+	"github.com/smolvm/smolvm/internal/proto/controlpb"
+	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/supervisor"
+)
+
+// VM is a handle on one sandbox. Its methods are safe for concurrent use.
+type VM struct {
+	id   string
+	name string
+	dir  string
+	st   *store.Store
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	sup     *supervisor.Supervisor // set when the VM lives in this process
+	owned   bool                   // created by New here: Close deletes it
+	conn    *grpc.ClientConn       // the VM's API socket
+	agent   agentpb.AgentClient
+	control controlpb.ControlClient
+	closed  bool
+	timings Timings
+}
+
+// Info describes a VM.
+type Info struct {
+	ID            string          `json:"id"`
+	Name          string          `json:"name"`
+	State         string          `json:"state"`
+	Reason        string          `json:"reason,omitempty"`
+	Created       time.Time       `json:"created"`
+	Dir           string          `json:"dir"`
+	Image         string          `json:"image"`
+	Snapshot      string          `json:"snapshot,omitempty"`
+	VCPUs         int             `json:"vcpus"`
+	MemoryMiB     int             `json:"memory_mib"`
+	Accel         string          `json:"accel,omitempty"`
+	Channel       string          `json:"channel,omitempty"`
+	Persistent    bool            `json:"persistent"`
+	SupervisorPID int             `json:"supervisor_pid,omitempty"`
+	HypervisorPID int             `json:"hypervisor_pid,omitempty"`
+	Timings       Timings         `json:"timings"`
+	Machine       hypervisor.Info `json:"-"`
+}
+
+// Open returns a handle on an existing VM by id, unique id prefix or name.
+func Open(ctx context.Context, ref string) (*VM, error) {
+	st, err := openStore(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	vm, err := open(ctx, st, ref, slog.Default())
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	return vm, nil
+}
+
+// OpenIn is Open with an explicit state folder.
+func OpenIn(ctx context.Context, home, ref string) (*VM, error) {
+	st, err := openStore(ctx, home)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := open(ctx, st, ref, slog.Default())
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	return vm, nil
+}
+
+func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*VM, error) {
+	rec, err := st.GetVM(ctx, ref)
+	if err != nil {
+		return nil, fmt.Errorf("VM %q: %w (see 'smolvm ls')", ref, err)
+	}
+	vm := &VM{id: rec.ID, name: rec.Name, dir: rec.Dir, st: st, log: log}
+	_ = json.Unmarshal(rec.Timings, &vm.timings)
+	if rec.State == store.StateRunning || rec.State == store.StatePaused {
+		if err := vm.connect(); err != nil {
+			return nil, err
+		}
+	}
+	return vm, nil
+}
+
+func (vm *VM) connect() error {
+	sock := filepath.Join(vm.dir, supervisor.APISocket)
+	conn, err := grpc.NewClient("unix://"+sock,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(supervisor.MaxMessage), grpc.MaxCallSendMsgSize(supervisor.MaxMessage)),
+		grpc.WithInitialWindowSize(1<<20), grpc.WithInitialConnWindowSize(4<<20),
+	)
+	if err != nil {
+		return fmt.Errorf("connect to VM %s: %w", vm.id, err)
+	}
+	vm.conn = conn
+	vm.agent = agentpb.NewAgentClient(conn)
+	vm.control = controlpb.NewControlClient(conn)
+	return nil
+}
+
+// ID is the VM's unique id (12 hex digits).
+func (vm *VM) ID() string { return vm.id }
+
+// Name is the VM's unique name.
+func (vm *VM) Name() string { return vm.name }
+
+// Dir is the VM's state folder.
+func (vm *VM) Dir() string { return vm.dir }
+
+// Timings reports the VM's phases (create, launch, first command, and after
+// Delete stop + delete).
+func (vm *VM) Timings() Timings {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vm.sup != nil {
+		t := vm.sup.Timings()
+		t.StopDelete = vm.timings.StopDelete
+		return t
+	}
+	return vm.timings
+}
+
+// agentClient returns a client of the guest agent, or ErrNotRunning.
+func (vm *VM) agentClient(ctx context.Context) (agentpb.AgentClient, error) {
+	vm.mu.Lock()
+	a, closed := vm.agent, vm.closed
+	vm.mu.Unlock()
+	if closed {
+		return nil, fmt.Errorf("VM %s: handle is closed", vm.name)
+	}
+	if a != nil {
+		return a, nil
+	}
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return nil, err
+	}
+	return nil, notRunning(rec)
+}
+
+func notRunning(rec *store.VM) error {
+	msg := fmt.Sprintf("VM %s is %s", rec.Name, rec.State)
+	if rec.Reason != "" && rec.Reason != "stopped" {
+		msg += " (" + rec.Reason + ")"
+	}
+	if rec.State == store.StateFailed {
+		return fmt.Errorf("%w: %s: remove it with 'smolvm rm %s'", ErrNotRunning, msg, rec.Name)
+	}
+	return fmt.Errorf("%w: %s: start it with 'smolvm start %s'", ErrNotRunning, msg, rec.Name)
+}
+
+// AgentInfo is what the guest agent says about itself.
+type AgentInfo struct {
+	AgentVersion    string        `json:"agent_version"`
+	ProtocolVersion uint32        `json:"protocol_version"`
+	Uptime          time.Duration `json:"uptime"`
+	Hostname        string        `json:"hostname"`
+	Kernel          string        `json:"kernel"`
+}
+
+// Ping asks the guest agent for its health; it is the cheapest round trip.
+func (vm *VM) Ping(ctx context.Context) (*AgentInfo, error) {
+	a, err := vm.agentClient(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r, err := a.Ping(ctx, &agentpb.PingRequest{})
+	if err != nil {
+		return nil, vm.callErr(ctx, "ping", err)
+	}
+	return &AgentInfo{AgentVersion: r.AgentVersion, ProtocolVersion: r.ProtocolVersion,
+		Uptime: time.Duration(r.UptimeNs), Hostname: r.Hostname, Kernel: r.Kernel}, nil
+}
+
+// callErr explains a failed call: a VM that died says so.
+func (vm *VM) callErr(ctx context.Context, what string, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("%s: %w", what, ctx.Err())
+	}
+	if rec, gerr := vm.st.GetVM(context.WithoutCancel(ctx), vm.id); gerr == nil && rec.State != store.StateRunning {
+		return fmt.Errorf("%s: %w", what, notRunning(rec))
+	}
+	return fmt.Errorf("%s in VM %s: %w", what, vm.name, err)
+}
+
+// Info reports the VM's state and settings.
+func (vm *VM) Info(ctx context.Context) (*Info, error) {
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return nil, err
+	}
+	return infoOf(rec), nil
+}
+
+func infoOf(rec *store.VM) *Info {
+	in := &Info{ID: rec.ID, Name: rec.Name, State: rec.State, Reason: rec.Reason, Created: rec.Created,
+		Dir: rec.Dir, Image: rec.Image, Snapshot: rec.Snapshot, SupervisorPID: rec.SupervisorPID, HypervisorPID: rec.HypervisorPID}
+	var spec supervisor.Spec
+	if json.Unmarshal(rec.Config, &spec) == nil {
+		in.VCPUs, in.MemoryMiB, in.Persistent = spec.Machine.VCPUs, spec.Machine.MemoryMiB, spec.Persistent
+		in.Accel, in.Channel = string(spec.Machine.Accel), string(spec.Machine.Channel)
+	}
+	_ = json.Unmarshal(rec.Timings, &in.Timings)
+	_ = json.Unmarshal(rec.Info, &in.Machine)
+	return in
+}
+
+// Stop shuts the VM down gracefully (the guest powers off; after timeout
+// it is killed). A stopped VM keeps its state until deleted.
+func (vm *VM) Stop(ctx context.Context) error { return vm.stop(ctx, false) }
+
+// Kill stops the VM at once, without a guest shutdown.
+func (vm *VM) Kill(ctx context.Context) error { return vm.stop(ctx, true) }
+
+func (vm *VM) stop(ctx context.Context, force bool) error {
+	vm.mu.Lock()
+	sup, control := vm.sup, vm.control
+	vm.mu.Unlock()
+	if sup != nil {
+		err := sup.Stop(ctx, force, 10*time.Second)
+		vm.disconnect()
+		return err
+	}
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return err
+	}
+	if control == nil || !rec.Live() {
+		if rec.State == store.StateStopped || rec.State == store.StateFailed {
+			return nil
+		}
+		return fmt.Errorf("%w: VM %s is %s", ErrNotRunning, rec.Name, rec.State)
+	}
+	_, err = control.Stop(ctx, &controlpb.StopRequest{Force: force, TimeoutMs: 10000})
+	if err != nil && processAlive(rec.SupervisorPID) {
+		return fmt.Errorf("stop VM %s: %w", rec.Name, err)
+	}
+	vm.disconnect()
+	// The supervisor records the stop and exits; wait for that.
+	for processAlive(rec.SupervisorPID) && rec.SupervisorPID != os.Getpid() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("stop VM %s: %w", rec.Name, ctx.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func (vm *VM) disconnect() {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	if vm.conn != nil {
+		_ = vm.conn.Close()
+	}
+	vm.conn, vm.agent, vm.control, vm.sup = nil, nil, nil, nil
+}
+
+// Start boots a stopped VM again (a fresh boot: memory is not kept).
+func (vm *VM) Start(ctx context.Context) error {
+	started := time.Now()
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return err
+	}
+	if rec.Live() && processAlive(rec.SupervisorPID) {
+		return fmt.Errorf("%w: VM %s is already %s", ErrExists, rec.Name, rec.State)
+	}
+	var spec supervisor.Spec
+	if err := json.Unmarshal(rec.Config, &spec); err != nil {
+		return fmt.Errorf("read VM %s: %w", rec.Name, err)
+	}
+	if _, err := vm.st.UpdateVM(ctx, vm.id, func(v *store.VM) error {
+		v.State, v.Reason, v.SupervisorPID = store.StateCreating, "", os.Getpid()
+		return nil
+	}); err != nil {
+		return err
+	}
+	if spec.Persistent {
+		cfg := &Config{}
+		if err := spawnSupervisor(ctx, cfg, homeOf(vm.st), vm.id, started, started); err != nil {
+			return err
+		}
+		return vm.connect()
+	}
+	sup, err := supervisor.Start(ctx, vm.id, supervisor.Options{Store: vm.st, Logger: vm.log, Started: started})
+	if err != nil {
+		return err
+	}
+	vm.mu.Lock()
+	vm.sup, vm.agent = sup, sup.Agent()
+	vm.mu.Unlock()
+	return vm.connect()
+}
+
+// Delete stops the VM at once (no graceful shutdown: its disk is thrown
+// away anyway) and removes its state folder and every allocation.
+func (vm *VM) Delete(ctx context.Context) error {
+	t0 := time.Now()
+	err := vm.stop(ctx, true)
+	if err != nil && !errors.Is(err, ErrNotRunning) {
+		return err
+	}
+	if err := removeVM(ctx, vm.st, vm.id, vm.dir); err != nil {
+		return err
+	}
+	vm.mu.Lock()
+	vm.timings.StopDelete = time.Since(t0)
+	vm.mu.Unlock()
+	vm.log.Debug("phase stop+delete done", "vm", vm.id, "took", time.Since(t0))
+	return nil
+}
+
+func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
+	if dir != "" {
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("remove state folder of VM %s: %w", id, err)
+		}
+	}
+	if err := st.DeleteVM(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	return nil
+}
+
+// Close releases the handle. A VM created by New in this process (not
+// persistent) is deleted; any other VM keeps running.
+func (vm *VM) Close() error {
+	vm.mu.Lock()
+	if vm.closed {
+		vm.mu.Unlock()
+		return nil
+	}
+	owned := vm.owned && vm.sup != nil
+	vm.mu.Unlock()
+	var err error
+	if owned {
+		err = vm.Delete(context.Background())
+	}
+	vm.disconnect()
+	vm.mu.Lock()
+	vm.closed = true
+	vm.mu.Unlock()
+	return errors.Join(err, vm.st.Close())
+}
+
+// processAlive tells whether a process with this pid exists.
+func processAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
