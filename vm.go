@@ -92,7 +92,7 @@ func OpenIn(ctx context.Context, home, ref string) (*VM, error) {
 func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*VM, error) {
 	rec, err := st.GetVM(ctx, ref)
 	if err != nil {
-		return nil, fmt.Errorf("VM %q: %w (see 'smolvm ls')", ref, err)
+		return nil, fmt.Errorf("%w (see 'smolvm ls')", err)
 	}
 	vm := &VM{id: rec.ID, name: rec.Name, dir: rec.Dir, st: st, log: log}
 	_ = json.Unmarshal(rec.Timings, &vm.timings)

@@ -133,7 +133,14 @@ syntax runs through /bin/sh -c. Stdin is forwarded when it is not a terminal
 				return err
 			}
 			defer vm.Close()
-			code, err := runInVM(cmd.Context(), vm, args[1:], &f)
+			command := args[1:]
+			if len(command) > 0 && command[0] == "--" {
+				command = command[1:]
+			}
+			if len(command) == 0 {
+				return fmt.Errorf("%w: no command given: smolvm exec VM -- COMMAND", smolvm.ErrInvalid)
+			}
+			code, err := runInVM(cmd.Context(), vm, command, &f)
 			if err != nil {
 				return err
 			}
@@ -144,6 +151,5 @@ syntax runs through /bin/sh -c. Stdin is forwarded when it is not a terminal
 		},
 	}
 	f.register(cmd.Flags())
-	cmd.Flags().SetInterspersed(false)
 	return cmd
 }

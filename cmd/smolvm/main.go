@@ -86,7 +86,11 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 	root.PersistentFlags().StringVar(&g.home, "home", "", "state folder (default $SMOLVM_HOME, else $XDG_STATE_HOME/smolvm)")
 	root.PersistentFlags().BoolVar(&g.debug, "debug", false, "log debug messages, naming each phase")
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
-		return fmt.Errorf("%w: %w (see '%s --help')", smolvm.ErrInvalid, err, c.CommandPath())
+		hint := ""
+		if c.Name() == "run" || c.Name() == "exec" {
+			hint = "; put the command after '--', e.g. smolvm " + map[string]string{"run": "run", "exec": "exec VM"}[c.Name()] + " -- ls -la"
+		}
+		return fmt.Errorf("%w: %w (see '%s --help'%s)", smolvm.ErrInvalid, err, c.CommandPath(), hint)
 	})
 	root.AddCommand(
 		newSetupCmd(g), newDoctorCmd(g), newRunCmd(g), newCreateCmd(g), newStartCmd(g),

@@ -53,7 +53,6 @@ and exit with the command's exit code.`,
 	vf.register(cmd.Flags())
 	ef.register(cmd.Flags())
 	cmd.Flags().BoolVar(&keep, "keep", false, "keep the VM running afterwards (persistent)")
-	cmd.Flags().SetInterspersed(false)
 	return cmd
 }
 
