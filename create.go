@@ -30,7 +30,7 @@ func New(ctx context.Context, cfg Config) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	vm, err := create(ctx, st, &cfg, started)
+	vm, err := create(ctx, st, &cfg, started, nil)
 	if err != nil {
 		st.Close()
 		return nil, err
@@ -38,14 +38,22 @@ func New(ctx context.Context, cfg Config) (*VM, error) {
 	return vm, nil
 }
 
-func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time) (*VM, error) {
+// create allocates a VM and starts it: a cold boot, or a restore of snap
+// when it is set (or of the warm snapshot matching the VM's shape).
+func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time, snap *snapshotSource) (*VM, error) {
 	log := cfg.Logger
 	log.Debug("phase create: allocating state", "name", cfg.Name)
-	img, err := resolveImage(ctx, homeOf(st), cfg)
-	if err != nil {
+	var img *resolvedImage
+	var err error
+	if snap != nil {
+		img = snap.image
+	} else if img, err = resolveImage(ctx, homeOf(st), cfg); err != nil {
 		return nil, err
 	}
 	rec := &store.VM{Name: cfg.Name, State: store.StateCreating, Ephemeral: !cfg.Persistent, Image: img.name, SupervisorPID: os.Getpid()}
+	if snap != nil {
+		rec.Snapshot = snap.name
+	}
 	if err := st.CreateVM(ctx, rec); err != nil {
 		return nil, fmt.Errorf("create VM: %w", err)
 	}
@@ -57,12 +65,27 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, undo(fmt.Errorf("create state folder: %w", err))
 	}
-	spec, err := buildSpec(ctx, st, cfg, img, rec, dir)
+	var spec *supervisor.Spec
+	if snap != nil {
+		spec, err = restoreSpec(ctx, st, cfg, snap, rec, dir)
+	} else {
+		spec, err = buildSpec(ctx, st, cfg, img, rec, dir)
+		if err == nil && !cfg.Cold {
+			if warm := findWarm(ctx, st, spec); warm != nil {
+				log.Debug("restoring the warm snapshot of this VM shape", "snapshot", warm.Name)
+				rec.Snapshot = warm.Name
+				spec.Machine.Incoming, spec.Restored = warm.Dir, true
+			}
+		}
+	}
 	if err != nil {
 		return nil, undo(err)
 	}
 	sj, _ := json.Marshal(spec)
-	if _, err := st.UpdateVM(ctx, rec.ID, func(v *store.VM) error { v.Dir, v.Config = dir, sj; return nil }); err != nil {
+	if _, err := st.UpdateVM(ctx, rec.ID, func(v *store.VM) error {
+		v.Dir, v.Config, v.Snapshot = dir, sj, rec.Snapshot
+		return nil
+	}); err != nil {
 		return nil, undo(err)
 	}
 	createDone := time.Now()
@@ -116,12 +139,13 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		}
 		mc.CID = uint32(cid)
 	}
-	return &supervisor.Spec{Driver: "qemu", Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name, Persistent: cfg.Persistent}, nil
+	return &supervisor.Spec{Driver: "qemu", Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name,
+		Persistent: cfg.Persistent, ImageFingerprint: img.fingerprint}, nil
 }
 
 func kernelCmdline(hostname string, accel hypervisor.Accel, extra string) string {
 	parts := []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet", "loglevel=3",
-		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "smolvm.hostname=" + hostname}
+		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "init_on_free=1", "smolvm.hostname=" + hostname}
 	if accel == hypervisor.AccelTCG {
 		// Under TCG the guest's TSC runs at the host's rate, but microvm
 		// has no PIT/HPET to calibrate it against and the boot stalls.

@@ -31,6 +31,8 @@ type SetupOptions struct {
 	Progress io.Writer
 	// CachedOnly fails instead of downloading or building anything.
 	CachedOnly bool
+	// NoWarm skips the warm snapshot that lets New restore instead of boot.
+	NoWarm bool
 }
 
 // Setup prepares the host: host packages (when asked), the default kernel
@@ -52,9 +54,19 @@ func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
 	if err != nil {
 		return nil, err
 	}
-	return image.EnsureDefault(ctx, image.Options{
+	d, err := image.EnsureDefault(ctx, image.Options{
 		CacheDir: filepath.Join(home, "cache"), AgentPath: agent, KernelPath: opts.KernelPath, Progress: opts.Progress,
 	})
+	if err != nil || opts.NoWarm || opts.CachedOnly {
+		return d, err
+	}
+	if opts.Progress != nil {
+		fmt.Fprintln(opts.Progress, "preparing the warm snapshot (one cold boot)…")
+	}
+	if err := ensureWarm(ctx, Config{Home: home, KernelPath: opts.KernelPath}); err != nil {
+		return nil, err
+	}
+	return d, nil
 }
 
 // AgentBinary finds the static guest agent: $SMOLVM_AGENT, smolvm-agent

@@ -73,6 +73,9 @@ type Config struct {
 	Persistent bool
 	// SupervisorBinary is the smolvm CLI used for persistent VMs.
 	SupervisorBinary string
+	// Cold forces a fresh boot even when a warm snapshot of this VM shape
+	// exists (see Setup).
+	Cold bool
 	// Home is the state folder; default $SMOLVM_HOME, else
 	// $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
 	Home string

@@ -146,6 +146,9 @@ func (vm *VM) Timings() Timings {
 func (vm *VM) agentClient(ctx context.Context) (agentpb.AgentClient, error) {
 	vm.mu.Lock()
 	a, closed := vm.agent, vm.closed
+	if vm.sup != nil {
+		a = vm.sup.Agent()
+	}
 	vm.mu.Unlock()
 	if closed {
 		return nil, fmt.Errorf("VM %s: handle is closed", vm.name)

@@ -21,6 +21,7 @@ type vmFlags struct {
 	accel       string
 	channel     string
 	bootTimeout time.Duration
+	cold        bool
 }
 
 func (f *vmFlags) register(fs *pflag.FlagSet) {
@@ -34,6 +35,7 @@ func (f *vmFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.accel, "accel", "", "kvm or tcg (default: KVM when a test boot with it works)")
 	fs.StringVar(&f.channel, "channel", "", "vsock or virtio-serial (default: vsock when the host has it)")
 	fs.DurationVar(&f.bootTimeout, "boot-timeout", 90*time.Second, "how long to wait for the guest agent")
+	fs.BoolVar(&f.cold, "cold", false, "boot the kernel even when a warm snapshot could be restored")
 }
 
 func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
@@ -49,6 +51,6 @@ func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
 	return smolvm.Config{
 		Name: f.name, VCPUs: f.cpus, MemoryMiB: f.memory,
 		KernelPath: f.kernel, InitrdPath: f.initrd, RootfsPath: f.rootfs, BootArgs: f.bootArgs,
-		Accel: f.accel, Channel: f.channel, BootTimeout: f.bootTimeout, Logger: g.log,
+		Accel: f.accel, Channel: f.channel, BootTimeout: f.bootTimeout, Cold: f.cold, Logger: g.log,
 	}, nil
 }

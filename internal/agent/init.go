@@ -132,33 +132,115 @@ func initSystem() *slog.Logger {
 			log.Warn("set hostname", "hostname", bp.hostname, "err", err)
 		}
 	}
-	loadModules(log, DefaultModulesFile)
+	late := loadModules(log, DefaultModulesFile)
+	go func() {
+		for _, p := range late {
+			if err := loadModule(p); err != nil {
+				log.Error("load kernel module", "path", p, "err", err)
+			}
+		}
+	}()
 	if err := linkUp("lo"); err != nil {
 		log.Warn("bring up lo", "err", err)
 	}
 	return log
 }
 
-// loadModules loads the kernel modules listed one path per line, in order.
-func loadModules(log *slog.Logger, list string) {
+// deviceModules maps a virtio device id to the modules (dependencies
+// first) that drive it. A module of this table is loaded only when its
+// device is present: each load costs tens of milliseconds of boot time
+// under software emulation.
+var deviceModules = map[int][]string{
+	1:  {"failover", "net_failover", "virtio_net"},
+	2:  {"virtio_blk"},
+	3:  {"virtio_console"},
+	4:  {"virtio_rng"},
+	19: {"vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"},
+}
+
+// pciModules are needed only on machines with a PCI bus.
+var pciModules = map[string]bool{"virtio_pci_legacy_dev": true, "virtio_pci_modern_dev": true, "virtio_pci": true}
+
+// lateModules are loaded after the agent serves (nothing at boot needs them).
+var lateModules = map[string]bool{"overlay": true}
+
+func moduleName(path string) string {
+	n := filepath.Base(path)
+	for _, ext := range []string{".xz", ".zst", ".gz", ".ko"} {
+		n = strings.TrimSuffix(n, ext)
+	}
+	return strings.ReplaceAll(n, "-", "_")
+}
+
+// virtioDevices returns the device ids on the virtio bus.
+func virtioDevices() map[int]bool {
+	ids := map[int]bool{}
+	files, _ := filepath.Glob("/sys/bus/virtio/devices/*/device")
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		var id int
+		if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "0x%x", &id); err == nil {
+			ids[id] = true
+		}
+	}
+	return ids
+}
+
+// loadModules loads the kernel modules listed one path per line (in
+// dependency order): first the bus drivers, then the drivers of the virtio
+// devices that are present. It returns the modules left for later.
+func loadModules(log *slog.Logger, list string) []string {
 	data, err := os.ReadFile(list)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
 			log.Warn("read module list", "path", list, "err", err)
 		}
-		return
+		return nil
 	}
+	var paths []string
 	for _, line := range strings.Split(string(data), "\n") {
-		p := strings.TrimSpace(line)
-		if p == "" || strings.HasPrefix(p, "#") {
-			continue
+		if p := strings.TrimSpace(line); p != "" && !strings.HasPrefix(p, "#") {
+			paths = append(paths, p)
 		}
+	}
+	byDevice := map[string]int{}
+	for id, mods := range deviceModules {
+		for _, m := range mods {
+			byDevice[m] = id
+		}
+	}
+	entries, _ := os.ReadDir("/sys/bus/pci/devices")
+	hasPCI := len(entries) > 0
+	load := func(p string) {
 		if err := loadModule(p); err != nil {
 			log.Error("load kernel module", "path", p, "err", err)
 		} else {
 			log.Debug("loaded kernel module", "path", p)
 		}
 	}
+	// Bus drivers and everything not tied to a device.
+	var late []string
+	for _, p := range paths {
+		n := moduleName(p)
+		switch _, dev := byDevice[n]; {
+		case dev:
+		case lateModules[n]:
+			late = append(late, p)
+		case pciModules[n] && !hasPCI:
+		default:
+			load(p)
+		}
+	}
+	present := virtioDevices()
+	for _, p := range paths {
+		if id, ok := byDevice[moduleName(p)]; ok && present[id] {
+			load(p)
+		}
+	}
+	return late
 }
 
 func loadModule(p string) error {

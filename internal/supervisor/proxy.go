@@ -62,7 +62,10 @@ func (s *Supervisor) proxy(_ any, ss grpc.ServerStream) error {
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
-	cs, err := s.agentConn.NewStream(ctx, desc, method, grpc.ForceCodec(codec{}))
+	s.mu.Lock()
+	conn := s.agentConn
+	s.mu.Unlock()
+	cs, err := conn.NewStream(ctx, desc, method, grpc.ForceCodec(codec{}))
 	if err != nil {
 		return err
 	}

@@ -48,6 +48,8 @@ type Spec struct {
 	Hostname string `json:"hostname,omitempty"`
 	// Persistent VMs run under a detached supervisor process.
 	Persistent bool `json:"persistent,omitempty"`
+	// ImageFingerprint identifies the kernel, initramfs and agent booted.
+	ImageFingerprint string `json:"image_fingerprint,omitempty"`
 }
 
 // Timings are the phases a user sees, as in the seed's benchmark.
@@ -73,7 +75,8 @@ type Supervisor struct {
 	server    *grpc.Server
 	listener  net.Listener
 
-	mu       sync.Mutex
+	snapMu   sync.Mutex // one snapshot at a time
+	mu       sync.Mutex // guards the fields below and agentConn/agent
 	stopping bool
 	stopped  chan struct{} // closed when teardown is complete
 	exitErr  error
@@ -318,8 +321,11 @@ func (s *Supervisor) teardown() {
 			s.server.Stop()
 		}
 	}
-	if s.agentConn != nil {
-		_ = s.agentConn.Close()
+	s.mu.Lock()
+	conn := s.agentConn
+	s.mu.Unlock()
+	if conn != nil {
+		_ = conn.Close()
 	}
 	if s.machine != nil {
 		_ = s.machine.Kill()
@@ -327,8 +333,15 @@ func (s *Supervisor) teardown() {
 	_ = os.Remove(filepath.Join(s.spec.Machine.Dir, APISocket))
 }
 
-// Agent is a direct client of the guest agent (no proxy hop).
-func (s *Supervisor) Agent() agentpb.AgentClient { return s.agent }
+// Agent is a direct client of the guest agent (no proxy hop). It changes
+// after a snapshot: call Agent for each use, do not keep it.
+func (s *Supervisor) Agent() agentpb.AgentClient {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.agent
+}
+
+var waitForReady = grpc.WaitForReady(true)
 
 // Timings reports the phases measured so far.
 func (s *Supervisor) Timings() Timings {
@@ -374,7 +387,7 @@ func (s *Supervisor) stopMachine(ctx context.Context, force bool, timeout time.D
 			timeout = 10 * time.Second
 		}
 		sctx, cancel := context.WithTimeout(ctx, timeout)
-		_, _ = s.agent.Shutdown(sctx, &agentpb.ShutdownRequest{Reboot: true})
+		_, _ = s.Agent().Shutdown(sctx, &agentpb.ShutdownRequest{Reboot: true})
 		select {
 		case <-s.machine.Done():
 		case <-sctx.Done():

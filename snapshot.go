@@ -1,0 +1,333 @@
+package smolvm
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/proto/controlpb"
+	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/supervisor"
+)
+
+// SnapshotInfo describes a saved VM.
+type SnapshotInfo struct {
+	Name        string    `json:"name"`
+	Dir         string    `json:"dir"`
+	SourceVM    string    `json:"source_vm"`
+	Created     time.Time `json:"created"`
+	MemoryBytes int64     `json:"memory_bytes"`
+	VCPUs       int       `json:"vcpus"`
+	MemoryMiB   int       `json:"memory_mib"`
+	Image       string    `json:"image"`
+	Warm        bool      `json:"warm,omitempty"`
+}
+
+// warmPrefix names the snapshots Setup makes for warm starts.
+const warmPrefix = "warm-"
+
+var snapNameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
+
+// snapshotSource is a snapshot a new VM starts from.
+type snapshotSource struct {
+	name  string
+	dir   string
+	spec  supervisor.Spec
+	image *resolvedImage
+}
+
+// Snapshot saves the VM's memory, device state and settings under name.
+// The VM pauses while it is written and then goes on; commands running
+// across a snapshot lose their connection. Any number of VMs can be
+// restored from one snapshot at once.
+func (vm *VM) Snapshot(ctx context.Context, name string) (*SnapshotInfo, error) {
+	if !snapNameRE.MatchString(name) || strings.HasPrefix(name, warmPrefix) {
+		return nil, fmt.Errorf("%w: snapshot name %q: use 1-63 letters, digits, '_', '.', '-' (not starting with %q)", ErrInvalid, name, warmPrefix)
+	}
+	return vm.snapshot(ctx, name)
+}
+
+func (vm *VM) snapshot(ctx context.Context, name string) (*SnapshotInfo, error) {
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return nil, err
+	}
+	if rec.State != store.StateRunning {
+		return nil, notRunning(rec)
+	}
+	dir := filepath.Join(homeOf(vm.st), "snapshots", name)
+	var spec supervisor.Spec
+	_ = json.Unmarshal(rec.Config, &spec)
+	sn := &store.Snapshot{Name: name, Dir: dir, SourceVM: vm.id, Fingerprint: spec.ImageFingerprint}
+	if err := vm.st.CreateSnapshot(ctx, sn); err != nil {
+		return nil, fmt.Errorf("snapshot %q: %w", name, err)
+	}
+	undo := func(cause error) error {
+		_ = os.RemoveAll(dir)
+		return errors.Join(cause, vm.st.DeleteSnapshot(context.WithoutCancel(ctx), name))
+	}
+	vm.mu.Lock()
+	sup, control := vm.sup, vm.control
+	vm.mu.Unlock()
+	switch {
+	case sup != nil:
+		err = sup.Snapshot(ctx, dir, true)
+	case control != nil:
+		_, err = control.Snapshot(ctx, &controlpb.SnapshotRequest{Dir: dir, Resume: true})
+	default:
+		err = notRunning(rec)
+	}
+	if err != nil {
+		return nil, undo(fmt.Errorf("snapshot VM %s: %w", vm.name, err))
+	}
+	info := snapshotInfo(sn)
+	b, _ := json.Marshal(map[string]any{"vcpus": spec.Machine.VCPUs, "memory_mib": spec.Machine.MemoryMiB, "image": rec.Image})
+	sn.Info = b
+	_ = writeSnapshotRow(ctx, vm.st, sn)
+	return info, nil
+}
+
+func writeSnapshotRow(ctx context.Context, st *store.Store, sn *store.Snapshot) error {
+	if err := st.DeleteSnapshot(ctx, sn.Name); err != nil {
+		return err
+	}
+	return st.CreateSnapshot(ctx, sn)
+}
+
+func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
+	in := &SnapshotInfo{Name: sn.Name, Dir: sn.Dir, SourceVM: sn.SourceVM, Created: sn.Created, Warm: strings.HasPrefix(sn.Name, warmPrefix)}
+	var spec supervisor.Spec
+	if b, err := os.ReadFile(filepath.Join(sn.Dir, supervisor.SnapshotSpec)); err == nil && json.Unmarshal(b, &spec) == nil {
+		in.VCPUs, in.MemoryMiB = spec.Machine.VCPUs, spec.Machine.MemoryMiB
+	}
+	if fi, err := os.Stat(filepath.Join(sn.Dir, "memory")); err == nil {
+		in.MemoryBytes = fi.Size()
+	}
+	var extra struct {
+		Image string `json:"image"`
+	}
+	_ = json.Unmarshal(sn.Info, &extra)
+	in.Image = extra.Image
+	return in
+}
+
+// Restore starts a new VM from a snapshot. Only the name, persistence,
+// state folder, logger and timeouts of cfg apply: the machine's shape is
+// the snapshot's. The clone is a distinct machine: fresh entropy, the
+// host's wall clock, its own hostname and machine id.
+func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
+	started := time.Now()
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	st, err := openStore(ctx, cfg.Home)
+	if err != nil {
+		return nil, err
+	}
+	src, err := loadSnapshot(ctx, st, &cfg, snapshot)
+	if err == nil {
+		var vm *VM
+		if vm, err = create(ctx, st, &cfg, started, src); err == nil {
+			return vm, nil
+		}
+	}
+	st.Close()
+	return nil, err
+}
+
+func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string) (*snapshotSource, error) {
+	sn, err := st.GetSnapshot(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %q: %w (see 'smolvm snapshot ls')", name, err)
+	}
+	src := &snapshotSource{name: sn.Name, dir: sn.Dir}
+	b, err := os.ReadFile(filepath.Join(sn.Dir, supervisor.SnapshotSpec))
+	if err == nil {
+		err = json.Unmarshal(b, &src.spec)
+	}
+	if err == nil {
+		_, err = os.Stat(filepath.Join(sn.Dir, "memory"))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %q is damaged (%w): delete it with 'smolvm snapshot rm %s'", name, err, name)
+	}
+	mc := src.spec.Machine
+	for _, f := range []string{mc.Kernel, mc.Initrd} {
+		if _, err := os.Stat(f); f != "" && err != nil {
+			return nil, fmt.Errorf("snapshot %q is stale: its kernel or initramfs %s is gone: delete it with 'smolvm snapshot rm %s' and take a new one", name, f, name)
+		}
+	}
+	src.image = &resolvedImage{name: "default", kernel: mc.Kernel, initrd: mc.Initrd, fingerprint: src.spec.ImageFingerprint}
+	if src.spec.ImageFingerprint != "" {
+		cur, err := resolveImage(ctx, homeOf(st), &Config{Logger: cfg.Logger})
+		if err == nil && cur.fingerprint != src.spec.ImageFingerprint {
+			return nil, fmt.Errorf("snapshot %q is stale: the kernel, initramfs or agent changed since it was taken: delete it with 'smolvm snapshot rm %s' and take a new one", name, name)
+		}
+	}
+	return src, nil
+}
+
+// restoreSpec is the snapshot's machine, moved into the new VM's folder.
+func restoreSpec(ctx context.Context, st *store.Store, cfg *Config, src *snapshotSource, rec *store.VM, dir string) (*supervisor.Spec, error) {
+	spec := src.spec
+	spec.Machine.ID, spec.Machine.Dir = rec.ID, dir
+	spec.Machine.ConsoleLog = filepath.Join(dir, supervisor.ConsoleLog)
+	spec.Machine.Incoming = src.dir
+	spec.Restored, spec.Hostname, spec.Persistent = true, rec.Name, cfg.Persistent
+	spec.BootTimeout = cfg.BootTimeout
+	if spec.Machine.Channel == hypervisor.ChannelVsock {
+		cid, err := st.Allocate(ctx, "vsock-cid", rec.ID, 3, 1<<31)
+		if err != nil {
+			return nil, fmt.Errorf("allocate vsock cid: %w", err)
+		}
+		spec.Machine.CID = uint32(cid)
+	}
+	return &spec, nil
+}
+
+// ListSnapshots describes the snapshots in a state folder ("" = default).
+func ListSnapshots(ctx context.Context, home string) ([]*SnapshotInfo, error) {
+	st, err := openStore(ctx, home)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	sns, err := st.ListSnapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*SnapshotInfo, 0, len(sns))
+	for _, sn := range sns {
+		out = append(out, snapshotInfo(sn))
+	}
+	return out, nil
+}
+
+// DeleteSnapshot removes a snapshot; it is refused while a running VM was
+// restored from it.
+func DeleteSnapshot(ctx context.Context, home, name string) error {
+	st, err := openStore(ctx, home)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if _, err := reconcile(ctx, st); err != nil {
+		return err
+	}
+	sn, err := st.GetSnapshot(ctx, name)
+	if err != nil {
+		return fmt.Errorf("snapshot %q: %w (see 'smolvm snapshot ls')", name, err)
+	}
+	if err := st.DeleteSnapshot(ctx, name); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(sn.Dir); err != nil {
+		return fmt.Errorf("remove snapshot folder: %w", err)
+	}
+	return nil
+}
+
+// warmKey names the warm snapshot of a machine shape: everything that must
+// match for a restore, nothing that differs per VM.
+func warmKey(spec *supervisor.Spec) string {
+	mc := spec.Machine
+	h := sha256.New()
+	fmt.Fprintf(h, "%s|%d|%d|%s|%s|%d|%d|", spec.ImageFingerprint, mc.VCPUs, mc.MemoryMiB, mc.Accel, mc.Channel, len(mc.Disks), len(mc.Net))
+	for _, f := range strings.Fields(mc.Cmdline) {
+		if !strings.HasPrefix(f, "smolvm.hostname=") {
+			fmt.Fprint(h, f, " ")
+		}
+	}
+	return warmPrefix + fmt.Sprintf("%x", h.Sum(nil))[:16]
+}
+
+// findWarm returns the warm snapshot for this VM's shape, if there is one.
+func findWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec) *store.Snapshot {
+	if spec.ImageFingerprint == "" || len(spec.Machine.Disks) > 0 {
+		return nil
+	}
+	sn, err := st.GetSnapshot(ctx, warmKey(spec))
+	if err != nil {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(sn.Dir, "memory")); err != nil {
+		return nil
+	}
+	return sn
+}
+
+// ensureWarm makes the warm snapshot of the default VM shape: it boots a
+// VM cold, waits for its agent, saves it and deletes it.
+func ensureWarm(ctx context.Context, cfg Config) error {
+	cfg.Cold, cfg.Persistent, cfg.Name = true, false, ""
+	vm, err := New(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("warm snapshot: boot: %w", err)
+	}
+	defer vm.Close()
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return err
+	}
+	var spec supervisor.Spec
+	if err := json.Unmarshal(rec.Config, &spec); err != nil {
+		return err
+	}
+	name := warmKey(&spec)
+	if _, err := vm.st.GetSnapshot(ctx, name); err == nil {
+		return nil
+	}
+	if _, err := vm.snapshot(ctx, name); err != nil {
+		return fmt.Errorf("warm snapshot: %w", err)
+	}
+	// Warm snapshots of older images or shapes are dead weight now.
+	sns, _ := vm.st.ListSnapshots(ctx)
+	for _, sn := range sns {
+		if strings.HasPrefix(sn.Name, warmPrefix) && sn.Name != name {
+			if vm.st.DeleteSnapshot(ctx, sn.Name) == nil {
+				_ = os.RemoveAll(sn.Dir)
+			}
+		}
+	}
+	return nil
+}
+
+// Pause freezes the VM's vCPUs; its memory stays. Commands in it stall
+// until Resume.
+func (vm *VM) Pause(ctx context.Context) error { return vm.setPaused(ctx, true) }
+
+// Resume lets a paused VM run again.
+func (vm *VM) Resume(ctx context.Context) error { return vm.setPaused(ctx, false) }
+
+func (vm *VM) setPaused(ctx context.Context, pause bool) error {
+	vm.mu.Lock()
+	control := vm.control
+	vm.mu.Unlock()
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return err
+	}
+	if control == nil || !rec.Live() {
+		return notRunning(rec)
+	}
+	state := store.StateRunning
+	if pause {
+		state = store.StatePaused
+		_, err = control.Pause(ctx, &controlpb.PauseRequest{})
+	} else {
+		_, err = control.Resume(ctx, &controlpb.ResumeRequest{})
+	}
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", vm.name, err)
+	}
+	_, err = vm.st.UpdateVM(ctx, vm.id, func(v *store.VM) error { v.State = state; return nil })
+	return err
+}
