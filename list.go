@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/smolvm/smolvm/internal/store"
 )
@@ -95,6 +96,7 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 			}
 		}
 		killStrayHypervisor(r.HypervisorPID, r.ID)
+		waitSupervisor(ctx, r.SupervisorPID, r.ID)
 		if err := removeVM(ctx, st, r.ID, r.Dir); err != nil {
 			errs = append(errs, err)
 			continue
@@ -129,4 +131,24 @@ func killStrayHypervisor(pid int, id string) {
 		return
 	}
 	_ = syscall.Kill(pid, syscall.SIGKILL)
+}
+
+// waitSupervisor gives a detached supervisor that is finishing up a few
+// seconds to exit, then kills it. Other processes are left alone.
+func waitSupervisor(ctx context.Context, pid int, id string) {
+	if pid <= 0 || pid == os.Getpid() || !isSupervisorOf(pid, id) {
+		return
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for processAlive(pid) && time.Now().Before(deadline) && ctx.Err() == nil {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if processAlive(pid) && isSupervisorOf(pid, id) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+func isSupervisorOf(pid int, id string) bool {
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return err == nil && strings.Contains(string(cmdline), "__supervise\x00"+id)
 }

@@ -295,8 +295,10 @@ func (s *Supervisor) watch() {
 		s.log.Error("vm failed", "err", err)
 	}
 	s.teardown()
+	// The supervisor pid stays recorded until this process is gone, so
+	// cleanup can wait for it.
 	_, uerr := s.st.UpdateVM(context.Background(), s.id, func(v *store.VM) error {
-		v.State, v.Reason, v.HypervisorPID, v.SupervisorPID = state, reason, 0, 0
+		v.State, v.Reason, v.HypervisorPID = state, reason, 0
 		return nil
 	})
 	if uerr != nil && !errors.Is(uerr, store.ErrNotFound) {
