@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
@@ -48,6 +49,8 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	if snap != nil {
 		img = snap.image
 	} else if img, err = resolveImage(ctx, homeOf(st), cfg); err != nil {
+		return nil, err
+	} else if err = useNamedImage(ctx, st, cfg, img); err != nil {
 		return nil, err
 	}
 	rec := &store.VM{Name: cfg.Name, State: store.StateCreating, Ephemeral: !cfg.Persistent, Image: img.name, SupervisorPID: os.Getpid()}
@@ -129,8 +132,8 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		Cmdline: kernelCmdline(rec.Name, accel, cfg.BootArgs), VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
 		Accel: accel, Channel: channel, ConsoleLog: filepath.Join(dir, supervisor.ConsoleLog),
 	}
-	if cfg.RootfsPath != "" {
-		mc.Disks = append(mc.Disks, hypervisor.Disk{Path: cfg.RootfsPath, Format: diskFormat(cfg.RootfsPath)})
+	if err := attachDisks(ctx, st, cfg, rec, &mc); err != nil {
+		return nil, err
 	}
 	if channel == hypervisor.ChannelVsock {
 		cid, err := st.Allocate(ctx, "vsock-cid", rec.ID, 3, 1<<31)
@@ -140,7 +143,7 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		mc.CID = uint32(cid)
 	}
 	return &supervisor.Spec{Driver: "qemu", Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name,
-		Persistent: cfg.Persistent, ImageFingerprint: img.fingerprint}, nil
+		Persistent: cfg.Persistent, SupervisorBinary: cfg.SupervisorBinary, ImageFingerprint: img.fingerprint}, nil
 }
 
 func kernelCmdline(hostname string, accel hypervisor.Accel, extra string) string {
@@ -150,8 +153,8 @@ func kernelCmdline(hostname string, accel hypervisor.Accel, extra string) string
 		// Under TCG the guest's TSC runs at the host's rate, but microvm
 		// has no PIT/HPET to calibrate it against and the boot stalls.
 		// Tell the kernel the rate instead.
-		if khz := hostTSCkHz(); khz > 0 {
-			parts = append(parts, fmt.Sprintf("tsc_early_khz=%d", khz), "tsc=reliable")
+		if args := image.GuestKernelArgs(); len(args) > 0 {
+			parts = append(append(parts, args...), "tsc=reliable")
 		}
 	}
 	if extra = strings.TrimSpace(extra); extra != "" {
@@ -260,22 +263,4 @@ func spawnSupervisor(ctx context.Context, cfg *Config, home, id string, started,
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 		return fmt.Errorf("create VM: %w", ctx.Err())
 	}
-}
-
-// hostTSCkHz reads the host CPU's clock rate in kHz (0 when unknown).
-func hostTSCkHz() int {
-	b, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if ok && strings.TrimSpace(k) == "cpu MHz" {
-			var mhz float64
-			if _, err := fmt.Sscanf(strings.TrimSpace(v), "%f", &mhz); err == nil {
-				return int(mhz * 1000)
-			}
-		}
-	}
-	return 0
 }

@@ -118,7 +118,7 @@ func bootGuest(t testing.TB, kernel, initrd string) (time.Duration, string) {
 		"-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-sandbox", "on",
 		"-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 reboot=t panic=-1 quiet",
+		"-append", strings.Join(append([]string{"console=ttyS0", "reboot=t", "panic=-1", "quiet"}, GuestKernelArgs()...), " "),
 		"-serial", "file:"+logPath,
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",

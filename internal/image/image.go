@@ -118,6 +118,10 @@ func EnsureDefault(ctx context.Context, opts Options) (*Default, error) {
 		tmp.Close()
 		return nil, err
 	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return nil, fmt.Errorf("write initramfs: %w", err)
+	}
 	if err := tmp.Close(); err != nil {
 		return nil, fmt.Errorf("write initramfs: %w", err)
 	}

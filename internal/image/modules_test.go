@@ -164,3 +164,15 @@ func writeFile(t testing.TB, path, content string) {
 		t.Fatal(err)
 	}
 }
+
+func TestParseCPUMHz(t *testing.T) {
+	for in, want := range map[string]int{
+		"processor\t: 0\ncpu MHz\t\t: 2096.001\ncpu MHz\t\t: 1000.0\n": 2096001,
+		"processor\t: 0\n":       0,
+		"cpu MHz\t\t: garbage\n": 0,
+	} {
+		if got := parseCPUMHz([]byte(in)); got != want {
+			t.Errorf("parseCPUMHz(%q) = %d, want %d", in, got, want)
+		}
+	}
+}
