@@ -129,7 +129,7 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 	}
 	mc := hypervisor.MachineConfig{
 		ID: rec.ID, Dir: dir, Kernel: img.kernel, Initrd: img.initrd,
-		Cmdline: kernelCmdline(rec.Name, accel, cfg.BootArgs), VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
+		Cmdline: guestCmdline(rec.Name, accel, cfg.BootArgs, img.tuned), VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
 		Accel: accel, Channel: channel, ConsoleLog: filepath.Join(dir, supervisor.ConsoleLog),
 	}
 	if err := attachDisks(ctx, st, cfg, rec, &mc); err != nil {
@@ -142,13 +142,30 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		}
 		mc.CID = uint32(cid)
 	}
+	netCfg, err := buildNetwork(ctx, st, cfg, rec, &mc) // network.go
+	if err != nil {
+		return nil, err
+	}
 	return &supervisor.Spec{Driver: "qemu", Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name,
-		Persistent: cfg.Persistent, SupervisorBinary: cfg.SupervisorBinary, ImageFingerprint: img.fingerprint}, nil
+		Persistent: cfg.Persistent, SupervisorBinary: cfg.SupervisorBinary, ImageFingerprint: img.fingerprint,
+		Network: netCfg}, nil
 }
 
 func kernelCmdline(hostname string, accel hypervisor.Accel, extra string) string {
-	parts := []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet", "loglevel=3",
-		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "init_on_free=1", "smolvm.hostname=" + hostname}
+	return guestCmdline(hostname, accel, extra, false)
+}
+
+// guestCmdline is the kernel command line of a VM. The tuned kernel has no
+// i8042 (PS/2) driver, so the options that keep the stock kernel's driver
+// from probing for a controller microvm does not have are left out; it needs
+// nothing else: its drivers are built in and find the virtio-mmio devices
+// through ACPI like the stock kernel's modules do.
+func guestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned bool) string {
+	parts := []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet", "loglevel=3"}
+	if !tuned {
+		parts = append(parts, "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd")
+	}
+	parts = append(parts, "init_on_free=1", "smolvm.hostname="+hostname)
 	if accel == hypervisor.AccelTCG {
 		// Under TCG the guest's TSC runs at the host's rate, but microvm
 		// has no PIT/HPET to calibrate it against and the boot stalls.
