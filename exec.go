@@ -53,7 +53,6 @@ type Cmd struct {
 	sendMu sync.Mutex
 	done   chan struct{}
 	err    error
-	wait   sync.Once
 }
 
 // Process is a started command in the guest.

@@ -57,6 +57,18 @@ type Config struct {
 	KernelPath string
 	InitrdPath string
 	RootfsPath string
+	// Image is a named disk image (see BuildImage, ImportImage, 'smolvm
+	// image ls'); "" or "default" is the built-in initramfs image.
+	Image string
+	// DiskMode is how a disk image is attached: "isolated" (default: a
+	// copy-on-write qcow2 overlay per VM) or "shared" (the image itself,
+	// read-only).
+	DiskMode string
+	// DiskSizeMiB grows an isolated disk beyond the image's size.
+	DiskSizeMiB int
+	// RetainDisk keeps an isolated disk when the VM is deleted, at
+	// RetainedDisk(home, name, id).
+	RetainDisk bool
 	// BootArgs are appended to the kernel command line.
 	BootArgs string
 	// Accel is "kvm", "tcg" or "" (KVM when a real boot probe on this
@@ -76,6 +88,19 @@ type Config struct {
 	// Cold forces a fresh boot even when a warm snapshot of this VM shape
 	// exists (see Setup).
 	Cold bool
+	// Network is "user" (default: a userspace NAT stack in the VM's
+	// supervisor, no root needed), "none" (no NIC) or "tap" (root). See
+	// network.go.
+	Network string
+	// Ports forward host ports to guest ports, in docker's -p form
+	// [IP:]HOST:GUEST (IP defaults to 127.0.0.1; GUEST alone picks a free
+	// host port).
+	Ports []string
+	// Egress is what the guest may reach; the zero value is open.
+	Egress Egress
+	// Hosts are static name → IPv4 entries the VM's DNS answers (and the
+	// egress policy resolves) before the host's resolver.
+	Hosts map[string][]string
 	// Home is the state folder; default $SMOLVM_HOME, else
 	// $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
 	Home string
@@ -119,6 +144,9 @@ func (c *Config) setDefaults() error {
 		if _, err := os.Stat(p.path); err != nil {
 			return fmt.Errorf("%w: %s %q: %w", ErrInvalid, p.what, p.path, err)
 		}
+	}
+	if err := checkDiskConfig(c); err != nil {
+		return err
 	}
 	if c.BootTimeout == 0 {
 		c.BootTimeout = 90 * time.Second

@@ -296,6 +296,10 @@ func (vm *VM) Start(ctx context.Context) error {
 	if err := json.Unmarshal(rec.Config, &spec); err != nil {
 		return fmt.Errorf("read VM %s: %w", rec.Name, err)
 	}
+	cfg := &Config{SupervisorBinary: spec.SupervisorBinary}
+	if _, err := supervisorBinary(cfg); spec.Persistent && err != nil {
+		return err
+	}
 	if _, err := vm.st.UpdateVM(ctx, vm.id, func(v *store.VM) error {
 		v.State, v.Reason, v.SupervisorPID = store.StateCreating, "", os.Getpid()
 		return nil
@@ -303,7 +307,6 @@ func (vm *VM) Start(ctx context.Context) error {
 		return err
 	}
 	if spec.Persistent {
-		cfg := &Config{}
 		if err := spawnSupervisor(ctx, cfg, homeOf(vm.st), vm.id, started, started); err != nil {
 			return err
 		}
@@ -338,6 +341,9 @@ func (vm *VM) Delete(ctx context.Context) error {
 }
 
 func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
+	if err := retainDisk(dir); err != nil {
+		return err
+	}
 	if dir != "" {
 		if err := os.RemoveAll(dir); err != nil {
 			return fmt.Errorf("remove state folder of VM %s: %w", id, err)

@@ -88,8 +88,12 @@ func newInfoCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			netInfo, _ := vm.Network(cmd.Context())
 			if asJSON {
-				return printJSON(in)
+				return printJSON(struct {
+					*smolvm.Info
+					Network *smolvm.NetworkInfo `json:"network,omitempty"`
+				}{in, netInfo})
 			}
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			row := func(k string, v any) { fmt.Fprintf(w, "%s:\t%v\n", k, v) }
@@ -108,6 +112,7 @@ func newInfoCmd(g *globals) *cobra.Command {
 				row("Supervisor PID", in.SupervisorPID)
 				row("Hypervisor PID", in.HypervisorPID)
 			}
+			networkRows(row, netInfo) // port.go
 			t := in.Timings
 			row("Timings", fmt.Sprintf("create %s, launch %s, first command %s (create → first command %s)",
 				t.Create.Round(time.Millisecond), t.Launch.Round(time.Millisecond),

@@ -92,11 +92,13 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 		}
 		return fmt.Errorf("%w: %w (see '%s --help'%s)", smolvm.ErrInvalid, err, c.CommandPath(), hint)
 	})
+	root.AddCommand(newImageCmd(g))
+	root.AddCommand(newPortCmd(g)) // port.go
 	root.AddCommand(
 		newSetupCmd(g), newDoctorCmd(g), newRunCmd(g), newCreateCmd(g), newStartCmd(g),
 		newExecCmd(g), newListCmd(g), newInfoCmd(g), newStopCmd(g), newRmCmd(g),
 		newLogsCmd(g), newCleanupCmd(g), newVersionCmd(), newSuperviseCmd(g),
-		newSnapshotCmd(g), newPauseCmd(g), newResumeCmd(g),
+		newSnapshotCmd(g), newPauseCmd(g), newResumeCmd(g), newBenchCmd(g), newCpCmd(g), newEnvCmd(g), newShellCmd(g), newKernelCmd(g),
 	)
 	return root
 }

@@ -12,7 +12,7 @@ import (
 
 func newSetupCmd(g *globals) *cobra.Command {
 	var kernel string
-	var noInstall bool
+	var noInstall, tuned bool
 	cmd := &cobra.Command{
 		Use:   "setup",
 		Short: "Install host packages and build the default image (idempotent)",
@@ -26,7 +26,7 @@ run again: finished steps are cached under the state folder.`,
 			if term.IsTerminal(int(os.Stderr.Fd())) {
 				progress = os.Stderr
 			}
-			opts := smolvm.SetupOptions{KernelPath: kernel, InstallPackages: !noInstall}
+			opts := smolvm.SetupOptions{KernelPath: kernel, InstallPackages: !noInstall, TunedKernel: tuned}
 			if progress != nil {
 				opts.Progress = progress
 			}
@@ -39,6 +39,7 @@ run again: finished steps are cached under the state folder.`,
 		},
 	}
 	cmd.Flags().StringVar(&kernel, "kernel", "", "use this kernel instead of Debian's cloud kernel")
+	cmd.Flags().BoolVar(&tuned, "tuned-kernel", false, "also build the tuned kernel (see 'smolvm kernel build'); new VMs then boot it")
 	cmd.Flags().BoolVar(&noInstall, "no-install", false, "do not install host packages; only check for them")
 	return cmd
 }

@@ -22,6 +22,11 @@ type vmFlags struct {
 	channel     string
 	bootTimeout time.Duration
 	cold        bool
+	image       string
+	diskMode    string
+	diskSize    string
+	retainDisk  bool
+	net         netFlags // port.go
 }
 
 func (f *vmFlags) register(fs *pflag.FlagSet) {
@@ -36,6 +41,11 @@ func (f *vmFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.channel, "channel", "", "vsock or virtio-serial (default: vsock when the host has it)")
 	fs.DurationVar(&f.bootTimeout, "boot-timeout", 90*time.Second, "how long to wait for the guest agent")
 	fs.BoolVar(&f.cold, "cold", false, "boot the kernel even when a warm snapshot could be restored")
+	fs.StringVar(&f.image, "image", "", "boot this disk image (see 'smolvm image ls'; default: the initramfs image)")
+	fs.StringVar(&f.diskMode, "disk-mode", "", "isolated (a copy-on-write overlay per VM, default) or shared (the image, read-only)")
+	fs.StringVar(&f.diskSize, "disk-size", "", "grow the VM's disk to this size, e.g. 4G (isolated mode)")
+	fs.BoolVar(&f.retainDisk, "retain-disk", false, "keep the VM's disk overlay when it is deleted ($SMOLVM_HOME/disks)")
+	f.net.register(fs)
 }
 
 func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
@@ -48,7 +58,17 @@ func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
 	if f.bootTimeout <= 0 {
 		return smolvm.Config{}, fmt.Errorf("%w: --boot-timeout must be positive", smolvm.ErrInvalid)
 	}
+	diskMiB, err := smolvm.ParseSizeMiB(f.diskSize)
+	if err != nil {
+		return smolvm.Config{}, err
+	}
+	netCfg, err := f.net.config()
+	if err != nil {
+		return smolvm.Config{}, err
+	}
 	return smolvm.Config{
+		Network: netCfg.Network, Ports: netCfg.Ports, Egress: netCfg.Egress, Hosts: netCfg.Hosts,
+		Image: f.image, DiskMode: f.diskMode, DiskSizeMiB: diskMiB, RetainDisk: f.retainDisk,
 		Name: f.name, VCPUs: f.cpus, MemoryMiB: f.memory,
 		KernelPath: f.kernel, InitrdPath: f.initrd, RootfsPath: f.rootfs, BootArgs: f.bootArgs,
 		Accel: f.accel, Channel: f.channel, BootTimeout: f.bootTimeout, Cold: f.cold, Logger: g.log,

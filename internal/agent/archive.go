@@ -385,6 +385,7 @@ func addTarEntry(tw *tar.Writer, fp, name string, fi fs.FileInfo) error {
 	if fi.IsDir() {
 		h.Name += "/"
 	}
+	h.Format = tar.FormatPAX // keep nanosecond mtimes (USTAR rounds to seconds)
 	if !fi.Mode().IsRegular() {
 		return tw.WriteHeader(h)
 	}

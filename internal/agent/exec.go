@@ -1,8 +1,10 @@
 package agent
 
 import (
+	"context"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -16,7 +18,9 @@ import (
 const (
 	outputChunk = 32 << 10
 	// pipeGrace is how long Exec keeps reading output after the process
-	// exited, in case a background child still holds the pipes open.
+	// exited, in case a background child still holds the pipes open: the
+	// outputs are closed once no byte has come for this long and no chunk
+	// is waiting for the host (see waitOutput).
 	pipeGrace = 200 * time.Millisecond
 	// stdinQueue bounds the stdin messages buffered while the process is not
 	// reading, so that signals and resizes still get through.
@@ -91,6 +95,8 @@ func (s *Server) Exec(stream execStream) error {
 
 	// Output readers.
 	var readers sync.WaitGroup
+	var progress atomic.Int64 // chunks read and sent
+	var sending atomic.Int32  // readers blocked sending to a slow host
 	for _, o := range p.outputs {
 		readers.Add(1)
 		go func(f *os.File, stderr bool) {
@@ -105,7 +111,10 @@ func (s *Server) Exec(stream execStream) error {
 					} else {
 						m.Msg = &agentpb.ExecResponse_Stdout{Stdout: buf[:n]}
 					}
+					sending.Add(1)
 					out.send(&m) // blocks while the host reads slowly
+					sending.Add(-1)
+					progress.Add(1)
 				}
 				if err != nil {
 					return
@@ -146,10 +155,7 @@ wait:
 	}
 	elapsed := time.Since(begin)
 	p.closeStdin()
-	select {
-	case <-outDone:
-	case <-time.After(pipeGrace):
-	}
+	waitOutput(ctx, outDone, &progress, &sending)
 	p.closeOutputs() // unblocks readers still waiting on a background child
 	exit := &agentpb.ExecExit{TimedOut: timedOut, DurationNs: elapsed.Nanoseconds()}
 	switch {
@@ -163,6 +169,33 @@ wait:
 	}
 	s.log.Debug("exec exited", "pid", p.pid, "code", exit.ExitCode, "signal", exit.Signal, "timed_out", timedOut)
 	return out.exit(exit)
+}
+
+// waitOutput waits, after the process exited, until its output is all
+// sent (the pipes reached EOF), or until the readers have been idle for
+// pipeGrace: blocked reading pipes that a background child keeps open, not
+// sending. Output the process wrote before it exited is not cut however
+// slowly the host reads it.
+func waitOutput(ctx context.Context, done <-chan struct{}, progress *atomic.Int64, sending *atomic.Int32) {
+	t := time.NewTicker(pipeGrace / 4)
+	defer t.Stop()
+	last, idleSince := progress.Load(), time.Now()
+	for {
+		select {
+		case <-done:
+			return
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			if p := progress.Load(); p != last || sending.Load() > 0 {
+				last, idleSince = p, now
+				continue
+			}
+			if now.Sub(idleSince) >= pipeGrace {
+				return
+			}
+		}
+	}
 }
 
 // execControl handles the requests that follow start until the stream ends.

@@ -143,6 +143,7 @@ func initSystem() *slog.Logger {
 	if err := linkUp("lo"); err != nil {
 		log.Warn("bring up lo", "err", err)
 	}
+	configureNetwork(log) // net.go: eth0 from smolvm.net=
 	return log
 }
 

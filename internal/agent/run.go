@@ -29,6 +29,7 @@ func Main() {
 			}
 		}()
 		log = initSystem()
+		switchRootIfAsked(log) // a root disk: does not return (see rootfs.go)
 	} else {
 		level := slog.LevelInfo
 		if os.Getenv("SMOLVM_DEBUG") != "" {

@@ -16,6 +16,8 @@ type Problem struct {
 	Missing string // the command or file, e.g. "qemu-system-x86_64"
 	Package string // the Debian package providing it, e.g. "qemu-system-x86"
 	Detail  string // why it matters or what is wrong
+	// Optional problems matter only for disk images (image build/import).
+	Optional bool
 }
 
 func (p Problem) String() string {
@@ -27,11 +29,17 @@ func (p Problem) String() string {
 }
 
 // hostTools are the commands smolvm needs, with the Debian package of each.
-var hostTools = []struct{ cmd, pkg, why string }{
-	{"qemu-system-x86_64", "qemu-system-x86", "runs the microVMs"},
-	{"qemu-img", "qemu-utils", "creates copy-on-write disks"},
-	{"apt-get", "apt", "downloads the default kernel"},
-	{"dpkg-deb", "dpkg", "unpacks the default kernel"},
+// Optional ones are needed only for disk images.
+var hostTools = []struct {
+	cmd, pkg, why string
+	optional      bool
+}{
+	{"qemu-system-x86_64", "qemu-system-x86", "runs the microVMs", false},
+	{"qemu-img", "qemu-utils", "creates copy-on-write disks", false},
+	{"apt-get", "apt", "downloads the default kernel", false},
+	{"dpkg-deb", "dpkg", "unpacks the default kernel", false},
+	{"mkfs.ext4", "e2fsprogs", "writes disk images (smolvm image build/pull/import)", true},
+	{"mmdebstrap", "mmdebstrap", "builds Debian disk images (smolvm image build)", true},
 }
 
 // lookPath is exec.LookPath that also searches the sbin folders, which are
@@ -54,7 +62,7 @@ func CheckHost(ctx context.Context) []Problem {
 	var probs []Problem
 	for _, t := range hostTools {
 		if _, err := lookPath(t.cmd); err != nil {
-			probs = append(probs, Problem{Missing: t.cmd, Package: t.pkg, Detail: "not found; it " + t.why})
+			probs = append(probs, Problem{Missing: t.cmd, Package: t.pkg, Detail: "not found; it " + t.why, Optional: t.optional})
 		}
 	}
 	if _, err := os.Stat(DefaultBusybox); err != nil {

@@ -29,6 +29,10 @@ type Options struct {
 	KernelPath string
 	// ModulesDir is the module tree (lib/modules/<version>) of KernelPath.
 	ModulesDir string
+	// Tuned boots the cached tuned kernel (see BuildTunedKernel) instead of
+	// the Debian cloud kernel: an initramfs without modules. It fails when
+	// none is cached; KernelPath wins over it.
+	Tuned bool
 	// BusyboxPath is the static busybox to copy; "" means /bin/busybox.
 	BusyboxPath string
 	// RefreshKernel asks apt again which kernel linux-image-cloud-amd64 points
@@ -134,6 +138,9 @@ func EnsureDefault(ctx context.Context, opts Options) (*Default, error) {
 
 // kernelFor returns the caller's kernel or the cached Debian one.
 func kernelFor(ctx context.Context, opts Options, log *slog.Logger, prog *progress) (*kernelSet, error) {
+	if opts.Tuned && opts.KernelPath == "" {
+		return tunedKernelSet(opts.CacheDir)
+	}
 	if opts.KernelPath == "" {
 		root := filepath.Join(opts.CacheDir, "kernel")
 		if !opts.RefreshKernel {

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
 	"github.com/smolvm/smolvm/internal/store"
@@ -48,8 +49,13 @@ type Spec struct {
 	Hostname string `json:"hostname,omitempty"`
 	// Persistent VMs run under a detached supervisor process.
 	Persistent bool `json:"persistent,omitempty"`
+	// SupervisorBinary is the smolvm CLI that runs it ("" means look it up).
+	SupervisorBinary string `json:"supervisor_binary,omitempty"`
 	// ImageFingerprint identifies the kernel, initramfs and agent booted.
 	ImageFingerprint string `json:"image_fingerprint,omitempty"`
+	// Network is the VM's network (nil: none); forwards added at run time
+	// are recorded here.
+	Network *network.Config `json:"network,omitempty"`
 }
 
 // Timings are the phases a user sees, as in the seed's benchmark.
@@ -69,6 +75,7 @@ type Supervisor struct {
 	st      *store.Store
 	log     *slog.Logger
 	machine hypervisor.Machine
+	net     *network.Stack // user-mode network, started before the machine
 
 	agentConn *grpc.ClientConn
 	agent     agentpb.AgentClient
@@ -138,6 +145,9 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	}
 	mc := s.spec.Machine
 	t0 := time.Now()
+	if err := s.startNetwork(ctx, &mc); err != nil {
+		return err
+	}
 	s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
 	m, err := d.Start(ctx, &mc)
 	if err != nil {
@@ -249,7 +259,11 @@ func (s *Supervisor) waitReady(ctx context.Context) error {
 	tail := ConsoleTail(filepath.Join(s.spec.Machine.Dir, ConsoleLog), 15)
 	select {
 	case <-s.machine.Done():
-		return fmt.Errorf("guest died during boot: %w\nlast console lines:\n%s", s.machine.Err(), tail)
+		cause := s.machine.Err()
+		if cause == nil { // QEMU exits 0 when the guest resets (-no-reboot)
+			cause = errors.New("the hypervisor exited: the guest powered off or rebooted")
+		}
+		return fmt.Errorf("guest died during boot: %w\nlast console lines:\n%s", cause, tail)
 	default:
 	}
 	if ctx.Err() != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
@@ -274,6 +288,7 @@ func (s *Supervisor) serve() error {
 		grpc.InitialWindowSize(1<<20), grpc.InitialConnWindowSize(4<<20),
 	)
 	controlpb.RegisterControlServer(s.server, &control{s: s})
+	network.Register(s.server, s.net, s.spec.Network)
 	go func() { _ = s.server.Serve(l) }()
 	return nil
 }
@@ -332,7 +347,47 @@ func (s *Supervisor) teardown() {
 	if s.machine != nil {
 		_ = s.machine.Kill()
 	}
+	if s.net != nil {
+		s.net.Close()
+	}
 	_ = os.Remove(filepath.Join(s.spec.Machine.Dir, APISocket))
+}
+
+// startNetwork starts the user-mode network stack the machine's NIC
+// connects to, and binds its port forwards.
+func (s *Supervisor) startNetwork(ctx context.Context, mc *hypervisor.MachineConfig) error {
+	n := s.spec.Network
+	if n == nil || n.Mode != network.ModeUser {
+		return nil
+	}
+	ns, err := network.Start(ctx, network.Options{Config: *n, Dir: mc.Dir, Logger: s.log, Store: s.st, Owner: s.id,
+		Persist: s.persistForwards})
+	if err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
+	s.net = ns
+	for i := range mc.Net {
+		if mc.Net[i].StreamSocket != "" {
+			mc.Net[i].StreamSocket = network.SocketPath(mc.Dir)
+		}
+	}
+	return nil
+}
+
+// persistForwards records the forwards in the VM's stored spec, so a
+// restart binds them again.
+func (s *Supervisor) persistForwards(ctx context.Context, fwds []network.Forward) error {
+	_, err := s.st.UpdateVM(ctx, s.id, func(v *store.VM) error {
+		var spec Spec
+		if err := json.Unmarshal(v.Config, &spec); err != nil || spec.Network == nil {
+			return err
+		}
+		spec.Network.Forwards = fwds
+		b, err := json.Marshal(&spec)
+		v.Config = b
+		return err
+	})
+	return err
 }
 
 // Agent is a direct client of the guest agent (no proxy hop). It changes

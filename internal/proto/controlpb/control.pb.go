@@ -483,6 +483,338 @@ func (x *SnapshotResponse) GetMemoryBytes() int64 {
 	return 0
 }
 
+type PortForward struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	HostIp        string                 `protobuf:"bytes,1,opt,name=host_ip,json=hostIp,proto3" json:"host_ip,omitempty"`
+	HostPort      int32                  `protobuf:"varint,2,opt,name=host_port,json=hostPort,proto3" json:"host_port,omitempty"`
+	GuestPort     int32                  `protobuf:"varint,3,opt,name=guest_port,json=guestPort,proto3" json:"guest_port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortForward) Reset() {
+	*x = PortForward{}
+	mi := &file_controlpb_control_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortForward) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortForward) ProtoMessage() {}
+
+func (x *PortForward) ProtoReflect() protoreflect.Message {
+	mi := &file_controlpb_control_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortForward.ProtoReflect.Descriptor instead.
+func (*PortForward) Descriptor() ([]byte, []int) {
+	return file_controlpb_control_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *PortForward) GetHostIp() string {
+	if x != nil {
+		return x.HostIp
+	}
+	return ""
+}
+
+func (x *PortForward) GetHostPort() int32 {
+	if x != nil {
+		return x.HostPort
+	}
+	return 0
+}
+
+func (x *PortForward) GetGuestPort() int32 {
+	if x != nil {
+		return x.GuestPort
+	}
+	return 0
+}
+
+type ListPortsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPortsRequest) Reset() {
+	*x = ListPortsRequest{}
+	mi := &file_controlpb_control_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPortsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPortsRequest) ProtoMessage() {}
+
+func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_controlpb_control_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPortsRequest.ProtoReflect.Descriptor instead.
+func (*ListPortsRequest) Descriptor() ([]byte, []int) {
+	return file_controlpb_control_proto_rawDescGZIP(), []int{11}
+}
+
+type ListPortsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Forwards      []*PortForward         `protobuf:"bytes,1,rep,name=forwards,proto3" json:"forwards,omitempty"`
+	Mode          string                 `protobuf:"bytes,2,opt,name=mode,proto3" json:"mode,omitempty"`
+	GuestIp       string                 `protobuf:"bytes,3,opt,name=guest_ip,json=guestIp,proto3" json:"guest_ip,omitempty"`
+	Egress        string                 `protobuf:"bytes,4,opt,name=egress,proto3" json:"egress,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPortsResponse) Reset() {
+	*x = ListPortsResponse{}
+	mi := &file_controlpb_control_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPortsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPortsResponse) ProtoMessage() {}
+
+func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_controlpb_control_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPortsResponse.ProtoReflect.Descriptor instead.
+func (*ListPortsResponse) Descriptor() ([]byte, []int) {
+	return file_controlpb_control_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ListPortsResponse) GetForwards() []*PortForward {
+	if x != nil {
+		return x.Forwards
+	}
+	return nil
+}
+
+func (x *ListPortsResponse) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *ListPortsResponse) GetGuestIp() string {
+	if x != nil {
+		return x.GuestIp
+	}
+	return ""
+}
+
+func (x *ListPortsResponse) GetEgress() string {
+	if x != nil {
+		return x.Egress
+	}
+	return ""
+}
+
+type ExposePortRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Forward       *PortForward           `protobuf:"bytes,1,opt,name=forward,proto3" json:"forward,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExposePortRequest) Reset() {
+	*x = ExposePortRequest{}
+	mi := &file_controlpb_control_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExposePortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExposePortRequest) ProtoMessage() {}
+
+func (x *ExposePortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_controlpb_control_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExposePortRequest.ProtoReflect.Descriptor instead.
+func (*ExposePortRequest) Descriptor() ([]byte, []int) {
+	return file_controlpb_control_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ExposePortRequest) GetForward() *PortForward {
+	if x != nil {
+		return x.Forward
+	}
+	return nil
+}
+
+type ExposePortResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Forward       *PortForward           `protobuf:"bytes,1,opt,name=forward,proto3" json:"forward,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExposePortResponse) Reset() {
+	*x = ExposePortResponse{}
+	mi := &file_controlpb_control_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExposePortResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExposePortResponse) ProtoMessage() {}
+
+func (x *ExposePortResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_controlpb_control_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExposePortResponse.ProtoReflect.Descriptor instead.
+func (*ExposePortResponse) Descriptor() ([]byte, []int) {
+	return file_controlpb_control_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ExposePortResponse) GetForward() *PortForward {
+	if x != nil {
+		return x.Forward
+	}
+	return nil
+}
+
+type ClosePortRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	HostPort      int32                  `protobuf:"varint,1,opt,name=host_port,json=hostPort,proto3" json:"host_port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClosePortRequest) Reset() {
+	*x = ClosePortRequest{}
+	mi := &file_controlpb_control_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClosePortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClosePortRequest) ProtoMessage() {}
+
+func (x *ClosePortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_controlpb_control_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClosePortRequest.ProtoReflect.Descriptor instead.
+func (*ClosePortRequest) Descriptor() ([]byte, []int) {
+	return file_controlpb_control_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ClosePortRequest) GetHostPort() int32 {
+	if x != nil {
+		return x.HostPort
+	}
+	return 0
+}
+
+type ClosePortResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClosePortResponse) Reset() {
+	*x = ClosePortResponse{}
+	mi := &file_controlpb_control_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClosePortResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClosePortResponse) ProtoMessage() {}
+
+func (x *ClosePortResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_controlpb_control_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClosePortResponse.ProtoReflect.Descriptor instead.
+func (*ClosePortResponse) Descriptor() ([]byte, []int) {
+	return file_controlpb_control_proto_rawDescGZIP(), []int{16}
+}
+
 var File_controlpb_control_proto protoreflect.FileDescriptor
 
 const file_controlpb_control_proto_rawDesc = "" +
@@ -510,13 +842,36 @@ const file_controlpb_control_proto_rawDesc = "" +
 	"\x03dir\x18\x01 \x01(\tR\x03dir\x12\x16\n" +
 	"\x06resume\x18\x02 \x01(\bR\x06resume\"5\n" +
 	"\x10SnapshotResponse\x12!\n" +
-	"\fmemory_bytes\x18\x01 \x01(\x03R\vmemoryBytes2\x91\x03\n" +
+	"\fmemory_bytes\x18\x01 \x01(\x03R\vmemoryBytes\"b\n" +
+	"\vPortForward\x12\x17\n" +
+	"\ahost_ip\x18\x01 \x01(\tR\x06hostIp\x12\x1b\n" +
+	"\thost_port\x18\x02 \x01(\x05R\bhostPort\x12\x1d\n" +
+	"\n" +
+	"guest_port\x18\x03 \x01(\x05R\tguestPort\"\x12\n" +
+	"\x10ListPortsRequest\"\x96\x01\n" +
+	"\x11ListPortsResponse\x12:\n" +
+	"\bforwards\x18\x01 \x03(\v2\x1e.smolvm.control.v1.PortForwardR\bforwards\x12\x12\n" +
+	"\x04mode\x18\x02 \x01(\tR\x04mode\x12\x19\n" +
+	"\bguest_ip\x18\x03 \x01(\tR\aguestIp\x12\x16\n" +
+	"\x06egress\x18\x04 \x01(\tR\x06egress\"M\n" +
+	"\x11ExposePortRequest\x128\n" +
+	"\aforward\x18\x01 \x01(\v2\x1e.smolvm.control.v1.PortForwardR\aforward\"N\n" +
+	"\x12ExposePortResponse\x128\n" +
+	"\aforward\x18\x01 \x01(\v2\x1e.smolvm.control.v1.PortForwardR\aforward\"/\n" +
+	"\x10ClosePortRequest\x12\x1b\n" +
+	"\thost_port\x18\x01 \x01(\x05R\bhostPort\"\x13\n" +
+	"\x11ClosePortResponse2\x91\x03\n" +
 	"\aControl\x12M\n" +
 	"\x06Status\x12 .smolvm.control.v1.StatusRequest\x1a!.smolvm.control.v1.StatusResponse\x12G\n" +
 	"\x04Stop\x12\x1e.smolvm.control.v1.StopRequest\x1a\x1f.smolvm.control.v1.StopResponse\x12J\n" +
 	"\x05Pause\x12\x1f.smolvm.control.v1.PauseRequest\x1a .smolvm.control.v1.PauseResponse\x12M\n" +
 	"\x06Resume\x12 .smolvm.control.v1.ResumeRequest\x1a!.smolvm.control.v1.ResumeResponse\x12S\n" +
-	"\bSnapshot\x12\".smolvm.control.v1.SnapshotRequest\x1a#.smolvm.control.v1.SnapshotResponseB3Z1github.com/smolvm/smolvm/internal/proto/controlpbb\x06proto3"
+	"\bSnapshot\x12\".smolvm.control.v1.SnapshotRequest\x1a#.smolvm.control.v1.SnapshotResponse2\x94\x02\n" +
+	"\aNetwork\x12V\n" +
+	"\tListPorts\x12#.smolvm.control.v1.ListPortsRequest\x1a$.smolvm.control.v1.ListPortsResponse\x12Y\n" +
+	"\n" +
+	"ExposePort\x12$.smolvm.control.v1.ExposePortRequest\x1a%.smolvm.control.v1.ExposePortResponse\x12V\n" +
+	"\tClosePort\x12#.smolvm.control.v1.ClosePortRequest\x1a$.smolvm.control.v1.ClosePortResponseB3Z1github.com/smolvm/smolvm/internal/proto/controlpbb\x06proto3"
 
 var (
 	file_controlpb_control_proto_rawDescOnce sync.Once
@@ -530,35 +885,51 @@ func file_controlpb_control_proto_rawDescGZIP() []byte {
 	return file_controlpb_control_proto_rawDescData
 }
 
-var file_controlpb_control_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_controlpb_control_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_controlpb_control_proto_goTypes = []any{
-	(*StatusRequest)(nil),    // 0: smolvm.control.v1.StatusRequest
-	(*StatusResponse)(nil),   // 1: smolvm.control.v1.StatusResponse
-	(*StopRequest)(nil),      // 2: smolvm.control.v1.StopRequest
-	(*StopResponse)(nil),     // 3: smolvm.control.v1.StopResponse
-	(*PauseRequest)(nil),     // 4: smolvm.control.v1.PauseRequest
-	(*PauseResponse)(nil),    // 5: smolvm.control.v1.PauseResponse
-	(*ResumeRequest)(nil),    // 6: smolvm.control.v1.ResumeRequest
-	(*ResumeResponse)(nil),   // 7: smolvm.control.v1.ResumeResponse
-	(*SnapshotRequest)(nil),  // 8: smolvm.control.v1.SnapshotRequest
-	(*SnapshotResponse)(nil), // 9: smolvm.control.v1.SnapshotResponse
+	(*StatusRequest)(nil),      // 0: smolvm.control.v1.StatusRequest
+	(*StatusResponse)(nil),     // 1: smolvm.control.v1.StatusResponse
+	(*StopRequest)(nil),        // 2: smolvm.control.v1.StopRequest
+	(*StopResponse)(nil),       // 3: smolvm.control.v1.StopResponse
+	(*PauseRequest)(nil),       // 4: smolvm.control.v1.PauseRequest
+	(*PauseResponse)(nil),      // 5: smolvm.control.v1.PauseResponse
+	(*ResumeRequest)(nil),      // 6: smolvm.control.v1.ResumeRequest
+	(*ResumeResponse)(nil),     // 7: smolvm.control.v1.ResumeResponse
+	(*SnapshotRequest)(nil),    // 8: smolvm.control.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),   // 9: smolvm.control.v1.SnapshotResponse
+	(*PortForward)(nil),        // 10: smolvm.control.v1.PortForward
+	(*ListPortsRequest)(nil),   // 11: smolvm.control.v1.ListPortsRequest
+	(*ListPortsResponse)(nil),  // 12: smolvm.control.v1.ListPortsResponse
+	(*ExposePortRequest)(nil),  // 13: smolvm.control.v1.ExposePortRequest
+	(*ExposePortResponse)(nil), // 14: smolvm.control.v1.ExposePortResponse
+	(*ClosePortRequest)(nil),   // 15: smolvm.control.v1.ClosePortRequest
+	(*ClosePortResponse)(nil),  // 16: smolvm.control.v1.ClosePortResponse
 }
 var file_controlpb_control_proto_depIdxs = []int32{
-	0, // 0: smolvm.control.v1.Control.Status:input_type -> smolvm.control.v1.StatusRequest
-	2, // 1: smolvm.control.v1.Control.Stop:input_type -> smolvm.control.v1.StopRequest
-	4, // 2: smolvm.control.v1.Control.Pause:input_type -> smolvm.control.v1.PauseRequest
-	6, // 3: smolvm.control.v1.Control.Resume:input_type -> smolvm.control.v1.ResumeRequest
-	8, // 4: smolvm.control.v1.Control.Snapshot:input_type -> smolvm.control.v1.SnapshotRequest
-	1, // 5: smolvm.control.v1.Control.Status:output_type -> smolvm.control.v1.StatusResponse
-	3, // 6: smolvm.control.v1.Control.Stop:output_type -> smolvm.control.v1.StopResponse
-	5, // 7: smolvm.control.v1.Control.Pause:output_type -> smolvm.control.v1.PauseResponse
-	7, // 8: smolvm.control.v1.Control.Resume:output_type -> smolvm.control.v1.ResumeResponse
-	9, // 9: smolvm.control.v1.Control.Snapshot:output_type -> smolvm.control.v1.SnapshotResponse
-	5, // [5:10] is the sub-list for method output_type
-	0, // [0:5] is the sub-list for method input_type
-	0, // [0:0] is the sub-list for extension type_name
-	0, // [0:0] is the sub-list for extension extendee
-	0, // [0:0] is the sub-list for field type_name
+	10, // 0: smolvm.control.v1.ListPortsResponse.forwards:type_name -> smolvm.control.v1.PortForward
+	10, // 1: smolvm.control.v1.ExposePortRequest.forward:type_name -> smolvm.control.v1.PortForward
+	10, // 2: smolvm.control.v1.ExposePortResponse.forward:type_name -> smolvm.control.v1.PortForward
+	0,  // 3: smolvm.control.v1.Control.Status:input_type -> smolvm.control.v1.StatusRequest
+	2,  // 4: smolvm.control.v1.Control.Stop:input_type -> smolvm.control.v1.StopRequest
+	4,  // 5: smolvm.control.v1.Control.Pause:input_type -> smolvm.control.v1.PauseRequest
+	6,  // 6: smolvm.control.v1.Control.Resume:input_type -> smolvm.control.v1.ResumeRequest
+	8,  // 7: smolvm.control.v1.Control.Snapshot:input_type -> smolvm.control.v1.SnapshotRequest
+	11, // 8: smolvm.control.v1.Network.ListPorts:input_type -> smolvm.control.v1.ListPortsRequest
+	13, // 9: smolvm.control.v1.Network.ExposePort:input_type -> smolvm.control.v1.ExposePortRequest
+	15, // 10: smolvm.control.v1.Network.ClosePort:input_type -> smolvm.control.v1.ClosePortRequest
+	1,  // 11: smolvm.control.v1.Control.Status:output_type -> smolvm.control.v1.StatusResponse
+	3,  // 12: smolvm.control.v1.Control.Stop:output_type -> smolvm.control.v1.StopResponse
+	5,  // 13: smolvm.control.v1.Control.Pause:output_type -> smolvm.control.v1.PauseResponse
+	7,  // 14: smolvm.control.v1.Control.Resume:output_type -> smolvm.control.v1.ResumeResponse
+	9,  // 15: smolvm.control.v1.Control.Snapshot:output_type -> smolvm.control.v1.SnapshotResponse
+	12, // 16: smolvm.control.v1.Network.ListPorts:output_type -> smolvm.control.v1.ListPortsResponse
+	14, // 17: smolvm.control.v1.Network.ExposePort:output_type -> smolvm.control.v1.ExposePortResponse
+	16, // 18: smolvm.control.v1.Network.ClosePort:output_type -> smolvm.control.v1.ClosePortResponse
+	11, // [11:19] is the sub-list for method output_type
+	3,  // [3:11] is the sub-list for method input_type
+	3,  // [3:3] is the sub-list for extension type_name
+	3,  // [3:3] is the sub-list for extension extendee
+	0,  // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_controlpb_control_proto_init() }
@@ -572,9 +943,9 @@ func file_controlpb_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlpb_control_proto_rawDesc), len(file_controlpb_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   17,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_controlpb_control_proto_goTypes,
 		DependencyIndexes: file_controlpb_control_proto_depIdxs,

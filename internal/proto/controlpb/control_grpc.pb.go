@@ -279,3 +279,189 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "controlpb/control.proto",
 }
+
+const (
+	Network_ListPorts_FullMethodName  = "/smolvm.control.v1.Network/ListPorts"
+	Network_ExposePort_FullMethodName = "/smolvm.control.v1.Network/ExposePort"
+	Network_ClosePort_FullMethodName  = "/smolvm.control.v1.Network/ClosePort"
+)
+
+// NetworkClient is the client API for Network service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Network manages a VM's user-mode network at run time: port forwards
+// from the host to the guest.
+type NetworkClient interface {
+	ListPorts(ctx context.Context, in *ListPortsRequest, opts ...grpc.CallOption) (*ListPortsResponse, error)
+	// ExposePort forwards a host port (0: a free one) to a guest port.
+	ExposePort(ctx context.Context, in *ExposePortRequest, opts ...grpc.CallOption) (*ExposePortResponse, error)
+	ClosePort(ctx context.Context, in *ClosePortRequest, opts ...grpc.CallOption) (*ClosePortResponse, error)
+}
+
+type networkClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewNetworkClient(cc grpc.ClientConnInterface) NetworkClient {
+	return &networkClient{cc}
+}
+
+func (c *networkClient) ListPorts(ctx context.Context, in *ListPortsRequest, opts ...grpc.CallOption) (*ListPortsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListPortsResponse)
+	err := c.cc.Invoke(ctx, Network_ListPorts_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *networkClient) ExposePort(ctx context.Context, in *ExposePortRequest, opts ...grpc.CallOption) (*ExposePortResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExposePortResponse)
+	err := c.cc.Invoke(ctx, Network_ExposePort_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *networkClient) ClosePort(ctx context.Context, in *ClosePortRequest, opts ...grpc.CallOption) (*ClosePortResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ClosePortResponse)
+	err := c.cc.Invoke(ctx, Network_ClosePort_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// NetworkServer is the server API for Network service.
+// All implementations must embed UnimplementedNetworkServer
+// for forward compatibility.
+//
+// Network manages a VM's user-mode network at run time: port forwards
+// from the host to the guest.
+type NetworkServer interface {
+	ListPorts(context.Context, *ListPortsRequest) (*ListPortsResponse, error)
+	// ExposePort forwards a host port (0: a free one) to a guest port.
+	ExposePort(context.Context, *ExposePortRequest) (*ExposePortResponse, error)
+	ClosePort(context.Context, *ClosePortRequest) (*ClosePortResponse, error)
+	mustEmbedUnimplementedNetworkServer()
+}
+
+// UnimplementedNetworkServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedNetworkServer struct{}
+
+func (UnimplementedNetworkServer) ListPorts(context.Context, *ListPortsRequest) (*ListPortsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListPorts not implemented")
+}
+func (UnimplementedNetworkServer) ExposePort(context.Context, *ExposePortRequest) (*ExposePortResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ExposePort not implemented")
+}
+func (UnimplementedNetworkServer) ClosePort(context.Context, *ClosePortRequest) (*ClosePortResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ClosePort not implemented")
+}
+func (UnimplementedNetworkServer) mustEmbedUnimplementedNetworkServer() {}
+func (UnimplementedNetworkServer) testEmbeddedByValue()                 {}
+
+// UnsafeNetworkServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to NetworkServer will
+// result in compilation errors.
+type UnsafeNetworkServer interface {
+	mustEmbedUnimplementedNetworkServer()
+}
+
+func RegisterNetworkServer(s grpc.ServiceRegistrar, srv NetworkServer) {
+	// If the following call panics, it indicates UnimplementedNetworkServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&Network_ServiceDesc, srv)
+}
+
+func _Network_ListPorts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListPortsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NetworkServer).ListPorts(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Network_ListPorts_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NetworkServer).ListPorts(ctx, req.(*ListPortsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Network_ExposePort_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExposePortRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NetworkServer).ExposePort(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Network_ExposePort_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NetworkServer).ExposePort(ctx, req.(*ExposePortRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Network_ClosePort_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ClosePortRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NetworkServer).ClosePort(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Network_ClosePort_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NetworkServer).ClosePort(ctx, req.(*ClosePortRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// Network_ServiceDesc is the grpc.ServiceDesc for Network service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var Network_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "smolvm.control.v1.Network",
+	HandlerType: (*NetworkServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "ListPorts",
+			Handler:    _Network_ListPorts_Handler,
+		},
+		{
+			MethodName: "ExposePort",
+			Handler:    _Network_ExposePort_Handler,
+		},
+		{
+			MethodName: "ClosePort",
+			Handler:    _Network_ClosePort_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "controlpb/control.proto",
+}

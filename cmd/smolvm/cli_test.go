@@ -1,0 +1,263 @@
+package main
+
+// Tests of the built smolvm binary, run as a user would, each with a state
+// folder of its own. The ones that boot guests need QEMU.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/testutil"
+)
+
+func TestMain(m *testing.M) { testutil.Main(m) }
+
+type cliResult struct {
+	stdout, stderr string
+	code           int
+}
+
+// smolvmRun runs the CLI with SMOLVM_HOME=home and stdin, and returns its
+// output and exit code.
+func smolvmRun(t *testing.T, home, stdin string, args ...string) cliResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.BootTimeout+2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, testutil.Binary(t), args...)
+	cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	r := cliResult{stdout: out.String(), stderr: errOut.String()}
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		r.code = ee.ExitCode()
+	default:
+		t.Fatalf("smolvm %s: %v", strings.Join(args, " "), err)
+	}
+	t.Logf("smolvm %s → exit %d, stdout %q, stderr %q", strings.Join(args, " "), r.code, trim(r.stdout), trim(r.stderr))
+	return r
+}
+
+func trim(s string) string {
+	if len(s) > 400 {
+		return s[:400] + "…"
+	}
+	return s
+}
+
+// mustOK runs the CLI and fails the test unless it exits 0.
+func mustOK(t *testing.T, home, stdin string, args ...string) cliResult {
+	t.Helper()
+	r := smolvmRun(t, home, stdin, args...)
+	if r.code != 0 {
+		t.Fatalf("smolvm %s: exit %d: %s", strings.Join(args, " "), r.code, r.stderr)
+	}
+	return r
+}
+
+type vmJSON struct {
+	ID      string `json:"id"`
+	Name    string `json:"name"`
+	State   string `json:"state"`
+	Reason  string `json:"reason"`
+	Timings struct {
+		Create               int64 `json:"create"`
+		Launch               int64 `json:"launch"`
+		FirstCommand         int64 `json:"first_command"`
+		CreateToFirstCommand int64 `json:"create_to_first_command"`
+	} `json:"timings"`
+}
+
+func listVMs(t *testing.T, home string) []vmJSON {
+	t.Helper()
+	r := mustOK(t, home, "", "ls", "--json")
+	var vms []vmJSON
+	if err := json.Unmarshal([]byte(r.stdout), &vms); err != nil {
+		t.Fatalf("ls --json is not a JSON list of VMs: %v\n%s", err, r.stdout)
+	}
+	return vms
+}
+
+func TestCLIVersion(t *testing.T) {
+	t.Parallel()
+	r := mustOK(t, t.TempDir(), "", "version")
+	if !strings.HasPrefix(r.stdout, "smolvm ") {
+		t.Errorf("version printed %q, want it to start with \"smolvm \"", r.stdout)
+	}
+}
+
+func TestCLIDoctor(t *testing.T) {
+	t.Parallel()
+	home := testutil.Home(t)
+	r := smolvmRun(t, home, "", "doctor", "--json")
+	var rep struct {
+		OK     bool `json:"ok"`
+		Checks []struct {
+			Name   string `json:"name"`
+			OK     bool   `json:"ok"`
+			Detail string `json:"detail"`
+		} `json:"checks"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+		t.Fatalf("doctor --json is not JSON: %v\n%s", err, r.stdout)
+	}
+	if len(rep.Checks) == 0 {
+		t.Error("doctor --json lists no checks")
+	}
+	if rep.OK != (r.code == 0) {
+		t.Errorf("doctor: ok %v but exit code %d", rep.OK, r.code)
+	}
+	for _, c := range rep.Checks {
+		if !c.OK {
+			t.Errorf("doctor check %s failed on a host set up for tests: %s", c.Name, c.Detail)
+		}
+	}
+}
+
+func TestCLIBadInput(t *testing.T) {
+	t.Parallel()
+	home := testutil.Home(t)
+
+	r := smolvmRun(t, home, "", "exec", "no-such-vm", "--", "true")
+	if r.code != 2 || !strings.Contains(r.stderr, "not found") {
+		t.Errorf("exec on an unknown VM: exit %d, stderr %q; want exit 2 and \"not found\"", r.code, r.stderr)
+	}
+
+	for _, args := range [][]string{{"create", "--memory", "0"}, {"run", "--memory", "0", "--", "true"}} {
+		r = smolvmRun(t, home, "", args...)
+		if r.code == 0 || !strings.Contains(r.stderr, "--memory") {
+			t.Errorf("smolvm %s: exit %d, stderr %q; want a failure naming --memory", strings.Join(args, " "), r.code, r.stderr)
+		}
+		if r.stdout != "" {
+			t.Errorf("smolvm %s printed %q on stdout", strings.Join(args, " "), r.stdout)
+		}
+	}
+	r = smolvmRun(t, home, "", "create", "--name", "bad name")
+	if r.code == 0 || !strings.Contains(r.stderr, "name") {
+		t.Errorf("create with an invalid name: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if vms := listVMs(t, home); len(vms) != 0 {
+		t.Errorf("refused commands left VMs: %+v", vms)
+	}
+}
+
+func TestCLIRun(t *testing.T) {
+	t.Parallel()
+	home := testutil.Home(t)
+	r := mustOK(t, home, "", "run", "--", "uname", "-a")
+	if !strings.HasPrefix(r.stdout, "Linux") || strings.Count(r.stdout, "\n") != 1 {
+		t.Errorf("run -- uname -a printed %q, want one line starting with Linux", r.stdout)
+	}
+	if vms := listVMs(t, home); len(vms) != 0 {
+		t.Errorf("run left VMs behind: %+v", vms)
+	}
+	if r := mustOK(t, home, "", "ls", "-q"); r.stdout != "" {
+		t.Errorf("ls -q after run printed %q", r.stdout)
+	}
+}
+
+var idRE = regexp.MustCompile(`^[0-9a-f]{12}\n$`)
+
+func TestCLIPersistentVM(t *testing.T) {
+	t.Parallel()
+	home := testutil.Home(t)
+
+	r := mustOK(t, home, "", "create", "--name", "clivm")
+	if !idRE.MatchString(r.stdout) {
+		t.Fatalf("create printed %q on stdout, want the id alone", r.stdout)
+	}
+	id := strings.TrimSpace(r.stdout)
+
+	t.Run("ExecExitCode", func(t *testing.T) {
+		r := smolvmRun(t, home, "", "exec", id, "--", "sh", "-c", "exit 7")
+		if r.code != 7 {
+			t.Errorf("exec -- sh -c 'exit 7' exited %d, want 7", r.code)
+		}
+		r = smolvmRun(t, home, "", "exec", "clivm", "--", "sh -c 'echo out; echo err >&2; exit 3'")
+		if r.code != 3 || r.stdout != "out\n" || r.stderr != "err\n" {
+			t.Errorf("exec by name of a shell line: %+v", r)
+		}
+	})
+
+	t.Run("ExecStdin", func(t *testing.T) {
+		r := mustOK(t, home, "hi\n", "exec", id, "--", "cat")
+		if r.stdout != "hi\n" {
+			t.Errorf("echo hi | exec -- cat printed %q", r.stdout)
+		}
+	})
+
+	t.Run("ExecEnvWorkdir", func(t *testing.T) {
+		r := mustOK(t, home, "", "exec", "-e", "FOO=bar baz", "-w", "/tmp", id, "--", "sh", "-c", `echo "$FOO"; pwd`)
+		if r.stdout != "bar baz\n/tmp\n" {
+			t.Errorf("exec -e -w printed %q", r.stdout)
+		}
+	})
+
+	t.Run("List", func(t *testing.T) {
+		vms := listVMs(t, home)
+		if len(vms) != 1 || vms[0].ID != id || vms[0].Name != "clivm" || vms[0].State != "running" {
+			t.Errorf("ls --json = %+v; want the running VM %s", vms, id)
+		}
+		if r := mustOK(t, home, "", "ls"); !strings.Contains(r.stdout, id) || !strings.Contains(r.stdout, "running") {
+			t.Errorf("ls does not show the VM:\n%s", r.stdout)
+		}
+	})
+
+	t.Run("Info", func(t *testing.T) {
+		r := mustOK(t, home, "", "info", "--json", id)
+		var in vmJSON
+		if err := json.Unmarshal([]byte(r.stdout), &in); err != nil {
+			t.Fatalf("info --json is not JSON: %v\n%s", err, r.stdout)
+		}
+		tm := in.Timings
+		if in.ID != id || tm.Create <= 0 || tm.Launch <= 0 || tm.FirstCommand <= 0 || tm.CreateToFirstCommand <= 0 {
+			t.Errorf("info --json = %+v; want the VM with its phase timings", in)
+		}
+		if r := mustOK(t, home, "", "info", "clivm"); !strings.Contains(r.stdout, "first command") {
+			t.Errorf("info does not show timings:\n%s", r.stdout)
+		}
+	})
+
+	t.Run("Logs", func(t *testing.T) {
+		r := mustOK(t, home, "", "logs", id)
+		if strings.TrimSpace(r.stdout) == "" {
+			t.Error("logs printed no console output")
+		}
+	})
+
+	t.Run("Rm", func(t *testing.T) {
+		r := smolvmRun(t, home, "", "rm", id)
+		if r.code == 0 || !strings.Contains(r.stderr, "-f") {
+			t.Errorf("rm of a running VM without -f: exit %d, stderr %q; want a failure naming -f", r.code, r.stderr)
+		}
+		if vms := listVMs(t, home); len(vms) != 1 || vms[0].State != "running" {
+			t.Fatalf("a refused rm changed the VM: %+v", vms)
+		}
+		mustOK(t, home, "", "rm", "-f", id)
+		if vms := listVMs(t, home); len(vms) != 0 {
+			t.Errorf("VMs after rm -f: %+v", vms)
+		}
+		if ents, _ := os.ReadDir(home + "/vms"); len(ents) != 0 {
+			t.Errorf("state folders after rm -f: %v", ents)
+		}
+		if left := testutil.WaitNoProcesses(home, 30*time.Second); len(left) > 0 {
+			t.Errorf("processes after rm -f: %v", left)
+		}
+		r = smolvmRun(t, home, "", "exec", id, "--", "true")
+		if r.code != 2 {
+			t.Errorf("exec on a removed VM: exit %d, want 2 (not found)", r.code)
+		}
+	})
+}

@@ -1,0 +1,908 @@
+package smolvm
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
+)
+
+// MaxReadFileSize is the largest file ReadFile returns. Stream bigger
+// files with CopyFrom or Download.
+const MaxReadFileSize = 256 << 20
+
+// ErrFileTooLarge is returned by ReadFile for a file over MaxReadFileSize.
+var ErrFileTooLarge = errors.New("file too large")
+
+// fileChunk is the size of the data messages sent to the guest. Memory
+// in flight is bounded by it and by the transport's flow-control windows.
+const fileChunk = 256 << 10
+
+// FileInfo describes a path in the guest. It implements fs.FileInfo.
+type FileInfo struct {
+	name  string
+	size  int64
+	mode  fs.FileMode
+	mtime time.Time
+	link  string
+}
+
+func (fi *FileInfo) Name() string       { return fi.name }
+func (fi *FileInfo) Size() int64        { return fi.size }
+func (fi *FileInfo) Mode() fs.FileMode  { return fi.mode }
+func (fi *FileInfo) ModTime() time.Time { return fi.mtime }
+func (fi *FileInfo) IsDir() bool        { return fi.mode.IsDir() }
+func (fi *FileInfo) Sys() any           { return nil }
+
+// LinkTarget is the target of a symlink ("" for anything else).
+func (fi *FileInfo) LinkTarget() string { return fi.link }
+
+// guestError is a file error reported by the guest agent. It unwraps to
+// fs.ErrNotExist, fs.ErrPermission or ErrInvalid where that fits, so that
+// callers can test it with errors.Is.
+type guestError struct {
+	msg  string
+	kind error
+}
+
+func (e *guestError) Error() string { return e.msg }
+func (e *guestError) Unwrap() error { return e.kind }
+
+// fileErr turns a gRPC status from the agent into a guestError.
+func fileErr(err error) error {
+	s, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	var kind error
+	switch s.Code() {
+	case codes.NotFound:
+		kind = fs.ErrNotExist
+	case codes.PermissionDenied:
+		kind = fs.ErrPermission
+	case codes.InvalidArgument, codes.FailedPrecondition:
+		kind = ErrInvalid
+	case codes.ResourceExhausted, codes.Internal:
+	default:
+		return err // transport errors, cancellation: callErr explains them
+	}
+	return &guestError{msg: s.Message(), kind: kind}
+}
+
+// checkGuestPath refuses a guest path that is empty, relative or has a NUL.
+func checkGuestPath(p string) error {
+	if p == "" || !path.IsAbs(p) || strings.ContainsRune(p, 0) {
+		return fmt.Errorf("%w: guest path %q must be absolute (start with /)", ErrInvalid, p)
+	}
+	return nil
+}
+
+// Stat describes a path in the guest without following a final symlink. A
+// missing path is an error that wraps fs.ErrNotExist.
+func (vm *VM) Stat(ctx context.Context, guestPath string) (*FileInfo, error) {
+	if err := checkGuestPath(guestPath); err != nil {
+		return nil, err
+	}
+	a, err := vm.agentClient(ctx)
+	if err != nil {
+		return nil, err
+	}
+	r, err := a.Stat(ctx, &agentpb.StatRequest{Path: guestPath})
+	if err != nil {
+		return nil, vm.callErr(ctx, "stat "+guestPath, fileErr(err))
+	}
+	if !r.Exists {
+		return nil, fmt.Errorf("stat %s in VM %s: %w", guestPath, vm.name, unix.ENOENT)
+	}
+	return &FileInfo{name: path.Base(guestPath), size: r.Size, mode: fs.FileMode(r.Mode),
+		mtime: time.Unix(0, r.MtimeUnixNs), link: r.LinkTarget}, nil
+}
+
+// statOrNil is Stat with a missing path reported as nil, nil.
+func (vm *VM) statOrNil(ctx context.Context, guestPath string) (*FileInfo, error) {
+	fi, err := vm.Stat(ctx, guestPath)
+	if errors.Is(err, fs.ErrNotExist) && !isGuestErr(err) {
+		return nil, nil
+	}
+	return fi, err
+}
+
+func isGuestErr(err error) bool {
+	var ge *guestError
+	return errors.As(err, &ge)
+}
+
+// unixMode converts fs.FileMode permission and special bits to Unix bits.
+func unixMode(m fs.FileMode) uint32 {
+	u := uint32(m.Perm())
+	if m&fs.ModeSetuid != 0 {
+		u |= unix.S_ISUID
+	}
+	if m&fs.ModeSetgid != 0 {
+		u |= unix.S_ISGID
+	}
+	if m&fs.ModeSticky != 0 {
+		u |= unix.S_ISVTX
+	}
+	return u
+}
+
+// WriteFile writes data to a file in the guest atomically (a temp file
+// renamed over the target), creating missing parent directories. A zero
+// mode means 0644.
+func (vm *VM) WriteFile(ctx context.Context, guestPath string, data []byte, mode fs.FileMode) error {
+	_, err := vm.CopyTo(ctx, bytes.NewReader(data), guestPath, mode)
+	return err
+}
+
+// CopyTo streams r into a file in the guest, like WriteFile, and returns
+// the number of bytes written. Memory use does not grow with the size of
+// the file.
+func (vm *VM) CopyTo(ctx context.Context, r io.Reader, guestPath string, mode fs.FileMode) (int64, error) {
+	if err := checkGuestPath(guestPath); err != nil {
+		return 0, err
+	}
+	a, err := vm.agentClient(ctx)
+	if err != nil {
+		return 0, err
+	}
+	what := "write " + guestPath
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := a.WriteFile(cctx)
+	if err != nil {
+		return 0, vm.callErr(ctx, what, fileErr(err))
+	}
+	hdr := &agentpb.WriteFileHeader{Path: guestPath, Mode: unixMode(mode), MakeParents: true}
+	remoteErr := func() error {
+		_, err := stream.CloseAndRecv()
+		if err == nil {
+			err = errors.New("the agent ended the transfer early")
+		}
+		return vm.callErr(ctx, what, fileErr(err))
+	}
+	if err := stream.Send(&agentpb.WriteFileRequest{Msg: &agentpb.WriteFileRequest_Header{Header: hdr}}); err != nil {
+		return 0, remoteErr()
+	}
+	var sent int64
+	for {
+		buf := make([]byte, fileChunk) // not reused: gRPC may keep a sent message
+		n, rerr := io.ReadFull(r, buf)
+		if n > 0 {
+			if err := stream.Send(&agentpb.WriteFileRequest{Msg: &agentpb.WriteFileRequest_Data{Data: buf[:n]}}); err != nil {
+				return sent, remoteErr()
+			}
+			sent += int64(n)
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			break
+		}
+		if rerr != nil {
+			// Cancelling the call makes the guest drop its temp file.
+			return sent, fmt.Errorf("%s in VM %s: read the source: %w", what, vm.name, rerr)
+		}
+	}
+	resp, err := stream.CloseAndRecv()
+	if err != nil {
+		return sent, vm.callErr(ctx, what, fileErr(err))
+	}
+	return resp.Size, nil
+}
+
+// ReadFile returns the contents of a regular file in the guest. Files over
+// MaxReadFileSize are refused with ErrFileTooLarge: stream them with
+// CopyFrom or Download.
+func (vm *VM) ReadFile(ctx context.Context, guestPath string) ([]byte, error) {
+	fi, err := vm.Stat(ctx, guestPath)
+	if err != nil {
+		return nil, err
+	}
+	if fi.Size() > MaxReadFileSize {
+		return nil, vm.tooLarge(guestPath, fi.Size())
+	}
+	var buf bytes.Buffer
+	if fi.Mode().IsRegular() {
+		buf.Grow(int(fi.Size()))
+	}
+	if _, err := vm.readFile(ctx, guestPath, &buf, MaxReadFileSize); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+func (vm *VM) tooLarge(guestPath string, size int64) error {
+	what := "more than"
+	if size > 0 {
+		what = fmt.Sprintf("%d bytes,", size)
+	}
+	return fmt.Errorf("read %s in VM %s: %w: %s over the %d MiB limit of ReadFile: use CopyFrom or Download to stream it",
+		guestPath, vm.name, ErrFileTooLarge, what, MaxReadFileSize>>20)
+}
+
+// CopyFrom streams a regular file of the guest into w and returns the
+// number of bytes copied.
+func (vm *VM) CopyFrom(ctx context.Context, guestPath string, w io.Writer) (int64, error) {
+	return vm.readFile(ctx, guestPath, w, -1)
+}
+
+func (vm *VM) readFile(ctx context.Context, guestPath string, w io.Writer, limit int64) (int64, error) {
+	if err := checkGuestPath(guestPath); err != nil {
+		return 0, err
+	}
+	a, err := vm.agentClient(ctx)
+	if err != nil {
+		return 0, err
+	}
+	what := "read " + guestPath
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := a.ReadFile(cctx, &agentpb.ReadFileRequest{Path: guestPath})
+	if err != nil {
+		return 0, vm.callErr(ctx, what, fileErr(err))
+	}
+	var n int64
+	for {
+		chunk, err := stream.Recv()
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, vm.callErr(ctx, what, fileErr(err))
+		}
+		if limit >= 0 && n+int64(len(chunk.Data)) > limit {
+			return n, vm.tooLarge(guestPath, 0)
+		}
+		m, err := w.Write(chunk.Data)
+		n += int64(m)
+		if err != nil {
+			return n, fmt.Errorf("%s in VM %s: write the copy: %w", what, vm.name, err)
+		}
+	}
+}
+
+// GetArchive streams a guest path (file or directory tree) to w as a tar
+// stream whose names start with the path's base name, like 'docker cp
+// VM:path -'. Symlinks are stored as symlinks. It returns the bytes written.
+func (vm *VM) GetArchive(ctx context.Context, guestPath string, w io.Writer) (int64, error) {
+	if err := checkGuestPath(guestPath); err != nil {
+		return 0, err
+	}
+	r, cancel, err := vm.archiveReader(ctx, guestPath)
+	if err != nil {
+		return 0, err
+	}
+	defer cancel()
+	n, err := io.Copy(w, r)
+	if err != nil {
+		var ce *callError
+		if errors.As(err, &ce) {
+			return n, ce.err
+		}
+		return n, fmt.Errorf("archive %s in VM %s: write the archive: %w", guestPath, vm.name, err)
+	}
+	return n, nil
+}
+
+// callError marks an error already explained by callErr, so that it is
+// not wrapped twice.
+type callError struct{ err error }
+
+func (e *callError) Error() string { return e.err.Error() }
+func (e *callError) Unwrap() error { return e.err }
+
+func unwrapCallErr(err error) error {
+	var ce *callError
+	if errors.As(err, &ce) {
+		return ce.err
+	}
+	return err
+}
+
+// archiveReader starts GetArchive and returns the tar stream as a reader.
+func (vm *VM) archiveReader(ctx context.Context, guestPath string) (io.Reader, context.CancelFunc, error) {
+	a, err := vm.agentClient(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	stream, err := a.GetArchive(cctx, &agentpb.GetArchiveRequest{Path: guestPath})
+	if err != nil {
+		cancel()
+		return nil, nil, vm.callErr(ctx, "archive "+guestPath, fileErr(err))
+	}
+	return &recvReader{recv: func() ([]byte, error) {
+		c, err := stream.Recv()
+		if err == io.EOF {
+			return nil, io.EOF
+		}
+		if err != nil {
+			return nil, &callError{vm.callErr(ctx, "archive "+guestPath, fileErr(err))}
+		}
+		return c.Data, nil
+	}}, cancel, nil
+}
+
+// recvReader turns a stream of data messages into an io.Reader.
+type recvReader struct {
+	recv func() ([]byte, error)
+	buf  []byte
+	err  error
+}
+
+func (r *recvReader) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		if r.err != nil {
+			return 0, r.err
+		}
+		r.buf, r.err = r.recv()
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
+}
+
+// PutArchive extracts a tar stream into a guest directory (created when
+// missing), like 'docker cp - VM:dir'. The guest refuses entries that would
+// land outside the directory, by name or through a symlink.
+func (vm *VM) PutArchive(ctx context.Context, guestDir string, tarStream io.Reader) error {
+	return vm.putArchive(ctx, guestDir, func(w io.Writer) error {
+		_, err := io.Copy(w, tarStream)
+		return err
+	})
+}
+
+// errRemoteClosed is returned by chunkSender when the guest ended the call;
+// its status tells why.
+var errRemoteClosed = errors.New("the guest ended the transfer")
+
+// chunkSender sends each write as data messages of at most fileChunk.
+type chunkSender func([]byte) error
+
+func (s chunkSender) Write(p []byte) (int, error) {
+	total := len(p)
+	for len(p) > 0 {
+		n := min(len(p), fileChunk)
+		if err := s(append([]byte(nil), p[:n]...)); err != nil {
+			return total - len(p), err
+		}
+		p = p[n:]
+	}
+	return total, nil
+}
+
+func (vm *VM) putArchive(ctx context.Context, guestDir string, write func(io.Writer) error) error {
+	if err := checkGuestPath(guestDir); err != nil {
+		return err
+	}
+	a, err := vm.agentClient(ctx)
+	if err != nil {
+		return err
+	}
+	what := "extract into " + guestDir
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := a.PutArchive(cctx)
+	if err != nil {
+		return vm.callErr(ctx, what, fileErr(err))
+	}
+	send := func(m *agentpb.PutArchiveRequest) error {
+		if err := stream.Send(m); err != nil {
+			return errRemoteClosed
+		}
+		return nil
+	}
+	werr := send(&agentpb.PutArchiveRequest{Msg: &agentpb.PutArchiveRequest_Header{Header: &agentpb.PutArchiveHeader{Dir: guestDir}}})
+	if werr == nil {
+		bw := bufio.NewWriterSize(chunkSender(func(b []byte) error {
+			return send(&agentpb.PutArchiveRequest{Msg: &agentpb.PutArchiveRequest_Data{Data: b}})
+		}), fileChunk)
+		werr = write(bw)
+		if werr == nil {
+			werr = bw.Flush()
+		}
+	}
+	if werr != nil && !errors.Is(werr, errRemoteClosed) {
+		return fmt.Errorf("%s in VM %s: %w", what, vm.name, werr)
+	}
+	if _, err := stream.CloseAndRecv(); err != nil {
+		return vm.callErr(ctx, what, fileErr(err))
+	}
+	if werr != nil {
+		return fmt.Errorf("%s in VM %s: %w", what, vm.name, werr)
+	}
+	return nil
+}
+
+// copyPlan is where a copy lands: entries are named name/... under dir.
+// name "." copies the contents of a source directory into dir.
+type copyPlan struct {
+	dir  string
+	name string
+}
+
+// planCopy applies the rules of 'docker cp' to a source (its base name,
+// whether it is a directory, whether it was named with a trailing "/.")
+// and a destination (whether it exists, is a directory, was named with a
+// trailing slash). join, dirOf and base work on the destination's kind of
+// path.
+func planCopy(srcBase string, srcIsDir, contentsOnly bool, dst string, dstExists, dstIsDir, dstSlash bool,
+	dirOf, base func(string) string) (copyPlan, error) {
+	switch {
+	case dstExists && dstIsDir:
+		if srcIsDir && contentsOnly {
+			return copyPlan{dir: dst, name: "."}, nil
+		}
+		return copyPlan{dir: dst, name: srcBase}, nil
+	case dstExists && srcIsDir:
+		return copyPlan{}, fmt.Errorf("%w: cannot copy a directory onto %s: it exists and is not a directory", ErrInvalid, dst)
+	case !dstExists && dstSlash && !srcIsDir:
+		return copyPlan{}, fmt.Errorf("%w: destination directory %s does not exist: create it first, or drop the trailing slash to name the file", fs.ErrNotExist, dst)
+	}
+	return copyPlan{dir: dirOf(dst), name: base(dst)}, nil
+}
+
+// Upload copies a local file or directory tree into the guest, with the
+// rules of 'docker cp': into an existing directory the source goes inside
+// it; otherwise it is created at guestPath (whose parent must exist). A
+// source named with a trailing "/." copies its contents only. Modes and
+// mtimes are kept; symlinks are copied as symlinks, never followed. Files
+// stream through a tar stream: memory does not grow with their size.
+func (vm *VM) Upload(ctx context.Context, localPath, guestPath string) error {
+	if err := checkGuestPath(guestPath); err != nil {
+		return err
+	}
+	contentsOnly := localPath == "." || strings.HasSuffix(localPath, "/.")
+	src := filepath.Clean(localPath)
+	if strings.HasSuffix(localPath, "/") || contentsOnly {
+		// A trailing slash names the directory a symlink points to.
+		if r, err := filepath.EvalSymlinks(src); err == nil {
+			src = r
+		}
+	}
+	sfi, err := os.Lstat(src)
+	if err != nil {
+		return fmt.Errorf("upload: local path %s: %w", localPath, unwrapPathErr(err))
+	}
+	dst := path.Clean(guestPath)
+	dstSlash := strings.HasSuffix(guestPath, "/") || strings.HasSuffix(guestPath, "/.")
+	dfi, err := vm.statOrNil(ctx, dst)
+	if err != nil {
+		return err
+	}
+	if dfi != nil && dfi.Mode()&fs.ModeSymlink != 0 {
+		// A destination symlink to a directory is used as that directory
+		// (the guest resolves it); to anything else it is replaced.
+		target := dfi.LinkTarget()
+		if !path.IsAbs(target) {
+			target = path.Join(path.Dir(dst), target)
+		}
+		if tfi, err := vm.statOrNil(ctx, target); err == nil && tfi != nil && tfi.IsDir() {
+			dfi = tfi
+		}
+	}
+	plan, err := planCopy(filepath.Base(src), sfi.IsDir(), contentsOnly, dst, dfi != nil, dfi != nil && dfi.IsDir(), dstSlash,
+		path.Dir, path.Base)
+	if err != nil {
+		return fmt.Errorf("upload %s to VM %s:%s: %w", localPath, vm.name, guestPath, err)
+	}
+	if dfi == nil {
+		pfi, err := vm.statOrNil(ctx, plan.dir)
+		if err != nil {
+			return err
+		}
+		if pfi == nil || !pfi.IsDir() {
+			return fmt.Errorf("upload %s to VM %s:%s: %w: parent directory %s does not exist in the VM: create it first (smolvm exec %s -- mkdir -p %s)",
+				localPath, vm.name, guestPath, fs.ErrNotExist, plan.dir, vm.name, plan.dir)
+		}
+	}
+	return vm.putArchive(ctx, plan.dir, func(w io.Writer) error {
+		tw := tar.NewWriter(w)
+		if err := writeTree(tw, src, plan.name, sfi); err != nil {
+			return err
+		}
+		return tw.Close()
+	})
+}
+
+func unwrapPathErr(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// writeTree writes src (a file, symlink or directory tree) to tw with names
+// under name. Symlinks are stored, never followed.
+func writeTree(tw *tar.Writer, src, name string, fi fs.FileInfo) error {
+	if !fi.IsDir() {
+		return addLocalEntry(tw, src, name, fi)
+	}
+	return filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return fmt.Errorf("read %s: %w", p, unwrapPathErr(err))
+		}
+		info, err := d.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // vanished while walking
+		}
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, p)
+		return addLocalEntry(tw, p, path.Join(name, filepath.ToSlash(rel)), info)
+	})
+}
+
+func addLocalEntry(tw *tar.Writer, p, name string, fi fs.FileInfo) error {
+	var link string
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		l, err := os.Readlink(p)
+		if err != nil {
+			return err
+		}
+		link = l
+	case fi.Mode().IsRegular(), fi.IsDir():
+	default:
+		return nil // devices, FIFOs and sockets are not copied
+	}
+	h, err := tar.FileInfoHeader(fi, link)
+	if err != nil {
+		return fmt.Errorf("archive %s: %w", p, err)
+	}
+	h.Name = name
+	if fi.IsDir() {
+		h.Name += "/"
+	}
+	h.Uname, h.Gname, h.Uid, h.Gid = "", "", 0, 0
+	h.AccessTime, h.ChangeTime = time.Time{}, time.Time{}
+	h.Format = tar.FormatPAX // long names and nanosecond mtimes
+	if !fi.Mode().IsRegular() {
+		return tw.WriteHeader(h)
+	}
+	f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", p, unwrapPathErr(err))
+	}
+	defer f.Close()
+	if err := tw.WriteHeader(h); err != nil {
+		return err
+	}
+	n, err := io.CopyN(tw, f, h.Size)
+	if err == io.EOF {
+		return fmt.Errorf("%s shrank while being copied (%d of %d bytes): copy it again", p, n, h.Size)
+	}
+	if err != nil {
+		return fmt.Errorf("read %s: %w", p, err)
+	}
+	return nil
+}
+
+// Download copies a guest file or directory tree to the host, with the
+// rules of 'docker cp' (see Upload). Extraction on the host is as careful
+// as in the guest: entries that would land outside the target are refused,
+// symlinks are created but never followed while writing, and setuid and
+// setgid bits are dropped.
+func (vm *VM) Download(ctx context.Context, guestPath, localPath string) error {
+	if err := checkGuestPath(guestPath); err != nil {
+		return err
+	}
+	src := path.Clean(guestPath)
+	sfi, err := vm.Stat(ctx, src)
+	if err != nil {
+		return err
+	}
+	srcIsDir := sfi.IsDir()
+	contentsOnly := strings.HasSuffix(guestPath, "/.")
+	if sfi.Mode()&fs.ModeSymlink != 0 && (strings.HasSuffix(guestPath, "/") || contentsOnly) {
+		// A trailing slash names the directory the link points to: the
+		// guest archives the link itself, so resolve it here.
+		target := sfi.LinkTarget()
+		if !path.IsAbs(target) {
+			target = path.Join(path.Dir(src), target)
+		}
+		if tfi, err := vm.Stat(ctx, target); err == nil && tfi.IsDir() {
+			src, sfi, srcIsDir = target, tfi, true
+		}
+	}
+	dst := filepath.Clean(localPath)
+	dstSlash := strings.HasSuffix(localPath, "/") || strings.HasSuffix(localPath, "/.")
+	dfi, err := os.Stat(dst) // a destination symlink to a directory is that directory
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("download to %s: %w", localPath, err)
+	}
+	if err != nil {
+		dfi = nil
+	}
+	plan, err := planCopy(path.Base(src), srcIsDir, contentsOnly, dst, dfi != nil, dfi != nil && dfi.IsDir(), dstSlash,
+		filepath.Dir, filepath.Base)
+	if err != nil {
+		return fmt.Errorf("download VM %s:%s to %s: %w", vm.name, guestPath, localPath, err)
+	}
+	if pfi, err := os.Stat(plan.dir); err != nil || !pfi.IsDir() {
+		return fmt.Errorf("download VM %s:%s to %s: %w: local directory %s does not exist: create it first",
+			vm.name, guestPath, localPath, fs.ErrNotExist, plan.dir)
+	}
+	prefix := path.Base(src)
+	if src == "/" {
+		prefix = "."
+	}
+	r, cancel, err := vm.archiveReader(ctx, src)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	err = extractArchive(r, plan.dir, func(name string) (string, error) {
+		rel := path.Clean(name)
+		if prefix != "." {
+			rest, ok := strings.CutPrefix(rel, prefix)
+			if !ok || (rest != "" && rest[0] != '/') {
+				return "", fmt.Errorf("entry is not under %s", prefix)
+			}
+			rel = rest
+		}
+		return path.Join(plan.name, strings.TrimPrefix(rel, "/")), nil
+	})
+	if err != nil {
+		return fmt.Errorf("download VM %s:%s to %s: %w", vm.name, guestPath, localPath, unwrapCallErr(err))
+	}
+	return nil
+}
+
+// ExtractArchive extracts a tar stream (such as one from GetArchive) under
+// the local directory dir, with the care Download takes: names that climb
+// out of dir and entries that would be written through a symlink are
+// refused, symlinks are created but never followed, setuid and setgid bits
+// are dropped, and devices and FIFOs are skipped.
+func ExtractArchive(r io.Reader, dir string) error {
+	if err := extractArchive(r, dir, func(name string) (string, error) { return name, nil }); err != nil {
+		return unwrapCallErr(err)
+	}
+	return nil
+}
+
+// extractArchive extracts r under dir; rename maps each entry name (after
+// the checks for escapes) to the path it is written at, relative to dir.
+func extractArchive(r io.Reader, dir string, rename func(string) (string, error)) error {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", dir, unwrapPathErr(err))
+	}
+	defer root.Close()
+	x := &hostExtractor{root: root, dir: dir}
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			if isGuestErr(err) || errors.As(err, new(*callError)) {
+				return err
+			}
+			return fmt.Errorf("bad tar stream after %d entries: %w", x.entries, err)
+		}
+		rel, err := x.entryRel(h.Name, rename)
+		if err != nil {
+			return err
+		}
+		if err := x.extract(h, rel, tr, rename); err != nil {
+			return err
+		}
+	}
+	return x.finish()
+}
+
+type hostDir struct {
+	rel   string
+	mode  fs.FileMode
+	mtime time.Time
+}
+
+type hostExtractor struct {
+	root    *os.Root
+	dir     string
+	entries int
+	dirs    []hostDir
+}
+
+func (x *hostExtractor) refuse(name, why string) error {
+	return fmt.Errorf("%w: refusing archive entry %q: %s (extracting into %s)", ErrInvalid, name, why, x.dir)
+}
+
+// entryRel checks a tar name and returns the cleaned relative path it is
+// written at ("." for dir itself).
+func (x *hostExtractor) entryRel(name string, rename func(string) (string, error)) (string, error) {
+	if name == "" || strings.ContainsRune(name, 0) {
+		return "", x.refuse(name, "empty name or NUL byte")
+	}
+	if path.IsAbs(name) {
+		return "", x.refuse(name, "absolute path")
+	}
+	c := path.Clean(name)
+	if c == ".." || strings.HasPrefix(c, "../") {
+		return "", x.refuse(name, "it climbs out of the target directory")
+	}
+	rel, err := rename(c)
+	if err != nil {
+		return "", x.refuse(name, err.Error())
+	}
+	rel = path.Clean(rel)
+	if path.IsAbs(rel) || rel == ".." || strings.HasPrefix(rel, "../") {
+		return "", x.refuse(name, "it climbs out of the target directory")
+	}
+	return rel, nil
+}
+
+// checkParents makes sure every parent of rel is a real directory (created
+// when missing), never a symlink.
+func (x *hostExtractor) checkParents(name, rel string) error {
+	parent := path.Dir(rel)
+	if parent == "." {
+		return nil
+	}
+	cur := ""
+	for _, part := range strings.Split(parent, "/") {
+		cur = path.Join(cur, part)
+		fi, err := x.root.Lstat(cur)
+		if errors.Is(err, fs.ErrNotExist) {
+			if err := x.root.Mkdir(cur, 0o755); err != nil {
+				return fmt.Errorf("create %s: %w", filepath.Join(x.dir, cur), unwrapPathErr(err))
+			}
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("archive entry %q: %w", name, err)
+		}
+		if fi.Mode()&fs.ModeSymlink != 0 {
+			return x.refuse(name, "it would be written through the symlink "+cur)
+		}
+		if !fi.IsDir() {
+			return x.refuse(name, cur+" is not a directory")
+		}
+	}
+	return nil
+}
+
+// hostMode keeps permission and sticky bits; setuid and setgid from a guest
+// are not honoured on the host.
+func hostMode(h *tar.Header) fs.FileMode {
+	m := fs.FileMode(h.Mode & 0o777)
+	if h.Mode&unix.S_ISVTX != 0 {
+		m |= fs.ModeSticky
+	}
+	return m
+}
+
+func (x *hostExtractor) extract(h *tar.Header, rel string, r io.Reader, rename func(string) (string, error)) error {
+	if rel == "." {
+		return nil // the target directory keeps its own mode
+	}
+	if err := x.checkParents(h.Name, rel); err != nil {
+		return err
+	}
+	full := filepath.Join(x.dir, filepath.FromSlash(rel))
+	existing, lerr := x.root.Lstat(rel)
+	exists := lerr == nil
+	replace := func() error {
+		if !exists {
+			return nil
+		}
+		if existing.IsDir() {
+			return fmt.Errorf("archive entry %q: %s is a directory: remove it first", h.Name, full)
+		}
+		if err := x.root.Remove(rel); err != nil {
+			return fmt.Errorf("replace %s: %w", full, unwrapPathErr(err))
+		}
+		return nil
+	}
+	switch h.Typeflag {
+	case tar.TypeDir:
+		if exists && !existing.IsDir() {
+			if err := replace(); err != nil {
+				return err
+			}
+			exists = false
+		}
+		if !exists {
+			if err := x.root.Mkdir(rel, 0o700); err != nil {
+				return fmt.Errorf("create %s: %w", full, unwrapPathErr(err))
+			}
+		}
+		x.dirs = append(x.dirs, hostDir{rel, hostMode(h), h.ModTime})
+	case tar.TypeReg:
+		if err := replace(); err != nil {
+			return err
+		}
+		// O_EXCL: a symlink that appeared at rel is not followed.
+		f, err := x.root.OpenFile(rel, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return fmt.Errorf("create %s: %w", full, unwrapPathErr(err))
+		}
+		if _, err := io.Copy(f, r); err != nil {
+			f.Close()
+			if isGuestErr(err) || errors.As(err, new(*callError)) {
+				return err
+			}
+			return fmt.Errorf("write %s: %w", full, err)
+		}
+		if err := f.Chmod(hostMode(h)); err != nil {
+			f.Close()
+			return fmt.Errorf("chmod %s: %w", full, err)
+		}
+		if !h.ModTime.IsZero() {
+			tv := []unix.Timeval{unix.NsecToTimeval(h.ModTime.UnixNano()), unix.NsecToTimeval(h.ModTime.UnixNano())}
+			_ = unix.Futimes(int(f.Fd()), tv)
+		}
+		if err := f.Close(); err != nil {
+			return fmt.Errorf("write %s: %w", full, err)
+		}
+	case tar.TypeSymlink:
+		if err := replace(); err != nil {
+			return err
+		}
+		if err := x.root.Symlink(h.Linkname, rel); err != nil {
+			return fmt.Errorf("symlink %s: %w", full, unwrapPathErr(err))
+		}
+		if !h.ModTime.IsZero() {
+			ts := unix.NsecToTimespec(h.ModTime.UnixNano())
+			_ = unix.UtimesNanoAt(unix.AT_FDCWD, full, []unix.Timespec{ts, ts}, unix.AT_SYMLINK_NOFOLLOW)
+		}
+	case tar.TypeLink:
+		lrel, err := x.entryRel(h.Linkname, rename)
+		if err != nil || lrel == "." {
+			return x.refuse(h.Name, "hard link target "+h.Linkname+" is outside the archive")
+		}
+		if err := x.checkParents(h.Name, lrel); err != nil {
+			return err
+		}
+		if fi, err := x.root.Lstat(lrel); err != nil || !fi.Mode().IsRegular() {
+			return x.refuse(h.Name, "hard link target "+h.Linkname+" is missing or not a regular file")
+		}
+		if err := replace(); err != nil {
+			return err
+		}
+		if err := x.root.Link(lrel, rel); err != nil {
+			return fmt.Errorf("link %s: %w", full, unwrapPathErr(err))
+		}
+	default:
+		return nil // devices, FIFOs and the like are skipped
+	}
+	x.entries++
+	return nil
+}
+
+// finish applies directory modes and mtimes, deepest first, once their
+// contents are written.
+func (x *hostExtractor) finish() error {
+	for i := len(x.dirs) - 1; i >= 0; i-- {
+		d := x.dirs[i]
+		fi, err := x.root.Lstat(d.rel)
+		if err != nil || !fi.IsDir() {
+			continue // replaced by a later entry
+		}
+		if err := x.root.Chmod(d.rel, d.mode); err != nil {
+			return fmt.Errorf("chmod %s: %w", filepath.Join(x.dir, d.rel), unwrapPathErr(err))
+		}
+		if !d.mtime.IsZero() {
+			_ = x.root.Chtimes(d.rel, d.mtime, d.mtime)
+		}
+	}
+	return nil
+}

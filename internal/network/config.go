@@ -1,0 +1,267 @@
+// Package network gives a VM its network: none, or a userspace NAT stack
+// (gvisor-tap-vsock's switch and gVisor's netstack) run inside the VM's
+// supervisor and connected to QEMU's `-netdev stream` over a unix socket.
+// The stack serves DNS to the guest, forwards host ports to guest ports and
+// enforces an egress policy on every connection the guest opens.
+//
+// Addresses of the user-mode network (the same in every VM; each VM has its
+// own stack):
+//
+//	192.168.127.0/24   the virtual subnet
+//	192.168.127.1      gateway and DNS server
+//	192.168.127.2      the guest (eth0)
+//	192.168.127.254    the host's loopback: connections to it go to 127.0.0.1
+package network
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Mode is how a VM is networked.
+type Mode string
+
+// Modes.
+const (
+	ModeNone Mode = "none" // no NIC
+	ModeUser Mode = "user" // userspace NAT in the supervisor (default, no root)
+	ModeTAP  Mode = "tap"  // a TAP device per VM (root)
+)
+
+// Addresses of the user-mode network.
+const (
+	Subnet      = "192.168.127.0/24"
+	PrefixLen   = 24
+	GatewayIP   = "192.168.127.1"
+	GuestIP     = "192.168.127.2"
+	HostAliasIP = "192.168.127.254"
+	GuestMAC    = "5a:94:ef:e4:0c:ee"
+	GatewayMAC  = "5a:94:ef:e4:0c:dd"
+	MTU         = 1500
+)
+
+// SocketName is the unix socket in the VM's folder that QEMU's stream
+// netdev connects to.
+const SocketName = "net.sock"
+
+// PortPool is the store lease pool of forwarded host ports.
+const PortPool = "host-port"
+
+// Ephemeral host ports (a forward given without a host port) are leased
+// from this range.
+const (
+	EphemeralLo = 20000
+	EphemeralHi = 29999
+)
+
+// Egress modes.
+const (
+	EgressOpen      = "open"      // everything but link-local (cloud metadata)
+	EgressOff       = "off"       // nothing leaves the VM; DNS refuses every query
+	EgressAllowlist = "allowlist" // only AllowDomains and AllowCIDRs
+)
+
+// Egress is what the guest may reach outside the VM.
+type Egress struct {
+	Mode string `json:"mode,omitempty"`
+	// AllowDomains are names the guest may resolve and connect to; a name
+	// also allows its subdomains ("example.com" allows "api.example.com").
+	AllowDomains []string `json:"allow_domains,omitempty"`
+	// AllowCIDRs are destination networks the guest may connect to.
+	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
+}
+
+// Forward maps a host TCP port to a guest TCP port.
+type Forward struct {
+	HostIP    string `json:"host_ip"`
+	HostPort  int    `json:"host_port"`
+	GuestPort int    `json:"guest_port"`
+}
+
+func (f Forward) String() string {
+	return fmt.Sprintf("%s->%d/tcp", net.JoinHostPort(f.HostIP, strconv.Itoa(f.HostPort)), f.GuestPort)
+}
+
+// Config is a VM's network as stored in its spec.
+type Config struct {
+	Mode     Mode      `json:"mode"`
+	GuestIP  string    `json:"guest_ip,omitempty"`
+	Gateway  string    `json:"gateway,omitempty"`
+	Forwards []Forward `json:"forwards,omitempty"`
+	Egress   Egress    `json:"egress"`
+	// Hosts are static name → IPv4 entries the stack's DNS answers (and
+	// the egress policy resolves) before asking the host's resolver.
+	Hosts map[string][]string `json:"hosts,omitempty"`
+	// Aliases map guest-visible addresses of the virtual subnet to host
+	// addresses (loopback only); default HostAliasIP → 127.0.0.1.
+	Aliases map[string]string `json:"aliases,omitempty"`
+}
+
+// ParseForward reads docker's -p form: [IP:]HOST:GUEST or GUEST (an
+// ephemeral host port), with an optional "/tcp". The host IP defaults to
+// 127.0.0.1.
+func ParseForward(s string) (Forward, error) {
+	spec := s
+	if p, proto, ok := strings.Cut(s, "/"); ok {
+		if proto != "tcp" {
+			return Forward{}, fmt.Errorf("port forward %q: only tcp is supported", s)
+		}
+		spec = p
+	}
+	f := Forward{HostIP: "127.0.0.1"}
+	var host, guest string
+	if i := strings.LastIndex(spec, ":"); i < 0 {
+		guest = spec
+	} else {
+		guest = spec[i+1:]
+		rest := spec[:i]
+		if j := strings.LastIndex(rest, ":"); j >= 0 {
+			f.HostIP = strings.Trim(rest[:j], "[]")
+			host = rest[j+1:]
+		} else {
+			host = rest
+		}
+	}
+	var err error
+	if f.GuestPort, err = parsePort(guest, false); err != nil {
+		return Forward{}, fmt.Errorf("port forward %q: guest port: %w (use [IP:]HOST:GUEST, e.g. 127.0.0.1:8080:80)", s, err)
+	}
+	if host != "" {
+		if f.HostPort, err = parsePort(host, true); err != nil {
+			return Forward{}, fmt.Errorf("port forward %q: host port: %w (use [IP:]HOST:GUEST, e.g. 127.0.0.1:8080:80)", s, err)
+		}
+	}
+	if ip, err := netip.ParseAddr(f.HostIP); err != nil || !ip.Is4() {
+		return Forward{}, fmt.Errorf("port forward %q: host IP %q is not an IPv4 address", s, f.HostIP)
+	}
+	return f, nil
+}
+
+func parsePort(s string, zeroOK bool) (int, error) {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 || n > 65535 || (n == 0 && !zeroOK) {
+		return 0, fmt.Errorf("%q is not a port number (1-65535)", s)
+	}
+	return n, nil
+}
+
+// Normalize fills defaults and checks the config.
+func (c *Config) Normalize() error {
+	switch c.Mode {
+	case "":
+		c.Mode = ModeUser
+	case ModeNone, ModeUser, ModeTAP:
+	default:
+		return fmt.Errorf("network mode %q: use none, user or tap", c.Mode)
+	}
+	if c.Mode == ModeNone {
+		if len(c.Forwards) > 0 {
+			return errors.New("port forwards need a network: drop --net none")
+		}
+		return nil
+	}
+	if c.GuestIP == "" {
+		c.GuestIP = GuestIP
+	}
+	if c.Gateway == "" {
+		c.Gateway = GatewayIP
+	}
+	if c.Aliases == nil {
+		c.Aliases = map[string]string{HostAliasIP: "127.0.0.1"}
+	}
+	switch c.Egress.Mode {
+	case "":
+		c.Egress.Mode = EgressOpen
+		if len(c.Egress.AllowDomains)+len(c.Egress.AllowCIDRs) > 0 {
+			c.Egress.Mode = EgressAllowlist
+		}
+	case EgressOpen, EgressOff, EgressAllowlist:
+	default:
+		return fmt.Errorf("egress %q: use open, off or allowlist", c.Egress.Mode)
+	}
+	if c.Egress.Mode != EgressAllowlist && len(c.Egress.AllowDomains)+len(c.Egress.AllowCIDRs) > 0 {
+		return fmt.Errorf("allowed domains and CIDRs need egress mode allowlist, not %s", c.Egress.Mode)
+	}
+	for i, d := range c.Egress.AllowDomains {
+		d = normName(d)
+		if d == "" || strings.ContainsAny(d, " /:") {
+			return fmt.Errorf("allowed domain %q is not a domain name", c.Egress.AllowDomains[i])
+		}
+		c.Egress.AllowDomains[i] = d
+	}
+	for i, s := range c.Egress.AllowCIDRs {
+		p, err := parseCIDR(s)
+		if err != nil {
+			return err
+		}
+		c.Egress.AllowCIDRs[i] = p.String()
+	}
+	for name, ips := range c.Hosts {
+		for _, ip := range ips {
+			if a, err := netip.ParseAddr(ip); err != nil || !a.Is4() {
+				return fmt.Errorf("host entry %s: %q is not an IPv4 address", name, ip)
+			}
+		}
+	}
+	seen := map[int]bool{}
+	for _, f := range c.Forwards {
+		if f.HostPort != 0 && seen[f.HostPort] {
+			return fmt.Errorf("host port %d is forwarded twice", f.HostPort)
+		}
+		seen[f.HostPort] = true
+	}
+	return nil
+}
+
+// parseCIDR accepts a CIDR or a bare IPv4 address (a /32).
+func parseCIDR(s string) (netip.Prefix, error) {
+	if !strings.Contains(s, "/") {
+		a, err := netip.ParseAddr(s)
+		if err != nil || !a.Is4() {
+			return netip.Prefix{}, fmt.Errorf("allowed CIDR %q is not an IPv4 network (e.g. 10.0.0.0/8)", s)
+		}
+		return netip.PrefixFrom(a, 32), nil
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil || !p.Addr().Is4() {
+		return netip.Prefix{}, fmt.Errorf("allowed CIDR %q is not an IPv4 network (e.g. 10.0.0.0/8)", s)
+	}
+	return p.Masked(), nil
+}
+
+func normName(s string) string { return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(s)), ".") }
+
+// GuestCmdline is the kernel command line option that tells the guest
+// agent how to configure eth0: smolvm.net=ADDR/PREFIX,GATEWAY,DNS.
+func (c *Config) GuestCmdline() string {
+	if c.Mode == ModeNone || c.Mode == "" {
+		return ""
+	}
+	return fmt.Sprintf("smolvm.net=%s/%d,%s,%s", c.GuestIP, PrefixLen, c.Gateway, c.Gateway)
+}
+
+// Summary describes the network for status output.
+func (c *Config) Summary() (addr, egress string) {
+	if c.Mode == ModeNone || c.Mode == "" {
+		return "none", "none"
+	}
+	addr = fmt.Sprintf("%s/%d via %s (dns %s; host loopback at %s)", c.GuestIP, PrefixLen, c.Gateway, c.Gateway, HostAliasIP)
+	egress = c.Egress.Mode
+	if c.Egress.Mode == EgressAllowlist {
+		var parts []string
+		parts = append(parts, c.Egress.AllowDomains...)
+		parts = append(parts, c.Egress.AllowCIDRs...)
+		egress += ": " + strings.Join(parts, ", ")
+	}
+	return addr, egress
+}
+
+// sortForwards orders forwards by host port.
+func sortForwards(fs []Forward) {
+	sort.Slice(fs, func(i, j int) bool { return fs[i].HostPort < fs[j].HostPort })
+}

@@ -1,0 +1,92 @@
+package network
+
+import (
+	"context"
+	"errors"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/smolvm/smolvm/internal/proto/controlpb"
+	"github.com/smolvm/smolvm/internal/store"
+)
+
+// Register serves the Network service of a VM's API socket. n is nil for
+// a VM without a user-mode network; cfg describes its network then.
+func Register(s *grpc.Server, n *Stack, cfg *Config) {
+	controlpb.RegisterNetworkServer(s, &service{n: n, cfg: cfg})
+}
+
+type service struct {
+	controlpb.UnimplementedNetworkServer
+	n   *Stack
+	cfg *Config
+}
+
+func (s *service) stack() (*Stack, error) {
+	if s.n == nil {
+		mode := ModeNone
+		if s.cfg != nil && s.cfg.Mode != "" {
+			mode = s.cfg.Mode
+		}
+		return nil, status.Errorf(codes.FailedPrecondition, "port forwards need the user-mode network; this VM's network is %s (create it with --net user)", mode)
+	}
+	return s.n, nil
+}
+
+func toPB(f Forward) *controlpb.PortForward {
+	return &controlpb.PortForward{HostIp: f.HostIP, HostPort: int32(f.HostPort), GuestPort: int32(f.GuestPort)}
+}
+
+// FromPB converts a wire forward.
+func FromPB(p *controlpb.PortForward) Forward {
+	if p == nil {
+		return Forward{}
+	}
+	return Forward{HostIP: p.HostIp, HostPort: int(p.HostPort), GuestPort: int(p.GuestPort)}
+}
+
+func (s *service) ListPorts(ctx context.Context, _ *controlpb.ListPortsRequest) (*controlpb.ListPortsResponse, error) {
+	resp := &controlpb.ListPortsResponse{Mode: string(ModeNone)}
+	cfg := s.cfg
+	if s.n != nil {
+		c := s.n.Config()
+		cfg = &c
+	}
+	if cfg != nil && cfg.Mode != "" {
+		resp.Mode, resp.GuestIp = string(cfg.Mode), cfg.GuestIP
+		_, resp.Egress = cfg.Summary()
+		for _, f := range cfg.Forwards {
+			resp.Forwards = append(resp.Forwards, toPB(f))
+		}
+	}
+	return resp, nil
+}
+
+func (s *service) ExposePort(ctx context.Context, req *controlpb.ExposePortRequest) (*controlpb.ExposePortResponse, error) {
+	n, err := s.stack()
+	if err != nil {
+		return nil, err
+	}
+	f, err := n.Expose(ctx, FromPB(req.Forward))
+	if err != nil {
+		code := codes.FailedPrecondition
+		if errors.Is(err, store.ErrExists) {
+			code = codes.AlreadyExists
+		}
+		return nil, status.Error(code, err.Error())
+	}
+	return &controlpb.ExposePortResponse{Forward: toPB(f)}, nil
+}
+
+func (s *service) ClosePort(ctx context.Context, req *controlpb.ClosePortRequest) (*controlpb.ClosePortResponse, error) {
+	n, err := s.stack()
+	if err != nil {
+		return nil, err
+	}
+	if err := n.Unexpose(ctx, int(req.HostPort)); err != nil {
+		return nil, status.Error(codes.NotFound, err.Error())
+	}
+	return &controlpb.ClosePortResponse{}, nil
+}

@@ -1,0 +1,557 @@
+package network
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containers/gvisor-tap-vsock/pkg/tap"
+	"github.com/containers/gvisor-tap-vsock/pkg/types"
+	"github.com/miekg/dns"
+	"github.com/sirupsen/logrus"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/smolvm/smolvm/internal/store"
+)
+
+const nicID = 1
+
+func init() {
+	// gvisor-tap-vsock logs through logrus; its messages (a guest
+	// disconnecting when the VM stops) are not errors of ours.
+	logrus.SetOutput(io.Discard)
+}
+
+// Options tune Start.
+type Options struct {
+	Config Config
+	// Dir is the VM's state folder; the stack listens on Dir/net.sock.
+	Dir    string
+	Logger *slog.Logger
+	// Resolver looks names up for DNS answers and the egress policy; nil
+	// is the host's resolver. Config.Hosts are consulted first.
+	Resolver Resolver
+	// Store and Owner lease forwarded host ports (pool "host-port"); a
+	// nil Store leases nothing.
+	Store *store.Store
+	Owner string
+	// Persist is called with the forwards after each change at run time.
+	Persist func(ctx context.Context, fwds []Forward) error
+}
+
+// Stack is one VM's user-mode network.
+type Stack struct {
+	opts    Options
+	cfg     Config
+	log     *slog.Logger
+	stack   *stack.Stack
+	sw      *tap.Switch
+	policy  *policy
+	ln      net.Listener
+	dns     []*dns.Server
+	guest   tcpip.Address
+	subnet  netip.Prefix
+	aliases map[netip.Addr]netip.Addr // guest-visible → host
+	ctx     context.Context
+	cancel  context.CancelFunc
+
+	mu       sync.Mutex
+	forwards map[int]*portForward // by host port
+	closed   bool
+}
+
+type portForward struct {
+	Forward
+	ln net.Listener
+}
+
+// SocketPath is where the stack of a VM in dir listens for QEMU.
+func SocketPath(dir string) string { return filepath.Join(dir, SocketName) }
+
+// Start builds the stack, listens for QEMU on the socket and binds the
+// configured forwards. On error nothing is left running (leases taken for
+// forwards stay with the owner, released when the VM is deleted).
+func Start(ctx context.Context, opts Options) (*Stack, error) {
+	cfg := opts.Config
+	if err := cfg.Normalize(); err != nil {
+		return nil, err
+	}
+	if cfg.Mode != ModeUser {
+		return nil, fmt.Errorf("network mode %s has no user-mode stack", cfg.Mode)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	n := &Stack{opts: opts, cfg: cfg, log: log.With("component", "network"), policy: newPolicy(&cfg, opts.Resolver),
+		forwards: map[int]*portForward{}, aliases: map[netip.Addr]netip.Addr{}}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	n.subnet = netip.MustParsePrefix(Subnet)
+	n.guest = tcpip.AddrFrom4(netip.MustParseAddr(cfg.GuestIP).As4())
+	var virtualIPs []string
+	for g, h := range cfg.Aliases {
+		ga, err1 := netip.ParseAddr(g)
+		ha, err2 := netip.ParseAddr(h)
+		if err1 != nil || err2 != nil || !ha.IsLoopback() {
+			return nil, fmt.Errorf("network alias %s → %s: want a subnet address and a loopback address", g, h)
+		}
+		n.aliases[ga] = ha
+		virtualIPs = append(virtualIPs, g)
+	}
+	ep, err := tap.NewLinkEndpoint(false, MTU, GatewayMAC, cfg.Gateway, virtualIPs)
+	if err != nil {
+		return nil, err
+	}
+	n.sw = tap.NewSwitch(false)
+	ep.Connect(n.sw)
+	n.sw.Connect(ep)
+	if err := n.buildStack(ep); err != nil {
+		return nil, err
+	}
+	if err := n.startDNS(); err != nil {
+		n.Close()
+		return nil, err
+	}
+	path := SocketPath(opts.Dir)
+	_ = os.Remove(path)
+	n.ln, err = net.Listen("unix", path)
+	if err != nil {
+		n.Close()
+		return nil, fmt.Errorf("listen for the network device: %w", err)
+	}
+	_ = os.Chmod(path, 0o600)
+	go n.acceptQEMU()
+	for _, f := range cfg.Forwards {
+		if _, err := n.expose(ctx, f, false); err != nil {
+			n.Close()
+			return nil, err
+		}
+	}
+	return n, nil
+}
+
+func (n *Stack) buildStack(ep stack.LinkEndpoint) error {
+	s := stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
+	})
+	if err := s.CreateNIC(nicID, ep); err != nil {
+		return errors.New(err.String())
+	}
+	gw := tcpip.AddrFrom4(netip.MustParseAddr(n.cfg.Gateway).As4())
+	if err := s.AddProtocolAddress(nicID, tcpip.ProtocolAddress{Protocol: ipv4.ProtocolNumber,
+		AddressWithPrefix: gw.WithPrefix()}, stack.AddressProperties{}); err != nil {
+		return errors.New(err.String())
+	}
+	s.SetSpoofing(nicID, true)
+	s.SetPromiscuousMode(nicID, true)
+	sub := netip.MustParsePrefix(Subnet)
+	subnet, err := tcpip.NewSubnet(tcpip.AddrFrom4(sub.Addr().As4()), tcpip.MaskFromBytes(net.CIDRMask(sub.Bits(), 32)))
+	if err != nil {
+		return err
+	}
+	s.SetRouteTable([]tcpip.Route{{Destination: subnet, NIC: nicID}})
+	// Larger buffers than the defaults: the guest's downloads are bound by them.
+	_ = s.SetTransportProtocolOption(tcp.ProtocolNumber, &tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20})
+	_ = s.SetTransportProtocolOption(tcp.ProtocolNumber, &tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20})
+	s.SetTransportProtocolHandler(tcp.ProtocolNumber, tcp.NewForwarder(s, 0, 64, n.handleTCP).HandlePacket)
+	s.SetTransportProtocolHandler(udp.ProtocolNumber, udp.NewForwarder(s, n.handleUDP).HandlePacket)
+	n.stack = s
+	return nil
+}
+
+func (n *Stack) acceptQEMU() {
+	for {
+		c, err := n.ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			if err := n.sw.Accept(n.ctx, c, types.QemuProtocol); err != nil && n.ctx.Err() == nil {
+				n.log.Debug("network device disconnected", "err", err)
+			}
+		}()
+	}
+}
+
+// Close stops the stack, its forwards and its socket.
+func (n *Stack) Close() {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return
+	}
+	n.closed = true
+	for _, f := range n.forwards {
+		_ = f.ln.Close()
+	}
+	n.mu.Unlock()
+	n.cancel()
+	if n.ln != nil {
+		_ = n.ln.Close()
+		_ = os.Remove(SocketPath(n.opts.Dir))
+	}
+	for _, d := range n.dns {
+		_ = d.Shutdown()
+	}
+	if n.stack != nil {
+		n.stack.Close()
+	}
+}
+
+// Config is the network as running now (forwards included).
+func (n *Stack) Config() Config {
+	c := n.cfg
+	c.Forwards = n.Forwards()
+	return c
+}
+
+// translate maps a destination the guest asked for to the host address
+// to dial, refusing the virtual subnet but for its aliases.
+func (n *Stack) translate(dst netip.Addr) (netip.Addr, error) {
+	if h, ok := n.aliases[dst]; ok {
+		return h, nil
+	}
+	if n.subnet.Contains(dst) || dst.IsLoopback() || dst.IsUnspecified() || dst.IsMulticast() || dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+		return netip.Addr{}, fmt.Errorf("%s is not routed: %w", dst, ErrDenied)
+	}
+	return dst, nil
+}
+
+// toGuest maps a host address from a DNS answer to what the guest should
+// use: loopback addresses become their alias; ok is false when the guest
+// cannot reach it.
+func (n *Stack) toGuest(ip netip.Addr) (netip.Addr, bool) {
+	if !ip.IsLoopback() {
+		return ip, true
+	}
+	for g, h := range n.aliases {
+		if h == ip {
+			return g, true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+func fromTCPIP(a tcpip.Address) netip.Addr {
+	ip, _ := netip.AddrFromSlice(a.AsSlice())
+	return ip.Unmap()
+}
+
+func (n *Stack) handleTCP(r *tcp.ForwarderRequest) {
+	id := r.ID()
+	dst := fromTCPIP(id.LocalAddress)
+	host, err := n.translate(dst)
+	if err == nil {
+		err = n.policy.allow(n.ctx, host)
+	}
+	if err != nil {
+		n.log.Info("egress denied", "proto", "tcp", "dst", net.JoinHostPort(dst.String(), strconv.Itoa(int(id.LocalPort))), "reason", err)
+		r.Complete(true)
+		return
+	}
+	d := net.Dialer{Timeout: 15 * time.Second}
+	out, err := d.DialContext(n.ctx, "tcp", net.JoinHostPort(host.String(), strconv.Itoa(int(id.LocalPort))))
+	if err != nil {
+		n.log.Debug("egress dial failed", "dst", host, "port", id.LocalPort, "err", err)
+		r.Complete(true)
+		return
+	}
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	r.Complete(false)
+	if terr != nil {
+		out.Close()
+		return
+	}
+	ep.SocketOptions().SetDelayOption(false)
+	pipe(gonet.NewTCPConn(&wq, ep), out)
+}
+
+func (n *Stack) handleUDP(r *udp.ForwarderRequest) {
+	id := r.ID()
+	dst := fromTCPIP(id.LocalAddress)
+	if id.LocalAddress == header.IPv4Broadcast {
+		return
+	}
+	host, err := n.translate(dst)
+	if err == nil {
+		err = n.policy.allow(n.ctx, host)
+	}
+	if err != nil {
+		n.log.Info("egress denied", "proto", "udp", "dst", net.JoinHostPort(dst.String(), strconv.Itoa(int(id.LocalPort))), "reason", err)
+		return
+	}
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		return
+	}
+	in := gonet.NewUDPConn(&wq, ep)
+	go func() {
+		defer in.Close()
+		out, err := net.Dial("udp", net.JoinHostPort(host.String(), strconv.Itoa(int(id.LocalPort))))
+		if err != nil {
+			return
+		}
+		defer out.Close()
+		const idle = 90 * time.Second
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			buf := make([]byte, 65535)
+			for {
+				_ = out.SetReadDeadline(time.Now().Add(idle))
+				k, err := out.Read(buf)
+				if err != nil {
+					return
+				}
+				if _, err := in.Write(buf[:k]); err != nil {
+					return
+				}
+			}
+		}()
+		buf := make([]byte, 65535)
+		for {
+			_ = in.SetReadDeadline(time.Now().Add(idle))
+			k, err := in.Read(buf)
+			if err != nil {
+				break
+			}
+			if _, err := out.Write(buf[:k]); err != nil {
+				break
+			}
+		}
+		out.Close()
+		<-done
+	}()
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+// pipe copies both ways until both sides are done, then closes both.
+func pipe(a, b net.Conn) {
+	var wg sync.WaitGroup
+	cp := func(dst, src net.Conn) {
+		defer wg.Done()
+		_, _ = io.Copy(dst, src)
+		if cw, ok := dst.(closeWriter); ok {
+			_ = cw.CloseWrite()
+		} else {
+			_ = dst.Close()
+		}
+	}
+	wg.Add(2)
+	go cp(a, b)
+	go cp(b, a)
+	wg.Wait()
+	a.Close()
+	b.Close()
+}
+
+// Forwards lists the active forwards by host port.
+func (n *Stack) Forwards() []Forward {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := make([]Forward, 0, len(n.forwards))
+	for _, f := range n.forwards {
+		out = append(out, f.Forward)
+	}
+	sortForwards(out)
+	return out
+}
+
+// Expose forwards a host port to a guest port at run time: it leases the
+// host port, binds it and records the change. A host port of 0 picks a
+// free one.
+func (n *Stack) Expose(ctx context.Context, f Forward) (Forward, error) {
+	if f.HostIP == "" {
+		f.HostIP = "127.0.0.1"
+	}
+	return n.expose(ctx, f, true)
+}
+
+func (n *Stack) expose(ctx context.Context, f Forward, persist bool) (Forward, error) {
+	if f.GuestPort < 1 || f.GuestPort > 65535 {
+		return f, fmt.Errorf("guest port %d is not a port number (1-65535)", f.GuestPort)
+	}
+	n.mu.Lock()
+	_, dup := n.forwards[f.HostPort]
+	n.mu.Unlock()
+	if f.HostPort != 0 && dup {
+		return f, fmt.Errorf("host port %d is already forwarded by this VM: close it first ('smolvm port close VM %d')", f.HostPort, f.HostPort)
+	}
+	leased := false
+	if n.opts.Store != nil {
+		fresh, err := LeasePort(ctx, n.opts.Store, n.opts.Owner, &f)
+		if err != nil {
+			return f, err
+		}
+		leased = fresh
+	}
+	ln, err := listenForward(f)
+	if err != nil {
+		if leased {
+			_ = n.opts.Store.Release(context.WithoutCancel(ctx), PortPool, int64(f.HostPort))
+		}
+		return f, err
+	}
+	pf := &portForward{Forward: f, ln: ln}
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		ln.Close()
+		return f, errors.New("network is closed")
+	}
+	n.forwards[f.HostPort] = pf
+	n.mu.Unlock()
+	go n.serveForward(pf)
+	n.log.Debug("port forward", "forward", f.String())
+	if persist && n.opts.Persist != nil {
+		if err := n.opts.Persist(ctx, n.Forwards()); err != nil {
+			return f, fmt.Errorf("record port forward: %w", err)
+		}
+	}
+	return f, nil
+}
+
+// Unexpose ends the forward of a host port and releases its lease.
+func (n *Stack) Unexpose(ctx context.Context, hostPort int) error {
+	n.mu.Lock()
+	pf, ok := n.forwards[hostPort]
+	delete(n.forwards, hostPort)
+	n.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("host port %d is not forwarded (see 'smolvm port ls VM')", hostPort)
+	}
+	_ = pf.ln.Close()
+	if n.opts.Store != nil {
+		if err := n.opts.Store.Release(ctx, PortPool, int64(hostPort)); err != nil {
+			return err
+		}
+	}
+	if n.opts.Persist != nil {
+		return n.opts.Persist(ctx, n.Forwards())
+	}
+	return nil
+}
+
+func listenForward(f Forward) (net.Listener, error) {
+	addr := net.JoinHostPort(f.HostIP, strconv.Itoa(f.HostPort))
+	ln, err := net.Listen("tcp4", addr)
+	if err == nil {
+		return ln, nil
+	}
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return nil, fmt.Errorf("host port %d on %s is already in use by another program: pick another host port (e.g. -p %s:%d:%d) or stop what listens there",
+			f.HostPort, f.HostIP, f.HostIP, f.HostPort+1, f.GuestPort)
+	case errors.Is(err, syscall.EADDRNOTAVAIL):
+		return nil, fmt.Errorf("forward host port %d: %s is not an address of this host", f.HostPort, f.HostIP)
+	case errors.Is(err, syscall.EACCES):
+		return nil, fmt.Errorf("forward host port %d: ports below 1024 need root; pick a higher host port", f.HostPort)
+	}
+	return nil, fmt.Errorf("forward host port %s: %w", addr, err)
+}
+
+func (n *Stack) serveForward(pf *portForward) {
+	for {
+		c, err := pf.ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			ctx, cancel := context.WithTimeout(n.ctx, 15*time.Second)
+			g, err := gonet.DialContextTCP(ctx, n.stack, tcpip.FullAddress{NIC: nicID, Addr: n.guest, Port: uint16(pf.GuestPort)}, ipv4.ProtocolNumber)
+			cancel()
+			if err != nil {
+				n.log.Debug("port forward: guest did not accept", "forward", pf.String(), "err", err)
+				c.Close()
+				return
+			}
+			if tc, ok := c.(*net.TCPConn); ok {
+				_ = tc.SetNoDelay(true)
+			}
+			pipe(c, g)
+		}()
+	}
+}
+
+// LeasePort leases f's host port to owner in the pool "host-port" and
+// reports whether a new lease was taken. A port already leased to owner is
+// kept; one leased to another VM is an error naming it. A host port of 0
+// leases a free one in [EphemeralLo, EphemeralHi] that can be bound.
+func LeasePort(ctx context.Context, st *store.Store, owner string, f *Forward) (bool, error) {
+	if f.HostPort == 0 {
+		var skipped []int64
+		defer func() {
+			for _, v := range skipped {
+				_ = st.Release(context.WithoutCancel(ctx), PortPool, v)
+			}
+		}()
+		for range 100 {
+			v, err := st.Allocate(ctx, PortPool, owner, EphemeralLo, EphemeralHi)
+			if err != nil {
+				return false, fmt.Errorf("lease a host port: %w", err)
+			}
+			try := *f
+			try.HostPort = int(v)
+			if ln, err := listenForward(try); err == nil {
+				ln.Close()
+				f.HostPort = int(v)
+				return true, nil
+			}
+			skipped = append(skipped, v)
+		}
+		return false, fmt.Errorf("no free host port in %d-%d for %s", EphemeralLo, EphemeralHi, f)
+	}
+	err := st.AllocateValue(ctx, PortPool, owner, int64(f.HostPort))
+	if err == nil {
+		return true, nil
+	}
+	if !errors.Is(err, store.ErrExists) {
+		return false, err
+	}
+	leases, lerr := st.Leases(ctx, PortPool)
+	if lerr != nil {
+		return false, lerr
+	}
+	for _, l := range leases {
+		if l.Value == int64(f.HostPort) {
+			if l.Owner == owner {
+				return false, nil
+			}
+			return false, fmt.Errorf("host port %d is already forwarded to VM %s: pick another host port or remove that forward ('smolvm port close %s %d'): %w",
+				f.HostPort, l.Owner, l.Owner, f.HostPort, store.ErrExists)
+		}
+	}
+	return false, err
+}
+
+// CheckBindable tells early whether a forward's host port can be bound.
+func CheckBindable(f Forward) error {
+	ln, err := listenForward(f)
+	if err != nil {
+		return err
+	}
+	return ln.Close()
+}

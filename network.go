@@ -1,0 +1,233 @@
+package smolvm
+
+// Networking. A VM is networked in one of three modes (Config.Network):
+//
+//   - "user", the default: a userspace NAT stack (gvisor-tap-vsock and
+//     gVisor's netstack) runs inside the VM's supervisor and is QEMU's
+//     -netdev stream peer. No root is needed. The guest's eth0 is
+//     192.168.127.2/24, its gateway and DNS server 192.168.127.1; the
+//     host's loopback is reachable at 192.168.127.254 (127.0.0.1 on the
+//     host). Port forwards (Config.Ports, VM.ExposePort) listen on the host
+//     (127.0.0.1 unless an IP is given) and are leased in the store (pool
+//     "host-port") until the VM is deleted. The egress policy
+//     (Config.Egress) is enforced by the stack: DNS answers only allowed
+//     names, connections reach only allowed addresses, and link-local
+//     addresses (cloud metadata, 169.254.169.254) are never reached.
+//   - "none": no NIC at all.
+//   - "tap": one TAP device per VM (needs root); not available yet.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/network"
+	"github.com/smolvm/smolvm/internal/proto/controlpb"
+	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/supervisor"
+)
+
+// Network modes (Config.Network).
+const (
+	NetworkUser = string(network.ModeUser)
+	NetworkNone = string(network.ModeNone)
+	NetworkTAP  = string(network.ModeTAP)
+)
+
+// Egress modes (Egress.Mode).
+const (
+	EgressOpen      = network.EgressOpen
+	EgressOff       = network.EgressOff
+	EgressAllowlist = network.EgressAllowlist
+)
+
+// Egress is what a VM's guest may reach: Mode "open" (default: all but
+// link-local), "off" (nothing; DNS refuses) or "allowlist" (AllowDomains,
+// each with its subdomains, and AllowCIDRs). Names are resolved by the
+// host's resolver when the guest connects, not once at create. Giving
+// domains or CIDRs without a mode means allowlist.
+type Egress = network.Egress
+
+// PortForward maps a host TCP port to a guest TCP port.
+type PortForward = network.Forward
+
+// ParsePortForward reads docker's -p form: [IP:]HOST:GUEST, or GUEST alone
+// for a free host port.
+func ParsePortForward(s string) (PortForward, error) {
+	f, err := network.ParseForward(s)
+	if err != nil {
+		return f, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	return f, nil
+}
+
+// NetworkInfo describes a VM's network.
+type NetworkInfo struct {
+	Mode     string        `json:"mode"`
+	GuestIP  string        `json:"guest_ip,omitempty"`
+	Gateway  string        `json:"gateway,omitempty"`
+	DNS      string        `json:"dns,omitempty"`
+	HostIP   string        `json:"host_loopback_ip,omitempty"`
+	Forwards []PortForward `json:"forwards,omitempty"`
+	Egress   Egress        `json:"egress"`
+	// Summary is the egress policy in one line.
+	Summary string `json:"egress_summary,omitempty"`
+}
+
+// buildNetwork turns the config's network into the spec's, leases the
+// forwarded host ports and adds the NIC to the machine.
+func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.VM, mc *hypervisor.MachineConfig) (*network.Config, error) {
+	nc := &network.Config{Mode: network.Mode(cfg.Network), Egress: cfg.Egress, Hosts: cfg.Hosts}
+	nc.Egress.AllowDomains = append([]string(nil), cfg.Egress.AllowDomains...)
+	nc.Egress.AllowCIDRs = append([]string(nil), cfg.Egress.AllowCIDRs...)
+	for _, p := range cfg.Ports {
+		f, err := ParsePortForward(p)
+		if err != nil {
+			return nil, err
+		}
+		nc.Forwards = append(nc.Forwards, f)
+	}
+	if err := nc.Normalize(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	switch nc.Mode {
+	case network.ModeNone:
+		return nc, nil
+	case network.ModeTAP:
+		return nil, fmt.Errorf("%w: network mode tap is not implemented yet: use --net user (no root needed)", ErrUnsupported)
+	}
+	for i := range nc.Forwards {
+		// The lease first (it names another VM holding the port), then a
+		// bind test, so a taken port fails before the guest boots.
+		f := &nc.Forwards[i]
+		if _, err := network.LeasePort(ctx, st, rec.ID, f); err != nil {
+			return nil, err
+		}
+		if err := network.CheckBindable(*f); err != nil {
+			return nil, err
+		}
+	}
+	mc.Net = []hypervisor.NetDevice{{MAC: network.GuestMAC, StreamSocket: network.SocketPath(mc.Dir)}}
+	mc.Cmdline += " " + nc.GuestCmdline()
+	return nc, nil
+}
+
+func networkInfo(nc *network.Config) *NetworkInfo {
+	if nc == nil || nc.Mode == network.ModeNone || nc.Mode == "" {
+		return &NetworkInfo{Mode: NetworkNone}
+	}
+	_, summary := nc.Summary()
+	return &NetworkInfo{Mode: string(nc.Mode), GuestIP: nc.GuestIP, Gateway: nc.Gateway, DNS: nc.Gateway,
+		HostIP: network.HostAliasIP, Forwards: nc.Forwards, Egress: nc.Egress, Summary: summary}
+}
+
+// Network describes the VM's network as recorded in its state: mode,
+// addresses, port forwards and egress policy.
+func (vm *VM) Network(ctx context.Context) (*NetworkInfo, error) {
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return nil, err
+	}
+	var spec supervisor.Spec
+	if err := json.Unmarshal(rec.Config, &spec); err != nil {
+		return nil, fmt.Errorf("read VM %s: %w", vm.name, err)
+	}
+	return networkInfo(spec.Network), nil
+}
+
+func (vm *VM) networkClient(ctx context.Context) (controlpb.NetworkClient, error) {
+	vm.mu.Lock()
+	conn := vm.conn
+	vm.mu.Unlock()
+	rec, err := vm.st.GetVM(ctx, vm.id)
+	if err != nil {
+		return nil, err
+	}
+	if conn == nil || rec.State != store.StateRunning && rec.State != store.StatePaused {
+		return nil, notRunning(rec)
+	}
+	return controlpb.NewNetworkClient(conn), nil
+}
+
+// Ports lists the VM's port forwards: the running supervisor's, or the
+// recorded ones of a stopped VM.
+func (vm *VM) Ports(ctx context.Context) ([]PortForward, error) {
+	c, err := vm.networkClient(ctx)
+	if err != nil {
+		if errors.Is(err, ErrNotRunning) {
+			in, ierr := vm.Network(ctx)
+			if ierr != nil {
+				return nil, ierr
+			}
+			return in.Forwards, nil
+		}
+		return nil, err
+	}
+	resp, err := c.ListPorts(ctx, &controlpb.ListPortsRequest{})
+	if err != nil {
+		return nil, vm.callErr(ctx, "list ports", err)
+	}
+	out := []PortForward{}
+	for _, f := range resp.Forwards {
+		out = append(out, network.FromPB(f))
+	}
+	return out, nil
+}
+
+// ExposePort forwards a host port to a guest port of the running VM, in
+// docker's -p form ([IP:]HOST:GUEST; GUEST alone picks a free host port).
+// The forward lasts until ClosePort or the VM's deletion, restarts
+// included.
+func (vm *VM) ExposePort(ctx context.Context, spec string) (PortForward, error) {
+	f, err := ParsePortForward(spec)
+	if err != nil {
+		return f, err
+	}
+	c, err := vm.networkClient(ctx)
+	if err != nil {
+		return f, err
+	}
+	resp, err := c.ExposePort(ctx, &controlpb.ExposePortRequest{Forward: &controlpb.PortForward{
+		HostIp: f.HostIP, HostPort: int32(f.HostPort), GuestPort: int32(f.GuestPort)}})
+	if err != nil {
+		return f, rpcErr(err)
+	}
+	return network.FromPB(resp.Forward), nil
+}
+
+// ClosePort ends the forward of a host port and releases it.
+func (vm *VM) ClosePort(ctx context.Context, hostPort int) error {
+	c, err := vm.networkClient(ctx)
+	if err != nil {
+		return err
+	}
+	if _, err := c.ClosePort(ctx, &controlpb.ClosePortRequest{HostPort: int32(hostPort)}); err != nil {
+		return rpcErr(err)
+	}
+	return nil
+}
+
+// rpcErr turns a Network service error into one callers can test with
+// errors.Is.
+func rpcErr(err error) error {
+	s, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	switch s.Code() {
+	case codes.AlreadyExists:
+		return fmt.Errorf("%s: %w", s.Message(), ErrExists)
+	case codes.NotFound:
+		return fmt.Errorf("%s: %w", s.Message(), ErrNotFound)
+	case codes.InvalidArgument:
+		return fmt.Errorf("%s: %w", s.Message(), ErrInvalid)
+	case codes.Unknown:
+		return err
+	}
+	return errors.New(s.Message())
+}
