@@ -24,7 +24,7 @@ type netFlags struct {
 }
 
 func (f *netFlags) register(fs *pflag.FlagSet) {
-	fs.StringVar(&f.mode, "net", "user", "network: user (userspace NAT, no root), none (no NIC) or tap (root)")
+	fs.StringVar(&f.mode, "net", "user", "network: user (userspace NAT, no root) or none (no NIC); tap is not available yet")
 	fs.StringArrayVarP(&f.publish, "publish", "p", nil, "forward a host port to a guest port: [IP:]HOST:GUEST (IP defaults to 127.0.0.1; GUEST alone picks a free host port); repeatable")
 	fs.StringVar(&f.egress, "egress", "", "what the guest may reach: open (default; never link-local/cloud metadata), off, or allowlist (with --allow-domain/--allow-cidr)")
 	fs.StringArrayVar(&f.allowDomains, "allow-domain", nil, "allow this domain and its subdomains (implies --egress allowlist); repeatable")

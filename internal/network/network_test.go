@@ -144,7 +144,14 @@ func TestPolicy(t *testing.T) {
 	if err := open.allow(ctx, netip.MustParseAddr("169.254.169.254")); !errors.Is(err, ErrDenied) {
 		t.Errorf("open mode reaches metadata: %v", err)
 	}
+	if err := open.allow(ctx, netip.MustParseAddr("127.0.0.1")); !errors.Is(err, ErrDenied) {
+		t.Errorf("open mode reaches host loopback without a name for it: %v", err)
+	}
+	open.remember([]netip.Addr{netip.MustParseAddr("127.0.0.1")})
 	if err := open.allow(ctx, netip.MustParseAddr("127.0.0.1")); err != nil {
+		t.Errorf("open mode, loopback resolved through --add-host: %v", err)
+	}
+	if err := open.allow(ctx, netip.MustParseAddr("203.0.113.1")); err != nil {
 		t.Errorf("open mode: %v", err)
 	}
 	off := newPolicy(&Config{Egress: Egress{Mode: EgressOff}}, r)

@@ -108,6 +108,15 @@ func (p *policy) remember(ips []netip.Addr) {
 	}
 }
 
+// wasAnswered tells whether the DNS server gave dst out for an allowed
+// name recently.
+func (p *policy) wasAnswered(dst netip.Addr) bool {
+	p.mu.Lock()
+	until, ok := p.answered[dst]
+	p.mu.Unlock()
+	return ok && time.Now().Before(until)
+}
+
 // allow decides a connection to dst (a host address, after translation).
 // In allowlist mode dst must be in an allowed CIDR, an address the DNS
 // server gave out for an allowed name, or an address an allowed name
@@ -118,6 +127,12 @@ func (p *policy) allow(ctx context.Context, dst netip.Addr) error {
 	}
 	switch p.mode {
 	case EgressOpen:
+		// The host's own loopback services are not "the internet": an
+		// open sandbox reaches them only through a name given with
+		// --add-host (Config.Hosts) that it resolved first.
+		if dst.IsLoopback() && !p.wasAnswered(dst) {
+			return fmt.Errorf("%s is the host's loopback: map a name to it with --add-host NAME:%s: %w", dst, dst, ErrDenied)
+		}
 		return nil
 	case EgressOff:
 		return fmt.Errorf("%s: egress is off: %w", dst, ErrDenied)
@@ -127,10 +142,7 @@ func (p *policy) allow(ctx context.Context, dst netip.Addr) error {
 			return nil
 		}
 	}
-	p.mu.Lock()
-	until, ok := p.answered[dst]
-	p.mu.Unlock()
-	if ok && time.Now().Before(until) {
+	if p.wasAnswered(dst) {
 		return nil
 	}
 	for _, d := range p.domains {
