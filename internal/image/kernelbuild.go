@@ -336,16 +336,25 @@ func EnsureTunedKernel(ctx context.Context, opts KernelBuildOptions) (*TunedKern
 	defer unlock()
 	if ti, ok := loadTunedKernel(dir); ok && !opts.Force {
 		log.Debug("tuned kernel cache hit", "dir", dir)
-		return ti, writeFileAtomic(filepath.Join(root, "current"), []byte(key+"\n"))
+		return ti, setCurrentTuned(root, key)
 	}
 	ti, err := buildTuned(ctx, opts, log, root, key, version)
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(filepath.Join(root, "current"), []byte(key+"\n")); err != nil {
+	if err := setCurrentTuned(root, key); err != nil {
 		return nil, err
 	}
 	return ti, nil
+}
+
+// setCurrentTuned points root/current at key, readable by everyone.
+func setCurrentTuned(root, key string) error {
+	cur := filepath.Join(root, "current")
+	if err := writeFileAtomic(cur, []byte(key+"\n")); err != nil {
+		return err
+	}
+	return os.Chmod(cur, 0o644)
 }
 
 func missingBuildDeps(probs []Problem) error {
@@ -390,7 +399,7 @@ func installBuildDeps(ctx context.Context, probs []Problem, out io.Writer, log *
 
 // defaultBuildSteps is roughly how many lines make prints for a build
 // (measured); the progress bar uses the count of the last build when known.
-const defaultBuildSteps = 1500
+const defaultBuildSteps = 1900
 
 func buildTuned(ctx context.Context, opts KernelBuildOptions, log *slog.Logger, root, key, version string) (*TunedKernelInfo, error) {
 	start := time.Now()
@@ -419,7 +428,9 @@ func buildTuned(ctx context.Context, opts KernelBuildOptions, log *slog.Logger, 
 
 	src := filepath.Join(work, strings.TrimSuffix(filepath.Base(kernelSourceTarball), ".tar.xz"))
 	stamp := filepath.Join(work, ".smolvm-source-version")
+	fresh := true
 	if b, _ := os.ReadFile(stamp); opts.WorkDir != "" && string(b) == version && fileExists(filepath.Join(src, "Makefile")) {
+		fresh = false
 		// A kept work folder with this source: make rebuilds what changed.
 		log.Info("reusing unpacked kernel source", "dir", src)
 	} else {
@@ -478,12 +489,19 @@ func buildTuned(ctx context.Context, opts KernelBuildOptions, log *slog.Logger, 
 		return nil, err
 	}
 	defer os.RemoveAll(tmp)
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return nil, err
+	}
 	for _, f := range []struct{ from, to string }{
 		{"vmlinux", "vmlinux"}, {"arch/x86/boot/bzImage", "bzImage"}, {".config", "config"},
 	} {
 		if err := copyFile(filepath.Join(src, f.from), filepath.Join(tmp, f.to)); err != nil {
 			return nil, fmt.Errorf("kernel build left no %s: %w", f.from, err)
 		}
+	}
+	if !fresh {
+		// An incremental build says nothing about the size of a full one.
+		steps = max(total, defaultBuildSteps)
 	}
 	rel, _ := os.ReadFile(filepath.Join(src, "include", "config", "kernel.release"))
 	m := tunedManifest{
