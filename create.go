@@ -32,12 +32,28 @@ func New(ctx context.Context, cfg Config) (*VM, error) {
 		return nil, err
 	}
 	vm, err := create(ctx, st, &cfg, started, nil)
+	var we warmError
+	if errors.As(err, &we) && ctx.Err() == nil {
+		// A warm snapshot that no longer restores (say, a QEMU upgrade
+		// changed the machine) must not stop anyone: boot instead.
+		cfg.Logger.Warn(fmt.Sprintf("the warm snapshot did not restore; booting instead (remake it: smolvm snapshot rm %s && smolvm setup)", we.snapshot), "err", we.error)
+		cfg.Cold = true
+		vm, err = create(ctx, st, &cfg, started, nil)
+	}
 	if err != nil {
 		st.Close()
 		return nil, err
 	}
 	return vm, nil
 }
+
+// warmError is a failure to start a VM from the warm snapshot of its shape.
+type warmError struct {
+	error
+	snapshot string
+}
+
+func (e warmError) Unwrap() error { return e.error }
 
 // create allocates a VM and starts it: a cold boot, or a restore of snap
 // when it is set (or of the warm snapshot matching the VM's shape).
@@ -83,6 +99,11 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	}
 	if err != nil {
 		return nil, undo(err)
+	}
+	if snap == nil && spec.Restored {
+		// Failures from here on are the warm snapshot's: New boots instead.
+		inner := undo
+		undo = func(cause error) error { return warmError{inner(cause), rec.Snapshot} }
 	}
 	sj, _ := json.Marshal(spec)
 	if _, err := st.UpdateVM(ctx, rec.ID, func(v *store.VM) error {
@@ -148,7 +169,8 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 	}
 	return &supervisor.Spec{Driver: "qemu", Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name,
 		Persistent: cfg.Persistent, SupervisorBinary: cfg.SupervisorBinary, ImageFingerprint: img.fingerprint,
-		Network: netCfg}, nil
+		MachineLayout: hypervisor.MachineLayout,
+		Network:       netCfg}, nil
 }
 
 func kernelCmdline(hostname string, accel hypervisor.Accel, extra string) string {
@@ -165,7 +187,12 @@ func guestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 	if !tuned {
 		parts = append(parts, "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd")
 	}
-	parts = append(parts, "init_on_free=1", "smolvm.hostname="+hostname)
+	// Debian zeroes every page it hands out (init_on_alloc) and runs the
+	// crypto self-tests at boot: under software emulation the two cost
+	// about half a second of every cold boot and buy a single-tenant
+	// sandbox nothing. (The warm snapshot's boot adds init_on_free, so that
+	// freed memory is zero and the snapshot small: see warmBootArgs.)
+	parts = append(parts, "init_on_alloc=0", "cryptomgr.notests", "smolvm.hostname="+hostname)
 	if accel == hypervisor.AccelTCG {
 		// Under TCG the guest's TSC runs at the host's rate, but microvm
 		// has no PIT/HPET to calibrate it against and the boot stalls.
@@ -217,13 +244,16 @@ func supervisorBinary(cfg *Config) (string, error) {
 	if cfg.SupervisorBinary != "" {
 		return cfg.SupervisorBinary, nil
 	}
+	if p := os.Getenv("SMOLVM_BIN"); p != "" {
+		return p, nil
+	}
 	if exe, err := os.Executable(); err == nil && filepath.Base(exe) == "smolvm" {
 		return exe, nil
 	}
 	if p, err := exec.LookPath("smolvm"); err == nil {
 		return p, nil
 	}
-	return "", errors.New("persistent VMs need the smolvm binary: put it in PATH or set Config.SupervisorBinary")
+	return "", errors.New("persistent VMs need the smolvm binary: put it in PATH, set $SMOLVM_BIN or set Config.SupervisorBinary")
 }
 
 // spawnSupervisor starts `smolvm __supervise ID` detached from this process

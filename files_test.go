@@ -485,7 +485,7 @@ func TestCLICp(t *testing.T) {
 		{[]string{"cp", src, "no-such-vm:/tmp"}, 2, "no-such-vm"},
 		{[]string{"cp", name + ":" + g + "/missing", local}, 2, "no such file"},
 		{[]string{"cp", filepath.Join(local, "missing"), name + ":" + g}, 2, "no such file"},
-		{[]string{"cp", src}, 1, "accepts 2 arg"},
+		{[]string{"cp", src}, 3, "accepts 2 arg"},
 	} {
 		_, errs, code := cli(t, nil, c.args...)
 		if code != c.code || !strings.Contains(errs, c.msg) {

@@ -14,13 +14,34 @@ package smolvm
 //     names, connections reach only allowed addresses, and link-local
 //     addresses (cloud metadata, 169.254.169.254) are never reached.
 //   - "none": no NIC at all.
-//   - "tap": one TAP device per VM (needs root); not available yet.
+//   - "tap" (root): the supervisor creates one non-persistent TAP device
+//     per VM ("smv" + VM id) with netlink and passes QEMU an open queue
+//     of it (-netdev tap,fd=N), so QEMU needs no privileges and keeps its
+//     seccomp sandbox. The host side of every TAP is the pool's first
+//     address (172.16.0.1 of the default pool 172.16.0.0/16, or of
+//     Config.TAPSubnet) as a /32, with a /32 route to the guest. The
+//     guest's address is leased from the rest of the pool (store pool
+//     "tap-ip", atomic across processes) and given to the guest on the
+//     kernel command line (smolvm.net=ADDR/32,GATEWAY,DNS); the guest's
+//     DNS server is the host's first non-loopback nameserver, if any.
+//     nftables (table "inet smolvm", one comment-tagged set of rules per
+//     VM) masquerades the guest's traffic to the host's other interfaces,
+//     rejects traffic between TAPs (guests cannot reach each other) and
+//     enforces the egress policy: off, a CIDR allowlist, link-local always
+//     blocked; domain allowlists need the user-mode DNS server and are
+//     refused. IPv4 forwarding is turned on in the network namespace.
+//     Port forwards are a userspace proxy in the supervisor to the
+//     guest's address. The TAP and the rules go when the VM stops or is
+//     deleted, and `cleanup` removes them after a crash (from any network
+//     namespace, when the VM's is a named one); the address is released
+//     with the VM.
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -66,13 +87,23 @@ func ParsePortForward(s string) (PortForward, error) {
 	return f, nil
 }
 
+// DefaultTAPSubnet is the address pool of tap mode (Config.TAPSubnet).
+const DefaultTAPSubnet = network.DefaultTAPSubnet
+
 // NetworkInfo describes a VM's network.
 type NetworkInfo struct {
-	Mode     string        `json:"mode"`
-	GuestIP  string        `json:"guest_ip,omitempty"`
-	Gateway  string        `json:"gateway,omitempty"`
-	DNS      string        `json:"dns,omitempty"`
-	HostIP   string        `json:"host_loopback_ip,omitempty"`
+	Mode    string `json:"mode"`
+	GuestIP string `json:"guest_ip,omitempty"`
+	// PrefixLen is the guest address's prefix length (24 in user mode, 32
+	// in tap mode).
+	PrefixLen int    `json:"prefix_len,omitempty"`
+	Gateway   string `json:"gateway,omitempty"`
+	DNS       string `json:"dns,omitempty"`
+	// HostIP is where the guest reaches the host's loopback (user mode).
+	HostIP string `json:"host_loopback_ip,omitempty"`
+	// TAP is the host-side device and Subnet the address pool (tap mode).
+	TAP      string        `json:"tap,omitempty"`
+	Subnet   string        `json:"subnet,omitempty"`
 	Forwards []PortForward `json:"forwards,omitempty"`
 	Egress   Egress        `json:"egress"`
 	// Summary is the egress policy in one line.
@@ -80,9 +111,10 @@ type NetworkInfo struct {
 }
 
 // buildNetwork turns the config's network into the spec's, leases the
-// forwarded host ports and adds the NIC to the machine.
+// forwarded host ports (and in tap mode the guest's address) and adds the
+// NIC to the machine. Leases go with the VM's row if creation fails.
 func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.VM, mc *hypervisor.MachineConfig) (*network.Config, error) {
-	nc := &network.Config{Mode: network.Mode(cfg.Network), Egress: cfg.Egress, Hosts: cfg.Hosts}
+	nc := &network.Config{Mode: network.Mode(cfg.Network), Egress: cfg.Egress, Hosts: cfg.Hosts, Subnet: cfg.TAPSubnet}
 	nc.Egress.AllowDomains = append([]string(nil), cfg.Egress.AllowDomains...)
 	nc.Egress.AllowCIDRs = append([]string(nil), cfg.Egress.AllowCIDRs...)
 	for _, p := range cfg.Ports {
@@ -92,6 +124,9 @@ func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.
 		}
 		nc.Forwards = append(nc.Forwards, f)
 	}
+	if cfg.TAPSubnet != "" && nc.Mode != network.ModeTAP {
+		return nil, fmt.Errorf("%w: a TAP address pool (--tap-cidr %s) needs network mode tap (--net tap)", ErrInvalid, cfg.TAPSubnet)
+	}
 	if err := nc.Normalize(); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
@@ -99,7 +134,9 @@ func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.
 	case network.ModeNone:
 		return nc, nil
 	case network.ModeTAP:
-		return nil, fmt.Errorf("%w: network mode tap is not implemented yet: use --net user (no root needed)", ErrUnsupported)
+		if err := network.CheckTAP(); err != nil {
+			return nil, err
+		}
 	}
 	for i := range nc.Forwards {
 		// The lease first (it names another VM holding the port), then a
@@ -112,9 +149,49 @@ func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.
 			return nil, err
 		}
 	}
-	mc.Net = []hypervisor.NetDevice{{MAC: network.GuestMAC, StreamSocket: network.SocketPath(mc.Dir)}}
+	if nc.Mode == network.ModeTAP {
+		subnet, err := network.ParseTAPSubnet(nc.Subnet)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+		ip, err := network.LeaseTAPAddress(ctx, st, rec.ID, subnet)
+		if err != nil {
+			return nil, err
+		}
+		nc.GuestIP, nc.Gateway = ip.String(), network.TAPGateway(subnet).String()
+		nc.TAP, nc.MAC, nc.DNS = network.TAPName(rec.ID), network.TAPMAC(ip), network.HostDNS()
+		nc.NetNS = network.CurrentNetNS()
+		mc.Net = []hypervisor.NetDevice{{MAC: nc.MAC, TAP: nc.TAP}}
+	} else {
+		mc.Net = []hypervisor.NetDevice{{MAC: network.GuestMAC, StreamSocket: network.SocketPath(mc.Dir)}}
+	}
 	mc.Cmdline += " " + nc.GuestCmdline()
 	return nc, nil
+}
+
+// releaseNetwork removes what a tap-mode VM's network may have left on the
+// host when its supervisor could not (it was killed, or the VM failed):
+// the TAP device and the VM's nftables rules. Its leases go with its row.
+func releaseNetwork(ctx context.Context, st *store.Store, id string) error {
+	rec, err := st.GetVM(ctx, id)
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return nil
+		}
+		return err
+	}
+	var spec supervisor.Spec
+	if json.Unmarshal(rec.Config, &spec) != nil || spec.Network == nil || spec.Network.Mode != network.ModeTAP {
+		return nil
+	}
+	what, err := network.RemoveTAP(ctx, spec.Network, id)
+	if err != nil {
+		return err
+	}
+	if what != "" {
+		slog.Debug("removed what the VM's network left", "vm", id, "removed", what)
+	}
+	return nil
 }
 
 func networkInfo(nc *network.Config) *NetworkInfo {
@@ -122,8 +199,12 @@ func networkInfo(nc *network.Config) *NetworkInfo {
 		return &NetworkInfo{Mode: NetworkNone}
 	}
 	_, summary := nc.Summary()
-	return &NetworkInfo{Mode: string(nc.Mode), GuestIP: nc.GuestIP, Gateway: nc.Gateway, DNS: nc.Gateway,
+	in := &NetworkInfo{Mode: string(nc.Mode), GuestIP: nc.GuestIP, PrefixLen: network.PrefixLen, Gateway: nc.Gateway, DNS: nc.GuestDNS(),
 		HostIP: network.HostAliasIP, Forwards: nc.Forwards, Egress: nc.Egress, Summary: summary}
+	if nc.Mode == network.ModeTAP {
+		in.PrefixLen, in.HostIP, in.TAP, in.Subnet = 32, "", nc.TAP, nc.Subnet
+	}
+	return in
 }
 
 // Network describes the VM's network as recorded in its state: mode,

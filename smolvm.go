@@ -81,7 +81,7 @@ type Config struct {
 	BootTimeout time.Duration
 	// Persistent runs the VM under a detached supervisor process, so it
 	// outlives the calling process. It needs the smolvm binary
-	// (SupervisorBinary, or smolvm in PATH).
+	// (SupervisorBinary, else $SMOLVM_BIN, else smolvm in PATH).
 	Persistent bool
 	// SupervisorBinary is the smolvm CLI used for persistent VMs.
 	SupervisorBinary string
@@ -92,6 +92,10 @@ type Config struct {
 	// supervisor, no root needed), "none" (no NIC) or "tap" (root). See
 	// network.go.
 	Network string
+	// TAPSubnet is the address pool of tap mode, an IPv4 network of /8 to
+	// /30 (default DefaultTAPSubnet, 172.16.0.0/16): the host is its first
+	// address, each guest leases one of the others.
+	TAPSubnet string
 	// Ports forward host ports to guest ports, in docker's -p form
 	// [IP:]HOST:GUEST (IP defaults to 127.0.0.1; GUEST alone picks a free
 	// host port).

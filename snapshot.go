@@ -162,6 +162,9 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q is damaged (%w): delete it with 'smolvm snapshot rm %s'", name, err, name)
 	}
+	if src.spec.MachineLayout != hypervisor.MachineLayout {
+		return nil, fmt.Errorf("snapshot %q is stale: it was taken by a smolvm whose virtual machine differs from this one's (layout %d, now %d): delete it with 'smolvm snapshot rm %s' and take a new one", name, src.spec.MachineLayout, hypervisor.MachineLayout, name)
+	}
 	mc := src.spec.Machine
 	for _, f := range []string{mc.Kernel, mc.Initrd} {
 		if _, err := os.Stat(f); f != "" && err != nil {
@@ -244,7 +247,7 @@ func DeleteSnapshot(ctx context.Context, home, name string) error {
 func warmKey(spec *supervisor.Spec) string {
 	mc := spec.Machine
 	h := sha256.New()
-	fmt.Fprintf(h, "%s|%d|%d|%s|%s|%d|%d|", spec.ImageFingerprint, mc.VCPUs, mc.MemoryMiB, mc.Accel, mc.Channel, len(mc.Disks), len(mc.Net))
+	fmt.Fprintf(h, "%s|%d|%d|%d|%s|%s|%d|%d|", spec.ImageFingerprint, spec.MachineLayout, mc.VCPUs, mc.MemoryMiB, mc.Accel, mc.Channel, len(mc.Disks), len(mc.Net))
 	for _, f := range strings.Fields(mc.Cmdline) {
 		if !strings.HasPrefix(f, "smolvm.hostname=") && f != warmBootArgs {
 			fmt.Fprint(h, f, " ")

@@ -341,6 +341,9 @@ func (vm *VM) Delete(ctx context.Context) error {
 }
 
 func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
+	if err := releaseNetwork(ctx, st, id); err != nil { // network.go
+		return err
+	}
 	if err := retainDisk(dir); err != nil {
 		return err
 	}

@@ -29,6 +29,12 @@ type globals struct {
 func main() {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer cancel()
+	if os.Getenv("SMOLVM_BIN") == "" {
+		// Detached supervisors run this same binary, whatever its name.
+		if exe, err := os.Executable(); err == nil {
+			os.Setenv("SMOLVM_BIN", exe)
+		}
+	}
 	g := &globals{}
 	root := newRoot(g)
 	err := root.ExecuteContext(ctx)
@@ -100,5 +106,22 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 		newLogsCmd(g), newCleanupCmd(g), newVersionCmd(), newSuperviseCmd(g),
 		newSnapshotCmd(g), newPauseCmd(g), newResumeCmd(g), newBenchCmd(g), newCpCmd(g), newEnvCmd(g), newShellCmd(g), newKernelCmd(g),
 	)
+	invalidArgs(root)
 	return root
+}
+
+// invalidArgs makes a wrong number of arguments an ErrInvalid (exit 3) with
+// a pointer to the command's help, like a bad flag.
+func invalidArgs(c *cobra.Command) {
+	if check := c.Args; check != nil {
+		c.Args = func(cmd *cobra.Command, args []string) error {
+			if err := check(cmd, args); err != nil {
+				return fmt.Errorf("%w: %w (usage: %s; see '%s --help')", smolvm.ErrInvalid, err, cmd.UseLine(), cmd.CommandPath())
+			}
+			return nil
+		}
+	}
+	for _, sub := range c.Commands() {
+		invalidArgs(sub)
+	}
 }

@@ -21,10 +21,12 @@ type netFlags struct {
 	allowDomains []string
 	allowCIDRs   []string
 	addHosts     []string
+	tapCIDR      string
 }
 
 func (f *netFlags) register(fs *pflag.FlagSet) {
-	fs.StringVar(&f.mode, "net", "user", "network: user (userspace NAT, no root) or none (no NIC); tap is not available yet")
+	fs.StringVar(&f.mode, "net", "user", "network: user (userspace NAT, no root), tap (a TAP device with NAT in nftables, root) or none (no NIC)")
+	fs.StringVar(&f.tapCIDR, "tap-cidr", "", "address pool of --net tap: the host takes the first address, guests lease the others (default "+smolvm.DefaultTAPSubnet+")")
 	fs.StringArrayVarP(&f.publish, "publish", "p", nil, "forward a host port to a guest port: [IP:]HOST:GUEST (IP defaults to 127.0.0.1; GUEST alone picks a free host port); repeatable")
 	fs.StringVar(&f.egress, "egress", "", "what the guest may reach: open (default; never link-local/cloud metadata), off, or allowlist (with --allow-domain/--allow-cidr)")
 	fs.StringArrayVar(&f.allowDomains, "allow-domain", nil, "allow this domain and its subdomains (implies --egress allowlist); repeatable")
@@ -33,7 +35,7 @@ func (f *netFlags) register(fs *pflag.FlagSet) {
 }
 
 func (f *netFlags) config() (smolvm.Config, error) {
-	c := smolvm.Config{Network: f.mode, Ports: f.publish,
+	c := smolvm.Config{Network: f.mode, Ports: f.publish, TAPSubnet: f.tapCIDR,
 		Egress: smolvm.Egress{Mode: f.egress, AllowDomains: f.allowDomains, AllowCIDRs: f.allowCIDRs}}
 	for _, h := range f.addHosts {
 		name, ip, ok := strings.Cut(h, ":")
@@ -56,7 +58,7 @@ func (f *netFlags) config() (smolvm.Config, error) {
 func newPortCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "port",
-		Short: "Forward host ports to a running VM (user-mode network)",
+		Short: "Forward host ports to a running VM (user-mode or tap network)",
 	}
 	var asJSON bool
 	ls := &cobra.Command{
@@ -139,7 +141,16 @@ func networkRows(row func(string, any), n *smolvm.NetworkInfo) {
 		row("Network", "none")
 		return
 	}
-	row("Network", fmt.Sprintf("%s: %s/24, gateway and DNS %s, host loopback at %s", n.Mode, n.GuestIP, n.Gateway, n.HostIP))
+	if n.Mode == smolvm.NetworkTAP {
+		dns := n.DNS
+		if dns == "" {
+			dns = "none"
+		}
+		row("Network", fmt.Sprintf("tap: %s/%d on %s, gateway %s (the host), DNS %s, pool %s, NAT to the host's network",
+			n.GuestIP, n.PrefixLen, n.TAP, n.Gateway, dns, n.Subnet))
+	} else {
+		row("Network", fmt.Sprintf("%s: %s/%d, gateway and DNS %s, host loopback at %s", n.Mode, n.GuestIP, n.PrefixLen, n.Gateway, n.HostIP))
+	}
 	var fw []string
 	for _, f := range n.Forwards {
 		fw = append(fw, fmt.Sprintf("%s:%d->%d/tcp", f.HostIP, f.HostPort, f.GuestPort))

@@ -67,7 +67,7 @@ func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
 		return smolvm.Config{}, err
 	}
 	return smolvm.Config{
-		Network: netCfg.Network, Ports: netCfg.Ports, Egress: netCfg.Egress, Hosts: netCfg.Hosts,
+		Network: netCfg.Network, Ports: netCfg.Ports, Egress: netCfg.Egress, Hosts: netCfg.Hosts, TAPSubnet: netCfg.TAPSubnet,
 		Image: f.image, DiskMode: f.diskMode, DiskSizeMiB: diskMiB, RetainDisk: f.retainDisk,
 		Name: f.name, VCPUs: f.cpus, MemoryMiB: f.memory,
 		KernelPath: f.kernel, InitrdPath: f.initrd, RootfsPath: f.rootfs, BootArgs: f.bootArgs,

@@ -12,7 +12,9 @@ import (
 )
 
 // netParams is the smolvm.net=ADDR/PREFIX,GATEWAY,DNS boot option: how
-// the host's user-mode network expects eth0 to be set up.
+// the host's network expects eth0 to be set up. DNS may be empty (no
+// nameserver). A gateway outside ADDR/PREFIX (tap mode gives a /32) is
+// reached on-link.
 type netParams struct {
 	addr    *netlink.Addr
 	gateway net.IP
@@ -83,11 +85,24 @@ func setupEth0(p *netParams) error {
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("bring eth0 up: %w", err)
 	}
+	if !p.addr.Contains(p.gateway) {
+		host := &net.IPNet{IP: p.gateway, Mask: net.CIDRMask(128, 128)}
+		if v4 := p.gateway.To4(); v4 != nil {
+			host = &net.IPNet{IP: v4, Mask: net.CIDRMask(32, 32)}
+		}
+		gw := &netlink.Route{LinkIndex: link.Attrs().Index, Scope: netlink.SCOPE_LINK, Dst: host}
+		if err := netlink.RouteReplace(gw); err != nil {
+			return fmt.Errorf("add on-link route to the gateway %s: %w", p.gateway, err)
+		}
+	}
 	route := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: p.gateway}
 	if err := netlink.RouteReplace(route); err != nil {
 		return fmt.Errorf("add default route via %s: %w", p.gateway, err)
 	}
-	conf := "nameserver " + p.dns + "\n"
+	conf := ""
+	if p.dns != "" {
+		conf = "nameserver " + p.dns + "\n"
+	}
 	_ = os.MkdirAll("/etc", 0o755)
 	if err := os.WriteFile("/etc/resolv.conf", []byte(conf), 0o644); err != nil {
 		return fmt.Errorf("write /etc/resolv.conf: %w", err)

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sort"
 	"sync"
 	"time"
@@ -41,6 +42,12 @@ const (
 // AgentPortName is the virtio-serial port name the guest agent looks for.
 const AgentPortName = "org.smolvm.agent"
 
+// MachineLayout versions the virtual hardware the drivers build (devices,
+// memory backend). A snapshot holds device state for one layout and cannot
+// be restored into another: bump it when a change to the machine would
+// break restoring snapshots taken before it.
+const MachineLayout = 2
+
 // AgentVsockPort is the vsock port the guest agent listens on.
 const AgentVsockPort = 1024
 
@@ -57,8 +64,12 @@ type NetDevice struct {
 	// StreamSocket connects the NIC to a userspace network stack listening
 	// on this unix socket (QEMU -netdev stream / dgram).
 	StreamSocket string
-	// TAP is the name of an existing TAP device.
-	TAP string
+	// TAP is the name of a TAP device. With TAPFile set, QEMU gets that
+	// open queue of the device as a file descriptor (-netdev tap,fd=N)
+	// and needs no privileges; without it QEMU opens the device by name
+	// itself (which needs CAP_NET_ADMIN).
+	TAP     string
+	TAPFile *os.File `json:"-"`
 }
 
 // MachineConfig is everything a driver needs to start one machine.

@@ -46,7 +46,7 @@ type Options struct {
 
 // Default is a bootable kernel and initramfs.
 type Default struct {
-	Kernel        string   // path to the bzImage
+	Kernel        string   // path to the kernel: a PVH vmlinux or a bzImage
 	Initrd        string   // path to the initramfs (uncompressed newc cpio)
 	KernelVersion string   // e.g. 6.1.0-56-cloud-amd64
 	Modules       []string // module names in load order, as in /etc/smolvm/modules

@@ -23,7 +23,7 @@ const KernelMetaPackage = "linux-image-cloud-amd64"
 type kernelSet struct {
 	Version   string      `json:"version"`
 	Package   string      `json:"package,omitempty"`
-	Kernel    string      `json:"-"` // absolute path of the bzImage
+	Kernel    string      `json:"-"` // absolute path of the kernel to boot (bzImage or PVH vmlinux)
 	KernelSHA string      `json:"kernel_sha256"`
 	Modules   []kernelMod `json:"modules"` // load order
 	Wanted    []string    `json:"wanted"`
@@ -62,13 +62,13 @@ func loadCachedKernel(dir string) *kernelSet {
 	if json.Unmarshal(b, &ks) != nil || ks.Builder != builderVersion || !slices.Equal(ks.Wanted, DefaultModules) {
 		return nil
 	}
-	ks.Kernel = filepath.Join(dir, "vmlinuz")
 	for i := range ks.Modules {
 		ks.Modules[i].path = filepath.Join(dir, "modules", ks.Modules[i].Name+".ko")
 	}
-	if _, err := os.Stat(ks.Kernel); err != nil {
+	if _, err := os.Stat(filepath.Join(dir, "vmlinuz")); err != nil {
 		return nil
 	}
+	ks.Kernel = bootKernel(dir) // vmlinux.go
 	return &ks
 }
 

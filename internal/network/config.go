@@ -1,16 +1,27 @@
-// Package network gives a VM its network: none, or a userspace NAT stack
-// (gvisor-tap-vsock's switch and gVisor's netstack) run inside the VM's
-// supervisor and connected to QEMU's `-netdev stream` over a unix socket.
-// The stack serves DNS to the guest, forwards host ports to guest ports and
-// enforces an egress policy on every connection the guest opens.
+// Package network gives a VM its network: none, a userspace NAT stack, or a
+// TAP device.
 //
-// Addresses of the user-mode network (the same in every VM; each VM has its
-// own stack):
+// User mode (stack.go): gvisor-tap-vsock's switch and gVisor's netstack run
+// inside the VM's supervisor, connected to QEMU's `-netdev stream` over a
+// unix socket. The stack serves DNS to the guest, forwards host ports to
+// guest ports and enforces an egress policy on every connection the guest
+// opens. Addresses (the same in every VM; each VM has its own stack):
 //
 //	192.168.127.0/24   the virtual subnet
 //	192.168.127.1      gateway and DNS server
 //	192.168.127.2      the guest (eth0)
 //	192.168.127.254    the host's loopback: connections to it go to 127.0.0.1
+//
+// TAP mode (tap.go, nft.go; root): the supervisor creates a non-persistent
+// TAP device per VM with netlink and hands QEMU its file descriptor. The
+// host side of every TAP is the pool's first address (172.16.0.1 by
+// default) as a /32, with a /32 route to the guest's address, which is
+// leased from the pool (pool "tap-ip" in the store). The guest's eth0 is
+// ADDR/32 with the host as an on-link gateway, so even traffic to another
+// guest goes through the host, where nftables (table "inet smolvm")
+// rejects it, masquerades the rest to the host's other interfaces and
+// enforces the egress policy's CIDRs. Every rule of a VM carries a comment
+// naming the VM, so delete and cleanup remove exactly its rules.
 package network
 
 import (
@@ -51,6 +62,16 @@ const SocketName = "net.sock"
 
 // PortPool is the store lease pool of forwarded host ports.
 const PortPool = "host-port"
+
+// TAP mode: the default address pool and its store lease pool (values are
+// IPv4 addresses as integers).
+const (
+	DefaultTAPSubnet = "172.16.0.0/16"
+	TAPPool          = "tap-ip"
+	// TAPPrefix starts the host-side name of every VM's TAP device
+	// ("smv" + VM id); nftables rules match it to tell TAPs apart.
+	TAPPrefix = "smv"
+)
 
 // Ephemeral host ports (a forward given without a host port) are leased
 // from this range.
@@ -100,6 +121,22 @@ type Config struct {
 	// Aliases map guest-visible addresses of the virtual subnet to host
 	// addresses (loopback only); default HostAliasIP → 127.0.0.1.
 	Aliases map[string]string `json:"aliases,omitempty"`
+
+	// TAP mode only.
+	// Subnet is the address pool (default DefaultTAPSubnet): the host is
+	// its first address (Gateway), the guest's address is leased from
+	// the rest.
+	Subnet string `json:"subnet,omitempty"`
+	// TAP is the host-side device name.
+	TAP string `json:"tap,omitempty"`
+	// MAC is the guest NIC's address.
+	MAC string `json:"mac,omitempty"`
+	// DNS is the guest's nameserver ("" for none): the host's first
+	// non-loopback nameserver.
+	DNS string `json:"dns,omitempty"`
+	// NetNS identifies (by inode) the network namespace the TAP and its
+	// nftables rules live in, so cleanup can find them from another one.
+	NetNS uint64 `json:"netns,omitempty"`
 }
 
 // ParseForward reads docker's -p form: [IP:]HOST:GUEST or GUEST (an
@@ -165,14 +202,31 @@ func (c *Config) Normalize() error {
 		}
 		return nil
 	}
-	if c.GuestIP == "" {
+	if c.Mode == ModeTAP {
+		if len(c.Egress.AllowDomains) > 0 {
+			return errors.New("egress domain allowlists are enforced by the user-mode network's DNS server, which tap mode does not have: use --net user, or allow addresses with --allow-cidr")
+		}
+		if len(c.Hosts) > 0 {
+			return errors.New("static host entries (--add-host) are answered by the user-mode network's DNS server, which tap mode does not have: use --net user")
+		}
+		if c.Subnet == "" {
+			c.Subnet = DefaultTAPSubnet
+		}
+		p, err := ParseTAPSubnet(c.Subnet)
+		if err != nil {
+			return err
+		}
+		c.Subnet = p.String()
+	} else if c.GuestIP == "" {
 		c.GuestIP = GuestIP
 	}
-	if c.Gateway == "" {
-		c.Gateway = GatewayIP
-	}
-	if c.Aliases == nil {
-		c.Aliases = map[string]string{HostAliasIP: "127.0.0.1"}
+	if c.Mode == ModeUser {
+		if c.Gateway == "" {
+			c.Gateway = GatewayIP
+		}
+		if c.Aliases == nil {
+			c.Aliases = map[string]string{HostAliasIP: "127.0.0.1"}
+		}
 	}
 	switch c.Egress.Mode {
 	case "":
@@ -237,12 +291,25 @@ func parseCIDR(s string) (netip.Prefix, error) {
 func normName(s string) string { return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(s)), ".") }
 
 // GuestCmdline is the kernel command line option that tells the guest
-// agent how to configure eth0: smolvm.net=ADDR/PREFIX,GATEWAY,DNS.
+// agent how to configure eth0: smolvm.net=ADDR/PREFIX,GATEWAY,DNS (DNS may
+// be empty). In tap mode the address is a /32 and the gateway is reached
+// on-link.
 func (c *Config) GuestCmdline() string {
-	if c.Mode == ModeNone || c.Mode == "" {
+	switch c.Mode {
+	case ModeNone, "":
 		return ""
+	case ModeTAP:
+		return fmt.Sprintf("smolvm.net=%s/32,%s,%s", c.GuestIP, c.Gateway, c.DNS)
 	}
 	return fmt.Sprintf("smolvm.net=%s/%d,%s,%s", c.GuestIP, PrefixLen, c.Gateway, c.Gateway)
+}
+
+// GuestDNS is the guest's nameserver ("" for none).
+func (c *Config) GuestDNS() string {
+	if c.Mode == ModeTAP {
+		return c.DNS
+	}
+	return c.Gateway
 }
 
 // Summary describes the network for status output.
@@ -250,7 +317,15 @@ func (c *Config) Summary() (addr, egress string) {
 	if c.Mode == ModeNone || c.Mode == "" {
 		return "none", "none"
 	}
-	addr = fmt.Sprintf("%s/%d via %s (dns %s; host loopback at %s)", c.GuestIP, PrefixLen, c.Gateway, c.Gateway, HostAliasIP)
+	if c.Mode == ModeTAP {
+		dns := c.DNS
+		if dns == "" {
+			dns = "none"
+		}
+		addr = fmt.Sprintf("%s/32 via %s on %s (pool %s, dns %s, NAT to the host's network)", c.GuestIP, c.Gateway, c.TAP, c.Subnet, dns)
+	} else {
+		addr = fmt.Sprintf("%s/%d via %s (dns %s; host loopback at %s)", c.GuestIP, PrefixLen, c.Gateway, c.Gateway, HostAliasIP)
+	}
 	egress = c.Egress.Mode
 	if c.Egress.Mode == EgressAllowlist {
 		var parts []string

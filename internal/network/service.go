@@ -13,24 +13,24 @@ import (
 )
 
 // Register serves the Network service of a VM's API socket. n is nil for
-// a VM without a user-mode network; cfg describes its network then.
-func Register(s *grpc.Server, n *Stack, cfg *Config) {
+// a VM without a network (an untyped nil); cfg describes its network then.
+func Register(s *grpc.Server, n Forwarder, cfg *Config) {
 	controlpb.RegisterNetworkServer(s, &service{n: n, cfg: cfg})
 }
 
 type service struct {
 	controlpb.UnimplementedNetworkServer
-	n   *Stack
+	n   Forwarder
 	cfg *Config
 }
 
-func (s *service) stack() (*Stack, error) {
+func (s *service) stack() (Forwarder, error) {
 	if s.n == nil {
 		mode := ModeNone
 		if s.cfg != nil && s.cfg.Mode != "" {
 			mode = s.cfg.Mode
 		}
-		return nil, status.Errorf(codes.FailedPrecondition, "port forwards need the user-mode network; this VM's network is %s (create it with --net user)", mode)
+		return nil, status.Errorf(codes.FailedPrecondition, "port forwards need a network (user-mode or tap); this VM's network is %s (create it with --net user or --net tap)", mode)
 	}
 	return s.n, nil
 }

@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/containers/gvisor-tap-vsock/pkg/tap"
@@ -73,15 +72,10 @@ type Stack struct {
 	aliases map[netip.Addr]netip.Addr // guest-visible → host
 	ctx     context.Context
 	cancel  context.CancelFunc
+	*portForwards
 
-	mu       sync.Mutex
-	forwards map[int]*portForward // by host port
-	closed   bool
-}
-
-type portForward struct {
-	Forward
-	ln net.Listener
+	mu     sync.Mutex
+	closed bool
 }
 
 // SocketPath is where the stack of a VM in dir listens for QEMU.
@@ -103,8 +97,9 @@ func Start(ctx context.Context, opts Options) (*Stack, error) {
 		log = slog.Default()
 	}
 	n := &Stack{opts: opts, cfg: cfg, log: log.With("component", "network"), policy: newPolicy(&cfg, opts.Resolver),
-		forwards: map[int]*portForward{}, aliases: map[netip.Addr]netip.Addr{}}
+		aliases: map[netip.Addr]netip.Addr{}}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	n.portForwards = newPortForwards(n.ctx, &opts, n.log, n.dialGuest)
 	n.subnet = netip.MustParsePrefix(Subnet)
 	n.guest = tcpip.AddrFrom4(netip.MustParseAddr(cfg.GuestIP).As4())
 	var virtualIPs []string
@@ -201,10 +196,8 @@ func (n *Stack) Close() {
 		return
 	}
 	n.closed = true
-	for _, f := range n.forwards {
-		_ = f.ln.Close()
-	}
 	n.mu.Unlock()
+	n.closeAll()
 	n.cancel()
 	if n.ln != nil {
 		_ = n.ln.Close()
@@ -368,132 +361,9 @@ func pipe(a, b net.Conn) {
 	b.Close()
 }
 
-// Forwards lists the active forwards by host port.
-func (n *Stack) Forwards() []Forward {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	out := make([]Forward, 0, len(n.forwards))
-	for _, f := range n.forwards {
-		out = append(out, f.Forward)
-	}
-	sortForwards(out)
-	return out
-}
-
-// Expose forwards a host port to a guest port at run time: it leases the
-// host port, binds it and records the change. A host port of 0 picks a
-// free one.
-func (n *Stack) Expose(ctx context.Context, f Forward) (Forward, error) {
-	if f.HostIP == "" {
-		f.HostIP = "127.0.0.1"
-	}
-	return n.expose(ctx, f, true)
-}
-
-func (n *Stack) expose(ctx context.Context, f Forward, persist bool) (Forward, error) {
-	if f.GuestPort < 1 || f.GuestPort > 65535 {
-		return f, fmt.Errorf("guest port %d is not a port number (1-65535)", f.GuestPort)
-	}
-	n.mu.Lock()
-	_, dup := n.forwards[f.HostPort]
-	n.mu.Unlock()
-	if f.HostPort != 0 && dup {
-		return f, fmt.Errorf("host port %d is already forwarded by this VM: close it first ('smolvm port close VM %d')", f.HostPort, f.HostPort)
-	}
-	leased := false
-	if n.opts.Store != nil {
-		fresh, err := LeasePort(ctx, n.opts.Store, n.opts.Owner, &f)
-		if err != nil {
-			return f, err
-		}
-		leased = fresh
-	}
-	ln, err := listenForward(f)
-	if err != nil {
-		if leased {
-			_ = n.opts.Store.Release(context.WithoutCancel(ctx), PortPool, int64(f.HostPort))
-		}
-		return f, err
-	}
-	pf := &portForward{Forward: f, ln: ln}
-	n.mu.Lock()
-	if n.closed {
-		n.mu.Unlock()
-		ln.Close()
-		return f, errors.New("network is closed")
-	}
-	n.forwards[f.HostPort] = pf
-	n.mu.Unlock()
-	go n.serveForward(pf)
-	n.log.Debug("port forward", "forward", f.String())
-	if persist && n.opts.Persist != nil {
-		if err := n.opts.Persist(ctx, n.Forwards()); err != nil {
-			return f, fmt.Errorf("record port forward: %w", err)
-		}
-	}
-	return f, nil
-}
-
-// Unexpose ends the forward of a host port and releases its lease.
-func (n *Stack) Unexpose(ctx context.Context, hostPort int) error {
-	n.mu.Lock()
-	pf, ok := n.forwards[hostPort]
-	delete(n.forwards, hostPort)
-	n.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("host port %d is not forwarded (see 'smolvm port ls VM')", hostPort)
-	}
-	_ = pf.ln.Close()
-	if n.opts.Store != nil {
-		if err := n.opts.Store.Release(ctx, PortPool, int64(hostPort)); err != nil {
-			return err
-		}
-	}
-	if n.opts.Persist != nil {
-		return n.opts.Persist(ctx, n.Forwards())
-	}
-	return nil
-}
-
-func listenForward(f Forward) (net.Listener, error) {
-	addr := net.JoinHostPort(f.HostIP, strconv.Itoa(f.HostPort))
-	ln, err := net.Listen("tcp4", addr)
-	if err == nil {
-		return ln, nil
-	}
-	switch {
-	case errors.Is(err, syscall.EADDRINUSE):
-		return nil, fmt.Errorf("host port %d on %s is already in use by another program: pick another host port (e.g. -p %s:%d:%d) or stop what listens there",
-			f.HostPort, f.HostIP, f.HostIP, f.HostPort+1, f.GuestPort)
-	case errors.Is(err, syscall.EADDRNOTAVAIL):
-		return nil, fmt.Errorf("forward host port %d: %s is not an address of this host", f.HostPort, f.HostIP)
-	case errors.Is(err, syscall.EACCES):
-		return nil, fmt.Errorf("forward host port %d: ports below 1024 need root; pick a higher host port", f.HostPort)
-	}
-	return nil, fmt.Errorf("forward host port %s: %w", addr, err)
-}
-
-func (n *Stack) serveForward(pf *portForward) {
-	for {
-		c, err := pf.ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			ctx, cancel := context.WithTimeout(n.ctx, 15*time.Second)
-			g, err := gonet.DialContextTCP(ctx, n.stack, tcpip.FullAddress{NIC: nicID, Addr: n.guest, Port: uint16(pf.GuestPort)}, ipv4.ProtocolNumber)
-			cancel()
-			if err != nil {
-				n.log.Debug("port forward: guest did not accept", "forward", pf.String(), "err", err)
-				c.Close()
-				return
-			}
-			if tc, ok := c.(*net.TCPConn); ok {
-				_ = tc.SetNoDelay(true)
-			}
-			pipe(c, g)
-		}()
-	}
+// dialGuest opens a TCP connection to a guest port through the stack.
+func (n *Stack) dialGuest(ctx context.Context, port int) (net.Conn, error) {
+	return gonet.DialContextTCP(ctx, n.stack, tcpip.FullAddress{NIC: nicID, Addr: n.guest, Port: uint16(port)}, ipv4.ProtocolNumber)
 }
 
 // LeasePort leases f's host port to owner in the pool "host-port" and

@@ -32,6 +32,10 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) erro
 	if len(s.spec.Machine.Disks) > 0 {
 		return fmt.Errorf("snapshots of VMs with disks: %w", hypervisor.ErrUnsupported)
 	}
+	if s.tap != nil {
+		// A clone would come up with this VM's leased address and TAP.
+		return fmt.Errorf("snapshots of VMs in network mode tap (the guest's address is leased to this VM; use --net user): %w", hypervisor.ErrUnsupported)
+	}
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
 	if err := os.MkdirAll(dir, 0o700); err != nil {

@@ -53,6 +53,9 @@ type Spec struct {
 	SupervisorBinary string `json:"supervisor_binary,omitempty"`
 	// ImageFingerprint identifies the kernel, initramfs and agent booted.
 	ImageFingerprint string `json:"image_fingerprint,omitempty"`
+	// MachineLayout is the hypervisor.MachineLayout the machine was built
+	// with; a snapshot restores only into the same layout.
+	MachineLayout int `json:"machine_layout,omitempty"`
 	// Network is the VM's network (nil: none); forwards added at run time
 	// are recorded here.
 	Network *network.Config `json:"network,omitempty"`
@@ -75,7 +78,8 @@ type Supervisor struct {
 	st      *store.Store
 	log     *slog.Logger
 	machine hypervisor.Machine
-	net     *network.Stack // user-mode network, started before the machine
+	net     vmNetwork    // user-mode stack or TAP, started before the machine
+	tap     *network.TAP // the TAP network, when the VM has one
 
 	agentConn *grpc.ClientConn
 	agent     agentpb.AgentClient
@@ -150,6 +154,11 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	}
 	s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
 	m, err := d.Start(ctx, &mc)
+	if s.tap != nil {
+		// QEMU holds the TAP queue now (or failed): the device lives as
+		// long as QEMU does.
+		s.tap.ReleaseFile()
+	}
 	if err != nil {
 		return fmt.Errorf("launch: %w", err)
 	}
@@ -288,7 +297,11 @@ func (s *Supervisor) serve() error {
 		grpc.InitialWindowSize(1<<20), grpc.InitialConnWindowSize(4<<20),
 	)
 	controlpb.RegisterControlServer(s.server, &control{s: s})
-	network.Register(s.server, s.net, s.spec.Network)
+	var fwd network.Forwarder
+	if s.net != nil {
+		fwd = s.net
+	}
+	network.Register(s.server, fwd, s.spec.Network)
 	go func() { _ = s.server.Serve(l) }()
 	return nil
 }
@@ -353,22 +366,51 @@ func (s *Supervisor) teardown() {
 	_ = os.Remove(filepath.Join(s.spec.Machine.Dir, APISocket))
 }
 
-// startNetwork starts the user-mode network stack the machine's NIC
-// connects to, and binds its port forwards.
+// vmNetwork is a running VM network: the user-mode stack or a TAP.
+type vmNetwork interface {
+	network.Forwarder
+	Close()
+}
+
+// startNetwork starts the VM's network before the machine: the user-mode
+// stack its NIC connects to, or its TAP device (whose queue QEMU gets as a
+// file descriptor), with their port forwards.
 func (s *Supervisor) startNetwork(ctx context.Context, mc *hypervisor.MachineConfig) error {
 	n := s.spec.Network
-	if n == nil || n.Mode != network.ModeUser {
+	if n == nil {
 		return nil
 	}
-	ns, err := network.Start(ctx, network.Options{Config: *n, Dir: mc.Dir, Logger: s.log, Store: s.st, Owner: s.id,
-		Persist: s.persistForwards})
-	if err != nil {
-		return fmt.Errorf("network: %w", err)
-	}
-	s.net = ns
-	for i := range mc.Net {
-		if mc.Net[i].StreamSocket != "" {
-			mc.Net[i].StreamSocket = network.SocketPath(mc.Dir)
+	opts := network.Options{Config: *n, Dir: mc.Dir, Logger: s.log, Store: s.st, Owner: s.id, Persist: s.persistForwards}
+	switch n.Mode {
+	case network.ModeUser:
+		ns, err := network.Start(ctx, opts)
+		if err != nil {
+			return fmt.Errorf("network: %w", err)
+		}
+		s.net = ns
+		for i := range mc.Net {
+			if mc.Net[i].StreamSocket != "" {
+				mc.Net[i].StreamSocket = network.SocketPath(mc.Dir)
+			}
+		}
+	case network.ModeTAP:
+		t, err := network.StartTAP(ctx, opts)
+		if err != nil {
+			return fmt.Errorf("network: %w", err)
+		}
+		s.net, s.tap = t, t
+		mc.Net = append([]hypervisor.NetDevice(nil), mc.Net...)
+		for i := range mc.Net {
+			if mc.Net[i].TAP == n.TAP {
+				mc.Net[i].TAPFile = t.File()
+			}
+		}
+		// Record the network namespace the TAP lives in, so cleanup
+		// finds it from another one.
+		if ns := t.Config().NetNS; ns != n.NetNS {
+			if err := s.updateNetwork(ctx, func(c *network.Config) { c.NetNS = ns }); err != nil {
+				return fmt.Errorf("record the VM's network namespace: %w", err)
+			}
 		}
 	}
 	return nil
@@ -377,12 +419,17 @@ func (s *Supervisor) startNetwork(ctx context.Context, mc *hypervisor.MachineCon
 // persistForwards records the forwards in the VM's stored spec, so a
 // restart binds them again.
 func (s *Supervisor) persistForwards(ctx context.Context, fwds []network.Forward) error {
+	return s.updateNetwork(ctx, func(c *network.Config) { c.Forwards = fwds })
+}
+
+// updateNetwork changes the network of the VM's stored spec.
+func (s *Supervisor) updateNetwork(ctx context.Context, change func(*network.Config)) error {
 	_, err := s.st.UpdateVM(ctx, s.id, func(v *store.VM) error {
 		var spec Spec
 		if err := json.Unmarshal(v.Config, &spec); err != nil || spec.Network == nil {
 			return err
 		}
-		spec.Network.Forwards = fwds
+		change(spec.Network)
 		b, err := json.Marshal(&spec)
 		v.Config = b
 		return err

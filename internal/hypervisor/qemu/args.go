@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 
@@ -17,6 +18,22 @@ const (
 
 // incomingFD is the file descriptor a snapshot's memory file is passed on.
 const incomingFD = 3
+
+// extraFiles are the files QEMU inherits, from fd 3 on: the snapshot's
+// memory when restoring, then the TAP queue of each NIC that has one.
+// buildArgs numbers them the same way.
+func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
+	var fs []*os.File
+	if cfg.Incoming != "" {
+		fs = append(fs, memory)
+	}
+	for _, n := range cfg.Net {
+		if n.TAPFile != nil && n.StreamSocket == "" {
+			fs = append(fs, n.TAPFile)
+		}
+	}
+	return fs
+}
 
 // buildArgs turns a machine config into QEMU's argv (without the binary).
 func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
@@ -76,11 +93,20 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		}
 		args = append(args, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
 	}
+	nextFD := incomingFD
+	if cfg.Incoming != "" {
+		nextFD++
+	}
 	for i, n := range cfg.Net {
 		var netdev string
 		switch {
 		case n.StreamSocket != "":
 			netdev = fmt.Sprintf("stream,id=net%d,server=off,addr.type=unix,addr.path=%s", i, escape(n.StreamSocket))
+		case n.TAPFile != nil:
+			// An open queue of a TAP the supervisor created: QEMU needs
+			// no privileges and keeps its seccomp sandbox.
+			netdev = fmt.Sprintf("tap,id=net%d,fd=%d", i, nextFD)
+			nextFD++
 		case n.TAP != "":
 			netdev = fmt.Sprintf("tap,id=net%d,ifname=%s,script=no,downscript=no", i, escape(n.TAP))
 		default:

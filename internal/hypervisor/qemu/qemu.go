@@ -106,14 +106,15 @@ func (d *Driver) Start(ctx context.Context, cfg *hypervisor.MachineConfig) (hype
 	// QEMU dies with the process that started it (the supervisor), so a
 	// crashed supervisor never leaves an orphaned guest behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	var memory *os.File
 	if cfg.Incoming != "" {
-		f, err := os.Open(filepath.Join(cfg.Incoming, "memory"))
+		memory, err = os.Open(filepath.Join(cfg.Incoming, "memory"))
 		if err != nil {
 			return nil, fmt.Errorf("open snapshot memory: %w", err)
 		}
-		defer f.Close()
-		cmd.ExtraFiles = []*os.File{f} // fd 3 = incomingFD
+		defer memory.Close()
 	}
+	cmd.ExtraFiles = extraFiles(cfg, memory) // fd 3 = incomingFD when restoring
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}

@@ -1,0 +1,242 @@
+package smolvm_test
+
+// Real-VM tests of snapshots: a restored clone is the machine at snapshot
+// time (files, processes) yet a distinct machine (entropy, clock, hostname,
+// machine id); clones are independent; stale and in-use snapshots are
+// refused; the warm snapshot made by Setup is what New restores, and a
+// broken one does not stop New.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"math"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/testutil"
+)
+
+// restore starts a clone of snapshot in home; it is closed when the test
+// ends.
+func restore(t *testing.T, home, snapshot, name string) *smolvm.VM {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.BootTimeout)
+	defer cancel()
+	vm, err := smolvm.Restore(ctx, snapshot, smolvm.Config{Home: home, Name: name, BootTimeout: testutil.BootTimeout})
+	if err != nil {
+		t.Fatalf("Restore %s as %s: %v", snapshot, name, err)
+	}
+	t.Cleanup(func() { vm.Close() })
+	return vm
+}
+
+func TestSnapshotRestore(t *testing.T) {
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	src := newVM(t, smolvm.Config{Home: home, Name: "source"})
+
+	pid := sh(t, src, "echo snapshot-time > /root/state.txt; sleep 100000 >/dev/null 2>&1 & echo $!")
+	if _, err := src.Snapshot(ctx, "bad/name"); !errors.Is(err, smolvm.ErrInvalid) {
+		t.Errorf("Snapshot with a bad name: %v, want ErrInvalid", err)
+	}
+	info, err := src.Snapshot(ctx, "s1")
+	if err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	if info.MemoryBytes <= 0 || info.SourceVM != src.ID() {
+		t.Errorf("snapshot info %+v", info)
+	}
+	if _, err := src.Snapshot(ctx, "s1"); !errors.Is(err, smolvm.ErrExists) {
+		t.Errorf("second snapshot named s1: %v, want ErrExists", err)
+	}
+	// The source goes on after its snapshot.
+	if got := sh(t, src, "cat /root/state.txt; kill -0 "+pid+" && echo alive"); got != "snapshot-time\nalive" {
+		t.Errorf("source after the snapshot: %q", got)
+	}
+	sh(t, src, "echo after > /root/state.txt")
+
+	// The clock check: a clone restored 5 s after the snapshot
+	// must still have the host's time.
+	time.Sleep(5 * time.Second)
+	clones := make([]*smolvm.VM, 2)
+	var wg sync.WaitGroup
+	for i := range clones {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			clones[i] = restore(t, home, "s1", "clone"+strconv.Itoa(i))
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	type identity struct{ random, hostname, machineID string }
+	var ids []identity
+	for _, c := range clones {
+		// Files and processes are as at snapshot time.
+		if got := sh(t, c, "cat /root/state.txt; kill -0 "+pid+" && echo alive"); got != "snapshot-time\nalive" {
+			t.Errorf("%s: state %q, want the snapshot's file and process", c.Name(), got)
+		}
+		// busybox date has whole seconds: the guest's second must be
+		// within 1 s of the host's time around the call.
+		before := float64(time.Now().UnixNano()) / 1e9
+		guest, err := strconv.ParseFloat(sh(t, c, "date +%s"), 64)
+		after := float64(time.Now().UnixNano()) / 1e9
+		if err != nil {
+			t.Fatalf("%s: date: %v", c.Name(), err)
+		}
+		if guest < math.Floor(before)-1 || guest > after+1 {
+			t.Errorf("%s: wall clock %.0f, host %.3f..%.3f: more than 1 s off", c.Name(), guest, before, after)
+		}
+		id := identity{
+			random:    sh(t, c, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"),
+			hostname:  sh(t, c, "hostname"),
+			machineID: sh(t, c, "cat /etc/machine-id"),
+		}
+		if id.hostname != c.Name() {
+			t.Errorf("%s: hostname %q, want the clone's name", c.Name(), id.hostname)
+		}
+		ids = append(ids, id)
+	}
+	if ids[0].random == ids[1].random || ids[0].machineID == ids[1].machineID || ids[0].hostname == ids[1].hostname {
+		t.Errorf("the clones are not distinct machines: %+v", ids)
+	}
+
+	// Clones are independent of each other and of the source.
+	sh(t, clones[0], "echo mine > /root/only-clone0")
+	for _, vm := range []*smolvm.VM{clones[1], src} {
+		if got := sh(t, vm, "cat /root/only-clone0 2>/dev/null || echo absent"); got != "absent" {
+			t.Errorf("%s sees clone0's file: %q", vm.Name(), got)
+		}
+	}
+	if got := sh(t, clones[1], "cat /root/state.txt"); got != "snapshot-time" {
+		t.Errorf("clone1 sees the source's later write: %q", got)
+	}
+
+	// A snapshot in use is not deleted; an unused one is, with its files.
+	if err := smolvm.DeleteSnapshot(ctx, home, "s1"); !errors.Is(err, smolvm.ErrInUse) {
+		t.Errorf("DeleteSnapshot while clones run: %v, want ErrInUse", err)
+	}
+	list, err := smolvm.ListSnapshots(ctx, home)
+	if err != nil || len(list) != 1 || list[0].Name != "s1" {
+		t.Fatalf("ListSnapshots: %v, %v", list, err)
+	}
+	dir := list[0].Dir
+
+	t.Run("Stale", func(t *testing.T) {
+		// A snapshot of another kernel/initramfs/agent, or of another
+		// machine layout, is refused with what to do.
+		for name, edit := range map[string]func(map[string]any){
+			"image changed":  func(s map[string]any) { s["image_fingerprint"] = strings.Repeat("0", 64) },
+			"layout changed": func(s map[string]any) { s["machine_layout"] = 1 },
+		} {
+			stale := "stale-" + strings.ReplaceAll(name, " ", "-")
+			if _, err := src.Snapshot(ctx, stale); err != nil {
+				t.Fatalf("Snapshot: %v", err)
+			}
+			specPath := filepath.Join(filepath.Dir(dir), stale, "spec.json")
+			b, err := os.ReadFile(specPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var spec map[string]any
+			if err := json.Unmarshal(b, &spec); err != nil {
+				t.Fatal(err)
+			}
+			edit(spec)
+			b, _ = json.Marshal(spec)
+			if err := os.WriteFile(specPath, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err = smolvm.Restore(ctx, stale, smolvm.Config{Home: home})
+			if err == nil || !strings.Contains(err.Error(), "stale") || !strings.Contains(err.Error(), "smolvm snapshot rm "+stale) {
+				t.Errorf("%s: Restore: %v, want a stale-snapshot error naming the fix", name, err)
+			}
+			if err := smolvm.DeleteSnapshot(ctx, home, stale); err != nil {
+				t.Errorf("DeleteSnapshot %s: %v", stale, err)
+			}
+		}
+		if _, err := smolvm.Restore(ctx, "no-such-snapshot", smolvm.Config{Home: home}); !errors.Is(err, smolvm.ErrNotFound) {
+			t.Errorf("Restore of an unknown snapshot: %v, want ErrNotFound", err)
+		}
+	})
+
+	for _, c := range clones {
+		if err := c.Close(); err != nil {
+			t.Errorf("Close %s: %v", c.Name(), err)
+		}
+	}
+	if err := smolvm.DeleteSnapshot(ctx, home, "s1"); err != nil {
+		t.Fatalf("DeleteSnapshot after the clones are gone: %v", err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("snapshot folder %s still there: %v", dir, err)
+	}
+}
+
+// TestWarmStart checks the warm snapshot Setup makes: New restores it
+// instead of booting, Cold boots, and a warm snapshot that no longer
+// restores makes New boot rather than fail.
+func TestWarmStart(t *testing.T) {
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
+		t.Fatalf("Setup with the warm snapshot: %v", err)
+	}
+	snaps, err := smolvm.ListSnapshots(ctx, home)
+	if err != nil || len(snaps) != 1 || !snaps[0].Warm {
+		t.Fatalf("after Setup: snapshots %+v, %v; want one warm snapshot", snaps, err)
+	}
+	// Setup again finds it and makes no other.
+	if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
+		t.Fatalf("second Setup: %v", err)
+	}
+	if again, _ := smolvm.ListSnapshots(ctx, home); len(again) != 1 || again[0].Created != snaps[0].Created {
+		t.Errorf("second Setup changed the warm snapshots: %+v", again)
+	}
+
+	from := func(cfg smolvm.Config) string {
+		t.Helper()
+		cfg.Home = home
+		vm := newVM(t, cfg)
+		if got := sh(t, vm, "echo ok; hostname"); got != "ok\n"+vm.Name() {
+			t.Errorf("%s: %q", vm.Name(), got)
+		}
+		info, err := vm.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := vm.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+		return info.Snapshot
+	}
+	if got := from(smolvm.Config{}); got != snaps[0].Name {
+		t.Errorf("New restored %q, want the warm snapshot %s", got, snaps[0].Name)
+	}
+	if got := from(smolvm.Config{Cold: true}); got != "" {
+		t.Errorf("New with Cold restored %q, want a boot", got)
+	}
+	// Another shape has no warm snapshot: it boots.
+	if got := from(smolvm.Config{MemoryMiB: 384}); got != "" {
+		t.Errorf("New with 384 MiB restored %q, want a boot", got)
+	}
+
+	// A warm snapshot that does not restore (here: cut short) is skipped.
+	mem := filepath.Join(snaps[0].Dir, "memory")
+	if err := os.Truncate(mem, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if got := from(smolvm.Config{}); got != "" {
+		t.Errorf("New over a broken warm snapshot restored %q, want a boot", got)
+	}
+}
