@@ -235,7 +235,7 @@ func installImage(ctx context.Context, home, name string, res *rootfs.Result, op
 	if users, err := imageUsers(ctx, st, name); err != nil {
 		return nil, err
 	} else if len(users) > 0 {
-		return nil, fmt.Errorf("image %q is %w by VM %s (their disks are backed by it): delete them first", name, ErrInUse, strings.Join(users, ", "))
+		return nil, fmt.Errorf("image %q is %w by VM %s (their disks are backed by it): delete them first (smolvm rm, smolvm snapshot rm)", name, ErrInUse, strings.Join(users, ", "))
 	}
 	dir := filepath.Join(imagesDir(home), name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -267,7 +267,8 @@ func installImage(ctx context.Context, home, name string, res *rootfs.Result, op
 }
 
 // imageUsers lists the VMs (in any state: a stopped VM's overlay still
-// needs its base) whose image is name.
+// needs its base) whose image is name, and the snapshots of such VMs
+// ("snapshot NAME": their frozen disks are backed by it).
 func imageUsers(ctx context.Context, st *store.Store, name string) ([]string, error) {
 	vms, err := st.ListVMs(ctx)
 	if err != nil {
@@ -277,6 +278,21 @@ func imageUsers(ctx context.Context, st *store.Store, name string) ([]string, er
 	for _, v := range vms {
 		if v.Image == name {
 			out = append(out, v.Name+" ("+v.ID+")")
+		}
+	}
+	if name == DefaultImage {
+		return out, nil
+	}
+	sns, err := st.ListSnapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, sn := range sns {
+		var info struct {
+			Image string `json:"image"`
+		}
+		if json.Unmarshal(sn.Info, &info) == nil && info.Image == name {
+			out = append(out, "snapshot "+sn.Name)
 		}
 	}
 	return out, nil
@@ -398,7 +414,7 @@ func removeImage(ctx context.Context, st *store.Store, home, name string) error 
 	if users, err := imageUsers(ctx, st, name); err != nil {
 		return err
 	} else if len(users) > 0 {
-		return fmt.Errorf("image %q is %w by VM %s: delete them first", name, ErrInUse, strings.Join(users, ", "))
+		return fmt.Errorf("image %q is %w by VM %s: delete them first (smolvm rm, smolvm snapshot rm)", name, ErrInUse, strings.Join(users, ", "))
 	}
 	if err := st.DeleteImage(ctx, name); err != nil {
 		return err

@@ -14,6 +14,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
+	"github.com/smolvm/smolvm/internal/rootfs"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
@@ -25,10 +26,13 @@ type SnapshotInfo struct {
 	SourceVM    string    `json:"source_vm"`
 	Created     time.Time `json:"created"`
 	MemoryBytes int64     `json:"memory_bytes"`
-	VCPUs       int       `json:"vcpus"`
-	MemoryMiB   int       `json:"memory_mib"`
-	Image       string    `json:"image"`
-	Warm        bool      `json:"warm,omitempty"`
+	// DiskBytes is what the snapshot's frozen disks take on the host: the
+	// VM's changes to its image, not the image.
+	DiskBytes int64  `json:"disk_bytes,omitempty"`
+	VCPUs     int    `json:"vcpus"`
+	MemoryMiB int    `json:"memory_mib"`
+	Image     string `json:"image"`
+	Warm      bool   `json:"warm,omitempty"`
 }
 
 // warmPrefix names the snapshots Setup makes for warm starts.
@@ -47,10 +51,13 @@ type snapshotSource struct {
 	image *resolvedImage
 }
 
-// Snapshot saves the VM's memory, device state and settings under name.
-// The VM pauses while it is written and then goes on; commands running
-// across a snapshot lose their connection. Any number of VMs can be
-// restored from one snapshot at once.
+// Snapshot saves the VM's memory, device state and settings under name,
+// and its disk when it was booted from a disk image: in isolated mode a
+// copy of its overlay (only what the VM changed on top of the image), in
+// shared mode the read-only image by reference. The VM pauses while it is
+// written and then goes on; commands running across a snapshot lose their
+// connection. Any number of VMs can be restored from one snapshot at once,
+// each on a disk overlay of its own.
 func (vm *VM) Snapshot(ctx context.Context, name string) (*SnapshotInfo, error) {
 	if !snapNameRE.MatchString(name) || strings.HasPrefix(name, warmPrefix) {
 		return nil, fmt.Errorf("%w: snapshot name %q: use 1-63 letters, digits, '_', '.', '-' (not starting with %q)", ErrInvalid, name, warmPrefix)
@@ -114,6 +121,9 @@ func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
 	if fi, err := os.Stat(filepath.Join(sn.Dir, "memory")); err == nil {
 		in.MemoryBytes = fi.Size()
 	}
+	for _, d := range frozenDisks(sn.Dir) {
+		in.DiskBytes += rootfs.DiskUsage(d)
+	}
 	var extra struct {
 		Image string `json:"image"`
 	}
@@ -125,7 +135,9 @@ func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
 // Restore starts a new VM from a snapshot. Only the name, persistence,
 // state folder, logger and timeouts of cfg apply: the machine's shape is
 // the snapshot's. The clone is a distinct machine: fresh entropy, the
-// host's wall clock, its own hostname and machine id.
+// host's wall clock, its own hostname and machine id. A clone of a VM
+// booted from a disk image writes to an overlay of its own on the
+// snapshot's disk; started again after a stop, it boots from that disk.
 func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 	started := time.Now()
 	if err := cfg.setDefaults(); err != nil {
@@ -171,11 +183,39 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 			return nil, fmt.Errorf("snapshot %q is stale: its kernel or initramfs %s is gone: delete it with 'smolvm snapshot rm %s' and take a new one", name, f, name)
 		}
 	}
-	src.image = &resolvedImage{name: "default", kernel: mc.Kernel, initrd: mc.Initrd, fingerprint: src.spec.ImageFingerprint}
+	// The disks: the frozen copy of each overlay, and the read-only image
+	// of a shared disk.
+	for i, d := range mc.Disks {
+		if d.ReadOnly {
+			if _, err := os.Stat(d.Path); err != nil {
+				return nil, fmt.Errorf("snapshot %q is stale: its disk image %s is gone: delete it with 'smolvm snapshot rm %s'", name, d.Path, name)
+			}
+		} else if _, err := os.Stat(supervisor.SnapshotDisk(sn.Dir, i)); err != nil {
+			return nil, fmt.Errorf("snapshot %q is damaged (%w): delete it with 'smolvm snapshot rm %s'", name, err, name)
+		}
+	}
+	imageName := DefaultImage
+	var extra struct {
+		Image string `json:"image"`
+	}
+	_ = json.Unmarshal(sn.Info, &extra)
+	if len(mc.Disks) > 0 && extra.Image != "" {
+		// The clone uses the image too (its disk is backed by it): image
+		// rm is refused while it exists.
+		imageName = extra.Image
+	}
+	src.image = &resolvedImage{name: imageName, kernel: mc.Kernel, initrd: mc.Initrd, fingerprint: src.spec.ImageFingerprint}
 	if src.spec.ImageFingerprint != "" {
+		// A VM of a named image has "<default image>+<image digest>".
+		boot, digest, named := strings.Cut(src.spec.ImageFingerprint, "+")
 		cur, err := resolveImage(ctx, homeOf(st), &Config{Logger: cfg.Logger})
-		if err == nil && cur.fingerprint != src.spec.ImageFingerprint {
+		if err == nil && cur.fingerprint != boot {
 			return nil, fmt.Errorf("snapshot %q is stale: the kernel, initramfs or agent changed since it was taken: delete it with 'smolvm snapshot rm %s' and take a new one", name, name)
+		}
+		if named && imageName != DefaultImage {
+			if im, err := st.GetImage(ctx, imageName); err != nil || im.Digest != digest {
+				return nil, fmt.Errorf("snapshot %q is stale: its disk image %q was removed or rebuilt since it was taken: delete it with 'smolvm snapshot rm %s' and take a new one", name, imageName, name)
+			}
 		}
 	}
 	return src, nil
@@ -187,6 +227,16 @@ func restoreSpec(ctx context.Context, st *store.Store, cfg *Config, src *snapsho
 	spec.Machine.ID, spec.Machine.Dir = rec.ID, dir
 	spec.Machine.ConsoleLog = filepath.Join(dir, supervisor.ConsoleLog)
 	spec.Machine.Incoming = src.dir
+	// Same drives in the same order as the saved machine (its device
+	// state refers to them); each writable one is a new overlay in this
+	// VM's folder, made on the snapshot's frozen disk when the supervisor
+	// starts the machine (supervisor.prepareDisks).
+	spec.Machine.Disks = append([]hypervisor.Disk(nil), spec.Machine.Disks...)
+	for i := range spec.Machine.Disks {
+		if d := &spec.Machine.Disks[i]; !d.ReadOnly {
+			d.Path = filepath.Join(dir, filepath.Base(d.Path))
+		}
+	}
 	spec.Restored, spec.Hostname, spec.Persistent = true, rec.Name, cfg.Persistent
 	spec.SupervisorBinary = cfg.SupervisorBinary
 	spec.BootTimeout = cfg.BootTimeout
@@ -219,7 +269,8 @@ func ListSnapshots(ctx context.Context, home string) ([]*SnapshotInfo, error) {
 }
 
 // DeleteSnapshot removes a snapshot; it is refused while a running VM was
-// restored from it.
+// restored from it, and while any VM (even stopped) has a disk backed by
+// the snapshot's.
 func DeleteSnapshot(ctx context.Context, home, name string) error {
 	st, err := openStore(ctx, home)
 	if err != nil {
@@ -233,6 +284,21 @@ func DeleteSnapshot(ctx context.Context, home, name string) error {
 	if err != nil {
 		return fmt.Errorf("snapshot %q: %w (see 'smolvm snapshot ls')", name, err)
 	}
+	if len(frozenDisks(sn.Dir)) > 0 {
+		vms, err := st.ListVMs(ctx)
+		if err != nil {
+			return err
+		}
+		var users []string
+		for _, v := range vms {
+			if v.Snapshot == name {
+				users = append(users, v.Name+" ("+v.ID+", "+v.State+")")
+			}
+		}
+		if len(users) > 0 {
+			return fmt.Errorf("snapshot %q is %w by VM %s (their disks are backed by the snapshot's): delete them first (smolvm rm -f NAME)", name, ErrInUse, strings.Join(users, ", "))
+		}
+	}
 	if err := st.DeleteSnapshot(ctx, name); err != nil {
 		return err
 	}
@@ -240,6 +306,12 @@ func DeleteSnapshot(ctx context.Context, home, name string) error {
 		return fmt.Errorf("remove snapshot folder: %w", err)
 	}
 	return nil
+}
+
+// frozenDisks lists the frozen disks in a snapshot folder.
+func frozenDisks(dir string) []string {
+	ds, _ := filepath.Glob(filepath.Join(dir, "disk*.qcow2"))
+	return ds
 }
 
 // warmKey names the warm snapshot of a machine shape: everything that must

@@ -34,7 +34,9 @@ whole wait from create to first command.
 Modes: cold (stock kernel, cold boot), restore (the warm snapshot 'smolvm setup'
 makes), tuned (cold boot of the kernel 'smolvm kernel build' makes). Then one VM
 answers --warm-runs pings and 'true' commands, and the same command over SSH
-where the guest can run an SSH server. With --concurrency N, VMs are also
+(the host's dropbear copied into the guest, reached through a port forwarded
+over the VM's NIC; with --warm-net none, bridged over the agent's exec
+stream). With --concurrency N, VMs are also
 created N at a time: throughput and host memory per idle VM.
 
 Every VM is named bench-PID-… and deleted at the end, also on Ctrl-C.`,
@@ -49,6 +51,13 @@ Every VM is named bench-PID-… and deleted at the end, also on Ctrl-C.`,
 			go func() {
 				select {
 				case <-ctx.Done():
+					select {
+					case <-done:
+						// The command returned (done is closed before
+						// the deferred stop cancels ctx): no interrupt.
+						return
+					default:
+					}
 					// A second Ctrl-C ends the process at once.
 					stop()
 					fmt.Fprintln(os.Stderr, "\nbench: interrupted: deleting its VMs…")
@@ -98,6 +107,7 @@ Every VM is named bench-PID-… and deleted at the end, also on Ctrl-C.`,
 	f.IntVar(&opts.WarmRuns, "warm-runs", 50, "pings and 'true' commands on one VM (0 skips)")
 	f.IntVar(&opts.Concurrency, "concurrency", 0, "also create VMs this many at a time (0 skips)")
 	f.BoolVar(&opts.NoSSH, "no-ssh", false, "skip the SSH comparison")
+	f.StringVar(&opts.WarmNetwork, "warm-net", "", "network of the warm round trip's VM: user (default; SSH through a forwarded port) or none (SSH bridged over the agent's exec stream)")
 	f.StringVar(&tuned, "tuned-kernel", "", "kernel for the tuned mode (default: the one 'smolvm kernel build' made)")
 	f.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	f.BoolVarP(&verbose, "verbose", "v", false, "print each VM's phases as it finishes")

@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"os"
 	"regexp"
 	"time"
@@ -51,11 +53,38 @@ func (s *Server) Refresh(_ context.Context, req *agentpb.RefreshRequest) (*agent
 		}
 	}
 	if id := req.GetMachineId(); id != "" {
-		if err := writeFileAtomic(s.cfg.MachineIDFile, []byte(id+"\n"), 0o444); err != nil {
+		if err := writeMachineID(s.cfg.MachineIDFile, id); err != nil {
 			return nil, status.Errorf(codes.Internal, "write %s: %v", s.cfg.MachineIDFile, err)
 		}
 	}
 	return &agentpb.RefreshResponse{}, nil
+}
+
+// runMachineID holds the machine id when the root is read-only.
+const runMachineID = "/run/machine-id"
+
+// writeMachineID replaces the machine id file. On a read-only root (the
+// shared disk mode) the id goes to /run, a tmpfs, bind-mounted over the
+// file as systemd does for read-only roots; when the image has no such
+// file there is nothing to mount over and /run/machine-id alone has it.
+func writeMachineID(path, id string) error {
+	data := []byte(id + "\n")
+	err := writeFileAtomic(path, data, 0o444)
+	if !errors.Is(err, unix.EROFS) {
+		return err
+	}
+	// Written in place: a bind mount of an earlier refresh sees it.
+	if err := os.WriteFile(runMachineID, data, 0o444); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) || err == nil && string(b) == string(data) {
+		return nil
+	}
+	if err := unix.Mount(runMachineID, path, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("the root is read-only and %s cannot be bind-mounted over %s: %w", runMachineID, path, err)
+	}
+	return nil
 }
 
 // addEntropy mixes data into the kernel pool and credits it with

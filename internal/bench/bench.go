@@ -56,6 +56,12 @@ type Options struct {
 	Concurrency int
 	// NoSSH skips the SSH comparison.
 	NoSSH bool
+	// WarmNetwork is the network mode of the warm round trip's VM ("" =
+	// the library's default, user). With a NIC the SSH comparison goes
+	// through a forwarded host port, as SmolVM's; with "none" it is
+	// bridged over the agent's exec stream (and the VM boots cold: the
+	// warm snapshot has a NIC).
+	WarmNetwork string
 	// TunedKernel returns the tuned kernel's path, or "" when there is
 	// none. nil means DefaultTunedKernel.
 	TunedKernel func(home string) (string, error)
@@ -103,6 +109,12 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	}
 	if opts.WarmRuns < 0 || opts.Concurrency < 0 {
 		return nil, fmt.Errorf("%w: warm runs and concurrency must not be negative", smolvm.ErrInvalid)
+	}
+	switch opts.WarmNetwork {
+	case "", smolvm.NetworkUser, smolvm.NetworkNone, smolvm.NetworkTAP:
+	default:
+		return nil, fmt.Errorf("%w: warm round trip network %q: use %s, %s or %s", smolvm.ErrInvalid, opts.WarmNetwork,
+			smolvm.NetworkUser, smolvm.NetworkNone, smolvm.NetworkTAP)
 	}
 	if len(opts.Modes) == 0 {
 		opts.Modes = Modes
@@ -422,7 +434,7 @@ func runTrue(ctx context.Context, vm *smolvm.VM, n int) ([]time.Duration, error)
 func (r *runner) warm(ctx context.Context) *WarmResult {
 	wr := &WarmResult{Runs: r.opts.WarmRuns}
 	r.progress(fmt.Sprintf("warm round trip: %d calls each", r.opts.WarmRuns))
-	cfg := smolvm.Config{Home: r.opts.Home, BootTimeout: r.opts.BootTimeout, Logger: r.log}
+	cfg := smolvm.Config{Home: r.opts.Home, BootTimeout: r.opts.BootTimeout, Logger: r.log, Network: r.opts.WarmNetwork}
 	vm, err := r.create(ctx, "warm", "", cfg)
 	if err != nil {
 		wr.Error = err.Error()

@@ -16,7 +16,7 @@ func TestMain(m *testing.M) { testutil.Main(m) }
 
 func TestRunValidates(t *testing.T) {
 	ctx := context.Background()
-	for _, o := range []Options{{VMs: 0}, {VMs: 1, Modes: []string{"warp"}}, {VMs: 1, WarmRuns: -1}} {
+	for _, o := range []Options{{VMs: 0}, {VMs: 1, Modes: []string{"warp"}}, {VMs: 1, WarmRuns: -1}, {VMs: 1, WarmNetwork: "slirp"}} {
 		if _, err := Run(ctx, o); !errors.Is(err, smolvm.ErrInvalid) {
 			t.Errorf("Run(%+v) = %v, want ErrInvalid", o, err)
 		}

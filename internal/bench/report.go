@@ -98,10 +98,15 @@ type WarmResult struct {
 // SSHResult is the same command's latency over SSH, or why it was not
 // measured.
 type SSHResult struct {
-	Skipped   string `json:"skipped,omitempty"`
+	Skipped string `json:"skipped,omitempty"`
+	// Transport is how dbclient reached the guest's dropbear: "dropbear via
+	// port forward, user-mode NIC" (the VM's NIC, as SmolVM's SSH) or
+	// "dropbear via agent exec bridge" (a VM without a NIC).
 	Transport string `json:"transport,omitempty"`
-	Runs      int    `json:"runs,omitempty"`
-	True      Stats  `json:"true"`
+	// Path lists the hops of a connection.
+	Path string `json:"path,omitempty"`
+	Runs int    `json:"runs,omitempty"`
+	True Stats  `json:"true"`
 	// Ratio is the SSH median over the agent's median for `true`.
 	Ratio float64 `json:"ratio_to_run_true,omitempty"`
 }
@@ -219,7 +224,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 					fmt.Fprintf(&b, "  %-24s skipped: %s\n", "ssh \"true\"", s.Skipped)
 				} else {
 					statsRow(&b, "ssh \"true\"", s.True, 3)
-					fmt.Fprintf(&b, "  ssh: %s; %s; median %.1f× the agent's\n", s.Transport, plural(s.Runs, "call"), s.Ratio)
+					fmt.Fprintf(&b, "  ssh (%s): %s; %s; median %.1f× the agent's\n", s.Transport, s.Path, plural(s.Runs, "call"), s.Ratio)
 				}
 			}
 			if wr.Error != "" {

@@ -33,7 +33,8 @@ func sampleReport() *Report {
 		Warm: &WarmResult{Runs: 50, Mode: ModeRestore,
 			Ping: st(100*time.Microsecond, 250*time.Microsecond, 400*time.Microsecond, time.Millisecond),
 			True: st(4*ms, 5123*time.Microsecond, 9*ms, 12*ms),
-			SSH:  &SSHResult{Transport: "test transport", Runs: 20, True: st(150*ms, 200*ms, 300*ms, 400*ms), Ratio: 39.04}},
+			SSH: &SSHResult{Transport: "dropbear via port forward, user-mode NIC", Path: "dbclient → host 127.0.0.1:40000 → guest eth0 :2222 → dropbear",
+				Runs: 20, True: st(150*ms, 200*ms, 300*ms, 400*ms), Ratio: 39.04}},
 		Concurrency: &ConcurrencyResult{Concurrency: 2, VMs: 4, Mode: ModeRestore, Busy: 3 * time.Second, VMsPerMinute: 80, RSSPerVMMiB: 512.25},
 	}
 }
@@ -54,7 +55,8 @@ func TestWriteTable(t *testing.T) {
 		"warm round trip on one VM (restore), 50 calls each",
 		"  ping (no-op)                 0.100 ms     0.250 ms     0.400 ms     1.000 ms",
 		"  run \"true\"                   4.000 ms     5.123 ms     9.000 ms    12.000 ms",
-		"median 39.0× the agent's",
+		"  ssh \"true\"                 150.000 ms   200.000 ms   300.000 ms   400.000 ms",
+		"  ssh (dropbear via port forward, user-mode NIC): dbclient → host 127.0.0.1:40000 → guest eth0 :2222 → dropbear; 20 calls; median 39.0× the agent's",
 		"concurrency 2 (restore): 4 VMs in 3000 ms: 80.0 VMs/minute, 512.2 MiB host RSS per idle VM",
 	} {
 		if !strings.Contains(out, want) {
@@ -121,8 +123,10 @@ func TestWriteJSON(t *testing.T) {
 		Warm struct {
 			Ping Stats `json:"ping"`
 			SSH  struct {
-				True  Stats   `json:"true"`
-				Ratio float64 `json:"ratio_to_run_true"`
+				Transport string  `json:"transport"`
+				Path      string  `json:"path"`
+				True      Stats   `json:"true"`
+				Ratio     float64 `json:"ratio_to_run_true"`
 			} `json:"ssh"`
 		} `json:"warm"`
 		Concurrency map[string]any `json:"concurrency"`
@@ -155,7 +159,8 @@ func TestWriteJSON(t *testing.T) {
 	if v := got.Modes[0].VMs[0]; v.Name != "bench-1-cold-1" || v.PhasesMS["create"] != 1.5 || v.RSSMiB != 130 {
 		t.Errorf("vm = %+v", v)
 	}
-	if got.Warm.Ping.Median != 250*time.Microsecond || got.Warm.SSH.True.Median != 200*time.Millisecond || got.Warm.SSH.Ratio != 39.04 {
+	if got.Warm.Ping.Median != 250*time.Microsecond || got.Warm.SSH.True.Median != 200*time.Millisecond || got.Warm.SSH.Ratio != 39.04 ||
+		got.Warm.SSH.Transport != "dropbear via port forward, user-mode NIC" || !strings.HasPrefix(got.Warm.SSH.Path, "dbclient → host 127.0.0.1:40000") {
 		t.Errorf("warm = %+v", got.Warm)
 	}
 	if got.Concurrency["vms_per_minute"] != 80.0 || got.Concurrency["busy_ms"] != 3000.0 || got.Concurrency["mode"] != "restore" {

@@ -3,9 +3,12 @@ package supervisor
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -21,16 +24,39 @@ import (
 const SnapshotSpec = "spec.json"
 
 // Snapshot saves the running machine into dir (memory and device state,
-// plus the spec). The agent connection is dropped first, so the saved guest
-// waits for a new host; with resume the VM goes on afterwards on a new
-// connection, otherwise it stays paused.
+// the spec, and a frozen copy of each disk the VM writes to). The agent
+// connection is dropped first, so the saved guest waits for a new host;
+// with resume the VM goes on afterwards on a new connection, otherwise it
+// stays paused.
+//
+// Disks. A snapshot must hold the disk exactly as the saved memory knows
+// it: the guest's page cache, its file system's in-memory state and
+// virtio-blk's device state all refer to it. The VM's isolated disk is a
+// qcow2 overlay in its folder that holds only what the VM changed on top
+// of the read-only image, so freezing it is cheap: while the machine is
+// paused at the end of the migration, the overlay is copied into the
+// snapshot folder (sparse, and as a reflink where the file system can;
+// a few MB for a freshly booted guest). The copy is consistent without
+// asking the guest to sync: stopping the machine drains its I/O, and the
+// end of the migration inactivates the images, which writes QEMU's qcow2
+// metadata caches out to the file even with cache=unsafe (dirty pages
+// still in the guest's page cache are part of the saved memory). The
+// copy keeps the overlay's absolute backing path, the image, which stays
+// read-only; `cont` re-activates the source's images and it goes on
+// writing to its own overlay. Each VM restored from the snapshot gets an
+// overlay of its own whose backing file is the frozen copy (see
+// prepareDisks), so clones share the snapshot's disk copy-on-write and
+// never see each other's writes. A read-only (shared mode) disk is kept
+// by reference: the image itself. Other writable disks (a raw file of the
+// caller's) are refused: freezing them would mean a full copy.
 func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) error {
 	sn, ok := s.machine.(hypervisor.Snapshotter)
 	if !ok {
 		return hypervisor.ErrUnsupported
 	}
-	if len(s.spec.Machine.Disks) > 0 {
-		return fmt.Errorf("snapshots of VMs with disks: %w", hypervisor.ErrUnsupported)
+	frozen, err := s.frozenDisks()
+	if err != nil {
+		return err
 	}
 	if s.tap != nil {
 		// A clone would come up with this VM's leased address and TAP.
@@ -55,17 +81,176 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) erro
 	s.mu.Unlock()
 	_ = old.Close()
 	time.Sleep(50 * time.Millisecond)
-	if err := sn.Snapshot(ctx, dir); err != nil {
-		_ = s.reconnect(ctx)
+	t0 := time.Now()
+	err = sn.Snapshot(ctx, dir)
+	t1 := time.Now()
+	if err == nil {
+		// Still paused: the disks cannot change under the copy.
+		for _, i := range frozen {
+			if err = copyDisk(ctx, s.spec.Machine.Disks[i].Path, SnapshotDisk(dir, i)); err != nil {
+				break
+			}
+		}
+	}
+	t2 := time.Now()
+	if err != nil {
+		// The machine is paused (Snapshot stops it first): let it go on.
+		_ = s.machine.(hypervisor.Pauser).Resume(context.WithoutCancel(ctx))
+		_ = s.reconnect(context.WithoutCancel(ctx))
 		return fmt.Errorf("snapshot: %w", err)
 	}
+	if resume {
+		if err := s.machine.(hypervisor.Pauser).Resume(ctx); err != nil {
+			return err
+		}
+	}
+	t3 := time.Now()
+	// The source runs again; what is left is off its pause.
+	for _, i := range frozen {
+		if err := finishDisk(ctx, SnapshotDisk(dir, i), filepath.Dir(filepath.Clean(dir))); err != nil {
+			if resume {
+				_ = s.reconnect(context.WithoutCancel(ctx))
+			}
+			return fmt.Errorf("snapshot: %w", err)
+		}
+	}
+	s.log.Debug("snapshot saved", "dir", dir, "memory", t1.Sub(t0), "disk_copy", t2.Sub(t1), "resume", t3.Sub(t2), "disk_finish", time.Since(t3))
 	if !resume {
 		return nil
 	}
-	if err := s.machine.(hypervisor.Pauser).Resume(ctx); err != nil {
+	return s.reconnect(ctx)
+}
+
+// SnapshotDisk is the frozen copy of the machine's disk i in a snapshot
+// folder.
+func SnapshotDisk(dir string, i int) string {
+	return filepath.Join(dir, fmt.Sprintf("disk%d.qcow2", i))
+}
+
+// frozenDisks lists the disks a snapshot of this VM copies (its qcow2
+// overlays) and refuses the disks it cannot take.
+func (s *Supervisor) frozenDisks() ([]int, error) {
+	var out []int
+	for i, d := range s.spec.Machine.Disks {
+		switch {
+		case d.ReadOnly:
+		case d.Format == "qcow2" && filepath.Dir(d.Path) == filepath.Clean(s.spec.Machine.Dir):
+			out = append(out, i)
+		default:
+			return nil, fmt.Errorf("snapshots of VMs with a writable disk of the caller's (%s) would copy the whole disk: %w; boot the VM from a disk image instead (Config.Image, --image) in isolated or shared mode", d.Path, hypervisor.ErrUnsupported)
+		}
+	}
+	return out, nil
+}
+
+// copyDisk copies an overlay: sparse, and as a reflink (copy-on-write,
+// no data copied) where the file system supports it.
+func copyDisk(ctx context.Context, src, dst string) error {
+	if out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", src, dst).CombinedOutput(); err != nil {
+		_ = os.Remove(dst)
+		return fmt.Errorf("copy disk %s: %w: %s", src, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// finishDisk makes a frozen disk independent of other snapshots, durable
+// and read-only. A VM restored from a snapshot writes to an overlay whose
+// backing file is that snapshot's frozen disk, so a copy of its overlay
+// has the older snapshot in its chain: it is rebased onto the image (safe
+// mode: the clusters the older snapshot's disk holds are copied in, only
+// those), so that every snapshot depends on the image alone and can be
+// deleted on its own.
+func finishDisk(ctx context.Context, path, snapshotsDir string) error {
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "--backing-chain", "--output=json", "-f", "qcow2", path).Output()
+	if err != nil {
+		return fmt.Errorf("qemu-img info %s: %w%s", path, err, stderrOf(err))
+	}
+	var chain []struct {
+		Filename string `json:"filename"`
+		Format   string `json:"format"`
+	}
+	if err := json.Unmarshal(out, &chain); err != nil {
+		return fmt.Errorf("qemu-img info %s: %w", path, err)
+	}
+	if len(chain) > 2 && strings.HasPrefix(chain[1].Filename, snapshotsDir+string(filepath.Separator)) {
+		base := chain[2]
+		if out, err := exec.CommandContext(ctx, "qemu-img", "rebase", "-q", "-f", "qcow2", "-b", base.Filename, "-F", base.Format, path).CombinedOutput(); err != nil {
+			return fmt.Errorf("qemu-img rebase %s onto %s: %w: %s", path, base.Filename, err, strings.TrimSpace(string(out)))
+		}
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
 		return err
 	}
-	return s.reconnect(ctx)
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	return os.Chmod(path, 0o400)
+}
+
+func stderrOf(err error) string {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) && len(ee.Stderr) > 0 {
+		return ": " + strings.TrimSpace(string(ee.Stderr))
+	}
+	return ""
+}
+
+// prepareDisks gives a machine started from a snapshot its disks: a fresh
+// qcow2 overlay in the VM's folder on each frozen disk of the snapshot
+// (the machine's drives stay as they were saved: same order, same ids).
+// A restored VM that ran before (stopped, now started again) already has
+// its overlay, which has moved on from the snapshot's memory: restoring
+// that memory over it would corrupt the guest's file system, so the VM
+// boots from its own disk instead, as a stopped VM of a disk image does.
+func (s *Supervisor) prepareDisks(ctx context.Context, mc *hypervisor.MachineConfig) error {
+	if mc.Incoming == "" {
+		return nil
+	}
+	var overlays []int
+	for i, d := range mc.Disks {
+		if d.ReadOnly {
+			continue
+		}
+		if _, err := os.Stat(d.Path); err == nil {
+			mc.Incoming, s.spec.Restored = "", false
+			mc.Cmdline = withHostname(mc.Cmdline, s.spec.Hostname)
+			s.log.Debug("restored VM started again: booting from its own disk", "disk", d.Path)
+			return nil
+		}
+		overlays = append(overlays, i)
+	}
+	t0 := time.Now()
+	for _, i := range overlays {
+		frozen := SnapshotDisk(mc.Incoming, i)
+		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", frozen, mc.Disks[i].Path).CombinedOutput()
+		if err != nil {
+			_ = os.Remove(mc.Disks[i].Path)
+			return fmt.Errorf("create the disk overlay on snapshot disk %s: %w: %s", frozen, err, strings.TrimSpace(string(out)))
+		}
+	}
+	if len(overlays) > 0 {
+		s.log.Debug("disk overlays made on the snapshot's disks", "count", len(overlays), "took", time.Since(t0))
+	}
+	return nil
+}
+
+// withHostname sets smolvm.hostname= on a kernel command line.
+func withHostname(cmdline, hostname string) string {
+	if hostname == "" {
+		return cmdline
+	}
+	f := strings.Fields(cmdline)
+	for i := range f {
+		if strings.HasPrefix(f[i], "smolvm.hostname=") {
+			f[i] = "smolvm.hostname=" + hostname
+		}
+	}
+	return strings.Join(f, " ")
 }
 
 // reconnect dials the agent again and waits until it answers.

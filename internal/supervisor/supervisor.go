@@ -149,6 +149,9 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	}
 	mc := s.spec.Machine
 	t0 := time.Now()
+	if err := s.prepareDisks(ctx, &mc); err != nil { // snapshot.go
+		return err
+	}
 	if err := s.startNetwork(ctx, &mc); err != nil {
 		return err
 	}
