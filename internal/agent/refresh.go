@@ -114,6 +114,12 @@ func addEntropy(data []byte) error {
 		_, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0])))
 		if e != 0 {
 			ierr = e
+			return
+		}
+		// Once the kernel's RNG is initialised it reseeds only every
+		// minute: force it now, or clones read the same bytes until then.
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDRESEEDCRNG, 0); e != 0 {
+			ierr = e
 		}
 	}); err != nil {
 		return err
