@@ -100,26 +100,6 @@ func guestRun(t *testing.T, vm *smolvm.VM, cmd string) (string, int) {
 	return string(res.Stdout) + string(res.Stderr), res.ExitCode
 }
 
-func hostPortLeases(t *testing.T, home, owner string) []int64 {
-	t.Helper()
-	st, err := store.Open(context.Background(), home)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	ls, err := st.Leases(context.Background(), network.PortPool)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []int64
-	for _, l := range ls {
-		if owner == "" || l.Owner == owner {
-			out = append(out, l.Value)
-		}
-	}
-	return out
-}
-
 // TestNetworkUser boots one VM with an allowlist and a forward, and checks
 // what the guest can reach, the forward both ways, and measures them.
 func TestNetworkUser(t *testing.T) {
@@ -222,14 +202,14 @@ func TestNetworkUser(t *testing.T) {
 		if _, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", f.HostPort), time.Second); err == nil {
 			t.Fatal("closed forward still accepts")
 		}
-		if ls := hostPortLeases(t, home, vm.ID()); len(ls) != 1 || ls[0] != int64(fwd) {
+		if ls := leases(t, home, network.PortPool, vm.ID()); len(ls) != 1 || ls[0] != int64(fwd) {
 			t.Fatalf("leases after close: %v, want [%d]", ls, fwd)
 		}
 	})
 	if err := vm.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if ls := hostPortLeases(t, home, ""); len(ls) != 0 {
+	if ls := leases(t, home, network.PortPool, ""); len(ls) != 0 {
 		t.Fatalf("leases left after delete: %v", ls)
 	}
 }
@@ -254,7 +234,7 @@ func TestNetworkDeniedCIDRAndSupervisorKill(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ls := hostPortLeases(t, home, vm.ID()); len(ls) != 1 {
+	if ls := leases(t, home, network.PortPool, vm.ID()); len(ls) != 1 {
 		t.Fatalf("leases: %v", ls)
 	}
 	if err := syscall.Kill(in.SupervisorPID, syscall.SIGKILL); err != nil {
@@ -266,7 +246,7 @@ func TestNetworkDeniedCIDRAndSupervisorKill(t *testing.T) {
 	if _, err := smolvm.Cleanup(ctx, smolvm.CleanupOptions{Home: home}); err != nil {
 		t.Fatal(err)
 	}
-	if ls := hostPortLeases(t, home, ""); len(ls) != 0 {
+	if ls := leases(t, home, network.PortPool, ""); len(ls) != 0 {
 		t.Fatalf("leases left after cleanup: %v", ls)
 	}
 	// The port is free again.
@@ -301,7 +281,7 @@ func TestNetworkPortTaken(t *testing.T) {
 	if err != nil || len(vms) != 0 {
 		t.Fatalf("VMs left: %v, %v", vms, err)
 	}
-	if ls := hostPortLeases(t, home, ""); len(ls) != 0 {
+	if ls := leases(t, home, network.PortPool, ""); len(ls) != 0 {
 		t.Fatalf("leases left: %v", ls)
 	}
 	if ents, _ := os.ReadDir(home + "/vms"); len(ents) != 0 {

@@ -36,6 +36,8 @@ const maxVmlinux = 512 << 20
 
 // bootKernel returns the kernel file to boot from a cache folder holding
 // vmlinuz: its PVH vmlinux, extracted on first use, or the bzImage itself.
+// It runs on every VM start, so a folder this process cannot write (a cache
+// shared read-only) costs a failed file creation, not a decompression.
 func bootKernel(dir string) string {
 	bz := filepath.Join(dir, "vmlinuz")
 	vm := filepath.Join(dir, vmlinuxName)
@@ -46,31 +48,58 @@ func bootKernel(dir string) string {
 		return bz
 	}
 	if err := extractVmlinux(bz, vm); err != nil {
-		_ = writeFileAtomic(filepath.Join(dir, noVmlinuxName), []byte(err.Error()+"\n"))
+		if !errors.Is(err, errCannotWrite) {
+			_ = writeFileAtomic(filepath.Join(dir, noVmlinuxName), []byte(err.Error()+"\n"))
+		}
 		return bz
 	}
 	return vm
 }
 
+// errCannotWrite marks an extraction that could not create its output.
+var errCannotWrite = errors.New("cannot write the vmlinux")
+
 // extractVmlinux writes the ELF kernel inside a bzImage to dst, if it has a
-// PVH entry point.
+// PVH entry point. The output file is created first, so that an unwritable
+// folder fails before the work.
 func extractVmlinux(bzImage, dst string) error {
-	b, err := os.ReadFile(bzImage)
+	tmp, err := os.CreateTemp(filepath.Dir(dst), ".tmp-"+filepath.Base(dst)+"-*")
+	if err != nil {
+		return fmt.Errorf("%w: %w", errCannotWrite, err)
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+	raw, err := readVmlinux(bzImage)
 	if err != nil {
 		return err
+	}
+	if _, err := tmp.Write(raw); err != nil {
+		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	return os.Rename(tmp.Name(), dst)
+}
+
+// readVmlinux decompresses a bzImage's kernel and checks its PVH entry.
+func readVmlinux(bzImage string) ([]byte, error) {
+	b, err := os.ReadFile(bzImage)
+	if err != nil {
+		return nil, err
 	}
 	payload, err := bzPayload(b)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	raw, err := decompressPayload(payload)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if err := checkPVH(raw); err != nil {
-		return err
-	}
-	return writeFileAtomic(dst, raw)
+	return raw, checkPVH(raw)
 }
 
 // bzPayload returns the compressed kernel of a bzImage (boot protocol

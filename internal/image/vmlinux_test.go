@@ -144,7 +144,12 @@ func TestBootKernelFallsBack(t *testing.T) {
 // TestExtractDebianVmlinux extracts the cached Debian kernel, when this
 // machine has one, and checks it is the PVH kernel QEMU can boot.
 func TestExtractDebianVmlinux(t *testing.T) {
+	// The test cache, or the state folder 'make test' ran setup in.
 	matches, _ := filepath.Glob("/var/tmp/smolvm-test-cache/kernel/*/vmlinuz")
+	if h := os.Getenv("SMOLVM_HOME"); h != "" {
+		more, _ := filepath.Glob(filepath.Join(h, "cache", "kernel", "*", "vmlinuz"))
+		matches = append(matches, more...)
+	}
 	if len(matches) == 0 {
 		t.Skip("no Debian kernel cached (run the real-VM tests or 'smolvm setup' first)")
 	}

@@ -191,20 +191,27 @@ func openStore(t *testing.T) *store.Store {
 	return st
 }
 
+// vmRows creates n VM rows (lease owners) and returns their ids.
+func vmRows(t *testing.T, st *store.Store, n int) []string {
+	t.Helper()
+	ids := make([]string, n)
+	for i := range ids {
+		vm := &store.VM{State: store.StateCreating}
+		if err := st.CreateVM(context.Background(), vm); err != nil {
+			t.Fatal(err)
+		}
+		ids[i] = vm.ID
+	}
+	return ids
+}
+
 // TestLeasePortsParallel leases 50 free host ports at once for 50 VMs:
 // all distinct and bindable, all released when the VMs are deleted.
 func TestLeasePortsParallel(t *testing.T) {
 	ctx := context.Background()
 	st := openStore(t)
 	const n = 50
-	ids := make([]string, n)
-	for i := range ids {
-		vm := &store.VM{State: store.StateCreating}
-		if err := st.CreateVM(ctx, vm); err != nil {
-			t.Fatal(err)
-		}
-		ids[i] = vm.ID
-	}
+	ids := vmRows(t, st, n)
 	ports := make([]int, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup

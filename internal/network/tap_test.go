@@ -88,14 +88,7 @@ func TestTAPLeasesParallel(t *testing.T) {
 	ctx := context.Background()
 	st := openStore(t)
 	const n = 50
-	ids := make([]string, n)
-	for i := range ids {
-		vm := &store.VM{State: store.StateCreating}
-		if err := st.CreateVM(ctx, vm); err != nil {
-			t.Fatal(err)
-		}
-		ids[i] = vm.ID
-	}
+	ids := vmRows(t, st, n)
 	pool := netip.MustParsePrefix(DefaultTAPSubnet)
 	addrs := make([]netip.Addr, n)
 	errs := make([]error, n)

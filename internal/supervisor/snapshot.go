@@ -58,7 +58,7 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) erro
 	if err != nil {
 		return err
 	}
-	if s.tap != nil {
+	if s.tapNetwork() != nil {
 		// A clone would come up with this VM's leased address and TAP.
 		return fmt.Errorf("snapshots of VMs in network mode tap (the guest's address is leased to this VM; use --net user): %w", hypervisor.ErrUnsupported)
 	}

@@ -78,8 +78,7 @@ type Supervisor struct {
 	st      *store.Store
 	log     *slog.Logger
 	machine hypervisor.Machine
-	net     vmNetwork    // user-mode stack or TAP, started before the machine
-	tap     *network.TAP // the TAP network, when the VM has one
+	net     vmNetwork // user-mode stack or TAP, started before the machine
 
 	agentConn *grpc.ClientConn
 	agent     agentpb.AgentClient
@@ -157,10 +156,10 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	}
 	s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
 	m, err := d.Start(ctx, &mc)
-	if s.tap != nil {
+	if t := s.tapNetwork(); t != nil {
 		// QEMU holds the TAP queue now (or failed): the device lives as
 		// long as QEMU does.
-		s.tap.ReleaseFile()
+		t.ReleaseFile()
 	}
 	if err != nil {
 		return fmt.Errorf("launch: %w", err)
@@ -369,6 +368,12 @@ func (s *Supervisor) teardown() {
 	_ = os.Remove(filepath.Join(s.spec.Machine.Dir, APISocket))
 }
 
+// tapNetwork is the VM's TAP network, or nil in another mode.
+func (s *Supervisor) tapNetwork() *network.TAP {
+	t, _ := s.net.(*network.TAP)
+	return t
+}
+
 // vmNetwork is a running VM network: the user-mode stack or a TAP.
 type vmNetwork interface {
 	network.Forwarder
@@ -401,7 +406,7 @@ func (s *Supervisor) startNetwork(ctx context.Context, mc *hypervisor.MachineCon
 		if err != nil {
 			return fmt.Errorf("network: %w", err)
 		}
-		s.net, s.tap = t, t
+		s.net = t
 		mc.Net = append([]hypervisor.NetDevice(nil), mc.Net...)
 		for i := range mc.Net {
 			if mc.Net[i].TAP == n.TAP {
