@@ -94,6 +94,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 				log.Debug("restoring the warm snapshot of this VM shape", "snapshot", warm.Name)
 				rec.Snapshot = warm.Name
 				spec.Machine.Incoming, spec.Restored = warm.Dir, true
+				spec.Machine.MemoryFile = filepath.Join(warm.Dir, hypervisor.SnapshotRAM)
 			}
 		}
 	}
@@ -152,6 +153,9 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		ID: rec.ID, Dir: dir, Kernel: img.kernel, Initrd: img.initrd,
 		Cmdline: guestCmdline(rec.Name, accel, cfg.BootArgs, img.tuned), VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
 		Accel: accel, Channel: channel, ConsoleLog: filepath.Join(dir, supervisor.ConsoleLog),
+	}
+	if cfg.fileMemory {
+		mc.MemoryFile, mc.MemoryShared = filepath.Join(dir, supervisor.MemoryFile), true
 	}
 	if err := attachDisks(ctx, st, cfg, rec, &mc); err != nil {
 		return nil, err

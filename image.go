@@ -109,7 +109,7 @@ func AgentBinary() (string, error) {
 	if p, err := exec.LookPath("smolvm-agent"); err == nil {
 		return p, nil
 	}
-	return "", errors.New("guest agent binary smolvm-agent not found: build it with 'make build' (CGO_ENABLED=0 go build -o bin/smolvm-agent ./cmd/smolvm-agent) or set SMOLVM_AGENT")
+	return "", errors.New("guest agent binary smolvm-agent not found: build it with 'make build' (CGO_ENABLED=0 go build -tags grpcnotrace -o bin/smolvm-agent ./cmd/smolvm-agent) or set SMOLVM_AGENT")
 }
 
 func resolveImage(ctx context.Context, home string, cfg *Config) (*resolvedImage, error) {

@@ -110,6 +110,10 @@ type Config struct {
 	Home string
 	// Logger receives debug logs naming each phase; nil means slog.Default.
 	Logger *slog.Logger
+
+	// fileMemory backs guest RAM with a shared file in the VM's folder
+	// (the warm snapshot's VM: see ensureWarm).
+	fileMemory bool
 }
 
 var nameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)

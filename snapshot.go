@@ -21,11 +21,14 @@ import (
 
 // SnapshotInfo describes a saved VM.
 type SnapshotInfo struct {
-	Name        string    `json:"name"`
-	Dir         string    `json:"dir"`
-	SourceVM    string    `json:"source_vm"`
-	Created     time.Time `json:"created"`
-	MemoryBytes int64     `json:"memory_bytes"`
+	Name     string    `json:"name"`
+	Dir      string    `json:"dir"`
+	SourceVM string    `json:"source_vm"`
+	Created  time.Time `json:"created"`
+	// MemoryBytes is what the saved memory and device state take on the
+	// host: the migration stream, and the memory file if the snapshot has
+	// one (its allocated blocks: free guest memory is a hole).
+	MemoryBytes int64 `json:"memory_bytes"`
 	// DiskBytes is what the snapshot's frozen disks take on the host: the
 	// VM's changes to its image, not the image.
 	DiskBytes int64  `json:"disk_bytes,omitempty"`
@@ -49,6 +52,7 @@ type snapshotSource struct {
 	dir   string
 	spec  supervisor.Spec
 	image *resolvedImage
+	ram   bool // holds the guest memory file (hypervisor.SnapshotRAM)
 }
 
 // Snapshot saves the VM's memory, device state and settings under name,
@@ -119,7 +123,7 @@ func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
 		in.VCPUs, in.MemoryMiB = spec.Machine.VCPUs, spec.Machine.MemoryMiB
 	}
 	if fi, err := os.Stat(filepath.Join(sn.Dir, "memory")); err == nil {
-		in.MemoryBytes = fi.Size()
+		in.MemoryBytes = fi.Size() + rootfs.DiskUsage(filepath.Join(sn.Dir, hypervisor.SnapshotRAM))
 	}
 	for _, d := range frozenDisks(sn.Dir) {
 		in.DiskBytes += rootfs.DiskUsage(d)
@@ -170,6 +174,11 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 	}
 	if err == nil {
 		_, err = os.Stat(filepath.Join(sn.Dir, "memory"))
+	}
+	if err == nil && src.spec.Machine.MemoryShared {
+		// The source's memory was a file: the snapshot holds it.
+		_, err = os.Stat(filepath.Join(sn.Dir, hypervisor.SnapshotRAM))
+		src.ram = err == nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q is damaged (%w): delete it with 'smolvm snapshot rm %s'", name, err, name)
@@ -227,6 +236,11 @@ func restoreSpec(ctx context.Context, st *store.Store, cfg *Config, src *snapsho
 	spec.Machine.ID, spec.Machine.Dir = rec.ID, dir
 	spec.Machine.ConsoleLog = filepath.Join(dir, supervisor.ConsoleLog)
 	spec.Machine.Incoming = src.dir
+	// The snapshot's memory file, if it has one, copy-on-write.
+	spec.Machine.MemoryFile, spec.Machine.MemoryShared = "", false
+	if src.ram {
+		spec.Machine.MemoryFile = filepath.Join(src.dir, hypervisor.SnapshotRAM)
+	}
 	// Same drives in the same order as the saved machine (its device
 	// state refers to them); each writable one is a new overlay in this
 	// VM's folder, made on the snapshot's frozen disk when the supervisor
@@ -337,8 +351,11 @@ func findWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec) *stor
 	if err != nil {
 		return nil
 	}
-	if _, err := os.Stat(filepath.Join(sn.Dir, "memory")); err != nil {
-		return nil
+	// Warm snapshots hold their VM's memory file (see ensureWarm).
+	for _, f := range []string{"memory", hypervisor.SnapshotRAM} {
+		if _, err := os.Stat(filepath.Join(sn.Dir, f)); err != nil {
+			return nil
+		}
 	}
 	return sn
 }
@@ -351,6 +368,10 @@ func ensureWarm(ctx context.Context, cfg Config) error {
 	// the snapshot skips (110 → 71 MB). Only the warm boot pays for it:
 	// it touches all guest memory, which VMs that boot cold should not.
 	cfg.BootArgs = strings.TrimSpace(cfg.BootArgs + " " + warmBootArgs)
+	// Its memory is a file, which becomes the snapshot's memory as it is:
+	// clones map it copy-on-write instead of loading a migration stream
+	// of all of it (see hypervisor.MachineConfig.MemoryFile).
+	cfg.fileMemory = true
 	vm, err := New(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("warm snapshot: boot: %w", err)

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -222,6 +223,35 @@ func TestWarmStart(t *testing.T) {
 	}
 	if got := from(smolvm.Config{}); got != snaps[0].Name {
 		t.Errorf("New restored %q, want the warm snapshot %s", got, snaps[0].Name)
+	}
+	// The warm snapshot is its VM's memory file (mostly holes: free
+	// memory was punched out) and a migration stream of device state.
+	var ram syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(snaps[0].Dir, "ram"), &ram); err != nil {
+		t.Fatalf("warm snapshot without its memory file: %v", err)
+	}
+	if used := ram.Blocks * 512; used <= 0 || used >= ram.Size/2 {
+		t.Errorf("warm memory file takes %d of %d bytes on disk: free memory not punched out", used, ram.Size)
+	}
+	if fi, err := os.Stat(filepath.Join(snaps[0].Dir, "memory")); err != nil || fi.Size() > 4<<20 {
+		t.Errorf("warm migration stream: %v, %v; want device state only", fi, err)
+	}
+	// A clone of it maps that file copy-on-write: a snapshot of the clone
+	// must hold all of its memory, and restore with what it wrote.
+	clone := newVM(t, smolvm.Config{Home: home, Name: "warm-clone"})
+	sh(t, clone, "echo from-the-clone > /root/mark")
+	if _, err := clone.Snapshot(ctx, "of-clone"); err != nil {
+		t.Fatalf("snapshot of a warm clone: %v", err)
+	}
+	again := restore(t, home, "of-clone", "clone-of-clone")
+	if got := sh(t, again, "cat /root/mark; hostname"); got != "from-the-clone\nclone-of-clone" {
+		t.Errorf("restored snapshot of a warm clone: %q", got)
+	}
+	if err := again.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if err := clone.Close(); err != nil {
+		t.Errorf("Close: %v", err)
 	}
 	if got := from(smolvm.Config{Cold: true}); got != "" {
 		t.Errorf("New with Cold restored %q, want a boot", got)

@@ -33,7 +33,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "NAME\tSOURCE VM\tCPUS\tMEMORY\tSIZE\tCREATED")
 			for _, s := range sns {
-				fmt.Fprintf(w, "%s\t%s\t%d\t%dM\t%.1fM\t%s\n", s.Name, s.SourceVM, s.VCPUs, s.MemoryMiB, float64(s.MemoryBytes)/(1<<20), ago(s.Created))
+				fmt.Fprintf(w, "%s\t%s\t%d\t%dM\t%.1fM\t%s\n", s.Name, s.SourceVM, s.VCPUs, s.MemoryMiB, float64(s.MemoryBytes+s.DiskBytes)/(1<<20), ago(s.Created))
 			}
 			return w.Flush()
 		},
@@ -41,7 +41,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 	ls.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	create := &cobra.Command{
 		Use:   "create VM NAME",
-		Short: "Save a running VM's memory and device state (it goes on running)",
+		Short: "Save a running VM's memory, device state and disk (it goes on running)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm, err := smolvm.Open(cmd.Context(), args[0])

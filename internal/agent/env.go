@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -19,7 +20,9 @@ import (
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
-var envKeyRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+// Regular expressions are compiled on first use, not at package start:
+// the guest runs the agent's initialisation at every boot, under emulation.
+var envKeyRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`) })
 
 type envVar struct{ key, value string }
 
@@ -38,7 +41,7 @@ func loadEnvFile(path string) ([]envVar, error) {
 	sc.Buffer(make([]byte, 64<<10), MaxMessageSize)
 	for sc.Scan() {
 		k, v, ok := strings.Cut(sc.Text(), "=")
-		if !ok || !envKeyRE.MatchString(k) {
+		if !ok || !envKeyRE().MatchString(k) {
 			continue
 		}
 		env = setEnv(env, k, v)
@@ -78,7 +81,7 @@ func (s *Server) sandboxEnv() []envVar {
 func (s *Server) UpdateEnv(_ context.Context, req *agentpb.UpdateEnvRequest) (*agentpb.UpdateEnvResponse, error) {
 	keys := make([]string, 0, len(req.GetSet()))
 	for k, v := range req.GetSet() {
-		if !envKeyRE.MatchString(k) {
+		if !envKeyRE().MatchString(k) {
 			return nil, status.Errorf(codes.InvalidArgument, "invalid environment variable name %q: must match [A-Za-z_][A-Za-z0-9_]*", k)
 		}
 		if strings.ContainsAny(v, "\x00\n") {
@@ -87,7 +90,7 @@ func (s *Server) UpdateEnv(_ context.Context, req *agentpb.UpdateEnvRequest) (*a
 		keys = append(keys, k)
 	}
 	for _, k := range req.GetUnset() {
-		if !envKeyRE.MatchString(k) {
+		if !envKeyRE().MatchString(k) {
 			return nil, status.Errorf(codes.InvalidArgument, "invalid environment variable name %q: must match [A-Za-z_][A-Za-z0-9_]*", k)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -118,6 +119,7 @@ func initSystem() *slog.Logger {
 	}
 	log := slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
+	log.Debug("init: mounts and console ready", "uptime", uptime())
 	for _, err := range errs {
 		log.Error("init", "err", err)
 	}
@@ -144,7 +146,18 @@ func initSystem() *slog.Logger {
 		log.Warn("bring up lo", "err", err)
 	}
 	configureNetwork(log) // net.go: eth0 from smolvm.net=
+	log.Debug("init done", "uptime", uptime())
 	return log
+}
+
+// uptime is the time since the guest kernel started (CLOCK_BOOTTIME), for
+// logs that place agent phases on the boot's timeline.
+func uptime() time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0
+	}
+	return time.Duration(ts.Nano())
 }
 
 // deviceModules maps a virtio device id to the modules (dependencies

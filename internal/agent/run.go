@@ -77,7 +77,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	results := make(chan result, 2)
 	serve := func(name string, l net.Listener) {
-		log.Info("serving", "channel", name, "addr", l.Addr().String())
+		log.Info("serving", "channel", name, "addr", l.Addr().String(), "uptime", uptime())
 		results <- result{name, g.Serve(l)}
 	}
 	running := 0

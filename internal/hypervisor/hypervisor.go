@@ -46,7 +46,7 @@ const AgentPortName = "org.smolvm.agent"
 // memory backend). A snapshot holds device state for one layout and cannot
 // be restored into another: bump it when a change to the machine would
 // break restoring snapshots taken before it.
-const MachineLayout = 2
+const MachineLayout = 3
 
 // AgentVsockPort is the vsock port the guest agent listens on.
 const AgentVsockPort = 1024
@@ -91,7 +91,22 @@ type MachineConfig struct {
 	// Incoming, when set, starts the machine from this snapshot folder
 	// instead of booting the kernel.
 	Incoming string
+	// MemoryFile, when set, backs guest RAM with this file instead of
+	// anonymous memory. With MemoryShared the guest writes through to the
+	// file, which then is the guest's memory, and a snapshot's migration
+	// stream leaves it out (device state only). Without it the file is
+	// mapped copy-on-write: a machine restored from a snapshot that holds
+	// such a file reads its memory from there on demand, shared through
+	// the host's page cache with every other clone, instead of loading
+	// all of it before it runs. A private file is used only to restore.
+	MemoryFile   string `json:",omitempty"`
+	MemoryShared bool   `json:",omitempty"`
 }
+
+// SnapshotRAM is the guest memory file in a snapshot folder, for machines
+// whose memory was a shared file (MachineConfig.MemoryFile); the
+// migration stream in the folder then holds device state only.
+const SnapshotRAM = "ram"
 
 // Validate checks the fields every driver needs.
 func (c *MachineConfig) Validate() error {

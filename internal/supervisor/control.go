@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -68,7 +69,7 @@ func (c *control) Resume(ctx context.Context, _ *controlpb.ResumeRequest) (*cont
 
 // Refresh makes a restored guest a distinct machine: new entropy, the
 // host's wall clock, its own hostname and machine id.
-func Refresh(ctx context.Context, agent agentpb.AgentClient, hostname, id string) error {
+func Refresh(ctx context.Context, agent agentpb.AgentClient, hostname, id string, opts ...grpc.CallOption) error {
 	entropy := make([]byte, 64)
 	if _, err := rand.Read(entropy); err != nil {
 		return err
@@ -82,7 +83,7 @@ func Refresh(ctx context.Context, agent agentpb.AgentClient, hostname, id string
 		TimeUnixNs: time.Now().UnixNano(),
 		Hostname:   hostname,
 		MachineId:  fmt.Sprintf("%x", mid),
-	})
+	}, opts...)
 	return err
 }
 

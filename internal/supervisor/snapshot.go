@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -83,6 +85,11 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) erro
 	time.Sleep(50 * time.Millisecond)
 	t0 := time.Now()
 	err = sn.Snapshot(ctx, dir)
+	if mc := s.spec.Machine; err == nil && mc.MemoryShared && mc.MemoryFile != "" {
+		// The migration stream left the memory file out: it is the
+		// snapshot's memory as it stands (paused).
+		err = saveMemory(ctx, mc.MemoryFile, filepath.Join(dir, hypervisor.SnapshotRAM), !resume)
+	}
 	t1 := time.Now()
 	if err == nil {
 		// Still paused: the disks cannot change under the copy.
@@ -119,6 +126,87 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) erro
 		return nil
 	}
 	return s.reconnect(ctx)
+}
+
+// saveMemory puts a paused machine's memory file into a snapshot: a hard
+// link when the machine will not run again (nothing writes to it any
+// more), a copy otherwise. Blocks of zeros (the guest's free memory) are
+// then punched out, so the file takes disk space only for memory in use
+// and clones read the rest as holes.
+func saveMemory(ctx context.Context, src, dst string, link bool) error {
+	if !link || os.Link(src, dst) != nil {
+		if err := copyDisk(ctx, src, dst); err != nil {
+			return fmt.Errorf("save memory: %w", err)
+		}
+	}
+	if err := punchZeros(dst); err != nil {
+		return fmt.Errorf("save memory: %w", err)
+	}
+	// Not read-only: QEMU 7.2 opens a private memory file for writing,
+	// although a private mapping never writes to it.
+	return os.Chmod(dst, 0o600)
+}
+
+// punchZeros deallocates the 4 KiB blocks of a file that hold only zeros;
+// its size and contents stay the same.
+func punchZeros(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	const block = 4 << 10
+	fd := int(f.Fd())
+	buf, zero := make([]byte, 1<<20), make([]byte, block)
+	var runStart, runEnd int64 // the pending run of zero blocks
+	flush := func() error {
+		if runEnd > runStart {
+			if err := unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, runStart, runEnd-runStart); err != nil {
+				return fmt.Errorf("punch holes in %s: %w", path, err)
+			}
+		}
+		runStart, runEnd = 0, 0
+		return nil
+	}
+	for off := int64(0); off < fi.Size(); {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // only a hole is left
+		}
+		if err != nil {
+			return fmt.Errorf("seek %s: %w", path, err)
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return fmt.Errorf("seek %s: %w", path, err)
+		}
+		for pos := data; pos < hole; {
+			n, err := f.ReadAt(buf[:min(int64(len(buf)), hole-pos)], pos)
+			if n == 0 {
+				return fmt.Errorf("read %s: %w", path, err)
+			}
+			for i := 0; i+block <= n; i += block {
+				at := pos + int64(i)
+				if !bytes.Equal(buf[i:i+block], zero) {
+					continue
+				}
+				if at != runEnd {
+					if err := flush(); err != nil {
+						return err
+					}
+					runStart = at
+				}
+				runEnd = at + block
+			}
+			pos += int64(n)
+		}
+		off = hole
+	}
+	return flush()
 }
 
 // SnapshotDisk is the frozen copy of the machine's disk i in a snapshot

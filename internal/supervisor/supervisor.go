@@ -34,6 +34,8 @@ const (
 	APISocket  = "api.sock"
 	ConsoleLog = "console.log"
 	LogFile    = "supervisor.log"
+	// MemoryFile is guest RAM, for a machine whose memory is a file.
+	MemoryFile = "ram"
 )
 
 // MaxMessage bounds every gRPC message to and from the guest.
@@ -175,13 +177,24 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	}
 	s.agent = agentpb.NewAgentClient(s.agentConn)
 	s.log.Debug("phase first command: waiting for guest agent", "timeout", s.spec.BootTimeout)
-	if err := s.waitReady(ctx); err != nil {
+	// The first call waits for the agent. A restored guest's is the one
+	// that makes it a machine of its own: no separate ping, as every call
+	// into a just-restored guest runs code the emulator has to translate
+	// anew.
+	probe := func(ctx context.Context) error {
+		_, err := s.agent.Ping(ctx, &agentpb.PingRequest{}, grpc.WaitForReady(true))
 		return err
 	}
 	if s.spec.Restored {
-		if err := Refresh(ctx, s.agent, s.spec.Hostname, s.id); err != nil {
-			return fmt.Errorf("refresh restored guest: %w", err)
+		probe = func(ctx context.Context) error {
+			if err := Refresh(ctx, s.agent, s.spec.Hostname, s.id, grpc.WaitForReady(true)); err != nil {
+				return fmt.Errorf("refresh restored guest: %w", err)
+			}
+			return nil
 		}
+	}
+	if err := s.waitReady(ctx, probe); err != nil {
+		return err
 	}
 	ready := time.Now()
 	s.timings.FirstCommand = ready.Sub(launched)
@@ -247,9 +260,10 @@ func Probe(ctx context.Context, driver string, mc *hypervisor.MachineConfig, tim
 	return err
 }
 
-// waitReady pings the agent until it answers, the machine dies or the boot
+// waitReady calls probe (which waits for the connection) until the agent
+// answers, the machine dies or the boot
 // timeout passes; the last two fail with the tail of the guest console.
-func (s *Supervisor) waitReady(ctx context.Context) error {
+func (s *Supervisor) waitReady(ctx context.Context, probe func(context.Context) error) error {
 	timeout := s.spec.BootTimeout
 	if timeout <= 0 {
 		timeout = 90 * time.Second
@@ -263,7 +277,7 @@ func (s *Supervisor) waitReady(ctx context.Context) error {
 		case <-ctx.Done():
 		}
 	}()
-	_, err := s.agent.Ping(ctx, &agentpb.PingRequest{}, grpc.WaitForReady(true))
+	err := probe(ctx)
 	if err == nil {
 		return nil
 	}

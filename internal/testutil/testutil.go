@@ -155,7 +155,7 @@ func ensureBuilt(t testing.TB, b *build, env, pkg, name string, extraEnv ...stri
 // Agent returns the static guest agent ($SMOLVM_AGENT, or built once).
 func Agent(t testing.TB) string {
 	t.Helper()
-	return ensureBuilt(t, &agentBuild, "SMOLVM_AGENT", "./cmd/smolvm-agent", "smolvm-agent", "CGO_ENABLED=0")
+	return ensureBuilt(t, &agentBuild, "SMOLVM_AGENT", "./cmd/smolvm-agent", "smolvm-agent", "CGO_ENABLED=0", "GOFLAGS=-tags=grpcnotrace")
 }
 
 // Binary returns the smolvm CLI ($SMOLVM_BIN, or built once).

@@ -40,11 +40,12 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 	p := func(name string) string { return dir + "/" + name }
 	args := []string{
 		"-name", "smolvm-" + cfg.ID,
-		"-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+		"-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=" + memoryID,
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		// Seccomp: no new privileges, no spawning, no resource changes.
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		"-m", strconv.Itoa(cfg.MemoryMiB),
+		"-object", memoryBackend(cfg),
 		"-smp", strconv.Itoa(cfg.VCPUs),
 		"-qmp", "unix:" + p(qmpSocket) + ",server=on,wait=off",
 		"-chardev", "file,id=console,path=" + escape(cfg.ConsoleLog) + ",append=on",
@@ -63,14 +64,11 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		}
 		args = append(args, "-append", cfg.Cmdline)
 	} else {
-		// A restored machine must be built exactly like the saved one;
-		// the kernel and initrd are needed for the command line to be
-		// accepted but are not booted.
-		args = append(args, "-kernel", escape(cfg.Kernel))
-		if cfg.Initrd != "" {
-			args = append(args, "-initrd", escape(cfg.Initrd))
-		}
-		args = append(args, "-append", cfg.Cmdline, "-incoming", "fd:"+strconv.Itoa(incomingFD))
+		// A restored machine gets its memory from the snapshot: no
+		// kernel or initramfs to read and load (tens of megabytes, and
+		// QEMU would only drop them). Deferred: the stream's format
+		// depends on migration capabilities, set over QMP first.
+		args = append(args, "-incoming", "defer")
 	}
 	switch cfg.Channel {
 	case hypervisor.ChannelVsock:
@@ -119,6 +117,25 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		args = append(args, "-netdev", netdev, "-device", dev)
 	}
 	return args
+}
+
+// memoryID names guest RAM: the memory backend object, and so the RAM
+// block a migration stream refers to.
+const memoryID = "mem"
+
+// memoryBackend describes guest RAM: anonymous memory, or a file (see
+// hypervisor.MachineConfig.MemoryFile). A private file is only mapped to
+// restore a snapshot; a machine that boots gets fresh memory.
+func memoryBackend(cfg *hypervisor.MachineConfig) string {
+	size := strconv.Itoa(cfg.MemoryMiB) + "M"
+	if cfg.MemoryFile == "" || !cfg.MemoryShared && cfg.Incoming == "" {
+		return "memory-backend-ram,id=" + memoryID + ",size=" + size
+	}
+	share := "off"
+	if cfg.MemoryShared {
+		share = "on"
+	}
+	return "memory-backend-file,id=" + memoryID + ",size=" + size + ",mem-path=" + escape(cfg.MemoryFile) + ",share=" + share
 }
 
 // escape doubles commas, QEMU's option separator, in a value.

@@ -41,3 +41,39 @@ func TestTAPFileArgs(t *testing.T) {
 		}
 	}
 }
+
+// TestMemoryBackend: guest RAM is always the backend "mem" (snapshots refer
+// to its RAM block by that name); a private memory file is mapped only to
+// restore, and a shared one always.
+func TestMemoryBackend(t *testing.T) {
+	for _, c := range []struct {
+		file     string
+		shared   bool
+		incoming string
+		want     string
+	}{
+		{"", false, "", "memory-backend-ram,id=mem,size=256M"},
+		{"/vm/ram", true, "", "memory-backend-file,id=mem,size=256M,mem-path=/vm/ram,share=on"},
+		{"/snap/ram", false, "/snap", "memory-backend-file,id=mem,size=256M,mem-path=/snap/ram,share=off"},
+		{"/snap/ram", false, "", "memory-backend-ram,id=mem,size=256M"},
+		{"/a,b/ram", true, "", "memory-backend-file,id=mem,size=256M,mem-path=/a,,b/ram,share=on"},
+	} {
+		cfg := &hypervisor.MachineConfig{Dir: "/vm", Kernel: "k", VCPUs: 1, MemoryMiB: 256,
+			MemoryFile: c.file, MemoryShared: c.shared, Incoming: c.incoming}
+		args := buildArgs(cfg, cfg.Dir)
+		i := slices.Index(args, "-object")
+		if i < 0 || args[i+1] != c.want {
+			t.Errorf("%+v: memory %v, want %s", c, args, c.want)
+		}
+		if !slices.ContainsFunc(args, func(a string) bool {
+			return strings.HasPrefix(a, "microvm,") && strings.HasSuffix(a, ",memory-backend=mem")
+		}) {
+			t.Errorf("%+v: machine does not use the backend: %v", c, args)
+		}
+		// A restore loads no kernel; a boot has one.
+		restoring := slices.Contains(args, "-incoming")
+		if restoring != (c.incoming != "") || restoring == slices.Contains(args, "-kernel") || restoring == slices.Contains(args, "-append") {
+			t.Errorf("%+v: kernel and incoming args: %v", c, args)
+		}
+	}
+}

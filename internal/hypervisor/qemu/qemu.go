@@ -8,11 +8,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -115,6 +117,7 @@ func (d *Driver) Start(ctx context.Context, cfg *hypervisor.MachineConfig) (hype
 		defer memory.Close()
 	}
 	cmd.ExtraFiles = extraFiles(cfg, memory) // fd 3 = incomingFD when restoring
+	started := time.Now()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
@@ -136,12 +139,24 @@ func (d *Driver) Start(ctx context.Context, cfg *hypervisor.MachineConfig) (hype
 		_ = m.Kill()
 		return nil, fmt.Errorf("start qemu: %w%s", err, m.stderrTail())
 	}
-	if cfg.Incoming != "" {
-		if err := m.waitIncoming(ctx); err != nil {
-			_ = m.Kill()
-			return nil, err
+	qmpUp := time.Now()
+	// Shared file memory stays out of snapshots: set on every machine, so
+	// that all migration streams have one format (a restore must read a
+	// stream with the capabilities it was written with).
+	err = m.run("migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{
+		{"capability": "x-ignore-shared", "state": true},
+	}}, nil)
+	if err == nil && cfg.Incoming != "" {
+		err = m.run("migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(incomingFD)}, nil)
+		if err == nil {
+			err = m.waitIncoming(ctx)
 		}
 	}
+	if err != nil {
+		_ = m.Kill()
+		return nil, fmt.Errorf("start qemu: %w%s", err, m.stderrTail())
+	}
+	slog.Debug("qemu started", "qmp", qmpUp.Sub(started), "incoming", time.Since(qmpUp))
 	return m, nil
 }
 
