@@ -148,7 +148,9 @@ func saveMemory(ctx context.Context, src, dst string, link bool) error {
 }
 
 // punchZeros deallocates the 4 KiB blocks of a file that hold only zeros;
-// its size and contents stay the same.
+// its size and contents stay the same. On a file system that cannot seek
+// to data or punch holes the file is left whole: that costs disk space,
+// nothing else.
 func punchZeros(path string) error {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
@@ -165,7 +167,11 @@ func punchZeros(path string) error {
 	var runStart, runEnd int64 // the pending run of zero blocks
 	flush := func() error {
 		if runEnd > runStart {
-			if err := unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, runStart, runEnd-runStart); err != nil {
+			err := unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, runStart, runEnd-runStart)
+			if errors.Is(err, unix.EOPNOTSUPP) {
+				return errNoPunch
+			}
+			if err != nil {
 				return fmt.Errorf("punch holes in %s: %w", path, err)
 			}
 		}
@@ -178,7 +184,7 @@ func punchZeros(path string) error {
 			break // only a hole is left
 		}
 		if err != nil {
-			return fmt.Errorf("seek %s: %w", path, err)
+			return nil // no SEEK_DATA here: the file stays as it is (only larger)
 		}
 		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
 		if err != nil {
@@ -195,7 +201,9 @@ func punchZeros(path string) error {
 					continue
 				}
 				if at != runEnd {
-					if err := flush(); err != nil {
+					if err := flush(); errors.Is(err, errNoPunch) {
+						return nil // the file stays as it is
+					} else if err != nil {
 						return err
 					}
 					runStart = at
@@ -206,8 +214,14 @@ func punchZeros(path string) error {
 		}
 		off = hole
 	}
-	return flush()
+	if err := flush(); !errors.Is(err, errNoPunch) {
+		return err
+	}
+	return nil // the file stays as it is
 }
+
+// errNoPunch: the file system cannot punch holes; the file stays whole.
+var errNoPunch = errors.New("hole punching not supported")
 
 // SnapshotDisk is the frozen copy of the machine's disk i in a snapshot
 // folder.
