@@ -85,6 +85,12 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 		return nil, undo(fmt.Errorf("create state folder: %w", err))
 	}
 	var spec *supervisor.Spec
+	var spare *supervisor.Spare // a prelaunched hypervisor, until the supervisor has it
+	defer func() {
+		if spare != nil {
+			spare.Discard()
+		}
+	}()
 	if snap != nil {
 		spec, err = restoreSpec(ctx, st, cfg, snap, rec, dir)
 	} else {
@@ -95,11 +101,25 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 				rec.Snapshot = warm.Name
 				spec.Machine.Incoming, spec.Restored = warm.Dir, true
 				spec.Machine.MemoryFile = filepath.Join(warm.Dir, hypervisor.SnapshotRAM)
+				if cfg.Prelaunch && !cfg.Persistent {
+					spare = takeSpare(homeOf(st), warm.Name)
+				}
 			}
 		}
 	}
 	if err != nil {
 		return nil, undo(err)
+	}
+	if spare != nil {
+		// Its folder becomes the VM's; its machine is the one built for
+		// this shape (same devices, sockets now in dir).
+		if mc, err := spare.Claim(dir, rec.ID); err != nil {
+			log.Debug("prelaunched hypervisor not usable; starting one", "err", err)
+			spare.Discard()
+			spare = nil
+		} else {
+			spec.Machine.Net, spec.Prelaunched = mc.Net, true
+		}
 	}
 	if snap == nil && spec.Restored {
 		// Failures from here on are the warm snapshot's: New boots instead.
@@ -125,9 +145,13 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 		}
 		return vm, nil
 	}
-	sup, err := supervisor.Start(ctx, rec.ID, supervisor.Options{Store: st, Logger: log, Started: started, CreateDone: createDone})
+	sup, err := supervisor.Start(ctx, rec.ID, supervisor.Options{Store: st, Logger: log, Started: started, CreateDone: createDone, Spare: spare})
+	spare = nil // the supervisor's now, or ended with it
 	if err != nil {
 		return nil, undo(err)
+	}
+	if cfg.Prelaunch && snap == nil && spec.Restored {
+		prelaunch(homeOf(st), rec.Snapshot, spec.Driver, spec.Machine, log)
 	}
 	vm, err := open(ctx, st, rec.ID, cfg.Logger)
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
 // List describes every VM in the default state folder. A VM whose
@@ -113,6 +114,10 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 				removed = append(removed, e.Name())
 			}
 		}
+	}
+	// Prelaunched hypervisors of processes that are gone.
+	for _, name := range supervisor.RemoveAbandonedSpares(sparesDir(homeOf(st))) {
+		removed = append(removed, "spare "+name)
 	}
 	probes, _ := filepath.Glob(filepath.Join(homeOf(st), "probe-*"))
 	for _, p := range probes {

@@ -10,8 +10,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -259,6 +261,68 @@ func TestWarmStart(t *testing.T) {
 	// Another shape has no warm snapshot: it boots.
 	if got := from(smolvm.Config{MemoryMiB: 384}); got != "" {
 		t.Errorf("New with 384 MiB restored %q, want a boot", got)
+	}
+
+	// Prelaunch: after a restore, a QEMU for the next VM of the shape waits
+	// in spares/; the next New claims it and is a clone like any other
+	// (its own hostname; its NIC connected: it reaches a server on the
+	// host). Nothing is left once the spares are discarded, and Cleanup
+	// removes the folder of a spare whose process is gone.
+	port := hostServer(t)
+	pcfg := smolvm.Config{Home: home, Prelaunch: true, Hosts: map[string][]string{"host.test": {"127.0.0.1"}}}
+	t.Cleanup(func() { _ = smolvm.DiscardPrelaunched(context.Background()) })
+	first := newVM(t, pcfg)
+	if err := smolvm.WaitPrelaunched(ctx); err != nil {
+		t.Fatal(err)
+	}
+	spares := filepath.Join(home, "spares")
+	if ents, _ := os.ReadDir(spares); len(ents) != 1 {
+		t.Fatalf("spares after a restore with Prelaunch: %v, want one", ents)
+	}
+	second := newVM(t, pcfg)
+	if in, err := second.Info(ctx); err != nil || !in.Prelaunched || in.Snapshot != snaps[0].Name {
+		t.Errorf("second VM with Prelaunch: %+v, %v; want restored from %s into the prelaunched hypervisor", in, err, snaps[0].Name)
+	}
+	if got := sh(t, second, "hostname"); got != second.Name() {
+		t.Errorf("hostname of the prelaunched clone: %q, want %q", got, second.Name())
+	}
+	if got := sh(t, second, fmt.Sprintf("wget -qO- http://host.test:%d/", port)); got != "hello from the host" {
+		t.Errorf("the prelaunched clone's network: %q", got)
+	}
+	for _, vm := range []*smolvm.VM{first, second} {
+		if err := vm.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	}
+	if err := smolvm.DiscardPrelaunched(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(spares); len(ents) != 0 {
+		t.Errorf("spares after DiscardPrelaunched: %v", ents)
+	}
+	// No QEMU of a spare of this home runs any more.
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, f := range cmdlines {
+		if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), "smolvm-spare-") && strings.Contains(string(b), spares) {
+			t.Errorf("a spare's QEMU still runs: %s", f)
+		}
+	}
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(spares, "stale")
+	if err := os.MkdirAll(stale, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(stale, "owner"), []byte(strconv.Itoa(dead.Process.Pid)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := smolvm.Cleanup(ctx, smolvm.CleanupOptions{Home: home}); err != nil {
+		t.Errorf("Cleanup: %v", err)
+	}
+	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Cleanup left the folder of a spare whose process is gone: %v", err)
 	}
 
 	// A warm snapshot that does not restore (here: cut short) is skipped.

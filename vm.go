@@ -43,14 +43,17 @@ type VM struct {
 
 // Info describes a VM.
 type Info struct {
-	ID            string          `json:"id"`
-	Name          string          `json:"name"`
-	State         string          `json:"state"`
-	Reason        string          `json:"reason,omitempty"`
-	Created       time.Time       `json:"created"`
-	Dir           string          `json:"dir"`
-	Image         string          `json:"image"`
-	Snapshot      string          `json:"snapshot,omitempty"`
+	ID       string    `json:"id"`
+	Name     string    `json:"name"`
+	State    string    `json:"state"`
+	Reason   string    `json:"reason,omitempty"`
+	Created  time.Time `json:"created"`
+	Dir      string    `json:"dir"`
+	Image    string    `json:"image"`
+	Snapshot string    `json:"snapshot,omitempty"`
+	// Prelaunched: restored into a hypervisor started ahead of time
+	// (Config.Prelaunch).
+	Prelaunched   bool            `json:"prelaunched,omitempty"`
 	VCPUs         int             `json:"vcpus"`
 	MemoryMiB     int             `json:"memory_mib"`
 	Accel         string          `json:"accel,omitempty"`
@@ -224,6 +227,7 @@ func infoOf(rec *store.VM) *Info {
 	var spec supervisor.Spec
 	if json.Unmarshal(rec.Config, &spec) == nil {
 		in.VCPUs, in.MemoryMiB, in.Persistent = spec.Machine.VCPUs, spec.Machine.MemoryMiB, spec.Persistent
+		in.Prelaunched = spec.Prelaunched
 		in.Accel, in.Channel = string(spec.Machine.Accel), string(spec.Machine.Channel)
 	}
 	_ = json.Unmarshal(rec.Timings, &in.Timings)

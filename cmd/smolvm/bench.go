@@ -32,7 +32,9 @@ command (guest agent answers), warm command ('true'), stop + delete, and the
 whole wait from create to first command.
 
 Modes: cold (stock kernel, cold boot), restore (the warm snapshot 'smolvm setup'
-makes), tuned (cold boot of the kernel 'smolvm kernel build' makes). Then one VM
+makes), prelaunch (the same restore into a QEMU started ahead of time, as a
+program creating VM after VM gets with the library's Config.Prelaunch), tuned
+(cold boot of the kernel 'smolvm kernel build' makes). Then one VM
 answers --warm-runs pings and 'true' commands, and the same command over SSH
 (the host's dropbear copied into the guest, reached through a port forwarded
 over the VM's NIC; with --warm-net none, bridged over the agent's exec

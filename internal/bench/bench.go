@@ -31,10 +31,14 @@ const (
 	ModeCold    = "cold"    // stock kernel, cold boot
 	ModeRestore = "restore" // restore of the warm snapshot made by Setup
 	ModeTuned   = "tuned"   // cold boot of the tuned kernel
+	// ModePrelaunch restores the warm snapshot into a QEMU started ahead
+	// of time (smolvm.Config.Prelaunch); before each VM the bench waits
+	// until that QEMU is up, as a steady supply of VMs would find it.
+	ModePrelaunch = "prelaunch"
 )
 
 // Modes lists every mode, in the order Run measures them.
-var Modes = []string{ModeCold, ModeRestore, ModeTuned}
+var Modes = []string{ModeCold, ModeRestore, ModePrelaunch, ModeTuned}
 
 // warmPerVM is how many `true` commands each VM of a mode runs; its median
 // is that VM's warm command.
@@ -197,6 +201,12 @@ func (r *runner) config(mode string) (cfg smolvm.Config, desc, skip, kernelEnv s
 		if !r.hasWarm {
 			skip = "no warm snapshot in " + r.opts.Home + ": run 'smolvm setup'"
 		}
+	case ModePrelaunch:
+		cfg.Prelaunch = true
+		desc = "restore of the warm snapshot into a QEMU started ahead of time"
+		if !r.hasWarm {
+			skip = "no warm snapshot in " + r.opts.Home + ": run 'smolvm setup'"
+		}
 	case ModeTuned:
 		cfg.Cold = true
 		desc = "tuned kernel, cold boot"
@@ -239,9 +249,25 @@ func (r *runner) mode(ctx context.Context, mode string) *ModeResult {
 			}
 		}()
 	}
+	if mode == ModePrelaunch {
+		defer func() { _ = smolvm.DiscardPrelaunched(context.WithoutCancel(ctx)) }()
+		// A first restore starts the QEMU the first measured VM claims.
+		vm, err := r.create(ctx, "prime", ModeRestore, cfg)
+		if err != nil {
+			mr.Error = err.Error()
+			return mr
+		}
+		r.discard(vm)
+	}
 	samples := map[string][]time.Duration{}
 	for i := 0; i < r.opts.VMs; i++ {
 		r.progress(fmt.Sprintf("%s: VM %d/%d", mode, i+1, r.opts.VMs))
+		if mode == ModePrelaunch {
+			if err := smolvm.WaitPrelaunched(ctx); err != nil {
+				mr.Error = err.Error()
+				break
+			}
+		}
 		res, kernel, err := r.one(ctx, mode, cfg)
 		if err != nil {
 			mr.Error = err.Error()
@@ -334,11 +360,15 @@ func (r *runner) create(ctx context.Context, label, mode string, cfg smolvm.Conf
 		r.mu.Unlock()
 	}
 	restored := info.Snapshot != ""
+	wantRestore := mode == ModeRestore || mode == ModePrelaunch
 	switch {
-	case mode == ModeRestore && !restored:
+	case wantRestore && !restored:
 		r.discard(vm)
 		return nil, fmt.Errorf("VM %s booted cold: no warm snapshot matches the current image and VM shape (did the kernel, initramfs or agent change since 'smolvm setup'?): run 'smolvm setup'", cfg.Name)
-	case mode != ModeRestore && mode != "" && restored:
+	case mode == ModePrelaunch && !info.Prelaunched:
+		r.discard(vm)
+		return nil, fmt.Errorf("VM %s was restored, but not into a prelaunched QEMU (see the debug log: 'smolvm --debug bench')", cfg.Name)
+	case !wantRestore && mode != "" && restored:
 		r.discard(vm)
 		return nil, fmt.Errorf("VM %s was restored from %s, not booted cold", cfg.Name, info.Snapshot)
 	}

@@ -160,6 +160,22 @@ type Info struct {
 	Channel Channel `json:"channel"`
 }
 
+// Prelauncher is implemented by drivers that can start a machine ahead of
+// time for the restore of a snapshot (MachineConfig.Incoming): the
+// hypervisor process is up and its devices built, and the machine waits
+// for Incoming to load the snapshot.
+type Prelauncher interface {
+	Prelaunch(ctx context.Context, cfg *MachineConfig) (Machine, error)
+}
+
+// Incomer is implemented by prelaunched machines: Incoming loads the
+// snapshot and lets the guest run. dir is the machine's state folder,
+// which may have moved since the machine started (sockets and logs in it
+// stay valid across a rename).
+type Incomer interface {
+	Incoming(ctx context.Context, dir string) error
+}
+
 // Pauser is implemented by machines that can pause and resume vCPUs.
 type Pauser interface {
 	Pause(ctx context.Context) error

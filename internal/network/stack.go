@@ -55,6 +55,10 @@ type Options struct {
 	Owner string
 	// Persist is called with the forwards after each change at run time.
 	Persist func(ctx context.Context, fwds []Forward) error
+	// QEMUConn, when set, is the network device's connection, accepted
+	// already (a prelaunched machine's): the stack serves it instead of
+	// listening on Dir/net.sock.
+	QEMUConn net.Conn
 }
 
 // Stack is one VM's user-mode network.
@@ -126,15 +130,19 @@ func Start(ctx context.Context, opts Options) (*Stack, error) {
 		n.Close()
 		return nil, err
 	}
-	path := SocketPath(opts.Dir)
-	_ = os.Remove(path)
-	n.ln, err = net.Listen("unix", path)
-	if err != nil {
-		n.Close()
-		return nil, fmt.Errorf("listen for the network device: %w", err)
+	if opts.QEMUConn != nil {
+		go n.serveQEMU(opts.QEMUConn)
+	} else {
+		path := SocketPath(opts.Dir)
+		_ = os.Remove(path)
+		n.ln, err = net.Listen("unix", path)
+		if err != nil {
+			n.Close()
+			return nil, fmt.Errorf("listen for the network device: %w", err)
+		}
+		_ = os.Chmod(path, 0o600)
+		go n.acceptQEMU()
 	}
-	_ = os.Chmod(path, 0o600)
-	go n.acceptQEMU()
 	for _, f := range cfg.Forwards {
 		if _, err := n.expose(ctx, f, false); err != nil {
 			n.Close()
@@ -180,11 +188,14 @@ func (n *Stack) acceptQEMU() {
 		if err != nil {
 			return
 		}
-		go func() {
-			if err := n.sw.Accept(n.ctx, c, types.QemuProtocol); err != nil && n.ctx.Err() == nil {
-				n.log.Debug("network device disconnected", "err", err)
-			}
-		}()
+		go n.serveQEMU(c)
+	}
+}
+
+// serveQEMU moves frames between QEMU's network device and the stack.
+func (n *Stack) serveQEMU(c net.Conn) {
+	if err := n.sw.Accept(n.ctx, c, types.QemuProtocol); err != nil && n.ctx.Err() == nil {
+		n.log.Debug("network device disconnected", "err", err)
 	}
 }
 
@@ -199,6 +210,9 @@ func (n *Stack) Close() {
 	n.mu.Unlock()
 	n.closeAll()
 	n.cancel()
+	if n.opts.QEMUConn != nil {
+		_ = n.opts.QEMUConn.Close()
+	}
 	if n.ln != nil {
 		_ = n.ln.Close()
 		_ = os.Remove(SocketPath(n.opts.Dir))

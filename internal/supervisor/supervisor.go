@@ -47,8 +47,10 @@ type Spec struct {
 	Machine     hypervisor.MachineConfig `json:"machine"`
 	BootTimeout time.Duration            `json:"boot_timeout"`
 	// Restored VMs get fresh entropy, clock and identity after restore.
-	Restored bool   `json:"restored,omitempty"`
-	Hostname string `json:"hostname,omitempty"`
+	Restored bool `json:"restored,omitempty"`
+	// Prelaunched: restored into a hypervisor started ahead of time.
+	Prelaunched bool   `json:"prelaunched,omitempty"`
+	Hostname    string `json:"hostname,omitempty"`
 	// Persistent VMs run under a detached supervisor process.
 	Persistent bool `json:"persistent,omitempty"`
 	// SupervisorBinary is the smolvm CLI that runs it ("" means look it up).
@@ -103,6 +105,9 @@ type Options struct {
 	Started time.Time
 	// CreateDone is when allocation of state finished (end of "create").
 	CreateDone time.Time
+	// Spare, when set, is the prelaunched hypervisor to restore into,
+	// claimed already for this VM (its spec describes the spare's machine).
+	Spare *Spare
 }
 
 // Start launches the VM described by the store row id and returns once its
@@ -153,11 +158,32 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	if err := s.prepareDisks(ctx, &mc); err != nil { // snapshot.go
 		return err
 	}
-	if err := s.startNetwork(ctx, &mc); err != nil {
+	var qemuConn net.Conn
+	if opts.Spare != nil {
+		qemuConn = opts.Spare.netConn
+	}
+	if err := s.startNetwork(ctx, &mc, qemuConn); err != nil {
+		if opts.Spare != nil {
+			opts.Spare.Discard()
+		}
 		return err
 	}
-	s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
-	m, err := d.Start(ctx, &mc)
+	var m hypervisor.Machine
+	if sp := opts.Spare; sp != nil {
+		s.log.Debug("phase launch: restoring into a prelaunched hypervisor", "driver", d.Name(), "pid", sp.m.PID())
+		m = sp.m
+		if in, ok := m.(hypervisor.Incomer); !ok {
+			err = fmt.Errorf("prelaunched machine: %w", hypervisor.ErrUnsupported)
+		} else {
+			err = in.Incoming(ctx, mc.Dir)
+		}
+		if err != nil {
+			_ = m.Kill()
+		}
+	} else {
+		s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
+		m, err = d.Start(ctx, &mc)
+	}
 	if t := s.tapNetwork(); t != nil {
 		// QEMU holds the TAP queue now (or failed): the device lives as
 		// long as QEMU does.
@@ -397,12 +423,15 @@ type vmNetwork interface {
 // startNetwork starts the VM's network before the machine: the user-mode
 // stack its NIC connects to, or its TAP device (whose queue QEMU gets as a
 // file descriptor), with their port forwards.
-func (s *Supervisor) startNetwork(ctx context.Context, mc *hypervisor.MachineConfig) error {
+func (s *Supervisor) startNetwork(ctx context.Context, mc *hypervisor.MachineConfig, qemuConn net.Conn) error {
 	n := s.spec.Network
 	if n == nil {
+		if qemuConn != nil {
+			_ = qemuConn.Close()
+		}
 		return nil
 	}
-	opts := network.Options{Config: *n, Dir: mc.Dir, Logger: s.log, Store: s.st, Owner: s.id, Persist: s.persistForwards}
+	opts := network.Options{Config: *n, Dir: mc.Dir, Logger: s.log, Store: s.st, Owner: s.id, Persist: s.persistForwards, QEMUConn: qemuConn}
 	switch n.Mode {
 	case network.ModeUser:
 		ns, err := network.Start(ctx, opts)

@@ -39,6 +39,8 @@ var _ hypervisor.Driver = (*Driver)(nil)
 var _ hypervisor.Machine = (*Machine)(nil)
 var _ hypervisor.Pauser = (*Machine)(nil)
 var _ hypervisor.Snapshotter = (*Machine)(nil)
+var _ hypervisor.Prelauncher = (*Driver)(nil)
+var _ hypervisor.Incomer = (*Machine)(nil)
 
 func init() { hypervisor.Register(&Driver{}) }
 
@@ -88,6 +90,31 @@ func parseVersion(out string) (string, error) {
 
 // Start implements hypervisor.Driver.
 func (d *Driver) Start(ctx context.Context, cfg *hypervisor.MachineConfig) (hypervisor.Machine, error) {
+	m, err := d.launch(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Incoming != "" {
+		if err := m.Incoming(ctx, cfg.Dir); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// Prelaunch implements hypervisor.Prelauncher: QEMU is started for the
+// restore of cfg.Incoming (its memory file mapped, its devices built) and
+// waits for Incoming to load the snapshot's device state.
+func (d *Driver) Prelaunch(ctx context.Context, cfg *hypervisor.MachineConfig) (hypervisor.Machine, error) {
+	if cfg.Incoming == "" {
+		return nil, errors.New("prelaunch: the machine config names no snapshot to restore")
+	}
+	return d.launch(ctx, cfg)
+}
+
+// launch starts QEMU and returns once QMP answers; a restore is left
+// waiting for its migration stream (-incoming defer).
+func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Machine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -139,25 +166,36 @@ func (d *Driver) Start(ctx context.Context, cfg *hypervisor.MachineConfig) (hype
 		_ = m.Kill()
 		return nil, fmt.Errorf("start qemu: %w%s", err, m.stderrTail())
 	}
-	qmpUp := time.Now()
 	// Shared file memory stays out of snapshots: set on every machine, so
 	// that all migration streams have one format (a restore must read a
 	// stream with the capabilities it was written with).
 	err = m.run("migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{
 		{"capability": "x-ignore-shared", "state": true},
 	}}, nil)
-	if err == nil && cfg.Incoming != "" {
-		err = m.run("migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(incomingFD)}, nil)
-		if err == nil {
-			err = m.waitIncoming(ctx)
-		}
-	}
 	if err != nil {
 		_ = m.Kill()
 		return nil, fmt.Errorf("start qemu: %w%s", err, m.stderrTail())
 	}
-	slog.Debug("qemu started", "qmp", qmpUp.Sub(started), "incoming", time.Since(qmpUp))
+	slog.Debug("qemu started", "took", time.Since(started))
 	return m, nil
+}
+
+// Incoming implements hypervisor.Incomer: it loads the snapshot the
+// machine was started for and lets the guest run. dir is the machine's
+// state folder now (a prelaunched machine's folder moves to its VM's).
+func (m *Machine) Incoming(ctx context.Context, dir string) error {
+	t0 := time.Now()
+	m.cfg.Dir = dir
+	err := m.run("migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(incomingFD)}, nil)
+	if err == nil {
+		err = m.waitIncoming(ctx)
+	}
+	if err != nil {
+		_ = m.Kill()
+		return fmt.Errorf("restore snapshot: %w%s", err, m.stderrTail())
+	}
+	slog.Debug("qemu restored the snapshot", "took", time.Since(t0))
+	return nil
 }
 
 // Machine is one QEMU process.

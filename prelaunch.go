@@ -1,0 +1,118 @@
+package smolvm
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"log/slog"
+	"path/filepath"
+	"sync"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/supervisor"
+)
+
+// Prelaunched hypervisors (Config.Prelaunch). A restore of the warm
+// snapshot spends about 100 ms under emulation starting QEMU, before any
+// of the snapshot is loaded: the process, its libraries and the device
+// models it registers. A program that creates VM after VM (a server, a
+// benchmark) can pay that ahead of time: after each restore of a warm
+// snapshot with Prelaunch set, one QEMU for the next VM of that shape is
+// started in the background, in a folder of its own under
+// $SMOLVM_HOME/spares, with the snapshot's memory mapped and its network
+// device connected, and the next New claims it. The spare belongs to
+// this process: its QEMU dies with the process (and Cleanup removes the
+// folder then), and DiscardPrelaunched ends it earlier.
+
+// sparesDir is where unclaimed spares live.
+func sparesDir(home string) string { return filepath.Join(home, "spares") }
+
+var spares = struct {
+	sync.Mutex
+	ready  map[string]*supervisor.Spare // by home and warm snapshot
+	making map[string]chan struct{}     // closed when the spare is made (or failed)
+}{ready: map[string]*supervisor.Spare{}, making: map[string]chan struct{}{}}
+
+func spareKey(home, snapshot string) string { return home + "\x00" + snapshot }
+
+// takeSpare returns the ready spare for a warm snapshot, if there is one.
+func takeSpare(home, snapshot string) *supervisor.Spare {
+	spares.Lock()
+	defer spares.Unlock()
+	k := spareKey(home, snapshot)
+	sp := spares.ready[k]
+	delete(spares.ready, k)
+	if sp != nil && !sp.Alive() {
+		sp.Discard()
+		return nil
+	}
+	return sp
+}
+
+// prelaunch starts a spare like mc (a VM just restored from the warm
+// snapshot) in the background, unless one is ready or being made.
+func prelaunch(home, snapshot, driver string, mc hypervisor.MachineConfig, log *slog.Logger) {
+	k := spareKey(home, snapshot)
+	spares.Lock()
+	if spares.ready[k] != nil || spares.making[k] != nil {
+		spares.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	spares.making[k] = done
+	spares.Unlock()
+	go func() {
+		defer close(done)
+		b := make([]byte, 8)
+		_, _ = rand.Read(b)
+		sp, err := supervisor.PrepareSpare(context.Background(), driver, mc, filepath.Join(sparesDir(home), hex.EncodeToString(b)))
+		spares.Lock()
+		defer spares.Unlock()
+		delete(spares.making, k)
+		switch {
+		case err != nil:
+			log.Debug("prelaunching a hypervisor failed; the next VM starts its own", "err", err)
+		case spares.ready[k] != nil:
+			sp.Discard()
+		default:
+			spares.ready[k] = sp
+			log.Debug("hypervisor prelaunched for the next restore", "snapshot", snapshot)
+		}
+	}()
+}
+
+// WaitPrelaunched waits until the hypervisors this process is starting
+// ahead of time (Config.Prelaunch) are up or have failed.
+func WaitPrelaunched(ctx context.Context) error {
+	for {
+		spares.Lock()
+		var wait chan struct{}
+		for _, c := range spares.making {
+			wait = c
+			break
+		}
+		spares.Unlock()
+		if wait == nil {
+			return nil
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// DiscardPrelaunched ends the hypervisors this process started ahead of
+// time (Config.Prelaunch) and removes their folders. VMs that claimed one
+// are not affected.
+func DiscardPrelaunched(ctx context.Context) error {
+	err := WaitPrelaunched(ctx)
+	spares.Lock()
+	defer spares.Unlock()
+	for k, sp := range spares.ready {
+		sp.Discard()
+		delete(spares.ready, k)
+	}
+	return err
+}
