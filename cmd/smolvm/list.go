@@ -101,6 +101,13 @@ func newInfoCmd(g *globals) *cobra.Command {
 			row("Name", in.Name)
 			row("State", strings.TrimSpace(in.State+" "+paren(in.Reason)))
 			row("Image", in.Image)
+			if in.Snapshot != "" {
+				how := ""
+				if in.Prelaunched {
+					how = " (into a QEMU started ahead of time)"
+				}
+				row("Restored from", in.Snapshot+how)
+			}
 			row("CPUs", in.VCPUs)
 			row("Memory", fmt.Sprintf("%d MiB", in.MemoryMiB))
 			row("Accel", in.Accel)
