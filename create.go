@@ -33,6 +33,13 @@ func New(ctx context.Context, cfg Config) (*VM, error) {
 	}
 	vm, err := create(ctx, st, &cfg, started, nil)
 	var we warmError
+	if errors.As(err, &we) && we.prelaunched && ctx.Err() == nil {
+		// The QEMU started ahead of time failed (it died, say): restore
+		// into a QEMU of this VM's own.
+		cfg.Logger.Debug("restore into the prelaunched hypervisor failed; restoring into a new one", "err", we.error)
+		cfg.Prelaunch = false
+		vm, err = create(ctx, st, &cfg, started, nil)
+	}
 	if errors.As(err, &we) && ctx.Err() == nil {
 		// A warm snapshot that no longer restores (say, a QEMU upgrade
 		// changed the machine) must not stop anyone: boot instead.
@@ -50,7 +57,8 @@ func New(ctx context.Context, cfg Config) (*VM, error) {
 // warmError is a failure to start a VM from the warm snapshot of its shape.
 type warmError struct {
 	error
-	snapshot string
+	snapshot    string
+	prelaunched bool // the restore was into a prelaunched hypervisor
 }
 
 func (e warmError) Unwrap() error { return e.error }
@@ -124,7 +132,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	if snap == nil && spec.Restored {
 		// Failures from here on are the warm snapshot's: New boots instead.
 		inner := undo
-		undo = func(cause error) error { return warmError{inner(cause), rec.Snapshot} }
+		undo = func(cause error) error { return warmError{inner(cause), rec.Snapshot, spec.Prelaunched} }
 	}
 	sj, _ := json.Marshal(spec)
 	if _, err := st.UpdateVM(ctx, rec.ID, func(v *store.VM) error {

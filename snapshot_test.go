@@ -289,7 +289,37 @@ func TestWarmStart(t *testing.T) {
 	if got := sh(t, second, fmt.Sprintf("wget -qO- http://host.test:%d/", port)); got != "hello from the host" {
 		t.Errorf("the prelaunched clone's network: %q", got)
 	}
-	for _, vm := range []*smolvm.VM{first, second} {
+	// A spare whose QEMU died is not used: the VM restores into its own.
+	if err := smolvm.WaitPrelaunched(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir(spares)
+	if len(ents) != 1 {
+		t.Fatalf("spares: %v, want one", ents)
+	}
+	spareDir := filepath.Join(spares, ents[0].Name()) + "/" // claimed ones moved away
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	killed := 0
+	for _, f := range cmdlines {
+		if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), spareDir) {
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(f)))
+			if syscall.Kill(pid, syscall.SIGKILL) == nil {
+				killed++
+			}
+		}
+	}
+	if killed != 1 {
+		t.Fatalf("killed %d spare QEMUs, want 1", killed)
+	}
+	time.Sleep(200 * time.Millisecond) // let the spare's owner see it exit
+	third := newVM(t, pcfg)
+	if in, err := third.Info(ctx); err != nil || in.Prelaunched || in.Snapshot != snaps[0].Name {
+		t.Errorf("VM after its spare died: %+v, %v; want restored from %s into a QEMU of its own", in, err, snaps[0].Name)
+	}
+	if got := sh(t, third, "hostname"); got != third.Name() {
+		t.Errorf("hostname: %q, want %q", got, third.Name())
+	}
+	for _, vm := range []*smolvm.VM{first, second, third} {
 		if err := vm.Close(); err != nil {
 			t.Errorf("Close: %v", err)
 		}
@@ -300,10 +330,11 @@ func TestWarmStart(t *testing.T) {
 	if ents, _ := os.ReadDir(spares); len(ents) != 0 {
 		t.Errorf("spares after DiscardPrelaunched: %v", ents)
 	}
-	// No QEMU of a spare of this home runs any more.
-	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	// No QEMU runs any more in this home (the VMs are closed, the spares
+	// discarded).
+	cmdlines, _ = filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, f := range cmdlines {
-		if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), "smolvm-spare-") && strings.Contains(string(b), spares) {
+		if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), "qemu") && strings.Contains(string(b), home+"/") {
 			t.Errorf("a spare's QEMU still runs: %s", f)
 		}
 	}
