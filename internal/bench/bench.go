@@ -315,6 +315,11 @@ func (r *runner) one(ctx context.Context, mode string, cfg smolvm.Config) (VMRes
 	t := vm.Timings()
 	res.Phases["create"], res.Phases["launch"] = t.Create, t.Launch
 	res.Phases["first_command"], res.Phases["create_to_first_command"] = t.FirstCommand, t.CreateToFirstCommand
+	first, err := runTrue(ctx, vm, 1)
+	if err != nil {
+		return res, "", err
+	}
+	res.Phases["first_exec"], res.Phases["create_to_first_output"] = first[0], t.CreateToFirstCommand+first[0]
 	info, err := vm.Ping(ctx)
 	if err != nil {
 		return res, "", err

@@ -124,11 +124,12 @@ func (r *runner) finish(ctx context.Context, vm *smolvm.VM) (VMResult, error) {
 	t := vm.Timings()
 	res.Phases["create"], res.Phases["launch"] = t.Create, t.Launch
 	res.Phases["first_command"], res.Phases["create_to_first_command"] = t.FirstCommand, t.CreateToFirstCommand
-	warm, err := runTrue(ctx, vm, 1)
+	runs, err := runTrue(ctx, vm, 2)
 	if err != nil {
 		return res, err
 	}
-	res.Phases["warm_command"] = warm[0]
+	res.Phases["first_exec"], res.Phases["create_to_first_output"] = runs[0], t.CreateToFirstCommand+runs[0]
+	res.Phases["warm_command"] = runs[1]
 	if err := vm.Delete(ctx); err != nil {
 		return res, fmt.Errorf("stop + delete VM %s: %w", vm.Name(), err)
 	}
