@@ -113,12 +113,8 @@ func (sp *Spare) Alive() bool {
 func (sp *Spare) Claim(dir, id string) (hypervisor.MachineConfig, error) {
 	_ = os.Remove(dir) // an empty folder made for the VM
 	if err := os.Rename(sp.dir, dir); err != nil {
-		ents, _ := os.ReadDir(dir)
-		var names []string
-		for _, e := range ents {
-			names = append(names, e.Name())
-		}
-		return hypervisor.MachineConfig{}, fmt.Errorf("claim prelaunched hypervisor: %w (the VM's folder holds %v)", err, names)
+		_ = os.MkdirAll(dir, 0o700) // the VM goes on without the spare
+		return hypervisor.MachineConfig{}, fmt.Errorf("claim prelaunched hypervisor: %w", err)
 	}
 	sp.dir = dir
 	_ = os.Remove(filepath.Join(dir, SpareOwnerFile))

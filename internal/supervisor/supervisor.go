@@ -113,7 +113,14 @@ type Options struct {
 // Start launches the VM described by the store row id and returns once its
 // agent answers. On failure everything it started is torn down and the row
 // is marked failed with the reason.
-func Start(ctx context.Context, id string, opts Options) (*Supervisor, error) {
+func Start(ctx context.Context, id string, opts Options) (_ *Supervisor, err error) {
+	if opts.Spare != nil {
+		defer func() {
+			if err != nil {
+				opts.Spare.Discard() // whatever of it is left
+			}
+		}()
+	}
 	vm, err := opts.Store.GetVM(ctx, id)
 	if err != nil {
 		return nil, err
@@ -163,9 +170,6 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 		qemuConn = opts.Spare.netConn
 	}
 	if err := s.startNetwork(ctx, &mc, qemuConn); err != nil {
-		if opts.Spare != nil {
-			opts.Spare.Discard()
-		}
 		return err
 	}
 	var m hypervisor.Machine
