@@ -27,6 +27,10 @@ const (
 	stdinQueue = 8
 )
 
+// outputBufs holds the output readers' buffers: two per command would
+// otherwise be garbage, and the collector's work runs emulated too.
+var outputBufs = sync.Pool{New: func() any { b := make([]byte, outputChunk); return &b }}
+
 type execStream = grpc.BidiStreamingServer[agentpb.ExecRequest, agentpb.ExecResponse]
 
 // execSender serialises Sends on one stream and refuses output after exit.
@@ -101,7 +105,9 @@ func (s *Server) Exec(stream execStream) error {
 		readers.Add(1)
 		go func(f *os.File, stderr bool) {
 			defer readers.Done()
-			buf := make([]byte, outputChunk)
+			bp := outputBufs.Get().(*[]byte)
+			defer outputBufs.Put(bp)
+			buf := *bp
 			for {
 				n, err := f.Read(buf)
 				if n > 0 {
