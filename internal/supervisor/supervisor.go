@@ -290,9 +290,9 @@ func Probe(ctx context.Context, driver string, mc *hypervisor.MachineConfig, tim
 	return err
 }
 
-// waitReady calls probe (which waits for the connection) until the agent
-// answers, the machine dies or the boot
-// timeout passes; the last two fail with the tail of the guest console.
+// waitReady runs probe, a first call that waits for the connection, until
+// the agent answers, the machine dies or the boot timeout passes; the last
+// two fail with the tail of the guest console.
 func (s *Supervisor) waitReady(ctx context.Context, probe func(context.Context) error) error {
 	timeout := s.spec.BootTimeout
 	if timeout <= 0 {
