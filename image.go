@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/smolvm/smolvm/internal/image"
 )
@@ -79,6 +82,14 @@ func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
 	})
 	if err != nil || opts.NoWarm || opts.CachedOnly {
 		return d, err
+	}
+	// The warm snapshot's VM keeps its memory in a file in the state
+	// folder (see ensureWarm): on a file system without room for it, the
+	// guest would die writing its memory. VMs boot cold instead.
+	need := int64(defaultMemoryMiB + 64)
+	if free, err := freeMiB(home); err == nil && free < need {
+		slog.Default().Warn(fmt.Sprintf("no warm snapshot: %s has %d MiB free and the warm snapshot needs up to %d MiB; VMs boot cold until you free some space and run 'smolvm setup' again", home, free, need))
+		return d, nil
 	}
 	if opts.Progress != nil {
 		fmt.Fprintln(opts.Progress, "preparing the warm snapshot (one cold boot)…")
@@ -153,4 +164,14 @@ func useTunedKernel(cacheDir string) bool {
 	}
 	_, ok := image.TunedKernel(cacheDir)
 	return ok
+}
+
+// freeMiB is the space an unprivileged user may still use on dir's file
+// system.
+func freeMiB(dir string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Bavail) * st.Bsize >> 20, nil
 }

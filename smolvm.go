@@ -124,6 +124,9 @@ type Config struct {
 	fileMemory bool
 }
 
+// defaultMemoryMiB is a VM's memory unless Config.MemoryMiB says otherwise.
+const defaultMemoryMiB = 512
+
 var nameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
 
 func (c *Config) setDefaults() error {
@@ -131,7 +134,7 @@ func (c *Config) setDefaults() error {
 		c.VCPUs = 1
 	}
 	if c.MemoryMiB == 0 {
-		c.MemoryMiB = 512
+		c.MemoryMiB = defaultMemoryMiB
 	}
 	switch {
 	case c.VCPUs < 1 || c.VCPUs > 64:

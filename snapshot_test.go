@@ -365,3 +365,32 @@ func TestWarmStart(t *testing.T) {
 		t.Errorf("New over a broken warm snapshot restored %q, want a boot", got)
 	}
 }
+
+// TestSetupWithoutRoomForWarm: on a file system without room for the warm
+// snapshot's memory file, Setup skips the warm snapshot instead of failing
+// (its VM would die writing its memory), and VMs boot.
+func TestSetupWithoutRoomForWarm(t *testing.T) {
+	testutil.NeedQEMU(t)
+	home := t.TempDir()
+	if err := syscall.Mount("tmpfs", home, "tmpfs", 0, "size=64m"); err != nil {
+		t.Skipf("mount a small tmpfs (needs root): %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(home, syscall.MNT_DETACH) })
+	if err := os.Symlink(testutil.CacheDir(), filepath.Join(home, "cache")); err != nil {
+		t.Fatal(err)
+	}
+	ctx := testutil.Context(t, 5*time.Minute)
+	if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
+		t.Fatalf("Setup with 64 MiB free: %v", err)
+	}
+	if snaps, err := smolvm.ListSnapshots(ctx, home); err != nil || len(snaps) != 0 {
+		t.Errorf("snapshots after Setup with 64 MiB free: %+v, %v; want none", snaps, err)
+	}
+	vm := newVM(t, smolvm.Config{Home: home})
+	if got := sh(t, vm, "echo booted"); got != "booted" {
+		t.Errorf("VM: %q", got)
+	}
+	if err := vm.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+}

@@ -12,21 +12,23 @@ import (
 
 func newSetupCmd(g *globals) *cobra.Command {
 	var kernel string
-	var noInstall, tuned bool
+	var noInstall, tuned, noWarm bool
 	cmd := &cobra.Command{
 		Use:   "setup",
 		Short: "Install host packages and build the default image (idempotent)",
 		Long: `Prepare this host for smolvm: install missing host packages with apt-get (when
 run as root on Debian or Ubuntu; otherwise print what to install), fetch Debian's
-cloud kernel, and build the initramfs with busybox and the guest agent. Safe to
-run again: finished steps are cached under the state folder.`,
+cloud kernel, build the initramfs with busybox and the guest agent, and make the
+warm snapshot that new VMs of the default shape restore instead of booting (one
+cold boot; it needs about 600 MiB free in the state folder while it is made).
+Safe to run again: finished steps are cached under the state folder.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var progress *os.File
 			if term.IsTerminal(int(os.Stderr.Fd())) {
 				progress = os.Stderr
 			}
-			opts := smolvm.SetupOptions{KernelPath: kernel, InstallPackages: !noInstall, TunedKernel: tuned}
+			opts := smolvm.SetupOptions{KernelPath: kernel, InstallPackages: !noInstall, TunedKernel: tuned, NoWarm: noWarm}
 			if progress != nil {
 				opts.Progress = progress
 			}
@@ -41,5 +43,6 @@ run again: finished steps are cached under the state folder.`,
 	cmd.Flags().StringVar(&kernel, "kernel", "", "use this kernel instead of Debian's cloud kernel")
 	cmd.Flags().BoolVar(&tuned, "tuned-kernel", false, "also build the tuned kernel (see 'smolvm kernel build'); new VMs then boot it")
 	cmd.Flags().BoolVar(&noInstall, "no-install", false, "do not install host packages; only check for them")
+	cmd.Flags().BoolVar(&noWarm, "no-warm", false, "make no warm snapshot (new VMs boot cold)")
 	return cmd
 }
