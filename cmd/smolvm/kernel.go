@@ -40,7 +40,9 @@ func newKernelBuildCmd(g *globals) *cobra.Command {
 $SMOLVM_HOME/cache/kernel-tuned. As root on Debian, missing build dependencies
 (linux-source-6.1 make gcc binutils bc bison flex perl xz-utils libelf-dev) are
 installed with apt-get unless --no-install is given. A build for the installed
-source version and this smolvm's configuration is reused unless --force.`,
+source version and this smolvm's configuration is reused unless --force. New VMs
+boot it from then on (unless SMOLVM_KERNEL=stock), so the build ends by making
+their warm snapshot, as 'smolvm setup' does.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts := image.KernelBuildOptions{
@@ -59,6 +61,13 @@ source version and this smolvm's configuration is reused unless --force.`,
 			}
 			fmt.Fprintf(os.Stderr, "tuned kernel %s (%s %s) ready in %s\n", ti.Release, ti.SourcePackage, ti.SourceVersion, time.Since(start).Round(time.Second))
 			fmt.Println(ti.Vmlinux)
+			if os.Getenv(smolvm.KernelEnv) != "stock" {
+				// New VMs boot it now: their warm snapshot is of this kernel.
+				setup := smolvm.SetupOptions{Progress: opts.Progress}
+				if _, err := smolvm.Setup(cmd.Context(), setup); err != nil {
+					g.log.Warn("no warm snapshot for the tuned kernel yet: VMs boot cold until 'smolvm setup' makes it", "err", err)
+				}
+			}
 			return nil
 		},
 	}
