@@ -107,8 +107,8 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 			if warm := findWarm(ctx, st, spec); warm != nil {
 				log.Debug("restoring the warm snapshot of this VM shape", "snapshot", warm.Name)
 				rec.Snapshot = warm.Name
-				spec.Machine.Incoming, spec.Restored = warm.Dir, true
-				spec.Machine.MemoryFile = filepath.Join(warm.Dir, hypervisor.SnapshotRAM)
+				spec.Restored = true
+				restoreFrom(&spec.Machine, warm.Dir, true) // findWarm checked its memory file
 				if cfg.Prelaunch && !cfg.Persistent {
 					spare = takeSpare(homeOf(st), warm.Name)
 				}

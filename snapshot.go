@@ -230,17 +230,22 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 	return src, nil
 }
 
+// restoreFrom points a machine at the snapshot folder it starts from: its
+// migration stream and, when the snapshot holds one (ram), its memory
+// file, mapped copy-on-write.
+func restoreFrom(mc *hypervisor.MachineConfig, dir string, ram bool) {
+	mc.Incoming, mc.MemoryFile, mc.MemoryShared = dir, "", false
+	if ram {
+		mc.MemoryFile = filepath.Join(dir, hypervisor.SnapshotRAM)
+	}
+}
+
 // restoreSpec is the snapshot's machine, moved into the new VM's folder.
 func restoreSpec(ctx context.Context, st *store.Store, cfg *Config, src *snapshotSource, rec *store.VM, dir string) (*supervisor.Spec, error) {
 	spec := src.spec
 	spec.Machine.ID, spec.Machine.Dir = rec.ID, dir
 	spec.Machine.ConsoleLog = filepath.Join(dir, supervisor.ConsoleLog)
-	spec.Machine.Incoming = src.dir
-	// The snapshot's memory file, if it has one, copy-on-write.
-	spec.Machine.MemoryFile, spec.Machine.MemoryShared = "", false
-	if src.ram {
-		spec.Machine.MemoryFile = filepath.Join(src.dir, hypervisor.SnapshotRAM)
-	}
+	restoreFrom(&spec.Machine, src.dir, src.ram)
 	// Same drives in the same order as the saved machine (its device
 	// state refers to them); each writable one is a new overlay in this
 	// VM's folder, made on the snapshot's frozen disk when the supervisor

@@ -130,10 +130,7 @@ func (s *Server) Ping(context.Context, *agentpb.PingRequest) (*agentpb.PingRespo
 		AgentVersion:    Version,
 		ProtocolVersion: ProtocolVersion,
 		TimeUnixNs:      time.Now().UnixNano(),
-	}
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err == nil {
-		resp.UptimeNs = ts.Nano()
+		UptimeNs:        int64(uptime()),
 	}
 	// One uname call gives both the hostname and the kernel release.
 	var uts unix.Utsname

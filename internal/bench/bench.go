@@ -196,14 +196,12 @@ func (r *runner) config(mode string) (cfg smolvm.Config, desc, skip, kernelEnv s
 		cfg.Cold = true
 		desc = "stock kernel, cold boot"
 		kernelEnv = "stock"
-	case ModeRestore:
+	case ModeRestore, ModePrelaunch:
 		desc = "restore of the warm snapshot"
-		if !r.hasWarm {
-			skip = "no warm snapshot in " + r.opts.Home + ": run 'smolvm setup'"
+		if mode == ModePrelaunch {
+			cfg.Prelaunch = true
+			desc += " into a QEMU started ahead of time"
 		}
-	case ModePrelaunch:
-		cfg.Prelaunch = true
-		desc = "restore of the warm snapshot into a QEMU started ahead of time"
 		if !r.hasWarm {
 			skip = "no warm snapshot in " + r.opts.Home + ": run 'smolvm setup'"
 		}
@@ -312,14 +310,11 @@ func (r *runner) one(ctx context.Context, mode string, cfg smolvm.Config) (VMRes
 	}
 	defer r.discard(vm)
 	res := VMResult{Name: vm.Name(), Phases: map[string]time.Duration{}}
-	t := vm.Timings()
-	res.Phases["create"], res.Phases["launch"] = t.Create, t.Launch
-	res.Phases["first_command"], res.Phases["create_to_first_command"] = t.FirstCommand, t.CreateToFirstCommand
 	first, err := runTrue(ctx, vm, 1)
 	if err != nil {
 		return res, "", err
 	}
-	res.Phases["first_exec"], res.Phases["create_to_first_output"] = first[0], t.CreateToFirstCommand+first[0]
+	startPhases(res, vm, first[0])
 	info, err := vm.Ping(ctx)
 	if err != nil {
 		return res, "", err
@@ -378,6 +373,15 @@ func (r *runner) create(ctx context.Context, label, mode string, cfg smolvm.Conf
 		return nil, fmt.Errorf("VM %s was restored from %s, not booted cold", cfg.Name, info.Snapshot)
 	}
 	return vm, nil
+}
+
+// startPhases records a new VM's phases up to its first command's output
+// (firstExec: the first command run after New returned).
+func startPhases(res VMResult, vm *smolvm.VM, firstExec time.Duration) {
+	t := vm.Timings()
+	res.Phases["create"], res.Phases["launch"] = t.Create, t.Launch
+	res.Phases["first_command"], res.Phases["create_to_first_command"] = t.FirstCommand, t.CreateToFirstCommand
+	res.Phases["first_exec"], res.Phases["create_to_first_output"] = firstExec, t.CreateToFirstCommand+firstExec
 }
 
 // discard deletes a VM of the run (if it is not yet) and releases it.

@@ -121,14 +121,11 @@ func (r *runner) concurrency(ctx context.Context) *ConcurrencyResult {
 func (r *runner) finish(ctx context.Context, vm *smolvm.VM) (VMResult, error) {
 	defer r.discard(vm)
 	res := VMResult{Name: vm.Name(), Phases: map[string]time.Duration{}}
-	t := vm.Timings()
-	res.Phases["create"], res.Phases["launch"] = t.Create, t.Launch
-	res.Phases["first_command"], res.Phases["create_to_first_command"] = t.FirstCommand, t.CreateToFirstCommand
 	runs, err := runTrue(ctx, vm, 2)
 	if err != nil {
 		return res, err
 	}
-	res.Phases["first_exec"], res.Phases["create_to_first_output"] = runs[0], t.CreateToFirstCommand+runs[0]
+	startPhases(res, vm, runs[0])
 	res.Phases["warm_command"] = runs[1]
 	if err := vm.Delete(ctx); err != nil {
 		return res, fmt.Errorf("stop + delete VM %s: %w", vm.Name(), err)

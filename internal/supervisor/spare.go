@@ -122,6 +122,20 @@ func (sp *Spare) Claim(dir, id string) (hypervisor.MachineConfig, error) {
 	return sp.mc, nil
 }
 
+// restore loads the snapshot into the claimed spare's machine (in its
+// folder dir now) and lets the guest run. On failure the machine is gone.
+func (sp *Spare) restore(ctx context.Context, dir string) (hypervisor.Machine, error) {
+	in, ok := sp.m.(hypervisor.Incomer)
+	if !ok {
+		_ = sp.m.Kill()
+		return nil, fmt.Errorf("prelaunched machine: %w", hypervisor.ErrUnsupported)
+	}
+	if err := in.Incoming(ctx, dir); err != nil {
+		return nil, err
+	}
+	return sp.m, nil
+}
+
 // Discard kills an unclaimed spare and removes its folder.
 func (sp *Spare) Discard() {
 	if sp.m != nil {

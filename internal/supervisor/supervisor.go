@@ -175,15 +175,7 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	var m hypervisor.Machine
 	if sp := opts.Spare; sp != nil {
 		s.log.Debug("phase launch: restoring into a prelaunched hypervisor", "driver", d.Name(), "pid", sp.m.PID())
-		m = sp.m
-		if in, ok := m.(hypervisor.Incomer); !ok {
-			err = fmt.Errorf("prelaunched machine: %w", hypervisor.ErrUnsupported)
-		} else {
-			err = in.Incoming(ctx, mc.Dir)
-		}
-		if err != nil {
-			_ = m.Kill()
-		}
+		m, err = sp.restore(ctx, mc.Dir)
 	} else {
 		s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
 		m, err = d.Start(ctx, &mc)
