@@ -243,9 +243,20 @@ func TestContextCancelKillsCommand(t *testing.T) {
 	if err := c.Start(); err != nil {
 		t.Fatal(err)
 	}
+	pid := guestPid(t, vm, pidfile)
+	cancel()
+	if err := c.Wait(); !errors.Is(err, context.Canceled) {
+		t.Errorf("Wait after cancel = %v, want context.Canceled", err)
+	}
+	waitGuestGone(t, vm, pid, pidfile)
+}
+
+// guestPid waits for a command in the guest to write its pid to pidfile.
+func guestPid(t *testing.T, vm *smolvm.VM, pidfile string) string {
+	t.Helper()
 	var pid string
 	if err := testutil.Poll(time.Minute, func() bool {
-		r, err := vm.Run(ctx, "cat "+pidfile)
+		r, err := vm.Run(testCtx(t), "cat "+pidfile)
 		if err == nil && r.ExitCode == 0 {
 			pid = strings.TrimSpace(string(r.Stdout))
 		}
@@ -253,10 +264,14 @@ func TestContextCancelKillsCommand(t *testing.T) {
 	}); err != nil {
 		t.Fatal("the command did not start")
 	}
-	cancel()
-	if err := c.Wait(); !errors.Is(err, context.Canceled) {
-		t.Errorf("Wait after cancel = %v, want context.Canceled", err)
-	}
+	return pid
+}
+
+// waitGuestGone waits for a guest process to end after its command was
+// cancelled, and removes its pidfile.
+func waitGuestGone(t *testing.T, vm *smolvm.VM, pid, pidfile string) {
+	t.Helper()
+	ctx := testCtx(t)
 	if err := testutil.Poll(30*time.Second, func() bool {
 		r, err := vm.Run(ctx, fmt.Sprintf("[ ! -e /proc/%s ]", pid))
 		return err == nil && r.ExitCode == 0
@@ -365,4 +380,44 @@ func TestPingAndInfo(t *testing.T) {
 	if err != nil || len(list) != 1 || list[0].ID != vm.ID() {
 		t.Errorf("ListIn(shared home) = %v, %v; want the shared VM alone", list, err)
 	}
+}
+
+// TestRunOverTheFastLane covers what Run does over the agent's fast lane
+// (a command without stdin): output over many frames, the output limit,
+// and cancellation, which the lane carries as a call of its own.
+func TestRunOverTheFastLane(t *testing.T) {
+	t.Parallel()
+	vm := testutil.SharedVM(t)
+	ctx := testCtx(t)
+	if !smolvm.OnLane(ctx, vm) {
+		t.Fatal("the shared VM's fast lane is down")
+	}
+	res, err := vm.Run(ctx, "head -c 1000000 /dev/zero | tr '\\0' x; echo done >&2")
+	if err != nil || len(res.Stdout) != 1000000 || string(res.Stderr) != "done\n" || res.Truncated {
+		t.Fatalf("1 MB of output: %d bytes, stderr %q, truncated %v, %v", len(res.Stdout), res.Stderr, res.Truncated, err)
+	}
+	if strings.Trim(string(res.Stdout), "x") != "" {
+		t.Error("1 MB of output: bytes other than x")
+	}
+	res, err = vm.Run(ctx, "head -c 300000 /dev/zero; exit 4", smolvm.WithOutputLimit(1000))
+	if err != nil || len(res.Stdout) != 1000 || !res.Truncated || res.ExitCode != 4 {
+		t.Fatalf("limited output: %d bytes, truncated %v, exit %d, %v", len(res.Stdout), res.Truncated, res.ExitCode, err)
+	}
+	if _, err := vm.Run(ctx, "true", smolvm.WithDir("/nonexistent")); err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Errorf("Run in a missing directory: %v", err)
+	}
+
+	pidfile := uniq(t)
+	cctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		_, err := vm.Run(cctx, fmt.Sprintf("echo $$ > %s; exec sleep 300", pidfile))
+		done <- err
+	}()
+	pid := guestPid(t, vm, pidfile)
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("Run after cancel = %v, want context.Canceled", err)
+	}
+	waitGuestGone(t, vm, pid, pidfile)
 }

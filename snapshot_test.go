@@ -214,6 +214,9 @@ func TestWarmStart(t *testing.T) {
 		if got := sh(t, vm, "echo ok; hostname"); got != "ok\n"+vm.Name() {
 			t.Errorf("%s: %q", vm.Name(), got)
 		}
+		if !smolvm.OnLane(ctx, vm) {
+			t.Errorf("%s: the agent's fast lane is down", vm.Name())
+		}
 		info, err := vm.Info(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -248,6 +251,11 @@ func TestWarmStart(t *testing.T) {
 	again := restore(t, home, "of-clone", "clone-of-clone")
 	if got := sh(t, again, "cat /root/mark; hostname"); got != "from-the-clone\nclone-of-clone" {
 		t.Errorf("restored snapshot of a warm clone: %q", got)
+	}
+	// The clone that was snapshotted hung up on its fast lane; it dials
+	// again on the next call.
+	if got := sh(t, clone, "cat /root/mark"); got != "from-the-clone" || !smolvm.OnLane(ctx, clone) {
+		t.Errorf("warm clone after its snapshot: %q, fast lane up %v", got, smolvm.OnLane(ctx, clone))
 	}
 	if err := again.Close(); err != nil {
 		t.Errorf("Close: %v", err)

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
 	"github.com/smolvm/smolvm/internal/store"
@@ -167,6 +168,23 @@ func (vm *VM) agentClient(ctx context.Context) (agentpb.AgentClient, error) {
 	return nil, notRunning(rec)
 }
 
+// lane returns the agent's fast lane when the VM lives in this process
+// and the lane can be reached; nil means use the gRPC channel.
+func (vm *VM) lane(ctx context.Context) *lane.Client {
+	vm.mu.Lock()
+	sup, closed := vm.sup, vm.closed
+	vm.mu.Unlock()
+	if sup == nil || closed {
+		return nil
+	}
+	l, err := sup.Lane(ctx)
+	if err != nil {
+		vm.log.Debug("fast lane unavailable, using gRPC", "err", err)
+		return nil
+	}
+	return l
+}
+
 func notRunning(rec *store.VM) error {
 	msg := fmt.Sprintf("VM %s is %s", rec.Name, rec.State)
 	if rec.Reason != "" && rec.Reason != "stopped" {
@@ -189,6 +207,13 @@ type AgentInfo struct {
 
 // Ping asks the guest agent for its health; it is the cheapest round trip.
 func (vm *VM) Ping(ctx context.Context) (*AgentInfo, error) {
+	if l := vm.lane(ctx); l != nil {
+		var r agentpb.PingResponse
+		if err := l.Unary(ctx, lane.TypePing, &agentpb.PingRequest{}, &r); err != nil {
+			return nil, vm.callErr(ctx, "ping", err)
+		}
+		return agentInfo(&r), nil
+	}
 	a, err := vm.agentClient(ctx)
 	if err != nil {
 		return nil, err
@@ -197,8 +222,12 @@ func (vm *VM) Ping(ctx context.Context) (*AgentInfo, error) {
 	if err != nil {
 		return nil, vm.callErr(ctx, "ping", err)
 	}
+	return agentInfo(r), nil
+}
+
+func agentInfo(r *agentpb.PingResponse) *AgentInfo {
 	return &AgentInfo{AgentVersion: r.AgentVersion, ProtocolVersion: r.ProtocolVersion,
-		Uptime: time.Duration(r.UptimeNs), Hostname: r.Hostname, Kernel: r.Kernel}, nil
+		Uptime: time.Duration(r.UptimeNs), Hostname: r.Hostname, Kernel: r.Kernel}
 }
 
 // callErr explains a failed call: a VM that died says so.

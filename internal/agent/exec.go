@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"io"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -70,37 +71,73 @@ func (s *Server) Exec(stream execStream) error {
 	if start == nil {
 		return status.Error(codes.InvalidArgument, "the first Exec message must be start")
 	}
+	out := &execSender{stream: stream}
+	p, begin, err := s.start(start)
+	if err != nil {
+		if _, ok := status.FromError(err); ok {
+			return err
+		}
+		return out.exit(&agentpb.ExecExit{ExitCode: -1, Error: err.Error()})
+	}
+	defer p.closeAll()
+	out.send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Started{Started: &agentpb.ExecStarted{Pid: int32(p.pid)}}})
+
+	// Requests after start: stdin, close_stdin, signal, resize.
+	done := make(chan struct{})
+	defer close(done)
+	go s.execControl(stream, p, done)
+
+	exit, err := s.supervise(stream.Context(), p, start, begin, func(stderr bool, b []byte) {
+		var m agentpb.ExecResponse
+		if stderr {
+			m.Msg = &agentpb.ExecResponse_Stderr{Stderr: b}
+		} else {
+			m.Msg = &agentpb.ExecResponse_Stdout{Stdout: b}
+		}
+		out.send(&m) // blocks while the host reads slowly
+	})
+	if err != nil {
+		return err
+	}
+	return out.exit(exit)
+}
+
+// start validates a start request and starts its process. An error that
+// is a gRPC status is the request's fault; any other error is the
+// command's (bad directory, no such program) and goes into its exit.
+func (s *Server) start(start *agentpb.ExecStart) (*process, time.Time, error) {
 	argv := start.GetArgv()
 	if start.GetShell() != "" {
 		argv = []string{"/bin/sh", "-c", start.GetShell()}
 	}
 	if len(argv) == 0 || argv[0] == "" {
-		return status.Error(codes.InvalidArgument, "exec needs argv or shell")
+		return nil, time.Time{}, status.Error(codes.InvalidArgument, "exec needs argv or shell")
 	}
 	env, err := s.buildEnv(start)
 	if err != nil {
-		return err
+		return nil, time.Time{}, err
 	}
 	dir := start.GetDir()
 	if dir == "" {
 		dir = s.cfg.DefaultDir
 	}
-
-	out := &execSender{stream: stream}
 	begin := time.Now()
 	p, err := s.startProcess(argv, env, dir, start)
 	if err != nil {
 		s.log.Debug("exec failed to start", "argv", argv, "err", err)
-		return out.exit(&agentpb.ExecExit{ExitCode: -1, Error: err.Error()})
+		return nil, begin, err
 	}
-	defer p.closeAll()
 	s.log.Debug("exec started", "pid", p.pid, "argv", argv)
-	out.send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Started{Started: &agentpb.ExecStarted{Pid: int32(p.pid)}}})
+	return p, begin, nil
+}
 
-	// Output readers.
+// supervise runs a started process to its end: it hands each chunk of
+// output to sink (which may block; the chunk is reused once it returns),
+// enforces the timeout, and kills the process group when ctx ends.
+func (s *Server) supervise(ctx context.Context, p *process, start *agentpb.ExecStart, begin time.Time, sink func(stderr bool, b []byte)) (*agentpb.ExecExit, error) {
 	var readers sync.WaitGroup
-	var progress atomic.Int64 // chunks read and sent
-	var sending atomic.Int32  // readers blocked sending to a slow host
+	var progress atomic.Int64 // chunks read and handed on
+	var sending atomic.Int32  // readers blocked in sink
 	for _, o := range p.outputs {
 		readers.Add(1)
 		go func(f *os.File, stderr bool) {
@@ -108,17 +145,15 @@ func (s *Server) Exec(stream execStream) error {
 			bp := outputBufs.Get().(*[]byte)
 			defer outputBufs.Put(bp)
 			buf := *bp
+			var r io.Reader = f
+			if raw := newRawIO(f); raw != nil {
+				r = raw // see rawIO: no monitor-thread wake per read
+			}
 			for {
-				n, err := f.Read(buf)
+				n, err := r.Read(buf)
 				if n > 0 {
-					var m agentpb.ExecResponse
-					if stderr {
-						m.Msg = &agentpb.ExecResponse_Stderr{Stderr: buf[:n]}
-					} else {
-						m.Msg = &agentpb.ExecResponse_Stdout{Stdout: buf[:n]}
-					}
 					sending.Add(1)
-					out.send(&m) // blocks while the host reads slowly
+					sink(stderr, buf[:n])
 					sending.Add(-1)
 					progress.Add(1)
 				}
@@ -131,12 +166,6 @@ func (s *Server) Exec(stream execStream) error {
 	outDone := make(chan struct{})
 	go func() { readers.Wait(); close(outDone) }()
 
-	// Requests after start: stdin, close_stdin, signal, resize.
-	done := make(chan struct{})
-	defer close(done)
-	go s.execControl(stream, p, done)
-
-	ctx := stream.Context()
 	var timeout <-chan time.Time
 	if ms := start.GetTimeoutMs(); ms > 0 {
 		t := time.NewTimer(time.Duration(ms) * time.Millisecond)
@@ -156,7 +185,7 @@ wait:
 			p.kill(syscall.SIGKILL)
 		case <-ctx.Done():
 			p.kill(syscall.SIGKILL)
-			return status.FromContextError(ctx.Err()).Err()
+			return nil, status.FromContextError(ctx.Err()).Err()
 		}
 	}
 	elapsed := time.Since(begin)
@@ -174,7 +203,7 @@ wait:
 		exit.ExitCode = -1
 	}
 	s.log.Debug("exec exited", "pid", p.pid, "code", exit.ExitCode, "signal", exit.Signal, "timed_out", timedOut)
-	return out.exit(exit)
+	return exit, nil
 }
 
 // waitOutput waits, after the process exited, until its output is all

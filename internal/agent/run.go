@@ -104,6 +104,47 @@ func Run(ctx context.Context, cfg Config) error {
 		serve("virtio-serial", l)
 	}()
 
+	// The fast lane is an addition: the agent serves without it.
+	serveLane := func(name string, l net.Listener, concurrent bool) {
+		log.Info("serving fast lane", "channel", name, "addr", l.Addr().String())
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				log.Warn("fast lane stopped", "channel", name, "err", err)
+				return
+			}
+			serve := func() {
+				if err := srv.ServeLane(conn); err != nil {
+					log.Debug("fast lane connection ended", "channel", name, "err", err)
+				}
+			}
+			if concurrent {
+				go serve()
+			} else {
+				serve() // a serial port carries one connection at a time
+			}
+		}
+	}
+	if _, err := os.Stat("/dev/vsock"); err == nil {
+		if l, err := ListenVsock(FastVsockPort); err != nil {
+			log.Warn("vsock fast lane unavailable", "err", err)
+		} else {
+			defer l.Close()
+			go serveLane("vsock", l, true)
+		}
+	}
+	go func() {
+		p, err := WaitVirtioPort(ctx, log, FastPortName, PortWaitTimeout)
+		if err == nil {
+			var l *SerialListener
+			if l, err = ListenSerial(p); err == nil {
+				serveLane("virtio-serial", l, false)
+				return
+			}
+		}
+		log.Warn("virtio-serial fast lane unavailable", "err", err)
+	}()
+
 	var errs []error
 	for running > 0 {
 		select {

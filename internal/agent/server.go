@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"sync"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
@@ -134,7 +135,7 @@ func (s *Server) Ping(context.Context, *agentpb.PingRequest) (*agentpb.PingRespo
 	}
 	// One uname call gives both the hostname and the kernel release.
 	var uts unix.Utsname
-	if err := unix.Uname(&uts); err == nil {
+	if _, _, errno := unix.RawSyscall(unix.SYS_UNAME, uintptr(unsafe.Pointer(&uts)), 0, 0); errno == 0 {
 		resp.Hostname = unix.ByteSliceToString(uts.Nodename[:])
 		resp.Kernel = unix.ByteSliceToString(uts.Release[:])
 	}

@@ -42,14 +42,20 @@ const (
 // AgentPortName is the virtio-serial port name the guest agent looks for.
 const AgentPortName = "org.smolvm.agent"
 
+// FastPortName is the virtio-serial port of the agent's fast lane.
+const FastPortName = "org.smolvm.fast"
+
 // MachineLayout versions the virtual hardware the drivers build (devices,
 // memory backend). A snapshot holds device state for one layout and cannot
 // be restored into another: bump it when a change to the machine would
 // break restoring snapshots taken before it.
-const MachineLayout = 3
+const MachineLayout = 4
 
 // AgentVsockPort is the vsock port the guest agent listens on.
 const AgentVsockPort = 1024
+
+// FastVsockPort is the vsock port of the agent's fast lane.
+const FastVsockPort = 1025
 
 // Disk is one block device given to the guest.
 type Disk struct {
@@ -142,6 +148,8 @@ type Machine interface {
 	// DialAgent opens the byte stream to the guest agent. Over
 	// virtio-serial only one stream exists at a time.
 	DialAgent(ctx context.Context) (net.Conn, error)
+	// DialFast opens the byte stream to the agent's fast lane (ttrpc).
+	DialFast(ctx context.Context) (net.Conn, error)
 	// Done is closed when the hypervisor process has exited.
 	Done() <-chan struct{}
 	// Err says why the process exited, after Done is closed.

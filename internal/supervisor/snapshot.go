@@ -82,6 +82,7 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) erro
 	old := s.agentConn
 	s.mu.Unlock()
 	_ = old.Close()
+	s.fast.hangUp()
 	time.Sleep(50 * time.Millisecond)
 	t0 := time.Now()
 	err = sn.Snapshot(ctx, dir)

@@ -86,6 +86,7 @@ type Supervisor struct {
 
 	agentConn *grpc.ClientConn
 	agent     agentpb.AgentClient
+	fast      *fastLane
 	server    *grpc.Server
 	listener  net.Listener
 
@@ -198,6 +199,12 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 		return fmt.Errorf("connect agent: %w", err)
 	}
 	s.agent = agentpb.NewAgentClient(s.agentConn)
+	// The fast lane is dialed now, so that the guest takes the connection
+	// while it boots; a lane that cannot be dialed is tried again on use.
+	s.fast = newFastLane(m.DialFast)
+	if _, err := s.fast.get(ctx); err != nil {
+		s.log.Debug("fast lane not connected", "err", err)
+	}
 	s.log.Debug("phase first command: waiting for guest agent", "timeout", s.spec.BootTimeout)
 	// The first call waits for the agent. A restored guest's is the one
 	// that makes it a machine of its own: no separate ping, as every call
@@ -394,6 +401,9 @@ func (s *Supervisor) teardown() {
 	s.mu.Unlock()
 	if conn != nil {
 		_ = conn.Close()
+	}
+	if s.fast != nil {
+		s.fast.close()
 	}
 	if s.machine != nil {
 		_ = s.machine.Kill()

@@ -13,6 +13,7 @@ import (
 const (
 	qmpSocket   = "qmp.sock"
 	agentSocket = "agent.sock"
+	fastSocket  = "fast.sock"
 	netSocket   = "net.sock"
 )
 
@@ -75,9 +76,11 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		args = append(args, "-device", fmt.Sprintf("vhost-vsock-device,guest-cid=%d", cfg.CID))
 	default:
 		args = append(args,
-			"-device", "virtio-serial-device,max_ports=2",
+			"-device", "virtio-serial-device,max_ports=3",
 			"-chardev", "socket,id=agent,path="+p(agentSocket)+",server=on,wait=off",
 			"-device", "virtserialport,chardev=agent,name="+hypervisor.AgentPortName,
+			"-chardev", "socket,id=fast,path="+p(fastSocket)+",server=on,wait=off",
+			"-device", "virtserialport,chardev=fast,name="+hypervisor.FastPortName,
 		)
 	}
 	for i, d := range cfg.Disks {

@@ -125,7 +125,7 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 	if len(filepath.Join(cfg.Dir, qmpSocket)) > 100 {
 		return nil, fmt.Errorf("state folder path %q is too long for unix sockets: set SMOLVM_HOME to a shorter path", cfg.Dir)
 	}
-	for _, s := range []string{qmpSocket, agentSocket} {
+	for _, s := range []string{qmpSocket, agentSocket, fastSocket} {
 		_ = os.Remove(filepath.Join(cfg.Dir, s))
 	}
 	cmd := exec.Command(bin, buildArgs(cfg, cfg.Dir)...)
@@ -252,7 +252,7 @@ func (m *Machine) Kill() error {
 	if m.mon != nil {
 		_ = m.mon.Disconnect()
 	}
-	for _, s := range []string{qmpSocket, agentSocket} {
+	for _, s := range []string{qmpSocket, agentSocket, fastSocket} {
 		_ = os.Remove(filepath.Join(m.cfg.Dir, s))
 	}
 	return nil
@@ -265,6 +265,15 @@ func (m *Machine) DialAgent(ctx context.Context) (net.Conn, error) {
 	}
 	var d net.Dialer
 	return d.DialContext(ctx, "unix", filepath.Join(m.cfg.Dir, agentSocket))
+}
+
+// DialFast implements hypervisor.Machine.
+func (m *Machine) DialFast(ctx context.Context) (net.Conn, error) {
+	if m.cfg.Channel == hypervisor.ChannelVsock {
+		return vsock.Dial(m.cfg.CID, hypervisor.FastVsockPort, nil)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", filepath.Join(m.cfg.Dir, fastSocket))
 }
 
 // run executes one QMP command and decodes its "return" into out (may be nil).

@@ -294,7 +294,12 @@ type ExecStart struct {
 	// Whether the host will send stdin; if false the process reads /dev/null.
 	Stdin bool `protobuf:"varint,8,opt,name=stdin,proto3" json:"stdin,omitempty"`
 	// Replace the sandbox environment instead of adding to it.
-	ClearEnv      bool `protobuf:"varint,9,opt,name=clear_env,json=clearEnv,proto3" json:"clear_env,omitempty"`
+	ClearEnv bool `protobuf:"varint,9,opt,name=clear_env,json=clearEnv,proto3" json:"clear_env,omitempty"`
+	// Fast.Run only: names the run for Fast.Cancel (chosen by the host).
+	RunId uint64 `protobuf:"varint,10,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// Fast.Run only: bytes of stdout and of stderr kept; the rest is read
+	// and dropped, and the last RunOutput says truncated. 0 keeps all.
+	OutputLimit   int64 `protobuf:"varint,11,opt,name=output_limit,json=outputLimit,proto3" json:"output_limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -390,6 +395,20 @@ func (x *ExecStart) GetClearEnv() bool {
 		return x.ClearEnv
 	}
 	return false
+}
+
+func (x *ExecStart) GetRunId() uint64 {
+	if x != nil {
+		return x.RunId
+	}
+	return 0
+}
+
+func (x *ExecStart) GetOutputLimit() int64 {
+	if x != nil {
+		return x.OutputLimit
+	}
+	return 0
 }
 
 type WindowSize struct {
@@ -1607,7 +1626,7 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"closeStdin\x12\x18\n" +
 	"\x06signal\x18\x04 \x01(\x05H\x00R\x06signal\x125\n" +
 	"\x06resize\x18\x05 \x01(\v2\x1b.smolvm.agent.v1.WindowSizeH\x00R\x06resizeB\x05\n" +
-	"\x03msg\"\xee\x01\n" +
+	"\x03msg\"\xa8\x02\n" +
 	"\tExecStart\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12\x14\n" +
 	"\x05shell\x18\x02 \x01(\tR\x05shell\x12\x10\n" +
@@ -1618,7 +1637,10 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\x03tty\x18\x06 \x01(\bR\x03tty\x12/\n" +
 	"\x04size\x18\a \x01(\v2\x1b.smolvm.agent.v1.WindowSizeR\x04size\x12\x14\n" +
 	"\x05stdin\x18\b \x01(\bR\x05stdin\x12\x1b\n" +
-	"\tclear_env\x18\t \x01(\bR\bclearEnv\"4\n" +
+	"\tclear_env\x18\t \x01(\bR\bclearEnv\x12\x15\n" +
+	"\x06run_id\x18\n" +
+	" \x01(\x04R\x05runId\x12!\n" +
+	"\foutput_limit\x18\v \x01(\x03R\voutputLimit\"4\n" +
 	"\n" +
 	"WindowSize\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +

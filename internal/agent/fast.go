@@ -1,0 +1,278 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/smolvm/smolvm/internal/lane"
+
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
+)
+
+// The fast lane's channel: a second virtio-serial port, or vsock port.
+const (
+	FastPortName  = "org.smolvm.fast"
+	FastVsockPort = 1025
+)
+
+// runFlush is how much output a Run collects before it sends a message.
+const runFlush = 64 << 10
+
+// laneConn is the agent's end of one fast-lane connection (see package
+// lane): a ping is answered on the reading goroutine, a run gets its own.
+type laneConn struct {
+	s    *Server
+	conn net.Conn
+	w    io.Writer // conn, or raw writes to its descriptor
+	runs sync.Map  // run id → *process, for Cancel
+
+	wmu  sync.Mutex
+	wbuf []byte
+}
+
+// ServeLane serves one fast-lane connection until it ends; the commands it
+// started are killed then.
+func (s *Server) ServeLane(conn net.Conn) error {
+	defer conn.Close()
+	c := &laneConn{s: s, conn: conn, w: conn}
+	var r io.Reader = conn
+	if raw := newRawIO(conn); raw != nil {
+		r, c.w = raw, raw
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	br := bufio.NewReaderSize(r, 16<<10)
+	buf := make([]byte, 16<<10)
+	for {
+		f, err := lane.Read(br, buf)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		switch f.Type {
+		case lane.TypePing:
+			resp, _ := s.Ping(ctx, nil)
+			c.send(f.ID, lane.TypePing, resp)
+		case lane.TypeRun:
+			start := new(agentpb.ExecStart)
+			if err := proto.Unmarshal(f.Payload, start); err != nil {
+				c.fail(f.ID, "bad run request: "+err.Error())
+				continue
+			}
+			go c.run(ctx, f.ID, start)
+		case lane.TypeCancel:
+			var req agentpb.CancelRequest
+			if err := proto.Unmarshal(f.Payload, &req); err != nil {
+				c.fail(f.ID, "bad cancel request: "+err.Error())
+				continue
+			}
+			if v, ok := c.runs.Load(req.GetRunId()); ok {
+				v.(*process).kill(syscall.SIGKILL)
+			}
+			c.send(f.ID, lane.TypeCancel, &agentpb.CancelResponse{})
+		default:
+			c.fail(f.ID, fmt.Sprintf("unknown call type %d", f.Type))
+		}
+	}
+}
+
+// send writes one reply frame; a failed write closes the connection, which
+// ends ServeLane.
+func (c *laneConn) send(id uint32, typ uint8, m proto.Message) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	b, err := lane.Append(c.wbuf[:0], id, typ, m)
+	if err != nil {
+		b = lane.AppendError(c.wbuf[:0], id, err.Error())
+	}
+	c.wbuf = b[:0]
+	if _, werr := c.w.Write(b); werr != nil {
+		_ = c.conn.Close()
+		return werr
+	}
+	return err
+}
+
+func (c *laneConn) fail(id uint32, msg string) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	b := lane.AppendError(c.wbuf[:0], id, msg)
+	c.wbuf = b[:0]
+	if _, err := c.w.Write(b); err != nil {
+		_ = c.conn.Close()
+	}
+}
+
+// run runs one process with stdin from /dev/null and sends its output in
+// as few frames as it can: one, for a command that prints little.
+func (c *laneConn) run(ctx context.Context, id uint32, start *agentpb.ExecStart) {
+	if start.GetTty() || start.GetStdin() {
+		c.fail(id, "a fast-lane run takes no stdin and no terminal: use Agent.Exec")
+		return
+	}
+	if start.GetOutputLimit() < 0 {
+		c.fail(id, "output limit must not be negative")
+		return
+	}
+	send := func(m *agentpb.RunOutput) error { return c.send(id, lane.TypeOutput, m) }
+	p, begin, err := c.s.start(start)
+	if err != nil {
+		if st, ok := status.FromError(err); ok {
+			c.fail(id, st.Message())
+			return
+		}
+		_ = send(&agentpb.RunOutput{Exit: &agentpb.ExecExit{ExitCode: -1, Error: err.Error()}})
+		return
+	}
+	defer p.closeAll()
+	if rid := start.GetRunId(); rid != 0 {
+		c.runs.Store(rid, p)
+		defer c.runs.Delete(rid)
+	}
+	out := &collector{limit: start.GetOutputLimit(), send: send}
+	exit, err := c.s.supervise(ctx, p, start, begin, out.add)
+	if err != nil {
+		c.fail(id, err.Error())
+		return
+	}
+	_ = out.finish(exit)
+}
+
+// collector gathers a Run's output into messages of about runFlush bytes,
+// keeping at most limit bytes of each stream (0: no limit).
+type collector struct {
+	mu             sync.Mutex
+	limit          int64
+	send           func(*agentpb.RunOutput) error
+	stdout, stderr []byte
+	kept           [2]int64
+	truncated      bool
+	done, failed   bool
+}
+
+func (c *collector) add(stderr bool, b []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done || c.failed {
+		return
+	}
+	i := 0
+	if stderr {
+		i = 1
+	}
+	if c.limit > 0 {
+		if room := c.limit - c.kept[i]; int64(len(b)) > room {
+			c.truncated = true
+			b = b[:max(room, 0)]
+		}
+	}
+	c.kept[i] += int64(len(b))
+	if stderr {
+		c.stderr = append(c.stderr, b...)
+	} else {
+		c.stdout = append(c.stdout, b...)
+	}
+	if len(c.stdout)+len(c.stderr) >= runFlush {
+		// Blocks while the host reads slowly, which holds up the readers:
+		// the guest keeps no more than about runFlush of output.
+		if c.send(&agentpb.RunOutput{Stdout: c.stdout, Stderr: c.stderr}) != nil {
+			c.failed = true
+		}
+		c.stdout, c.stderr = nil, nil
+	}
+}
+
+// finish sends the last message: what is left of the output, and the exit.
+func (c *collector) finish(exit *agentpb.ExecExit) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.done = true
+	return c.send(&agentpb.RunOutput{Stdout: c.stdout, Stderr: c.stderr, Exit: exit, Truncated: c.truncated})
+}
+
+// rawIO reads and writes a connection's non-blocking descriptor with raw
+// system calls, waiting in the runtime's poller only when it is not ready:
+// a read or write through the runtime's syscall entry wakes its monitor
+// thread (see uptime), once per frame.
+type rawIO struct {
+	rc syscall.RawConn
+}
+
+// newRawIO returns raw I/O on f's descriptor, or nil when it has none.
+func newRawIO(f any) *rawIO {
+	sc, ok := f.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &rawIO{rc: rc}
+}
+
+func (r *rawIO) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	var n int
+	var errno syscall.Errno
+	err := r.rc.Read(func(fd uintptr) bool {
+		for {
+			r1, _, e := unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+			if e == unix.EINTR {
+				continue
+			}
+			n, errno = int(r1), e
+			return e != unix.EAGAIN
+		}
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case errno != 0:
+		return 0, errno
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+func (r *rawIO) Write(p []byte) (int, error) {
+	done := 0
+	var errno syscall.Errno
+	err := r.rc.Write(func(fd uintptr) bool {
+		for done < len(p) {
+			r1, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[done])), uintptr(len(p)-done))
+			switch e {
+			case 0:
+				done += int(r1)
+			case unix.EINTR:
+			case unix.EAGAIN:
+				return false
+			default:
+				errno = e
+				return true
+			}
+		}
+		return true
+	})
+	if err == nil && errno != 0 {
+		err = errno
+	}
+	return done, err
+}

@@ -1,0 +1,221 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/smolvm/smolvm/internal/lane"
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
+)
+
+// newLane serves the fast lane of te's server on one end of a unix socket
+// (so that the raw descriptor I/O is what runs) and returns a client on
+// the other, and the server's end.
+func newLane(t *testing.T, te *testEnv) (*lane.Client, net.Conn) {
+	t.Helper()
+	l, err := net.Listen("unix", filepath.Join(t.TempDir(), "fast.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- c
+	}()
+	hc, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	gc := <-accepted
+	if gc == nil {
+		t.Fatal("accept failed")
+	}
+	go te.srv.ServeLane(gc)
+	c := lane.NewClient(hc)
+	t.Cleanup(func() { c.Close() })
+	return c, gc
+}
+
+type laneRun struct {
+	stdout, stderr []byte
+	exit           *agentpb.ExecExit
+	truncated      bool
+	frames         int
+}
+
+func runLane(t *testing.T, c *lane.Client, start *agentpb.ExecStart) (laneRun, error) {
+	t.Helper()
+	k, err := c.Start(lane.TypeRun, start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.End()
+	var r laneRun
+	for {
+		f, err := k.Recv(testCtx(t))
+		if err != nil {
+			return r, err
+		}
+		if f.Type != lane.TypeOutput {
+			t.Fatalf("reply of type %d", f.Type)
+		}
+		var m agentpb.RunOutput
+		if err := proto.Unmarshal(f.Payload, &m); err != nil {
+			t.Fatal(err)
+		}
+		r.frames++
+		r.stdout = append(r.stdout, m.Stdout...)
+		r.stderr = append(r.stderr, m.Stderr...)
+		if m.Exit != nil {
+			r.exit, r.truncated = m.Exit, m.Truncated
+			return r, nil
+		}
+	}
+}
+
+func TestLanePing(t *testing.T) {
+	te := newTestEnv(t)
+	c, _ := newLane(t, te)
+	var r agentpb.PingResponse
+	if err := c.Unary(testCtx(t), lane.TypePing, &agentpb.PingRequest{}, &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.AgentVersion != Version || r.UptimeNs <= 0 || r.Kernel == "" || r.Hostname == "" {
+		t.Errorf("incomplete ping: %v", &r)
+	}
+}
+
+func TestLaneRun(t *testing.T) {
+	te := newTestEnv(t)
+	c, _ := newLane(t, te)
+
+	r, err := runLane(t, c, &agentpb.ExecStart{Shell: "echo out; echo err >&2; pwd; exit 3"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.exit.ExitCode != 3 || string(r.stdout) != "out\n"+te.dir+"\n" || string(r.stderr) != "err\n" || r.frames != 1 {
+		t.Errorf("run = exit %d, stdout %q, stderr %q in %d frames", r.exit.ExitCode, r.stdout, r.stderr, r.frames)
+	}
+
+	// Output past one frame comes in several; a limit cuts each stream.
+	r, err = runLane(t, c, &agentpb.ExecStart{Shell: "head -c 300000 /dev/zero; head -c 5000 /dev/zero >&2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.stdout) != 300000 || len(r.stderr) != 5000 || r.frames < 2 || r.truncated {
+		t.Errorf("big output: %d+%d bytes in %d frames, truncated %v", len(r.stdout), len(r.stderr), r.frames, r.truncated)
+	}
+	r, err = runLane(t, c, &agentpb.ExecStart{Shell: "head -c 300000 /dev/zero; echo e >&2", OutputLimit: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.stdout) != 1000 || string(r.stderr) != "e\n" || !r.truncated || r.exit.ExitCode != 0 {
+		t.Errorf("limited output: %d bytes, stderr %q, truncated %v, exit %d", len(r.stdout), r.stderr, r.truncated, r.exit.ExitCode)
+	}
+
+	// A command that cannot start says why in its exit.
+	r, err = runLane(t, c, &agentpb.ExecStart{Argv: []string{"true"}, Dir: "/nonexistent"})
+	if err != nil || !strings.Contains(r.exit.GetError(), "does not exist") {
+		t.Errorf("bad directory: %v, exit %v", err, r.exit)
+	}
+	// Bad requests are errors of the call.
+	if _, err := runLane(t, c, &agentpb.ExecStart{Shell: "true", Tty: true}); err == nil || !strings.Contains(err.Error(), "Agent.Exec") {
+		t.Errorf("run on a terminal: %v", err)
+	}
+	if _, err := runLane(t, c, &agentpb.ExecStart{}); err == nil {
+		t.Error("run of nothing: no error")
+	}
+	if _, err := runLane(t, c, &agentpb.ExecStart{Shell: "true", Env: []string{"NOEQUALS"}}); err == nil {
+		t.Error("run with a bad environment entry: no error")
+	}
+	if err := c.Unary(testCtx(t), 99, &agentpb.PingRequest{}, &agentpb.PingResponse{}); err == nil || !strings.Contains(err.Error(), "unknown call type") {
+		t.Errorf("unknown call type: %v", err)
+	}
+	// The lane still works after all that.
+	if err := c.Unary(testCtx(t), lane.TypePing, &agentpb.PingRequest{}, &agentpb.PingResponse{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLaneRunTimeoutAndCancel(t *testing.T) {
+	te := newTestEnv(t)
+	c, _ := newLane(t, te)
+	r, err := runLane(t, c, &agentpb.ExecStart{Shell: "sleep 30", TimeoutMs: 100})
+	if err != nil || !r.exit.TimedOut || r.exit.Signal != int32(syscall.SIGKILL) {
+		t.Fatalf("timeout: %v, exit %v", err, r.exit)
+	}
+
+	done := make(chan laneRun, 1)
+	go func() {
+		r, err := runLane(t, c, &agentpb.ExecStart{Shell: "sleep 30", RunId: 77})
+		if err != nil {
+			t.Error(err)
+		}
+		done <- r
+	}()
+	// Cancel until the run is there to be cancelled.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if err := c.Unary(testCtx(t), lane.TypeCancel, &agentpb.CancelRequest{RunId: 77}, &agentpb.CancelResponse{}); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case r := <-done:
+			if r.exit.GetSignal() != int32(syscall.SIGKILL) {
+				t.Fatalf("cancelled run ended with %v", r.exit)
+			}
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("cancel did not end the run")
+		}
+	}
+}
+
+func TestLaneHangUpKillsRuns(t *testing.T) {
+	te := newTestEnv(t)
+	c, _ := newLane(t, te)
+	pidFile := filepath.Join(te.dir, "pid")
+	k, err := c.Start(lane.TypeRun, &agentpb.ExecStart{Shell: "echo $$ > pid; exec sleep 30"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	waitFor(t, func() bool {
+		b, err := os.ReadFile(pidFile)
+		pid, _ = strconv.Atoi(string(bytes.TrimSpace(b)))
+		return err == nil && pid > 0
+	})
+	k.End()
+	c.Close()
+	waitFor(t, func() bool { return syscall.Kill(pid, 0) == syscall.ESRCH })
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatal("condition not met in 20s")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,175 @@
+package lane
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+
+	"google.golang.org/protobuf/proto"
+)
+
+// ErrClosed is returned by calls on a client whose connection ended.
+var ErrClosed = errors.New("lane: connection closed")
+
+// Client is the host end of a lane: calls from any number of goroutines,
+// matched to their replies by id over one connection.
+type Client struct {
+	conn net.Conn
+
+	wmu  sync.Mutex // one frame written at a time
+	wbuf []byte
+
+	mu    sync.Mutex
+	next  uint32
+	calls map[uint32]*Call
+	err   error // why the reader stopped; set once
+	done  chan struct{}
+}
+
+// NewClient starts a client on conn; it owns conn from then on.
+func NewClient(conn net.Conn) *Client {
+	c := &Client{conn: conn, calls: map[uint32]*Call{}, done: make(chan struct{})}
+	go c.read()
+	return c
+}
+
+// Call is one call in flight: its replies arrive on Recv until End.
+type Call struct {
+	c    *Client
+	id   uint32
+	ch   chan Frame
+	gone chan struct{} // closed by End: the reader drops further replies
+	once sync.Once
+}
+
+// Start sends a call of type typ carrying req.
+func (c *Client) Start(typ uint8, req proto.Message) (*Call, error) {
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return nil, err
+	}
+	c.next++
+	k := &Call{c: c, id: c.next, ch: make(chan Frame, 8), gone: make(chan struct{})}
+	c.calls[k.id] = k
+	c.mu.Unlock()
+
+	c.wmu.Lock()
+	b, err := Append(c.wbuf[:0], k.id, typ, req)
+	if err == nil {
+		c.wbuf = b[:0]
+		_, err = c.conn.Write(b)
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		k.End()
+		c.fail(fmt.Errorf("lane: send: %w", err))
+		return nil, err
+	}
+	return k, nil
+}
+
+// Recv returns the call's next reply. An error frame comes back as an
+// error holding the guest's message.
+func (k *Call) Recv(ctx context.Context) (Frame, error) {
+	select {
+	case f := <-k.ch:
+		if f.Type == TypeError {
+			return f, errors.New(string(f.Payload))
+		}
+		return f, nil
+	case <-ctx.Done():
+		return Frame{}, ctx.Err()
+	case <-k.c.done:
+		// Replies that arrived before the end still count.
+		select {
+		case f := <-k.ch:
+			if f.Type == TypeError {
+				return f, errors.New(string(f.Payload))
+			}
+			return f, nil
+		default:
+		}
+		return Frame{}, k.c.Err()
+	}
+}
+
+// End forgets the call: later replies to it are dropped.
+func (k *Call) End() {
+	k.once.Do(func() {
+		k.c.mu.Lock()
+		delete(k.c.calls, k.id)
+		k.c.mu.Unlock()
+		close(k.gone)
+	})
+}
+
+// Unary sends one request and decodes its single reply into resp.
+func (c *Client) Unary(ctx context.Context, typ uint8, req, resp proto.Message) error {
+	k, err := c.Start(typ, req)
+	if err != nil {
+		return err
+	}
+	defer k.End()
+	f, err := k.Recv(ctx)
+	if err != nil {
+		return err
+	}
+	if f.Type != typ {
+		return fmt.Errorf("lane: reply of type %d to a call of type %d", f.Type, typ)
+	}
+	return proto.Unmarshal(f.Payload, resp)
+}
+
+// read hands each reply to its call until the connection fails.
+func (c *Client) read() {
+	br := bufio.NewReaderSize(c.conn, 64<<10)
+	for {
+		f, err := Read(br, nil)
+		if err != nil {
+			c.fail(err)
+			return
+		}
+		c.mu.Lock()
+		k := c.calls[f.ID]
+		c.mu.Unlock()
+		if k == nil {
+			continue // a call that ended (its caller gave up)
+		}
+		select {
+		case k.ch <- f:
+		case <-k.gone:
+		}
+	}
+}
+
+func (c *Client) fail(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return
+	}
+	c.err = fmt.Errorf("%w: %v", ErrClosed, err)
+	close(c.done)
+	_ = c.conn.Close()
+}
+
+// Err says why the client stopped, or nil while it works.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Done is closed when the connection has ended.
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Close ends the connection; calls in flight fail.
+func (c *Client) Close() error {
+	c.fail(errors.New("closed by the host"))
+	return nil
+}

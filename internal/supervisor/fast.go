@@ -1,0 +1,73 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+
+	"github.com/smolvm/smolvm/internal/lane"
+)
+
+// fastLane is the host end of the agent's fast lane (package lane): one
+// client, dialed when the machine starts and again on the first use after
+// it ended (a snapshot hangs up on it; a lost channel ends it).
+type fastLane struct {
+	dial func(context.Context) (net.Conn, error)
+
+	mu     sync.Mutex
+	client *lane.Client
+	closed bool
+}
+
+func newFastLane(dial func(context.Context) (net.Conn, error)) *fastLane {
+	return &fastLane{dial: dial}
+}
+
+// get returns the lane's client, dialing when there is none that works.
+func (f *fastLane) get(ctx context.Context) (*lane.Client, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return nil, lane.ErrClosed
+	}
+	if f.client != nil && f.client.Err() == nil {
+		return f.client, nil
+	}
+	conn, err := f.dial(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("dial fast lane: %w", err)
+	}
+	f.client = lane.NewClient(conn)
+	return f.client, nil
+}
+
+// hangUp closes the current connection; the next get dials again.
+func (f *fastLane) hangUp() {
+	f.mu.Lock()
+	c := f.client
+	f.client = nil
+	f.mu.Unlock()
+	if c != nil {
+		_ = c.Close()
+	}
+}
+
+// close hangs up for good.
+func (f *fastLane) close() {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+	f.hangUp()
+}
+
+// Lane returns the client of the agent's fast lane (ping, and a command
+// run without stdin), which costs the guest far less per call than the
+// gRPC channel.
+func (s *Supervisor) Lane(ctx context.Context) (*lane.Client, error) {
+	if s.fast == nil {
+		return nil, errors.New("fast lane: the machine has not started")
+	}
+	return s.fast.get(ctx)
+}
