@@ -74,6 +74,18 @@ func (s *Server) ServeLane(conn net.Conn) error {
 				continue
 			}
 			go c.run(ctx, f.ID, start)
+		case lane.TypeRefresh:
+			var req agentpb.RefreshRequest
+			if err := proto.Unmarshal(f.Payload, &req); err != nil {
+				c.fail(f.ID, "bad refresh request: "+err.Error())
+				continue
+			}
+			resp, err := s.Refresh(ctx, &req)
+			if err != nil {
+				c.fail(f.ID, status.Convert(err).Message())
+				continue
+			}
+			c.send(f.ID, lane.TypeRefresh, resp)
 		case lane.TypeCancel:
 			var req agentpb.CancelRequest
 			if err := proto.Unmarshal(f.Payload, &req); err != nil {

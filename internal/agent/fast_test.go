@@ -219,3 +219,20 @@ func waitFor(t *testing.T, cond func() bool) {
 		}
 	}
 }
+
+func TestLaneRefresh(t *testing.T) {
+	te := newTestEnv(t)
+	c, _ := newLane(t, te)
+	err := c.Unary(testCtx(t), lane.TypeRefresh, &agentpb.RefreshRequest{Hostname: "bad host"}, &agentpb.RefreshResponse{})
+	if err == nil || !strings.Contains(err.Error(), "invalid hostname") {
+		t.Errorf("refresh with a bad hostname: %v", err)
+	}
+	// Only the machine id: the test must not set the host's clock or name.
+	id := strings.Repeat("ab", 16)
+	if err := c.Unary(testCtx(t), lane.TypeRefresh, &agentpb.RefreshRequest{MachineId: id}, &agentpb.RefreshResponse{}); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(te.srv.cfg.MachineIDFile); err != nil || string(b) != id+"\n" {
+		t.Errorf("machine id after refresh: %q, %v", b, err)
+	}
+}

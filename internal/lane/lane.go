@@ -29,6 +29,10 @@ const (
 	TypeCancel uint8 = 3 // CancelRequest → CancelResponse
 	TypeOutput uint8 = 4 // RunOutput, a reply to TypeRun
 	TypeError  uint8 = 5 // a reply: the call failed; the payload is the message (text)
+	// TypeRefresh is Agent.Refresh: RefreshRequest → RefreshResponse. A
+	// restored guest's first call, so that a VM that only runs commands
+	// never sets up its gRPC connection at all.
+	TypeRefresh uint8 = 6
 )
 
 // HeaderSize is the length of a frame header.

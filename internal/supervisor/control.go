@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -67,24 +66,23 @@ func (c *control) Resume(ctx context.Context, _ *controlpb.ResumeRequest) (*cont
 	return &controlpb.ResumeResponse{}, nil
 }
 
-// Refresh makes a restored guest a distinct machine: new entropy, the
-// host's wall clock, its own hostname and machine id.
-func Refresh(ctx context.Context, agent agentpb.AgentClient, hostname, id string, opts ...grpc.CallOption) error {
+// refreshRequest is what makes a restored guest a machine of its own:
+// fresh entropy, the host's clock, its hostname and a new machine id.
+func refreshRequest(hostname string) (*agentpb.RefreshRequest, error) {
 	entropy := make([]byte, 64)
 	if _, err := rand.Read(entropy); err != nil {
-		return err
+		return nil, err
 	}
 	mid := make([]byte, 16)
 	if _, err := rand.Read(mid); err != nil {
-		return err
+		return nil, err
 	}
-	_, err := agent.Refresh(ctx, &agentpb.RefreshRequest{
+	return &agentpb.RefreshRequest{
 		Entropy:    entropy,
 		TimeUnixNs: time.Now().UnixNano(),
 		Hostname:   hostname,
 		MachineId:  fmt.Sprintf("%x", mid),
-	}, opts...)
-	return err
+	}, nil
 }
 
 // ConsoleTail returns the last n lines of a console log.

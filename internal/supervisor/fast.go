@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
 
 	"github.com/smolvm/smolvm/internal/lane"
 )
@@ -70,4 +73,33 @@ func (s *Supervisor) Lane(ctx context.Context) (*lane.Client, error) {
 		return nil, errors.New("fast lane: the machine has not started")
 	}
 	return s.fast.get(ctx)
+}
+
+// callLane makes one call on the fast lane, dialing again while the lane
+// cannot be reached yet: over vsock the guest refuses connections until
+// its agent listens (over virtio-serial QEMU holds the call until the
+// guest opens its port).
+func (s *Supervisor) callLane(ctx context.Context, typ uint8, req, resp proto.Message) error {
+	for {
+		l, err := s.Lane(ctx)
+		if err == nil {
+			if err = l.Unary(ctx, typ, req, resp); err == nil || !errors.Is(err, lane.ErrClosed) {
+				return err
+			}
+		}
+		if errors.Is(err, lane.ErrClosed) && s.fast.isClosed() {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func (f *fastLane) isClosed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.closed
 }

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
@@ -206,17 +207,21 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 		s.log.Debug("fast lane not connected", "err", err)
 	}
 	s.log.Debug("phase first command: waiting for guest agent", "timeout", s.spec.BootTimeout)
-	// The first call waits for the agent. A restored guest's is the one
-	// that makes it a machine of its own: no separate ping, as every call
-	// into a just-restored guest runs code the emulator has to translate
-	// anew.
+	// The first call waits for the agent, over the fast lane. A restored
+	// guest's is the one that makes it a machine of its own: no separate
+	// ping, as every call into a just-restored guest runs code the
+	// emulator has to translate anew. The gRPC connection is made on its
+	// first use: a VM that only runs commands never needs it.
 	probe := func(ctx context.Context) error {
-		_, err := s.agent.Ping(ctx, &agentpb.PingRequest{}, grpc.WaitForReady(true))
-		return err
+		return s.callLane(ctx, lane.TypePing, &agentpb.PingRequest{}, &agentpb.PingResponse{})
 	}
 	if s.spec.Restored {
 		probe = func(ctx context.Context) error {
-			if err := Refresh(ctx, s.agent, s.spec.Hostname, s.id, grpc.WaitForReady(true)); err != nil {
+			req, err := refreshRequest(s.spec.Hostname)
+			if err != nil {
+				return err
+			}
+			if err := s.callLane(ctx, lane.TypeRefresh, req, &agentpb.RefreshResponse{}); err != nil {
 				return fmt.Errorf("refresh restored guest: %w", err)
 			}
 			return nil
