@@ -7,9 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/mdlayher/vsock"
@@ -28,8 +30,10 @@ const (
 	// may appear late when the guest runs under software emulation.
 	PortWaitTimeout = 5 * time.Minute
 	// hostPollInterval is how often a disconnected port is checked for a
-	// new host connection.
+	// new host connection when the port cannot send SIGIO.
 	hostPollInterval = 5 * time.Millisecond
+	// asyncPollInterval is the check besides SIGIO, in case one is missed.
+	asyncPollInterval = time.Second
 )
 
 // FindVirtioPort returns the /dev path of the virtio-serial port with the
@@ -139,6 +143,16 @@ func (l *SerialListener) Accept() (net.Conn, error) {
 		return nil, net.ErrClosed
 	}
 	release := func() { <-l.slot }
+	// The port cannot be waited on for a host to connect (it polls as
+	// hung up until then), but the driver sends SIGIO when the host's
+	// side opens or closes: the wait takes that signal, asked for only
+	// while waiting (the driver sends one for every arrival of data too),
+	// and polls slowly besides in case one is missed.
+	interval := hostPollInterval
+	if l.async(true) {
+		defer l.async(false)
+		interval = asyncPollInterval
+	}
 	for {
 		select {
 		case <-l.done:
@@ -146,6 +160,7 @@ func (l *SerialListener) Accept() (net.Conn, error) {
 			return nil, net.ErrClosed
 		default:
 		}
+		wake := nextSIGIO() // before the check: a later SIGIO is not lost
 		ok, err := l.connected(l.fd)
 		if err != nil {
 			release()
@@ -156,7 +171,8 @@ func (l *SerialListener) Accept() (net.Conn, error) {
 		}
 		select {
 		case <-l.done:
-		case <-time.After(hostPollInterval):
+		case <-wake:
+		case <-time.After(interval):
 		}
 	}
 	// Each conn gets its own descriptor so that closing it (which unblocks
@@ -168,6 +184,51 @@ func (l *SerialListener) Accept() (net.Conn, error) {
 	}
 	f := os.NewFile(uintptr(nfd), l.path) // non-blocking: registered with the poller
 	return &serialConn{File: f, addr: serialAddr(l.path), release: release}, nil
+}
+
+// async turns the port's SIGIO on or off (O_ASYNC, owned by this
+// process) and reports whether that worked.
+func (l *SerialListener) async(on bool) bool {
+	flags, err := unix.FcntlInt(uintptr(l.fd), unix.F_GETFL, 0)
+	if err != nil {
+		return false
+	}
+	if on {
+		if _, err := unix.FcntlInt(uintptr(l.fd), unix.F_SETOWN, os.Getpid()); err != nil {
+			return false
+		}
+		flags |= unix.O_ASYNC
+	} else {
+		flags &^= unix.O_ASYNC
+	}
+	_, err = unix.FcntlInt(uintptr(l.fd), unix.F_SETFL, flags)
+	return err == nil
+}
+
+// sigio hands out channels that are closed at the process's next SIGIO.
+var sigio struct {
+	once sync.Once
+	mu   sync.Mutex
+	ch   chan struct{}
+}
+
+func nextSIGIO() <-chan struct{} {
+	sigio.once.Do(func() {
+		sigio.ch = make(chan struct{})
+		c := make(chan os.Signal, 1)
+		signal.Notify(c, syscall.SIGIO)
+		go func() {
+			for range c {
+				sigio.mu.Lock()
+				close(sigio.ch)
+				sigio.ch = make(chan struct{})
+				sigio.mu.Unlock()
+			}
+		}()
+	})
+	sigio.mu.Lock()
+	defer sigio.mu.Unlock()
+	return sigio.ch
 }
 
 // Close stops Accept and closes the port. Conns already handed out stay

@@ -324,3 +324,18 @@ func TestFindVirtioPort(t *testing.T) {
 		t.Errorf("FindVirtioPort(other) = %q", got)
 	}
 }
+
+func TestNextSIGIO(t *testing.T) {
+	wake := nextSIGIO()
+	if err := unix.Kill(os.Getpid(), unix.SIGIO); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-wake:
+	case <-time.After(20 * time.Second):
+		t.Fatal("SIGIO did not close the channel")
+	}
+	if again := nextSIGIO(); again == wake {
+		t.Error("after a SIGIO the next wait must get a new channel")
+	}
+}
