@@ -147,7 +147,7 @@ func (s *Server) supervise(ctx context.Context, p *process, start *agentpb.ExecS
 			buf := *bp
 			var r io.Reader = f
 			if raw := newRawIO(f); raw != nil {
-				r = raw // see rawIO: no monitor-thread wake per read
+				r = raw // see rawIO
 			}
 			for {
 				n, err := r.Read(buf)

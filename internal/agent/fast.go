@@ -217,9 +217,11 @@ func (c *collector) finish(exit *agentpb.ExecExit) error {
 }
 
 // rawIO reads and writes a connection's non-blocking descriptor with raw
-// system calls, waiting in the runtime's poller only when it is not ready:
-// a read or write through the runtime's syscall entry wakes its monitor
-// thread (see uptime), once per frame.
+// system calls, waiting in the runtime's poller only when it is not ready.
+// Under emulation a write to a virtio port exits to the emulator and can
+// last long enough, as a call through the runtime's syscall entry, for the
+// runtime to hand its processor to another thread; with raw calls a ping
+// took half the time (0.31–0.35 → 0.16–0.17 ms).
 type rawIO struct {
 	rc syscall.RawConn
 }

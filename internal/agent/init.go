@@ -154,9 +154,9 @@ func initSystem() *slog.Logger {
 // uptime is the time since the guest kernel started (CLOCK_BOOTTIME), for
 // logs that place agent phases on the boot's timeline.
 //
-// It is a raw system call, as is uname in Ping: neither blocks, and a call
-// through the runtime's syscall entry wakes its monitor thread, a thread
-// switch that costs more than the call itself when the guest is emulated.
+// It is a raw system call, as is uname in Ping: neither blocks, and under
+// emulation the runtime's syscall entry and exit cost about as much again
+// as the call (measured in the guest: 0.5–0.9 µs raw, 1.4–2.3 µs not).
 func uptime() time.Duration {
 	var ts unix.Timespec
 	_, _, errno := unix.RawSyscall(unix.SYS_CLOCK_GETTIME, unix.CLOCK_BOOTTIME, uintptr(unsafe.Pointer(&ts)), 0)

@@ -1,7 +1,7 @@
 // Package lane is the framing of the guest agent's fast lane: a second
 // channel next to the gRPC one that carries only the calls on an agent's
-// hot path (ping, and a command run without stdin whose output comes back
-// whole). A frame is a 9-byte header (payload length, call id, type) and a
+// hot path (ping, a command run without stdin whose output comes back
+// whole, and a restored guest's refresh). A frame is a 9-byte header (payload length, call id, type) and a
 // protobuf payload from agentpb.
 //
 // The lane exists because of what a call costs the guest when it runs
