@@ -6,9 +6,11 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -80,11 +82,11 @@ func EnsureDefault(ctx context.Context, opts Options) (*Default, error) {
 	if err != nil {
 		return nil, err
 	}
-	agentSHA, err := hashFile(opts.AgentPath)
+	agentSHA, err := hashFileCached(opts.CacheDir, opts.AgentPath)
 	if err != nil {
 		return nil, fmt.Errorf("guest agent: %w: build it first or fix Options.AgentPath", err)
 	}
-	busyboxSHA, err := hashFile(busybox)
+	busyboxSHA, err := hashFileCached(opts.CacheDir, busybox)
 	if err != nil {
 		return nil, fmt.Errorf("busybox: %w: run 'apt-get install busybox-static'", err)
 	}
@@ -168,7 +170,7 @@ func kernelFor(ctx context.Context, opts Options, log *slog.Logger, prog *progre
 		return nil, err
 	}
 	ks.Kernel = kernel
-	if ks.KernelSHA, err = hashFile(kernel); err != nil {
+	if ks.KernelSHA, err = hashFileCached(opts.CacheDir, kernel); err != nil {
 		return nil, fmt.Errorf("kernel: %w: fix Options.KernelPath", err)
 	}
 	ks.Version = bzImageVersion(kernel)
@@ -219,6 +221,60 @@ func hashFile(path string) (string, error) {
 		return "", fmt.Errorf("read %s: %w", path, err)
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// hashes remembers file hashes in this process (see hashFileCached).
+var hashes sync.Map
+
+// hashFileCached is hashFile for files that rarely change (the kernel, the
+// agent, busybox: ~32 MB that every VM's create would otherwise read and
+// hash, ~10 ms). A hash is remembered, in this process and in
+// cacheDir/hashes, under the file's path, size, inode, and modification
+// and change times: any write to the file, or a new file in its place,
+// changes the key.
+func hashFileCached(cacheDir, path string) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", &fs.PathError{Op: "stat", Path: path, Err: err}
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", err
+	}
+	key := hashBytes(fmt.Appendf(nil, "%s\x00%d\x00%d\x00%d\x00%d\x00%d", abs, st.Size, st.Ino, st.Dev,
+		st.Mtim.Nano(), st.Ctim.Nano()))
+	if v, ok := hashes.Load(key); ok {
+		return v.(string), nil
+	}
+	file := filepath.Join(cacheDir, "hashes", key)
+	if b, err := os.ReadFile(file); err == nil && isHexSHA256(string(b)) {
+		hashes.Store(key, string(b))
+		return string(b), nil
+	}
+	sum, err := hashFile(path)
+	if err != nil {
+		return "", err
+	}
+	hashes.Store(key, sum)
+	// Best effort: a cache that cannot be written only costs the hashing.
+	if err := os.MkdirAll(filepath.Dir(file), 0o755); err == nil {
+		if tmp, err := os.CreateTemp(filepath.Dir(file), ".tmp-*"); err == nil {
+			_, werr := tmp.WriteString(sum)
+			if cerr := tmp.Close(); werr == nil && cerr == nil {
+				_ = os.Rename(tmp.Name(), file)
+			}
+			_ = os.Remove(tmp.Name())
+		}
+	}
+	return sum, nil
+}
+
+func isHexSHA256(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	_, err := hex.DecodeString(s)
+	return err == nil
 }
 
 func hashBytes(b []byte) string {

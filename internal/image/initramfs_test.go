@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -225,5 +226,45 @@ func TestCheckStatic(t *testing.T) {
 		t.Log("/bin/sh is static on this host")
 	} else if !strings.Contains(err.Error(), "busybox-static") {
 		t.Errorf("error does not say what to install: %v", err)
+	}
+}
+
+func TestHashFileCached(t *testing.T) {
+	cache, dir := t.TempDir(), t.TempDir()
+	p := filepath.Join(dir, "agent")
+	if err := os.WriteFile(p, []byte("version one"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := hashFile(p)
+	for i := 0; i < 2; i++ { // computed, then remembered
+		if got, err := hashFileCached(cache, p); err != nil || got != want {
+			t.Fatalf("hashFileCached = %q, %v; want %q", got, err, want)
+		}
+	}
+	if ents, _ := os.ReadDir(filepath.Join(cache, "hashes")); len(ents) != 1 {
+		t.Errorf("hash cache holds %d files, want 1", len(ents))
+	}
+	// Same size, new content, another modification time: a new hash.
+	if err := os.WriteFile(p, []byte("version two"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(p, time.Now(), time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	want2, _ := hashFile(p)
+	if got, err := hashFileCached(cache, p); err != nil || got != want2 || got == want {
+		t.Fatalf("after a rewrite: %q, %v; want %q", got, err, want2)
+	}
+	// Another process finds the cache file; a damaged one is ignored.
+	hashes = sync.Map{}
+	ents, _ := os.ReadDir(filepath.Join(cache, "hashes"))
+	for _, e := range ents {
+		os.WriteFile(filepath.Join(cache, "hashes", e.Name()), []byte("garbage"), 0o644)
+	}
+	if got, err := hashFileCached(cache, p); err != nil || got != want2 {
+		t.Fatalf("with a damaged cache file: %q, %v; want %q", got, err, want2)
+	}
+	if _, err := hashFileCached(cache, filepath.Join(dir, "missing")); err == nil {
+		t.Error("a missing file hashed without error")
 	}
 }
