@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -151,4 +152,27 @@ func contextWithCancel(t *testing.T) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	return ctx, cancel
+}
+
+func TestValidators(t *testing.T) {
+	for h, want := range map[string]bool{
+		"a": true, "vm-1.example": true, "A9": true, strings.Repeat("a", 64): true,
+		"": false, "-a": false, "a-": false, "a.": false, "a b": false, "a_b": false, strings.Repeat("a", 65): false,
+	} {
+		if validHostname(h) != want {
+			t.Errorf("validHostname(%q) = %v", h, !want)
+		}
+	}
+	for id, want := range map[string]bool{
+		strings.Repeat("0f", 16): true, strings.Repeat("0F", 16): false, strings.Repeat("0", 31): false, strings.Repeat("g", 32): false,
+	} {
+		if validMachineID(id) != want {
+			t.Errorf("validMachineID(%q) = %v", id, !want)
+		}
+	}
+	for k, want := range map[string]bool{"PATH": true, "_x1": true, "a": true, "": false, "1A": false, "A-B": false, "A=B": false} {
+		if validEnvKey(k) != want {
+			t.Errorf("validEnvKey(%q) = %v", k, !want)
+		}
+	}
 }

@@ -9,10 +9,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strings"
-	"sync"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -22,7 +20,19 @@ import (
 
 // Regular expressions are compiled on first use, not at package start:
 // the guest runs the agent's initialisation at every boot, under emulation.
-var envKeyRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`) })
+// validEnvKey: a letter or '_', then letters, digits and '_'.
+func validEnvKey(k string) bool {
+	if k == "" {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if !(c == '_' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || i > 0 && c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
+}
 
 type envVar struct{ key, value string }
 
@@ -41,7 +51,7 @@ func loadEnvFile(path string) ([]envVar, error) {
 	sc.Buffer(make([]byte, 64<<10), MaxMessageSize)
 	for sc.Scan() {
 		k, v, ok := strings.Cut(sc.Text(), "=")
-		if !ok || !envKeyRE().MatchString(k) {
+		if !ok || !validEnvKey(k) {
 			continue
 		}
 		env = setEnv(env, k, v)
@@ -81,7 +91,7 @@ func (s *Server) sandboxEnv() []envVar {
 func (s *Server) UpdateEnv(_ context.Context, req *agentpb.UpdateEnvRequest) (*agentpb.UpdateEnvResponse, error) {
 	keys := make([]string, 0, len(req.GetSet()))
 	for k, v := range req.GetSet() {
-		if !envKeyRE().MatchString(k) {
+		if !validEnvKey(k) {
 			return nil, status.Errorf(codes.InvalidArgument, "invalid environment variable name %q: must match [A-Za-z_][A-Za-z0-9_]*", k)
 		}
 		if strings.ContainsAny(v, "\x00\n") {
@@ -90,7 +100,7 @@ func (s *Server) UpdateEnv(_ context.Context, req *agentpb.UpdateEnvRequest) (*a
 		keys = append(keys, k)
 	}
 	for _, k := range req.GetUnset() {
-		if !envKeyRE().MatchString(k) {
+		if !validEnvKey(k) {
 			return nil, status.Errorf(codes.InvalidArgument, "invalid environment variable name %q: must match [A-Za-z_][A-Za-z0-9_]*", k)
 		}
 	}

@@ -8,8 +8,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"regexp"
-	"sync"
 	"time"
 	"unsafe"
 
@@ -22,10 +20,36 @@ import (
 
 const maxEntropy = 4096
 
-var (
-	hostnameRE  = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$`) })
-	machineIDRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[0-9a-f]{32}$`) })
-)
+// validHostname: letters, digits, '-' and '.', 1 to 64 characters, a
+// letter or digit at both ends. (Checked by hand, not with a regular
+// expression: this runs first thing after a restore, when every code path
+// is translated anew under emulation, and compiling one is a lot of code.)
+func validHostname(h string) bool {
+	if len(h) == 0 || len(h) > 64 {
+		return false
+	}
+	for i := 0; i < len(h); i++ {
+		c := h[i]
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && (i == 0 || i == len(h)-1 || c != '-' && c != '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// validMachineID: 32 lower-case hex digits.
+func validMachineID(id string) bool {
+	if len(id) != 32 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
 
 // Refresh makes a restored snapshot unique again: fresh entropy, the host's
 // wall clock, a new hostname and machine id.
@@ -33,10 +57,10 @@ func (s *Server) Refresh(_ context.Context, req *agentpb.RefreshRequest) (*agent
 	if len(req.GetEntropy()) > maxEntropy {
 		return nil, status.Errorf(codes.InvalidArgument, "entropy is %d bytes; at most %d are accepted", len(req.GetEntropy()), maxEntropy)
 	}
-	if h := req.GetHostname(); h != "" && !hostnameRE().MatchString(h) {
+	if h := req.GetHostname(); h != "" && !validHostname(h) {
 		return nil, status.Errorf(codes.InvalidArgument, "invalid hostname %q: want letters, digits, '-' and '.', at most 64 characters", h)
 	}
-	if id := req.GetMachineId(); id != "" && !machineIDRE().MatchString(id) {
+	if id := req.GetMachineId(); id != "" && !validMachineID(id) {
 		return nil, status.Errorf(codes.InvalidArgument, "invalid machine id %q: want 32 lower-case hex digits", id)
 	}
 	if e := req.GetEntropy(); len(e) > 0 {
