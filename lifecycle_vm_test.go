@@ -455,3 +455,47 @@ func TestBootFailure(t *testing.T) {
 		})
 	}
 }
+
+// TestRunWhenHypervisorDies: a command running over the fast lane of an
+// in-process VM whose QEMU is killed ends with an error that says the VM
+// failed and why, and the next calls say so too.
+func TestRunWhenHypervisorDies(t *testing.T) {
+	t.Parallel()
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 5*time.Minute)
+	vm := newVM(t, smolvm.Config{Home: home, Network: "none"})
+	if !smolvm.OnLane(ctx, vm) {
+		t.Fatal("fast lane down")
+	}
+	in, err := vm.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := vm.Run(ctx, "touch /tmp/started; sleep 300")
+		done <- err
+	}()
+	if err := testutil.Poll(time.Minute, func() bool {
+		r, err := vm.Run(ctx, "test -e /tmp/started")
+		return err == nil && r.ExitCode == 0
+	}); err != nil {
+		t.Fatal("the command did not start")
+	}
+	if err := syscall.Kill(in.HypervisorPID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for what, err := range map[string]error{"the running command": <-done, "a new command": runErr(ctx, vm)} {
+		if !errors.Is(err, smolvm.ErrNotRunning) || !strings.Contains(err.Error(), "hypervisor exited") {
+			t.Errorf("%s after QEMU was killed: %v; want ErrNotRunning naming the hypervisor's exit", what, err)
+		}
+	}
+	if _, err := vm.Ping(ctx); !errors.Is(err, smolvm.ErrNotRunning) {
+		t.Errorf("Ping after QEMU was killed: %v", err)
+	}
+}
+
+func runErr(ctx context.Context, vm *smolvm.VM) error {
+	_, err := vm.Run(ctx, "true")
+	return err
+}

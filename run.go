@@ -66,7 +66,12 @@ func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Resu
 	stdout, stderr := &capWriter{max: o.limit}, &capWriter{max: o.limit}
 	if o.stdin == nil {
 		if l := vm.lane(ctx); l != nil {
-			return vm.runFast(ctx, l, command, o, stdout, stderr)
+			res, err := vm.runFast(ctx, l, command, o, stdout, stderr)
+			if !errors.Is(err, errNotSent) {
+				return res, err
+			}
+			// The lane broke before the command went out: gRPC runs it.
+			vm.log.Debug("fast lane failed, using gRPC", "err", err)
 		}
 	}
 	c := vm.ShellCommand(ctx, command)
@@ -83,8 +88,11 @@ func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Resu
 		Duration: ps.Duration}, nil
 }
 
-// runIDs names fast-lane runs for Fast.Cancel.
+// runIDs names fast-lane runs for the lane's cancel call.
 var runIDs atomic.Uint64
+
+// errNotSent is a fast-lane call that failed before it reached the guest.
+var errNotSent = errors.New("fast lane: call not sent")
 
 // runFast runs a command without stdin over the agent's fast lane: one
 // request, and for a command that prints little one reply.
@@ -96,7 +104,7 @@ func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o run
 	}
 	call, err := l.Start(lane.TypeRun, start)
 	if err != nil {
-		return nil, vm.callErr(ctx, "exec", err)
+		return nil, fmt.Errorf("%w: %w", errNotSent, err)
 	}
 	defer call.End()
 	res := &Result{}

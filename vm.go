@@ -209,10 +209,15 @@ type AgentInfo struct {
 func (vm *VM) Ping(ctx context.Context) (*AgentInfo, error) {
 	if l := vm.lane(ctx); l != nil {
 		var r agentpb.PingResponse
-		if err := l.Unary(ctx, lane.TypePing, &agentpb.PingRequest{}, &r); err != nil {
+		err := l.Unary(ctx, lane.TypePing, &agentpb.PingRequest{}, &r)
+		if err == nil {
+			return agentInfo(&r), nil
+		}
+		if !errors.Is(err, lane.ErrClosed) {
 			return nil, vm.callErr(ctx, "ping", err)
 		}
-		return agentInfo(&r), nil
+		// The lane broke: a ping can go again, over gRPC.
+		vm.log.Debug("fast lane failed, using gRPC", "err", err)
 	}
 	a, err := vm.agentClient(ctx)
 	if err != nil {
@@ -234,6 +239,18 @@ func agentInfo(r *agentpb.PingResponse) *AgentInfo {
 func (vm *VM) callErr(ctx context.Context, what string, err error) error {
 	if ctx.Err() != nil {
 		return fmt.Errorf("%s: %w", what, ctx.Err())
+	}
+	vm.mu.Lock()
+	sup := vm.sup
+	vm.mu.Unlock()
+	if sup != nil && errors.Is(err, lane.ErrClosed) {
+		// The channel went down: if the machine is dying, its supervisor
+		// is about to record why. Give it a moment, for a better error.
+		select {
+		case <-sup.Done():
+		case <-time.After(2 * time.Second):
+		case <-ctx.Done():
+		}
 	}
 	if rec, gerr := vm.st.GetVM(context.WithoutCancel(ctx), vm.id); gerr == nil && rec.State != store.StateRunning {
 		return fmt.Errorf("%s: %w", what, notRunning(rec))
