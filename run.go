@@ -102,7 +102,7 @@ func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o run
 	if o.timeout > 0 && start.TimeoutMs == 0 {
 		start.TimeoutMs = 1
 	}
-	call, err := l.Start(lane.TypeRun, start)
+	call, err := l.Start(ctx, lane.TypeRun, start)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errNotSent, err)
 	}

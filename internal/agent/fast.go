@@ -12,12 +12,10 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/smolvm/smolvm/internal/lane"
-
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 

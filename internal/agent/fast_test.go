@@ -60,7 +60,7 @@ type laneRun struct {
 
 func runLane(t *testing.T, c *lane.Client, start *agentpb.ExecStart) (laneRun, error) {
 	t.Helper()
-	k, err := c.Start(lane.TypeRun, start)
+	k, err := c.Start(testCtx(t), lane.TypeRun, start)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,7 +192,7 @@ func TestLaneHangUpKillsRuns(t *testing.T) {
 	te := newTestEnv(t)
 	c, _ := newLane(t, te)
 	pidFile := filepath.Join(te.dir, "pid")
-	k, err := c.Start(lane.TypeRun, &agentpb.ExecStart{Shell: "echo $$ > pid; exec sleep 30"})
+	k, err := c.Start(testCtx(t), lane.TypeRun, &agentpb.ExecStart{Shell: "echo $$ > pid; exec sleep 30"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 )
@@ -45,8 +46,9 @@ type Call struct {
 	once sync.Once
 }
 
-// Start sends a call of type typ carrying req.
-func (c *Client) Start(typ uint8, req proto.Message) (*Call, error) {
+// Start sends a call of type typ carrying req. A send that ctx ends (a
+// guest that stopped reading) breaks the connection: the frame may be cut.
+func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call, error) {
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -62,7 +64,20 @@ func (c *Client) Start(typ uint8, req proto.Message) (*Call, error) {
 	b, err := Append(c.wbuf[:0], k.id, typ, req)
 	if err == nil {
 		c.wbuf = b[:0]
+		fired := make(chan struct{})
+		stop := context.AfterFunc(ctx, func() {
+			_ = c.conn.SetWriteDeadline(time.Now())
+			close(fired)
+		})
 		_, err = c.conn.Write(b)
+		if !stop() {
+			<-fired
+			if err != nil {
+				err = fmt.Errorf("%w (%w)", ctx.Err(), err)
+			} else {
+				_ = c.conn.SetWriteDeadline(time.Time{}) // sent after all
+			}
+		}
 	}
 	c.wmu.Unlock()
 	if err != nil {
@@ -110,7 +125,7 @@ func (k *Call) End() {
 
 // Unary sends one request and decodes its single reply into resp.
 func (c *Client) Unary(ctx context.Context, typ uint8, req, resp proto.Message) error {
-	k, err := c.Start(typ, req)
+	k, err := c.Start(ctx, typ, req)
 	if err != nil {
 		return err
 	}

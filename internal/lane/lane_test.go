@@ -93,7 +93,7 @@ func TestClientMatchesRepliesToCalls(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			k, err := c.Start(TypePing, &agentpb.PingRequest{})
+			k, err := c.Start(context.Background(), TypePing, &agentpb.PingRequest{})
 			if err != nil {
 				errs <- err
 				return
@@ -130,7 +130,7 @@ func TestClientFailsCallsWhenConnectionEnds(t *testing.T) {
 	host, guest := net.Pipe()
 	go func() { _, _ = bufio.NewReader(guest).ReadByte() }() // read the call, never answer
 	c := NewClient(host)
-	k, err := c.Start(TypePing, &agentpb.PingRequest{})
+	k, err := c.Start(context.Background(), TypePing, &agentpb.PingRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +140,7 @@ func TestClientFailsCallsWhenConnectionEnds(t *testing.T) {
 	if _, err := k.Recv(ctx); !errors.Is(err, ErrClosed) {
 		t.Fatalf("call on a closed connection: %v, want ErrClosed", err)
 	}
-	if _, err := c.Start(TypePing, &agentpb.PingRequest{}); !errors.Is(err, ErrClosed) {
+	if _, err := c.Start(context.Background(), TypePing, &agentpb.PingRequest{}); !errors.Is(err, ErrClosed) {
 		t.Fatalf("new call on a closed client: %v, want ErrClosed", err)
 	}
 }
@@ -159,5 +159,20 @@ func TestClientCallGivesUpWithContext(t *testing.T) {
 	var r agentpb.PingResponse
 	if err := c.Unary(context.Background(), TypePing, &agentpb.PingRequest{}, &r); err != nil || r.Hostname == "" {
 		t.Fatalf("call after an abandoned one: %v (%+v)", err, &r)
+	}
+}
+
+func TestClientSendGivesUpWithContext(t *testing.T) {
+	host, guest := net.Pipe() // unbuffered: a write waits for a reader
+	defer guest.Close()       // a guest that never reads
+	c := NewClient(host)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := c.Start(ctx, TypePing, &agentpb.PingRequest{})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("send to a guest that does not read: %v, want the context's error", err)
+	}
+	if !errors.Is(c.Err(), ErrClosed) {
+		t.Errorf("after a cut frame the client must be closed, Err = %v", c.Err())
 	}
 }
