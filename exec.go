@@ -129,15 +129,12 @@ func (c *Cmd) Start() error {
 	}
 	c.stream = stream
 	start := &agentpb.ExecStart{Shell: c.Shell, Env: c.Env, Dir: c.Dir, Tty: c.TTY, Stdin: c.Stdin != nil,
-		TimeoutMs: c.Timeout.Milliseconds()}
+		TimeoutMs: timeoutMs(c.Timeout)}
 	if c.Shell == "" {
 		start.Argv = c.Args
 		if len(start.Argv) == 0 {
 			start.Argv = []string{c.Path}
 		}
-	}
-	if c.Timeout > 0 && start.TimeoutMs == 0 {
-		start.TimeoutMs = 1
 	}
 	if c.TTY {
 		start.Size = &agentpb.WindowSize{Rows: uint32(c.Rows), Cols: uint32(c.Cols)}
@@ -223,19 +220,32 @@ func (c *Cmd) receive() {
 				_, _ = c.Stderr.Write(m.Stderr)
 			}
 		case *agentpb.ExecResponse_Exit:
-			e := m.Exit
-			if e.Error != "" {
-				c.err = fmt.Errorf("exec %q: %s", c.String(), e.Error)
-				return
-			}
-			c.ProcessState = &ProcessState{ExitCode: int(e.ExitCode), Signal: syscall.Signal(e.Signal),
-				TimedOut: e.TimedOut, Duration: time.Duration(e.DurationNs)}
-			if !c.ProcessState.Success() {
+			c.ProcessState, c.err = processState(c.String(), m.Exit)
+			if c.err == nil && !c.ProcessState.Success() {
 				c.err = &ExitError{ProcessState: c.ProcessState}
 			}
 			return
 		}
 	}
+}
+
+// processState reads the agent's exit report of a command; a command that
+// could not start is an error.
+func processState(command string, e *agentpb.ExecExit) (*ProcessState, error) {
+	if e.Error != "" {
+		return nil, fmt.Errorf("exec %q: %s", command, e.Error)
+	}
+	return &ProcessState{ExitCode: int(e.ExitCode), Signal: syscall.Signal(e.Signal),
+		TimedOut: e.TimedOut, Duration: time.Duration(e.DurationNs)}, nil
+}
+
+// timeoutMs is a command's timeout for the agent: 0 is none, so a timeout
+// under a millisecond counts as one.
+func timeoutMs(d time.Duration) int64 {
+	if d > 0 && d < time.Millisecond {
+		return 1
+	}
+	return d.Milliseconds()
 }
 
 // Wait waits for the command to exit and its output to be copied.

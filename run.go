@@ -82,10 +82,14 @@ func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Resu
 	if err != nil && !errors.As(err, &ee) {
 		return nil, err
 	}
-	ps := c.ProcessState
+	return result(c.ProcessState, stdout, stderr, false), nil
+}
+
+// result is Run's outcome from a command's end and its kept output.
+func result(ps *ProcessState, stdout, stderr *capWriter, truncated bool) *Result {
 	return &Result{ExitCode: ps.ExitCode, Signal: int(ps.Signal), TimedOut: ps.TimedOut,
-		Stdout: stdout.buf.Bytes(), Stderr: stderr.buf.Bytes(), Truncated: stdout.truncated || stderr.truncated,
-		Duration: ps.Duration}, nil
+		Stdout: stdout.buf.Bytes(), Stderr: stderr.buf.Bytes(), Truncated: truncated || stdout.truncated || stderr.truncated,
+		Duration: ps.Duration}
 }
 
 // runIDs names fast-lane runs for the lane's cancel call.
@@ -98,16 +102,13 @@ var errNotSent = errors.New("fast lane: call not sent")
 // request, and for a command that prints little one reply.
 func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o runOptions, stdout, stderr *capWriter) (*Result, error) {
 	start := &agentpb.ExecStart{Shell: command, Env: o.env, Dir: o.dir, RunId: runIDs.Add(1),
-		OutputLimit: int64(max(o.limit, 0)), TimeoutMs: o.timeout.Milliseconds()}
-	if o.timeout > 0 && start.TimeoutMs == 0 {
-		start.TimeoutMs = 1
-	}
+		OutputLimit: int64(max(o.limit, 0)), TimeoutMs: timeoutMs(o.timeout)}
 	call, err := l.Start(ctx, lane.TypeRun, start)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errNotSent, err)
 	}
 	defer call.End()
-	res := &Result{}
+	truncated := false // by the agent
 	for {
 		f, err := call.Recv(ctx)
 		if err != nil {
@@ -130,15 +131,13 @@ func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o run
 		// The agent keeps to the limit; the host does not count on it.
 		_, _ = stdout.Write(m.Stdout)
 		_, _ = stderr.Write(m.Stderr)
-		res.Truncated = res.Truncated || m.Truncated
-		if e := m.Exit; e != nil {
-			if e.Error != "" {
-				return nil, fmt.Errorf("exec %q: %s", command, e.Error)
+		truncated = truncated || m.Truncated
+		if m.Exit != nil {
+			ps, err := processState(command, m.Exit)
+			if err != nil {
+				return nil, err
 			}
-			res.ExitCode, res.Signal, res.TimedOut, res.Duration = int(e.ExitCode), int(e.Signal), e.TimedOut, time.Duration(e.DurationNs)
-			res.Stdout, res.Stderr = stdout.buf.Bytes(), stderr.buf.Bytes()
-			res.Truncated = res.Truncated || stdout.truncated || stderr.truncated
-			return res, nil
+			return result(ps, stdout, stderr, truncated), nil
 		}
 	}
 }

@@ -18,9 +18,9 @@ import (
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
-// Regular expressions are compiled on first use, not at package start:
-// the guest runs the agent's initialisation at every boot, under emulation.
-// validEnvKey: a letter or '_', then letters, digits and '_'.
+// validEnvKey: a letter or '_', then letters, digits and '_'. (By hand,
+// like the refresh's checks: no regular expression to compile in a guest
+// that runs emulated.)
 func validEnvKey(k string) bool {
 	if k == "" {
 		return false

@@ -29,7 +29,7 @@ const (
 )
 
 // outputBufs holds the output readers' buffers: two per command would
-// otherwise be garbage, and the collector's work runs emulated too.
+// otherwise be garbage, and garbage collection runs emulated too.
 var outputBufs = sync.Pool{New: func() any { b := make([]byte, outputChunk); return &b }}
 
 type execStream = grpc.BidiStreamingServer[agentpb.ExecRequest, agentpb.ExecResponse]

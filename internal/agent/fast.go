@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -103,28 +104,34 @@ func (s *Server) ServeLane(conn net.Conn) error {
 // send writes one reply frame; a failed write closes the connection, which
 // ends ServeLane.
 func (c *laneConn) send(id uint32, typ uint8, m proto.Message) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	b, err := lane.Append(c.wbuf[:0], id, typ, m)
-	if err != nil {
-		b = lane.AppendError(c.wbuf[:0], id, err.Error())
-	}
-	c.wbuf = b[:0]
-	if _, werr := c.w.Write(b); werr != nil {
-		_ = c.conn.Close()
-		return werr
-	}
-	return err
+	var err error
+	werr := c.write(func(b []byte) []byte {
+		out, aerr := lane.Append(b, id, typ, m)
+		if aerr != nil {
+			err = aerr
+			return lane.AppendError(b, id, aerr.Error())
+		}
+		return out
+	})
+	return cmp.Or(werr, err)
 }
 
+// fail answers a call with an error frame.
 func (c *laneConn) fail(id uint32, msg string) {
+	_ = c.write(func(b []byte) []byte { return lane.AppendError(b, id, msg) })
+}
+
+// write writes the frame that build appends to the reused buffer.
+func (c *laneConn) write(build func([]byte) []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	b := lane.AppendError(c.wbuf[:0], id, msg)
+	b := build(c.wbuf[:0])
 	c.wbuf = b[:0]
 	if _, err := c.w.Write(b); err != nil {
 		_ = c.conn.Close()
+		return err
 	}
+	return nil
 }
 
 // run runs one process with stdin from /dev/null and sends its output in

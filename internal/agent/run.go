@@ -76,74 +76,32 @@ func Run(ctx context.Context, cfg Config) error {
 		err     error
 	}
 	results := make(chan result, 2)
-	serve := func(name string, l net.Listener) {
+	running := serveChannels(ctx, log, VirtioPortName, VsockPort, func(name string, l net.Listener) error {
 		log.Info("serving", "channel", name, "addr", l.Addr().String(), "uptime", uptime())
-		results <- result{name, g.Serve(l)}
-	}
-	running := 0
-	if _, err := os.Stat("/dev/vsock"); err == nil {
-		if l, err := ListenVsock(VsockPort); err != nil {
-			log.Warn("vsock unavailable", "err", err)
-		} else {
-			running++
-			go serve("vsock", l)
-		}
-	}
-	running++
-	go func() {
-		p, err := WaitVirtioPort(ctx, log, VirtioPortName, PortWaitTimeout)
-		if err != nil {
-			results <- result{"virtio-serial", err}
-			return
-		}
-		l, err := ListenSerial(p)
-		if err != nil {
-			results <- result{"virtio-serial", err}
-			return
-		}
-		serve("virtio-serial", l)
-	}()
+		return g.Serve(l)
+	}, func(name string, err error) { results <- result{name, err} })
 
 	// The fast lane is an addition: the agent serves without it.
-	serveLane := func(name string, l net.Listener, concurrent bool) {
+	serveChannels(ctx, log, FastPortName, FastVsockPort, func(name string, l net.Listener) error {
 		log.Info("serving fast lane", "channel", name, "addr", l.Addr().String())
+		context.AfterFunc(ctx, func() { l.Close() })
 		for {
 			conn, err := l.Accept()
 			if err != nil {
-				log.Warn("fast lane stopped", "channel", name, "err", err)
-				return
+				return err
 			}
 			serve := func() {
 				if err := srv.ServeLane(conn); err != nil {
 					log.Debug("fast lane connection ended", "channel", name, "err", err)
 				}
 			}
-			if concurrent {
-				go serve()
-			} else {
+			if _, serial := l.(*SerialListener); serial {
 				serve() // a serial port carries one connection at a time
+			} else {
+				go serve()
 			}
 		}
-	}
-	if _, err := os.Stat("/dev/vsock"); err == nil {
-		if l, err := ListenVsock(FastVsockPort); err != nil {
-			log.Warn("vsock fast lane unavailable", "err", err)
-		} else {
-			defer l.Close()
-			go serveLane("vsock", l, true)
-		}
-	}
-	go func() {
-		p, err := WaitVirtioPort(ctx, log, FastPortName, PortWaitTimeout)
-		if err == nil {
-			var l *SerialListener
-			if l, err = ListenSerial(p); err == nil {
-				serveLane("virtio-serial", l, false)
-				return
-			}
-		}
-		log.Warn("virtio-serial fast lane unavailable", "err", err)
-	}()
+	}, func(name string, err error) { log.Warn("fast lane stopped", "channel", name, "err", err) })
 
 	var errs []error
 	for running > 0 {
@@ -165,4 +123,35 @@ func Run(ctx context.Context, cfg Config) error {
 		return errors.New("all channels closed")
 	}
 	return errors.Join(errs...)
+}
+
+// serveChannels runs serve on every channel of one service the guest has:
+// its vsock port when /dev/vsock exists, and its virtio-serial port, waited
+// for up to PortWaitTimeout. Each channel's serve runs on a goroutine of its
+// own; ended gets how it ended. It returns how many channels were started.
+func serveChannels(ctx context.Context, log *slog.Logger, portName string, vsockPort uint32,
+	serve func(name string, l net.Listener) error, ended func(name string, err error)) int {
+	n := 0
+	if _, err := os.Stat("/dev/vsock"); err == nil {
+		if l, err := ListenVsock(vsockPort); err != nil {
+			log.Warn("vsock unavailable", "port", vsockPort, "err", err)
+		} else {
+			n++
+			go func() { ended("vsock", serve("vsock", l)) }()
+		}
+	}
+	n++
+	go func() {
+		p, err := WaitVirtioPort(ctx, log, portName, PortWaitTimeout)
+		var l *SerialListener
+		if err == nil {
+			l, err = ListenSerial(p)
+		}
+		if err != nil {
+			ended("virtio-serial", err)
+			return
+		}
+		ended("virtio-serial", serve("virtio-serial", l))
+	}()
+	return n
 }

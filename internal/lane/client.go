@@ -93,24 +93,26 @@ func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call
 func (k *Call) Recv(ctx context.Context) (Frame, error) {
 	select {
 	case f := <-k.ch:
-		if f.Type == TypeError {
-			return f, errors.New(string(f.Payload))
-		}
-		return f, nil
+		return reply(f)
 	case <-ctx.Done():
 		return Frame{}, ctx.Err()
 	case <-k.c.done:
 		// Replies that arrived before the end still count.
 		select {
 		case f := <-k.ch:
-			if f.Type == TypeError {
-				return f, errors.New(string(f.Payload))
-			}
-			return f, nil
+			return reply(f)
 		default:
 		}
 		return Frame{}, k.c.Err()
 	}
+}
+
+// reply turns an error frame into the error it carries.
+func reply(f Frame) (Frame, error) {
+	if f.Type == TypeError {
+		return f, errors.New(string(f.Payload))
+	}
+	return f, nil
 }
 
 // End forgets the call: later replies to it are dropped.

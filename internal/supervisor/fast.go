@@ -24,16 +24,15 @@ type fastLane struct {
 	closed bool
 }
 
-func newFastLane(dial func(context.Context) (net.Conn, error)) *fastLane {
-	return &fastLane{dial: dial}
-}
+// errLaneShut: the machine stopped, and its lane with it, for good.
+var errLaneShut = errors.New("fast lane: the machine has stopped")
 
 // get returns the lane's client, dialing when there is none that works.
 func (f *fastLane) get(ctx context.Context) (*lane.Client, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
-		return nil, lane.ErrClosed
+		return nil, errLaneShut
 	}
 	if f.client != nil && f.client.Err() == nil {
 		return f.client, nil
@@ -87,7 +86,7 @@ func (s *Supervisor) callLane(ctx context.Context, typ uint8, req, resp proto.Me
 				return err
 			}
 		}
-		if errors.Is(err, lane.ErrClosed) && s.fast.isClosed() {
+		if errors.Is(err, errLaneShut) {
 			return err
 		}
 		select {
@@ -96,10 +95,4 @@ func (s *Supervisor) callLane(ctx context.Context, typ uint8, req, resp proto.Me
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-}
-
-func (f *fastLane) isClosed() bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.closed
 }

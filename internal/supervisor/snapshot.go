@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
 )
@@ -356,19 +357,19 @@ func withHostname(cmdline, hostname string) string {
 	return strings.Join(f, " ")
 }
 
-// reconnect dials the agent again and waits until it answers.
+// reconnect makes the agent's gRPC client again (it connects on first
+// use, as at start) and waits until the agent answers on the fast lane.
 func (s *Supervisor) reconnect(ctx context.Context) error {
 	conn, err := DialAgent(s.machine)
 	if err != nil {
 		return err
 	}
 	s.mu.Lock()
-	s.agentConn, s.agent = conn, agentpb.NewAgentClient(conn)
+	s.agentConn = conn
 	s.mu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	_, err = s.Agent().Ping(ctx, &agentpb.PingRequest{}, waitForReady)
-	return err
+	return s.callLane(ctx, lane.TypePing, &agentpb.PingRequest{}, &agentpb.PingResponse{})
 }
 
 func (c *control) Snapshot(ctx context.Context, req *controlpb.SnapshotRequest) (*controlpb.SnapshotResponse, error) {

@@ -86,13 +86,12 @@ type Supervisor struct {
 	net     vmNetwork // user-mode stack or TAP, started before the machine
 
 	agentConn *grpc.ClientConn
-	agent     agentpb.AgentClient
 	fast      *fastLane
 	server    *grpc.Server
 	listener  net.Listener
 
 	snapMu   sync.Mutex // one snapshot at a time
-	mu       sync.Mutex // guards the fields below and agentConn/agent
+	mu       sync.Mutex // guards the fields below and agentConn
 	stopping bool
 	stopped  chan struct{} // closed when teardown is complete
 	exitErr  error
@@ -199,10 +198,9 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("connect agent: %w", err)
 	}
-	s.agent = agentpb.NewAgentClient(s.agentConn)
 	// The fast lane is dialed now, so that the guest takes the connection
 	// while it boots; a lane that cannot be dialed is tried again on use.
-	s.fast = newFastLane(m.DialFast)
+	s.fast = &fastLane{dial: m.DialFast}
 	if _, err := s.fast.get(ctx); err != nil {
 		s.log.Debug("fast lane not connected", "err", err)
 	}
@@ -504,10 +502,11 @@ func (s *Supervisor) updateNetwork(ctx context.Context, change func(*network.Con
 func (s *Supervisor) Agent() agentpb.AgentClient {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.agent
+	if s.agentConn == nil {
+		return nil
+	}
+	return agentpb.NewAgentClient(s.agentConn)
 }
-
-var waitForReady = grpc.WaitForReady(true)
 
 // Timings reports the phases measured so far.
 func (s *Supervisor) Timings() Timings {
