@@ -96,6 +96,9 @@ func TestCLIVersion(t *testing.T) {
 	if !strings.HasPrefix(r.stdout, "smolvm ") {
 		t.Errorf("version printed %q, want it to start with \"smolvm \"", r.stdout)
 	}
+	if f := mustOK(t, t.TempDir(), "", "--version"); f.stdout != r.stdout {
+		t.Errorf("--version printed %q, version %q", f.stdout, r.stdout)
+	}
 }
 
 func TestCLIDoctor(t *testing.T) {

@@ -89,6 +89,8 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 			return nil
 		},
 	}
+	root.Version = versionLine()
+	root.SetVersionTemplate("smolvm {{.Version}}\n")
 	root.PersistentFlags().StringVar(&g.home, "home", "", "state folder (default $SMOLVM_HOME, else $XDG_STATE_HOME/smolvm)")
 	root.PersistentFlags().BoolVar(&g.debug, "debug", false, "log debug messages, naming each phase")
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {

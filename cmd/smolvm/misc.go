@@ -65,9 +65,15 @@ func newVersionCmd() *cobra.Command {
 		Short: "Print the version",
 		Args:  cobra.NoArgs,
 		Run: func(cmd *cobra.Command, args []string) {
-			fmt.Printf("smolvm %s (%s, %s/%s)\n", smolvm.Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+			fmt.Println("smolvm " + versionLine())
 		},
 	}
+}
+
+// versionLine is what `smolvm version` and `smolvm --version` print after
+// the program's name.
+func versionLine() string {
+	return fmt.Sprintf("%s (%s, %s/%s)", smolvm.Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
 func newSuperviseCmd(g *globals) *cobra.Command {

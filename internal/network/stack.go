@@ -14,10 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containers/gvisor-tap-vsock/pkg/tap"
-	"github.com/containers/gvisor-tap-vsock/pkg/types"
 	"github.com/miekg/dns"
-	"github.com/sirupsen/logrus"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -33,12 +30,6 @@ import (
 )
 
 const nicID = 1
-
-func init() {
-	// gvisor-tap-vsock logs through logrus; its messages (a guest
-	// disconnecting when the VM stops) are not errors of ours.
-	logrus.SetOutput(io.Discard)
-}
 
 // Options tune Start.
 type Options struct {
@@ -67,7 +58,7 @@ type Stack struct {
 	cfg     Config
 	log     *slog.Logger
 	stack   *stack.Stack
-	sw      *tap.Switch
+	link    *link
 	policy  *policy
 	ln      net.Listener
 	dns     []*dns.Server
@@ -106,7 +97,7 @@ func Start(ctx context.Context, opts Options) (*Stack, error) {
 	n.portForwards = newPortForwards(n.ctx, &opts, n.log, n.dialGuest)
 	n.subnet = netip.MustParsePrefix(Subnet)
 	n.guest = tcpip.AddrFrom4(netip.MustParseAddr(cfg.GuestIP).As4())
-	var virtualIPs []string
+	own := []tcpip.Address{tcpip.AddrFrom4(netip.MustParseAddr(cfg.Gateway).As4())}
 	for g, h := range cfg.Aliases {
 		ga, err1 := netip.ParseAddr(g)
 		ha, err2 := netip.ParseAddr(h)
@@ -114,16 +105,13 @@ func Start(ctx context.Context, opts Options) (*Stack, error) {
 			return nil, fmt.Errorf("network alias %s → %s: want a subnet address and a loopback address", g, h)
 		}
 		n.aliases[ga] = ha
-		virtualIPs = append(virtualIPs, g)
+		own = append(own, tcpip.AddrFrom4(ga.As4()))
 	}
-	ep, err := tap.NewLinkEndpoint(false, MTU, GatewayMAC, cfg.Gateway, virtualIPs)
-	if err != nil {
+	var err error
+	if n.link, err = newLink(GatewayMAC, own); err != nil {
 		return nil, err
 	}
-	n.sw = tap.NewSwitch(false)
-	ep.Connect(n.sw)
-	n.sw.Connect(ep)
-	if err := n.buildStack(ep); err != nil {
+	if err := n.buildStack(n.link); err != nil {
 		return nil, err
 	}
 	if err := n.startDNS(); err != nil {
@@ -194,7 +182,7 @@ func (n *Stack) acceptQEMU() {
 
 // serveQEMU moves frames between QEMU's network device and the stack.
 func (n *Stack) serveQEMU(c net.Conn) {
-	if err := n.sw.Accept(n.ctx, c, types.QemuProtocol); err != nil && n.ctx.Err() == nil {
+	if err := n.link.serve(c); err != nil && n.ctx.Err() == nil {
 		n.log.Debug("network device disconnected", "err", err)
 	}
 }
