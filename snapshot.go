@@ -165,7 +165,7 @@ func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string) (*snapshotSource, error) {
 	sn, err := st.GetSnapshot(ctx, name)
 	if err != nil {
-		return nil, fmt.Errorf("snapshot %q: %w (see 'smolvm snapshot ls')", name, err)
+		return nil, fmt.Errorf("%w (see 'smolvm snapshot ls')", err)
 	}
 	src := &snapshotSource{name: sn.Name, dir: sn.Dir}
 	b, err := os.ReadFile(filepath.Join(sn.Dir, supervisor.SnapshotSpec))
@@ -301,7 +301,7 @@ func DeleteSnapshot(ctx context.Context, home, name string) error {
 	}
 	sn, err := st.GetSnapshot(ctx, name)
 	if err != nil {
-		return fmt.Errorf("snapshot %q: %w (see 'smolvm snapshot ls')", name, err)
+		return fmt.Errorf("%w (see 'smolvm snapshot ls')", err)
 	}
 	if len(frozenDisks(sn.Dir)) > 0 {
 		vms, err := st.ListVMs(ctx)
