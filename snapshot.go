@@ -66,10 +66,12 @@ func (vm *VM) Snapshot(ctx context.Context, name string) (*SnapshotInfo, error) 
 	if !snapNameRE.MatchString(name) || strings.HasPrefix(name, warmPrefix) {
 		return nil, fmt.Errorf("%w: snapshot name %q: use 1-63 letters, digits, '_', '.', '-' (not starting with %q)", ErrInvalid, name, warmPrefix)
 	}
-	return vm.snapshot(ctx, name)
+	return vm.snapshot(ctx, name, false)
 }
 
-func (vm *VM) snapshot(ctx context.Context, name string) (*SnapshotInfo, error) {
+// snapshot saves the VM as name; warm is for the warm snapshot, whose VM
+// nothing else calls meanwhile (see supervisor.SnapshotOptions.KeepLane).
+func (vm *VM) snapshot(ctx context.Context, name string, warm bool) (*SnapshotInfo, error) {
 	rec, err := vm.st.GetVM(ctx, vm.id)
 	if err != nil {
 		return nil, err
@@ -93,7 +95,7 @@ func (vm *VM) snapshot(ctx context.Context, name string) (*SnapshotInfo, error) 
 	vm.mu.Unlock()
 	switch {
 	case sup != nil:
-		err = sup.Snapshot(ctx, dir, true)
+		err = sup.Snapshot(ctx, dir, supervisor.SnapshotOptions{Resume: true, KeepLane: warm})
 	case control != nil:
 		_, err = control.Snapshot(ctx, &controlpb.SnapshotRequest{Dir: dir, Resume: true})
 	default:
@@ -394,7 +396,16 @@ func ensureWarm(ctx context.Context, cfg Config) error {
 	if _, err := vm.st.GetSnapshot(ctx, name); err == nil {
 		return nil
 	}
-	if _, err := vm.snapshot(ctx, name); err != nil {
+	// A clone's first calls are a refresh and, mostly, a command: make
+	// both once so that what the guest builds for them on first use is in
+	// the snapshot.
+	if err := vm.sup.Prime(ctx); err != nil {
+		return fmt.Errorf("warm snapshot: prime: %w", err)
+	}
+	if _, err := vm.Run(ctx, "true"); err != nil {
+		return fmt.Errorf("warm snapshot: prime: %w", err)
+	}
+	if _, err := vm.snapshot(ctx, name, true); err != nil {
 		return fmt.Errorf("warm snapshot: %w", err)
 	}
 	// Warm snapshots of older images or shapes are dead weight now.

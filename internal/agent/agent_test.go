@@ -176,3 +176,32 @@ func TestValidators(t *testing.T) {
 		}
 	}
 }
+
+func TestWriteMachineID(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "etc", "machine-id")
+	check := func(id string) {
+		t.Helper()
+		if err := writeMachineID(path, id); err != nil {
+			t.Fatal(err)
+		}
+		if b, err := os.ReadFile(path); err != nil || string(b) != id+"\n" {
+			t.Fatalf("after writing %s the file holds %q (%v)", id, b, err)
+		}
+	}
+	check("00000000000000000000000000000001") // creates the folder and file
+	check("00000000000000000000000000000002") // the held file, overwritten
+	// Replaced behind the agent's back: the new file gets the id.
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, []byte("00000000000000000000000000000009\n"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+	check("00000000000000000000000000000003")
+	// Grown: no tail of the old contents is left.
+	if err := os.WriteFile(path, []byte("00000000000000000000000000000003\nextra\n"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	check("00000000000000000000000000000004")
+}

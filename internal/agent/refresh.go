@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -90,21 +91,47 @@ func (s *Server) Refresh(_ context.Context, req *agentpb.RefreshRequest) (*agent
 // runMachineID holds the machine id when the root is read-only.
 const runMachineID = "/run/machine-id"
 
+// machineID is the machine id file as last written, kept open: it is
+// rewritten in place on the restore's critical path, where every system
+// call the guest has not made since the restore costs milliseconds under
+// emulation (an open and a close of the file among them).
+var machineID struct {
+	sync.Mutex
+	path string
+	f    *os.File
+}
+
 // writeMachineID replaces the machine id file. On a read-only root (the
 // shared disk mode) the id goes to /run, a tmpfs, bind-mounted over the
 // file as systemd does for read-only roots; when the image has no such
 // file there is nothing to mount over and /run/machine-id alone has it.
 func writeMachineID(path, id string) error {
 	data := []byte(id + "\n")
-	// Rewritten in place, not through a temporary file and a rename: this
-	// runs on the restore's critical path, where every system call the
-	// guest has not made since the restore costs milliseconds under
-	// emulation, and nothing else writes the file.
+	machineID.Lock()
+	defer machineID.Unlock()
+	if machineID.f != nil && machineID.path == path && sameFile(machineID.f, path, len(data)) {
+		// Same file, same length: an overwrite replaces the id.
+		if _, err := machineID.f.WriteAt(data, 0); err == nil {
+			return nil
+		}
+	}
+	if machineID.f != nil {
+		_ = machineID.f.Close()
+		machineID.f = nil
+	}
+	// Rewritten in place, not through a temporary file and a rename:
+	// nothing else writes the file.
 	err := os.WriteFile(path, data, 0o444)
 	if errors.Is(err, fs.ErrNotExist) {
 		if err = os.MkdirAll(filepath.Dir(path), 0o755); err == nil {
 			err = os.WriteFile(path, data, 0o444)
 		}
+	}
+	if err == nil {
+		if f, err := os.OpenFile(path, os.O_WRONLY, 0); err == nil {
+			machineID.path, machineID.f = path, f
+		}
+		return nil
 	}
 	if !errors.Is(err, unix.EROFS) {
 		return err
@@ -123,18 +150,35 @@ func writeMachineID(path, id string) error {
 	return nil
 }
 
+// sameFile reports whether f is still the file at path (not replaced, say
+// by a rename over it) and size bytes long.
+func sameFile(f *os.File, path string, size int) bool {
+	a, err1 := f.Stat()
+	b, err2 := os.Stat(path)
+	return err1 == nil && err2 == nil && os.SameFile(a, b) && a.Size() == int64(size)
+}
+
+// urandom stays open once used: a refresh runs first thing in a restored
+// guest, where the open and close of a file are paths to translate anew.
+var urandom struct {
+	sync.Mutex
+	f *os.File
+}
+
 // addEntropy mixes data into the kernel pool and credits it with
-// RNDADDENTROPY so that the pool is reseeded. Crediting needs CAP_SYS_ADMIN;
-// without it the data is still mixed in through a plain write.
+// RNDADDENTROPY, then forces a reseed. Crediting needs CAP_SYS_ADMIN;
+// without it the data is mixed in through a plain write.
 func addEntropy(data []byte) error {
-	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
-	if err != nil {
-		return err
+	urandom.Lock()
+	defer urandom.Unlock()
+	if urandom.f == nil {
+		f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+		if err != nil {
+			return err
+		}
+		urandom.f = f
 	}
-	defer f.Close()
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
+	f := urandom.f
 	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
 	words := (len(data) + 3) / 4
 	buf := make([]byte, 8+words*4)
@@ -161,7 +205,9 @@ func addEntropy(data []byte) error {
 		return err
 	}
 	if ierr == unix.EPERM && os.Getpid() != 1 {
-		return nil // unprivileged (tests): mixed in, not credited
+		// Unprivileged (tests): mixed in, not credited.
+		_, err := f.Write(data)
+		return err
 	}
 	return ierr
 }

@@ -181,6 +181,9 @@ type Prelauncher interface {
 // which may have moved since the machine started (sockets and logs in it
 // stay valid across a rename).
 type Incomer interface {
+	// Move tells a machine waiting for its snapshot that its state folder
+	// is dir now, before anything dials its sockets there.
+	Move(dir string)
 	Incoming(ctx context.Context, dir string) error
 }
 

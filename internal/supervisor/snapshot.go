@@ -52,7 +52,22 @@ const SnapshotSpec = "spec.json"
 // never see each other's writes. A read-only (shared mode) disk is kept
 // by reference: the image itself. Other writable disks (a raw file of the
 // caller's) are refused: freezing them would mean a full copy.
-func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) error {
+// SnapshotOptions tune Snapshot.
+type SnapshotOptions struct {
+	// Resume lets the machine run on afterwards.
+	Resume bool
+	// KeepLane leaves the fast lane connected in the saved guest, for a
+	// machine nothing else calls while it is saved (the warm snapshot's):
+	// a restore that connects its lane before the guest resumes then
+	// finds the agent reading it, with no hang-up and new connection to
+	// go through first (each a path the emulator translates anew). A
+	// lane in use is hung up, so that no clone answers calls that were
+	// in flight in the source.
+	KeepLane bool
+}
+
+func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOptions) error {
+	resume := opts.Resume
 	sn, ok := s.machine.(hypervisor.Snapshotter)
 	if !ok {
 		return hypervisor.ErrUnsupported
@@ -83,7 +98,9 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, resume bool) erro
 	old := s.agentConn
 	s.mu.Unlock()
 	_ = old.Close()
-	s.fast.hangUp()
+	if !opts.KeepLane {
+		s.fast.hangUp()
+	}
 	time.Sleep(50 * time.Millisecond)
 	t0 := time.Now()
 	err = sn.Snapshot(ctx, dir)
@@ -376,7 +393,7 @@ func (c *control) Snapshot(ctx context.Context, req *controlpb.SnapshotRequest) 
 	if req.Dir == "" || !filepath.IsAbs(req.Dir) {
 		return nil, status.Error(codes.InvalidArgument, "snapshot folder must be an absolute path")
 	}
-	if err := c.s.Snapshot(ctx, req.Dir, req.Resume); err != nil {
+	if err := c.s.Snapshot(ctx, req.Dir, SnapshotOptions{Resume: req.Resume}); err != nil {
 		return nil, err
 	}
 	fi, err := os.Stat(filepath.Join(req.Dir, "memory"))

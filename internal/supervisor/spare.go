@@ -117,23 +117,23 @@ func (sp *Spare) Claim(dir, id string) (hypervisor.MachineConfig, error) {
 		return hypervisor.MachineConfig{}, fmt.Errorf("claim prelaunched hypervisor: %w", err)
 	}
 	sp.dir = dir
+	if in, ok := sp.m.(hypervisor.Incomer); ok {
+		in.Move(dir)
+	}
 	_ = os.Remove(filepath.Join(dir, SpareOwnerFile))
 	sp.mc = relocate(sp.mc, dir, id)
 	return sp.mc, nil
 }
 
-// restore loads the snapshot into the claimed spare's machine (in its
-// folder dir now) and lets the guest run. On failure the machine is gone.
-func (sp *Spare) restore(ctx context.Context, dir string) (hypervisor.Machine, error) {
-	in, ok := sp.m.(hypervisor.Incomer)
+// incoming loads the snapshot m was started for (its folder is dir now)
+// and lets the guest run. On failure the machine is gone.
+func incoming(ctx context.Context, m hypervisor.Machine, dir string) error {
+	in, ok := m.(hypervisor.Incomer)
 	if !ok {
-		_ = sp.m.Kill()
-		return nil, fmt.Errorf("prelaunched machine: %w", hypervisor.ErrUnsupported)
+		_ = m.Kill()
+		return fmt.Errorf("prelaunched machine: %w", hypervisor.ErrUnsupported)
 	}
-	if err := in.Incoming(ctx, dir); err != nil {
-		return nil, err
-	}
-	return sp.m, nil
+	return in.Incoming(ctx, dir)
 }
 
 // Discard kills an unclaimed spare and removes its folder.

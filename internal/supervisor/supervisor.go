@@ -173,11 +173,20 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	if err := s.startNetwork(ctx, &mc, qemuConn); err != nil {
 		return err
 	}
+	// A restore over virtio-serial connects the fast lane before the
+	// snapshot is loaded: the guest then learns of the connection as it
+	// resumes, instead of after a hang-up and a connect.
+	pl, _ := d.(hypervisor.Prelauncher)
+	early := mc.Incoming != "" && mc.Channel != hypervisor.ChannelVsock && (opts.Spare != nil || pl != nil)
 	var m hypervisor.Machine
-	if sp := opts.Spare; sp != nil {
-		s.log.Debug("phase launch: restoring into a prelaunched hypervisor", "driver", d.Name(), "pid", sp.m.PID())
-		m, err = sp.restore(ctx, mc.Dir)
-	} else {
+	switch {
+	case opts.Spare != nil:
+		s.log.Debug("phase launch: restoring into a prelaunched hypervisor", "driver", d.Name(), "pid", opts.Spare.m.PID())
+		m = opts.Spare.m
+	case early:
+		s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
+		m, err = pl.Prelaunch(ctx, &mc)
+	default:
 		s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
 		m, err = d.Start(ctx, &mc)
 	}
@@ -189,6 +198,20 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("launch: %w", err)
 	}
+	// The fast lane is dialed now, so that the guest takes the connection
+	// while it boots; a lane that cannot be dialed is tried again on use.
+	s.fast = &fastLane{dial: m.DialFast}
+	dialLane := func() {
+		if _, err := s.fast.get(ctx); err != nil {
+			s.log.Debug("fast lane not connected", "err", err)
+		}
+	}
+	if early {
+		dialLane()
+		if err := incoming(ctx, m, mc.Dir); err != nil {
+			return fmt.Errorf("launch: %w", err)
+		}
+	}
 	s.machine = m
 	launched := time.Now()
 	s.timings.Launch = launched.Sub(t0)
@@ -198,11 +221,8 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("connect agent: %w", err)
 	}
-	// The fast lane is dialed now, so that the guest takes the connection
-	// while it boots; a lane that cannot be dialed is tried again on use.
-	s.fast = &fastLane{dial: m.DialFast}
-	if _, err := s.fast.get(ctx); err != nil {
-		s.log.Debug("fast lane not connected", "err", err)
+	if !early {
+		dialLane()
 	}
 	s.log.Debug("phase first command: waiting for guest agent", "timeout", s.spec.BootTimeout)
 	// The first call waits for the agent, over the fast lane. A restored

@@ -180,6 +180,9 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 	return m, nil
 }
 
+// Move implements hypervisor.Incomer.
+func (m *Machine) Move(dir string) { m.cfg.Dir = dir }
+
 // Incoming implements hypervisor.Incomer: it loads the snapshot the
 // machine was started for and lets the guest run. dir is the machine's
 // state folder now (a prelaunched machine's folder moves to its VM's).
