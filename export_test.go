@@ -6,3 +6,7 @@ import "context"
 // of this process whose lane is up), for tests that must know the lane,
 // not its gRPC fallback, did the work.
 func OnLane(ctx context.Context, vm *VM) bool { return vm.lane(ctx) != nil }
+
+// LaneDialedEarly reports whether vm, restored in this process, made its
+// first call over a fast lane connected before the guest resumed.
+func LaneDialedEarly(vm *VM) bool { return vm.sup != nil && vm.sup.LaneDialedEarly() }

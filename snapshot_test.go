@@ -221,6 +221,9 @@ func TestWarmStart(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		if early := smolvm.LaneDialedEarly(vm); early != (info.Snapshot != "") {
+			t.Errorf("%s (snapshot %q): first call over a lane dialed before the guest ran: %v", vm.Name(), info.Snapshot, early)
+		}
 		if err := vm.Close(); err != nil {
 			t.Errorf("Close: %v", err)
 		}
@@ -293,6 +296,9 @@ func TestWarmStart(t *testing.T) {
 	}
 	if got := sh(t, second, "hostname"); got != second.Name() {
 		t.Errorf("hostname of the prelaunched clone: %q, want %q", got, second.Name())
+	}
+	if !smolvm.LaneDialedEarly(second) {
+		t.Errorf("the prelaunched clone's first call did not go over a lane dialed before it ran")
 	}
 	if got := sh(t, second, fmt.Sprintf("wget -qO- http://host.test:%d/", port)); got != "hello from the host" {
 		t.Errorf("the prelaunched clone's network: %q", got)

@@ -46,6 +46,13 @@ func (f *fastLane) get(ctx context.Context) (*lane.Client, error) {
 	return f.client, nil
 }
 
+// current returns the client in use, if any, without dialing.
+func (f *fastLane) current() *lane.Client {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.client
+}
+
 // hangUp closes the current connection; the next get dials again.
 func (f *fastLane) hangUp() {
 	f.mu.Lock()
@@ -97,6 +104,11 @@ func (s *Supervisor) callLane(ctx context.Context, typ uint8, req, resp proto.Me
 		}
 	}
 }
+
+// LaneDialedEarly reports whether the restored machine's first call went
+// over a fast lane connected before the guest resumed (as it should under
+// QEMU with virtio-serial; a lane dialed later works, a restore later).
+func (s *Supervisor) LaneDialedEarly() bool { return s.laneEarly }
 
 // Prime makes, ahead of a warm snapshot, the call every clone of it starts
 // with: a refresh over the fast lane. The guest's lazily built state for

@@ -87,6 +87,9 @@ type Supervisor struct {
 
 	agentConn *grpc.ClientConn
 	fast      *fastLane
+	// laneEarly: the first call went over a lane dialed before the
+	// restored guest ran (see start).
+	laneEarly bool
 	server    *grpc.Server
 	listener  net.Listener
 
@@ -206,8 +209,10 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 			s.log.Debug("fast lane not connected", "err", err)
 		}
 	}
+	var earlyLane *lane.Client
 	if early {
 		dialLane()
+		earlyLane = s.fast.current()
 		if err := incoming(ctx, m, mc.Dir); err != nil {
 			return fmt.Errorf("launch: %w", err)
 		}
@@ -249,6 +254,7 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 		return err
 	}
 	ready := time.Now()
+	s.laneEarly = earlyLane != nil && s.fast.current() == earlyLane
 	s.timings.FirstCommand = ready.Sub(launched)
 	s.timings.CreateToFirstCommand = ready.Sub(opts.Started)
 	s.log.Debug("phase first command done", "took", s.timings.FirstCommand, "total", s.timings.CreateToFirstCommand)
