@@ -50,6 +50,7 @@ type Cmd struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	stream agentpb.Agent_ExecClient
+	lane   *laneCmd // set when the command runs over the fast lane
 	sendMu sync.Mutex
 	done   chan struct{}
 	err    error
@@ -116,6 +117,15 @@ func (c *Cmd) Start() error {
 	if c.ctx == nil {
 		c.ctx = context.Background()
 	}
+	if c.Stdin == nil && !c.TTY {
+		if l := c.vm.lane(c.ctx); l != nil {
+			err := c.startLane(l) // exec_lane.go
+			if !errors.Is(err, errNotSent) {
+				return err
+			}
+			c.vm.log.Debug("fast lane failed, using gRPC", "err", err)
+		}
+	}
 	a, err := c.vm.agentClient(c.ctx)
 	if err != nil {
 		return err
@@ -128,14 +138,7 @@ func (c *Cmd) Start() error {
 		return c.vm.callErr(c.ctx, "exec", err)
 	}
 	c.stream = stream
-	start := &agentpb.ExecStart{Shell: c.Shell, Env: c.Env, Dir: c.Dir, Tty: c.TTY, Stdin: c.Stdin != nil,
-		TimeoutMs: timeoutMs(c.Timeout)}
-	if c.Shell == "" {
-		start.Argv = c.Args
-		if len(start.Argv) == 0 {
-			start.Argv = []string{c.Path}
-		}
-	}
+	start := c.execStart()
 	if c.TTY {
 		start.Size = &agentpb.WindowSize{Rows: uint32(c.Rows), Cols: uint32(c.Cols)}
 	}
@@ -167,6 +170,19 @@ func (c *Cmd) Start() error {
 	}
 	go c.receive()
 	return nil
+}
+
+// execStart describes the command for the agent.
+func (c *Cmd) execStart() *agentpb.ExecStart {
+	start := &agentpb.ExecStart{Shell: c.Shell, Env: c.Env, Dir: c.Dir, Tty: c.TTY, Stdin: c.Stdin != nil,
+		TimeoutMs: timeoutMs(c.Timeout)}
+	if c.Shell == "" {
+		start.Argv = c.Args
+		if len(start.Argv) == 0 {
+			start.Argv = []string{c.Path}
+		}
+	}
+	return start
 }
 
 func statusErr(err error) error {
@@ -298,6 +314,9 @@ func (c *Cmd) CombinedOutput() ([]byte, error) {
 
 // Signal sends a signal to the command's process group in the guest.
 func (p *Process) Signal(sig syscall.Signal) error {
+	if lc := p.cmd.lane; lc != nil {
+		return lc.cancelRun(p.cmd.ctx, sig)
+	}
 	return p.cmd.send(&agentpb.ExecRequest{Msg: &agentpb.ExecRequest_Signal{Signal: int32(sig)}})
 }
 
@@ -306,6 +325,9 @@ func (p *Process) Kill() error { return p.Signal(syscall.SIGKILL) }
 
 // Resize changes the terminal size of a TTY command.
 func (c *Cmd) Resize(rows, cols uint16) error {
+	if c.lane != nil {
+		return nil // no terminal to resize
+	}
 	return c.send(&agentpb.ExecRequest{Msg: &agentpb.ExecRequest_Resize{Resize: &agentpb.WindowSize{Rows: uint32(rows), Cols: uint32(cols)}}})
 }
 

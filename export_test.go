@@ -10,3 +10,6 @@ func OnLane(ctx context.Context, vm *VM) bool { return vm.lane(ctx) != nil }
 // LaneDialedEarly reports whether vm, restored in this process, made its
 // first call over a fast lane connected before the guest resumed.
 func LaneDialedEarly(vm *VM) bool { return vm.sup != nil && vm.sup.LaneDialedEarly() }
+
+// CmdOnLane reports whether a started Cmd runs over the fast lane.
+func CmdOnLane(c *Cmd) bool { return c.lane != nil }

@@ -6,9 +6,8 @@ import (
 	"fmt"
 	"io"
 	"sync/atomic"
+	"syscall"
 	"time"
-
-	"google.golang.org/protobuf/proto"
 
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
@@ -110,23 +109,15 @@ func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o run
 	defer call.End()
 	truncated := false // by the agent
 	for {
-		f, err := call.Recv(ctx)
+		m, err := recvRunOutput(ctx, call, command)
 		if err != nil {
 			if ctx.Err() != nil {
 				// The lane has no cancellation of its own: kill the
 				// guest's process group.
-				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-				_ = l.Unary(cctx, lane.TypeCancel, &agentpb.CancelRequest{RunId: start.RunId}, &agentpb.CancelResponse{})
-				cancel()
+				lc := laneCmd{l: l, runID: start.RunId}
+				_ = lc.cancelRun(ctx, syscall.SIGKILL)
 			}
 			return nil, vm.callErr(ctx, "exec", err)
-		}
-		var m agentpb.RunOutput
-		if f.Type != lane.TypeOutput {
-			return nil, fmt.Errorf("exec %q: protocol error: reply of type %d", command, f.Type)
-		}
-		if err := proto.Unmarshal(f.Payload, &m); err != nil {
-			return nil, fmt.Errorf("exec %q: protocol error: %w", command, err)
 		}
 		// The agent keeps to the limit; the host does not count on it.
 		_, _ = stdout.Write(m.Stdout)

@@ -88,6 +88,11 @@ func TestStreamOutputArrivesWhileRunning(t *testing.T) {
 	if err := c.Run(); err != nil {
 		t.Fatal(err)
 	}
+	// Without stdin, a VM of this process runs it over the fast lane,
+	// streamed; the same holds for gRPC streams (TestStreamStdin).
+	if !smolvm.CmdOnLane(c) {
+		t.Error("a command without stdin on a VM of this process did not run over the fast lane")
+	}
 	total := time.Since(start)
 	firstAfter := out.first.Sub(start)
 	if got := out.lines(); len(got) != 2 || got[0] != "first" || got[1] != "second" {
@@ -190,6 +195,9 @@ func TestStreamStdin(t *testing.T) {
 		}
 		if !bytes.Equal(out.Bytes(), in) {
 			t.Errorf("cat returned %d bytes, want the %d sent", out.Len(), len(in))
+		}
+		if smolvm.CmdOnLane(c) {
+			t.Error("a command with stdin ran over the fast lane, which carries none")
 		}
 	})
 	t.Run("while read", func(t *testing.T) {

@@ -56,7 +56,10 @@ func runInVM(ctx context.Context, vm *smolvm.VM, args []string, f *execFlags) (i
 	c.Env, c.Dir, c.Timeout = f.env, f.workdir, f.timeout
 	c.Stdout, c.Stderr = os.Stdout, os.Stderr
 	stdinTTY := term.IsTerminal(int(os.Stdin.Fd()))
-	if f.interactive || !stdinTTY {
+	if f.interactive || !stdinTTY && !isDevNull(os.Stdin) {
+		// Not forwarded, the command reads the guest's /dev/null: the
+		// same as the host's, and it lets the command take the agent's
+		// fast lane.
 		c.Stdin = os.Stdin
 	}
 	if f.tty {
@@ -152,4 +155,11 @@ syntax runs through /bin/sh -c. Stdin is forwarded when it is not a terminal
 	}
 	f.register(cmd.Flags())
 	return cmd
+}
+
+// isDevNull reports whether f is the null device.
+func isDevNull(f *os.File) bool {
+	a, err1 := f.Stat()
+	b, err2 := os.Stat(os.DevNull)
+	return err1 == nil && err2 == nil && os.SameFile(a, b)
 }

@@ -35,7 +35,7 @@ type laneConn struct {
 	s    *Server
 	conn net.Conn
 	w    io.Writer // conn, or raw writes to its descriptor
-	runs sync.Map  // run id → *process, for Cancel
+	runs sync.Map  // run id → *runEntry, for Cancel and Ack
 
 	wmu  sync.Mutex
 	wbuf []byte
@@ -91,10 +91,22 @@ func (s *Server) ServeLane(conn net.Conn) error {
 				c.fail(f.ID, "bad cancel request: "+err.Error())
 				continue
 			}
+			sig := syscall.SIGKILL
+			if n := req.GetSignal(); n > 0 && n < 65 {
+				sig = syscall.Signal(n)
+			}
 			if v, ok := c.runs.Load(req.GetRunId()); ok {
-				v.(*process).kill(syscall.SIGKILL)
+				v.(*runEntry).p.kill(sig)
 			}
 			c.send(f.ID, lane.TypeCancel, &agentpb.CancelResponse{})
+		case lane.TypeAck:
+			var req agentpb.RunAck
+			if proto.Unmarshal(f.Payload, &req) != nil || req.GetBytes() < 0 {
+				continue // no reply to send the error in: ignored
+			}
+			if v, ok := c.runs.Load(req.GetRunId()); ok {
+				v.(*runEntry).out.ack(req.GetBytes(), req.GetAbandon())
+			}
 		default:
 			c.fail(f.ID, fmt.Sprintf("unknown call type %d", f.Type))
 		}
@@ -135,7 +147,8 @@ func (c *laneConn) write(build func([]byte) []byte) error {
 }
 
 // run runs one process with stdin from /dev/null and sends its output in
-// as few frames as it can: one, for a command that prints little.
+// as few frames as it can (one, for a command that prints little), or, for
+// a streamed run, as it comes.
 func (c *laneConn) run(ctx context.Context, id uint32, start *agentpb.ExecStart) {
 	if start.GetTty() || start.GetStdin() {
 		c.fail(id, "a fast-lane run takes no stdin and no terminal: use Agent.Exec")
@@ -156,11 +169,18 @@ func (c *laneConn) run(ctx context.Context, id uint32, start *agentpb.ExecStart)
 		return
 	}
 	defer p.closeAll()
+	out := newCollector(ctx, start, send)
+	defer out.stop()
 	if rid := start.GetRunId(); rid != 0 {
-		c.runs.Store(rid, p)
+		c.runs.Store(rid, &runEntry{p: p, out: out})
 		defer c.runs.Delete(rid)
 	}
-	out := &collector{limit: start.GetOutputLimit(), send: send}
+	if out.stream {
+		if send(&agentpb.RunOutput{Started: &agentpb.ExecStarted{Pid: int32(p.pid)}}) != nil {
+			p.kill(syscall.SIGKILL)
+			return
+		}
+	}
 	exit, err := c.s.supervise(ctx, p, start, begin, out.add)
 	if err != nil {
 		c.fail(id, err.Error())
@@ -169,19 +189,81 @@ func (c *laneConn) run(ctx context.Context, id uint32, start *agentpb.ExecStart)
 	_ = out.finish(exit)
 }
 
-// collector gathers a Run's output into messages of about runFlush bytes,
-// keeping at most limit bytes of each stream (0: no limit).
+// runEntry is a run in flight on a lane connection, by run id.
+type runEntry struct {
+	p   *process
+	out *collector
+}
+
+// streamWindow is how much of a streamed run's output may be on its way to
+// the host, not yet acknowledged: a host that stops reading one run's
+// output holds up that run (its pipes fill, its process blocks), not the
+// lane.
+const streamWindow = 1 << 20
+
+// collector gathers a Run's output into messages of about runFlush bytes
+// (or, streaming, sends each piece as it is read, within the window the
+// host acknowledges), keeping at most limit bytes of each stream (0: no
+// limit).
 type collector struct {
 	mu             sync.Mutex
 	limit          int64
+	stream         bool
 	send           func(*agentpb.RunOutput) error
 	stdout, stderr []byte
 	kept           [2]int64
 	truncated      bool
 	done, failed   bool
+
+	// The window, under a lock of its own: the lane's reading goroutine
+	// takes it for an ack, and must never wait for a send in progress.
+	wmu       sync.Mutex
+	wcond     sync.Cond
+	credit    int64 // streaming: bytes the host will take now
+	abandoned bool  // the host wants no more output (or is gone)
+	stopWatch func() bool
 }
 
+func newCollector(ctx context.Context, start *agentpb.ExecStart, send func(*agentpb.RunOutput) error) *collector {
+	c := &collector{limit: start.GetOutputLimit(), send: send, stream: start.GetStream(), credit: streamWindow}
+	c.wcond.L = &c.wmu
+	// A connection that ends wakes a run waiting for the window.
+	c.stopWatch = context.AfterFunc(ctx, func() { c.ack(0, true) })
+	return c
+}
+
+// ack gives n bytes of window back, or abandons the output.
+func (c *collector) ack(n int64, abandon bool) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.credit = min(c.credit+n, streamWindow)
+	c.abandoned = c.abandoned || abandon
+	c.wcond.Broadcast()
+}
+
+// window waits until a streamed run may send, and reports whether its
+// output is still wanted.
+func (c *collector) window() bool {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	for c.stream && c.credit <= 0 && !c.abandoned {
+		c.wcond.Wait()
+	}
+	return !c.abandoned
+}
+
+func (c *collector) spend(n int) {
+	c.wmu.Lock()
+	c.credit -= int64(n)
+	c.wmu.Unlock()
+}
+
+func (c *collector) stop() { c.stopWatch() }
+
 func (c *collector) add(stderr bool, b []byte) {
+	if !c.window() {
+		return
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.done || c.failed {
@@ -203,11 +285,14 @@ func (c *collector) add(stderr bool, b []byte) {
 	} else {
 		c.stdout = append(c.stdout, b...)
 	}
-	if len(c.stdout)+len(c.stderr) >= runFlush {
+	if n := len(c.stdout) + len(c.stderr); n >= runFlush || c.stream && n > 0 {
 		// Blocks while the host reads slowly, which holds up the readers:
 		// the guest keeps no more than about runFlush of output.
 		if c.send(&agentpb.RunOutput{Stdout: c.stdout, Stderr: c.stderr}) != nil {
 			c.failed = true
+		}
+		if c.stream {
+			c.spend(n)
 		}
 		c.stdout, c.stderr = nil, nil
 	}

@@ -67,16 +67,9 @@ func runLane(t *testing.T, c *lane.Client, start *agentpb.ExecStart) (laneRun, e
 	defer k.End()
 	var r laneRun
 	for {
-		f, err := k.Recv(testCtx(t))
+		m, err := recvOutput(t, testCtx(t), k)
 		if err != nil {
 			return r, err
-		}
-		if f.Type != lane.TypeOutput {
-			t.Fatalf("reply of type %d", f.Type)
-		}
-		var m agentpb.RunOutput
-		if err := proto.Unmarshal(f.Payload, &m); err != nil {
-			t.Fatal(err)
 		}
 		r.frames++
 		r.stdout = append(r.stdout, m.Stdout...)
@@ -86,6 +79,23 @@ func runLane(t *testing.T, c *lane.Client, start *agentpb.ExecStart) (laneRun, e
 			return r, nil
 		}
 	}
+}
+
+// recvOutput reads a run's next message.
+func recvOutput(t *testing.T, ctx context.Context, k *lane.Call) (*agentpb.RunOutput, error) {
+	t.Helper()
+	f, err := k.Recv(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if f.Type != lane.TypeOutput {
+		t.Fatalf("reply of type %d", f.Type)
+	}
+	var m agentpb.RunOutput
+	if err := proto.Unmarshal(f.Payload, &m); err != nil {
+		t.Fatal(err)
+	}
+	return &m, nil
 }
 
 func TestLanePing(t *testing.T) {
@@ -234,5 +244,134 @@ func TestLaneRefresh(t *testing.T) {
 	}
 	if b, err := os.ReadFile(te.srv.cfg.MachineIDFile); err != nil || string(b) != id+"\n" {
 		t.Errorf("machine id after refresh: %q, %v", b, err)
+	}
+}
+
+// A streamed run names its process first and sends output as it is read:
+// the first line arrives while the command still runs (it waits for a
+// file the test writes only then), and a signal of the test's choice ends
+// it.
+func TestLaneRunStream(t *testing.T) {
+	te := newTestEnv(t)
+	c, _ := newLane(t, te)
+	gate := filepath.Join(t.TempDir(), "gate")
+	k, err := c.Start(testCtx(t), lane.TypeRun, &agentpb.ExecStart{RunId: 5, Stream: true,
+		Shell: "echo first; while [ ! -e " + gate + " ]; do sleep 0.01; done; echo second; sleep 30"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.End()
+	next := func() *agentpb.RunOutput {
+		t.Helper()
+		m, err := recvOutput(t, testCtx(t), k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	if m := next(); m.Started.GetPid() <= 0 || m.Exit != nil || len(m.Stdout) > 0 {
+		t.Fatalf("first message of a streamed run: %v", m)
+	}
+	if m := next(); string(m.Stdout) != "first\n" || m.Exit != nil {
+		t.Fatalf("second message: %v, want the first line alone", m)
+	}
+	if err := os.WriteFile(gate, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if m := next(); string(m.Stdout) != "second\n" || m.Exit != nil {
+		t.Fatalf("third message: %v, want the second line alone", m)
+	}
+	if err := c.Unary(testCtx(t), lane.TypeCancel, &agentpb.CancelRequest{RunId: 5, Signal: int32(syscall.SIGTERM)}, &agentpb.CancelResponse{}); err != nil {
+		t.Fatal(err)
+	}
+	if m := next(); m.Exit.GetSignal() != int32(syscall.SIGTERM) {
+		t.Fatalf("after SIGTERM: %v", m)
+	}
+}
+
+// A streamed run sends no more than its window of output ahead of the
+// host's acknowledgements; an abandoned run drops the rest and ends.
+func TestLaneRunStreamWindow(t *testing.T) {
+	te := newTestEnv(t)
+	c, _ := newLane(t, te)
+	const total = 3 << 20
+	k, err := c.Start(testCtx(t), lane.TypeRun, &agentpb.ExecStart{RunId: 9, Stream: true,
+		Shell: "head -c " + strconv.Itoa(total) + " /dev/zero"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.End()
+	got := 0
+	recv := func(ctx context.Context) (*agentpb.RunOutput, error) {
+		m, err := recvOutput(t, ctx, k)
+		if err == nil {
+			got += len(m.Stdout)
+		}
+		return m, err
+	}
+	if m, err := recv(testCtx(t)); err != nil || m.Started == nil {
+		t.Fatalf("first message: %v, %v", m, err)
+	}
+	// Without acknowledgements the output stops at the window (plus the
+	// last read, at most one buffer).
+	for {
+		ctx, cancel := context.WithTimeout(testCtx(t), 500*time.Millisecond)
+		m, err := recv(ctx)
+		cancel()
+		if err != nil {
+			break
+		}
+		if m.Exit != nil {
+			t.Fatalf("the run ended with %d of %d bytes sent and none acknowledged", got, total)
+		}
+	}
+	if got < streamWindow/2 || got > streamWindow+256<<10 {
+		t.Fatalf("%d bytes sent ahead of any acknowledgement; the window is %d", got, streamWindow)
+	}
+	// Acknowledged as read, the rest comes, and the exit.
+	acked := 0
+	for {
+		if err := c.Send(testCtx(t), lane.TypeAck, &agentpb.RunAck{RunId: 9, Bytes: int64(got - acked)}); err != nil {
+			t.Fatal(err)
+		}
+		acked = got
+		m, err := recv(testCtx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Exit != nil {
+			break
+		}
+	}
+	if got != total {
+		t.Fatalf("received %d bytes, want %d", got, total)
+	}
+
+	// An endless run whose output the host abandons ends once killed.
+	k2, err := c.Start(testCtx(t), lane.TypeRun, &agentpb.ExecStart{RunId: 10, Stream: true, Shell: "yes"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k2.End()
+	if f, err := k2.Recv(testCtx(t)); err != nil || f.Type != lane.TypeOutput {
+		t.Fatalf("first message: %v, %v", f, err) // started: the run is registered
+	}
+	if err := c.Send(testCtx(t), lane.TypeAck, &agentpb.RunAck{RunId: 10, Abandon: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Unary(testCtx(t), lane.TypeCancel, &agentpb.CancelRequest{RunId: 10}, &agentpb.CancelResponse{}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		m, err := recvOutput(t, testCtx(t), k2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Exit != nil {
+			if m.Exit.Signal != int32(syscall.SIGKILL) {
+				t.Fatalf("abandoned run ended with %v", m.Exit)
+			}
+			break
+		}
 	}
 }

@@ -60,8 +60,25 @@ func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call
 	c.calls[k.id] = k
 	c.mu.Unlock()
 
+	if err := c.write(ctx, k.id, typ, req); err != nil {
+		k.End()
+		return nil, err
+	}
+	return k, nil
+}
+
+// Send sends a message that has no reply (id 0).
+func (c *Client) Send(ctx context.Context, typ uint8, m proto.Message) error {
+	if err := c.Err(); err != nil {
+		return err
+	}
+	return c.write(ctx, 0, typ, m)
+}
+
+// write sends one frame; a failure breaks the connection.
+func (c *Client) write(ctx context.Context, id uint32, typ uint8, m proto.Message) error {
 	c.wmu.Lock()
-	b, err := Append(c.wbuf[:0], k.id, typ, req)
+	b, err := Append(c.wbuf[:0], id, typ, m)
 	if err == nil {
 		c.wbuf = b[:0]
 		fired := make(chan struct{})
@@ -81,11 +98,9 @@ func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call
 	}
 	c.wmu.Unlock()
 	if err != nil {
-		k.End()
 		c.fail(fmt.Errorf("lane: send: %w", err))
-		return nil, err
 	}
-	return k, nil
+	return err
 }
 
 // Recv returns the call's next reply. An error frame comes back as an

@@ -33,6 +33,9 @@ const (
 	// restored guest's first call, so that a VM that only runs commands
 	// never sets up its gRPC connection at all.
 	TypeRefresh uint8 = 6
+	// TypeAck (RunAck, id 0, no reply) gives a streamed run's output
+	// window back as the host consumes it, or abandons the run's output.
+	TypeAck uint8 = 7
 )
 
 // HeaderSize is the length of a frame header.

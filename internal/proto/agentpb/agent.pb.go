@@ -299,7 +299,10 @@ type ExecStart struct {
 	RunId uint64 `protobuf:"varint,10,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
 	// Fast.Run only: bytes of stdout and of stderr kept; the rest is read
 	// and dropped, and the last RunOutput says truncated. 0 keeps all.
-	OutputLimit   int64 `protobuf:"varint,11,opt,name=output_limit,json=outputLimit,proto3" json:"output_limit,omitempty"`
+	OutputLimit int64 `protobuf:"varint,11,opt,name=output_limit,json=outputLimit,proto3" json:"output_limit,omitempty"`
+	// Fast.Run only: stream the run. A first RunOutput names the started
+	// process, and output is sent as it is read instead of gathered.
+	Stream        bool `protobuf:"varint,12,opt,name=stream,proto3" json:"stream,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -409,6 +412,13 @@ func (x *ExecStart) GetOutputLimit() int64 {
 		return x.OutputLimit
 	}
 	return 0
+}
+
+func (x *ExecStart) GetStream() bool {
+	if x != nil {
+		return x.Stream
+	}
+	return false
 }
 
 type WindowSize struct {
@@ -1626,7 +1636,7 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"closeStdin\x12\x18\n" +
 	"\x06signal\x18\x04 \x01(\x05H\x00R\x06signal\x125\n" +
 	"\x06resize\x18\x05 \x01(\v2\x1b.smolvm.agent.v1.WindowSizeH\x00R\x06resizeB\x05\n" +
-	"\x03msg\"\xa8\x02\n" +
+	"\x03msg\"\xc0\x02\n" +
 	"\tExecStart\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12\x14\n" +
 	"\x05shell\x18\x02 \x01(\tR\x05shell\x12\x10\n" +
@@ -1640,7 +1650,8 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\tclear_env\x18\t \x01(\bR\bclearEnv\x12\x15\n" +
 	"\x06run_id\x18\n" +
 	" \x01(\x04R\x05runId\x12!\n" +
-	"\foutput_limit\x18\v \x01(\x03R\voutputLimit\"4\n" +
+	"\foutput_limit\x18\v \x01(\x03R\voutputLimit\x12\x16\n" +
+	"\x06stream\x18\f \x01(\bR\x06stream\"4\n" +
 	"\n" +
 	"WindowSize\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
