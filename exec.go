@@ -315,7 +315,7 @@ func (c *Cmd) CombinedOutput() ([]byte, error) {
 // Signal sends a signal to the command's process group in the guest.
 func (p *Process) Signal(sig syscall.Signal) error {
 	if lc := p.cmd.lane; lc != nil {
-		return lc.cancelRun(p.cmd.ctx, sig)
+		return lc.l.Signal(p.cmd.ctx, lc.runID, sig)
 	}
 	return p.cmd.send(&agentpb.ExecRequest{Msg: &agentpb.ExecRequest_Signal{Signal: int32(sig)}})
 }

@@ -5,13 +5,8 @@ import (
 	"fmt"
 	"io"
 	"sync"
-	"syscall"
-	"time"
-
-	"google.golang.org/protobuf/proto"
 
 	"github.com/smolvm/smolvm/internal/lane"
-	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
 // A Cmd without stdin and without a terminal runs over the agent's fast
@@ -31,7 +26,7 @@ type laneCmd struct {
 // never saw the call, and gRPC may run it instead.
 func (c *Cmd) startLane(l *lane.Client) error {
 	start := c.execStart()
-	start.RunId, start.Stream = runIDs.Add(1), true
+	start.RunId, start.Stream = lane.NewRunID(), true
 	ctx, cancel := context.WithCancel(c.ctx)
 	call, err := l.Start(ctx, lane.TypeRun, start)
 	if err != nil {
@@ -39,10 +34,10 @@ func (c *Cmd) startLane(l *lane.Client) error {
 		return fmt.Errorf("%w: %w", errNotSent, err)
 	}
 	lc := &laneCmd{l: l, runID: start.RunId}
-	m, err := recvRunOutput(ctx, call, c.String())
+	m, err := call.RecvRun(ctx)
 	if err != nil {
 		call.End()
-		lc.cancelRun(c.ctx, syscall.SIGKILL)
+		l.Stop(c.ctx, lc.runID)
 		cancel()
 		return c.vm.callErr(c.ctx, "exec", err)
 	}
@@ -57,7 +52,7 @@ func (c *Cmd) startLane(l *lane.Client) error {
 		return fmt.Errorf("exec %q: ended before it started", c.String())
 	default:
 		call.End()
-		lc.cancelRun(c.ctx, syscall.SIGKILL)
+		l.Stop(c.ctx, lc.runID)
 		cancel()
 		return fmt.Errorf("exec %q: protocol error: a streamed run's first message names no process", c.String())
 	}
@@ -75,14 +70,13 @@ func (c *Cmd) receiveLane(ctx context.Context, call *lane.Call) {
 	defer close(c.done)
 	defer c.cancel()
 	defer call.End()
-	out := newOutputCopier(c.Stdout, c.Stderr, c.lane.ack)
+	lc := c.lane
+	out := newOutputCopier(c.Stdout, c.Stderr, func(n int64) { _ = lc.l.Ack(lc.runID, n) })
 	for {
-		m, err := recvRunOutput(ctx, call, c.String())
+		m, err := call.RecvRun(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
-				// The lane has no cancellation of its own.
-				c.lane.abandon(c.ctx)
-				_ = c.lane.cancelRun(c.ctx, syscall.SIGKILL)
+				lc.l.Stop(c.ctx, lc.runID) // the lane has no cancellation of its own
 			}
 			out.close()
 			c.err = c.vm.callErr(c.ctx, "exec", err)
@@ -98,41 +92,6 @@ func (c *Cmd) receiveLane(ctx context.Context, call *lane.Call) {
 			return
 		}
 	}
-}
-
-// cancelRun sends sig to the run's process group.
-func (lc *laneCmd) cancelRun(ctx context.Context, sig syscall.Signal) error {
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	return lc.l.Unary(cctx, lane.TypeCancel, &agentpb.CancelRequest{RunId: lc.runID, Signal: int32(sig)}, &agentpb.CancelResponse{})
-}
-
-// ack gives n bytes of the run's output window back to the guest.
-func (lc *laneCmd) ack(n int64) {
-	_ = lc.l.Send(context.Background(), lane.TypeAck, &agentpb.RunAck{RunId: lc.runID, Bytes: n})
-}
-
-// abandon tells the guest that the run's output is no longer wanted.
-func (lc *laneCmd) abandon(ctx context.Context) {
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	_ = lc.l.Send(cctx, lane.TypeAck, &agentpb.RunAck{RunId: lc.runID, Abandon: true})
-}
-
-// recvRunOutput reads the next message of a run on the lane.
-func recvRunOutput(ctx context.Context, call *lane.Call, command string) (*agentpb.RunOutput, error) {
-	f, err := call.Recv(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if f.Type != lane.TypeOutput {
-		return nil, fmt.Errorf("exec %q: protocol error: reply of type %d", command, f.Type)
-	}
-	var m agentpb.RunOutput
-	if err := proto.Unmarshal(f.Payload, &m); err != nil {
-		return nil, fmt.Errorf("exec %q: protocol error: %w", command, err)
-	}
-	return &m, nil
 }
 
 // maxPendingOutput bounds a streamed run's output waiting for slow

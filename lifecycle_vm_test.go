@@ -150,6 +150,48 @@ func TestPersistentVM(t *testing.T) {
 		}
 	})
 
+	t.Run("CommandThroughTheSupervisor", func(t *testing.T) {
+		// A command without stdin through api.sock runs over the agent's
+		// fast lane (execOverLane): it must behave as over gRPC. Output
+		// streams while the command runs, stderr stays apart, a signal
+		// reaches it, and a missing program is an error of Start.
+		var out lineRecorder
+		var errOut bytes.Buffer
+		c := vm.ShellCommand(ctx, "echo first; echo warn >&2; while [ ! -e /tmp/go-on ]; do sleep 0.05; done; echo second; sleep 60")
+		c.Stdout, c.Stderr = &out, &errOut
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if c.Process.Pid <= 0 {
+			t.Errorf("pid %d", c.Process.Pid)
+		}
+		if err := testutil.Poll(time.Minute, func() bool { return len(out.lines()) == 1 }); err != nil {
+			t.Fatalf("first line not streamed: %q", out.lines())
+		}
+		if _, err := vm.Run(ctx, "touch /tmp/go-on"); err != nil {
+			t.Fatal(err)
+		}
+		if err := testutil.Poll(time.Minute, func() bool { return len(out.lines()) == 2 }); err != nil {
+			t.Fatalf("second line not streamed: %q", out.lines())
+		}
+		if err := c.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		var ee *smolvm.ExitError
+		if err := c.Wait(); !errors.As(err, &ee) || ee.Signal != syscall.SIGTERM {
+			t.Fatalf("Wait after SIGTERM = %v", err)
+		}
+		if got := strings.Join(out.lines(), ","); got != "first,second" || errOut.String() != "warn\n" {
+			t.Errorf("stdout %q, stderr %q", got, errOut.String())
+		}
+		if err := vm.Command(ctx, "no-such-program").Start(); err == nil || !strings.Contains(err.Error(), "not found") {
+			t.Errorf("Start of a missing program = %v", err)
+		}
+		if out, err := vm.Command(ctx, "sh", "-c", "exit 7").Output(); !errors.As(err, &ee) || ee.ExitCode != 7 || len(out) != 0 {
+			t.Errorf("exit 7: %q, %v", out, err)
+		}
+	})
+
 	t.Run("OpenAndClose", func(t *testing.T) {
 		h, err := smolvm.OpenIn(ctx, home, "persist")
 		if err != nil {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -91,16 +90,13 @@ func result(ps *ProcessState, stdout, stderr *capWriter, truncated bool) *Result
 		Duration: ps.Duration}
 }
 
-// runIDs names fast-lane runs for the lane's cancel call.
-var runIDs atomic.Uint64
-
 // errNotSent is a fast-lane call that failed before it reached the guest.
 var errNotSent = errors.New("fast lane: call not sent")
 
 // runFast runs a command without stdin over the agent's fast lane: one
 // request, and for a command that prints little one reply.
 func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o runOptions, stdout, stderr *capWriter) (*Result, error) {
-	start := &agentpb.ExecStart{Shell: command, Env: o.env, Dir: o.dir, RunId: runIDs.Add(1),
+	start := &agentpb.ExecStart{Shell: command, Env: o.env, Dir: o.dir, RunId: lane.NewRunID(),
 		OutputLimit: int64(max(o.limit, 0)), TimeoutMs: timeoutMs(o.timeout)}
 	call, err := l.Start(ctx, lane.TypeRun, start)
 	if err != nil {
@@ -109,13 +105,12 @@ func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o run
 	defer call.End()
 	truncated := false // by the agent
 	for {
-		m, err := recvRunOutput(ctx, call, command)
+		m, err := call.RecvRun(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				// The lane has no cancellation of its own: kill the
 				// guest's process group.
-				lc := laneCmd{l: l, runID: start.RunId}
-				_ = lc.cancelRun(ctx, syscall.SIGKILL)
+				_ = l.Signal(ctx, start.RunId, syscall.SIGKILL)
 			}
 			return nil, vm.callErr(ctx, "exec", err)
 		}

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync/atomic"
 
 	"google.golang.org/protobuf/proto"
 )
@@ -37,6 +38,14 @@ const (
 	// window back as the host consumes it, or abandons the run's output.
 	TypeAck uint8 = 7
 )
+
+// runIDs names runs for cancel and ack calls, one sequence per process:
+// a VM's lane may carry the runs of the library and of its supervisor's
+// api.sock at once.
+var runIDs atomic.Uint64
+
+// NewRunID returns a run id unused in this process.
+func NewRunID() uint64 { return runIDs.Add(1) }
 
 // HeaderSize is the length of a frame header.
 const HeaderSize = 9
