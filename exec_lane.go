@@ -71,7 +71,7 @@ func (c *Cmd) receiveLane(ctx context.Context, call *lane.Call) {
 	defer c.cancel()
 	defer call.End()
 	lc := c.lane
-	out := newOutputCopier(c.Stdout, c.Stderr, func(n int64) { _ = lc.l.Ack(lc.runID, n) })
+	out := newOutputCopier(c.Stdout, c.Stderr, func(n int64) { _ = lc.l.Ack(c.ctx, lc.runID, n) })
 	for {
 		m, err := call.RecvRun(ctx)
 		if err != nil {

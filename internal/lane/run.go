@@ -37,8 +37,9 @@ func (c *Client) Signal(ctx context.Context, runID uint64, sig syscall.Signal) e
 }
 
 // Ack gives n bytes of a streamed run's output window back to the guest.
-func (c *Client) Ack(runID uint64, n int64) error {
-	return c.Send(context.Background(), TypeAck, &agentpb.RunAck{RunId: runID, Bytes: n})
+// A send that ctx ends breaks the connection, as any send does.
+func (c *Client) Ack(ctx context.Context, runID uint64, n int64) error {
+	return c.Send(ctx, TypeAck, &agentpb.RunAck{RunId: runID, Bytes: n})
 }
 
 // Abandon tells the guest that a streamed run's output is no longer

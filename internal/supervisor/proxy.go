@@ -214,7 +214,7 @@ func (s *Supervisor) execOverLane(ctx context.Context, ss grpc.ServerStream, l *
 				l.Stop(ctx, start.RunId)
 				return err
 			}
-			_ = l.Ack(start.RunId, int64(len(b)))
+			_ = l.Ack(ctx, start.RunId, int64(len(b)))
 		}
 		if m.Exit != nil {
 			return send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Exit{Exit: m.Exit}})
