@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/smolvm/smolvm/internal/lane"
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
 // A Cmd without stdin and without a terminal runs over the agent's fast
@@ -41,39 +42,35 @@ func (c *Cmd) startLane(l *lane.Client) error {
 		cancel()
 		return c.vm.callErr(c.ctx, "exec", err)
 	}
-	switch {
-	case m.Started != nil:
-	case m.Exit != nil:
+	if m.Exit != nil && m.Exit.Error != "" {
 		call.End()
 		cancel()
-		if m.Exit.Error != "" {
-			return fmt.Errorf("exec %q: %s", c.String(), m.Exit.Error)
-		}
-		return fmt.Errorf("exec %q: ended before it started", c.String())
-	default:
-		call.End()
-		l.Stop(c.ctx, lc.runID)
-		cancel()
-		return fmt.Errorf("exec %q: protocol error: a streamed run's first message names no process", c.String())
+		return fmt.Errorf("exec %q: %s", c.String(), m.Exit.Error)
 	}
-	c.Process = &Process{Pid: int(m.Started.Pid), cmd: c}
+	c.Process = &Process{Pid: int(m.Started.GetPid()), cmd: c}
+	if m.Started != nil {
+		m = nil
+	} // else an agent that does not stream (an older one): m is output, pid unknown
 	c.lane, c.cancel = lc, cancel
 	c.done = make(chan struct{})
-	go c.receiveLane(ctx, call)
+	go c.receiveLane(ctx, call, m)
 	return nil
 }
 
 // receiveLane copies the run's output to Stdout and Stderr (through a
 // buffer, so that a slow writer does not hold up the lane's other calls)
 // until its exit.
-func (c *Cmd) receiveLane(ctx context.Context, call *lane.Call) {
+func (c *Cmd) receiveLane(ctx context.Context, call *lane.Call, m *agentpb.RunOutput) {
 	defer close(c.done)
 	defer c.cancel()
 	defer call.End()
 	lc := c.lane
 	out := newOutputCopier(c.Stdout, c.Stderr, func(n int64) { _ = lc.l.Ack(c.ctx, lc.runID, n) })
 	for {
-		m, err := call.RecvRun(ctx)
+		var err error
+		if m == nil {
+			m, err = call.RecvRun(ctx)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				lc.l.Stop(c.ctx, lc.runID) // the lane has no cancellation of its own
@@ -91,6 +88,7 @@ func (c *Cmd) receiveLane(ctx context.Context, call *lane.Call) {
 			}
 			return
 		}
+		m = nil
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -365,6 +366,35 @@ func findWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec) *stor
 		}
 	}
 	return sn
+}
+
+// warnStaleWarm says why a VM that a warm snapshot of its shape would have
+// restored boots instead: its snapshot was made for another kernel,
+// initramfs or agent, or by a smolvm with another machine layout (an
+// upgrade, a rebuilt image), and setup remakes it. A VM of another shape
+// (memory, CPUs, boot arguments) has no warm snapshot to miss.
+func warnStaleWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec, log *slog.Logger) {
+	if spec.ImageFingerprint == "" || len(spec.Machine.Disks) > 0 {
+		return // never restored from a warm snapshot
+	}
+	sns, _ := st.ListSnapshots(ctx)
+	for _, sn := range sns {
+		if !strings.HasPrefix(sn.Name, warmPrefix) {
+			continue
+		}
+		var old supervisor.Spec
+		b, err := os.ReadFile(filepath.Join(sn.Dir, supervisor.SnapshotSpec))
+		if err != nil || json.Unmarshal(b, &old) != nil {
+			continue
+		}
+		// Same shape but for what an upgrade or a rebuild changes?
+		s := *spec
+		s.ImageFingerprint, s.MachineLayout = old.ImageFingerprint, old.MachineLayout
+		if warmKey(&s) == sn.Name {
+			log.Warn(fmt.Sprintf("the warm snapshot %s is stale (the kernel, initramfs, agent or smolvm changed since it was made): booting cold, about 1–2 s instead of 0.2; run 'smolvm setup' to remake it", sn.Name))
+			return
+		}
+	}
 }
 
 // ensureWarm makes the warm snapshot of the default VM shape: it boots a

@@ -184,6 +184,7 @@ func (s *Supervisor) execOverLane(ctx context.Context, ss grpc.ServerStream, l *
 		}
 		return nil
 	}
+	started := false
 	for {
 		m, err := call.RecvRun(ctx)
 		if err != nil {
@@ -196,8 +197,15 @@ func (s *Supervisor) execOverLane(ctx context.Context, ss grpc.ServerStream, l *
 			}
 			return status.Error(codes.InvalidArgument, err.Error()) // the guest refused the run
 		}
-		if m.Started != nil {
-			if err := send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Started{Started: m.Started}}); err != nil {
+		if !started && (m.Exit == nil || m.Exit.Error == "") {
+			// An agent that does not stream (an older one) sends no
+			// started message: the client gets one without a pid.
+			st := m.Started
+			if st == nil {
+				st = &agentpb.ExecStarted{}
+			}
+			started = true
+			if err := send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Started{Started: st}}); err != nil {
 				l.Stop(ctx, start.RunId)
 				return err
 			}
