@@ -283,10 +283,14 @@ func TestWarmStart(t *testing.T) {
 	pcfg := smolvm.Config{Home: home, Prelaunch: true, Hosts: map[string][]string{"host.test": {"127.0.0.1"}}}
 	t.Cleanup(func() { _ = smolvm.DiscardPrelaunched(context.Background()) })
 	first := newVM(t, pcfg)
+	// The spare starts a moment later (prelaunchDelay) by itself.
+	spares := filepath.Join(home, "spares")
+	if err := testutil.Poll(time.Minute, func() bool { ents, _ := os.ReadDir(spares); return len(ents) == 1 }); err != nil {
+		t.Fatalf("no spare started after a restore with Prelaunch")
+	}
 	if err := smolvm.WaitPrelaunched(ctx); err != nil {
 		t.Fatal(err)
 	}
-	spares := filepath.Join(home, "spares")
 	if ents, _ := os.ReadDir(spares); len(ents) != 1 {
 		t.Fatalf("spares after a restore with Prelaunch: %v, want one", ents)
 	}
