@@ -104,11 +104,9 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	} else {
 		spec, err = buildSpec(ctx, st, cfg, img, rec, dir)
 		if err == nil && !cfg.Cold {
-			warm := findWarm(ctx, st, spec)
-			if warm == nil {
+			if warm := findWarm(ctx, st, spec); warm == nil {
 				warnStaleWarm(ctx, st, spec, log)
-			}
-			if warm != nil {
+			} else {
 				log.Debug("restoring the warm snapshot of this VM shape", "snapshot", warm.Name)
 				rec.Snapshot = warm.Name
 				spec.Restored = true

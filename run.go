@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"syscall"
 	"time"
 
 	"github.com/smolvm/smolvm/internal/lane"
@@ -108,9 +107,7 @@ func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o run
 		m, err := call.RecvRun(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
-				// The lane has no cancellation of its own: kill the
-				// guest's process group.
-				_ = l.Signal(ctx, start.RunId, syscall.SIGKILL)
+				l.Stop(ctx, start.RunId) // the lane has no cancellation of its own
 			}
 			return nil, vm.callErr(ctx, "exec", err)
 		}

@@ -121,8 +121,7 @@ func writeSnapshotRow(ctx context.Context, st *store.Store, sn *store.Snapshot) 
 
 func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
 	in := &SnapshotInfo{Name: sn.Name, Dir: sn.Dir, SourceVM: sn.SourceVM, Created: sn.Created, Warm: strings.HasPrefix(sn.Name, warmPrefix)}
-	var spec supervisor.Spec
-	if b, err := os.ReadFile(filepath.Join(sn.Dir, supervisor.SnapshotSpec)); err == nil && json.Unmarshal(b, &spec) == nil {
+	if spec, err := readSnapshotSpec(sn.Dir); err == nil {
 		in.VCPUs, in.MemoryMiB = spec.Machine.VCPUs, spec.Machine.MemoryMiB
 	}
 	if fi, err := os.Stat(filepath.Join(sn.Dir, "memory")); err == nil {
@@ -171,10 +170,7 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 		return nil, fmt.Errorf("%w (see 'smolvm snapshot ls')", err)
 	}
 	src := &snapshotSource{name: sn.Name, dir: sn.Dir}
-	b, err := os.ReadFile(filepath.Join(sn.Dir, supervisor.SnapshotSpec))
-	if err == nil {
-		err = json.Unmarshal(b, &src.spec)
-	}
+	src.spec, err = readSnapshotSpec(sn.Dir)
 	if err == nil {
 		_, err = os.Stat(filepath.Join(sn.Dir, "memory"))
 	}
@@ -231,6 +227,16 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 		}
 	}
 	return src, nil
+}
+
+// readSnapshotSpec reads the machine a snapshot folder was saved from.
+func readSnapshotSpec(dir string) (supervisor.Spec, error) {
+	var spec supervisor.Spec
+	b, err := os.ReadFile(filepath.Join(dir, supervisor.SnapshotSpec))
+	if err == nil {
+		err = json.Unmarshal(b, &spec)
+	}
+	return spec, err
 }
 
 // restoreFrom points a machine at the snapshot folder it starts from: its
@@ -382,9 +388,8 @@ func warnStaleWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec, 
 		if !strings.HasPrefix(sn.Name, warmPrefix) {
 			continue
 		}
-		var old supervisor.Spec
-		b, err := os.ReadFile(filepath.Join(sn.Dir, supervisor.SnapshotSpec))
-		if err != nil || json.Unmarshal(b, &old) != nil {
+		old, err := readSnapshotSpec(sn.Dir)
+		if err != nil {
 			continue
 		}
 		// Same shape but for what an upgrade or a rebuild changes?

@@ -265,8 +265,8 @@ func (s *Server) execControl(stream execStream, p *process, done <-chan struct{}
 				closeStdin()
 			}
 		case *agentpb.ExecRequest_Signal:
-			if m.Signal > 0 && m.Signal < 65 {
-				p.kill(syscall.Signal(m.Signal))
+			if sig, ok := signalOf(m.Signal); ok {
+				p.kill(sig)
 			}
 		case *agentpb.ExecRequest_Resize:
 			if p.pty != nil && m.Resize != nil {

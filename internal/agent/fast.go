@@ -67,33 +67,28 @@ func (s *Server) ServeLane(conn net.Conn) error {
 			resp, _ := s.Ping(ctx, nil)
 			c.send(f.ID, lane.TypePing, resp)
 		case lane.TypeRun:
-			start := new(agentpb.ExecStart)
-			if err := proto.Unmarshal(f.Payload, start); err != nil {
-				c.fail(f.ID, "bad run request: "+err.Error())
-				continue
+			if start, ok := decode[agentpb.ExecStart](c, f, "run"); ok {
+				go c.run(ctx, f.ID, start)
 			}
-			go c.run(ctx, f.ID, start)
 		case lane.TypeRefresh:
-			var req agentpb.RefreshRequest
-			if err := proto.Unmarshal(f.Payload, &req); err != nil {
-				c.fail(f.ID, "bad refresh request: "+err.Error())
+			req, ok := decode[agentpb.RefreshRequest](c, f, "refresh")
+			if !ok {
 				continue
 			}
-			resp, err := s.Refresh(ctx, &req)
+			resp, err := s.Refresh(ctx, req)
 			if err != nil {
 				c.fail(f.ID, status.Convert(err).Message())
 				continue
 			}
 			c.send(f.ID, lane.TypeRefresh, resp)
 		case lane.TypeCancel:
-			var req agentpb.CancelRequest
-			if err := proto.Unmarshal(f.Payload, &req); err != nil {
-				c.fail(f.ID, "bad cancel request: "+err.Error())
+			req, ok := decode[agentpb.CancelRequest](c, f, "cancel")
+			if !ok {
 				continue
 			}
-			sig := syscall.SIGKILL
-			if n := req.GetSignal(); n > 0 && n < 65 {
-				sig = syscall.Signal(n)
+			sig, ok := signalOf(req.GetSignal())
+			if !ok {
+				sig = syscall.SIGKILL
 			}
 			if v, ok := c.runs.Load(req.GetRunId()); ok {
 				v.(*runEntry).p.kill(sig)
@@ -111,6 +106,20 @@ func (s *Server) ServeLane(conn net.Conn) error {
 			c.fail(f.ID, fmt.Sprintf("unknown call type %d", f.Type))
 		}
 	}
+}
+
+// decode reads a call's request; a bad one is answered with an error
+// frame, and ok is false.
+func decode[M any, P interface {
+	*M
+	proto.Message
+}](c *laneConn, f lane.Frame, what string) (req P, ok bool) {
+	req = new(M)
+	if err := proto.Unmarshal(f.Payload, req); err != nil {
+		c.fail(f.ID, "bad "+what+" request: "+err.Error())
+		return nil, false
+	}
+	return req, true
 }
 
 // send writes one reply frame; a failed write closes the connection, which
@@ -227,8 +236,11 @@ type collector struct {
 func newCollector(ctx context.Context, start *agentpb.ExecStart, send func(*agentpb.RunOutput) error) *collector {
 	c := &collector{limit: start.GetOutputLimit(), send: send, stream: start.GetStream(), credit: streamWindow}
 	c.wcond.L = &c.wmu
-	// A connection that ends wakes a run waiting for the window.
-	c.stopWatch = context.AfterFunc(ctx, func() { c.ack(0, true) })
+	c.stopWatch = func() bool { return true }
+	if c.stream {
+		// A connection that ends wakes a run waiting for the window.
+		c.stopWatch = context.AfterFunc(ctx, func() { c.ack(0, true) })
+	}
 	return c
 }
 
@@ -242,11 +254,15 @@ func (c *collector) ack(n int64, abandon bool) {
 }
 
 // window waits until a streamed run may send, and reports whether its
-// output is still wanted.
+// output is still wanted. A gathered run has no window: its sends fail
+// once the connection is gone.
 func (c *collector) window() bool {
+	if !c.stream {
+		return true
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	for c.stream && c.credit <= 0 && !c.abandoned {
+	for c.credit <= 0 && !c.abandoned {
 		c.wcond.Wait()
 	}
 	return !c.abandoned

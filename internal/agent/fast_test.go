@@ -312,20 +312,24 @@ func TestLaneRunStreamWindow(t *testing.T) {
 	if m, err := recv(testCtx(t)); err != nil || m.Started == nil {
 		t.Fatalf("first message: %v, %v", m, err)
 	}
-	// Without acknowledgements the output stops at the window (plus the
-	// last read, at most one buffer).
-	for {
-		ctx, cancel := context.WithTimeout(testCtx(t), 500*time.Millisecond)
-		m, err := recv(ctx)
-		cancel()
+	// Without acknowledgements the output fills the window (the last
+	// read may pass it by one buffer), then stops.
+	for got < streamWindow {
+		m, err := recv(testCtx(t))
 		if err != nil {
-			break
+			t.Fatal(err)
 		}
 		if m.Exit != nil {
 			t.Fatalf("the run ended with %d of %d bytes sent and none acknowledged", got, total)
 		}
 	}
-	if got < streamWindow/2 || got > streamWindow+256<<10 {
+	ctx, cancel := context.WithTimeout(testCtx(t), 500*time.Millisecond)
+	m, err := recv(ctx)
+	cancel()
+	if err == nil {
+		t.Fatalf("more output past the window (%d bytes sent, none acknowledged): %d bytes, exit %v", got, len(m.Stdout), m.Exit)
+	}
+	if got > streamWindow+outputChunk {
 		t.Fatalf("%d bytes sent ahead of any acknowledgement; the window is %d", got, streamWindow)
 	}
 	// Acknowledged as read, the rest comes, and the exit.

@@ -1,8 +1,9 @@
 // Package lane is the framing of the guest agent's fast lane: a second
 // channel next to the gRPC one that carries only the calls on an agent's
-// hot path (ping, a command run without stdin whose output comes back
-// whole, and a restored guest's refresh). A frame is a 9-byte header (payload length, call id, type) and a
-// protobuf payload from agentpb.
+// hot path: ping, a command without stdin (its output gathered, or
+// streamed within a window the host acknowledges), its signals, and a
+// restored guest's refresh. A frame is a 9-byte header (payload length,
+// call id, type) and a protobuf payload from agentpb.
 //
 // The lane exists because of what a call costs the guest when it runs
 // emulated (TCG): measured in the guest, a gRPC ping cost the agent about

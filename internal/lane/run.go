@@ -28,10 +28,10 @@ func (k *Call) RecvRun(ctx context.Context) (*agentpb.RunOutput, error) {
 }
 
 // Signal sends sig to a run's process group (the lane's cancel call). It
-// outlives ctx's end by up to 5 s: it is how a cancelled caller stops the
+// outlives ctx's end (detached): it is how a cancelled caller stops the
 // guest's command.
 func (c *Client) Signal(ctx context.Context, runID uint64, sig syscall.Signal) error {
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	cctx, cancel := detached(ctx)
 	defer cancel()
 	return c.Unary(cctx, TypeCancel, &agentpb.CancelRequest{RunId: runID, Signal: int32(sig)}, &agentpb.CancelResponse{})
 }
@@ -42,10 +42,16 @@ func (c *Client) Ack(ctx context.Context, runID uint64, n int64) error {
 	return c.Send(ctx, TypeAck, &agentpb.RunAck{RunId: runID, Bytes: n})
 }
 
+// detached is ctx without its end, bounded to 5 s: for what a caller that
+// gives up on a run still has to tell the guest.
+func detached(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+}
+
 // Abandon tells the guest that a streamed run's output is no longer
 // wanted (a run waiting for its window then drops it).
 func (c *Client) Abandon(ctx context.Context, runID uint64) error {
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	cctx, cancel := detached(ctx)
 	defer cancel()
 	return c.Send(cctx, TypeAck, &agentpb.RunAck{RunId: runID, Abandon: true})
 }

@@ -115,10 +115,17 @@ func (s *Supervisor) LaneDialedEarly() bool { return s.laneEarly }
 // it (the agent's protobuf message tables, buffers, the files it opens)
 // is then part of the snapshot, and no clone builds it again under
 // emulation. (Translated code is never part of a snapshot.)
-func (s *Supervisor) Prime(ctx context.Context) error {
+func (s *Supervisor) Prime(ctx context.Context) error { return s.refresh(ctx) }
+
+// refresh makes the guest a machine of its own (refreshRequest), over the
+// fast lane: a restored guest's first call.
+func (s *Supervisor) refresh(ctx context.Context) error {
 	req, err := refreshRequest(s.spec.Hostname)
 	if err != nil {
 		return err
 	}
-	return s.callLane(ctx, lane.TypeRefresh, req, &agentpb.RefreshResponse{})
+	if err := s.callLane(ctx, lane.TypeRefresh, req, &agentpb.RefreshResponse{}); err != nil {
+		return fmt.Errorf("refresh restored guest: %w", err)
+	}
+	return nil
 }

@@ -26,11 +26,25 @@ import (
 // machine from it: the machine must be built exactly like the saved one.
 const SnapshotSpec = "spec.json"
 
+// SnapshotOptions tune Snapshot.
+type SnapshotOptions struct {
+	// Resume lets the machine run on afterwards.
+	Resume bool
+	// KeepLane leaves the fast lane connected in the saved guest, for a
+	// machine nothing else calls while it is saved (the warm snapshot's):
+	// a restore that connects its lane before the guest resumes then
+	// finds the agent reading it, with no hang-up and new connection to
+	// go through first (each a path the emulator translates anew). A
+	// lane in use is hung up, so that no clone answers calls that were
+	// in flight in the source.
+	KeepLane bool
+}
+
 // Snapshot saves the running machine into dir (memory and device state,
 // the spec, and a frozen copy of each disk the VM writes to). The agent
 // connection is dropped first, so the saved guest waits for a new host;
-// with resume the VM goes on afterwards on a new connection, otherwise it
-// stays paused.
+// with opts.Resume the VM goes on afterwards on a new connection,
+// otherwise it stays paused.
 //
 // Disks. A snapshot must hold the disk exactly as the saved memory knows
 // it: the guest's page cache, its file system's in-memory state and
@@ -52,22 +66,7 @@ const SnapshotSpec = "spec.json"
 // never see each other's writes. A read-only (shared mode) disk is kept
 // by reference: the image itself. Other writable disks (a raw file of the
 // caller's) are refused: freezing them would mean a full copy.
-// SnapshotOptions tune Snapshot.
-type SnapshotOptions struct {
-	// Resume lets the machine run on afterwards.
-	Resume bool
-	// KeepLane leaves the fast lane connected in the saved guest, for a
-	// machine nothing else calls while it is saved (the warm snapshot's):
-	// a restore that connects its lane before the guest resumes then
-	// finds the agent reading it, with no hang-up and new connection to
-	// go through first (each a path the emulator translates anew). A
-	// lane in use is hung up, so that no clone answers calls that were
-	// in flight in the source.
-	KeepLane bool
-}
-
 func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOptions) error {
-	resume := opts.Resume
 	sn, ok := s.machine.(hypervisor.Snapshotter)
 	if !ok {
 		return hypervisor.ErrUnsupported
@@ -107,7 +106,7 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOpti
 	if mc := s.spec.Machine; err == nil && mc.MemoryShared && mc.MemoryFile != "" {
 		// The migration stream left the memory file out: it is the
 		// snapshot's memory as it stands (paused).
-		err = saveMemory(ctx, mc.MemoryFile, filepath.Join(dir, hypervisor.SnapshotRAM), !resume)
+		err = saveMemory(ctx, mc.MemoryFile, filepath.Join(dir, hypervisor.SnapshotRAM), !opts.Resume)
 	}
 	t1 := time.Now()
 	if err == nil {
@@ -125,7 +124,7 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOpti
 		_ = s.reconnect(context.WithoutCancel(ctx))
 		return fmt.Errorf("snapshot: %w", err)
 	}
-	if resume {
+	if opts.Resume {
 		if err := s.machine.(hypervisor.Pauser).Resume(ctx); err != nil {
 			return err
 		}
@@ -134,14 +133,14 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOpti
 	// The source runs again; what is left is off its pause.
 	for _, i := range frozen {
 		if err := finishDisk(ctx, SnapshotDisk(dir, i), filepath.Dir(filepath.Clean(dir))); err != nil {
-			if resume {
+			if opts.Resume {
 				_ = s.reconnect(context.WithoutCancel(ctx))
 			}
 			return fmt.Errorf("snapshot: %w", err)
 		}
 	}
 	s.log.Debug("snapshot saved", "dir", dir, "memory", t1.Sub(t0), "disk_copy", t2.Sub(t1), "resume", t3.Sub(t2), "disk_finish", time.Since(t3))
-	if !resume {
+	if !opts.Resume {
 		return nil
 	}
 	return s.reconnect(ctx)

@@ -239,16 +239,7 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 		return s.callLane(ctx, lane.TypePing, &agentpb.PingRequest{}, &agentpb.PingResponse{})
 	}
 	if s.spec.Restored {
-		probe = func(ctx context.Context) error {
-			req, err := refreshRequest(s.spec.Hostname)
-			if err != nil {
-				return err
-			}
-			if err := s.callLane(ctx, lane.TypeRefresh, req, &agentpb.RefreshResponse{}); err != nil {
-				return fmt.Errorf("refresh restored guest: %w", err)
-			}
-			return nil
-		}
+		probe = s.refresh
 	}
 	if err := s.waitReady(ctx, probe); err != nil {
 		return err
