@@ -232,12 +232,7 @@ func guestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 	// freed memory is zero and the snapshot small: see warmBootArgs.)
 	parts = append(parts, "init_on_alloc=0", "cryptomgr.notests", "smolvm.hostname="+hostname)
 	if accel == hypervisor.AccelTCG {
-		// Under TCG the guest's TSC runs at the host's rate, but microvm
-		// has no PIT/HPET to calibrate it against and the boot stalls.
-		// Tell the kernel the rate instead.
-		if args := image.GuestKernelArgs(); len(args) > 0 {
-			parts = append(append(parts, args...), "tsc=reliable")
-		}
+		parts = append(parts, image.TCGKernelArgs()...)
 	}
 	if extra = strings.TrimSpace(extra); extra != "" {
 		parts = append(parts, extra)

@@ -106,7 +106,7 @@ func needBootHost(t testing.TB) {
 
 // bootGuest boots kernel+initrd under QEMU microvm and returns the time to
 // SMOLVM-BOOT-OK and the console log.
-func bootGuest(t testing.TB, kernel, initrd string) (time.Duration, string) {
+func bootGuest(t testing.TB, kernel, initrd string, extraArgs ...string) (time.Duration, string) {
 	t.Helper()
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "console.log")
@@ -118,7 +118,7 @@ func bootGuest(t testing.TB, kernel, initrd string) (time.Duration, string) {
 		"-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-sandbox", "on",
 		"-kernel", kernel, "-initrd", initrd,
-		"-append", strings.Join(append([]string{"console=ttyS0", "reboot=t", "panic=-1", "quiet"}, GuestKernelArgs()...), " "),
+		"-append", strings.Join(append(append([]string{"console=ttyS0", "reboot=t", "panic=-1", "quiet"}, TCGKernelArgs()...), extraArgs...), " "),
 		"-serial", "file:"+logPath,
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",

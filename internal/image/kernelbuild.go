@@ -40,7 +40,8 @@ import (
 //	<key>/manifest.json  what went in (see tunedManifest)
 //	current              the <key> of the latest build
 //
-// key = sha256(builder version, source package version, fragment).
+// key = sha256(builder version, source package version, fragment, source
+// edits).
 
 // KernelSourcePackage is the Debian package with the tuned kernel's source.
 const KernelSourcePackage = "linux-source-6.1"
@@ -58,6 +59,79 @@ const TunedKernelRelease = "-smolvm"
 
 //go:embed kernel.config
 var kernelConfigFragment []byte
+
+// sourceEdit is a change smolvm makes to the kernel source before building
+// it: Insert goes right after the first occurrence of After in File.
+type sourceEdit struct {
+	Name, File, After, Insert string
+}
+
+// kernelSourceEdits are all of smolvm's changes to Debian's kernel source.
+//
+// lapic_hz: at boot the kernel measures its local APIC timer against the
+// tick for 100 ms (LAPIC_CAL_LOOPS), unless the CPU has a TSC-deadline timer
+// (KVM's does, TCG's does not) or platform code knows the rate. QEMU's APIC
+// runs at a fixed 1 GHz, so the host says so (LAPICTimerHz, passed under
+// TCG) and the boot is 100 ms shorter.
+var kernelSourceEdits = []sourceEdit{{
+	Name:  "lapic_hz",
+	File:  "arch/x86/kernel/apic/apic.c",
+	After: "unsigned int lapic_timer_period = 0;\n",
+	Insert: `
+/* smolvm: smolvm.lapic_hz=RATE sets the APIC timer rate and skips its calibration. */
+static int __init smolvm_lapic_hz(char *arg)
+{
+	unsigned long hz;
+
+	if (!arg || kstrtoul(arg, 0, &hz) || hz < HZ)
+		return -EINVAL;
+	lapic_timer_period = hz / HZ;
+	return 0;
+}
+early_param("smolvm.lapic_hz", smolvm_lapic_hz);
+`,
+}}
+
+// applySourceEdits makes kernelSourceEdits in the source tree src and
+// returns the names of those it holds. An edit already made (a kept work
+// folder) is not made twice. An edit whose anchor is missing (a source
+// version that changed the code) is skipped with a warning: the kernel it
+// builds works, it only does the work the edit would have saved.
+func applySourceEdits(src string, edits []sourceEdit, log *slog.Logger) ([]string, error) {
+	var done []string
+	for _, e := range edits {
+		p := filepath.Join(src, e.File)
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return done, fmt.Errorf("kernel source edit %s: %w", e.Name, err)
+		}
+		if bytes.Contains(b, []byte(e.After+e.Insert)) {
+			done = append(done, e.Name)
+			continue
+		}
+		i := bytes.Index(b, []byte(e.After))
+		if i < 0 {
+			log.Warn("kernel source edit skipped: its anchor is not in this source version", "edit", e.Name, "file", e.File)
+			continue
+		}
+		i += len(e.After)
+		out := append(append(append(make([]byte, 0, len(b)+len(e.Insert)), b[:i]...), e.Insert...), b[i:]...)
+		if err := os.WriteFile(p, out, 0o644); err != nil {
+			return done, fmt.Errorf("kernel source edit %s: %w", e.Name, err)
+		}
+		done = append(done, e.Name)
+	}
+	return done, nil
+}
+
+// sourceEditsHash identifies a list of source edits, for the cache key.
+func sourceEditsHash(edits []sourceEdit) string {
+	h := sha256.New()
+	for _, e := range edits {
+		fmt.Fprintf(h, "%s\x00%s\x00%s\x00%s\x00", e.Name, e.File, e.After, e.Insert)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
 
 // KernelConfigFragment returns the embedded config fragment.
 func KernelConfigFragment() []byte { return bytes.Clone(kernelConfigFragment) }
@@ -132,9 +206,12 @@ func checkConfig(lines []configLine, dotConfig []byte) []string {
 }
 
 // tunedKernelKey is the cache key of a tuned kernel.
-func tunedKernelKey(sourceVersion string, fragment []byte) string {
+func tunedKernelKey(sourceVersion string, fragment []byte, edits []sourceEdit) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "builder %s\nsource %s %s\nfragment %s\n", tunedBuilderVersion, KernelSourcePackage, sourceVersion, hashBytes(fragment))
+	if len(edits) > 0 {
+		fmt.Fprintf(h, "edits %s\n", sourceEditsHash(edits))
+	}
 	return hex.EncodeToString(h.Sum(nil))[:32]
 }
 
@@ -150,7 +227,8 @@ type tunedManifest struct {
 	Built          time.Time `json:"built"`
 	BuildSeconds   float64   `json:"build_seconds"`
 	Jobs           int       `json:"jobs"`
-	BuildSteps     int       `json:"build_steps"` // lines of make output, for the next progress bar
+	BuildSteps     int       `json:"build_steps"`            // lines of make output, for the next progress bar
+	SourceEdits    []string  `json:"source_edits,omitempty"` // kernelSourceEdits made (by name)
 }
 
 // TunedKernelDir is the cache folder of tuned kernels under cacheDir.
@@ -323,7 +401,7 @@ func EnsureTunedKernel(ctx context.Context, opts KernelBuildOptions) (*TunedKern
 	if err != nil {
 		return nil, err
 	}
-	key := tunedKernelKey(version, kernelConfigFragment)
+	key := tunedKernelKey(version, kernelConfigFragment, kernelSourceEdits)
 	root := TunedKernelDir(opts.CacheDir)
 	dir := filepath.Join(root, key)
 	if err := os.MkdirAll(root, 0o755); err != nil {
@@ -449,6 +527,10 @@ func buildTuned(ctx context.Context, opts KernelBuildOptions, log *slog.Logger, 
 	if !fileExists(filepath.Join(src, "Makefile")) {
 		return nil, fmt.Errorf("%s did not unpack into %s", kernelSourceTarball, src)
 	}
+	edits, err := applySourceEdits(src, kernelSourceEdits, log)
+	if err != nil {
+		return nil, err
+	}
 
 	allcfg := filepath.Join(work, "smolvm.config")
 	if err := os.WriteFile(allcfg, allconfig(frag), 0o644); err != nil {
@@ -508,6 +590,7 @@ func buildTuned(ctx context.Context, opts KernelBuildOptions, log *slog.Logger, 
 		Builder: tunedBuilderVersion, SourcePackage: KernelSourcePackage, SourceVersion: version,
 		FragmentSHA256: hashBytes(kernelConfigFragment), Release: strings.TrimSpace(string(rel)),
 		Built: time.Now().UTC(), BuildSeconds: time.Since(start).Round(time.Second).Seconds(), Jobs: jobs, BuildSteps: steps,
+		SourceEdits: edits,
 	}
 	if m.VmlinuxSHA256, err = hashFile(filepath.Join(tmp, "vmlinux")); err != nil {
 		return nil, err

@@ -102,13 +102,16 @@ func TestCheckConfig(t *testing.T) {
 
 func TestTunedKernelKey(t *testing.T) {
 	frag := []byte("CONFIG_A=y\n")
-	k := tunedKernelKey("6.1.192-3", frag)
-	if k != tunedKernelKey("6.1.192-3", []byte("CONFIG_A=y\n")) {
+	edits := []sourceEdit{{Name: "e", File: "f.c", After: "a\n", Insert: "b\n"}}
+	k := tunedKernelKey("6.1.192-3", frag, edits)
+	if k != tunedKernelKey("6.1.192-3", []byte("CONFIG_A=y\n"), slices.Clone(edits)) {
 		t.Fatal("key is not deterministic")
 	}
 	for name, other := range map[string]string{
-		"source version": tunedKernelKey("6.1.193-1", frag),
-		"fragment":       tunedKernelKey("6.1.192-3", []byte("CONFIG_A=n\n")),
+		"source version": tunedKernelKey("6.1.193-1", frag, edits),
+		"fragment":       tunedKernelKey("6.1.192-3", []byte("CONFIG_A=n\n"), edits),
+		"source edits":   tunedKernelKey("6.1.192-3", frag, []sourceEdit{{Name: "e", File: "f.c", After: "a\n", Insert: "c\n"}}),
+		"no edits":       tunedKernelKey("6.1.192-3", frag, nil),
 	} {
 		if other == k {
 			t.Errorf("key does not change with the %s", name)
@@ -116,6 +119,59 @@ func TestTunedKernelKey(t *testing.T) {
 	}
 	if len(k) != 32 || strings.Trim(k, "0123456789abcdef") != "" {
 		t.Errorf("key %q is not 32 hex digits", k)
+	}
+}
+
+// TestApplySourceEdits makes the real edits in a stand-in source tree: once,
+// not twice on a second run (a kept work folder), and none where the code
+// they anchor to is gone.
+func TestApplySourceEdits(t *testing.T) {
+	src := t.TempDir()
+	write := func(rel, body string) string {
+		p := filepath.Join(src, rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, e := range kernelSourceEdits {
+		write(e.File, "/* before */\n"+e.After+"/* after */\n")
+	}
+	for run := 1; run <= 2; run++ {
+		got, err := applySourceEdits(src, kernelSourceEdits, testLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != len(kernelSourceEdits) {
+			t.Errorf("run %d: made %v, want all %d edits", run, got, len(kernelSourceEdits))
+		}
+		for _, e := range kernelSourceEdits {
+			b, _ := os.ReadFile(filepath.Join(src, e.File))
+			want := "/* before */\n" + e.After + e.Insert + "/* after */\n"
+			if string(b) != want {
+				t.Errorf("run %d: %s is\n%s\nwant\n%s", run, e.File, b, want)
+			}
+		}
+	}
+	lapic := kernelSourceEdits[0]
+	passed := slices.ContainsFunc(TCGKernelArgs(), func(a string) bool { return strings.HasPrefix(a, "smolvm.lapic_hz=") })
+	if lapic.Name != "lapic_hz" || !strings.Contains(lapic.Insert, `early_param("smolvm.lapic_hz"`) || !passed {
+		t.Errorf("the lapic_hz edit and the host's smolvm.lapic_hz option do not match")
+	}
+
+	p := write("arch/x86/kernel/apic/apic.c", "/* this version initialises lapic_timer_period elsewhere */\n")
+	got, err := applySourceEdits(src, kernelSourceEdits[:1], testLogger(t))
+	if err != nil || len(got) != 0 {
+		t.Errorf("edit without its anchor: made %v, err %v; want none and no error", got, err)
+	}
+	if b, _ := os.ReadFile(p); !strings.HasPrefix(string(b), "/* this version") || strings.Contains(string(b), "smolvm") {
+		t.Errorf("file without the anchor was changed:\n%s", b)
+	}
+	if _, err := applySourceEdits(t.TempDir(), kernelSourceEdits, testLogger(t)); err == nil {
+		t.Error("a source tree without the file: no error")
 	}
 }
 
@@ -242,8 +298,16 @@ func TestBootTunedKernel(t *testing.T) {
 	if !strings.HasSuffix(d.KernelVersion, TunedKernelRelease) {
 		t.Errorf("kernel version %q does not end with %s", d.KernelVersion, TunedKernelRelease)
 	}
-	took, log := bootGuest(t, d.Kernel, d.Initrd)
+	// apic=verbose: the kernel says whether it calibrated its APIC timer.
+	took, log := bootGuest(t, d.Kernel, d.Initrd, "apic=verbose", "loglevel=7")
 	t.Logf("tuned kernel %s: SMOLVM-BOOT-OK after %v", d.KernelVersion, took.Round(time.Millisecond))
+	if ti, _ := LookupTunedKernel(cache); ti != nil && slices.Contains(ti.SourceEdits, "lapic_hz") {
+		if !strings.Contains(log, "lapic timer already calibrated 4000000") || strings.Contains(log, "calibrating APIC timer") {
+			t.Errorf("the kernel built with the lapic_hz edit calibrated its APIC timer (or not to 1 GHz / HZ 250); console:\n%s", log)
+		}
+	} else {
+		t.Logf("the cached tuned kernel predates the lapic_hz edit (run 'smolvm kernel build')")
+	}
 	if !strings.Contains(log, "org.smolvm.agent") {
 		t.Errorf("guest did not see the virtio-serial port org.smolvm.agent; console:\n%s", log)
 	}
