@@ -1,6 +1,10 @@
 package smolvm
 
-import "context"
+import (
+	"context"
+
+	"github.com/smolvm/smolvm/internal/image"
+)
 
 // OnLane reports whether calls to vm go over the agent's fast lane (a VM
 // of this process whose lane is up), for tests that must know the lane,
@@ -13,3 +17,11 @@ func LaneDialedEarly(vm *VM) bool { return vm.sup != nil && vm.sup.LaneDialedEar
 
 // CmdOnLane reports whether a started Cmd runs over the fast lane.
 func CmdOnLane(c *Cmd) bool { return c.lane != nil }
+
+// FailTunedKernelBuild makes Setup's tuned kernel build fail with err until
+// the test ends.
+func FailTunedKernelBuild(t interface{ Cleanup(func()) }, err error) {
+	old := buildTunedKernel
+	buildTunedKernel = func(context.Context, image.KernelBuildOptions) (string, error) { return "", err }
+	t.Cleanup(func() { buildTunedKernel = old })
+}

@@ -44,7 +44,10 @@ type SetupOptions struct {
 
 // Setup prepares the host: host packages (when asked), the default kernel
 // and the initramfs with the guest agent. It is idempotent and fast when
-// everything is in place.
+// everything is in place. When the tuned kernel it was asked for cannot be
+// built (no source package or compiler, a failed build), it sets the rest up
+// with Debian's kernel and returns the image together with an error that
+// says so.
 func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
 	if opts.InstallPackages {
 		if err := image.InstallHostPackages(ctx, opts.Progress); err != nil {
@@ -69,13 +72,32 @@ func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A tuned kernel that cannot be built leaves the host set up with
+	// Debian's kernel (the fallback), and the error says so at the end.
+	var tunedErr error
 	if opts.TunedKernel && opts.KernelPath == "" && !opts.CachedOnly {
-		if _, err := image.BuildTunedKernel(ctx, image.KernelBuildOptions{
+		if _, err := buildTunedKernel(ctx, image.KernelBuildOptions{
 			CacheDir: filepath.Join(home, "cache"), InstallPackages: opts.InstallPackages, Progress: opts.Progress,
 		}); err != nil {
-			return nil, fmt.Errorf("tuned kernel: %w", err)
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("tuned kernel: %w", err)
+			}
+			tunedErr = fmt.Errorf("tuned kernel: %w (setup went on with Debian's kernel, which new VMs boot until a tuned one is built)", err)
 		}
 	}
+	d, err := setupImage(ctx, home, agent, opts)
+	if err != nil {
+		return nil, errors.Join(err, tunedErr)
+	}
+	return d, tunedErr
+}
+
+// buildTunedKernel is image.BuildTunedKernel; tests make it fail.
+var buildTunedKernel = image.BuildTunedKernel
+
+// setupImage is Setup after the tuned kernel: the default image and the
+// warm snapshot.
+func setupImage(ctx context.Context, home, agent string, opts SetupOptions) (*image.Default, error) {
 	d, err := image.EnsureDefault(ctx, image.Options{
 		CacheDir: filepath.Join(home, "cache"), AgentPath: agent, KernelPath: opts.KernelPath, Progress: opts.Progress,
 		Tuned: opts.KernelPath == "" && useTunedKernel(filepath.Join(home, "cache")),

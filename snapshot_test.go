@@ -412,3 +412,28 @@ func TestSetupWithoutRoomForWarm(t *testing.T) {
 		t.Errorf("Close: %v", err)
 	}
 }
+
+// A tuned kernel that cannot be built (here: the source package is
+// missing) leaves the host set up with Debian's kernel, and Setup says so.
+func TestSetupTunedKernelFallback(t *testing.T) {
+	testutil.NeedQEMU(t)
+	home := t.TempDir()
+	if err := os.Symlink(testutil.CacheDir(), filepath.Join(home, "cache")); err != nil {
+		t.Fatal(err)
+	}
+	missing := errors.New("cannot build the tuned kernel, the host is missing /usr/src/linux-source-6.1.tar.xz (package linux-source-6.1)")
+	smolvm.FailTunedKernelBuild(t, missing)
+	ctx := testutil.Context(t, 5*time.Minute)
+	d, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home, TunedKernel: true, NoWarm: true})
+	if !errors.Is(err, missing) || !strings.Contains(err.Error(), "Debian's kernel") {
+		t.Errorf("Setup with a tuned kernel that cannot be built: %v; want the build's error and the fallback named", err)
+	}
+	if d == nil || d.Kernel == "" || d.Initrd == "" {
+		t.Fatalf("Setup set up no image after the tuned kernel failed: %+v", d)
+	}
+	for _, f := range []string{d.Kernel, d.Initrd} {
+		if _, err := os.Stat(f); err != nil {
+			t.Errorf("image file: %v", err)
+		}
+	}
+}

@@ -33,11 +33,11 @@ Safe to run again: finished steps are cached under the state folder.`,
 				opts.Progress = progress
 			}
 			d, err := smolvm.Setup(cmd.Context(), opts)
-			if err != nil {
+			if d == nil {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "kernel:    %s (%s)\ninitramfs: %s\nready: try 'smolvm run -- uname -a'\n", d.Kernel, d.KernelVersion, d.Initrd)
-			return nil
+			return err // a tuned kernel that could not be built: the rest is set up
 		},
 	}
 	cmd.Flags().StringVar(&kernel, "kernel", "", "use this kernel instead of Debian's cloud kernel")

@@ -437,7 +437,7 @@ func setCurrentTuned(root, key string) error {
 
 func missingBuildDeps(probs []Problem) error {
 	pkgs := missingPackages(probs)
-	return fmt.Errorf("cannot build the tuned kernel, the host is missing %s: run 'apt-get install --no-install-recommends %s' (or 'smolvm kernel build --install' as root); the stock kernel keeps working meanwhile",
+	return fmt.Errorf("cannot build the tuned kernel, the host is missing %s: run 'apt-get install --no-install-recommends %s' (as root, 'smolvm kernel build' without --no-install does it); Debian's stock kernel keeps working meanwhile",
 		describeProblems(probs), strings.Join(pkgs, " "))
 }
 
