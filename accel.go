@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
@@ -66,8 +68,11 @@ func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
 	if err := kvmDeviceUsable(); err != nil {
 		return AccelReport{Accel: "tcg", Reason: err.Error()}
 	}
-	ver, _ := qemu.Version(ctx, "")
-	key := probeKey(kernel, initrd, ver)
+	// The QEMU binary's file, not its -version output: running it would
+	// add a process start (10–60 ms) to every create on a host with
+	// /dev/kvm; an upgrade replaces the file, which changes the key.
+	qemuBin, _ := exec.LookPath(qemu.Binary)
+	key := probeKey(kernel, initrd, qemuBin)
 	path := filepath.Join(home, "cache", "accel-probe.json")
 	var rec probeRecord
 	if b, err := os.ReadFile(path); err == nil && json.Unmarshal(b, &rec) == nil && rec.Key == key {
@@ -102,14 +107,21 @@ func report(rec probeRecord, cached bool) AccelReport {
 	return r
 }
 
-func probeKey(kernel, initrd, qemuVersion string) string {
+// probeKey identifies a KVM probe's kernel, initrd and QEMU binary by path,
+// size, modification time and inode.
+func probeKey(kernel, initrd, qemuBin string) string {
 	h := sha256.New()
-	for _, p := range []string{kernel, initrd} {
+	for _, p := range []string{kernel, initrd, qemuBin} {
 		fi, err := os.Stat(p)
-		if err == nil {
-			fmt.Fprintf(h, "%s|%d|%d|", p, fi.Size(), fi.ModTime().UnixNano())
+		if err != nil {
+			fmt.Fprintf(h, "%s|missing|", p)
+			continue
 		}
+		var ino uint64
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			ino = st.Ino
+		}
+		fmt.Fprintf(h, "%s|%d|%d|%d|", p, fi.Size(), fi.ModTime().UnixNano(), ino)
 	}
-	fmt.Fprint(h, qemuVersion)
 	return fmt.Sprintf("%x", h.Sum(nil))
 }

@@ -16,7 +16,8 @@ type Problem struct {
 	Missing string // the command or file, e.g. "qemu-system-x86_64"
 	Package string // the Debian package providing it, e.g. "qemu-system-x86"
 	Detail  string // why it matters or what is wrong
-	// Optional problems matter only for disk images (image build/import).
+	// Optional problems matter only for disk images (image build/import)
+	// and the bench's SSH comparison.
 	Optional bool
 }
 
@@ -29,7 +30,7 @@ func (p Problem) String() string {
 }
 
 // hostTools are the commands smolvm needs, with the Debian package of each.
-// Optional ones are needed only for disk images.
+// Optional ones are needed only for disk images and the bench.
 var hostTools = []struct {
 	cmd, pkg, why string
 	optional      bool
@@ -40,6 +41,7 @@ var hostTools = []struct {
 	{"dpkg-deb", "dpkg", "unpacks the default kernel", false},
 	{"mkfs.ext4", "e2fsprogs", "writes disk images (smolvm image build/pull/import)", true},
 	{"mmdebstrap", "mmdebstrap", "builds Debian disk images (smolvm image build)", true},
+	{"dropbear", "dropbear-bin", "is the SSH server of smolvm bench's SSH comparison", true},
 }
 
 // lookPath is exec.LookPath that also searches the sbin folders, which are
