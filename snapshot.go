@@ -396,7 +396,7 @@ func warnStaleWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec, 
 		s := *spec
 		s.ImageFingerprint, s.MachineLayout = old.ImageFingerprint, old.MachineLayout
 		if warmKey(&s) == sn.Name {
-			log.Warn(fmt.Sprintf("the warm snapshot %s is stale (the kernel, initramfs, agent or smolvm changed since it was made): booting cold, about 1–2 s instead of 0.2; run 'smolvm setup' to remake it", sn.Name))
+			log.Warn(fmt.Sprintf("the warm snapshot %s is stale (the kernel, initramfs, agent or smolvm changed since it was made): booting cold (0.5–2 s instead of 0.1–0.2 s); run 'smolvm setup' to remake it", sn.Name))
 			return
 		}
 	}
