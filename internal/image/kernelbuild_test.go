@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -301,6 +303,14 @@ func TestBootTunedKernel(t *testing.T) {
 	// apic=verbose: the kernel says whether it calibrated its APIC timer.
 	took, log := bootGuest(t, d.Kernel, d.Initrd, "apic=verbose", "loglevel=7")
 	t.Logf("tuned kernel %s: SMOLVM-BOOT-OK after %v", d.KernelVersion, took.Round(time.Millisecond))
+	// A timer interrupt rate the kernel has wrong makes sleeps end late
+	// (or early, where the kernel re-arms): 200 ms must stay about 200 ms. (A
+	// rate four times too high measured 473–546 ms here.)
+	if m := regexp.MustCompile(`sleep200=(\d+)`).FindStringSubmatch(log); m == nil {
+		t.Errorf("guest did not report its sleep; console:\n%s", log)
+	} else if ms, _ := strconv.Atoi(m[1]); ms < 195 || ms > 350 {
+		t.Errorf("a 200 ms sleep in the guest took %d ms (the shortest of three): its timer runs at the wrong rate", ms)
+	}
 	if ti, _ := LookupTunedKernel(cache); ti != nil && slices.Contains(ti.SourceEdits, "lapic_hz") {
 		if !strings.Contains(log, "lapic timer already calibrated 4000000") || strings.Contains(log, "calibrating APIC timer") {
 			t.Errorf("the kernel built with the lapic_hz edit calibrated its APIC timer (or not to 1 GHz / HZ 250); console:\n%s", log)
