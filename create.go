@@ -82,7 +82,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 		rec.Snapshot = snap.name
 	}
 	if err := st.CreateVM(ctx, rec); err != nil {
-		return nil, fmt.Errorf("create VM: %w", err)
+		return nil, err
 	}
 	dir := filepath.Join(homeOf(st), "vms", rec.ID)
 	undo := func(cause error) error {

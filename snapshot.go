@@ -85,7 +85,7 @@ func (vm *VM) snapshot(ctx context.Context, name string, warm bool) (*SnapshotIn
 	_ = json.Unmarshal(rec.Config, &spec)
 	sn := &store.Snapshot{Name: name, Dir: dir, SourceVM: vm.id, Fingerprint: spec.ImageFingerprint}
 	if err := vm.st.CreateSnapshot(ctx, sn); err != nil {
-		return nil, fmt.Errorf("snapshot %q: %w", name, err)
+		return nil, err
 	}
 	undo := func(cause error) error {
 		_ = os.RemoveAll(dir)

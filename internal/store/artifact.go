@@ -71,12 +71,15 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn *Snapshot) error {
 			return err
 		}
 		if n > 0 {
-			return fmt.Errorf("snapshot %q: %w", rec.Name, ErrExists)
+			return fmt.Errorf("snapshot %q already exists (pick another name, or delete it with 'smolvm snapshot rm %s'): %w", rec.Name, rec.Name, ErrExists)
 		}
 		_, err := tx.ExecContext(ctx, "INSERT INTO snapshots (name, dir, source_vm, created, fingerprint, info) VALUES (?, ?, ?, ?, ?, ?)",
 			rec.Name, rec.Dir, rec.SourceVM, toNanos(rec.Created), rec.Fingerprint, info)
 		return err
 	})
+	if errors.Is(err, ErrExists) {
+		return err // says what to do
+	}
 	if err != nil {
 		return fmt.Errorf("create snapshot: %w", err)
 	}

@@ -169,7 +169,7 @@ func (s *Store) CreateVM(ctx context.Context, vm *VM) error {
 		} else if owner, err := nameOwner(ctx, tx, rec.Name); err != nil {
 			return err
 		} else if owner != "" {
-			return fmt.Errorf("name %q is already used by VM %s: %w", rec.Name, owner, ErrExists)
+			return fmt.Errorf("name %q is already used by VM %s (pick another name, or delete that VM with 'smolvm rm %s'): %w", rec.Name, owner, rec.Name, ErrExists)
 		}
 		rec.Created = now()
 		rec.Updated = rec.Created
@@ -180,6 +180,9 @@ func (s *Store) CreateVM(ctx context.Context, vm *VM) error {
 		_, err = tx.ExecContext(ctx, "INSERT INTO vms ("+vmCols+") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", args...)
 		return err
 	})
+	if errors.Is(err, ErrExists) {
+		return err // says what to do
+	}
 	if err != nil {
 		return fmt.Errorf("create VM: %w", err)
 	}
