@@ -36,7 +36,6 @@ func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 	return fs
 }
 
-// buildArgs turns a machine config into QEMU's argv (without the binary).
 // tcgCPU is the CPU model under TCG: everything QEMU emulates except ERMS
 // ("enhanced REP MOVSB/STOSB"). With it, the guest kernel copies and clears
 // memory with rep movsb/stosb, which TCG (QEMU 7.2) runs one byte per
@@ -46,6 +45,7 @@ func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 // from 592 to 543 ms to the agent serving (docs/benchmarks.md).
 const tcgCPU = "max,-erms"
 
+// buildArgs turns a machine config into QEMU's argv (without the binary).
 func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 	p := func(name string) string { return dir + "/" + name }
 	args := []string{
