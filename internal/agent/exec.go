@@ -190,7 +190,7 @@ wait:
 	}
 	elapsed := time.Since(begin)
 	p.closeStdin()
-	waitOutput(ctx, outDone, &progress, &sending)
+	waitOutput(ctx, outDone, &progress, &sending, p.unread)
 	p.closeOutputs() // unblocks readers still waiting on a background child
 	exit := &agentpb.ExecExit{TimedOut: timedOut, DurationNs: elapsed.Nanoseconds()}
 	switch {
@@ -210,8 +210,10 @@ wait:
 // sent (the pipes reached EOF), or until the readers have been idle for
 // pipeGrace: blocked reading pipes that a background child keeps open, not
 // sending. Output the process wrote before it exited is not cut however
-// slowly the host reads it.
-func waitOutput(ctx context.Context, done <-chan struct{}, progress *atomic.Int64, sending *atomic.Int32) {
+// slowly the host reads it, nor however late a reader gets to it (unread
+// says the pipes still hold bytes: a reader not scheduled for a while, on
+// a busy or stalled vCPU, is not idle).
+func waitOutput(ctx context.Context, done <-chan struct{}, progress *atomic.Int64, sending *atomic.Int32, unread func() bool) {
 	t := time.NewTicker(pipeGrace / 4)
 	defer t.Stop()
 	last, idleSince := progress.Load(), time.Now()
@@ -222,7 +224,7 @@ func waitOutput(ctx context.Context, done <-chan struct{}, progress *atomic.Int6
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			if p := progress.Load(); p != last || sending.Load() > 0 {
+			if p := progress.Load(); p != last || sending.Load() > 0 || unread() {
 				last, idleSince = p, now
 				continue
 			}

@@ -2,12 +2,14 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -339,5 +341,62 @@ func TestUpdateEnv(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Dir(te.envFile)); err != nil {
 		t.Error(err)
+	}
+}
+
+// unread sees bytes a process wrote to its output that nobody read yet,
+// and leaves the descriptor non-blocking for the poller.
+func TestProcessUnread(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	p := &process{outputs: []output{{f: r}}}
+	if p.unread() {
+		t.Error("unread on an empty pipe")
+	}
+	if _, err := w.Write([]byte("left")); err != nil {
+		t.Fatal(err)
+	}
+	if !p.unread() {
+		t.Error("unread does not see 4 bytes in the pipe")
+	}
+	buf := make([]byte, 8)
+	if n, err := r.Read(buf); err != nil || n != 4 {
+		t.Fatalf("read %d, %v", n, err)
+	}
+	if p.unread() {
+		t.Error("unread after the bytes were read")
+	}
+	// Still non-blocking: a read deadline works only on a polled descriptor.
+	if err := r.SetReadDeadline(time.Now().Add(10 * time.Millisecond)); err != nil {
+		t.Errorf("pipe no longer polled after unread: %v", err)
+	} else if _, err := r.Read(buf); !os.IsTimeout(err) {
+		t.Errorf("read of an empty pipe with a deadline: %v, want a timeout", err)
+	}
+}
+
+// After the process exits, output still in its pipes is waited for even
+// when no reader makes progress for longer than pipeGrace (a reader that is
+// not scheduled); once the pipes are empty and the readers idle, the wait
+// ends after pipeGrace.
+func TestWaitOutputWaitsForUnreadBytes(t *testing.T) {
+	var progress atomic.Int64
+	var sending atomic.Int32
+	var drained atomic.Bool
+	go func() {
+		time.Sleep(3 * pipeGrace)
+		drained.Store(true)
+	}()
+	waitOutput(context.Background(), make(chan struct{}), &progress, &sending, func() bool { return !drained.Load() })
+	if !drained.Load() {
+		t.Fatal("waitOutput gave up while the pipes still held output")
+	}
+	start := time.Now()
+	waitOutput(context.Background(), make(chan struct{}), &progress, &sending, func() bool { return false })
+	if d := time.Since(start); d < pipeGrace {
+		t.Errorf("waitOutput with idle readers and empty pipes returned after %v, before pipeGrace (%v)", d, pipeGrace)
 	}
 }

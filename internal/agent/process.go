@@ -10,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
@@ -28,6 +30,24 @@ type process struct {
 
 	stdinMu     sync.Mutex
 	stdinClosed bool
+}
+
+// unread reports whether any of the process's outputs holds bytes nobody
+// has read yet (TIOCINQ, which is FIONREAD, on pipes and terminals). It
+// asks through SyscallConn, which leaves the descriptor non-blocking.
+func (p *process) unread() bool {
+	for _, o := range p.outputs {
+		rc, err := o.f.SyscallConn()
+		if err != nil {
+			continue
+		}
+		n := 0
+		_ = rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.TIOCINQ) })
+		if n > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // feedStdin writes queued stdin until the queue closes, then closes stdin.
