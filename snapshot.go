@@ -402,10 +402,13 @@ func warnStaleWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec, 
 	}
 }
 
-// ensureWarm makes the warm snapshot of the default VM shape: it boots a
-// VM cold, waits for its agent, saves it and deletes it.
+// ensureWarm makes the warm snapshot of the default VM shape, unless it is
+// there and restores. It starts a VM of that shape as New would: a restore
+// of the warm snapshot when there is a current one (a fraction of a second:
+// setup run again stays quick), else a cold boot, which it primes, saves and
+// deletes. Warm snapshots of other images or shapes are removed.
 func ensureWarm(ctx context.Context, cfg Config) error {
-	cfg.Cold, cfg.Persistent, cfg.Name = true, false, ""
+	cfg.Cold, cfg.Persistent, cfg.Name = false, false, ""
 	// Zeroing freed pages makes most of guest memory zero pages, which
 	// the snapshot skips (110 → 71 MB). Only the warm boot pays for it:
 	// it touches all guest memory, which VMs that boot cold should not.
@@ -414,6 +417,12 @@ func ensureWarm(ctx context.Context, cfg Config) error {
 	// clones map it copy-on-write instead of loading a migration stream
 	// of all of it (see hypervisor.MachineConfig.MemoryFile).
 	cfg.fileMemory = true
+	// New's warnings about a stale or broken warm snapshot tell the user to
+	// run setup, which is what this is.
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	cfg.Logger = slog.New(minLevel{cfg.Logger.Handler(), slog.LevelError})
 	vm, err := New(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("warm snapshot: boot: %w", err)
@@ -423,13 +432,22 @@ func ensureWarm(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	if rec.Snapshot != "" {
+		// Restored: this shape's warm snapshot is current and works.
+		dropOtherWarm(ctx, vm.st, rec.Snapshot)
+		return nil
+	}
 	var spec supervisor.Spec
 	if err := json.Unmarshal(rec.Config, &spec); err != nil {
 		return err
 	}
 	name := warmKey(&spec)
-	if _, err := vm.st.GetSnapshot(ctx, name); err == nil {
-		return nil
+	if sn, err := vm.st.GetSnapshot(ctx, name); err == nil {
+		// There, but New booted instead: it did not restore. Remake it.
+		if err := vm.st.DeleteSnapshot(ctx, name); err != nil {
+			return fmt.Errorf("warm snapshot %s does not restore and cannot be replaced: %w", name, err)
+		}
+		_ = os.RemoveAll(sn.Dir)
 	}
 	// A clone's first calls are a refresh and, mostly, a command: make
 	// both once so that what the guest builds for them on first use is in
@@ -443,16 +461,40 @@ func ensureWarm(ctx context.Context, cfg Config) error {
 	if _, err := vm.snapshot(ctx, name, true); err != nil {
 		return fmt.Errorf("warm snapshot: %w", err)
 	}
-	// Warm snapshots of older images or shapes are dead weight now.
-	sns, _ := vm.st.ListSnapshots(ctx)
+	dropOtherWarm(ctx, vm.st, name)
+	return nil
+}
+
+// dropOtherWarm deletes the warm snapshots other than keep: those of older
+// images or shapes are dead weight. One a VM still uses stays (and goes on
+// a later setup).
+func dropOtherWarm(ctx context.Context, st *store.Store, keep string) {
+	sns, _ := st.ListSnapshots(ctx)
 	for _, sn := range sns {
-		if strings.HasPrefix(sn.Name, warmPrefix) && sn.Name != name {
-			if vm.st.DeleteSnapshot(ctx, sn.Name) == nil {
+		if strings.HasPrefix(sn.Name, warmPrefix) && sn.Name != keep {
+			if st.DeleteSnapshot(ctx, sn.Name) == nil {
 				_ = os.RemoveAll(sn.Dir)
 			}
 		}
 	}
-	return nil
+}
+
+// minLevel is a slog handler that drops records below min.
+type minLevel struct {
+	slog.Handler
+	min slog.Level
+}
+
+func (h minLevel) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= h.min && h.Handler.Enabled(ctx, l)
+}
+
+func (h minLevel) WithAttrs(as []slog.Attr) slog.Handler {
+	return minLevel{h.Handler.WithAttrs(as), h.min}
+}
+
+func (h minLevel) WithGroup(name string) slog.Handler {
+	return minLevel{h.Handler.WithGroup(name), h.min}
 }
 
 // Pause freezes the VM's vCPUs; its memory stays. Commands in it stall

@@ -382,6 +382,27 @@ func TestWarmStart(t *testing.T) {
 	if got := from(smolvm.Config{}); got != "" {
 		t.Errorf("New over a broken warm snapshot restored %q, want a boot", got)
 	}
+	// Setup remakes it, and VMs restore again.
+	if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
+		t.Fatalf("Setup over a broken warm snapshot: %v", err)
+	}
+	remade, _ := smolvm.ListSnapshots(ctx, home)
+	var warm []*smolvm.SnapshotInfo
+	for _, sn := range remade {
+		if sn.Warm {
+			warm = append(warm, sn)
+		}
+	}
+	if len(warm) != 1 || warm[0].Name != snaps[0].Name || !warm[0].Created.After(snaps[0].Created) {
+		var got []string
+		for _, sn := range warm {
+			got = append(got, sn.Name+" made "+sn.Created.Format(time.RFC3339Nano))
+		}
+		t.Errorf("warm snapshots after Setup over a broken one: %v; want %s made after %s", got, snaps[0].Name, snaps[0].Created.Format(time.RFC3339Nano))
+	}
+	if got := from(smolvm.Config{}); got != snaps[0].Name {
+		t.Errorf("New after Setup remade the warm snapshot restored %q, want %s", got, snaps[0].Name)
+	}
 }
 
 // TestSetupWithoutRoomForWarm: on a file system without room for the warm
