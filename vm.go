@@ -190,8 +190,11 @@ func notRunning(rec *store.VM) error {
 	if rec.Reason != "" && rec.Reason != "stopped" {
 		msg += " (" + rec.Reason + ")"
 	}
-	if rec.State == store.StateFailed {
+	switch rec.State {
+	case store.StateFailed:
 		return fmt.Errorf("%w: %s: remove it with 'smolvm rm %s'", ErrNotRunning, msg, rec.Name)
+	case store.StatePaused:
+		return fmt.Errorf("%w: %s: resume it first with 'smolvm resume %s'", ErrNotRunning, msg, rec.Name)
 	}
 	return fmt.Errorf("%w: %s: start it with 'smolvm start %s'", ErrNotRunning, msg, rec.Name)
 }

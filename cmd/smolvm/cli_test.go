@@ -240,6 +240,45 @@ func TestCLIPersistentVM(t *testing.T) {
 		}
 	})
 
+	t.Run("PauseResume", func(t *testing.T) {
+		mustOK(t, home, "", "pause", "clivm")
+		if vms := listVMs(t, home); len(vms) != 1 || vms[0].State != "paused" {
+			t.Fatalf("ls --json after pause: %+v; want the VM paused", vms)
+		}
+		// A command waits for the frozen guest; resume lets it finish.
+		cmd := exec.Command(testutil.Binary(t), "exec", id, "--", "echo", "after-resume")
+		cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
+		var out bytes.Buffer
+		cmd.Stdout = &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			t.Fatalf("exec in a paused VM finished (%v, %q) before resume", err, out.String())
+		case <-time.After(time.Second):
+		}
+		// A snapshot of a paused VM is refused with what to do.
+		if r := smolvmRun(t, home, "", "snapshot", "create", "clivm", "paused-snap"); r.code == 0 || !strings.Contains(r.stderr, "smolvm resume clivm") {
+			t.Errorf("snapshot create of a paused VM: exit %d, stderr %q; want a failure naming 'smolvm resume clivm'", r.code, r.stderr)
+		}
+		mustOK(t, home, "", "resume", id)
+		select {
+		case err := <-done:
+			if err != nil || out.String() != "after-resume\n" {
+				t.Errorf("exec across pause and resume: %v, %q", err, out.String())
+			}
+		case <-time.After(testutil.BootTimeout):
+			_ = cmd.Process.Kill()
+			t.Fatal("exec did not finish after resume")
+		}
+		if vms := listVMs(t, home); len(vms) != 1 || vms[0].State != "running" {
+			t.Errorf("ls --json after resume: %+v; want the VM running", vms)
+		}
+	})
+
 	t.Run("Rm", func(t *testing.T) {
 		r := smolvmRun(t, home, "", "rm", id)
 		if r.code == 0 || !strings.Contains(r.stderr, "-f") {
