@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -91,6 +92,8 @@ type kernelInfo struct {
 	SourceVersion string   `json:"source_version,omitempty"`
 	Built         string   `json:"built,omitempty"`
 	BuildSeconds  float64  `json:"build_seconds,omitempty"`
+	SourceEdits   []string `json:"source_edits,omitempty"`  // smolvm's edits to the source it has
+	MissingEdits  []string `json:"missing_edits,omitempty"` // and those it was built without
 	CanBuild      bool     `json:"can_build"`
 	Missing       []string `json:"missing,omitempty"`
 }
@@ -105,7 +108,8 @@ func newKernelInfoCmd(g *globals) *cobra.Command {
 			var ki kernelInfo
 			if ti, ok := image.LookupTunedKernel(filepath.Join(smolvm.Home(), "cache")); ok {
 				ki = kernelInfo{Cached: true, Vmlinux: ti.Vmlinux, BzImage: ti.BzImage, Release: ti.Release,
-					SourceVersion: ti.SourceVersion, Built: ti.Built.Format(time.RFC3339), BuildSeconds: ti.BuildSeconds}
+					SourceVersion: ti.SourceVersion, Built: ti.Built.Format(time.RFC3339), BuildSeconds: ti.BuildSeconds,
+					SourceEdits: ti.SourceEdits, MissingEdits: ti.MissingEdits()}
 				ki.Default = os.Getenv(smolvm.KernelEnv) != "stock"
 			}
 			for _, p := range image.KernelBuildProblems() {
@@ -135,6 +139,14 @@ func printKernelInfo(w io.Writer, ki kernelInfo) {
 		}
 		fmt.Fprintf(w, "tuned kernel: %s\nrelease:      %s (source %s)\nbuilt:        %s in %.0fs\ndefault:      %s\n",
 			ki.Vmlinux, ki.Release, ki.SourceVersion, ki.Built, ki.BuildSeconds, use)
+		edits := "none"
+		if len(ki.SourceEdits) > 0 {
+			edits = strings.Join(ki.SourceEdits, ", ")
+		}
+		if len(ki.MissingEdits) > 0 {
+			edits += "; built without " + strings.Join(ki.MissingEdits, ", ") + " (an older smolvm): 'smolvm kernel build' makes a kernel with them"
+		}
+		fmt.Fprintf(w, "source edits: %s\n", edits)
 	}
 	for _, m := range ki.Missing {
 		fmt.Fprintln(w, "missing for a build:", m)

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -122,6 +123,18 @@ func applySourceEdits(src string, edits []sourceEdit, log *slog.Logger) ([]strin
 		done = append(done, e.Name)
 	}
 	return done, nil
+}
+
+// MissingEdits returns the source edits of this smolvm that ti was built
+// without (by name): 'smolvm kernel build' makes a kernel that has them.
+func (ti *TunedKernelInfo) MissingEdits() []string {
+	var missing []string
+	for _, e := range kernelSourceEdits {
+		if !slices.Contains(ti.SourceEdits, e.Name) {
+			missing = append(missing, e.Name)
+		}
+	}
+	return missing
 }
 
 // sourceEditsHash identifies a list of source edits, for the cache key.

@@ -325,3 +325,20 @@ func TestBootTunedKernel(t *testing.T) {
 		t.Errorf("guest init reported errors; console:\n%s", log)
 	}
 }
+
+// A cached kernel's manifest names the source edits it was built with; the
+// ones this smolvm makes and it lacks are reported (kernel info).
+func TestMissingEdits(t *testing.T) {
+	var all []string
+	for _, e := range kernelSourceEdits {
+		all = append(all, e.Name)
+	}
+	old := &TunedKernelInfo{}
+	if got := old.MissingEdits(); !slices.Equal(got, all) {
+		t.Errorf("kernel built without edits: missing %v, want %v", got, all)
+	}
+	current := &TunedKernelInfo{tunedManifest: tunedManifest{SourceEdits: all}}
+	if got := current.MissingEdits(); len(got) != 0 {
+		t.Errorf("kernel built with every edit: missing %v", got)
+	}
+}
