@@ -140,12 +140,14 @@ func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
 
 // Restore starts a new VM from a snapshot. Only the name, persistence,
 // state folder, logger and timeouts of cfg apply: the machine's shape is
-// the snapshot's. The clone is a distinct machine: fresh entropy, the
+// the snapshot's (a MemoryMiB or VCPUs set to something else is
+// ErrInvalid). The clone is a distinct machine: fresh entropy, the
 // host's wall clock, its own hostname and machine id. A clone of a VM
 // booted from a disk image writes to an overlay of its own on the
 // snapshot's disk; started again after a stop, it boots from that disk.
 func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 	started := time.Now()
+	mem, cpus := cfg.MemoryMiB, cfg.VCPUs // the shape asked for, before defaults
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
@@ -154,6 +156,9 @@ func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 		return nil, err
 	}
 	src, err := loadSnapshot(ctx, st, &cfg, snapshot)
+	if mc := src.machine(); err == nil && (mem != 0 && mem != mc.MemoryMiB || cpus != 0 && cpus != mc.VCPUs) {
+		err = fmt.Errorf("%w: snapshot %q is a machine of %d MiB and %d vCPUs, and a clone has its snapshot's shape: leave MemoryMiB and VCPUs unset, or boot a VM of that shape with New", ErrInvalid, snapshot, mc.MemoryMiB, mc.VCPUs)
+	}
 	if err == nil {
 		var vm *VM
 		if vm, err = create(ctx, st, &cfg, started, src); err == nil {
@@ -162,6 +167,14 @@ func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 	}
 	st.Close()
 	return nil, err
+}
+
+// machine is the saved machine of a loaded snapshot (zero when none).
+func (src *snapshotSource) machine() hypervisor.MachineConfig {
+	if src == nil {
+		return hypervisor.MachineConfig{}
+	}
+	return src.spec.Machine
 }
 
 func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string) (*snapshotSource, error) {

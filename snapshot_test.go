@@ -171,6 +171,12 @@ func TestSnapshotRestore(t *testing.T) {
 		if _, err := smolvm.Restore(ctx, "no-such-snapshot", smolvm.Config{Home: home}); !errors.Is(err, smolvm.ErrNotFound) {
 			t.Errorf("Restore of an unknown snapshot: %v, want ErrNotFound", err)
 		}
+		// A clone has its snapshot's shape: asking for another is refused.
+		for _, cfg := range []smolvm.Config{{Home: home, MemoryMiB: 1024}, {Home: home, VCPUs: 2}} {
+			if _, err := smolvm.Restore(ctx, "s1", cfg); !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), "512 MiB") {
+				t.Errorf("Restore of s1 with %d MiB, %d vCPUs: %v; want ErrInvalid naming the snapshot's shape", cfg.MemoryMiB, cfg.VCPUs, err)
+			}
+		}
 	})
 
 	for _, c := range clones {
