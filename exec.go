@@ -73,6 +73,24 @@ type ProcessState struct {
 // Success reports whether the command exited with status 0.
 func (p *ProcessState) Success() bool { return p.ExitCode == 0 }
 
+// StartError is a command that could not be started in the VM: it does not
+// exist, cannot be executed, or its working directory is missing.
+type StartError struct {
+	Command string // the command line
+	Reason  string // what the guest agent said
+	// ExitCode is what a shell would exit with: 127 when the command does
+	// not exist, 126 when it cannot run (permissions, not a program), or
+	// -1 for other causes (and from agents older than this field's use).
+	ExitCode int
+}
+
+func (e *StartError) Error() string { return fmt.Sprintf("exec %q: %s", e.Command, e.Reason) }
+
+// startError makes the error of a command the agent could not start.
+func startError(command string, e *agentpb.ExecExit) error {
+	return &StartError{Command: command, Reason: e.Error, ExitCode: int(e.ExitCode)}
+}
+
 // ExitError is returned by Wait and Run for a command that did not exit 0.
 type ExitError struct {
 	*ProcessState
@@ -157,7 +175,7 @@ func (c *Cmd) Start() error {
 	case *agentpb.ExecResponse_Exit:
 		cancel()
 		if m.Exit.Error != "" {
-			return fmt.Errorf("exec %q: %s", c.String(), m.Exit.Error)
+			return startError(c.String(), m.Exit)
 		}
 		return fmt.Errorf("exec %q: ended before it started", c.String())
 	default:
@@ -249,7 +267,7 @@ func (c *Cmd) receive() {
 // could not start is an error.
 func processState(command string, e *agentpb.ExecExit) (*ProcessState, error) {
 	if e.Error != "" {
-		return nil, fmt.Errorf("exec %q: %s", command, e.Error)
+		return nil, startError(command, e)
 	}
 	return &ProcessState{ExitCode: int(e.ExitCode), Signal: syscall.Signal(e.Signal),
 		TimedOut: e.TimedOut, Duration: time.Duration(e.DurationNs)}, nil

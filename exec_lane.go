@@ -45,7 +45,7 @@ func (c *Cmd) startLane(l *lane.Client) error {
 	if m.Exit != nil && m.Exit.Error != "" {
 		call.End()
 		cancel()
-		return fmt.Errorf("exec %q: %s", c.String(), m.Exit.Error)
+		return startError(c.String(), m.Exit)
 	}
 	c.Process = &Process{Pid: int(m.Started.GetPid()), cmd: c}
 	if m.Started != nil {

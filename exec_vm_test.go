@@ -118,16 +118,27 @@ func TestCommandExitError(t *testing.T) {
 	})
 
 	t.Run("MissingProgram", func(t *testing.T) {
-		err := vm.Command(ctx, "no-such-program-xyz").Run()
-		if err == nil {
-			t.Fatal("running a missing program succeeded")
-		}
-		var ee *smolvm.ExitError
-		if errors.As(err, &ee) && ee.ExitCode == 0 {
-			t.Errorf("missing program: ExitError with code 0: %v", err)
-		}
-		if !errors.As(err, &ee) && !strings.Contains(err.Error(), "no-such-program-xyz") {
-			t.Errorf("missing program: error %q does not name it", err)
+		// A program that cannot start is a *StartError with the exit
+		// status a shell would give it, over the fast lane (no stdin)
+		// and over gRPC (with stdin).
+		for _, c := range []struct {
+			argv  []string
+			stdin bool
+			code  int
+		}{
+			{[]string{"no-such-program-xyz"}, false, 127},
+			{[]string{"no-such-program-xyz"}, true, 127},
+			{[]string{"/etc/passwd"}, false, 126},
+		} {
+			cmd := vm.Command(ctx, c.argv[0], c.argv[1:]...)
+			if c.stdin {
+				cmd.Stdin = strings.NewReader("x")
+			}
+			err := cmd.Run()
+			var se *smolvm.StartError
+			if !errors.As(err, &se) || se.ExitCode != c.code || !strings.Contains(err.Error(), c.argv[0]) {
+				t.Errorf("%v (stdin %v): %v; want a *StartError with exit code %d naming it", c.argv, c.stdin, err, c.code)
+			}
 		}
 	})
 }

@@ -192,6 +192,26 @@ func TestCLIPersistentVM(t *testing.T) {
 		if r.code != 3 || r.stdout != "out\n" || r.stderr != "err\n" {
 			t.Errorf("exec by name of a shell line: %+v", r)
 		}
+		// A command that cannot start exits as in a shell, over the fast
+		// lane (no stdin) and over gRPC (stdin forwarded).
+		for _, c := range []struct {
+			stdin, cmd string
+			code       int
+			says       string
+		}{
+			{"", "no-such-command", 127, "not found"},
+			{"x\n", "no-such-command", 127, "not found"},
+			{"", "/etc/passwd", 126, "permission denied"},
+		} {
+			args := []string{"exec", id, "--", c.cmd}
+			if c.stdin != "" {
+				args = []string{"exec", "-i", id, "--", c.cmd}
+			}
+			r := smolvmRun(t, home, c.stdin, args...)
+			if r.code != c.code || !strings.Contains(r.stderr, c.says) {
+				t.Errorf("exec %s (stdin %q): exit %d, stderr %q; want %d and %q", c.cmd, c.stdin, r.code, r.stderr, c.code, c.says)
+			}
+		}
 	})
 
 	t.Run("ExecStdin", func(t *testing.T) {

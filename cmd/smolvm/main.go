@@ -51,6 +51,11 @@ func main() {
 
 // exitCode maps error kinds to exit codes, so scripts can tell them apart.
 func exitCode(err error) int {
+	// A command that could not start exits as a shell's would: 127 when
+	// it does not exist, 126 when it cannot run.
+	if se := (*smolvm.StartError)(nil); errors.As(err, &se) && se.ExitCode > 0 {
+		return se.ExitCode
+	}
 	switch {
 	case errors.Is(err, smolvm.ErrNotFound):
 		return 2

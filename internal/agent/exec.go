@@ -77,7 +77,7 @@ func (s *Server) Exec(stream execStream) error {
 		if _, ok := status.FromError(err); ok {
 			return err
 		}
-		return out.exit(&agentpb.ExecExit{ExitCode: -1, Error: err.Error()})
+		return out.exit(&agentpb.ExecExit{ExitCode: startCode(err), Error: err.Error()})
 	}
 	defer p.closeAll()
 	out.send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Started{Started: &agentpb.ExecStarted{Pid: int32(p.pid)}}})

@@ -106,12 +106,29 @@ func TestExecEnvAndDir(t *testing.T) {
 func TestExecStartErrors(t *testing.T) {
 	te := newTestEnv(t)
 	r := runExec(t, te.client, &agentpb.ExecStart{Argv: []string{"true"}, Dir: "/nonexistent/dir"})
-	if !strings.Contains(r.exit.Error, "/nonexistent/dir does not exist") || r.pid != 0 {
+	if !strings.Contains(r.exit.Error, "/nonexistent/dir does not exist") || r.pid != 0 || r.exit.ExitCode != -1 {
 		t.Errorf("exit %v pid %d", r.exit, r.pid)
 	}
-	r = runExec(t, te.client, &agentpb.ExecStart{Argv: []string{"no-such-command-xyz"}})
-	if !strings.Contains(r.exit.Error, "not found") {
-		t.Errorf("exit %v", r.exit)
+	// A command that cannot start gets the exit status a shell gives it.
+	script := filepath.Join(t.TempDir(), "no-interpreter")
+	if err := os.WriteFile(script, []byte("#!/no/such/interpreter\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		argv []string
+		code int32
+		says string
+	}{
+		{[]string{"no-such-command-xyz"}, 127, "not found"},
+		{[]string{"/no/such/dir/cmd"}, 127, "no such file"},
+		{[]string{"/etc/passwd"}, 126, "permission denied"},
+		{[]string{os.TempDir()}, 126, "is a directory"},
+		{[]string{script}, 127, "no such file"}, // its interpreter is missing
+	} {
+		r = runExec(t, te.client, &agentpb.ExecStart{Argv: c.argv})
+		if r.exit.ExitCode != c.code || !strings.Contains(r.exit.Error, c.says) {
+			t.Errorf("%v: exit code %d, error %q; want %d and %q", c.argv, r.exit.ExitCode, r.exit.Error, c.code, c.says)
+		}
 	}
 	// The first message must be start.
 	s, err := te.client.Exec(testCtx(t))

@@ -174,7 +174,7 @@ func (c *laneConn) run(ctx context.Context, id uint32, start *agentpb.ExecStart)
 			c.fail(id, st.Message())
 			return
 		}
-		_ = send(&agentpb.RunOutput{Exit: &agentpb.ExecExit{ExitCode: -1, Error: err.Error()}})
+		_ = send(&agentpb.RunOutput{Exit: &agentpb.ExecExit{ExitCode: startCode(err), Error: err.Error()}})
 		return
 	}
 	defer p.closeAll()

@@ -191,10 +191,42 @@ func (s *Server) startProcess(argv, env []string, dir string, start *agentpb.Exe
 	}
 	pid, wait, err := s.reaper.Start(path, argv, attr)
 	if err != nil {
-		return fail(fmt.Errorf("start %s: %w", argv[0], err))
+		err = fmt.Errorf("start %s: %w", argv[0], err)
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.ENOEXEC) {
+			// A missing interpreter, no permission, not a program.
+			err = &startError{notRunnable(err), err}
+		}
+		return fail(err)
 	}
 	p.pid, p.wait = pid, wait
 	return p, nil
+}
+
+// startError is a command that could not start, with the exit status a
+// shell gives it: 127 when it does not exist, 126 when it cannot run.
+type startError struct {
+	code int32
+	err  error
+}
+
+func (e *startError) Error() string { return e.err.Error() }
+func (e *startError) Unwrap() error { return e.err }
+
+// startCode is the shell's exit status for a command that could not start
+// with err (see startError), or -1.
+func startCode(err error) int32 {
+	if se := (*startError)(nil); errors.As(err, &se) {
+		return se.code
+	}
+	return -1
+}
+
+// notRunnable classifies why path cannot be executed.
+func notRunnable(err error) int32 {
+	if errors.Is(err, fs.ErrNotExist) {
+		return 127
+	}
+	return 126
 }
 
 // lookPath finds an executable like a shell would, using the command's PATH.
@@ -205,7 +237,7 @@ func lookPath(file string, env []string, dir string) (string, error) {
 			full = filepath.Join(dir, full)
 		}
 		if err := checkExecutable(full); err != nil {
-			return "", fmt.Errorf("cannot run %s: %w", file, err)
+			return "", &startError{notRunnable(err), fmt.Errorf("cannot run %s: %w", file, err)}
 		}
 		return full, nil
 	}
@@ -227,7 +259,7 @@ func lookPath(file string, env []string, dir string) (string, error) {
 			return full, nil
 		}
 	}
-	return "", fmt.Errorf("executable file %q not found in PATH (%s)", file, pathVar)
+	return "", &startError{127, fmt.Errorf("executable file %q not found in PATH (%s)", file, pathVar)}
 }
 
 func checkExecutable(p string) error {

@@ -633,7 +633,9 @@ func (x *ExecStarted) GetPid() int32 {
 
 type ExecExit struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Exit status, or -1 when the process was killed by a signal.
+	// Exit status, or -1 when the process was killed by a signal. With
+	// error set: what a shell would exit with, 127 when the command does not
+	// exist and 126 when it cannot run, or -1.
 	ExitCode int32 `protobuf:"varint,1,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
 	// The signal that ended the process, 0 if it exited.
 	Signal   int32 `protobuf:"varint,2,opt,name=signal,proto3" json:"signal,omitempty"`
