@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -310,6 +311,10 @@ func spawnSupervisor(ctx context.Context, cfg *Config, home, id string, started,
 	cmd := exec.Command(bin, "__supervise", id,
 		"--started", started.Format(time.RFC3339Nano), "--create-done", createDone.Format(time.RFC3339Nano))
 	cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
+	if cfg.Logger.Enabled(ctx, slog.LevelDebug) {
+		// A caller that logs its phases gets the supervisor's in its log.
+		cmd.Env = append(cmd.Env, "SMOLVM_DEBUG=1")
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{w} // fd 3
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
@@ -138,7 +139,7 @@ func (c *Cmd) Start() error {
 	if c.Stdin == nil && !c.TTY {
 		if l := c.vm.lane(c.ctx); l != nil {
 			err := c.startLane(l) // exec_lane.go
-			if !errors.Is(err, errNotSent) {
+			if !errors.Is(err, lane.ErrNotSent) {
 				return err
 			}
 			c.vm.log.Debug("fast lane failed, using gRPC", "err", err)
@@ -254,12 +255,18 @@ func (c *Cmd) receive() {
 				_, _ = c.Stderr.Write(m.Stderr)
 			}
 		case *agentpb.ExecResponse_Exit:
-			c.ProcessState, c.err = processState(c.String(), m.Exit)
-			if c.err == nil && !c.ProcessState.Success() {
-				c.err = &ExitError{ProcessState: c.ProcessState}
-			}
+			c.exited(m.Exit)
 			return
 		}
+	}
+}
+
+// exited records the agent's exit report as the command's end: its state,
+// and an *ExitError unless it exited 0.
+func (c *Cmd) exited(e *agentpb.ExecExit) {
+	c.ProcessState, c.err = processState(c.String(), e)
+	if c.err == nil && !c.ProcessState.Success() {
+		c.err = &ExitError{ProcessState: c.ProcessState}
 	}
 }
 

@@ -2,7 +2,6 @@ package smolvm
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"sync"
 
@@ -23,8 +22,8 @@ type laneCmd struct {
 	runID uint64
 }
 
-// startLane starts c over l. An error wrapping errNotSent means the guest
-// never saw the call, and gRPC may run it instead.
+// startLane starts c over l. An error wrapping lane.ErrNotSent means the
+// guest never saw the call, and gRPC may run it instead.
 func (c *Cmd) startLane(l *lane.Client) error {
 	start := c.execStart()
 	start.RunId, start.Stream = lane.NewRunID(), true
@@ -32,7 +31,7 @@ func (c *Cmd) startLane(l *lane.Client) error {
 	call, err := l.Start(ctx, lane.TypeRun, start)
 	if err != nil {
 		cancel()
-		return fmt.Errorf("%w: %w", errNotSent, err)
+		return err // lane.ErrNotSent
 	}
 	lc := &laneCmd{l: l, runID: start.RunId}
 	m, err := call.RecvRun(ctx)
@@ -48,12 +47,13 @@ func (c *Cmd) startLane(l *lane.Client) error {
 		return startError(c.String(), m.Exit)
 	}
 	c.Process = &Process{Pid: int(m.Started.GetPid()), cmd: c}
-	if m.Started != nil {
-		m = nil
-	} // else an agent that does not stream (an older one): m is output, pid unknown
+	var first *agentpb.RunOutput // output to copy before reading more
+	if m.Started == nil {
+		first = m // an agent that does not stream (an older one): no pid
+	}
 	c.lane, c.cancel = lc, cancel
 	c.done = make(chan struct{})
-	go c.receiveLane(ctx, call, m)
+	go c.receiveLane(ctx, call, first)
 	return nil
 }
 
@@ -82,10 +82,7 @@ func (c *Cmd) receiveLane(ctx context.Context, call *lane.Call, m *agentpb.RunOu
 		out.add(m.Stdout, m.Stderr)
 		if m.Exit != nil {
 			out.close()
-			c.ProcessState, c.err = processState(c.String(), m.Exit)
-			if c.err == nil && !c.ProcessState.Success() {
-				c.err = &ExitError{ProcessState: c.ProcessState}
-			}
+			c.exited(m.Exit)
 			return
 		}
 		m = nil

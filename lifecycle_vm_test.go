@@ -10,6 +10,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -22,6 +24,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/supervisor"
 	"github.com/smolvm/smolvm/internal/testutil"
 )
 
@@ -96,7 +99,10 @@ func TestPersistentVM(t *testing.T) {
 	home := testutil.Home(t)
 	bin := testutil.Binary(t)
 	ctx := testutil.Context(t, 15*time.Minute)
-	vm := newVM(t, smolvm.Config{Home: home, Name: "persist", Persistent: true})
+	// A caller logging at debug level gets its supervisor's debug log too
+	// (supervisor.log): CommandThroughTheSupervisor reads it.
+	debug := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	vm := newVM(t, smolvm.Config{Home: home, Name: "persist", Persistent: true, Logger: debug})
 
 	in, err := vm.Info(ctx)
 	if err != nil {
@@ -183,6 +189,9 @@ func TestPersistentVM(t *testing.T) {
 		}
 		if got := strings.Join(out.lines(), ","); got != "first,second" || errOut.String() != "warn\n" {
 			t.Errorf("stdout %q, stderr %q", got, errOut.String())
+		}
+		if log, err := os.ReadFile(filepath.Join(in.Dir, supervisor.LogFile)); err != nil || !bytes.Contains(log, []byte("exec over the fast lane")) {
+			t.Errorf("the supervisor did not run the command over the fast lane (%v); its log:\n%s", err, log)
 		}
 		if err := vm.Command(ctx, "no-such-program").Start(); err == nil || !strings.Contains(err.Error(), "not found") {
 			t.Errorf("Start of a missing program = %v", err)

@@ -3,7 +3,6 @@ package smolvm
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"time"
 
@@ -64,7 +63,7 @@ func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Resu
 	if o.stdin == nil {
 		if l := vm.lane(ctx); l != nil {
 			res, err := vm.runFast(ctx, l, command, o, stdout, stderr)
-			if !errors.Is(err, errNotSent) {
+			if !errors.Is(err, lane.ErrNotSent) {
 				return res, err
 			}
 			// The lane broke before the command went out: gRPC runs it.
@@ -89,9 +88,6 @@ func result(ps *ProcessState, stdout, stderr *capWriter, truncated bool) *Result
 		Duration: ps.Duration}
 }
 
-// errNotSent is a fast-lane call that failed before it reached the guest.
-var errNotSent = errors.New("fast lane: call not sent")
-
 // runFast runs a command without stdin over the agent's fast lane: one
 // request, and for a command that prints little one reply.
 func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o runOptions, stdout, stderr *capWriter) (*Result, error) {
@@ -99,7 +95,7 @@ func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o run
 		OutputLimit: int64(max(o.limit, 0)), TimeoutMs: timeoutMs(o.timeout)}
 	call, err := l.Start(ctx, lane.TypeRun, start)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", errNotSent, err)
+		return nil, err // lane.ErrNotSent
 	}
 	defer call.End()
 	truncated := false // by the agent

@@ -156,8 +156,10 @@ func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 		return nil, err
 	}
 	src, err := loadSnapshot(ctx, st, &cfg, snapshot)
-	if mc := src.machine(); err == nil && (mem != 0 && mem != mc.MemoryMiB || cpus != 0 && cpus != mc.VCPUs) {
-		err = fmt.Errorf("%w: snapshot %q is a machine of %d MiB and %d vCPUs, and a clone has its snapshot's shape: leave MemoryMiB and VCPUs unset, or boot a VM of that shape with New", ErrInvalid, snapshot, mc.MemoryMiB, mc.VCPUs)
+	if err == nil {
+		if mc := src.spec.Machine; mem != 0 && mem != mc.MemoryMiB || cpus != 0 && cpus != mc.VCPUs {
+			err = fmt.Errorf("%w: snapshot %q is a machine of %d MiB and %d vCPUs, and a clone has its snapshot's shape: leave MemoryMiB and VCPUs unset, or boot a VM of that shape with New", ErrInvalid, snapshot, mc.MemoryMiB, mc.VCPUs)
+		}
 	}
 	if err == nil {
 		var vm *VM
@@ -167,14 +169,6 @@ func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 	}
 	st.Close()
 	return nil, err
-}
-
-// machine is the saved machine of a loaded snapshot (zero when none).
-func (src *snapshotSource) machine() hypervisor.MachineConfig {
-	if src == nil {
-		return hypervisor.MachineConfig{}
-	}
-	return src.spec.Machine
 }
 
 func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string) (*snapshotSource, error) {

@@ -99,6 +99,9 @@ func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*
 	if err != nil {
 		return nil, fmt.Errorf("%w (see 'smolvm ls')", err)
 	}
+	if log == nil {
+		log = slog.Default()
+	}
 	vm := &VM{id: rec.ID, name: rec.Name, dir: rec.Dir, st: st, log: log}
 	_ = json.Unmarshal(rec.Timings, &vm.timings)
 	if rec.State == store.StateRunning || rec.State == store.StatePaused {
@@ -349,7 +352,7 @@ func (vm *VM) Start(ctx context.Context) error {
 	if err := json.Unmarshal(rec.Config, &spec); err != nil {
 		return fmt.Errorf("read VM %s: %w", rec.Name, err)
 	}
-	cfg := &Config{SupervisorBinary: spec.SupervisorBinary}
+	cfg := &Config{SupervisorBinary: spec.SupervisorBinary, Logger: vm.log}
 	if _, err := supervisorBinary(cfg); spec.Persistent && err != nil {
 		return err
 	}

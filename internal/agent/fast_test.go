@@ -12,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/protobuf/proto"
-
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
@@ -67,7 +65,7 @@ func runLane(t *testing.T, c *lane.Client, start *agentpb.ExecStart) (laneRun, e
 	defer k.End()
 	var r laneRun
 	for {
-		m, err := recvOutput(t, testCtx(t), k)
+		m, err := k.RecvRun(testCtx(t))
 		if err != nil {
 			return r, err
 		}
@@ -79,23 +77,6 @@ func runLane(t *testing.T, c *lane.Client, start *agentpb.ExecStart) (laneRun, e
 			return r, nil
 		}
 	}
-}
-
-// recvOutput reads a run's next message.
-func recvOutput(t *testing.T, ctx context.Context, k *lane.Call) (*agentpb.RunOutput, error) {
-	t.Helper()
-	f, err := k.Recv(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if f.Type != lane.TypeOutput {
-		t.Fatalf("reply of type %d", f.Type)
-	}
-	var m agentpb.RunOutput
-	if err := proto.Unmarshal(f.Payload, &m); err != nil {
-		t.Fatal(err)
-	}
-	return &m, nil
 }
 
 func TestLanePing(t *testing.T) {
@@ -263,7 +244,7 @@ func TestLaneRunStream(t *testing.T) {
 	defer k.End()
 	next := func() *agentpb.RunOutput {
 		t.Helper()
-		m, err := recvOutput(t, testCtx(t), k)
+		m, err := k.RecvRun(testCtx(t))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -303,7 +284,7 @@ func TestLaneRunStreamWindow(t *testing.T) {
 	defer k.End()
 	got := 0
 	recv := func(ctx context.Context) (*agentpb.RunOutput, error) {
-		m, err := recvOutput(t, ctx, k)
+		m, err := k.RecvRun(ctx)
 		if err == nil {
 			got += len(m.Stdout)
 		}
@@ -367,7 +348,7 @@ func TestLaneRunStreamWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	for {
-		m, err := recvOutput(t, testCtx(t), k2)
+		m, err := k2.RecvRun(testCtx(t))
 		if err != nil {
 			t.Fatal(err)
 		}

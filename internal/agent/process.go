@@ -99,11 +99,11 @@ func (p *process) closeAll() {
 	p.closeOutputs()
 }
 
-// kill signals the process group (and the process itself, should it have
-// left the group).
 // signalOf is a signal number from the host, if it names one.
 func signalOf(n int32) (syscall.Signal, bool) { return syscall.Signal(n), n > 0 && n < 65 }
 
+// kill signals the process group (and the process itself, should it have
+// left the group).
 func (p *process) kill(sig syscall.Signal) {
 	_ = syscall.Kill(-p.pid, sig)
 	_ = syscall.Kill(p.pid, sig)

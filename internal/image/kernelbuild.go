@@ -115,9 +115,8 @@ func applySourceEdits(src string, edits []sourceEdit, log *slog.Logger) ([]strin
 			log.Warn("kernel source edit skipped: its anchor is not in this source version", "edit", e.Name, "file", e.File)
 			continue
 		}
-		i += len(e.After)
-		out := append(append(append(make([]byte, 0, len(b)+len(e.Insert)), b[:i]...), e.Insert...), b[i:]...)
-		if err := os.WriteFile(p, out, 0o644); err != nil {
+		b = slices.Insert(b, i+len(e.After), []byte(e.Insert)...)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
 			return done, fmt.Errorf("kernel source edit %s: %w", e.Name, err)
 		}
 		done = append(done, e.Name)

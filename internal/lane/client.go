@@ -15,6 +15,10 @@ import (
 // ErrClosed is returned by calls on a client whose connection ended.
 var ErrClosed = errors.New("lane: connection closed")
 
+// ErrNotSent wraps every error of Start: the guest never saw the call, so
+// the caller may make it another way (over gRPC).
+var ErrNotSent = errors.New("lane: call not sent")
+
 // Client is the host end of a lane: calls from any number of goroutines,
 // matched to their replies by id over one connection.
 type Client struct {
@@ -48,12 +52,13 @@ type Call struct {
 
 // Start sends a call of type typ carrying req. A send that ctx ends (a
 // guest that stopped reading) breaks the connection: the frame may be cut.
+// Its errors wrap ErrNotSent.
 func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call, error) {
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
 		c.mu.Unlock()
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrNotSent, err)
 	}
 	c.next++
 	k := &Call{c: c, id: c.next, ch: make(chan Frame, 8), gone: make(chan struct{})}
@@ -62,7 +67,7 @@ func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call
 
 	if err := c.write(ctx, k.id, typ, req); err != nil {
 		k.End()
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrNotSent, err)
 	}
 	return k, nil
 }

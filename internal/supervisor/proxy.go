@@ -74,7 +74,7 @@ func (s *Supervisor) proxy(_ any, ss grpc.ServerStream) error {
 		if start := laneExecStart(first); start != nil {
 			if l, err := s.Lane(ctx); err == nil {
 				err := s.execOverLane(ctx, ss, l, start)
-				if !errors.Is(err, errLaneNotSent) {
+				if !errors.Is(err, lane.ErrNotSent) {
 					return err
 				}
 				s.log.Debug("fast lane failed, proxying exec over gRPC", "err", err)
@@ -128,9 +128,6 @@ func (s *Supervisor) proxy(_ any, ss grpc.ServerStream) error {
 // when it can: a command without stdin or terminal.
 const execMethod = agentMethodPrefix + "Exec"
 
-// errLaneNotSent: the lane failed before the guest saw the call.
-var errLaneNotSent = errors.New("fast lane: call not sent")
-
 // laneExecStart returns the start of an Exec that the fast lane can run
 // (no stdin, no terminal), or nil.
 func laneExecStart(f *frame) *agentpb.ExecStart {
@@ -159,7 +156,7 @@ func (s *Supervisor) execOverLane(ctx context.Context, ss grpc.ServerStream, l *
 	defer cancel()
 	call, err := l.Start(ctx, lane.TypeRun, start)
 	if err != nil {
-		return fmt.Errorf("%w: %w", errLaneNotSent, err)
+		return err // lane.ErrNotSent
 	}
 	defer call.End()
 	s.log.Debug("exec over the fast lane", "run", start.RunId)

@@ -182,16 +182,16 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	pl, _ := d.(hypervisor.Prelauncher)
 	early := mc.Incoming != "" && mc.Channel != hypervisor.ChannelVsock && (opts.Spare != nil || pl != nil)
 	var m hypervisor.Machine
-	switch {
-	case opts.Spare != nil:
+	if opts.Spare != nil {
 		s.log.Debug("phase launch: restoring into a prelaunched hypervisor", "driver", d.Name(), "pid", opts.Spare.m.PID())
 		m = opts.Spare.m
-	case early:
+	} else {
 		s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
-		m, err = pl.Prelaunch(ctx, &mc)
-	default:
-		s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
-		m, err = d.Start(ctx, &mc)
+		if early {
+			m, err = pl.Prelaunch(ctx, &mc) // started, waiting for the snapshot (below)
+		} else {
+			m, err = d.Start(ctx, &mc)
+		}
 	}
 	if t := s.tapNetwork(); t != nil {
 		// QEMU holds the TAP queue now (or failed): the device lives as
