@@ -28,8 +28,12 @@ type Cmd struct {
 	Shell string
 	// Env entries (KEY=VALUE) are added over the sandbox environment.
 	Env []string
-	// Dir is the working directory in the guest (default /root).
+	// Dir is the working directory in the guest (default: the image's
+	// WorkingDir, else the user's home, /root for root).
 	Dir string
+	// User runs the command as this guest user: a name, a uid, name:group
+	// or uid:gid (default: the image's User, else root).
+	User string
 	// Stdin, Stdout and Stderr work as in os/exec; nil Stdout or Stderr
 	// discard the output, nil Stdin reads from /dev/null.
 	Stdin  io.Reader
@@ -193,7 +197,7 @@ func (c *Cmd) Start() error {
 
 // execStart describes the command for the agent.
 func (c *Cmd) execStart() *agentpb.ExecStart {
-	start := &agentpb.ExecStart{Shell: c.Shell, Env: c.Env, Dir: c.Dir, Tty: c.TTY, Stdin: c.Stdin != nil,
+	start := &agentpb.ExecStart{Shell: c.Shell, Env: c.Env, Dir: c.Dir, User: c.User, Tty: c.TTY, Stdin: c.Stdin != nil,
 		TimeoutMs: timeoutMs(c.Timeout)}
 	if c.Shell == "" {
 		start.Argv = c.Args

@@ -14,7 +14,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -412,20 +411,7 @@ func TestUploadDownloadDockerRules(t *testing.T) {
 // cli runs bin/smolvm against the shared VM's home.
 func cli(t *testing.T, stdin io.Reader, args ...string) (string, string, int) {
 	t.Helper()
-	cmd := exec.Command(testutil.Binary(t), args...)
-	cmd.Env = append(os.Environ(), "SMOLVM_HOME="+testutil.SharedHome())
-	cmd.Stdin = stdin
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	code := 0
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return out.String(), errb.String(), code
+	return cliHome(t, testutil.SharedHome(), stdin, args...)
 }
 
 func TestCLICp(t *testing.T) {

@@ -36,6 +36,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -45,6 +46,7 @@ import (
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/rootfs"
 	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // Disk modes of Config.DiskMode.
@@ -80,6 +82,47 @@ type ImageInfo struct {
 	Packages     []string  `json:"packages,omitempty"`
 	BuildTime    string    `json:"build_time,omitempty"`
 	UsedBy       []string  `json:"used_by,omitempty"` // VMs (name (id)) that use it
+	// Config is an OCI image's run config; nil for images without one.
+	Config *ImageConfig `json:"config,omitempty"`
+}
+
+// ImageConfig is how an OCI image says its commands run, kept from its
+// config when it is pulled or imported and applied as `docker run` does:
+// every command starts with Env (under the sandbox's environment and the
+// command's own), in WorkingDir (unless the command names a folder), as
+// User (unless the command names one); `smolvm run` without a command
+// runs Entrypoint + Cmd.
+type ImageConfig struct {
+	Env          []string `json:"env,omitempty"`
+	WorkingDir   string   `json:"working_dir,omitempty"`
+	User         string   `json:"user,omitempty"` // name, uid, name:group or uid:gid, resolved in the image
+	Entrypoint   []string `json:"entrypoint,omitempty"`
+	Cmd          []string `json:"cmd,omitempty"`
+	ExposedPorts []string `json:"exposed_ports,omitempty"` // information only, e.g. "8080/tcp"
+}
+
+// Command returns what runs for args as docker's rule has it: with no
+// args, Entrypoint + Cmd; otherwise Entrypoint + args (args replace Cmd).
+// A non-nil entrypoint replaces the image's, and the image's Cmd with it.
+func (c *ImageConfig) Command(entrypoint []string, args []string) []string {
+	ep, cmd := []string(nil), []string(nil)
+	if c != nil {
+		ep, cmd = c.Entrypoint, c.Cmd
+	}
+	if entrypoint != nil {
+		ep, cmd = entrypoint, nil
+	}
+	if len(args) > 0 {
+		cmd = args
+	}
+	return append(slices.Clone(ep), cmd...)
+}
+
+func imageConfigOf(c *wire.ImageConfig) *ImageConfig {
+	if c.Empty() {
+		return nil
+	}
+	return &ImageConfig{Env: c.Env, WorkingDir: c.WorkingDir, User: c.User, Entrypoint: c.Entrypoint, Cmd: c.Cmd, ExposedPorts: c.ExposedPorts}
 }
 
 // imageMeta is what the store's Info column and image.json hold.
@@ -314,6 +357,7 @@ func imageInfo(ctx context.Context, st *store.Store, im *store.Image) (*ImageInf
 		return nil, err
 	}
 	info.UsedBy = users
+	info.Config = imageConfigOf(meta.Build.Config)
 	return info, nil
 }
 

@@ -31,6 +31,7 @@ type RunOption func(*runOptions)
 type runOptions struct {
 	env     []string
 	dir     string
+	user    string
 	timeout time.Duration
 	stdin   io.Reader
 	limit   int
@@ -41,6 +42,10 @@ func WithEnv(kv ...string) RunOption { return func(o *runOptions) { o.env = appe
 
 // WithDir sets the working directory in the guest.
 func WithDir(dir string) RunOption { return func(o *runOptions) { o.dir = dir } }
+
+// WithUser runs the command as a guest user: a name, a uid, name:group or
+// uid:gid, resolved in the guest (default: the image's User, else root).
+func WithUser(user string) RunOption { return func(o *runOptions) { o.user = user } }
 
 // WithTimeout kills the command's whole process group after d.
 func WithTimeout(d time.Duration) RunOption { return func(o *runOptions) { o.timeout = d } }
@@ -71,7 +76,7 @@ func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Resu
 		}
 	}
 	c := vm.ShellCommand(ctx, command)
-	c.Env, c.Dir, c.Timeout, c.Stdin = o.env, o.dir, o.timeout, o.stdin
+	c.Env, c.Dir, c.User, c.Timeout, c.Stdin = o.env, o.dir, o.user, o.timeout, o.stdin
 	c.Stdout, c.Stderr = stdout, stderr
 	err := c.Run()
 	var ee *ExitError
@@ -91,7 +96,7 @@ func result(ps *ProcessState, stdout, stderr *capWriter, truncated bool) *Result
 // runFast runs a command without stdin over the agent's fast lane: one
 // request, and for a command that prints little one reply.
 func (vm *VM) runFast(ctx context.Context, l *lane.Client, command string, o runOptions, stdout, stderr *capWriter) (*Result, error) {
-	start := &agentpb.ExecStart{Shell: command, Env: o.env, Dir: o.dir, RunId: lane.NewRunID(),
+	start := &agentpb.ExecStart{Shell: command, Env: o.env, Dir: o.dir, User: o.user, RunId: lane.NewRunID(),
 		OutputLimit: int64(max(o.limit, 0)), TimeoutMs: timeoutMs(o.timeout)}
 	call, err := l.Start(ctx, lane.TypeRun, start)
 	if err != nil {

@@ -21,6 +21,7 @@ import (
 type execFlags struct {
 	env         []string
 	workdir     string
+	user        string
 	timeout     time.Duration
 	interactive bool
 	tty         bool
@@ -28,7 +29,8 @@ type execFlags struct {
 
 func (f *execFlags) register(fs *pflag.FlagSet) {
 	fs.StringArrayVarP(&f.env, "env", "e", nil, "set an environment variable (KEY=VALUE), repeatable")
-	fs.StringVarP(&f.workdir, "workdir", "w", "", "working directory in the guest (default /root)")
+	fs.StringVarP(&f.workdir, "workdir", "w", "", "working directory in the guest (default: the image's WorkingDir, else the user's home)")
+	fs.StringVarP(&f.user, "user", "u", "", "run as this guest user: NAME, UID, NAME:GROUP or UID:GID (default: the image's User, else root)")
 	fs.DurationVar(&f.timeout, "timeout", 0, "kill the command (and its children) after this long")
 	fs.BoolVarP(&f.interactive, "interactive", "i", false, "forward stdin even when it is a terminal")
 	fs.BoolVarP(&f.tty, "tty", "t", false, "run the command on a pseudo-terminal")
@@ -47,13 +49,18 @@ func commandFor(ctx context.Context, vm *smolvm.VM, args []string) *smolvm.Cmd {
 // runInVM runs args in vm with the terminal's stdio and returns the exit
 // code the CLI should exit with.
 func runInVM(ctx context.Context, vm *smolvm.VM, args []string, f *execFlags) (int, error) {
+	return runCommand(ctx, commandFor(ctx, vm, args), f)
+}
+
+// runCommand runs c with the terminal's stdio and the flags' settings and
+// returns the exit code the CLI should exit with.
+func runCommand(ctx context.Context, c *smolvm.Cmd, f *execFlags) (int, error) {
 	for _, kv := range f.env {
 		if !strings.Contains(kv, "=") {
 			return 0, fmt.Errorf("%w: --env %q: use KEY=VALUE", smolvm.ErrInvalid, kv)
 		}
 	}
-	c := commandFor(ctx, vm, args)
-	c.Env, c.Dir, c.Timeout = f.env, f.workdir, f.timeout
+	c.Env, c.Dir, c.User, c.Timeout = f.env, f.workdir, f.user, f.timeout
 	c.Stdout, c.Stderr = os.Stdout, os.Stderr
 	stdinTTY := term.IsTerminal(int(os.Stdin.Fd()))
 	if f.interactive || !stdinTTY && !isDevNull(os.Stdin) {

@@ -74,10 +74,14 @@ func newImageLsCmd(g *globals) *cobra.Command {
 }
 
 func newImageInspectCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	cmd := &cobra.Command{
 		Use:   "inspect NAME",
-		Short: "Show an image's metadata as JSON (exit 2 when there is none)",
-		Args:  cobra.ExactArgs(1),
+		Short: "Show an image's metadata and run config as JSON (exit 2 when there is none)",
+		Long: `Show an image's metadata as JSON: kind, source, digest, disk, the VMs and
+snapshots that use it, and an OCI image's run config ("config": env,
+working_dir, user, entrypoint, cmd, exposed_ports), which every command
+in a VM of the image starts with.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			im, err := smolvm.InspectImage(cmd.Context(), "", args[0])
 			if err != nil {
@@ -86,6 +90,8 @@ func newImageInspectCmd(g *globals) *cobra.Command {
 			return printJSON(im)
 		},
 	}
+	cmd.Flags().Bool("json", true, "print JSON (the only format)")
+	return cmd
 }
 
 func newImageRmCmd(g *globals) *cobra.Command {

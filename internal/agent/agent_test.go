@@ -55,13 +55,14 @@ func newTestEnv(t *testing.T) *testEnv {
 		t.Fatal(err)
 	}
 	srv, err := NewServer(Config{
-		EnvFile:       te.envFile,
-		ProfileFile:   te.profile,
-		MachineIDFile: filepath.Join(tmp, "etc", "machine-id"),
-		DefaultDir:    te.dir,
-		Logger:        slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Reaper:        testReaper,
-		PowerOff:      func(reboot bool) error { te.powered <- reboot; return nil },
+		EnvFile:         te.envFile,
+		ProfileFile:     te.profile,
+		MachineIDFile:   filepath.Join(tmp, "etc", "machine-id"),
+		DefaultDir:      te.dir,
+		ImageConfigFile: filepath.Join(tmp, "etc", "smolvm", "image.json"),
+		Logger:          slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Reaper:          testReaper,
+		PowerOff:        func(reboot bool) error { te.powered <- reboot; return nil },
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -175,14 +175,29 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 	return os.Rename(tmp, path)
 }
 
-// buildEnv returns the environment for a command: defaults, then the sandbox
-// environment, then the request's KEY=VALUE pairs (later entries win).
-func (s *Server) buildEnv(start *agentpb.ExecStart) ([]string, error) {
+// buildEnv returns the environment for a command: defaults (HOME is the
+// user's), then the image's Env, then the sandbox environment, then the
+// request's KEY=VALUE pairs (later entries win).
+func (s *Server) buildEnv(start *agentpb.ExecStart, id *identity) ([]string, error) {
 	var env []envVar
 	if !start.GetClearEnv() {
-		env = []envVar{{"PATH", DefaultPath}, {"HOME", "/root"}}
+		home := "/root"
+		if id != nil {
+			home = id.home
+			if home == "" {
+				home = "/"
+			}
+		}
+		env = []envVar{{"PATH", DefaultPath}, {"HOME", home}}
 		if start.GetTty() {
 			env = append(env, envVar{"TERM", "xterm-256color"})
+		}
+		if s.image != nil {
+			for _, kv := range s.image.Env {
+				if k, v, ok := strings.Cut(kv, "="); ok && k != "" {
+					env = setEnv(env, k, v)
+				}
+			}
 		}
 		for _, e := range s.sandboxEnv() {
 			env = setEnv(env, e.key, e.value)

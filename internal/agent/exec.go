@@ -113,16 +113,16 @@ func (s *Server) start(start *agentpb.ExecStart) (*process, time.Time, error) {
 	if len(argv) == 0 || argv[0] == "" {
 		return nil, time.Time{}, status.Error(codes.InvalidArgument, "exec needs argv or shell")
 	}
-	env, err := s.buildEnv(start)
+	id, dir, err := s.identity(start)
+	if err != nil {
+		return nil, time.Now(), err
+	}
+	env, err := s.buildEnv(start, id)
 	if err != nil {
 		return nil, time.Time{}, err
 	}
-	dir := start.GetDir()
-	if dir == "" {
-		dir = s.cfg.DefaultDir
-	}
 	begin := time.Now()
-	p, err := s.startProcess(argv, env, dir, start)
+	p, err := s.startProcess(argv, env, dir, id, start)
 	if err != nil {
 		s.log.Debug("exec failed to start", "argv", argv, "err", err)
 		return nil, begin, err

@@ -110,7 +110,7 @@ func (p *process) kill(sig syscall.Signal) {
 }
 
 // startProcess sets up stdio and forks the command through the reaper.
-func (s *Server) startProcess(argv, env []string, dir string, start *agentpb.ExecStart) (*process, error) {
+func (s *Server) startProcess(argv, env []string, dir string, id *identity, start *agentpb.ExecStart) (*process, error) {
 	if !filepath.IsAbs(dir) {
 		return nil, fmt.Errorf("working directory %q is not an absolute path", dir)
 	}
@@ -142,6 +142,9 @@ func (s *Server) startProcess(argv, env []string, dir string, start *agentpb.Exe
 		return nil, err
 	}
 	attr := &syscall.ProcAttr{Dir: dir, Env: env, Sys: &syscall.SysProcAttr{}}
+	if id != nil {
+		attr.Sys.Credential = &syscall.Credential{Uid: id.uid, Gid: id.gid, Groups: id.groups}
+	}
 	if start.GetTty() {
 		master, tty, err := openPTY()
 		if err != nil {

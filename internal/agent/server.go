@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // Version is the agent's version, set at build time with
@@ -54,7 +55,9 @@ type Config struct {
 	ProfileFile   string // shell profile snippet exporting the sandbox env
 	MachineIDFile string // written by Refresh
 	DefaultDir    string // working directory when ExecStart.dir is empty
-	Logger        *slog.Logger
+	// ImageConfigFile is the image's run config (wire.ImageConfigPath).
+	ImageConfigFile string
+	Logger          *slog.Logger
 	// Reaper collects child exit statuses; nil means SharedReaper(pid == 1).
 	Reaper *Reaper
 	// PowerOff is called by Shutdown after the reply has been sent. Nil makes
@@ -72,6 +75,10 @@ type Server struct {
 
 	envMu sync.Mutex
 	env   []envVar
+
+	// The image's run config (nil: none), or why it could not be read.
+	image    *wire.ImageConfig
+	imageErr error
 }
 
 // NewServer returns a Server and loads the sandbox environment.
@@ -88,6 +95,9 @@ func NewServer(cfg Config) (*Server, error) {
 	if cfg.DefaultDir == "" {
 		cfg.DefaultDir = DefaultDir
 	}
+	if cfg.ImageConfigFile == "" {
+		cfg.ImageConfigFile = wire.ImageConfigPath
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -100,6 +110,9 @@ func NewServer(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.env = env
+	if s.image, s.imageErr = loadImageConfig(cfg.ImageConfigFile); s.imageErr != nil {
+		s.log.Warn("image config", "err", s.imageErr)
+	}
 	return s, nil
 }
 

@@ -5,11 +5,13 @@ import (
 	"bufio"
 	"compress/gzip"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -19,6 +21,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // OCIOptions describe an OCI or Docker image to turn into a root disk.
@@ -127,8 +131,12 @@ func ImportOCI(ctx context.Context, opts OCIOptions) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("flatten %s: %w", source, err)
 	}
+	imgCfg := ImageConfigOf(source, cfg)
 	prog.printf("installing the agent at %s", AgentPath)
 	if err := InjectAgent(tree, opts.AgentPath); err != nil {
+		return nil, err
+	}
+	if err := writeImageConfig(tree, imgCfg); err != nil {
 		return nil, err
 	}
 	prog.printf("writing the ext4 disk (mkfs.ext4 -d)…")
@@ -137,20 +145,9 @@ func ImportOCI(ctx context.Context, opts OCIOptions) (*Result, error) {
 		return nil, err
 	}
 	info := Info{Kind: "oci", Source: source, Digest: digest.String(), AgentSHA256: agentSHA, Builder: BuilderVersion,
-		Built: time.Now().UTC(), BuildTime: time.Since(t0).Round(time.Millisecond).String(), Config: map[string]string{}}
-	if c := cfg.Config; true {
-		if len(c.Env) > 0 {
-			info.Config["env"] = strings.Join(c.Env, "\n")
-		}
-		if len(c.Entrypoint) > 0 {
-			info.Config["entrypoint"] = strings.Join(c.Entrypoint, " ")
-		}
-		if len(c.Cmd) > 0 {
-			info.Config["cmd"] = strings.Join(c.Cmd, " ")
-		}
-		if c.WorkingDir != "" {
-			info.Config["workdir"] = c.WorkingDir
-		}
+		Built: time.Now().UTC(), BuildTime: time.Since(t0).Round(time.Millisecond).String()}
+	if !imgCfg.Empty() {
+		info.Config = imgCfg
 	}
 	r, err := commit(opts.CacheDir, fp, out, info)
 	if err != nil {
@@ -159,6 +156,45 @@ func ImportOCI(ctx context.Context, opts OCIOptions) (*Result, error) {
 	r.Took = time.Since(t0)
 	prog.printf("imported in %s: %d MiB", r.Took.Round(time.Millisecond), r.Size/mib)
 	return r, nil
+}
+
+// ImageConfigOf takes the run config of an OCI image's config file.
+func ImageConfigOf(source string, cf *v1.ConfigFile) *wire.ImageConfig {
+	c := &wire.ImageConfig{Image: source}
+	if cf == nil {
+		return c
+	}
+	oc := cf.Config
+	c.Env = slices.Clone(oc.Env)
+	c.WorkingDir = oc.WorkingDir
+	c.User = oc.User
+	c.Entrypoint = slices.Clone(oc.Entrypoint)
+	c.Cmd = slices.Clone(oc.Cmd)
+	for p := range oc.ExposedPorts {
+		c.ExposedPorts = append(c.ExposedPorts, p)
+	}
+	slices.Sort(c.ExposedPorts)
+	return c
+}
+
+// writeImageConfig stores the run config in the tree, where the agent
+// reads it; a config that changes nothing is not written.
+func writeImageConfig(tree string, c *wire.ImageConfig) error {
+	if c.Empty() {
+		return nil
+	}
+	data, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	p := filepath.Join(tree, wire.ImageConfigPath)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return fmt.Errorf("write the image config: %w", err)
+	}
+	if err := os.WriteFile(p, data, 0o644); err != nil {
+		return fmt.Errorf("write the image config: %w", err)
+	}
+	return nil
 }
 
 // imageFromFile opens an OCI layout folder, an OCI layout tar or a docker

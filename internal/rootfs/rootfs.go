@@ -26,11 +26,13 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // BuilderVersion changes whenever what the builders produce changes, so
 // that old cache entries are not reused.
-const BuilderVersion = "smolvm-rootfs/1"
+const BuilderVersion = "smolvm-rootfs/2" // 2: OCI images carry their run config (wire.ImageConfigPath)
 
 // AgentPath is where the builders install the guest agent in a disk.
 const AgentPath = "/usr/sbin/smolvm-agent"
@@ -51,19 +53,22 @@ type Result struct {
 
 // Info is what the cache records next to a disk (<fingerprint>.json).
 type Info struct {
-	Kind        string            `json:"kind"` // "debian" or "oci"
-	Source      string            `json:"source"`
-	Digest      string            `json:"digest,omitempty"`
-	Suite       string            `json:"suite,omitempty"`
-	Variant     string            `json:"variant,omitempty"`
-	Mirror      string            `json:"mirror,omitempty"`
-	Packages    []string          `json:"packages,omitempty"`
-	Script      string            `json:"script,omitempty"`
-	AgentSHA256 string            `json:"agent_sha256"`
-	Builder     string            `json:"builder"`
-	Built       time.Time         `json:"built"`
-	BuildTime   string            `json:"build_time"`
-	Config      map[string]string `json:"config,omitempty"` // OCI: env, entrypoint, workdir
+	Kind        string    `json:"kind"` // "debian" or "oci"
+	Source      string    `json:"source"`
+	Digest      string    `json:"digest,omitempty"`
+	Suite       string    `json:"suite,omitempty"`
+	Variant     string    `json:"variant,omitempty"`
+	Mirror      string    `json:"mirror,omitempty"`
+	Packages    []string  `json:"packages,omitempty"`
+	Script      string    `json:"script,omitempty"`
+	AgentSHA256 string    `json:"agent_sha256"`
+	Builder     string    `json:"builder"`
+	Built       time.Time `json:"built"`
+	BuildTime   string    `json:"build_time"`
+	// Config is an OCI image's run config (env, working folder, user,
+	// entrypoint, cmd, exposed ports), also written into the disk at
+	// wire.ImageConfigPath for the agent.
+	Config *wire.ImageConfig `json:"image_config,omitempty"`
 }
 
 func cacheDir(root string) string { return filepath.Join(root, "rootfs") }

@@ -302,7 +302,11 @@ type ExecStart struct {
 	OutputLimit int64 `protobuf:"varint,11,opt,name=output_limit,json=outputLimit,proto3" json:"output_limit,omitempty"`
 	// Fast.Run only: stream the run. A first RunOutput names the started
 	// process, and output is sent as it is read instead of gathered.
-	Stream        bool `protobuf:"varint,12,opt,name=stream,proto3" json:"stream,omitempty"`
+	Stream bool `protobuf:"varint,12,opt,name=stream,proto3" json:"stream,omitempty"`
+	// Run as this user: a name, a uid, name:group or uid:gid, resolved in
+	// the guest's /etc/passwd and /etc/group. Empty: the image's User, else
+	// root.
+	User          string `protobuf:"bytes,13,opt,name=user,proto3" json:"user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -419,6 +423,13 @@ func (x *ExecStart) GetStream() bool {
 		return x.Stream
 	}
 	return false
+}
+
+func (x *ExecStart) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
 }
 
 type WindowSize struct {
@@ -1638,7 +1649,7 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"closeStdin\x12\x18\n" +
 	"\x06signal\x18\x04 \x01(\x05H\x00R\x06signal\x125\n" +
 	"\x06resize\x18\x05 \x01(\v2\x1b.smolvm.agent.v1.WindowSizeH\x00R\x06resizeB\x05\n" +
-	"\x03msg\"\xc0\x02\n" +
+	"\x03msg\"\xd4\x02\n" +
 	"\tExecStart\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12\x14\n" +
 	"\x05shell\x18\x02 \x01(\tR\x05shell\x12\x10\n" +
@@ -1653,7 +1664,8 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\x06run_id\x18\n" +
 	" \x01(\x04R\x05runId\x12!\n" +
 	"\foutput_limit\x18\v \x01(\x03R\voutputLimit\x12\x16\n" +
-	"\x06stream\x18\f \x01(\bR\x06stream\"4\n" +
+	"\x06stream\x18\f \x01(\bR\x06stream\x12\x12\n" +
+	"\x04user\x18\r \x01(\tR\x04user\"4\n" +
 	"\n" +
 	"WindowSize\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
