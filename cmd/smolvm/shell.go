@@ -43,7 +43,8 @@ without a pseudo-terminal.`,
 		},
 	}
 	cmd.Flags().StringArrayVarP(&f.env, "env", "e", nil, "set an environment variable (KEY=VALUE), repeatable")
-	cmd.Flags().StringVarP(&f.workdir, "workdir", "w", "", "working directory in the guest (default /root)")
+	cmd.Flags().StringVarP(&f.workdir, "workdir", "w", "", "working directory in the guest (default: the image's WorkingDir, else the user's home)")
+	cmd.Flags().StringVarP(&f.user, "user", "u", "", "log in as this guest user: NAME, UID, NAME:GROUP or UID:GID (default: the image's User, else root)")
 	cmd.Flags().StringVar(&shell, "shell", "/bin/sh", "the shell to run")
 	return cmd
 }
