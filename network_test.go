@@ -107,7 +107,7 @@ func TestNetworkUser(t *testing.T) {
 	port := hostServer(t)
 	fwd := freePort(t)
 	vm := netVM(t, smolvm.Config{Home: home,
-		Hosts:  map[string][]string{"allowed.test": {"127.0.0.1"}, "denied.test": {"127.0.0.1"}},
+		Hosts:  map[string][]string{"allowed.test": {"127.0.0.1"}},
 		Egress: smolvm.Egress{Mode: smolvm.EgressAllowlist, AllowDomains: []string{"allowed.test"}},
 		Ports:  []string{fmt.Sprintf("127.0.0.1:%d:8080", fwd)},
 	})
@@ -215,14 +215,14 @@ func TestNetworkUser(t *testing.T) {
 }
 
 // TestNetworkDeniedCIDRAndSupervisorKill: a persistent VM allowed only
-// 127.0.0.2 cannot reach the host's 127.0.0.1; after kill -9 of its
+// 203.0.113.7 cannot reach the host's 127.0.0.1; after kill -9 of its
 // supervisor, cleanup releases its forwarded port.
 func TestNetworkDeniedCIDRAndSupervisorKill(t *testing.T) {
 	home := testutil.Home(t)
 	port := hostServer(t)
 	fwd := freePort(t)
 	vm := netVM(t, smolvm.Config{Home: home, Persistent: true,
-		Egress: smolvm.Egress{Mode: smolvm.EgressAllowlist, AllowCIDRs: []string{"127.0.0.2/32"}},
+		Egress: smolvm.Egress{Mode: smolvm.EgressAllowlist, AllowCIDRs: []string{"203.0.113.7/32"}},
 		Ports:  []string{fmt.Sprintf("%d:8080", fwd)},
 	})
 	out, code := guestRun(t, vm, fmt.Sprintf("wget -qO- http://%s:%d/", network.HostAliasIP, port))
@@ -260,6 +260,94 @@ func TestNetworkDeniedCIDRAndSupervisorKill(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("forwarded port not freed: %v", lerr)
 	}
+}
+
+// TestNetworkHostLoopback: a default VM (egress open, no --add-host) does
+// not reach a service on the host's 127.0.0.1: not at 192.168.127.254, not
+// after its DNS was asked for localhost or the host's name (which the host
+// resolves to 127.0.0.1). A VM with --add-host svc:127.0.0.1 reaches it,
+// but not the first VM's port forward on the host's loopback. --allow-cidr 127.0.0.1/32 and --add-host with
+// egress off are refused before anything is made.
+func TestNetworkHostLoopback(t *testing.T) {
+	home := testutil.Home(t)
+	port := hostServer(t)
+	fwd := freePort(t)
+	open := netVM(t, smolvm.Config{Home: home, Ports: []string{fmt.Sprintf("127.0.0.1:%d:8080", fwd)}})
+	if out, code := guestRun(t, open, "mkdir -p /tmp/www && echo hello from the other VM > /tmp/www/index.html && httpd -p 8080 -h /tmp/www"); code != 0 {
+		t.Fatalf("httpd: %s", out)
+	}
+	alias := fmt.Sprintf("%s %d", network.HostAliasIP, port)
+	reach := func(vm *smolvm.VM, cmd string) (string, bool) {
+		t.Helper()
+		// nc prints the page when it connects; a refused connection
+		// prints an error instead.
+		out, _ := guestRun(t, vm, cmd)
+		return out, strings.Contains(out, "hello from the host") || strings.Contains(out, "hello from the other VM")
+	}
+	get := "printf 'GET / HTTP/1.0\r\n\r\n' | nc "
+	t.Run("alias", func(t *testing.T) {
+		if out, ok := reach(open, get+alias); ok {
+			t.Fatalf("reached the host's loopback at %s: %s", network.HostAliasIP, out)
+		}
+	})
+	names := []string{"localhost"}
+	if h, err := os.Hostname(); err == nil {
+		if addrs, err := net.LookupHost(h); err == nil && len(addrs) > 0 {
+			names = append(names, h)
+		}
+	}
+	for _, name := range names {
+		t.Run("after DNS of "+name, func(t *testing.T) {
+			// The path of issue 14: ask the VM's DNS for the name, then
+			// connect to the address the host's loopback had.
+			out, ok := reach(open, fmt.Sprintf("nslookup %s %s; %s%s", name, network.GatewayIP, get, alias))
+			if ok {
+				t.Fatalf("reached the host's loopback after resolving %s: %s", name, out)
+			}
+			if strings.Contains(out, "Address: "+network.HostAliasIP) || strings.Contains(out, "Address: 127.") {
+				t.Fatalf("the VM's DNS answered %s with the host's loopback: %s", name, out)
+			}
+			if out, ok := reach(open, fmt.Sprintf("%s%s %d", get, name, port)); ok {
+				t.Fatalf("reached the host's loopback by the name %s: %s", name, out)
+			}
+		})
+	}
+	t.Run("config refused", func(t *testing.T) {
+		ctx := testutil.Context(t, time.Minute)
+		_, err := smolvm.New(ctx, smolvm.Config{Home: home, Egress: smolvm.Egress{Mode: smolvm.EgressAllowlist, AllowCIDRs: []string{"127.0.0.1/32"}}})
+		if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), "--add-host NAME:127.0.0.1") {
+			t.Fatalf("--allow-cidr 127.0.0.1/32: %v", err)
+		}
+		_, err = smolvm.New(ctx, smolvm.Config{Home: home, Egress: smolvm.Egress{Mode: smolvm.EgressOff}, Hosts: map[string][]string{"svc": {"127.0.0.1"}}})
+		if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), "--egress off") {
+			t.Fatalf("--add-host with --egress off: %v", err)
+		}
+		if vms, err := smolvm.ListIn(ctx, home); err != nil || len(vms) != 1 {
+			t.Fatalf("VMs after refused configs: %v, %v", vms, err)
+		}
+	})
+	mapped := netVM(t, smolvm.Config{Home: home, Hosts: map[string][]string{"svc": {"127.0.0.1"}}})
+	t.Run("mapped name", func(t *testing.T) {
+		out, code := guestRun(t, mapped, fmt.Sprintf("wget -qO- http://svc:%d/", port))
+		if code != 0 || !strings.Contains(out, "hello from the host") {
+			t.Fatalf("wget svc (--add-host svc:127.0.0.1): exit %d: %s", code, out)
+		}
+	})
+	t.Run("another VM's forward", func(t *testing.T) {
+		// The host reaches the other VM's forward; the mapped VM does not.
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", fwd))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(b), "hello from the other VM") {
+			t.Fatalf("the forward from the host: %q", b)
+		}
+		if out, ok := reach(mapped, fmt.Sprintf("%ssvc %d", get, fwd)); ok {
+			t.Fatalf("reached another VM's forward on the host's loopback: %s", out)
+		}
+	})
 }
 
 // TestNetworkPortTaken: a forward of a host port another program holds
@@ -558,7 +646,8 @@ func TestNetworkTAP(t *testing.T) {
 	n := newTapNS(t)
 	ctx := testutil.Context(t, 10*time.Minute)
 	fwd := 10000 + rand.IntN(9000) // in the namespace: its loopback is all free
-	vm := n.create(t, "-p", fmt.Sprintf("%d:8080", fwd))
+	// The host itself is reached only through an allowed CIDR.
+	vm := n.create(t, "-p", fmt.Sprintf("%d:8080", fwd), "--egress", "allowlist", "--allow-cidr", "172.16.0.1/32")
 	tap := network.TAPName(vm.ID())
 
 	in, err := vm.Network(ctx)
