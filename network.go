@@ -29,9 +29,10 @@ package smolvm
 //     DNS server is the host's first non-loopback nameserver, if any.
 //     nftables (table "inet smolvm", one comment-tagged set of rules per
 //     VM) masquerades the guest's traffic to the host's other interfaces,
-//     rejects traffic between TAPs (guests cannot reach each other) and
-//     enforces the egress policy: off, a CIDR allowlist, link-local always
-//     blocked; domain allowlists need the user-mode DNS server and are
+//     rejects traffic between TAPs (guests cannot reach each other), keeps
+//     the guest from the host itself but through an allowed CIDR covering
+//     the host's address, and enforces the egress policy: off, a CIDR
+//     allowlist, link-local always blocked, no IPv6; domain allowlists need the user-mode DNS server and are
 //     refused. IPv4 forwarding is turned on in the network namespace.
 //     Port forwards are a userspace proxy in the supervisor to the
 //     guest's address. The TAP and the rules go when the VM stops or is

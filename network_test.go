@@ -670,6 +670,9 @@ func TestNetworkTAP(t *testing.T) {
 	if ls := leases(t, n.home, network.TAPPool, vm.ID()); len(ls) != 1 {
 		t.Fatalf("address leases: %v", ls)
 	}
+	if out, err := n.exec(t, "cat", "/proc/sys/net/ipv6/conf/"+tap+"/disable_ipv6"); err != nil || strings.TrimSpace(out) != "1" {
+		t.Fatalf("IPv6 on %s: disable_ipv6 %q, %v", tap, out, err)
+	}
 
 	n.httpd(t, wwwDir(t, "hello from the netns", 0))
 	t.Run("guest address and route", func(t *testing.T) {
@@ -700,9 +703,12 @@ func TestNetworkTAP(t *testing.T) {
 	n.assertNothingLeft(t, "after delete")
 }
 
-// TestNetworkTAPIsolation: two tap-mode guests each reach the host but not
-// each other; after kill -9 of one's supervisor, cleanup run outside the
-// namespace removes exactly that VM's rules and lease.
+// TestNetworkTAPIsolation: two tap-mode guests do not reach each other;
+// with egress open a guest reaches the network beyond the host but not the
+// host itself (none of its addresses), with an allowlist of the host's
+// address it does; a user-mode guest in the same namespace reaches neither
+// the host nor the tap guests. After kill -9 of one's supervisor, cleanup
+// run outside the namespace removes exactly that VM's rules and lease.
 func TestNetworkTAPIsolation(t *testing.T) {
 	n := newTapNS(t)
 	ctx := testutil.Context(t, 10*time.Minute)
@@ -726,10 +732,6 @@ func TestNetworkTAPIsolation(t *testing.T) {
 		ip   string
 		peer string
 	}{{a, ia.GuestIP, ib.GuestIP}, {b, ib.GuestIP, ia.GuestIP}} {
-		out, code := guestRun(t, g.vm, "wget -qO- http://172.16.0.1:8080/index.html")
-		if code != 0 || !strings.Contains(out, "hello from the netns") {
-			t.Fatalf("guest %s to the host: exit %d: %s", g.ip, code, out)
-		}
 		if out, code := guestRun(t, g.vm, "mkdir -p /tmp/www && echo hello from "+g.ip+" > /tmp/www/index.html && httpd -p 8080 -h /tmp/www"); code != 0 {
 			t.Fatalf("httpd: %s", out)
 		}
@@ -763,6 +765,54 @@ func TestNetworkTAPIsolation(t *testing.T) {
 	if out, code := guestRun(t, a, "wget -qO- http://10.1.2.3:8080/index.html"); code != 0 || !strings.Contains(out, "hello from beyond") {
 		t.Fatalf("a through the NAT: exit %d: %s", code, out)
 	}
+	// The host itself: its TAP address and its other address (10.1.2.1,
+	// where a second server listens) are reached only through the
+	// allowlist that names one of them.
+	n.httpdOn(t, "10.1.2.1", wwwDir(t, "hello from the host's other address", 0))
+	for _, c := range []struct {
+		vm    *smolvm.VM
+		url   string
+		reach bool
+	}{
+		{a, "http://172.16.0.1:8080/index.html", false},
+		{a, "http://10.1.2.1:8080/index.html", false},
+		{b, "http://172.16.0.1:8080/index.html", true},
+		{b, "http://10.1.2.1:8080/index.html", false},
+	} {
+		out, code := guestRun(t, c.vm, "wget -qO- "+c.url)
+		if got := code == 0 && strings.Contains(out, "hello from"); got != c.reach {
+			t.Errorf("%s to %s: exit %d: %s (want reached %v)", c.vm.ID(), c.url, code, out, c.reach)
+		}
+		if !c.reach && !strings.Contains(out, "No route to host") {
+			t.Errorf("%s to %s: not refused at once: %s", c.vm.ID(), c.url, out)
+		}
+	}
+	// A user-mode guest in the namespace (egress open): the network
+	// beyond, but neither the host's addresses nor a tap guest.
+	out, err := n.cli(t, "create", "-m", "256", "--boot-timeout", testutil.BootTimeout.String())
+	if err != nil {
+		t.Fatalf("create a user-mode VM: %v", err)
+	}
+	u, err := smolvm.OpenIn(ctx, n.home, strings.TrimSpace(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for url, reach := range map[string]bool{
+		"http://10.1.2.3:8080/index.html":   true,
+		"http://10.1.2.1:8080/index.html":   false,
+		"http://172.16.0.1:8080/index.html": false,
+		"http://" + ia.GuestIP + ":8080/":   false,
+		"http://" + ib.GuestIP + ":8080/":   false,
+	} {
+		out, code := guestRun(t, u, "wget -qO- "+url)
+		if got := code == 0 && strings.Contains(out, "hello from"); got != reach {
+			t.Errorf("user-mode guest to %s: exit %d: %s (want reached %v)", url, code, out, reach)
+		}
+	}
+	if out, err := n.cli(t, "rm", "-f", u.ID()); err != nil {
+		t.Fatalf("rm the user-mode VM: %v: %s", err, out)
+	}
+	_ = u.Close()
 	if out, code := guestRun(t, b, "wget -qO- http://10.1.2.3:8080/index.html"); code == 0 || !strings.Contains(out, "No route to host") {
 		t.Fatalf("b to an address outside its allowlist: exit %d: %s", code, out)
 	}
@@ -801,7 +851,7 @@ func TestNetworkTAPIsolation(t *testing.T) {
 		t.Fatalf("address leases after cleanup of b: %v", ls)
 	}
 	// a still works.
-	if out, code := guestRun(t, a, "wget -qO- http://172.16.0.1:8080/index.html"); code != 0 {
+	if out, code := guestRun(t, a, "wget -qO- http://10.1.2.3:8080/index.html"); code != 0 {
 		t.Fatalf("a after cleanup of b: exit %d: %s", code, out)
 	}
 	if out, err := n.cli(t, "rm", "-f", a.ID()); err != nil {
@@ -882,7 +932,7 @@ func TestNetworkThroughput(t *testing.T) {
 	}
 	t.Run("tap", func(t *testing.T) {
 		n := newTapNS(t)
-		vm := n.create(t)
+		vm := n.create(t, "--egress", "allowlist", "--allow-cidr", "172.16.0.1/32")
 		n.httpd(t, wwwDir(t, "hello", size))
 		mibs := measure(t, vm, "http://172.16.0.1:8080/big")
 		t.Logf("tap: guest downloaded %d MiB from busybox httpd in the namespace: median of %d %.1f MiB/s", size>>20, runs, mibs)
