@@ -333,6 +333,48 @@ func TestNetworkHostLoopback(t *testing.T) {
 			t.Fatalf("wget svc (--add-host svc:127.0.0.1): exit %d: %s", code, out)
 		}
 	})
+	t.Run("udp", func(t *testing.T) {
+		// DNS queries (busybox nslookup NAME SERVER:PORT) to a UDP socket
+		// on the host's 127.0.0.1 that records the names asked: the
+		// default VM's (sent first, after resolving localhost) never
+		// arrives, the mapped VM's does.
+		pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		got := make(chan string, 64)
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				n, _, err := pc.ReadFrom(buf)
+				if err != nil {
+					close(got)
+					return
+				}
+				got <- string(buf[:n])
+			}
+		}()
+		uport := pc.LocalAddr().(*net.UDPAddr).Port
+		guestRun(t, open, fmt.Sprintf("nslookup localhost %s; nslookup -timeout=1 -retry=1 fromopen.test %s:%d", network.GatewayIP, network.HostAliasIP, uport))
+		guestRun(t, mapped, fmt.Sprintf("nslookup -timeout=1 -retry=1 frommapped.test svc:%d", uport))
+		for {
+			select {
+			case q, ok := <-got:
+				if !ok {
+					t.Fatal("UDP socket closed")
+				}
+				if strings.Contains(q, "fromopen") {
+					t.Fatal("the default VM's datagram reached the host's loopback")
+				}
+				if strings.Contains(q, "frommapped") {
+					return
+				}
+			case <-time.After(time.Minute):
+				t.Fatal("the mapped VM's datagram did not arrive")
+			}
+		}
+	})
 	t.Run("another VM's forward", func(t *testing.T) {
 		// The host reaches the other VM's forward; the mapped VM does not.
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", fwd))
