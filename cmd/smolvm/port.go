@@ -149,7 +149,7 @@ func networkRows(row func(string, any), n *smolvm.NetworkInfo) {
 		row("Network", fmt.Sprintf("tap: %s/%d on %s, gateway %s (the host), DNS %s, pool %s, NAT to the host's network",
 			n.GuestIP, n.PrefixLen, n.TAP, n.Gateway, dns, n.Subnet))
 	} else {
-		row("Network", fmt.Sprintf("%s: %s/%d, gateway and DNS %s, host loopback at %s", n.Mode, n.GuestIP, n.PrefixLen, n.Gateway, n.HostIP))
+		row("Network", fmt.Sprintf("%s: %s/%d, gateway and DNS %s, host loopback at %s (for --add-host NAME:127.0.0.1 names)", n.Mode, n.GuestIP, n.PrefixLen, n.Gateway, n.HostIP))
 	}
 	var fw []string
 	for _, f := range n.Forwards {

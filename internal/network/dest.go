@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -40,10 +41,19 @@ type hostRoute struct {
 	Dev string
 }
 
+// routeHandle is this process's netlink socket for route lookups (shared,
+// requests are serialized on it): a new socket per lookup costs more than
+// the lookup.
+var routeHandle = sync.OnceValues(func() (*netlink.Handle, error) { return netlink.NewHandle(unix.NETLINK_ROUTE) })
+
 // routeOf asks the kernel (RTM_GETROUTE, like `ip route get`) where it
-// would send packets for a.
+// would send packets for a. The device is named for unicast routes only.
 func routeOf(a netip.Addr) (hostRoute, error) {
-	rs, err := netlink.RouteGet(a.AsSlice())
+	h, err := routeHandle()
+	if err != nil {
+		return hostRoute{}, fmt.Errorf("route to %s: %w", a, err)
+	}
+	rs, err := h.RouteGet(a.AsSlice())
 	if err != nil {
 		return hostRoute{}, fmt.Errorf("route to %s: %w", a, err)
 	}
@@ -51,7 +61,11 @@ func routeOf(a netip.Addr) (hostRoute, error) {
 		return hostRoute{}, fmt.Errorf("route to %s: none", a)
 	}
 	r := hostRoute{Type: rs[0].Type}
-	if l, err := netlink.LinkByIndex(rs[0].LinkIndex); err == nil {
+	if r.Type == unix.RTN_UNICAST {
+		l, err := h.LinkByIndex(rs[0].LinkIndex)
+		if err != nil {
+			return hostRoute{}, fmt.Errorf("route to %s: device %d: %w", a, rs[0].LinkIndex, err)
+		}
 		r.Dev = l.Attrs().Name
 	}
 	return r, nil
