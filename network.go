@@ -5,9 +5,12 @@ package smolvm
 //   - "user", the default: a userspace NAT stack (gvisor-tap-vsock and
 //     gVisor's netstack) runs inside the VM's supervisor and is QEMU's
 //     -netdev stream peer. No root is needed. The guest's eth0 is
-//     192.168.127.2/24, its gateway and DNS server 192.168.127.1; the
-//     host's loopback is reachable at 192.168.127.254 (127.0.0.1 on the
-//     host). Port forwards (Config.Ports, VM.ExposePort) listen on the host
+//     192.168.127.2/24, its gateway and DNS server 192.168.127.1. The host
+//     itself (its loopback, its own addresses) is reachable only through
+//     names mapped with Config.Hosts that egress allows: a name mapped to
+//     127.0.0.1 answers 192.168.127.254, which leads to the host's
+//     127.0.0.1. Other VMs (their forwarded ports, tap guests) are never
+//     reachable. Port forwards (Config.Ports, VM.ExposePort) listen on the host
 //     (127.0.0.1 unless an IP is given) and are leased in the store (pool
 //     "host-port") until the VM is deleted. The egress policy
 //     (Config.Egress) is enforced by the stack: DNS answers only allowed
@@ -26,9 +29,10 @@ package smolvm
 //     DNS server is the host's first non-loopback nameserver, if any.
 //     nftables (table "inet smolvm", one comment-tagged set of rules per
 //     VM) masquerades the guest's traffic to the host's other interfaces,
-//     rejects traffic between TAPs (guests cannot reach each other) and
-//     enforces the egress policy: off, a CIDR allowlist, link-local always
-//     blocked; domain allowlists need the user-mode DNS server and are
+//     rejects traffic between TAPs (guests cannot reach each other), keeps
+//     the guest from the host itself but through an allowed CIDR covering
+//     the host's address, and enforces the egress policy: off, a CIDR
+//     allowlist, link-local always blocked, no IPv6; domain allowlists need the user-mode DNS server and are
 //     refused. IPv4 forwarding is turned on in the network namespace.
 //     Port forwards are a userspace proxy in the supervisor to the
 //     guest's address. The TAP and the rules go when the VM stops or is
@@ -99,7 +103,8 @@ type NetworkInfo struct {
 	PrefixLen int    `json:"prefix_len,omitempty"`
 	Gateway   string `json:"gateway,omitempty"`
 	DNS       string `json:"dns,omitempty"`
-	// HostIP is where the guest reaches the host's loopback (user mode).
+	// HostIP is where the guest reaches the host's loopback (user mode),
+	// through names mapped to 127.0.0.1 (Config.Hosts).
 	HostIP string `json:"host_loopback_ip,omitempty"`
 	// TAP is the host-side device and Subnet the address pool (tap mode).
 	TAP      string        `json:"tap,omitempty"`

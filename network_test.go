@@ -107,7 +107,7 @@ func TestNetworkUser(t *testing.T) {
 	port := hostServer(t)
 	fwd := freePort(t)
 	vm := netVM(t, smolvm.Config{Home: home,
-		Hosts:  map[string][]string{"allowed.test": {"127.0.0.1"}, "denied.test": {"127.0.0.1"}},
+		Hosts:  map[string][]string{"allowed.test": {"127.0.0.1"}},
 		Egress: smolvm.Egress{Mode: smolvm.EgressAllowlist, AllowDomains: []string{"allowed.test"}},
 		Ports:  []string{fmt.Sprintf("127.0.0.1:%d:8080", fwd)},
 	})
@@ -215,14 +215,14 @@ func TestNetworkUser(t *testing.T) {
 }
 
 // TestNetworkDeniedCIDRAndSupervisorKill: a persistent VM allowed only
-// 127.0.0.2 cannot reach the host's 127.0.0.1; after kill -9 of its
+// 203.0.113.7 cannot reach the host's 127.0.0.1; after kill -9 of its
 // supervisor, cleanup releases its forwarded port.
 func TestNetworkDeniedCIDRAndSupervisorKill(t *testing.T) {
 	home := testutil.Home(t)
 	port := hostServer(t)
 	fwd := freePort(t)
 	vm := netVM(t, smolvm.Config{Home: home, Persistent: true,
-		Egress: smolvm.Egress{Mode: smolvm.EgressAllowlist, AllowCIDRs: []string{"127.0.0.2/32"}},
+		Egress: smolvm.Egress{Mode: smolvm.EgressAllowlist, AllowCIDRs: []string{"203.0.113.7/32"}},
 		Ports:  []string{fmt.Sprintf("%d:8080", fwd)},
 	})
 	out, code := guestRun(t, vm, fmt.Sprintf("wget -qO- http://%s:%d/", network.HostAliasIP, port))
@@ -260,6 +260,136 @@ func TestNetworkDeniedCIDRAndSupervisorKill(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("forwarded port not freed: %v", lerr)
 	}
+}
+
+// TestNetworkHostLoopback: a default VM (egress open, no --add-host) does
+// not reach a service on the host's 127.0.0.1: not at 192.168.127.254, not
+// after its DNS was asked for localhost or the host's name (which the host
+// resolves to 127.0.0.1). A VM with --add-host svc:127.0.0.1 reaches it,
+// but not the first VM's port forward on the host's loopback. --allow-cidr 127.0.0.1/32 and --add-host with
+// egress off are refused before anything is made.
+func TestNetworkHostLoopback(t *testing.T) {
+	home := testutil.Home(t)
+	port := hostServer(t)
+	fwd := freePort(t)
+	open := netVM(t, smolvm.Config{Home: home, Ports: []string{fmt.Sprintf("127.0.0.1:%d:8080", fwd)}})
+	if out, code := guestRun(t, open, "mkdir -p /tmp/www && echo hello from the other VM > /tmp/www/index.html && httpd -p 8080 -h /tmp/www"); code != 0 {
+		t.Fatalf("httpd: %s", out)
+	}
+	alias := fmt.Sprintf("%s %d", network.HostAliasIP, port)
+	reach := func(vm *smolvm.VM, cmd string) (string, bool) {
+		t.Helper()
+		// nc prints the page when it connects; a refused connection
+		// prints an error instead.
+		out, _ := guestRun(t, vm, cmd)
+		return out, strings.Contains(out, "hello from the host") || strings.Contains(out, "hello from the other VM")
+	}
+	get := "printf 'GET / HTTP/1.0\r\n\r\n' | nc "
+	t.Run("alias", func(t *testing.T) {
+		if out, ok := reach(open, get+alias); ok {
+			t.Fatalf("reached the host's loopback at %s: %s", network.HostAliasIP, out)
+		}
+	})
+	names := []string{"localhost"}
+	if h, err := os.Hostname(); err == nil {
+		if addrs, err := net.LookupHost(h); err == nil && len(addrs) > 0 {
+			names = append(names, h)
+		}
+	}
+	for _, name := range names {
+		t.Run("after DNS of "+name, func(t *testing.T) {
+			// The path of issue 14: ask the VM's DNS for the name, then
+			// connect to the address the host's loopback had.
+			out, ok := reach(open, fmt.Sprintf("nslookup %s %s; %s%s", name, network.GatewayIP, get, alias))
+			if ok {
+				t.Fatalf("reached the host's loopback after resolving %s: %s", name, out)
+			}
+			if strings.Contains(out, "Address: "+network.HostAliasIP) || strings.Contains(out, "Address: 127.") {
+				t.Fatalf("the VM's DNS answered %s with the host's loopback: %s", name, out)
+			}
+			if out, ok := reach(open, fmt.Sprintf("%s%s %d", get, name, port)); ok {
+				t.Fatalf("reached the host's loopback by the name %s: %s", name, out)
+			}
+		})
+	}
+	t.Run("config refused", func(t *testing.T) {
+		ctx := testutil.Context(t, time.Minute)
+		_, err := smolvm.New(ctx, smolvm.Config{Home: home, Egress: smolvm.Egress{Mode: smolvm.EgressAllowlist, AllowCIDRs: []string{"127.0.0.1/32"}}})
+		if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), "--add-host NAME:127.0.0.1") {
+			t.Fatalf("--allow-cidr 127.0.0.1/32: %v", err)
+		}
+		_, err = smolvm.New(ctx, smolvm.Config{Home: home, Egress: smolvm.Egress{Mode: smolvm.EgressOff}, Hosts: map[string][]string{"svc": {"127.0.0.1"}}})
+		if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), "--egress off") {
+			t.Fatalf("--add-host with --egress off: %v", err)
+		}
+		if vms, err := smolvm.ListIn(ctx, home); err != nil || len(vms) != 1 {
+			t.Fatalf("VMs after refused configs: %v, %v", vms, err)
+		}
+	})
+	mapped := netVM(t, smolvm.Config{Home: home, Hosts: map[string][]string{"svc": {"127.0.0.1"}}})
+	t.Run("mapped name", func(t *testing.T) {
+		out, code := guestRun(t, mapped, fmt.Sprintf("wget -qO- http://svc:%d/", port))
+		if code != 0 || !strings.Contains(out, "hello from the host") {
+			t.Fatalf("wget svc (--add-host svc:127.0.0.1): exit %d: %s", code, out)
+		}
+	})
+	t.Run("udp", func(t *testing.T) {
+		// DNS queries (busybox nslookup NAME SERVER:PORT) to a UDP socket
+		// on the host's 127.0.0.1 that records the names asked: the
+		// default VM's (sent first, after resolving localhost) never
+		// arrives, the mapped VM's does.
+		pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		got := make(chan string, 64)
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				n, _, err := pc.ReadFrom(buf)
+				if err != nil {
+					close(got)
+					return
+				}
+				got <- string(buf[:n])
+			}
+		}()
+		uport := pc.LocalAddr().(*net.UDPAddr).Port
+		guestRun(t, open, fmt.Sprintf("nslookup localhost %s; nslookup -timeout=1 -retry=1 fromopen.test %s:%d", network.GatewayIP, network.HostAliasIP, uport))
+		guestRun(t, mapped, fmt.Sprintf("nslookup -timeout=1 -retry=1 frommapped.test svc:%d", uport))
+		for {
+			select {
+			case q, ok := <-got:
+				if !ok {
+					t.Fatal("UDP socket closed")
+				}
+				if strings.Contains(q, "fromopen") {
+					t.Fatal("the default VM's datagram reached the host's loopback")
+				}
+				if strings.Contains(q, "frommapped") {
+					return
+				}
+			case <-time.After(time.Minute):
+				t.Fatal("the mapped VM's datagram did not arrive")
+			}
+		}
+	})
+	t.Run("another VM's forward", func(t *testing.T) {
+		// The host reaches the other VM's forward; the mapped VM does not.
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", fwd))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(b), "hello from the other VM") {
+			t.Fatalf("the forward from the host: %q", b)
+		}
+		if out, ok := reach(mapped, fmt.Sprintf("%ssvc %d", get, fwd)); ok {
+			t.Fatalf("reached another VM's forward on the host's loopback: %s", out)
+		}
+	})
 }
 
 // TestNetworkPortTaken: a forward of a host port another program holds
@@ -558,7 +688,8 @@ func TestNetworkTAP(t *testing.T) {
 	n := newTapNS(t)
 	ctx := testutil.Context(t, 10*time.Minute)
 	fwd := 10000 + rand.IntN(9000) // in the namespace: its loopback is all free
-	vm := n.create(t, "-p", fmt.Sprintf("%d:8080", fwd))
+	// The host itself is reached only through an allowed CIDR.
+	vm := n.create(t, "-p", fmt.Sprintf("%d:8080", fwd), "--egress", "allowlist", "--allow-cidr", "172.16.0.1/32")
 	tap := network.TAPName(vm.ID())
 
 	in, err := vm.Network(ctx)
@@ -580,6 +711,9 @@ func TestNetworkTAP(t *testing.T) {
 	}
 	if ls := leases(t, n.home, network.TAPPool, vm.ID()); len(ls) != 1 {
 		t.Fatalf("address leases: %v", ls)
+	}
+	if out, err := n.exec(t, "cat", "/proc/sys/net/ipv6/conf/"+tap+"/disable_ipv6"); err != nil || strings.TrimSpace(out) != "1" {
+		t.Fatalf("IPv6 on %s: disable_ipv6 %q, %v", tap, out, err)
 	}
 
 	n.httpd(t, wwwDir(t, "hello from the netns", 0))
@@ -611,9 +745,12 @@ func TestNetworkTAP(t *testing.T) {
 	n.assertNothingLeft(t, "after delete")
 }
 
-// TestNetworkTAPIsolation: two tap-mode guests each reach the host but not
-// each other; after kill -9 of one's supervisor, cleanup run outside the
-// namespace removes exactly that VM's rules and lease.
+// TestNetworkTAPIsolation: two tap-mode guests do not reach each other;
+// with egress open a guest reaches the network beyond the host but not the
+// host itself (none of its addresses), with an allowlist of the host's
+// address it does; a user-mode guest in the same namespace reaches neither
+// the host nor the tap guests. After kill -9 of one's supervisor, cleanup
+// run outside the namespace removes exactly that VM's rules and lease.
 func TestNetworkTAPIsolation(t *testing.T) {
 	n := newTapNS(t)
 	ctx := testutil.Context(t, 10*time.Minute)
@@ -637,10 +774,6 @@ func TestNetworkTAPIsolation(t *testing.T) {
 		ip   string
 		peer string
 	}{{a, ia.GuestIP, ib.GuestIP}, {b, ib.GuestIP, ia.GuestIP}} {
-		out, code := guestRun(t, g.vm, "wget -qO- http://172.16.0.1:8080/index.html")
-		if code != 0 || !strings.Contains(out, "hello from the netns") {
-			t.Fatalf("guest %s to the host: exit %d: %s", g.ip, code, out)
-		}
 		if out, code := guestRun(t, g.vm, "mkdir -p /tmp/www && echo hello from "+g.ip+" > /tmp/www/index.html && httpd -p 8080 -h /tmp/www"); code != 0 {
 			t.Fatalf("httpd: %s", out)
 		}
@@ -674,6 +807,54 @@ func TestNetworkTAPIsolation(t *testing.T) {
 	if out, code := guestRun(t, a, "wget -qO- http://10.1.2.3:8080/index.html"); code != 0 || !strings.Contains(out, "hello from beyond") {
 		t.Fatalf("a through the NAT: exit %d: %s", code, out)
 	}
+	// The host itself: its TAP address and its other address (10.1.2.1,
+	// where a second server listens) are reached only through the
+	// allowlist that names one of them.
+	n.httpdOn(t, "10.1.2.1", wwwDir(t, "hello from the host's other address", 0))
+	for _, c := range []struct {
+		vm    *smolvm.VM
+		url   string
+		reach bool
+	}{
+		{a, "http://172.16.0.1:8080/index.html", false},
+		{a, "http://10.1.2.1:8080/index.html", false},
+		{b, "http://172.16.0.1:8080/index.html", true},
+		{b, "http://10.1.2.1:8080/index.html", false},
+	} {
+		out, code := guestRun(t, c.vm, "wget -qO- "+c.url)
+		if got := code == 0 && strings.Contains(out, "hello from"); got != c.reach {
+			t.Errorf("%s to %s: exit %d: %s (want reached %v)", c.vm.ID(), c.url, code, out, c.reach)
+		}
+		if !c.reach && !strings.Contains(out, "No route to host") {
+			t.Errorf("%s to %s: not refused at once: %s", c.vm.ID(), c.url, out)
+		}
+	}
+	// A user-mode guest in the namespace (egress open): the network
+	// beyond, but neither the host's addresses nor a tap guest.
+	out, err := n.cli(t, "create", "-m", "256", "--boot-timeout", testutil.BootTimeout.String())
+	if err != nil {
+		t.Fatalf("create a user-mode VM: %v", err)
+	}
+	u, err := smolvm.OpenIn(ctx, n.home, strings.TrimSpace(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for url, reach := range map[string]bool{
+		"http://10.1.2.3:8080/index.html":   true,
+		"http://10.1.2.1:8080/index.html":   false,
+		"http://172.16.0.1:8080/index.html": false,
+		"http://" + ia.GuestIP + ":8080/":   false,
+		"http://" + ib.GuestIP + ":8080/":   false,
+	} {
+		out, code := guestRun(t, u, "wget -qO- "+url)
+		if got := code == 0 && strings.Contains(out, "hello from"); got != reach {
+			t.Errorf("user-mode guest to %s: exit %d: %s (want reached %v)", url, code, out, reach)
+		}
+	}
+	if out, err := n.cli(t, "rm", "-f", u.ID()); err != nil {
+		t.Fatalf("rm the user-mode VM: %v: %s", err, out)
+	}
+	_ = u.Close()
 	if out, code := guestRun(t, b, "wget -qO- http://10.1.2.3:8080/index.html"); code == 0 || !strings.Contains(out, "No route to host") {
 		t.Fatalf("b to an address outside its allowlist: exit %d: %s", code, out)
 	}
@@ -712,7 +893,7 @@ func TestNetworkTAPIsolation(t *testing.T) {
 		t.Fatalf("address leases after cleanup of b: %v", ls)
 	}
 	// a still works.
-	if out, code := guestRun(t, a, "wget -qO- http://172.16.0.1:8080/index.html"); code != 0 {
+	if out, code := guestRun(t, a, "wget -qO- http://10.1.2.3:8080/index.html"); code != 0 {
 		t.Fatalf("a after cleanup of b: exit %d: %s", code, out)
 	}
 	if out, err := n.cli(t, "rm", "-f", a.ID()); err != nil {
@@ -793,7 +974,7 @@ func TestNetworkThroughput(t *testing.T) {
 	}
 	t.Run("tap", func(t *testing.T) {
 		n := newTapNS(t)
-		vm := n.create(t)
+		vm := n.create(t, "--egress", "allowlist", "--allow-cidr", "172.16.0.1/32")
 		n.httpd(t, wwwDir(t, "hello", size))
 		mibs := measure(t, vm, "http://172.16.0.1:8080/big")
 		t.Logf("tap: guest downloaded %d MiB from busybox httpd in the namespace: median of %d %.1f MiB/s", size>>20, runs, mibs)

@@ -103,7 +103,10 @@ type Config struct {
 	// Egress is what the guest may reach; the zero value is open.
 	Egress Egress
 	// Hosts are static name → IPv4 entries the VM's DNS answers (and the
-	// egress policy resolves) before the host's resolver.
+	// egress policy resolves) before the host's resolver (user mode).
+	// Their addresses, for names egress allows, are the only ones of the
+	// host itself a guest reaches: "svc": {"127.0.0.1"} opens the host's
+	// loopback to the guest as svc (192.168.127.254).
 	Hosts map[string][]string
 	// Home is the state folder; default $SMOLVM_HOME, else
 	// $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.

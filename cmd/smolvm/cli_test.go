@@ -147,6 +147,21 @@ func TestCLIBadInput(t *testing.T) {
 			t.Errorf("smolvm %s printed %q on stdout", strings.Join(args, " "), r.stdout)
 		}
 	}
+	// Network settings that would open the host's loopback, or do
+	// nothing, are refused as invalid (exit 3), naming the fix.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"create", "--egress", "allowlist", "--allow-cidr", "127.0.0.1/32"}, "--add-host NAME:127.0.0.1"},
+		{[]string{"create", "--add-host", "svc:127.0.0.1", "--egress", "off"}, "--egress off"},
+		{[]string{"create", "--allow-domain", "example.com", "--add-host", "svc:127.0.0.1"}, "--allow-domain svc"},
+	} {
+		r = smolvmRun(t, home, "", c.args...)
+		if r.code != 3 || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("smolvm %s: exit %d, stderr %q; want exit 3 naming %q", strings.Join(c.args, " "), r.code, r.stderr, c.want)
+		}
+	}
 	r = smolvmRun(t, home, "", "create", "--name", "bad name")
 	if r.code == 0 || !strings.Contains(r.stderr, "name") {
 		t.Errorf("create with an invalid name: exit %d, stderr %q", r.code, r.stderr)

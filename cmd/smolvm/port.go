@@ -28,10 +28,10 @@ func (f *netFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.mode, "net", "user", "network: user (userspace NAT, no root), tap (a TAP device with NAT in nftables, root) or none (no NIC)")
 	fs.StringVar(&f.tapCIDR, "tap-cidr", "", "address pool of --net tap: the host takes the first address, guests lease the others (default "+smolvm.DefaultTAPSubnet+")")
 	fs.StringArrayVarP(&f.publish, "publish", "p", nil, "forward a host port to a guest port: [IP:]HOST:GUEST (IP defaults to 127.0.0.1; GUEST alone picks a free host port); repeatable")
-	fs.StringVar(&f.egress, "egress", "", "what the guest may reach: open (default; never link-local/cloud metadata), off, or allowlist (with --allow-domain/--allow-cidr)")
+	fs.StringVar(&f.egress, "egress", "", "what the guest may reach: open (default; never link-local/cloud metadata, the host itself or other VMs), off, or allowlist (with --allow-domain/--allow-cidr)")
 	fs.StringArrayVar(&f.allowDomains, "allow-domain", nil, "allow this domain and its subdomains (implies --egress allowlist); repeatable")
 	fs.StringArrayVar(&f.allowCIDRs, "allow-cidr", nil, "allow connections to this IPv4 network, e.g. 10.1.0.0/16 (implies --egress allowlist); repeatable")
-	fs.StringArrayVar(&f.addHosts, "add-host", nil, "answer NAME with IP in the VM's DNS: NAME:IP; repeatable")
+	fs.StringArrayVar(&f.addHosts, "add-host", nil, "answer NAME with IP in the VM's DNS: NAME:IP; the only way to the host itself (NAME:127.0.0.1 for its loopback); user mode; repeatable")
 }
 
 func (f *netFlags) config() (smolvm.Config, error) {
@@ -149,7 +149,7 @@ func networkRows(row func(string, any), n *smolvm.NetworkInfo) {
 		row("Network", fmt.Sprintf("tap: %s/%d on %s, gateway %s (the host), DNS %s, pool %s, NAT to the host's network",
 			n.GuestIP, n.PrefixLen, n.TAP, n.Gateway, dns, n.Subnet))
 	} else {
-		row("Network", fmt.Sprintf("%s: %s/%d, gateway and DNS %s, host loopback at %s", n.Mode, n.GuestIP, n.PrefixLen, n.Gateway, n.HostIP))
+		row("Network", fmt.Sprintf("%s: %s/%d, gateway and DNS %s, host loopback at %s (for --add-host NAME:127.0.0.1 names)", n.Mode, n.GuestIP, n.PrefixLen, n.Gateway, n.HostIP))
 	}
 	var fw []string
 	for _, f := range n.Forwards {

@@ -10,7 +10,12 @@
 //	192.168.127.0/24   the virtual subnet
 //	192.168.127.1      gateway and DNS server
 //	192.168.127.2      the guest (eth0)
-//	192.168.127.254    the host's loopback: connections to it go to 127.0.0.1
+//	192.168.127.254    the host's loopback: connections to it go to 127.0.0.1,
+//	                   when a name mapped with --add-host NAME:127.0.0.1 opens it
+//
+// The host itself (loopback and its own addresses) and other VMs are out
+// of the guest's reach but through --add-host names: see dest.go for the
+// one check every connection passes.
 //
 // TAP mode (tap.go, nft.go; root): the supervisor creates a non-persistent
 // TAP device per VM with netlink and hands QEMU its file descriptor. The
@@ -20,7 +25,8 @@
 // ADDR/32 with the host as an on-link gateway, so even traffic to another
 // guest goes through the host, where nftables (table "inet smolvm")
 // rejects it, masquerades the rest to the host's other interfaces and
-// enforces the egress policy's CIDRs. Every rule of a VM carries a comment
+// enforces the egress policy's CIDRs; the host itself is reached only
+// through an allowed CIDR that covers its address. Every rule of a VM carries a comment
 // naming the VM, so delete and cleanup remove exactly its rules.
 package network
 
@@ -116,7 +122,9 @@ type Config struct {
 	Forwards []Forward `json:"forwards,omitempty"`
 	Egress   Egress    `json:"egress"`
 	// Hosts are static name → IPv4 entries the stack's DNS answers (and
-	// the egress policy resolves) before asking the host's resolver.
+	// the egress policy resolves) before asking the host's resolver. The
+	// addresses of the names egress allows are the only ones of the host
+	// itself (127.0.0.1, the host's own addresses) the guest reaches.
 	Hosts map[string][]string `json:"hosts,omitempty"`
 	// Aliases map guest-visible addresses of the virtual subnet to host
 	// addresses (loopback only); default HostAliasIP → 127.0.0.1.
@@ -253,14 +261,13 @@ func (c *Config) Normalize() error {
 		if err != nil {
 			return err
 		}
+		if err := c.checkAllowCIDR(p); err != nil {
+			return err
+		}
 		c.Egress.AllowCIDRs[i] = p.String()
 	}
-	for name, ips := range c.Hosts {
-		for _, ip := range ips {
-			if a, err := netip.ParseAddr(ip); err != nil || !a.Is4() {
-				return fmt.Errorf("host entry %s: %q is not an IPv4 address", name, ip)
-			}
-		}
+	if err := c.checkHosts(); err != nil {
+		return err
 	}
 	seen := map[int]bool{}
 	for _, f := range c.Forwards {
@@ -268,6 +275,70 @@ func (c *Config) Normalize() error {
 			return fmt.Errorf("host port %d is forwarded twice", f.HostPort)
 		}
 		seen[f.HostPort] = true
+	}
+	return nil
+}
+
+var (
+	loopbackNet = netip.MustParsePrefix("127.0.0.0/8")
+	userSubnet  = netip.MustParsePrefix(Subnet)
+)
+
+// checkAllowCIDR refuses an allowed network that could only mean what an
+// allowlist never opens: the host's loopback (a name mapped with
+// --add-host opens it), link-local addresses, or (user mode) the VM's own
+// virtual network. A wider network that covers them (0.0.0.0/0) is
+// accepted and does not open them either.
+func (c *Config) checkAllowCIDR(p netip.Prefix) error {
+	switch {
+	case loopbackNet.Bits() <= p.Bits() && loopbackNet.Contains(p.Addr()):
+		hint := "map a name to the host's loopback with --add-host NAME:127.0.0.1 (and allow that name with --allow-domain NAME)"
+		if c.Mode == ModeTAP {
+			hint = "a tap-mode guest never reaches the host's loopback; reach host services on the host's TAP address (" + TAPGateway(netip.MustParsePrefix(c.Subnet)).String() + ") with --allow-cidr"
+		}
+		return fmt.Errorf("allowed CIDR %s is the host's loopback, which an allowlist never opens: %s", p, hint)
+	case linkLocal.Bits() <= p.Bits() && linkLocal.Contains(p.Addr()):
+		return fmt.Errorf("allowed CIDR %s is link-local (169.254.0.0/16, cloud metadata), which is never reachable", p)
+	case c.Mode == ModeUser && userSubnet.Bits() <= p.Bits() && userSubnet.Contains(p.Addr()):
+		return fmt.Errorf("allowed CIDR %s is the VM's own virtual network (%s); to reach the host's loopback map a name with --add-host NAME:127.0.0.1", p, Subnet)
+	}
+	return nil
+}
+
+// checkHosts checks the --add-host entries: IPv4 addresses a guest can be
+// sent to, names the egress policy lets the guest resolve.
+func (c *Config) checkHosts() error {
+	if len(c.Hosts) > 0 && c.Egress.Mode == EgressOff {
+		return errors.New("static host entries (--add-host) need egress: with --egress off the VM's DNS refuses every name and nothing is reachable; drop --add-host, or use --egress allowlist --allow-domain NAME")
+	}
+	names := make([]string, 0, len(c.Hosts))
+	for name := range c.Hosts {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		n := normName(name)
+		if n == "" || strings.ContainsAny(n, " /:") {
+			return fmt.Errorf("host entry %q: not a host name (use --add-host NAME:IP)", name)
+		}
+		if c.Egress.Mode == EgressAllowlist && !domainAllowed(c.Egress.AllowDomains, n) {
+			return fmt.Errorf("host entry %s: the name is not in the egress allowlist, so the guest could not resolve it: add --allow-domain %s", n, n)
+		}
+		for _, ip := range c.Hosts[name] {
+			a, err := netip.ParseAddr(ip)
+			switch {
+			case err != nil || !a.Is4():
+				return fmt.Errorf("host entry %s: %q is not an IPv4 address", n, ip)
+			case a.IsLoopback() && a != netip.MustParseAddr("127.0.0.1"):
+				return fmt.Errorf("host entry %s: %s: of the host's loopback only 127.0.0.1 is reachable from a guest: use --add-host %s:127.0.0.1", n, a, n)
+			case a.IsUnspecified() || a.IsMulticast() || a == broadcast:
+				return fmt.Errorf("host entry %s: %s is not an address a guest can connect to", n, a)
+			case linkLocal.Contains(a):
+				return fmt.Errorf("host entry %s: %s is link-local (cloud metadata), which is never reachable", n, a)
+			case userSubnet.Contains(a):
+				return fmt.Errorf("host entry %s: %s is in the VM's own virtual network (%s); for the host's loopback use --add-host %s:127.0.0.1", n, a, Subnet, n)
+			}
+		}
 	}
 	return nil
 }
@@ -324,7 +395,7 @@ func (c *Config) Summary() (addr, egress string) {
 		}
 		addr = fmt.Sprintf("%s/32 via %s on %s (pool %s, dns %s, NAT to the host's network)", c.GuestIP, c.Gateway, c.TAP, c.Subnet, dns)
 	} else {
-		addr = fmt.Sprintf("%s/%d via %s (dns %s; host loopback at %s)", c.GuestIP, PrefixLen, c.Gateway, c.Gateway, HostAliasIP)
+		addr = fmt.Sprintf("%s/%d via %s (dns %s; host loopback at %s for --add-host names)", c.GuestIP, PrefixLen, c.Gateway, c.Gateway, HostAliasIP)
 	}
 	egress = c.Egress.Mode
 	if c.Egress.Mode == EgressAllowlist {

@@ -67,7 +67,7 @@ func (n *Stack) serveDNS(w dns.ResponseWriter, r *dns.Msg) {
 	if q.Qclass != dns.ClassINET || (q.Qtype != dns.TypeA && q.Qtype != dns.TypeAAAA) {
 		return // NOERROR, no records: only addresses are served
 	}
-	ips, err := n.policy.lookup(n.ctx, name)
+	ips, static, err := n.policy.lookup(n.ctx, name)
 	if err != nil {
 		var de *net.DNSError
 		if errors.As(err, &de) && de.IsNotFound {
@@ -82,8 +82,18 @@ func (n *Stack) serveDNS(w dns.ResponseWriter, r *dns.Msg) {
 	}
 	var given []netip.Addr
 	for _, ip := range ips {
-		g, ok := n.toGuest(ip)
-		if !ok || linkLocal.Contains(ip) {
+		g := ip
+		if static {
+			// An --add-host entry: the host's loopback becomes its alias.
+			var ok bool
+			if g, ok = n.toGuest(ip); !ok {
+				continue
+			}
+		} else if !n.dest.answerable(ip) {
+			// The host's resolver named the host itself (localhost, the
+			// host's own name, a rebinding name) or an address the guest
+			// cannot reach: never handed out.
+			n.log.Info("dns answer withheld: not reachable from the guest", "name", name, "address", ip)
 			continue
 		}
 		given = append(given, ip)

@@ -12,15 +12,30 @@ package network
 // rules, and cleanup finds those of a VM whose supervisor died. The table
 // is removed with the last rule. Per VM, in order:
 //
-//	forward:     iifname T ip daddr 169.254.0.0/16 reject   (cloud metadata)
-//	             iifname T oifname "smv*" reject            (guest-to-guest)
-//	             iifname T ip daddr CIDR accept             (allowlist, each CIDR)
-//	             iifname T reject                           (egress off/allowlist)
-//	input:       iifname T ip daddr 169.254.0.0/16 reject
-//	             iifname T ct state established,related accept (off/allowlist)
-//	             iifname T ip daddr CIDR accept             (allowlist)
-//	             iifname T reject                           (off/allowlist)
+//	forward:     iifname T meta nfproto ipv6 drop            (IPv4 only)
+//	             iifname T ip saddr != G drop                (no spoofed sources)
+//	             iifname T ip daddr 127.0.0.0/8 reject       (loopback, were route_localnet on)
+//	             iifname T ip daddr 169.254.0.0/16 reject    (cloud metadata)
+//	             iifname T oifname "smv*" reject             (guest-to-guest)
+//	             iifname T ip daddr CIDR accept              (allowlist, each CIDR)
+//	             iifname T reject                            (egress off/allowlist)
+//	input:       iifname T meta nfproto ipv6 drop
+//	             iifname T ip saddr != G drop
+//	             iifname T ip daddr 127.0.0.0/8 reject
+//	             iifname T ip daddr 169.254.0.0/16 reject
+//	             iifname T ct state established,related accept
+//	             iifname T ip daddr DNS udp/tcp dport 53 accept (open, DNS a host address)
+//	             iifname T ip daddr CIDR accept              (allowlist)
+//	             iifname T reject                            (the host itself)
 //	postrouting: ip saddr G oifname != "smv*" masquerade
+//
+// The input chain is what the guest sends to the host itself (any of its
+// addresses: the TAP's, its other interfaces'): only replies to
+// connections the host opened (port forwards) and, in allowlist mode,
+// addresses of an allowed CIDR get through, whatever the egress mode;
+// open egress is the network beyond the host. The host's loopback is out
+// of reach (the kernel drops 127.0.0.0/8 from a non-loopback device as
+// martian unless route_localnet is on, and a rule rejects it then).
 //
 // Rejections are ICMP admin-prohibited, so a denied connection fails at
 // once in the guest ("No route to host") instead of timing out.
@@ -31,6 +46,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -116,7 +132,10 @@ func matchIPv4() []expr.Any {
 
 // matchAddr matches the IPv4 source (offset 12) or destination (16)
 // address against a prefix.
-func matchAddr(offset uint32, p netip.Prefix) []expr.Any {
+func matchAddr(offset uint32, p netip.Prefix) []expr.Any { return matchAddrOp(expr.CmpOpEq, offset, p) }
+
+// matchAddrOp is matchAddr with a comparison: eq for in p, neq for not.
+func matchAddrOp(op expr.CmpOp, offset uint32, p netip.Prefix) []expr.Any {
 	ex := matchIPv4()
 	ex = append(ex, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4})
 	if p.Bits() < 32 {
@@ -128,7 +147,25 @@ func matchAddr(offset uint32, p netip.Prefix) []expr.Any {
 			Mask: binaryutil.BigEndian.PutUint32(m), Xor: []byte{0, 0, 0, 0}})
 	}
 	a := p.Masked().Addr().As4()
-	return append(ex, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: a[:]})
+	return append(ex, &expr.Cmp{Op: op, Register: 1, Data: a[:]})
+}
+
+func matchIPv6() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV6}},
+	}
+}
+
+// matchDstPort matches a transport protocol (unix.IPPROTO_TCP, _UDP) and
+// its destination port.
+func matchDstPort(proto byte, port uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
+	}
 }
 
 func matchEstablished() []expr.Any {
@@ -143,6 +180,7 @@ func matchEstablished() []expr.Any {
 
 var (
 	accept = &expr.Verdict{Kind: expr.VerdictAccept}
+	drop   = &expr.Verdict{Kind: expr.VerdictDrop}
 	reject = &expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED}
 )
 
@@ -154,8 +192,9 @@ func join(parts ...[]expr.Any) []expr.Any {
 	return out
 }
 
-// vmRules are the rules of one VM, chain by chain, in order.
-func vmRules(ch nftChains, tap string, guest netip.Addr, eg Egress) (map[*nftables.Chain][][]expr.Any, error) {
+// vmRules are the rules of one VM, chain by chain, in order. dns is the
+// guest's nameserver (invalid for none).
+func vmRules(ch nftChains, tap string, guest, dns netip.Addr, eg Egress) (map[*nftables.Chain][][]expr.Any, error) {
 	var cidrs []netip.Prefix
 	if eg.Mode == EgressAllowlist {
 		for _, s := range eg.AllowCIDRs {
@@ -169,11 +208,15 @@ func vmRules(ch nftChains, tap string, guest netip.Addr, eg Egress) (map[*nftabl
 	restricted := eg.Mode == EgressOff || eg.Mode == EgressAllowlist
 	iif := matchIIF(tap)
 	out := map[*nftables.Chain][][]expr.Any{}
-
-	fwd := [][]expr.Any{
+	// First in both chains: IPv4 from the guest's own address only.
+	guard := [][]expr.Any{
+		join(iif, matchIPv6(), []expr.Any{drop}),
+		join(iif, matchAddrOp(expr.CmpOpNeq, 12, netip.PrefixFrom(guest, 32)), []expr.Any{drop}),
+		join(iif, matchAddr(16, loopbackNet), []expr.Any{reject}),
 		join(iif, matchAddr(16, linkLocal), []expr.Any{reject}),
-		join(iif, matchOIFPrefix(expr.CmpOpEq, TAPPrefix), []expr.Any{reject}),
 	}
+
+	fwd := append(slices.Clone(guard), join(iif, matchOIFPrefix(expr.CmpOpEq, TAPPrefix), []expr.Any{reject}))
 	for _, p := range cidrs {
 		fwd = append(fwd, join(iif, matchAddr(16, p), []expr.Any{accept}))
 	}
@@ -182,15 +225,17 @@ func vmRules(ch nftChains, tap string, guest netip.Addr, eg Egress) (map[*nftabl
 	}
 	out[ch.forward] = fwd
 
-	in := [][]expr.Any{join(iif, matchAddr(16, linkLocal), []expr.Any{reject})}
-	if restricted {
-		in = append(in, join(iif, matchEstablished(), []expr.Any{accept}))
-		for _, p := range cidrs {
-			in = append(in, join(iif, matchAddr(16, p), []expr.Any{accept}))
+	in := append(slices.Clone(guard), join(iif, matchEstablished(), []expr.Any{accept}))
+	if eg.Mode == EgressOpen && dns.IsValid() {
+		// A nameserver on one of the host's own addresses: DNS only.
+		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
+			in = append(in, join(iif, matchAddr(16, netip.PrefixFrom(dns, 32)), matchDstPort(proto, 53), []expr.Any{accept}))
 		}
-		in = append(in, join(iif, []expr.Any{reject}))
 	}
-	out[ch.input] = in
+	for _, p := range cidrs {
+		in = append(in, join(iif, matchAddr(16, p), []expr.Any{accept}))
+	}
+	out[ch.input] = append(in, join(iif, []expr.Any{reject}))
 
 	out[ch.postrouting] = [][]expr.Any{
 		join(matchAddr(12, netip.PrefixFrom(guest, 32)), matchOIFPrefix(expr.CmpOpNeq, TAPPrefix), []expr.Any{&expr.Masq{}}),
@@ -251,7 +296,7 @@ func chainExists(c *nftables.Conn, t *nftables.Table, name string) (bool, error)
 
 // addVMRules installs the rules of one VM (replacing any it had) in one
 // transaction, creating the table and chains when needed.
-func addVMRules(c *nftables.Conn, owner, tap string, guest netip.Addr, eg Egress) error {
+func addVMRules(c *nftables.Conn, owner, tap string, guest, dns netip.Addr, eg Egress) error {
 	unlock, err := lockNFT()
 	if err != nil {
 		return err
@@ -265,7 +310,7 @@ func addVMRules(c *nftables.Conn, owner, tap string, guest netip.Addr, eg Egress
 	for _, chain := range ch.all() {
 		c.AddChain(chain)
 	}
-	rules, err := vmRules(ch, tap, guest, eg)
+	rules, err := vmRules(ch, tap, guest, dns, eg)
 	if err != nil {
 		return err
 	}

@@ -26,6 +26,10 @@ var linkLocal = netip.MustParsePrefix("169.254.0.0/16")
 // allowed name stays reachable.
 const answeredTTL = 10 * time.Minute
 
+// maxAnswered bounds the addresses remembered from DNS answers; past it,
+// expired ones are dropped.
+const maxAnswered = 4096
+
 // policy decides what the guest may resolve and reach.
 type policy struct {
 	mode     string
@@ -33,14 +37,18 @@ type policy struct {
 	cidrs    []netip.Prefix
 	hosts    map[string][]netip.Addr
 	resolver Resolver
+	// mapped are the addresses of --add-host names the guest may resolve:
+	// the only addresses of the host itself it may reach.
+	mapped map[netip.Addr]bool
 
 	mu       sync.Mutex
 	answered map[netip.Addr]time.Time
+	swept    time.Time // last sweep of expired answers
 }
 
 func newPolicy(c *Config, r Resolver) *policy {
 	p := &policy{mode: c.Egress.Mode, domains: c.Egress.AllowDomains, resolver: r,
-		hosts: map[string][]netip.Addr{}, answered: map[netip.Addr]time.Time{}}
+		hosts: map[string][]netip.Addr{}, mapped: map[netip.Addr]bool{}, answered: map[netip.Addr]time.Time{}}
 	if p.resolver == nil {
 		p.resolver = net.DefaultResolver
 	}
@@ -53,6 +61,9 @@ func newPolicy(c *Config, r Resolver) *policy {
 		for _, ip := range ips {
 			if a, err := netip.ParseAddr(ip); err == nil {
 				p.hosts[normName(name)] = append(p.hosts[normName(name)], a)
+				if p.nameAllowed(name) {
+					p.mapped[a] = true
+				}
 			}
 		}
 	}
@@ -68,7 +79,12 @@ func (p *policy) nameAllowed(name string) bool {
 	case EgressOff:
 		return false
 	}
-	for _, d := range p.domains {
+	return domainAllowed(p.domains, name)
+}
+
+// domainAllowed tells whether name is one of domains or a subdomain of one.
+func domainAllowed(domains []string, name string) bool {
+	for _, d := range domains {
 		if name == d || strings.HasSuffix(name, "."+d) {
 			return true
 		}
@@ -76,35 +92,48 @@ func (p *policy) nameAllowed(name string) bool {
 	return false
 }
 
-// lookup resolves name to IPv4 addresses: static entries first, then the
-// host's resolver.
-func (p *policy) lookup(ctx context.Context, name string) ([]netip.Addr, error) {
+// lookup resolves name to IPv4 addresses: static entries first (static
+// is true then), then the host's resolver.
+func (p *policy) lookup(ctx context.Context, name string) (ips []netip.Addr, static bool, err error) {
 	name = normName(name)
 	if ips, ok := p.hosts[name]; ok {
-		return ips, nil
+		return ips, true, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	addrs, err := p.resolver.LookupIPAddr(ctx, name)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	var out []netip.Addr
 	for _, a := range addrs {
 		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap().Is4() {
-			out = append(out, ip.Unmap())
+			ips = append(ips, ip.Unmap())
 		}
 	}
-	return out, nil
+	return ips, false, nil
 }
 
-// remember records addresses given out for an allowed name.
+// remember records addresses given out for an allowed name (allowlist
+// mode: nothing else asks).
 func (p *policy) remember(ips []netip.Addr) {
+	if p.mode != EgressAllowlist {
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	until := time.Now().Add(answeredTTL)
+	now := time.Now()
+	if len(p.answered)+len(ips) > maxAnswered && now.Sub(p.swept) > time.Second {
+		p.swept = now
+		for ip, until := range p.answered {
+			if now.After(until) {
+				delete(p.answered, ip)
+			}
+		}
+	}
 	for _, ip := range ips {
-		p.answered[ip] = until
+		if _, ok := p.answered[ip]; ok || len(p.answered) < maxAnswered {
+			p.answered[ip] = now.Add(answeredTTL)
+		}
 	}
 }
 
@@ -117,8 +146,9 @@ func (p *policy) wasAnswered(dst netip.Addr) bool {
 	return ok && time.Now().Before(until)
 }
 
-// allow decides a connection to dst (a host address, after translation).
-// In allowlist mode dst must be in an allowed CIDR, an address the DNS
+// allow decides a connection to dst (an address of another machine: the
+// destination check has ruled out the host itself, see dest.go). In
+// allowlist mode dst must be in an allowed CIDR, an address the DNS
 // server gave out for an allowed name, or an address an allowed name
 // resolves to now.
 func (p *policy) allow(ctx context.Context, dst netip.Addr) error {
@@ -127,12 +157,6 @@ func (p *policy) allow(ctx context.Context, dst netip.Addr) error {
 	}
 	switch p.mode {
 	case EgressOpen:
-		// The host's own loopback services are not "the internet": an
-		// open sandbox reaches them only through a name given with
-		// --add-host (Config.Hosts) that it resolved first.
-		if dst.IsLoopback() && !p.wasAnswered(dst) {
-			return fmt.Errorf("%s is the host's loopback: map a name to it with --add-host NAME:%s: %w", dst, dst, ErrDenied)
-		}
 		return nil
 	case EgressOff:
 		return fmt.Errorf("%s: egress is off: %w", dst, ErrDenied)
@@ -146,7 +170,7 @@ func (p *policy) allow(ctx context.Context, dst netip.Addr) error {
 		return nil
 	}
 	for _, d := range p.domains {
-		ips, err := p.lookup(ctx, d)
+		ips, _, err := p.lookup(ctx, d)
 		if err != nil {
 			continue
 		}

@@ -60,6 +60,7 @@ type Stack struct {
 	stack   *stack.Stack
 	link    *link
 	policy  *policy
+	dest    *destCheck
 	ln      net.Listener
 	dns     []*dns.Server
 	guest   tcpip.Address
@@ -106,6 +107,10 @@ func Start(ctx context.Context, opts Options) (*Stack, error) {
 		}
 		n.aliases[ga] = ha
 		own = append(own, tcpip.AddrFrom4(ga.As4()))
+	}
+	n.dest = &destCheck{subnet: n.subnet, aliases: n.aliases, policy: n.policy, route: routeOf}
+	if opts.Store != nil {
+		n.dest.forwardedElsewhere = n.forwardedElsewhere
 	}
 	var err error
 	if n.link, err = newLink(GatewayMAC, own); err != nil {
@@ -220,16 +225,19 @@ func (n *Stack) Config() Config {
 	return c
 }
 
-// translate maps a destination the guest asked for to the host address
-// to dial, refusing the virtual subnet but for its aliases.
-func (n *Stack) translate(dst netip.Addr) (netip.Addr, error) {
-	if h, ok := n.aliases[dst]; ok {
-		return h, nil
+// forwardedElsewhere names the VM (of this state folder) that a host port
+// is forwarded to, if it is another one than this.
+func (n *Stack) forwardedElsewhere(ctx context.Context, port int) (string, error) {
+	leases, err := n.opts.Store.Leases(ctx, PortPool)
+	if err != nil {
+		return "", err
 	}
-	if n.subnet.Contains(dst) || dst.IsLoopback() || dst.IsUnspecified() || dst.IsMulticast() || dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
-		return netip.Addr{}, fmt.Errorf("%s is not routed: %w", dst, ErrDenied)
+	for _, l := range leases {
+		if l.Value == int64(port) && l.Owner != n.opts.Owner {
+			return l.Owner, nil
+		}
 	}
-	return dst, nil
+	return "", nil
 }
 
 // toGuest maps a host address from a DNS answer to what the guest should
@@ -255,10 +263,7 @@ func fromTCPIP(a tcpip.Address) netip.Addr {
 func (n *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	dst := fromTCPIP(id.LocalAddress)
-	host, err := n.translate(dst)
-	if err == nil {
-		err = n.policy.allow(n.ctx, host)
-	}
+	host, err := n.dest.check(n.ctx, dst, int(id.LocalPort))
 	if err != nil {
 		n.log.Info("egress denied", "proto", "tcp", "dst", net.JoinHostPort(dst.String(), strconv.Itoa(int(id.LocalPort))), "reason", err)
 		r.Complete(true)
@@ -288,10 +293,7 @@ func (n *Stack) handleUDP(r *udp.ForwarderRequest) {
 	if id.LocalAddress == header.IPv4Broadcast {
 		return
 	}
-	host, err := n.translate(dst)
-	if err == nil {
-		err = n.policy.allow(n.ctx, host)
-	}
+	host, err := n.dest.check(n.ctx, dst, int(id.LocalPort))
 	if err != nil {
 		n.log.Info("egress denied", "proto", "udp", "dst", net.JoinHostPort(dst.String(), strconv.Itoa(int(id.LocalPort))), "reason", err)
 		return

@@ -278,7 +278,8 @@ func (t *TAP) setup(guest, gw netip.Addr) error {
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	if err := addVMRules(c, t.owner, t.cfg.TAP, guest, t.cfg.Egress); err != nil {
+	dns, _ := netip.ParseAddr(t.cfg.DNS) // invalid for none
+	if err := addVMRules(c, t.owner, t.cfg.TAP, guest, dns, t.cfg.Egress); err != nil {
 		return err
 	}
 	t.log.Debug("TAP network up", "guest", guest, "host", gw)

@@ -192,20 +192,28 @@ func TestNFTRules(t *testing.T) {
 	vms := []struct {
 		id    string
 		guest string
+		dns   string
 		eg    Egress
 		rules int
 	}{
-		{"aaaaaaaaaaaa", "172.16.0.2", Egress{Mode: EgressOpen}, 2 + 1 + 1},
-		{"bbbbbbbbbbbb", "172.16.0.3", Egress{Mode: EgressAllowlist, AllowCIDRs: []string{"10.0.0.0/8", "192.0.2.7/32"}}, (2 + 2 + 1) + (1 + 1 + 2 + 1) + 1},
-		{"cccccccccccc", "172.16.0.4", Egress{Mode: EgressOff}, (2 + 1) + (1 + 1 + 1) + 1},
+		// forward: guards (ipv6, spoofed source, loopback, link-local), guest-to-guest, CIDRs, reject;
+		// input: guards, established, DNS (open: udp, tcp), CIDRs, reject; postrouting: masquerade.
+		{"aaaaaaaaaaaa", "172.16.0.2", "192.0.2.53", Egress{Mode: EgressOpen}, (4 + 1) + (4 + 1 + 2 + 1) + 1},
+		{"bbbbbbbbbbbb", "172.16.0.3", "", Egress{Mode: EgressAllowlist, AllowCIDRs: []string{"10.0.0.0/8", "192.0.2.7/32"}}, (4 + 1 + 2 + 1) + (4 + 1 + 2 + 1) + 1},
+		{"cccccccccccc", "172.16.0.4", "192.0.2.53", Egress{Mode: EgressOff}, (4 + 1 + 1) + (4 + 1 + 1) + 1},
 	}
-	for _, v := range vms {
-		if err := addVMRules(c, v.id, TAPName(v.id), netip.MustParseAddr(v.guest), v.eg); err != nil {
+	add := func(i int) error {
+		v := vms[i]
+		dns, _ := netip.ParseAddr(v.dns)
+		return addVMRules(c, v.id, TAPName(v.id), netip.MustParseAddr(v.guest), dns, v.eg)
+	}
+	for i, v := range vms {
+		if err := add(i); err != nil {
 			t.Fatalf("add rules of %s: %v", v.id, err)
 		}
 	}
 	// Adding again replaces, not duplicates.
-	if err := addVMRules(c, vms[0].id, TAPName(vms[0].id), netip.MustParseAddr(vms[0].guest), vms[0].eg); err != nil {
+	if err := add(0); err != nil {
 		t.Fatal(err)
 	}
 	owners, ok := ruleOwners(t, c)
