@@ -280,6 +280,9 @@ func (r *idleRunner) step(ctx context.Context, n int) (*IdleStep, error) {
 	return st, errors.Join(failed...)
 }
 
+// memoryReserveMiB is the host memory the bench does not fill with VMs.
+const memoryReserveMiB = 3072
+
 // grow creates VMs, Parallel at a time, until n were made.
 func (r *idleRunner) grow(ctx context.Context, n int) error {
 	r.mu.Lock()
@@ -294,6 +297,10 @@ func (r *idleRunner) grow(ctx context.Context, n int) error {
 		go func() {
 			defer wg.Done()
 			for i := range next {
+				if avail := memAvailableMiB(); avail > 0 && avail < memoryReserveMiB {
+					errs <- fmt.Errorf("stopped at %d VMs: the host has %.0f MiB of memory available, less than the %d MiB the bench leaves to others", have+int(made.Load()), avail, memoryReserveMiB)
+					return
+				}
 				name := fmt.Sprintf("%s%d", r.opts.Prefix, i)
 				r.mu.Lock()
 				r.made = append(r.made, name) // deleted at the end even if create fails half way
