@@ -239,6 +239,9 @@ func guestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 	// (under TCG, 0.35 → 0.08 % of a host core). Compaction on demand
 	// stays.
 	parts = append(parts, idleKernelArgs...)
+	if !tuned {
+		parts = append(parts, "nowatchdog") // the tuned kernel has no lockup detector
+	}
 	if accel == hypervisor.AccelTCG {
 		parts = append(parts, image.TCGKernelArgs()...)
 	}
@@ -251,8 +254,7 @@ func guestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 // idleKernelArgs keep an idle guest's kernel from waking (see guestCmdline).
 // The NIC's IPv6 sends no router solicitations: the user-mode network is
 // IPv4 only, and each one (backing off from 4 s) woke the supervisor.
-var idleKernelArgs = []string{"sysctl.vm.compaction_proactiveness=0", "nowatchdog",
-	"sysctl.net.ipv6.conf.default.router_solicitations=0"}
+var idleKernelArgs = []string{"sysctl.vm.compaction_proactiveness=0", "sysctl.net.ipv6.conf.default.router_solicitations=0"}
 
 func diskFormat(path string) string {
 	if strings.HasSuffix(path, ".qcow2") {
