@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -431,4 +432,20 @@ func TestRunOverTheFastLane(t *testing.T) {
 		t.Errorf("Run after cancel = %v, want context.Canceled", err)
 	}
 	waitGuestGone(t, vm, pid, pidfile)
+}
+
+// TestIdleGuestTimersOff: the guest runs without the timers that woke an
+// idle VM (kcompactd's proactive compaction, the lockup watchdog, IPv6
+// router solicitations), set on the kernel command line.
+func TestIdleGuestTimersOff(t *testing.T) {
+	t.Parallel()
+	vm := testutil.SharedVM(t)
+	out, err := vm.Command(testCtx(t), "cat", "/proc/sys/vm/compaction_proactiveness", "/proc/sys/kernel/watchdog",
+		"/proc/sys/net/ipv6/conf/default/router_solicitations").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Fields(string(out)); !slices.Equal(got, []string{"0", "0", "0"}) {
+		t.Errorf("compaction_proactiveness, watchdog, router_solicitations = %v, want 0 0 0", got)
+	}
 }

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
@@ -19,6 +21,7 @@ import (
 // ready file, and serves the VM until it stops. SIGTERM stops the VM
 // gracefully.
 func RunSupervisor(ctx context.Context, id string, ready *os.File, started, createDone time.Time, log *slog.Logger) error {
+	idleLean(log)
 	st, err := openStore(ctx, "")
 	if err != nil {
 		fmt.Fprintf(ready, "error: %s\n", oneLine(err.Error()))
@@ -48,3 +51,16 @@ func RunSupervisor(ctx context.Context, id string, ready *os.File, started, crea
 }
 
 func oneLine(s string) string { return strings.ReplaceAll(s, "\n", `\n`) }
+
+// idleLean makes the supervisor and the hypervisor it starts cheaper to
+// keep while their VM idles, as most persistent VMs do.
+//
+// No transparent huge pages, for this process and its children (the
+// setting is inherited and kept across exec): QEMU asks for them on TCG's
+// code buffer, so each 2 MiB of it the guest's code touches is 2 MiB of
+// host memory — 10 of an idle QEMU's 24 MiB of private memory.
+func idleLean(log *slog.Logger) {
+	if err := unix.Prctl(unix.PR_SET_THP_DISABLE, 1, 0, 0, 0); err != nil {
+		log.Debug("disable transparent huge pages", "err", err)
+	}
+}

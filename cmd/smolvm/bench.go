@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -22,6 +24,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 		asJSON  bool
 		verbose bool
 		tuned   string
+		idle    bench.IdleOptions
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -41,9 +44,17 @@ over the VM's NIC; with --warm-net none, bridged over the agent's exec
 stream). With --concurrency N, VMs are also
 created N at a time: throughput and host memory per idle VM.
 
+With --idle N[,N…], it measures idle persistent VMs instead ('smolvm create',
+as agents keep them between steps): it holds N of them, lets them settle,
+measures each one's host CPU (QEMU and supervisor, from schedstat, over
+--idle-window) and memory (PSS, which counts the snapshot memory the VMs
+share once), then times 'smolvm exec VM -- true' into ten of them while the
+rest idle; then grows to the next N.
+
 Every VM is named bench-PID-… and deleted at the end, also on Ctrl-C.`,
 		Example: `  smolvm bench --vms 10
-  smolvm bench --vms 4 --modes restore --concurrency 2 --json`,
+  smolvm bench --vms 4 --modes restore --concurrency 2 --json
+  smolvm bench --idle 100,250,500 --idle-window 30s`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -84,6 +95,9 @@ Every VM is named bench-PID-… and deleted at the end, also on Ctrl-C.`,
 			if verbose {
 				opts.Verbose = os.Stderr
 			}
+			if len(idle.Counts) > 0 {
+				return runIdleBench(ctx, idle, asJSON)
+			}
 			rep, err := bench.Run(ctx, opts)
 			if rep != nil {
 				var out io.Writer = os.Stdout
@@ -111,7 +125,32 @@ Every VM is named bench-PID-… and deleted at the end, also on Ctrl-C.`,
 	f.BoolVar(&opts.NoSSH, "no-ssh", false, "skip the SSH comparison")
 	f.StringVar(&opts.WarmNetwork, "warm-net", "", "network of the warm round trip's VM: user (default; SSH through a forwarded port) or none (SSH bridged over the agent's exec stream)")
 	f.StringVar(&tuned, "tuned-kernel", "", "kernel for the tuned mode (default: the one 'smolvm kernel build' made)")
+	f.IntSliceVar(&idle.Counts, "idle", nil, "instead: hold this many idle persistent VMs (ascending list, e.g. 100,250,500) and measure each one's host CPU and memory and an exec into one of them")
+	f.DurationVar(&idle.Window, "idle-window", 30*time.Second, "with --idle: how long each VM's CPU is measured")
+	f.DurationVar(&idle.Settle, "idle-settle", 15*time.Second, "with --idle: how long the VMs idle before the window")
+	f.IntVar(&idle.Parallel, "idle-parallel", 2, "with --idle: VMs created at a time")
+	f.StringVar(&idle.Binary, "idle-bin", "", "with --idle: the smolvm binary that creates and runs the VMs (default: this one)")
 	f.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	f.BoolVarP(&verbose, "verbose", "v", false, "print each VM's phases as it finishes")
 	return cmd
+}
+
+// runIdleBench runs `bench --idle` and prints its report.
+func runIdleBench(ctx context.Context, opts bench.IdleOptions, asJSON bool) error {
+	opts.Home = os.Getenv("SMOLVM_HOME") // --home sets it too
+	opts.Command = "smolvm " + strings.Join(os.Args[1:], " ")
+	if term.IsTerminal(int(os.Stderr.Fd())) {
+		opts.Progress = os.Stderr
+	}
+	rep, err := bench.RunIdle(ctx, opts)
+	if rep != nil {
+		var werr error
+		if asJSON {
+			werr = rep.WriteJSON(os.Stdout)
+		} else {
+			werr = rep.WriteTable(os.Stdout)
+		}
+		err = errors.Join(err, werr)
+	}
+	return err
 }

@@ -32,8 +32,6 @@ const (
 	// hostPollInterval is how often a disconnected port is checked for a
 	// new host connection when the port cannot send SIGIO.
 	hostPollInterval = 5 * time.Millisecond
-	// asyncPollInterval is the check besides SIGIO, in case one is missed.
-	asyncPollInterval = time.Second
 )
 
 // FindVirtioPort returns the /dev path of the virtio-serial port with the
@@ -146,12 +144,21 @@ func (l *SerialListener) Accept() (net.Conn, error) {
 	// The port cannot be waited on for a host to connect (it polls as
 	// hung up until then), but the driver sends SIGIO when the host's
 	// side opens or closes: the wait takes that signal, asked for only
-	// while waiting (the driver sends one for every arrival of data too),
-	// and polls slowly besides in case one is missed.
-	interval := hostPollInterval
+	// while waiting (the driver sends one for every arrival of data too).
+	// No timer besides: an idle guest whose host never connects this
+	// port (a restored VM talks over the fast lane until it needs gRPC)
+	// must not wake (a poll once a second was a third of an idle VM's
+	// host CPU). No connect is missed: O_ASYNC is on before the first
+	// check, and each check takes the next SIGIO's channel before it
+	// looks, so a connect either shows in the check or closes that
+	// channel. Without O_ASYNC the port is polled.
+	var tick <-chan time.Time
 	if l.async(true) {
 		defer l.async(false)
-		interval = asyncPollInterval
+	} else {
+		t := time.NewTicker(hostPollInterval)
+		defer t.Stop()
+		tick = t.C
 	}
 	for {
 		select {
@@ -172,7 +179,7 @@ func (l *SerialListener) Accept() (net.Conn, error) {
 		select {
 		case <-l.done:
 		case <-wake:
-		case <-time.After(interval):
+		case <-tick:
 		}
 	}
 	// Each conn gets its own descriptor so that closing it (which unblocks

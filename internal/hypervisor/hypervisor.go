@@ -49,7 +49,7 @@ const FastPortName = "org.smolvm.fast"
 // memory backend). A snapshot holds device state for one layout and cannot
 // be restored into another: bump it when a change to the machine would
 // break restoring snapshots taken before it.
-const MachineLayout = 5
+const MachineLayout = 6
 
 // AgentVsockPort is the vsock port the guest agent listens on.
 const AgentVsockPort = 1024

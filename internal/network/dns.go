@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/miekg/dns"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -24,7 +25,10 @@ func (n *Stack) startDNS() error {
 		return err
 	}
 	h := dns.HandlerFunc(n.serveDNS)
-	n.dns = []*dns.Server{{PacketConn: uc, Handler: h}, {Listener: tl, Handler: h}}
+	// The UDP server reads with a deadline (2 s by default) and loops on
+	// it: a wake-up of an idle supervisor every 2 s. An hour instead; its
+	// Shutdown ends the read by setting a deadline in the past.
+	n.dns = []*dns.Server{{PacketConn: uc, Handler: h, ReadTimeout: time.Hour}, {Listener: tl, Handler: h}}
 	for _, s := range n.dns {
 		go func() { _ = s.ActivateAndServe() }()
 	}
