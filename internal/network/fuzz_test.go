@@ -105,7 +105,9 @@ type dnsWriter struct {
 	reply  *dns.Msg
 }
 
-func (w *dnsWriter) LocalAddr() net.Addr         { return &net.UDPAddr{IP: net.IPv4(192, 168, 127, 1), Port: 53} }
+func (w *dnsWriter) LocalAddr() net.Addr {
+	return &net.UDPAddr{IP: net.IPv4(192, 168, 127, 1), Port: 53}
+}
 func (w *dnsWriter) RemoteAddr() net.Addr        { return w.remote }
 func (w *dnsWriter) WriteMsg(m *dns.Msg) error   { w.reply = m; return nil }
 func (w *dnsWriter) Write(b []byte) (int, error) { return len(b), nil }
