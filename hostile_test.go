@@ -80,8 +80,11 @@ func hostileLane(conn net.Conn, mode string) {
 		case "lane-oversized": // a length of 2^32-1
 			binary.BigEndian.PutUint32(h[:], math.MaxUint32)
 			_, _ = conn.Write(h[:])
-		case "lane-promise": // the largest payload allowed, never sent
+		case "lane-large": // a payload the host does not take from a guest
 			binary.BigEndian.PutUint32(h[:], lane.MaxPayload)
+			_, _ = conn.Write(append(h[:], make([]byte, lane.MaxPayload)...))
+		case "lane-promise": // the largest reply allowed, never sent
+			binary.BigEndian.PutUint32(h[:], lane.MaxReply)
 			_, _ = conn.Write(append(h[:], "a start"...))
 		case "lane-garbage":
 			b := make([]byte, 1<<20)
@@ -89,8 +92,8 @@ func hostileLane(conn net.Conn, mode string) {
 				b[i] = byte(i * 7)
 			}
 			_, _ = conn.Write(b)
-		case "lane-wrong-ids": // 1 GiB of replies to calls never made
-			payload := bytes.Repeat([]byte{'x'}, lane.MaxPayload)
+		case "lane-wrong-ids": // 256 MiB of replies to calls never made
+			payload := bytes.Repeat([]byte{'x'}, lane.MaxReply)
 			for i := uint32(0); i < 256; i++ {
 				b := binary.BigEndian.AppendUint32(nil, uint32(len(payload)))
 				b = binary.BigEndian.AppendUint32(b, f.ID+1+i)
@@ -100,7 +103,7 @@ func hostileLane(conn net.Conn, mode string) {
 				}
 			}
 		case "lane-flood": // output to the run, past its window, no end
-			out, _ := lane.Append(nil, f.ID, lane.TypeOutput, &agentpb.RunOutput{Stdout: bytes.Repeat([]byte{'o'}, lane.MaxPayload-16)})
+			out, _ := lane.Append(nil, f.ID, lane.TypeOutput, &agentpb.RunOutput{Stdout: bytes.Repeat([]byte{'o'}, lane.MaxReply-16)})
 			for {
 				if _, err := conn.Write(out); err != nil {
 					return
@@ -280,6 +283,9 @@ func TestHostileAgentLane(t *testing.T) {
 		{"lane-oversized", func(err error) bool {
 			return errors.Is(err, lane.ErrClosed) && strings.Contains(err.Error(), lane.ErrTooLarge.Error())
 		}, "a frame too large"},
+		{"lane-large", func(err error) bool {
+			return errors.Is(err, lane.ErrClosed) && strings.Contains(err.Error(), lane.ErrTooLarge.Error())
+		}, "a frame too large"},
 		{"lane-promise", func(err error) bool { return errors.Is(err, context.DeadlineExceeded) }, "the deadline"},
 		{"lane-garbage", func(err error) bool { return errors.Is(err, lane.ErrClosed) }, "a closed lane"},
 		{"lane-wrong-ids", func(err error) bool { return errors.Is(err, context.DeadlineExceeded) }, "the deadline"},
@@ -288,7 +294,7 @@ func TestHostileAgentLane(t *testing.T) {
 		t.Run(tc.mode, func(t *testing.T) {
 			c := lane.NewClient(hostilePeer(t, tc.mode))
 			defer c.Close()
-			boundedHeap(t, 64<<20, func() {
+			boundedHeap(t, 16<<20, func() {
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 				defer cancel()
 				err := c.Unary(ctx, lane.TypePing, &agentpb.PingRequest{}, &agentpb.PingResponse{})
@@ -307,7 +313,7 @@ func TestHostileAgentLane(t *testing.T) {
 		// lane holds a few frames for it, then stops reading.
 		c := lane.NewClient(hostilePeer(t, "lane-flood"))
 		defer c.Close()
-		boundedHeap(t, 64<<20, func() {
+		boundedHeap(t, 16<<20, func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 			defer cancel()
 			k, err := c.Start(ctx, lane.TypeRun, &agentpb.ExecStart{Argv: []string{"yes"}, RunId: lane.NewRunID(), Stream: true})
@@ -364,7 +370,7 @@ func TestHostileAgentGRPC(t *testing.T) {
 	} {
 		t.Run(tc.mode, func(t *testing.T) {
 			vm := hostileVM(t, tc.mode)
-			boundedHeap(t, 64<<20, func() {
+			boundedHeap(t, 16<<20, func() {
 				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 				defer cancel()
 				_, err := vm.agent.Ping(ctx, &agentpb.PingRequest{})
@@ -378,7 +384,7 @@ func TestHostileAgentGRPC(t *testing.T) {
 	t.Run("tar-size", func(t *testing.T) {
 		// A file that claims 2^62 bytes, and chunks over the limit.
 		vm := hostileVM(t, "tar-size")
-		boundedHeap(t, 64<<20, func() {
+		boundedHeap(t, 16<<20, func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			if _, err := vm.ReadFile(ctx, "/big"); !errors.Is(err, ErrFileTooLarge) {
@@ -403,7 +409,7 @@ func TestHostileAgentGRPC(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			vm := hostileVM(t, mode)
 			base, target := fuzzseed.TarTree(t)
-			boundedHeap(t, 64<<20, func() {
+			boundedHeap(t, 16<<20, func() {
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 				defer cancel()
 				err := vm.Download(ctx, "/d", filepath.Join(target, "copy"))
