@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/smolvm/smolvm.Version=$(VERSION)
 AGENT_LDFLAGS := -s -w -X github.com/smolvm/smolvm/internal/agent.Version=$(VERSION)
 
-.PHONY: build demo test test-short lint setup clean generate
+.PHONY: build demo test test-short fuzz lint setup clean generate
 
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/smolvm ./cmd/smolvm
@@ -26,6 +26,19 @@ test: build
 
 test-short:
 	$(GO) test -short -count=1 ./...
+
+# Every fuzz target (the decoders of bytes from the other side of a channel)
+# for FUZZTIME each, one after the other: go test -fuzz takes one target at
+# a time. New crashers land in the package's testdata/fuzz.
+FUZZTIME ?= 10s
+FUZZ_PKGS := . ./internal/lane ./internal/agent ./internal/network ./internal/supervisor
+fuzz:
+	@set -e; for pkg in $(FUZZ_PKGS); do \
+		for t in $$($(GO) test -short -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "== $$pkg $$t ($(FUZZTIME))"; \
+			$(GO) test -short -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
 
 lint:
 	test -z "$$(gofmt -l .)"

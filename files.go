@@ -648,8 +648,17 @@ func (vm *VM) Download(ctx context.Context, guestPath, localPath string) error {
 		return err
 	}
 	defer cancel()
-	err = extractArchive(r, plan.dir, func(name string) (string, error) {
-		rel := path.Clean(name)
+	if err := extractArchive(r, plan.dir, downloadRename(prefix, plan.name)); err != nil {
+		return fmt.Errorf("download VM %s:%s to %s: %w", vm.name, guestPath, localPath, unwrapCallErr(err))
+	}
+	return nil
+}
+
+// downloadRename maps the names of a guest's archive of prefix (its base
+// name, or "." for the root) to name, the path Download writes it at.
+func downloadRename(prefix, name string) func(string) (string, error) {
+	return func(entry string) (string, error) {
+		rel := path.Clean(entry)
 		if prefix != "." {
 			rest, ok := strings.CutPrefix(rel, prefix)
 			if !ok || (rest != "" && rest[0] != '/') {
@@ -657,12 +666,8 @@ func (vm *VM) Download(ctx context.Context, guestPath, localPath string) error {
 			}
 			rel = rest
 		}
-		return path.Join(plan.name, strings.TrimPrefix(rel, "/")), nil
-	})
-	if err != nil {
-		return fmt.Errorf("download VM %s:%s to %s: %w", vm.name, guestPath, localPath, unwrapCallErr(err))
+		return path.Join(name, strings.TrimPrefix(rel, "/")), nil
 	}
-	return nil
 }
 
 // ExtractArchive extracts a tar stream (such as one from GetArchive) under
@@ -702,11 +707,28 @@ func extractArchive(r io.Reader, dir string, rename func(string) (string, error)
 		if err != nil {
 			return err
 		}
+		if isSparse(h) {
+			// Its holes read as zeros: a few bytes of archive could
+			// write terabytes. The agent never sends one.
+			return x.refuse(h.Name, "a sparse file")
+		}
 		if err := x.extract(h, rel, tr, rename); err != nil {
 			return err
 		}
 	}
 	return x.finish()
+}
+
+// isSparse reports whether h is a sparse file in one of GNU's PAX formats
+// (the reader turns the old GNU format's entries into TypeGNUSparse, which
+// extraction skips).
+func isSparse(h *tar.Header) bool {
+	for k := range h.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return false
 }
 
 type hostDir struct {

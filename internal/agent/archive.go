@@ -57,7 +57,16 @@ func (s *Server) PutArchive(stream grpc.ClientStreamingServer[agentpb.PutArchive
 		return req.GetData(), nil
 	}}
 	x := &extractor{root: root, dir: dir}
-	tr := tar.NewReader(in)
+	if err := x.extractAll(in); err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, in) // trailing padding
+	return stream.SendAndClose(&agentpb.PutArchiveResponse{Entries: x.entries, Bytes: x.bytes})
+}
+
+// extractAll extracts every entry of the tar stream r.
+func (x *extractor) extractAll(r io.Reader) error {
+	tr := tar.NewReader(r)
 	for {
 		h, err := tr.Next()
 		if err == io.EOF {
@@ -73,11 +82,7 @@ func (s *Server) PutArchive(stream grpc.ClientStreamingServer[agentpb.PutArchive
 			return err
 		}
 	}
-	if err := x.finish(); err != nil {
-		return err
-	}
-	_, _ = io.Copy(io.Discard, in) // trailing padding
-	return stream.SendAndClose(&agentpb.PutArchiveResponse{Entries: x.entries, Bytes: x.bytes})
+	return x.finish()
 }
 
 // recvReader turns a stream of data messages into an io.Reader.

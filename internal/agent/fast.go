@@ -248,7 +248,7 @@ func newCollector(ctx context.Context, start *agentpb.ExecStart, send func(*agen
 func (c *collector) ack(n int64, abandon bool) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.credit = min(c.credit+n, streamWindow)
+	c.credit = min(c.credit+min(n, streamWindow), streamWindow) // a huge n must not wrap around
 	c.abandoned = c.abandoned || abandon
 	c.wcond.Broadcast()
 }

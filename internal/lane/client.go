@@ -166,7 +166,7 @@ func (c *Client) Unary(ctx context.Context, typ uint8, req, resp proto.Message) 
 func (c *Client) read() {
 	br := bufio.NewReaderSize(c.conn, 64<<10)
 	for {
-		f, err := Read(br, nil)
+		f, err := ReadMax(br, nil, MaxReply)
 		if err != nil {
 			c.fail(err)
 			return

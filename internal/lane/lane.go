@@ -55,6 +55,12 @@ const HeaderSize = 9
 // announces more is cut off.
 const MaxPayload = 4 << 20
 
+// MaxReply bounds a frame the host reads from the guest, much lower: the
+// agent's largest reply is a run's output, under 100 KiB (64 KiB gathered
+// plus one read of a pipe), so a guest can make the host hold no more than
+// a few MiB for a call (its queue of frames) whatever lengths it claims.
+const MaxReply = 1 << 20
+
 // ErrTooLarge is returned for a frame whose payload passes MaxPayload.
 var ErrTooLarge = errors.New("lane: frame too large")
 
@@ -65,15 +71,18 @@ type Frame struct {
 	Payload []byte
 }
 
-// Read reads one frame. The payload is read into buf when it fits (and
-// aliases it), else into a new slice.
-func Read(r io.Reader, buf []byte) (Frame, error) {
+// Read reads one frame of at most MaxPayload bytes. The payload is read
+// into buf when it fits (and aliases it), else into a new slice.
+func Read(r io.Reader, buf []byte) (Frame, error) { return ReadMax(r, buf, MaxPayload) }
+
+// ReadMax is Read with a payload of at most limit bytes.
+func ReadMax(r io.Reader, buf []byte, limit uint32) (Frame, error) {
 	var h [HeaderSize]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		return Frame{}, err
 	}
 	n := binary.BigEndian.Uint32(h[0:4])
-	if n > MaxPayload {
+	if n > limit {
 		return Frame{}, fmt.Errorf("%w: %d bytes", ErrTooLarge, n)
 	}
 	f := Frame{ID: binary.BigEndian.Uint32(h[4:8]), Type: h[8]}
