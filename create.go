@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/store"
@@ -351,14 +352,10 @@ func spawnSupervisor(ctx context.Context, cfg *Config, home, id string, started,
 	}()
 	select {
 	case res := <-ch:
-		switch {
-		case res.line == "ok":
-			return nil
-		case strings.HasPrefix(res.line, "error: "):
-			return errors.New(strings.ReplaceAll(strings.TrimPrefix(res.line, "error: "), `\n`, "\n"))
-		default:
-			return fmt.Errorf("supervisor exited before the VM was ready: see %s", filepath.Join(home, "vms", id, supervisor.LogFile))
+		if valid, err := errdefs.ParseReady(res.line); valid {
+			return err
 		}
+		return fmt.Errorf("supervisor exited before the VM was ready: see %s", filepath.Join(home, "vms", id, supervisor.LogFile))
 	case <-ctx.Done():
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 		return fmt.Errorf("create VM: %w", ctx.Err())

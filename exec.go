@@ -11,9 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
@@ -51,14 +48,15 @@ type Cmd struct {
 	// ProcessState is set by Wait.
 	ProcessState *ProcessState
 
-	vm     *VM
-	ctx    context.Context
-	cancel context.CancelFunc
-	stream agentpb.Agent_ExecClient
-	lane   *laneCmd // set when the command runs over the fast lane
-	sendMu sync.Mutex
-	done   chan struct{}
-	err    error
+	vm      *VM
+	ctx     context.Context
+	cancel  context.CancelFunc
+	unbound context.CancelFunc // ends the bound of Timeout on ctx
+	stream  agentpb.Agent_ExecClient
+	lane    *laneCmd // set when the command runs over the fast lane
+	sendMu  sync.Mutex
+	done    chan struct{}
+	err     error
 }
 
 // Process is a started command in the guest.
@@ -140,6 +138,61 @@ func (c *Cmd) Start() error {
 	if c.ctx == nil {
 		c.ctx = context.Background()
 	}
+	if c.Timeout > 0 {
+		c.ctx, c.unbound = boundByTimeout(c.ctx, c.Timeout)
+	}
+	if err := c.start(); err != nil {
+		err = c.timedOut(err)
+		c.unbind()
+		return err
+	}
+	return nil
+}
+
+// timeoutGrace is how long after a command's timeout the host stops
+// waiting for the guest to report it: the guest kills the command at
+// Timeout, and a guest that cannot (paused, its supervisor stopped) does
+// not hold the caller longer than this.
+const timeoutGrace = 2 * time.Second
+
+// errHostTimeout is the cause of a context that boundByTimeout ended.
+var errHostTimeout = errors.New("command timed out")
+
+// boundByTimeout bounds a command's whole call, connection included, to
+// its timeout and timeoutGrace.
+func boundByTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeoutCause(ctx, d+timeoutGrace, errHostTimeout)
+}
+
+// hostTimedOut tells whether ctx ended by boundByTimeout.
+func hostTimedOut(ctx context.Context) bool {
+	return errors.Is(context.Cause(ctx), errHostTimeout)
+}
+
+// timedOut turns the error of a call that the command's timeout ended on
+// the host into the command's timeout (an *ExitError, as when the guest
+// kills it); other errors, and the guest's own reports, stay.
+func (c *Cmd) timedOut(err error) error {
+	var ee *ExitError
+	var se *StartError
+	if err == nil || errors.As(err, &ee) || errors.As(err, &se) || !hostTimedOut(c.ctx) {
+		return err
+	}
+	if c.Process == nil {
+		// It never started: say why, not that it was killed.
+		return c.vm.noAnswer(fmt.Sprintf("exec %q", c.String()), c.Timeout)
+	}
+	c.ProcessState = &ProcessState{ExitCode: -1, TimedOut: true, Duration: c.Timeout + timeoutGrace}
+	return &ExitError{ProcessState: c.ProcessState}
+}
+
+func (c *Cmd) unbind() {
+	if c.unbound != nil {
+		c.unbound()
+	}
+}
+
+func (c *Cmd) start() error {
 	if c.Stdin == nil && !c.TTY {
 		if l := c.vm.lane(c.ctx); l != nil {
 			err := c.startLane(l) // exec_lane.go
@@ -172,7 +225,7 @@ func (c *Cmd) Start() error {
 	first, err := stream.Recv()
 	if err != nil {
 		cancel()
-		return c.vm.callErr(c.ctx, "exec", statusErr(err))
+		return c.vm.callErr(c.ctx, "exec", err)
 	}
 	switch m := first.Msg.(type) {
 	case *agentpb.ExecResponse_Started:
@@ -208,13 +261,6 @@ func (c *Cmd) execStart() *agentpb.ExecStart {
 	return start
 }
 
-func statusErr(err error) error {
-	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
-		return fmt.Errorf("%s", s.Message())
-	}
-	return err
-}
-
 func (c *Cmd) send(req *agentpb.ExecRequest) error {
 	c.sendMu.Lock()
 	defer c.sendMu.Unlock()
@@ -246,7 +292,7 @@ func (c *Cmd) receive() {
 			if errors.Is(err, io.EOF) {
 				err = errors.New("agent closed the stream without an exit status")
 			}
-			c.err = c.vm.callErr(c.ctx, "exec", statusErr(err))
+			c.err = c.vm.callErr(c.ctx, "exec", err)
 			return
 		}
 		switch m := resp.Msg.(type) {
@@ -299,6 +345,8 @@ func (c *Cmd) Wait() error {
 		return errors.New("smolvm: command not started")
 	}
 	<-c.done
+	c.err = c.timedOut(c.err)
+	c.unbind()
 	return c.err
 }
 

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
@@ -53,35 +54,43 @@ func (fi *FileInfo) Sys() any           { return nil }
 func (fi *FileInfo) LinkTarget() string { return fi.link }
 
 // guestError is a file error reported by the guest agent. It unwraps to
-// fs.ErrNotExist, fs.ErrPermission or ErrInvalid where that fits, so that
-// callers can test it with errors.Is.
+// fs.ErrNotExist (and ErrNotFound), fs.ErrPermission or ErrInvalid where
+// that fits, so that callers can test it with errors.Is.
 type guestError struct {
-	msg  string
-	kind error
+	msg   string
+	kinds []error
 }
 
-func (e *guestError) Error() string { return e.msg }
-func (e *guestError) Unwrap() error { return e.kind }
+func (e *guestError) Error() string   { return e.msg }
+func (e *guestError) Unwrap() []error { return e.kinds }
 
-// fileErr turns a gRPC status from the agent into a guestError.
+// fileErr turns a gRPC status from the agent into a guestError: the
+// sentinel of its code (errdefs), and the file system's view of it.
 func fileErr(err error) error {
 	s, ok := status.FromError(err)
 	if !ok {
 		return err
 	}
-	var kind error
+	var kinds []error
+	k := errdefs.Kind(errdefs.FromGRPC(err))
+	if k != nil && s.Code() == codes.FailedPrecondition {
+		return errdefs.FromGRPC(err) // the supervisor's (a paused VM), not the guest's
+	}
+	if k != nil {
+		kinds = append(kinds, k)
+	}
 	switch s.Code() {
 	case codes.NotFound:
-		kind = fs.ErrNotExist
+		kinds = append(kinds, fs.ErrNotExist)
 	case codes.PermissionDenied:
-		kind = fs.ErrPermission
-	case codes.InvalidArgument, codes.FailedPrecondition:
-		kind = ErrInvalid
-	case codes.ResourceExhausted, codes.Internal:
+		kinds = append(kinds, fs.ErrPermission)
+	case codes.FailedPrecondition: // the agent's "is a directory", "not a directory"
+		kinds = append(kinds, ErrInvalid)
+	case codes.InvalidArgument, codes.ResourceExhausted, codes.Internal:
 	default:
 		return err // transport errors, cancellation: callErr explains them
 	}
-	return &guestError{msg: s.Message(), kind: kind}
+	return &guestError{msg: s.Message(), kinds: kinds}
 }
 
 // checkGuestPath refuses a guest path that is empty, relative or has a NUL.

@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -549,4 +550,76 @@ func TestRunWhenHypervisorDies(t *testing.T) {
 func runErr(ctx context.Context, vm *smolvm.VM) error {
 	_, err := vm.Run(ctx, "true")
 	return err
+}
+
+// TestPausedVM: a paused VM, in this process or behind a supervisor,
+// refuses new calls into the guest at once with what to do; a command's
+// timeout holds while it is paused; the supervisor's errors keep their
+// kind through api.sock.
+func TestPausedVM(t *testing.T) {
+	for _, persistent := range []bool{false, true} {
+		t.Run(map[bool]string{false: "InProcess", true: "Persistent"}[persistent], func(t *testing.T) {
+			t.Parallel()
+			home := testutil.Home(t)
+			vm := newVM(t, smolvm.Config{Home: home, Name: "frozen", Persistent: persistent})
+			ctx := testutil.Context(t, 3*time.Minute)
+
+			// A command started before the pause: its timeout ends it
+			// on the host although the frozen guest cannot.
+			c := vm.Command(ctx, "sleep", "600")
+			c.Timeout = 3 * time.Second
+			if err := c.Start(); err != nil {
+				t.Fatal(err)
+			}
+			if err := vm.Pause(ctx); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- c.Wait() }()
+			select {
+			case err := <-done:
+				var ee *smolvm.ExitError
+				if !errors.As(err, &ee) || !ee.TimedOut {
+					t.Errorf("Wait of a command with a timeout in a paused VM = %v; want an *ExitError that timed out", err)
+				}
+			case <-time.After(time.Minute):
+				t.Fatal("a command's timeout did not hold while its VM was paused")
+			}
+
+			if in, err := vm.Info(ctx); err != nil || in.State != "paused" {
+				t.Errorf("Info = %+v, %v; want paused", in, err)
+			}
+			res, err := vm.Run(ctx, "true", smolvm.WithTimeout(3*time.Second))
+			if !errors.Is(err, smolvm.ErrNotRunning) || !strings.Contains(err.Error(), "smolvm resume frozen") {
+				t.Errorf("Run in a paused VM = %+v, %v; want ErrNotRunning naming 'smolvm resume frozen'", res, err)
+			}
+			if _, err := vm.ReadFile(ctx, "/etc/hostname"); !errors.Is(err, smolvm.ErrNotRunning) {
+				t.Errorf("ReadFile in a paused VM: %v; want ErrNotRunning", err)
+			}
+			if _, err := vm.Snapshot(ctx, "snap"); !errors.Is(err, smolvm.ErrNotRunning) {
+				t.Errorf("Snapshot of a paused VM: %v; want ErrNotRunning", err)
+			}
+
+			// The supervisor's own errors keep their kind (a taken host port).
+			ln, err := net.Listen("tcp4", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			port := ln.Addr().(*net.TCPAddr).Port
+			if _, err := vm.ExposePort(ctx, fmt.Sprintf("%d:80", port)); !errors.Is(err, smolvm.ErrInUse) || !strings.Contains(err.Error(), "already in use") {
+				t.Errorf("ExposePort of a taken host port: %v; want ErrInUse", err)
+			}
+			if err := vm.ClosePort(ctx, port); !errors.Is(err, smolvm.ErrNotFound) {
+				t.Errorf("ClosePort of a port not forwarded: %v; want ErrNotFound", err)
+			}
+
+			if err := vm.Resume(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if res, err := vm.Run(ctx, "echo back"); err != nil || string(res.Stdout) != "back\n" {
+				t.Errorf("Run after Resume = %+v, %v", res, err)
+			}
+		})
+	}
 }

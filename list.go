@@ -15,7 +15,9 @@ import (
 )
 
 // List describes every VM in the default state folder. A VM whose
-// supervisor died is reported (and recorded) as failed with the reason.
+// supervisor died is reported (and recorded) as failed with the reason;
+// one whose supervisor lives but does not answer within a couple of
+// seconds is reported as StateUnresponsive (not recorded).
 func List(ctx context.Context) ([]*Info, error) { return ListIn(ctx, "") }
 
 // ListIn is List with an explicit state folder.
@@ -29,9 +31,12 @@ func ListIn(ctx context.Context, home string) ([]*Info, error) {
 	if err != nil {
 		return nil, err
 	}
+	problems := probeAll(ctx, recs) // health.go
 	out := make([]*Info, 0, len(recs))
 	for _, r := range recs {
-		out = append(out, infoOf(r))
+		in := infoOf(r)
+		markUnresponsive(in, problems[r.ID])
+		out = append(out, in)
 	}
 	return out, nil
 }
@@ -128,14 +133,17 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 
 // killStrayHypervisor kills pid only if it is this VM's QEMU.
 func killStrayHypervisor(pid int, id string) {
+	if isHypervisorOf(pid, id) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+func isHypervisorOf(pid int, id string) bool {
 	if pid <= 0 {
-		return
+		return false
 	}
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || !strings.Contains(string(cmdline), "smolvm-"+id) {
-		return
-	}
-	_ = syscall.Kill(pid, syscall.SIGKILL)
+	return err == nil && strings.Contains(string(cmdline), "smolvm-"+id)
 }
 
 // waitSupervisor gives a detached supervisor that is finishing up a few
@@ -154,6 +162,9 @@ func waitSupervisor(ctx context.Context, pid int, id string) {
 }
 
 func isSupervisorOf(pid int, id string) bool {
+	if pid <= 0 {
+		return false
+	}
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	return err == nil && strings.Contains(string(cmdline), "__supervise\x00"+id)
 }

@@ -47,9 +47,6 @@ import (
 	"fmt"
 	"log/slog"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
@@ -256,7 +253,7 @@ func (vm *VM) Ports(ctx context.Context) ([]PortForward, error) {
 	}
 	resp, err := c.ListPorts(ctx, &controlpb.ListPortsRequest{})
 	if err != nil {
-		return nil, vm.callErr(ctx, "list ports", err)
+		return nil, vm.apiErr(ctx, "list ports", err)
 	}
 	out := []PortForward{}
 	for _, f := range resp.Forwards {
@@ -281,7 +278,7 @@ func (vm *VM) ExposePort(ctx context.Context, spec string) (PortForward, error) 
 	resp, err := c.ExposePort(ctx, &controlpb.ExposePortRequest{Forward: &controlpb.PortForward{
 		HostIp: f.HostIP, HostPort: int32(f.HostPort), GuestPort: int32(f.GuestPort)}})
 	if err != nil {
-		return f, rpcErr(err)
+		return f, vm.apiErr(ctx, "expose port", err)
 	}
 	return network.FromPB(resp.Forward), nil
 }
@@ -293,27 +290,7 @@ func (vm *VM) ClosePort(ctx context.Context, hostPort int) error {
 		return err
 	}
 	if _, err := c.ClosePort(ctx, &controlpb.ClosePortRequest{HostPort: int32(hostPort)}); err != nil {
-		return rpcErr(err)
+		return vm.apiErr(ctx, "close port", err)
 	}
 	return nil
-}
-
-// rpcErr turns a Network service error into one callers can test with
-// errors.Is.
-func rpcErr(err error) error {
-	s, ok := status.FromError(err)
-	if !ok {
-		return err
-	}
-	switch s.Code() {
-	case codes.AlreadyExists:
-		return fmt.Errorf("%s: %w", s.Message(), ErrExists)
-	case codes.NotFound:
-		return fmt.Errorf("%s: %w", s.Message(), ErrNotFound)
-	case codes.InvalidArgument:
-		return fmt.Errorf("%s: %w", s.Message(), ErrInvalid)
-	case codes.Unknown:
-		return err
-	}
-	return errors.New(s.Message())
 }

@@ -404,8 +404,8 @@ func TestNetworkPortTaken(t *testing.T) {
 	port := ln.Addr().(*net.TCPAddr).Port
 	ctx := testutil.Context(t, 2*time.Minute)
 	_, err = smolvm.New(ctx, smolvm.Config{Home: home, Ports: []string{fmt.Sprintf("%d:80", port)}, BootTimeout: testutil.BootTimeout})
-	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("host port %d", port)) || !strings.Contains(err.Error(), "already in use") {
-		t.Fatalf("New with a taken port: %v", err)
+	if !errors.Is(err, smolvm.ErrInUse) || !strings.Contains(err.Error(), fmt.Sprintf("host port %d", port)) || !strings.Contains(err.Error(), "already in use") {
+		t.Fatalf("New with a taken port: %v; want ErrInUse naming the port", err)
 	}
 	vms, err := smolvm.ListIn(ctx, home)
 	if err != nil || len(vms) != 0 {

@@ -67,7 +67,17 @@ func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Resu
 	stdout, stderr := &capWriter{max: o.limit}, &capWriter{max: o.limit}
 	if o.stdin == nil {
 		if l := vm.lane(ctx); l != nil {
-			res, err := vm.runFast(ctx, l, command, o, stdout, stderr)
+			fctx := ctx
+			if o.timeout > 0 {
+				var cancel context.CancelFunc
+				fctx, cancel = boundByTimeout(ctx, o.timeout) // exec.go
+				defer cancel()
+			}
+			res, err := vm.runFast(fctx, l, command, o, stdout, stderr)
+			if err != nil && hostTimedOut(fctx) && !errors.As(err, new(*StartError)) {
+				ps := &ProcessState{ExitCode: -1, TimedOut: true, Duration: o.timeout + timeoutGrace}
+				return result(ps, stdout, stderr, false), nil
+			}
 			if !errors.Is(err, lane.ErrNotSent) {
 				return res, err
 			}

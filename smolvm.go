@@ -17,7 +17,6 @@ package smolvm
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -25,7 +24,7 @@ import (
 	"regexp"
 	"time"
 
-	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/errdefs"
 	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
@@ -34,14 +33,19 @@ import (
 // Version of smolvm, set at build time with -ldflags.
 var Version = "dev"
 
-// Errors callers can test for with errors.Is. The CLI maps them to exit codes.
+// Errors callers can test for with errors.Is, whether the VM runs in this
+// process or behind a supervisor (internal/errdefs maps them to gRPC codes
+// and back). The CLI maps them to exit codes.
 var (
-	ErrNotFound    = store.ErrNotFound
-	ErrExists      = store.ErrExists
-	ErrInUse       = store.ErrInUse
-	ErrNotRunning  = errors.New("not running")
-	ErrInvalid     = errors.New("invalid argument")
-	ErrUnsupported = hypervisor.ErrUnsupported
+	ErrNotFound    = errdefs.ErrNotFound
+	ErrExists      = errdefs.ErrExists
+	ErrInUse       = errdefs.ErrInUse
+	ErrNotRunning  = errdefs.ErrNotRunning
+	ErrInvalid     = errdefs.ErrInvalid
+	ErrUnsupported = errdefs.ErrUnsupported
+	// ErrUnavailable: the VM's supervisor does not answer (stopped,
+	// overloaded); 'smolvm rm -f' still removes the VM.
+	ErrUnavailable = errdefs.ErrUnavailable
 )
 
 // Config describes a VM to create. The zero value is a working default:

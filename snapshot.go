@@ -98,7 +98,9 @@ func (vm *VM) snapshot(ctx context.Context, name string, warm bool) (*SnapshotIn
 	case sup != nil:
 		err = sup.Snapshot(ctx, dir, supervisor.SnapshotOptions{Resume: true, KeepLane: warm})
 	case control != nil:
-		_, err = control.Snapshot(ctx, &controlpb.SnapshotRequest{Dir: dir, Resume: true})
+		if _, err = control.Snapshot(ctx, &controlpb.SnapshotRequest{Dir: dir, Resume: true}); err != nil {
+			err = vm.apiErr(ctx, "", err)
+		}
 	default:
 		err = notRunning(rec)
 	}
@@ -522,16 +524,14 @@ func (vm *VM) setPaused(ctx context.Context, pause bool) error {
 	if control == nil || !rec.Live() {
 		return notRunning(rec)
 	}
-	state := store.StateRunning
+	// The supervisor records the state.
 	if pause {
-		state = store.StatePaused
 		_, err = control.Pause(ctx, &controlpb.PauseRequest{})
 	} else {
 		_, err = control.Resume(ctx, &controlpb.ResumeRequest{})
 	}
 	if err != nil {
-		return fmt.Errorf("VM %s: %w", vm.name, err)
+		return vm.apiErr(ctx, "VM "+vm.name, err)
 	}
-	_, err = vm.st.UpdateVM(ctx, vm.id, func(v *store.VM) error { v.State = state; return nil })
-	return err
+	return nil
 }

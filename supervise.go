@@ -6,38 +6,38 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
 // RunSupervisor is the body of a detached supervisor process (`smolvm
-// __supervise ID`): it starts the VM, reports "ok" or "error: …" on the
-// ready file, and serves the VM until it stops. SIGTERM stops the VM
-// gracefully.
+// __supervise ID`): it starts the VM, reports "ok" or the error on the
+// ready file (errdefs.ReadyLine: the error keeps its kind), and serves the
+// VM until it stops. SIGTERM stops the VM gracefully.
 func RunSupervisor(ctx context.Context, id string, ready *os.File, started, createDone time.Time, log *slog.Logger) error {
 	idleLean(log)
 	st, err := openStore(ctx, "")
 	if err != nil {
-		fmt.Fprintf(ready, "error: %s\n", oneLine(err.Error()))
+		fmt.Fprintln(ready, errdefs.ReadyLine(err))
 		return err
 	}
 	defer st.Close()
 	if _, err := st.UpdateVM(ctx, id, func(v *store.VM) error { v.SupervisorPID = os.Getpid(); return nil }); err != nil {
-		fmt.Fprintf(ready, "error: %s\n", oneLine(err.Error()))
+		fmt.Fprintln(ready, errdefs.ReadyLine(err))
 		return err
 	}
 	sup, err := supervisor.Start(ctx, id, supervisor.Options{Store: st, Logger: log, Started: started, CreateDone: createDone})
 	if err != nil {
-		fmt.Fprintf(ready, "error: %s\n", oneLine(err.Error()))
+		fmt.Fprintln(ready, errdefs.ReadyLine(err))
 		return err
 	}
-	fmt.Fprintln(ready, "ok")
+	fmt.Fprintln(ready, errdefs.ReadyOK)
 	ready.Close()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
@@ -49,8 +49,6 @@ func RunSupervisor(ctx context.Context, id string, ready *os.File, started, crea
 	}
 	return sup.Err()
 }
-
-func oneLine(s string) string { return strings.ReplaceAll(s, "\n", `\n`) }
 
 // idleLean makes the supervisor and the hypervisor it starts cheaper to
 // keep while their VM idles, as most persistent VMs do.

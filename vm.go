@@ -7,15 +7,14 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
@@ -113,12 +112,7 @@ func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*
 }
 
 func (vm *VM) connect() error {
-	sock := filepath.Join(vm.dir, supervisor.APISocket)
-	conn, err := grpc.NewClient("unix://"+sock,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(supervisor.MaxMessage), grpc.MaxCallSendMsgSize(supervisor.MaxMessage)),
-		grpc.WithInitialWindowSize(1<<20), grpc.WithInitialConnWindowSize(4<<20),
-	)
+	conn, err := dialAPI(vm.dir) // health.go
 	if err != nil {
 		return fmt.Errorf("connect to VM %s: %w", vm.id, err)
 	}
@@ -161,7 +155,7 @@ func (vm *VM) agentClient(ctx context.Context) (agentpb.AgentClient, error) {
 	if closed {
 		return nil, fmt.Errorf("VM %s: handle is closed", vm.name)
 	}
-	if a != nil {
+	if a != nil && !vm.pausedHere() {
 		return a, nil
 	}
 	rec, err := vm.st.GetVM(ctx, vm.id)
@@ -177,7 +171,7 @@ func (vm *VM) lane(ctx context.Context) *lane.Client {
 	vm.mu.Lock()
 	sup, closed := vm.sup, vm.closed
 	vm.mu.Unlock()
-	if sup == nil || closed {
+	if sup == nil || closed || sup.Paused() {
 		return nil
 	}
 	l, err := sup.Lane(ctx)
@@ -186,6 +180,16 @@ func (vm *VM) lane(ctx context.Context) *lane.Client {
 		return nil
 	}
 	return l
+}
+
+// pausedHere tells whether the VM lives in this process and is paused: its
+// calls then fail at once (as the supervisor's proxy does for api.sock)
+// instead of waiting for the frozen guest.
+func (vm *VM) pausedHere() bool {
+	vm.mu.Lock()
+	sup := vm.sup
+	vm.mu.Unlock()
+	return sup != nil && sup.Paused()
 }
 
 func notRunning(rec *store.VM) error {
@@ -241,11 +245,14 @@ func agentInfo(r *agentpb.PingResponse) *AgentInfo {
 		Uptime: time.Duration(r.UptimeNs), Hostname: r.Hostname, Kernel: r.Kernel}
 }
 
-// callErr explains a failed call: a VM that died says so.
+// callErr explains a failed call: a VM that died or was paused says so,
+// and so does a supervisor that does not answer; a gRPC status becomes an
+// error of its kind (errdefs), without "rpc error: code = …".
 func (vm *VM) callErr(ctx context.Context, what string, err error) error {
 	if ctx.Err() != nil {
 		return fmt.Errorf("%s: %w", what, ctx.Err())
 	}
+	err = errdefs.FromGRPC(err)
 	vm.mu.Lock()
 	sup := vm.sup
 	vm.mu.Unlock()
@@ -258,10 +265,34 @@ func (vm *VM) callErr(ctx context.Context, what string, err error) error {
 		case <-ctx.Done():
 		}
 	}
-	if rec, gerr := vm.st.GetVM(context.WithoutCancel(ctx), vm.id); gerr == nil && rec.State != store.StateRunning {
+	rec, gerr := vm.st.GetVM(context.WithoutCancel(ctx), vm.id)
+	if gerr == nil && rec.State != store.StateRunning {
 		return fmt.Errorf("%s: %w", what, notRunning(rec))
 	}
+	if gerr == nil && errors.Is(err, ErrUnavailable) {
+		if p := supervisorProblem(ctx, rec); p != nil {
+			return fmt.Errorf("%s: %w", what, p)
+		}
+	}
 	return fmt.Errorf("%s in VM %s: %w", what, vm.name, err)
+}
+
+// apiErr explains a failed call of the supervisor's own services (control,
+// network): an error of its kind, or the supervisor not answering; what
+// ("" for nothing) prefixes it.
+func (vm *VM) apiErr(ctx context.Context, what string, err error) error {
+	err = errdefs.FromGRPC(err)
+	if errors.Is(err, ErrUnavailable) && ctx.Err() == nil {
+		if rec, gerr := vm.st.GetVM(ctx, vm.id); gerr == nil {
+			if p := supervisorProblem(ctx, rec); p != nil {
+				err = p
+			}
+		}
+	}
+	if what == "" {
+		return err
+	}
+	return fmt.Errorf("%s: %w", what, err)
 }
 
 // Info reports the VM's state and settings.
@@ -270,7 +301,9 @@ func (vm *VM) Info(ctx context.Context) (*Info, error) {
 	if err != nil {
 		return nil, err
 	}
-	return infoOf(rec), nil
+	in := infoOf(rec)
+	markUnresponsive(in, supervisorProblem(ctx, rec)) // health.go
+	return in, nil
 }
 
 func infoOf(rec *store.VM) *Info {
@@ -313,13 +346,38 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 		}
 		return fmt.Errorf("%w: VM %s is %s", ErrNotRunning, rec.Name, rec.State)
 	}
-	_, err = control.Stop(ctx, &controlpb.StopRequest{Force: force, TimeoutMs: 10000})
+	if p := supervisorProblem(ctx, rec); p != nil {
+		if !force {
+			return fmt.Errorf("stop VM %s: %w", rec.Name, p)
+		}
+		vm.disconnect()
+		return killSupervisor(ctx, vm.st, rec) // health.go
+	}
+	// The supervisor answered: it stops the guest within the timeout
+	// (and kills it then); a little more for its answer.
+	const stopTimeout = 10 * time.Second
+	sctx, cancel := context.WithTimeout(ctx, stopTimeout+5*time.Second)
+	_, err = control.Stop(sctx, &controlpb.StopRequest{Force: force, TimeoutMs: stopTimeout.Milliseconds()})
+	cancel()
 	if err != nil && processAlive(rec.SupervisorPID) {
-		return fmt.Errorf("stop VM %s: %w", rec.Name, err)
+		if force && (errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded)) && ctx.Err() == nil {
+			// It stopped answering since the probe.
+			vm.disconnect()
+			return killSupervisor(ctx, vm.st, rec)
+		}
+		return vm.apiErr(ctx, "stop VM "+rec.Name, err)
 	}
 	vm.disconnect()
-	// The supervisor records the stop and exits; wait for that.
+	// The supervisor records the stop and exits (its teardown takes at
+	// most a few seconds); wait for that.
+	deadline := time.Now().Add(15 * time.Second)
 	for processAlive(rec.SupervisorPID) && rec.SupervisorPID != os.Getpid() {
+		if time.Now().After(deadline) {
+			if !force {
+				return fmt.Errorf("stop VM %s: its supervisor (pid %d) did not exit: 'smolvm rm -f %s' kills it: %w", rec.Name, rec.SupervisorPID, rec.Name, ErrUnavailable)
+			}
+			return killSupervisor(ctx, vm.st, rec)
+		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("stop VM %s: %w", rec.Name, ctx.Err())

@@ -4,14 +4,19 @@ package main
 // folder of its own. The ones that boot guests need QEMU.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -29,7 +34,14 @@ type cliResult struct {
 // output and exit code.
 func smolvmRun(t *testing.T, home, stdin string, args ...string) cliResult {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testutil.BootTimeout+2*time.Minute)
+	return smolvmRunWithin(t, testutil.BootTimeout+2*time.Minute, home, stdin, args...)
+}
+
+// smolvmRunWithin is smolvmRun for a command that must end within limit:
+// the test fails (rather than waits) when it hangs.
+func smolvmRunWithin(t *testing.T, limit time.Duration, home, stdin string, args ...string) cliResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, testutil.Binary(t), args...)
 	cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
@@ -37,6 +49,9 @@ func smolvmRun(t *testing.T, home, stdin string, args ...string) cliResult {
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err := cmd.Run()
+	if ctx.Err() != nil {
+		t.Fatalf("smolvm %s hung: no end within %s (stderr %q)", strings.Join(args, " "), limit, trim(errOut.String()))
+	}
 	r := cliResult{stdout: out.String(), stderr: errOut.String()}
 	var ee *exec.ExitError
 	switch {
@@ -276,41 +291,71 @@ func TestCLIPersistentVM(t *testing.T) {
 	})
 
 	t.Run("PauseResume", func(t *testing.T) {
+		// A command running across the pause waits for the frozen guest
+		// and finishes after resume.
+		cmd := exec.Command(testutil.Binary(t), "exec", id, "--", "sh", "-c",
+			"echo started; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo after-resume")
+		cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cmd.Process.Kill() })
+		lines := bufio.NewReader(stdout)
+		if l, err := lines.ReadString('\n'); l != "started\n" {
+			t.Fatalf("exec printed %q (%v), want \"started\"", l, err)
+		}
 		mustOK(t, home, "", "pause", "clivm")
 		if vms := listVMs(t, home); len(vms) != 1 || vms[0].State != "paused" {
 			t.Fatalf("ls --json after pause: %+v; want the VM paused", vms)
 		}
-		// A command waits for the frozen guest; resume lets it finish.
-		cmd := exec.Command(testutil.Binary(t), "exec", id, "--", "echo", "after-resume")
-		cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
-		var out bytes.Buffer
-		cmd.Stdout = &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			t.Fatalf("exec in a paused VM finished (%v, %q) before resume", err, out.String())
-		case <-time.After(time.Second):
-		}
-		// A snapshot of a paused VM is refused with what to do.
-		if r := smolvmRun(t, home, "", "snapshot", "create", "clivm", "paused-snap"); r.code == 0 || !strings.Contains(r.stderr, "smolvm resume clivm") {
-			t.Errorf("snapshot create of a paused VM: exit %d, stderr %q; want a failure naming 'smolvm resume clivm'", r.code, r.stderr)
+		// A new call that needs the guest fails at once (exit 4) and
+		// says what to do, whatever its timeout; so does a snapshot.
+		for _, args := range [][]string{
+			{"exec", "--timeout", "3s", id, "--", "true"},
+			{"exec", "-i", "clivm", "--", "cat"},
+			{"cp", "clivm:/etc/hostname", t.TempDir()},
+			{"env", "ls", "clivm"},
+			{"snapshot", "create", "clivm", "paused-snap"},
+		} {
+			r := smolvmRunWithin(t, time.Minute, home, "x\n", args...)
+			if r.code != 4 || !strings.Contains(r.stderr, "paused") || !strings.Contains(r.stderr, "smolvm resume clivm") || strings.Contains(r.stderr, "rpc error") {
+				t.Errorf("smolvm %s on a paused VM: exit %d, stderr %q; want exit 4 naming 'smolvm resume clivm'", strings.Join(args, " "), r.code, r.stderr)
+			}
 		}
 		mustOK(t, home, "", "resume", id)
-		select {
-		case err := <-done:
-			if err != nil || out.String() != "after-resume\n" {
-				t.Errorf("exec across pause and resume: %v, %q", err, out.String())
-			}
-		case <-time.After(testutil.BootTimeout):
-			_ = cmd.Process.Kill()
-			t.Fatal("exec did not finish after resume")
+		mustOK(t, home, "", "exec", id, "--", "touch", "/tmp/go")
+		rest, _ := io.ReadAll(lines)
+		if err := cmd.Wait(); err != nil || string(rest) != "after-resume\n" {
+			t.Errorf("exec across pause and resume: %v, %q", err, rest)
 		}
 		if vms := listVMs(t, home); len(vms) != 1 || vms[0].State != "running" {
 			t.Errorf("ls --json after resume: %+v; want the VM running", vms)
+		}
+	})
+
+	t.Run("PortTaken", func(t *testing.T) {
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		port := ln.Addr().(*net.TCPAddr).Port
+		// Through the supervisor's API and through its ready pipe, a taken
+		// host port is "in use": exit 5.
+		r := smolvmRun(t, home, "", "port", "expose", "clivm", fmt.Sprintf("%d:80", port))
+		if r.code != 5 || !strings.Contains(r.stderr, "already in use") {
+			t.Errorf("port expose of a taken host port: exit %d, stderr %q; want exit 5 saying it is in use", r.code, r.stderr)
+		}
+		r = smolvmRun(t, home, "", "create", "--name", "taken", "-p", fmt.Sprintf("%d:80", port))
+		if r.code != 5 || !strings.Contains(r.stderr, "already in use") {
+			t.Errorf("create -p with a taken host port: exit %d, stderr %q; want exit 5 saying it is in use", r.code, r.stderr)
+		}
+		if vms := listVMs(t, home); len(vms) != 1 {
+			t.Errorf("VMs after the refused create: %+v", vms)
 		}
 	})
 
@@ -323,18 +368,79 @@ func TestCLIPersistentVM(t *testing.T) {
 			t.Fatalf("a refused rm changed the VM: %+v", vms)
 		}
 		mustOK(t, home, "", "rm", "-f", id)
-		if vms := listVMs(t, home); len(vms) != 0 {
-			t.Errorf("VMs after rm -f: %+v", vms)
-		}
-		if ents, _ := os.ReadDir(home + "/vms"); len(ents) != 0 {
-			t.Errorf("state folders after rm -f: %v", ents)
-		}
-		if left := testutil.WaitNoProcesses(home, 30*time.Second); len(left) > 0 {
-			t.Errorf("processes after rm -f: %v", left)
-		}
+		assertRemoved(t, home)
 		r = smolvmRun(t, home, "", "exec", id, "--", "true")
 		if r.code != 2 {
 			t.Errorf("exec on a removed VM: exit %d, want 2 (not found)", r.code)
 		}
 	})
+}
+
+// TestCLIUnresponsiveSupervisor: a VM whose supervisor stops answering
+// (SIGSTOP) is shown as such, calls into it fail within seconds saying
+// what to do, and rm -f removes it and everything it held.
+func TestCLIUnresponsiveSupervisor(t *testing.T) {
+	t.Parallel()
+	home := testutil.Home(t)
+	id := strings.TrimSpace(mustOK(t, home, "", "create", "--name", "stuck").stdout)
+	var in struct {
+		SupervisorPID int `json:"supervisor_pid"`
+		HypervisorPID int `json:"hypervisor_pid"`
+	}
+	if err := json.Unmarshal([]byte(mustOK(t, home, "", "info", "--json", id).stdout), &in); err != nil || in.SupervisorPID == 0 || in.HypervisorPID == 0 {
+		t.Fatalf("info --json: %+v, %v; want the supervisor's and QEMU's pids", in, err)
+	}
+	if err := syscall.Kill(in.SupervisorPID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// Whatever the test found, leave no stopped process behind.
+		for _, pid := range []int{in.SupervisorPID, in.HypervisorPID} {
+			if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); strings.Contains(string(b), id) {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
+
+	r := smolvmRunWithin(t, time.Minute, home, "", "ls", "--json")
+	var vms []vmJSON
+	if err := json.Unmarshal([]byte(r.stdout), &vms); err != nil || len(vms) != 1 || vms[0].State != "unresponsive" ||
+		!strings.Contains(vms[0].Reason, "smolvm rm -f stuck") {
+		t.Errorf("ls --json with the supervisor stopped: %+v (%v); want the VM unresponsive, naming 'smolvm rm -f stuck'", vms, err)
+	}
+	for _, args := range [][]string{
+		{"exec", "stuck", "--", "true"},
+		{"exec", "--timeout", "3s", "stuck", "--", "true"},
+		{"cp", "stuck:/etc/hostname", t.TempDir()},
+		{"stop", "stuck"},
+	} {
+		r := smolvmRunWithin(t, time.Minute, home, "", args...)
+		if r.code == 0 || !strings.Contains(r.stderr, "not responding") || !strings.Contains(r.stderr, "smolvm rm -f stuck") || strings.Contains(r.stderr, "rpc error") {
+			t.Errorf("smolvm %s with the supervisor stopped: exit %d, stderr %q; want a failure saying it is not responding and naming 'smolvm rm -f stuck'",
+				strings.Join(args, " "), r.code, r.stderr)
+		}
+	}
+
+	smolvmRunWithin(t, time.Minute, home, "", "rm", "-f", "stuck")
+	assertRemoved(t, home)
+	for _, pid := range []int{in.SupervisorPID, in.HypervisorPID} {
+		if testutil.PidAlive(pid) {
+			t.Errorf("process %d (supervisor or QEMU) alive after rm -f", pid)
+		}
+	}
+}
+
+// assertRemoved checks that rm -f left nothing of home's VMs: no VM, no
+// state folder, no process.
+func assertRemoved(t *testing.T, home string) {
+	t.Helper()
+	if vms := listVMs(t, home); len(vms) != 0 {
+		t.Errorf("VMs after rm -f: %+v", vms)
+	}
+	if ents, _ := os.ReadDir(home + "/vms"); len(ents) != 0 {
+		t.Errorf("state folders after rm -f: %v", ents)
+	}
+	if left := testutil.WaitNoProcesses(home, 30*time.Second); len(left) > 0 {
+		t.Errorf("processes after rm -f: %v", left)
+	}
 }

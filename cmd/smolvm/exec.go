@@ -85,7 +85,7 @@ func runCommand(ctx context.Context, c *smolvm.Cmd, f *execFlags) (int, error) {
 		c.Stdin = os.Stdin
 	}
 	if err := c.Start(); err != nil {
-		return 0, err
+		return exitOf(err, f.timeout)
 	}
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGWINCH)
@@ -103,24 +103,31 @@ func runCommand(ctx context.Context, c *smolvm.Cmd, f *execFlags) (int, error) {
 			}
 			_ = c.Process.Signal(sig.(syscall.Signal))
 		case err := <-done:
-			var ee *smolvm.ExitError
-			switch {
-			case err == nil:
-				return 0, nil
-			case errors.As(err, &ee):
-				if ee.TimedOut {
-					fmt.Fprintf(os.Stderr, "smolvm: command timed out after %s and was killed\n", f.timeout)
-					return 124, nil
-				}
-				if ee.Signal != 0 {
-					return 128 + int(ee.Signal), nil
-				}
-				return ee.ExitCode, nil
-			default:
-				return 0, err
-			}
+			return exitOf(err, f.timeout)
 		}
 	}
+}
+
+// exitOf is the exit code of a command's end: its own, 124 when its
+// timeout ended it (in the guest, or on the host when the guest did not
+// answer in time), 128+N on signal N; or the error of a command that did
+// not run.
+func exitOf(err error, timeout time.Duration) (int, error) {
+	var ee *smolvm.ExitError
+	switch {
+	case err == nil:
+		return 0, nil
+	case errors.As(err, &ee):
+		if ee.TimedOut {
+			fmt.Fprintf(os.Stderr, "smolvm: command timed out after %s and was killed\n", timeout)
+			return 124, nil
+		}
+		if ee.Signal != 0 {
+			return 128 + int(ee.Signal), nil
+		}
+		return ee.ExitCode, nil
+	}
+	return 0, err
 }
 
 func newExecCmd(g *globals) *cobra.Command {

@@ -14,10 +14,12 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/smolvm/smolvm/internal/errdefs"
 )
 
 // ErrUnsupported is returned for an optional power a driver lacks.
-var ErrUnsupported = errors.New("not supported by this hypervisor driver")
+var ErrUnsupported = fmt.Errorf("%w by this hypervisor driver", errdefs.ErrUnsupported)
 
 // Accel names how guest code runs.
 type Accel string

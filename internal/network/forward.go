@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/store"
 )
 
@@ -88,13 +89,13 @@ func (p *portForwards) Expose(ctx context.Context, f Forward) (Forward, error) {
 
 func (p *portForwards) expose(ctx context.Context, f Forward, persist bool) (Forward, error) {
 	if f.GuestPort < 1 || f.GuestPort > 65535 {
-		return f, fmt.Errorf("guest port %d is not a port number (1-65535)", f.GuestPort)
+		return f, fmt.Errorf("%w: guest port %d is not a port number (1-65535)", errdefs.ErrInvalid, f.GuestPort)
 	}
 	p.mu.Lock()
 	_, dup := p.m[f.HostPort]
 	p.mu.Unlock()
 	if f.HostPort != 0 && dup {
-		return f, fmt.Errorf("host port %d is already forwarded by this VM: close it first ('smolvm port close VM %d')", f.HostPort, f.HostPort)
+		return f, fmt.Errorf("host port %d is already forwarded by this VM: close it first ('smolvm port close VM %d'): %w", f.HostPort, f.HostPort, errdefs.ErrExists)
 	}
 	leased := false
 	if p.store != nil {
@@ -137,7 +138,7 @@ func (p *portForwards) Unexpose(ctx context.Context, hostPort int) error {
 	delete(p.m, hostPort)
 	p.mu.Unlock()
 	if !ok {
-		return fmt.Errorf("host port %d is not forwarded (see 'smolvm port ls VM')", hostPort)
+		return fmt.Errorf("host port %d is not forwarded (see 'smolvm port ls VM'): %w", hostPort, errdefs.ErrNotFound)
 	}
 	_ = pf.ln.Close()
 	if p.store != nil {
@@ -182,10 +183,10 @@ func listenForward(f Forward) (net.Listener, error) {
 	}
 	switch {
 	case errors.Is(err, syscall.EADDRINUSE):
-		return nil, fmt.Errorf("host port %d on %s is already in use by another program: pick another host port (e.g. -p %s:%d:%d) or stop what listens there",
-			f.HostPort, f.HostIP, f.HostIP, f.HostPort+1, f.GuestPort)
+		return nil, fmt.Errorf("host port %d on %s is already %w by another program: pick another host port (e.g. -p %s:%d:%d) or stop what listens there",
+			f.HostPort, f.HostIP, errdefs.ErrInUse, f.HostIP, f.HostPort+1, f.GuestPort)
 	case errors.Is(err, syscall.EADDRNOTAVAIL):
-		return nil, fmt.Errorf("forward host port %d: %s is not an address of this host", f.HostPort, f.HostIP)
+		return nil, fmt.Errorf("%w: forward host port %d: %s is not an address of this host", errdefs.ErrInvalid, f.HostPort, f.HostIP)
 	case errors.Is(err, syscall.EACCES):
 		return nil, fmt.Errorf("forward host port %d: ports below 1024 need root; pick a higher host port", f.HostPort)
 	}

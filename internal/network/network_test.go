@@ -334,15 +334,6 @@ func TestRouteOf(t *testing.T) {
 	}
 }
 
-// dnsWriter records the reply of a DNS handler.
-type dnsWriter struct {
-	dns.ResponseWriter
-	msg *dns.Msg
-}
-
-func (w *dnsWriter) RemoteAddr() net.Addr      { return &net.UDPAddr{IP: net.ParseIP(GuestIP), Port: 5353} }
-func (w *dnsWriter) WriteMsg(m *dns.Msg) error { w.msg = m; return nil }
-
 // TestDNSNeverAnswersTheHost: names the host's resolver maps to the host
 // itself (localhost, the host's name, a rebinding name) or to another VM
 // get no address; an --add-host name for 127.0.0.1 gets the loopback's
@@ -367,10 +358,10 @@ func TestDNSNeverAnswersTheHost(t *testing.T) {
 	ask := func(name string) string {
 		q := new(dns.Msg)
 		q.SetQuestion(dns.Fqdn(name), dns.TypeA)
-		w := &dnsWriter{}
+		w := &dnsWriter{remote: &net.UDPAddr{IP: net.ParseIP(GuestIP), Port: 5353}}
 		n.serveDNS(w, q)
 		var out []string
-		for _, rr := range w.msg.Answer {
+		for _, rr := range w.reply.Answer {
 			out = append(out, rr.(*dns.A).A.String())
 		}
 		return strings.Join(out, ",")

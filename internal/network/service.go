@@ -2,14 +2,12 @@ package network
 
 import (
 	"context"
-	"errors"
+	"fmt"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
-	"github.com/smolvm/smolvm/internal/store"
 )
 
 // Register serves the Network service of a VM's API socket. n is nil for
@@ -30,7 +28,7 @@ func (s *service) stack() (Forwarder, error) {
 		if s.cfg != nil && s.cfg.Mode != "" {
 			mode = s.cfg.Mode
 		}
-		return nil, status.Errorf(codes.FailedPrecondition, "port forwards need a network (user-mode or tap); this VM's network is %s (create it with --net user or --net tap)", mode)
+		return nil, fmt.Errorf("port forwards need a network (user-mode or tap); this VM's network is %s (create it with --net user or --net tap): %w", mode, errdefs.ErrUnsupported)
 	}
 	return s.n, nil
 }
@@ -71,11 +69,7 @@ func (s *service) ExposePort(ctx context.Context, req *controlpb.ExposePortReque
 	}
 	f, err := n.Expose(ctx, FromPB(req.Forward))
 	if err != nil {
-		code := codes.FailedPrecondition
-		if errors.Is(err, store.ErrExists) {
-			code = codes.AlreadyExists
-		}
-		return nil, status.Error(code, err.Error())
+		return nil, err // of its kind (errdefs), sent by the server's interceptor
 	}
 	return &controlpb.ExposePortResponse{Forward: toPB(f)}, nil
 }
@@ -86,7 +80,7 @@ func (s *service) ClosePort(ctx context.Context, req *controlpb.ClosePortRequest
 		return nil, err
 	}
 	if err := n.Unexpose(ctx, int(req.HostPort)); err != nil {
-		return nil, status.Error(codes.NotFound, err.Error())
+		return nil, err
 	}
 	return &controlpb.ClosePortResponse{}, nil
 }

@@ -23,17 +23,19 @@ import (
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
+
+	"github.com/smolvm/smolvm/internal/errdefs"
 )
 
 // Errors returned (wrapped) by the store. Test for them with errors.Is.
 var (
-	ErrNotFound  = errors.New("not found")
-	ErrExists    = errors.New("already exists")
+	ErrNotFound  = errdefs.ErrNotFound
+	ErrExists    = errdefs.ErrExists
 	ErrAmbiguous = errors.New("ambiguous")
 	ErrExhausted = errors.New("pool exhausted")
 	// ErrInUse is returned when deleting a snapshot or image that a live VM
 	// still depends on.
-	ErrInUse = errors.New("in use")
+	ErrInUse = errdefs.ErrInUse
 )
 
 // DBName is the file name of the database inside the smolvm home folder.

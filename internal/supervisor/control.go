@@ -9,12 +9,11 @@ import (
 	"strings"
 	"time"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
+	"github.com/smolvm/smolvm/internal/store"
 )
 
 // control serves the supervisor's own API on the VM's socket.
@@ -28,8 +27,11 @@ func (c *control) Status(ctx context.Context, _ *controlpb.StatusRequest) (*cont
 	info := s.machine.Info()
 	state := "running"
 	s.mu.Lock()
-	if s.stopping {
+	switch {
+	case s.stopping:
 		state = "stopping"
+	case s.paused:
+		state = "paused"
 	}
 	s.mu.Unlock()
 	return &controlpb.StatusResponse{
@@ -45,25 +47,62 @@ func (c *control) Stop(ctx context.Context, req *controlpb.StopRequest) (*contro
 }
 
 func (c *control) Pause(ctx context.Context, _ *controlpb.PauseRequest) (*controlpb.PauseResponse, error) {
-	p, ok := c.s.machine.(hypervisor.Pauser)
-	if !ok {
-		return nil, status.Error(codes.Unimplemented, hypervisor.ErrUnsupported.Error())
-	}
-	if err := p.Pause(ctx); err != nil {
+	if err := c.s.setPaused(ctx, true); err != nil {
 		return nil, err
 	}
 	return &controlpb.PauseResponse{}, nil
 }
 
 func (c *control) Resume(ctx context.Context, _ *controlpb.ResumeRequest) (*controlpb.ResumeResponse, error) {
-	p, ok := c.s.machine.(hypervisor.Pauser)
-	if !ok {
-		return nil, status.Error(codes.Unimplemented, hypervisor.ErrUnsupported.Error())
-	}
-	if err := p.Resume(ctx); err != nil {
+	if err := c.s.setPaused(ctx, false); err != nil {
 		return nil, err
 	}
 	return &controlpb.ResumeResponse{}, nil
+}
+
+// setPaused freezes or thaws the machine's vCPUs and records the state.
+func (s *Supervisor) setPaused(ctx context.Context, pause bool) error {
+	p, ok := s.machine.(hypervisor.Pauser)
+	if !ok {
+		return fmt.Errorf("pause: %w", hypervisor.ErrUnsupported)
+	}
+	s.mu.Lock()
+	stopping := s.stopping
+	s.mu.Unlock()
+	if stopping {
+		return fmt.Errorf("%w: VM is stopping", errdefs.ErrNotRunning)
+	}
+	state := store.StateRunning
+	if pause {
+		state = store.StatePaused
+		if err := p.Pause(ctx); err != nil {
+			return fmt.Errorf("pause: %w", err)
+		}
+	} else if err := p.Resume(ctx); err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
+	s.mu.Lock()
+	s.paused = pause
+	s.mu.Unlock()
+	_, err := s.st.UpdateVM(context.WithoutCancel(ctx), s.id, func(v *store.VM) error { v.State = state; return nil })
+	return err
+}
+
+// Paused tells whether the machine is paused (Control.Pause).
+func (s *Supervisor) Paused() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.paused
+}
+
+// errPaused is the error of a call that needs the guest while it is
+// paused: at once, rather than a wait for the frozen guest.
+func (s *Supervisor) errPaused() error {
+	name := s.spec.Hostname
+	if name == "" {
+		name = s.id
+	}
+	return fmt.Errorf("%w: VM %s is paused: resume it first with 'smolvm resume %s'", errdefs.ErrNotRunning, name, name)
 }
 
 // refreshRequest is what makes a restored guest a machine of its own:

@@ -63,6 +63,9 @@ func (s *Supervisor) proxy(_ any, ss grpc.ServerStream) error {
 	if !ok || !strings.HasPrefix(method, agentMethodPrefix) {
 		return status.Errorf(codes.Unimplemented, "unknown method %q", method)
 	}
+	if s.Paused() {
+		return s.errPaused()
+	}
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	var first *frame // read already, to see whether the lane can take it

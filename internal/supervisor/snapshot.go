@@ -13,9 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
@@ -69,7 +68,10 @@ type SnapshotOptions struct {
 func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOptions) error {
 	sn, ok := s.machine.(hypervisor.Snapshotter)
 	if !ok {
-		return hypervisor.ErrUnsupported
+		return fmt.Errorf("snapshot: %w", hypervisor.ErrUnsupported)
+	}
+	if s.Paused() {
+		return s.errPaused()
 	}
 	frozen, err := s.frozenDisks()
 	if err != nil {
@@ -390,7 +392,7 @@ func (s *Supervisor) reconnect(ctx context.Context) error {
 
 func (c *control) Snapshot(ctx context.Context, req *controlpb.SnapshotRequest) (*controlpb.SnapshotResponse, error) {
 	if req.Dir == "" || !filepath.IsAbs(req.Dir) {
-		return nil, status.Error(codes.InvalidArgument, "snapshot folder must be an absolute path")
+		return nil, fmt.Errorf("%w: snapshot folder must be an absolute path", errdefs.ErrInvalid)
 	}
 	if err := c.s.Snapshot(ctx, req.Dir, SnapshotOptions{Resume: req.Resume}); err != nil {
 		return nil, err

@@ -21,7 +21,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/network"
@@ -96,6 +98,7 @@ type Supervisor struct {
 	snapMu   sync.Mutex // one snapshot at a time
 	mu       sync.Mutex // guards the fields below and agentConn
 	stopping bool
+	paused   bool          // Control.Pause: calls that need the guest fail at once
 	stopped  chan struct{} // closed when teardown is complete
 	exitErr  error
 	timings  Timings
@@ -357,6 +360,11 @@ func (s *Supervisor) serve() error {
 	s.listener = l
 	s.server = grpc.NewServer(
 		grpc.ForceServerCodec(codec{}),
+		// Every error leaves with the code of its kind (errdefs).
+		grpc.ChainUnaryInterceptor(errdefs.UnaryServerInterceptor),
+		grpc.ChainStreamInterceptor(errdefs.StreamServerInterceptor),
+		// Clients ping an idle connection to find a stuck supervisor.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.UnknownServiceHandler(s.proxy),
 		grpc.MaxRecvMsgSize(MaxMessage), grpc.MaxSendMsgSize(MaxMessage),
 		grpc.InitialWindowSize(1<<20), grpc.InitialConnWindowSize(4<<20),
@@ -556,6 +564,12 @@ func (s *Supervisor) Stop(ctx context.Context, force bool, timeout time.Duration
 
 // stopMachine ends the hypervisor process; teardown follows in watch.
 func (s *Supervisor) stopMachine(ctx context.Context, force bool, timeout time.Duration) {
+	if !force && s.Paused() {
+		// A frozen guest cannot power off: let it run again first.
+		if err := s.setPaused(ctx, false); err != nil {
+			force = true
+		}
+	}
 	s.mu.Lock()
 	s.stopping = true
 	s.mu.Unlock()
