@@ -190,7 +190,13 @@ wait:
 	}
 	elapsed := time.Since(begin)
 	p.closeStdin()
-	waitOutput(ctx, outDone, &progress, &sending, p.unread)
+	if waitOutput(ctx, outDone, timeout, &progress, &sending, p.unread) {
+		// Background children kept writing until the timeout: the
+		// timeout bounds the command's output too. Those of its process
+		// group are killed; others die writing to the closed pipes.
+		timedOut = true
+		p.kill(syscall.SIGKILL)
+	}
 	p.closeOutputs() // unblocks readers still waiting on a background child
 	exit := &agentpb.ExecExit{TimedOut: timedOut, DurationNs: elapsed.Nanoseconds()}
 	switch {
@@ -212,24 +218,27 @@ wait:
 // sending. Output the process wrote before it exited is not cut however
 // slowly the host reads it, nor however late a reader gets to it (unread
 // says the pipes still hold bytes: a reader not scheduled for a while, on
-// a busy or stalled vCPU, is not idle).
-func waitOutput(ctx context.Context, done <-chan struct{}, progress *atomic.Int64, sending *atomic.Int32, unread func() bool) {
+// a busy or stalled vCPU, is not idle). It gives up when timeout fires,
+// and then returns true.
+func waitOutput(ctx context.Context, done <-chan struct{}, timeout <-chan time.Time, progress *atomic.Int64, sending *atomic.Int32, unread func() bool) bool {
 	t := time.NewTicker(pipeGrace / 4)
 	defer t.Stop()
 	last, idleSince := progress.Load(), time.Now()
 	for {
 		select {
 		case <-done:
-			return
+			return false
 		case <-ctx.Done():
-			return
+			return false
+		case <-timeout:
+			return true
 		case now := <-t.C:
 			if p := progress.Load(); p != last || sending.Load() > 0 || unread() {
 				last, idleSince = p, now
 				continue
 			}
 			if now.Sub(idleSince) >= pipeGrace {
-				return
+				return false
 			}
 		}
 	}

@@ -158,6 +158,24 @@ func TestExecTimeoutKillsGroup(t *testing.T) {
 	waitGone(t, child)
 }
 
+// A background child that keeps writing after the command exited, out of
+// the command's process group, ends with the timeout too: the timeout
+// bounds the output (it was stopped when the command exited, and the
+// output streamed for ever).
+func TestExecTimeoutBoundsOutput(t *testing.T) {
+	te := newTestEnv(t)
+	r := runExec(t, te.client, &agentpb.ExecStart{Shell: `setsid sh -c 'echo $$; while :; do echo x; done' & exit 0`, TimeoutMs: 1000})
+	if !r.exit.TimedOut || r.exit.ExitCode != 0 {
+		t.Errorf("exit %v; want timed out, with the command's own exit status", r.exit)
+	}
+	first, _, _ := strings.Cut(string(r.stdout), "\n")
+	child, err := strconv.Atoi(first)
+	if err != nil {
+		t.Fatalf("child pid %q: %v", first, err)
+	}
+	waitGone(t, child) // killed writing to the closed pipe
+}
+
 // waitGone waits until a pid no longer exists (killed and reaped).
 func waitGone(t *testing.T, pid int) {
 	t.Helper()
@@ -407,12 +425,12 @@ func TestWaitOutputWaitsForUnreadBytes(t *testing.T) {
 		time.Sleep(3 * pipeGrace)
 		drained.Store(true)
 	}()
-	waitOutput(context.Background(), make(chan struct{}), &progress, &sending, func() bool { return !drained.Load() })
+	waitOutput(context.Background(), make(chan struct{}), nil, &progress, &sending, func() bool { return !drained.Load() })
 	if !drained.Load() {
 		t.Fatal("waitOutput gave up while the pipes still held output")
 	}
 	start := time.Now()
-	waitOutput(context.Background(), make(chan struct{}), &progress, &sending, func() bool { return false })
+	waitOutput(context.Background(), make(chan struct{}), nil, &progress, &sending, func() bool { return false })
 	if d := time.Since(start); d < pipeGrace {
 		t.Errorf("waitOutput with idle readers and empty pipes returned after %v, before pipeGrace (%v)", d, pipeGrace)
 	}

@@ -192,15 +192,17 @@ func (s *Server) startProcess(argv, env []string, dir string, id *identity, star
 		attr.Files = []uintptr{stdinChild.Fd(), ow.Fd(), ew.Fd()}
 		attr.Sys.Setpgid = true
 	}
+	s.cfg.Limits.apply(attr.Sys)
 	pid, wait, err := s.reaper.Start(path, argv, attr)
 	if err != nil {
-		err = fmt.Errorf("start %s: %w", argv[0], err)
+		err = fmt.Errorf("start %s: %w", argv[0], s.cfg.Limits.explain(err))
 		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.ENOEXEC) {
 			// A missing interpreter, no permission, not a program.
 			err = &startError{notRunnable(err), err}
 		}
 		return fail(err)
 	}
+	s.cfg.Limits.started(pid)
 	p.pid, p.wait = pid, wait
 	return p, nil
 }

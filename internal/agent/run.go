@@ -18,16 +18,7 @@ func Main() {
 	pid1 := os.Getpid() == 1
 	var log *slog.Logger
 	if pid1 {
-		// The kernel ignores signals to PID 1 that have no handler, but the
-		// Go runtime installs handlers that exit; catch the usual ones so a
-		// stray SIGTERM cannot kill init (children still get defaults).
-		sigs := make(chan os.Signal, 8)
-		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT,
-			syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGPIPE)
-		go func() {
-			for range sigs {
-			}
-		}()
+		ignoreSentSignals()
 		log = initSystem()
 		switchRootIfAsked(log) // a root disk: does not return (see rootfs.go)
 	} else {
@@ -41,6 +32,7 @@ func Main() {
 	cfg := Config{Logger: log, Reaper: SharedReaper(pid1)}
 	if pid1 {
 		cfg.PowerOff = powerOff
+		cfg.Limits = setupCommandLimits(log)
 	}
 	err := Run(context.Background(), cfg)
 	if !pid1 {
@@ -154,4 +146,33 @@ func serveChannels(ctx context.Context, log *slog.Logger, portName string, vsock
 		ended("virtio-serial", serve("virtio-serial", l))
 	}()
 	return n
+}
+
+// fatalSignals are the signals whose default action ends a process, but
+// SIGKILL and SIGSTOP (which the kernel does not deliver to PID 1 from
+// another process).
+var fatalSignals = []os.Signal{
+	syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGILL, syscall.SIGTRAP,
+	syscall.SIGABRT, syscall.SIGBUS, syscall.SIGFPE, syscall.SIGUSR1, syscall.SIGSEGV,
+	syscall.SIGUSR2, syscall.SIGPIPE, syscall.SIGALRM, syscall.SIGTERM, syscall.SIGSTKFLT,
+	syscall.SIGXCPU, syscall.SIGXFSZ, syscall.SIGVTALRM, syscall.SIGIO, syscall.SIGPWR,
+	syscall.SIGSYS,
+}
+
+// ignoreSentSignals makes PID 1 survive the signals another process (guest
+// root) sends it. The kernel delivers to PID 1 only the signals it has a
+// handler for, and the Go runtime has one for each, which ends the
+// program; a PID 1 that ends panics the kernel. Notify takes them over:
+// a signal sent with kill or tgkill, SIGSEGV, SIGBUS and SIGABRT included,
+// goes to the channel, which drops it. A real fault of the agent (a
+// SIGSEGV the kernel raises) still crashes it visibly: the runtime tells
+// the two apart by the signal's code (see os/signal, "Synchronous
+// signals"). Children get the default actions back at exec.
+func ignoreSentSignals() {
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, fatalSignals...)
+	go func() {
+		for range sigs {
+		}
+	}()
 }

@@ -63,6 +63,9 @@ type Config struct {
 	// PowerOff is called by Shutdown after the reply has been sent. Nil makes
 	// Shutdown fail with FailedPrecondition (e.g. in tests).
 	PowerOff func(reboot bool) error
+	// Limits keep the commands from starving the agent (cgroup.go); nil
+	// starts them like any child.
+	Limits *CommandLimits
 }
 
 // Server implements agentpb.AgentServer.

@@ -5,9 +5,12 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
@@ -122,6 +125,71 @@ func refreshRequest(hostname string) (*agentpb.RefreshRequest, error) {
 		Hostname:   hostname,
 		MachineId:  fmt.Sprintf("%x", mid),
 	}, nil
+}
+
+// panicMarker starts the line a Linux kernel prints when it panics.
+const panicMarker = "Kernel panic - not syncing: "
+
+// consoleSize is the size of a console log: where the output of a boot
+// that appends to it starts.
+func consoleSize(path string) int64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+// GuestPanic returns the reason the guest kernel gave for panicking
+// ("Kernel panic - not syncing: REASON"), from what the console log got
+// after offset from, or "" when it did not panic. The console is the
+// guest's: only its last 256 KiB are read, and the reason is cut to 200
+// bytes of printable text.
+func GuestPanic(path string, from int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	size := fi.Size()
+	if from > size { // not the file of that boot
+		from = 0
+	}
+	start := max(from, size-256<<10)
+	if _, err := f.Seek(start, io.SeekStart); err != nil {
+		return ""
+	}
+	sc := bufio.NewScanner(io.LimitReader(f, size-start))
+	sc.Buffer(make([]byte, 0, 4096), 64<<10)
+	for sc.Scan() {
+		line := sc.Text()
+		i := strings.Index(line, panicMarker)
+		if i < 0 || strings.HasSuffix(line[:i], "end ") {
+			continue // "---[ end Kernel panic - not syncing: … ]---" repeats it
+		}
+		return printable(line[i+len(panicMarker):], 200)
+	}
+	return ""
+}
+
+// printable is s without control characters or invalid UTF-8, trimmed and
+// cut to at most n bytes.
+func printable(s string, n int) string {
+	s = strings.Map(func(r rune) rune {
+		if r == utf8.RuneError || !unicode.IsPrint(r) {
+			return '?'
+		}
+		return r
+	}, strings.TrimSpace(s))
+	for len(s) > n {
+		_, size := utf8.DecodeLastRuneInString(s)
+		s = s[:len(s)-size]
+	}
+	return s
 }
 
 // ConsoleTail returns the last n lines of a console log.

@@ -100,8 +100,11 @@ type Supervisor struct {
 	stopping bool
 	paused   bool          // Control.Pause: calls that need the guest fail at once
 	stopped  chan struct{} // closed when teardown is complete
-	exitErr  error
-	timings  Timings
+	// consoleFrom is where this boot's output starts in the console log
+	// (QEMU appends to it).
+	consoleFrom int64
+	exitErr     error
+	timings     Timings
 }
 
 // Options tune Start.
@@ -169,6 +172,7 @@ func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	}
 	mc := s.spec.Machine
 	t0 := time.Now()
+	s.consoleFrom = consoleSize(filepath.Join(mc.Dir, ConsoleLog))
 	if err := s.prepareDisks(ctx, &mc); err != nil { // snapshot.go
 		return err
 	}
@@ -339,6 +343,9 @@ func (s *Supervisor) waitReady(ctx context.Context, probe func(context.Context) 
 		cause := s.machine.Err()
 		if cause == nil { // QEMU exits 0 when the guest resets (-no-reboot)
 			cause = errors.New("the hypervisor exited: the guest powered off or rebooted")
+			if p := s.guestPanic(); p != "" {
+				cause = errors.New("guest kernel panic: " + p)
+			}
 		}
 		return fmt.Errorf("guest died during boot: %w\nlast console lines:\n%s", cause, tail)
 	default:
@@ -391,6 +398,13 @@ func (s *Supervisor) watch() {
 	case stopping:
 	case err == nil:
 		reason = "guest powered off"
+		// A kernel that panics resets the machine at once (panic=-1),
+		// which ends QEMU (-no-reboot) as a power off does: the console
+		// tells them apart.
+		if p := s.guestPanic(); p != "" {
+			state, reason = "failed", "guest kernel panic: "+p
+			s.log.Error("vm failed: guest kernel panic", "reason", p)
+		}
 	default:
 		state, reason = "failed", "hypervisor exited unexpectedly: "+err.Error()
 		s.log.Error("vm failed", "err", err)
@@ -411,6 +425,11 @@ func (s *Supervisor) watch() {
 	}
 	s.mu.Unlock()
 	close(s.stopped)
+}
+
+// guestPanic is the reason of the guest kernel's panic in this boot, or "".
+func (s *Supervisor) guestPanic() string {
+	return GuestPanic(filepath.Join(s.spec.Machine.Dir, ConsoleLog), s.consoleFrom)
 }
 
 // teardown releases everything the supervisor holds, machine included.
