@@ -267,6 +267,10 @@ func (c *chaos) expect(t *testing.T, phase, victim, state, exit string) {
 		ok = state == "running" || strings.HasPrefix(state, "failed (creation was interrupted")
 	case victim == victimCLI:
 		ok = state == "running"
+	case victim == victimSupervisor && (phase == "create" || phase == "restore"):
+		// Its creator removed it and failed (not booted instead: a
+		// killed supervisor is no fault of the warm snapshot).
+		ok = state == "gone" && exit != "exit 0"
 	case phase == "create" || phase == "restore":
 		// Its creator removed it and failed, or it is failed, or New
 		// made it again in a QEMU of its own (after a failed restore of
