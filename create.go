@@ -35,6 +35,12 @@ func New(ctx context.Context, cfg Config) (*VM, error) {
 	}
 	vm, err := create(ctx, st, &cfg, started, nil)
 	var we warmError
+	// A supervisor that died (killed, say) is no fault of the snapshot:
+	// the create fails, and says so.
+	if errors.Is(err, errSupervisorDied) {
+		st.Close()
+		return nil, err
+	}
 	if errors.As(err, &we) && we.prelaunched && ctx.Err() == nil {
 		// The QEMU started ahead of time failed (it died, say): restore
 		// into a QEMU of this VM's own.
@@ -306,6 +312,10 @@ func supervisorBinary(cfg *Config) (string, error) {
 	return "", errors.New("persistent VMs need the smolvm binary: put it in PATH, set $SMOLVM_BIN or set Config.SupervisorBinary")
 }
 
+// errSupervisorDied is a supervisor process that ended before it reported
+// the VM ready or why not (it was killed).
+var errSupervisorDied = errors.New("supervisor exited before the VM was ready")
+
 // spawnSupervisor starts `smolvm __supervise ID` detached from this process
 // and waits until it reports the VM ready (or why not) on a pipe.
 func spawnSupervisor(ctx context.Context, cfg *Config, home, id string, started, createDone time.Time) error {
@@ -355,7 +365,7 @@ func spawnSupervisor(ctx context.Context, cfg *Config, home, id string, started,
 		if valid, err := errdefs.ParseReady(res.line); valid {
 			return err
 		}
-		return fmt.Errorf("supervisor exited before the VM was ready: see %s", filepath.Join(home, "vms", id, supervisor.LogFile))
+		return fmt.Errorf("%w: see %s", errSupervisorDied, filepath.Join(home, "vms", id, supervisor.LogFile))
 	case <-ctx.Done():
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 		return fmt.Errorf("create VM: %w", ctx.Err())

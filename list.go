@@ -75,7 +75,8 @@ type CleanupOptions struct {
 }
 
 // Cleanup removes VMs whose processes died (state, sockets, disks, leases,
-// a leftover hypervisor process) and state folders no VM owns. With All it
+// a leftover hypervisor process), state folders no VM owns and snapshots
+// whose making was interrupted. With All it
 // removes every VM. It returns the ids it removed.
 func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 	st, err := openStore(ctx, opts.Home)
@@ -118,6 +119,23 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 			} else {
 				removed = append(removed, e.Name())
 			}
+		}
+	}
+	// Snapshots whose making was interrupted (the process died).
+	sns, err := st.ListSnapshots(ctx)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, sn := range sns {
+		if snapshotState(sn.Dir) != SnapshotInterrupted {
+			continue
+		}
+		if err := st.DeleteSnapshot(ctx, sn.Name); err != nil {
+			errs = append(errs, err)
+		} else if err := os.RemoveAll(sn.Dir); err != nil {
+			errs = append(errs, fmt.Errorf("remove snapshot folder: %w", err))
+		} else {
+			removed = append(removed, "snapshot "+sn.Name)
 		}
 	}
 	// Prelaunched hypervisors of processes that are gone.

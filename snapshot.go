@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -37,6 +38,34 @@ type SnapshotInfo struct {
 	MemoryMiB int    `json:"memory_mib"`
 	Image     string `json:"image"`
 	Warm      bool   `json:"warm,omitempty"`
+	// State is "" for a snapshot that is complete, SnapshotCreating while
+	// it is being made and SnapshotInterrupted when the process making it
+	// died first (it does not restore; cleanup removes it).
+	State string `json:"state,omitempty"`
+}
+
+// States of a snapshot that is not complete (SnapshotInfo.State).
+const (
+	SnapshotCreating    = "creating"
+	SnapshotInterrupted = "interrupted"
+)
+
+// snapshotMarker is a file in a snapshot folder while the snapshot is
+// being made: the pid of the process making it. It goes when the snapshot
+// is complete, so a snapshot whose maker was killed keeps it.
+const snapshotMarker = "creating.pid"
+
+// snapshotState tells a complete snapshot ("") from one being made and
+// one whose making was interrupted.
+func snapshotState(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, snapshotMarker))
+	if err != nil {
+		return ""
+	}
+	if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && processAlive(pid) {
+		return SnapshotCreating
+	}
+	return SnapshotInterrupted
 }
 
 // warmPrefix names the snapshots Setup makes for warm starts.
@@ -91,6 +120,14 @@ func (vm *VM) snapshot(ctx context.Context, name string, warm bool) (*SnapshotIn
 		_ = os.RemoveAll(dir)
 		return errors.Join(cause, vm.st.DeleteSnapshot(context.WithoutCancel(ctx), name))
 	}
+	// Until the snapshot is complete, its folder names this process: if
+	// it dies meanwhile, the snapshot shows as interrupted.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, undo(fmt.Errorf("create snapshot folder: %w", err))
+	}
+	if err := os.WriteFile(filepath.Join(dir, snapshotMarker), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+		return nil, undo(fmt.Errorf("create snapshot folder: %w", err))
+	}
 	vm.mu.Lock()
 	sup, control := vm.sup, vm.control
 	vm.mu.Unlock()
@@ -111,6 +148,9 @@ func (vm *VM) snapshot(ctx context.Context, name string, warm bool) (*SnapshotIn
 	b, _ := json.Marshal(map[string]any{"vcpus": spec.Machine.VCPUs, "memory_mib": spec.Machine.MemoryMiB, "image": rec.Image})
 	sn.Info = b
 	_ = writeSnapshotRow(ctx, vm.st, sn)
+	if err := os.Remove(filepath.Join(dir, snapshotMarker)); err != nil {
+		return nil, undo(fmt.Errorf("snapshot VM %s: %w", vm.name, err))
+	}
 	return info, nil
 }
 
@@ -122,7 +162,8 @@ func writeSnapshotRow(ctx context.Context, st *store.Store, sn *store.Snapshot) 
 }
 
 func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
-	in := &SnapshotInfo{Name: sn.Name, Dir: sn.Dir, SourceVM: sn.SourceVM, Created: sn.Created, Warm: strings.HasPrefix(sn.Name, warmPrefix)}
+	in := &SnapshotInfo{Name: sn.Name, Dir: sn.Dir, SourceVM: sn.SourceVM, Created: sn.Created, Warm: strings.HasPrefix(sn.Name, warmPrefix),
+		State: snapshotState(sn.Dir)}
 	if spec, err := readSnapshotSpec(sn.Dir); err == nil {
 		in.VCPUs, in.MemoryMiB = spec.Machine.VCPUs, spec.Machine.MemoryMiB
 	}
@@ -177,6 +218,12 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 	sn, err := st.GetSnapshot(ctx, name)
 	if err != nil {
 		return nil, fmt.Errorf("%w (see 'smolvm snapshot ls')", err)
+	}
+	switch snapshotState(sn.Dir) {
+	case SnapshotCreating:
+		return nil, fmt.Errorf("snapshot %q is %w: it is still being made", name, ErrInUse)
+	case SnapshotInterrupted:
+		return nil, fmt.Errorf("snapshot %q is incomplete: the process making it died first: delete it with 'smolvm snapshot rm %s' or 'smolvm cleanup'", name, name)
 	}
 	src := &snapshotSource{name: sn.Name, dir: sn.Dir}
 	src.spec, err = readSnapshotSpec(sn.Dir)
@@ -371,7 +418,7 @@ func findWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec) *stor
 		return nil
 	}
 	sn, err := st.GetSnapshot(ctx, warmKey(spec))
-	if err != nil {
+	if err != nil || snapshotState(sn.Dir) != "" {
 		return nil
 	}
 	// Warm snapshots hold their VM's memory file (see ensureWarm).

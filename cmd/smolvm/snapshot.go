@@ -33,7 +33,11 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "NAME\tSOURCE VM\tCPUS\tMEMORY\tSIZE\tCREATED")
 			for _, s := range sns {
-				fmt.Fprintf(w, "%s\t%s\t%d\t%dM\t%.1fM\t%s\n", s.Name, s.SourceVM, s.VCPUs, s.MemoryMiB, float64(s.MemoryBytes+s.DiskBytes)/(1<<20), ago(s.Created))
+				name := s.Name
+				if s.State != "" {
+					name += " (" + s.State + ")"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%d\t%dM\t%.1fM\t%s\n", name, s.SourceVM, s.VCPUs, s.MemoryMiB, float64(s.MemoryBytes+s.DiskBytes)/(1<<20), ago(s.Created))
 			}
 			return w.Flush()
 		},

@@ -523,16 +523,7 @@ func (r *runner) warm(ctx context.Context) *WarmResult {
 	return wr
 }
 
-func (r *runner) progress(msg string) {
-	if r.opts.Progress == nil {
-		return
-	}
-	if msg == "" {
-		fmt.Fprint(r.opts.Progress, "\r\033[K")
-		return
-	}
-	fmt.Fprintf(r.opts.Progress, "\r\033[Kbench: %s", msg)
-}
+func (r *runner) progress(msg string) { progressFunc(r.opts.Progress, "bench")(msg) }
 
 func (r *runner) verbose(mode string, res VMResult) {
 	if r.opts.Verbose == nil {

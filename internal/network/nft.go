@@ -261,11 +261,32 @@ func tableExists(c *nftables.Conn) (bool, error) {
 // is "") on c and reports how many it queued and how many rules the table
 // keeps.
 func queueDelete(c *nftables.Conn, owner string) (deleted, kept int, err error) {
-	ok, err := tableExists(c)
-	if err != nil || !ok {
+	rules, err := tableRules(c)
+	if err != nil {
 		return 0, 0, err
 	}
+	for _, r := range rules {
+		if o := RuleOwner(r); o != "" && (owner == "" || o == owner) {
+			if err := c.DelRule(r); err != nil {
+				return 0, 0, err
+			}
+			deleted++
+		} else {
+			kept++
+		}
+	}
+	return deleted, kept, nil
+}
+
+// tableRules lists the rules in the smolvm table's chains (none when there
+// is no table).
+func tableRules(c *nftables.Conn) ([]*nftables.Rule, error) {
+	ok, err := tableExists(c)
+	if err != nil || !ok {
+		return nil, err
+	}
 	t := nftTable()
+	var out []*nftables.Rule
 	for _, ch := range newNFTChains(t).all() {
 		rules, err := c.GetRules(t, ch)
 		if err != nil {
@@ -273,20 +294,11 @@ func queueDelete(c *nftables.Conn, owner string) (deleted, kept int, err error) 
 			if exists, _ := chainExists(c, t, ch.Name); !exists {
 				continue
 			}
-			return 0, 0, fmt.Errorf("list nftables rules of %s: %w", ch.Name, err)
+			return nil, fmt.Errorf("list nftables rules of %s: %w", ch.Name, err)
 		}
-		for _, r := range rules {
-			if o := RuleOwner(r); o != "" && (owner == "" || o == owner) {
-				if err := c.DelRule(r); err != nil {
-					return 0, 0, err
-				}
-				deleted++
-			} else {
-				kept++
-			}
-		}
+		out = append(out, rules...)
 	}
-	return deleted, kept, nil
+	return out, nil
 }
 
 func chainExists(c *nftables.Conn, t *nftables.Table, name string) (bool, error) {
@@ -378,4 +390,24 @@ func lockNFT() (func(), error) {
 		return nil, fmt.Errorf("nftables lock: %w", err)
 	}
 	return func() { _ = f.Close() }, nil
+}
+
+// RuleOwners lists the VM id of every rule of the smolvm table in this
+// network namespace (one entry per rule; none when there is no table).
+func RuleOwners() ([]string, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return nil, fmt.Errorf("nftables: %w", err)
+	}
+	rules, err := tableRules(c)
+	if err != nil {
+		return nil, err
+	}
+	var owners []string
+	for _, r := range rules {
+		if o := RuleOwner(r); o != "" {
+			owners = append(owners, o)
+		}
+	}
+	return owners, nil
 }

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/leaks"
 )
 
 // BootTimeout is how long tests let a guest take to boot. TCG boots take
@@ -246,49 +247,8 @@ func removeHome(t testing.TB, home string) {
 }
 
 // Processes lists the live QEMU and supervisor processes that belong to
-// home: a QEMU whose command line names it, or a process whose environment
-// has SMOLVM_HOME=home and whose command line is a supervisor's (that of a
-// VM created with the --home flag, or by a library caller whose environment
-// names the home). Each entry
-// is "PID command line".
-func Processes(home string) []string {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	self := os.Getpid()
-	// QEMU's arguments name files in the home: match "home/" so that
-	// /tmp/smv12 does not match a QEMU of /tmp/smv123.
-	inHome := []byte(strings.TrimRight(home, "/") + "/")
-	var out []string
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || len(cmdline) == 0 { // gone, or a zombie
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
-		mine := false
-		switch {
-		case strings.Contains(filepath.Base(args[0]), "qemu") && bytes.Contains(cmdline, inHome):
-			mine = true
-		case bytes.Contains(cmdline, []byte("__supervise\x00")):
-			env, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
-			for _, kv := range bytes.Split(env, []byte{0}) {
-				if string(kv) == "SMOLVM_HOME="+home {
-					mine = true
-				}
-			}
-		}
-		if mine {
-			out = append(out, e.Name()+" "+strings.Join(args, " "))
-		}
-	}
-	return out
-}
+// home, each as "PID command line" (see leaks.Processes).
+func Processes(home string) []string { return leaks.Processes(home) }
 
 // WaitNoProcesses polls until no process of home is left or timeout
 // passes, and returns those still there.
