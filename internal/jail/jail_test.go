@@ -118,7 +118,6 @@ func TestJailedProcess(t *testing.T) {
 	}
 }
 
-
 func TestDetectCgroups(t *testing.T) {
 	v1 := []mount{
 		{root: "/", point: "/sys/fs/cgroup/cpu", opts: []string{"rw", "cpu"}},
@@ -140,7 +139,7 @@ func TestDetectCgroups(t *testing.T) {
 
 	v2 := []mount{{root: "/", point: "/sys/fs/cgroup", v2: true}}
 	files = map[string]string{
-		"/sys/fs/cgroup/app/cgroup.controllers":    "cpuset cpu io memory pids",
+		"/sys/fs/cgroup/app/cgroup.controllers":     "cpuset cpu io memory pids",
 		"/sys/fs/cgroup/app/cgroup.subtree_control": "",
 	}
 	got = detect(v2, "0::/app\n", read, func(string) error { return nil })
