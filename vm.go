@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
@@ -404,6 +405,11 @@ func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
 		return err
 	}
 	if dir != "" {
+		// A hypervisor's cgroup outlives it when its supervisor was
+		// killed (the supervisor removes it otherwise).
+		if err := jail.RemoveRecordedCgroup(dir); err != nil {
+			return fmt.Errorf("remove the cgroup of VM %s: %w", id, err)
+		}
 		if err := os.RemoveAll(dir); err != nil {
 			return fmt.Errorf("remove state folder of VM %s: %w", id, err)
 		}

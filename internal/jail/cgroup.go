@@ -337,3 +337,37 @@ func RemoveCgroups(dirs []string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// CgroupFile, in the folder of a jailed process, lists the folders of
+// its cgroup, one a line, so that they can be removed after a crash of
+// the process that made them.
+const CgroupFile = "cgroup"
+
+// Record writes the cgroup's folders to dir/CgroupFile.
+func (cg *Cgroup) Record(dir string) error {
+	return os.WriteFile(filepath.Join(dir, CgroupFile), []byte(strings.Join(cg.Dirs, "\n")+"\n"), 0o600)
+}
+
+// RemoveRecordedCgroup removes the cgroup recorded in dir, if any (its
+// process must be gone), and the record.
+func RemoveRecordedCgroup(dir string) error {
+	b, err := os.ReadFile(filepath.Join(dir, CgroupFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var dirs []string
+	for _, l := range strings.Split(string(b), "\n") {
+		// Only cgroups of this package (the file is root's; check
+		// anyway before removing anything).
+		if filepath.IsAbs(l) && strings.HasPrefix(filepath.Base(l), "smolvm-") {
+			dirs = append(dirs, l)
+		}
+	}
+	if err := RemoveCgroups(dirs); err != nil {
+		return err
+	}
+	return os.Remove(filepath.Join(dir, CgroupFile))
+}

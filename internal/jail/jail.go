@@ -287,3 +287,10 @@ func EnsureUser() error {
 	}
 	return nil
 }
+
+// DisableEnv, set to "off", runs processes without a jail (to compare
+// costs, or to debug a host where jailing fails).
+const DisableEnv = "SMOLVM_JAIL"
+
+// Disabled reports whether DisableEnv turns jails off.
+func Disabled() bool { return os.Getenv(DisableEnv) == "off" }

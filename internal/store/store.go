@@ -34,6 +34,8 @@ var (
 	// ErrInUse is returned when deleting a snapshot or image that a live VM
 	// still depends on.
 	ErrInUse = errors.New("in use")
+	// ErrCapacity is returned when a new VM would pass a Capacity limit.
+	ErrCapacity = errors.New("host at capacity")
 )
 
 // DBName is the file name of the database inside the smolvm home folder.
@@ -184,6 +186,8 @@ CREATE TABLE images (
 	info    TEXT
 );
 `,
+	// The guest memory of each VM, for capacity limits.
+	`ALTER TABLE vms ADD COLUMN memory_mib INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // SchemaVersion is the schema version this package writes.
