@@ -42,6 +42,9 @@ var (
 	ErrNotRunning  = errors.New("not running")
 	ErrInvalid     = errors.New("invalid argument")
 	ErrUnsupported = hypervisor.ErrUnsupported
+	// ErrCapacity: the host is at its configured limit of VMs or memory
+	// (Config.MaxVMs, Config.MaxMemoryMiB).
+	ErrCapacity = store.ErrCapacity
 )
 
 // Config describes a VM to create. The zero value is a working default:
@@ -120,6 +123,14 @@ type Config struct {
 	// exits. For programs that create VM after VM; persistent VMs ignore
 	// it. See prelaunch.go.
 	Prelaunch bool
+	// MaxVMs and MaxMemoryMiB are the host's capacity, checked when the
+	// VM is created, atomically with every other process of this state
+	// folder: a VM that would make more VMs hold host resources
+	// (creating, running or paused), or more guest memory, than this
+	// fails with ErrCapacity instead of slowing every VM down. 0 takes
+	// $SMOLVM_MAX_VMS / $SMOLVM_MAX_MEMORY_MIB, else DefaultCapacity;
+	// -1 is no limit.
+	MaxVMs, MaxMemoryMiB int
 
 	// fileMemory backs guest RAM with a shared file in the VM's folder
 	// (the warm snapshot's VM: see ensureWarm).
