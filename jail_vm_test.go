@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -95,15 +96,11 @@ func TestJailedHypervisor(t *testing.T) {
 
 	t.Run("User", func(t *testing.T) {
 		uid, gid := strconv.Itoa(int(h.UID)), strconv.Itoa(int(h.GID))
-		for _, f := range procStatus(t, pid, "Uid") {
-			if f != uid {
-				t.Errorf("QEMU's uids %v, want all %s (%s)", procStatus(t, pid, "Uid"), uid, jail.User)
-			}
+		if u := procStatus(t, pid, "Uid"); !slices.Equal(u, []string{uid, uid, uid, uid}) {
+			t.Errorf("QEMU's uids %v, want all %s (%s)", u, uid, jail.User)
 		}
-		for _, f := range procStatus(t, pid, "Gid") {
-			if f != gid {
-				t.Errorf("QEMU's gids %v, want all %s", procStatus(t, pid, "Gid"), gid)
-			}
+		if g := procStatus(t, pid, "Gid"); !slices.Equal(g, []string{gid, gid, gid, gid}) {
+			t.Errorf("QEMU's gids %v, want all %s", g, gid)
 		}
 		if g := procStatus(t, pid, "Groups"); len(g) != 0 {
 			t.Errorf("QEMU has supplementary groups %v", g)

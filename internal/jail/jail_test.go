@@ -37,7 +37,7 @@ func TestJailedProcess(t *testing.T) {
 	if cs.Version() == "" {
 		t.Skip("no cgroup hierarchy: " + cs.Why)
 	}
-	name := "smolvm-test-" + filepath.Base(root)
+	name := "smolvm-test-" + strconv.Itoa(os.Getpid())
 	cg, err := cs.CreateCgroup(name, Limits{MemoryBytes: 256 << 20, CPUs: 1, Pids: 32})
 	if err != nil {
 		t.Fatal(err)

@@ -32,8 +32,8 @@ const tcgCacheMiB = 256
 const pidsMax = 128
 
 // JailDir is the empty folder a jail's root is mounted on, in each
-// jailed QEMU's own mount namespace.
-var JailDir = filepath.Join(os.TempDir(), "smolvm-jail")
+// jailed QEMU's own mount namespace (in /run, where only root writes).
+const JailDir = "/run/smolvm/jail"
 
 // jailFor describes the jail of the machine cfg: QEMU runs as
 // jail.User, sees the system folders, its own state folder and the
@@ -51,6 +51,9 @@ func jailFor(cfg *hypervisor.MachineConfig, host *jail.Host) (*jail.Jail, error)
 		}
 	}
 	j := &jail.Jail{UID: host.UID, GID: host.GID, Root: JailDir}
+	if fi, err := os.Lstat(JailDir); err == nil && !fi.IsDir() {
+		return nil, fmt.Errorf("jail: %s is not a folder", JailDir)
+	}
 	if err := os.MkdirAll(JailDir, 0o700); err != nil {
 		return nil, fmt.Errorf("jail: %w", err)
 	}
