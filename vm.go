@@ -357,11 +357,18 @@ func (vm *VM) Start(ctx context.Context) error {
 	if _, err := supervisorBinary(cfg); spec.Persistent && err != nil {
 		return err
 	}
-	if _, err := vm.st.UpdateVM(ctx, vm.id, func(v *store.VM) error {
+	capacity, err := cfg.capacity()
+	if err != nil {
+		return err
+	}
+	if _, err := vm.st.UpdateVMWithin(ctx, vm.id, capacity, func(v *store.VM) error {
 		v.State, v.Reason, v.SupervisorPID = store.StateCreating, "", os.Getpid()
+		if v.MemoryMiB == 0 { // made before the store recorded memory
+			v.MemoryMiB = spec.Machine.MemoryMiB
+		}
 		return nil
 	}); err != nil {
-		return err
+		return capacityErr(err)
 	}
 	if spec.Persistent {
 		if err := spawnSupervisor(ctx, cfg, homeOf(vm.st), vm.id, started, started); err != nil {

@@ -48,6 +48,14 @@ func TestCapacity(t *testing.T) {
 	if err := s.CreateVMWithin(ctx, &VM{MemoryMiB: 100}, c); err != nil {
 		t.Fatalf("after a stop: %v", err)
 	}
+	// Starting the stopped VM again would make 5.
+	start := func(v *VM) error { v.State = StateCreating; return nil }
+	if _, err := s.UpdateVMWithin(ctx, vms[0].ID, c, start); !errors.As(err, &ce) || ce.Used != 4 {
+		t.Fatalf("start of a stopped VM at capacity: %v", err)
+	}
+	if _, err := s.UpdateVMWithin(ctx, vms[1].ID, c, func(v *VM) error { v.State = StateRunning; return nil }); err != nil {
+		t.Fatalf("a VM that holds resources already changes state at capacity: %v", err)
+	}
 	// Memory: 4 × 100 MiB hold resources now.
 	err = s.CreateVMWithin(ctx, &VM{MemoryMiB: 200}, Capacity{MaxMemoryMiB: 500})
 	if !errors.As(err, &ce) || ce.Used != 400 || ce.Asked != 200 || !errors.Is(err, ErrCapacity) {

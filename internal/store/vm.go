@@ -223,7 +223,7 @@ func (s *Store) CreateVMWithin(ctx context.Context, vm *VM, c Capacity) error {
 		} else if owner != "" {
 			return fmt.Errorf("name %q is already used by VM %s (pick another name, or delete that VM with 'smolvm rm %s'): %w", rec.Name, owner, rec.Name, ErrExists)
 		}
-		if rec.State == StateCreating || rec.State == StateRunning || rec.State == StatePaused {
+		if holds(rec.State) {
 			if err := checkCapacity(ctx, tx, &rec, c); err != nil {
 				return err
 			}
@@ -340,6 +340,19 @@ func (s *Store) ListVMs(ctx context.Context) ([]*VM, error) {
 // written and that error is returned (wrapped). Renaming to a taken name
 // fails with ErrExists.
 func (s *Store) UpdateVM(ctx context.Context, id string, fn func(vm *VM) error) (*VM, error) {
+	return s.UpdateVMWithin(ctx, id, Capacity{}, fn)
+}
+
+// holds reports whether a VM in state st holds host resources.
+func holds(st string) bool {
+	return st == StateCreating || st == StateRunning || st == StatePaused
+}
+
+// UpdateVMWithin is UpdateVM for a change that may start the VM again: a
+// VM that did not hold host resources and would (its state becomes
+// "creating", "running" or "paused") fails with a *CapacityError when it
+// would pass c.
+func (s *Store) UpdateVMWithin(ctx context.Context, id string, c Capacity, fn func(vm *VM) error) (*VM, error) {
 	var out *VM
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		vm, err := scanVM(tx.QueryRowContext(ctx, "SELECT "+vmCols+" FROM vms WHERE id = ?", id))
@@ -349,13 +362,18 @@ func (s *Store) UpdateVM(ctx context.Context, id string, fn func(vm *VM) error) 
 		if err != nil {
 			return err
 		}
-		oldName, created := vm.Name, vm.Created
+		oldName, oldState, created := vm.Name, vm.State, vm.Created
 		if err := fn(vm); err != nil {
 			return err
 		}
 		vm.ID, vm.Created = id, created
 		if err := vm.check(); err != nil {
 			return err
+		}
+		if !holds(oldState) && holds(vm.State) {
+			if err := checkCapacity(ctx, tx, vm, c); err != nil {
+				return err
+			}
 		}
 		if vm.Name != oldName {
 			owner, err := nameOwner(ctx, tx, vm.Name)

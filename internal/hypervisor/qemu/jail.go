@@ -14,12 +14,13 @@ import (
 	"github.com/smolvm/smolvm/internal/jail"
 )
 
-// MemoryOverheadMiB is what QEMU holds beyond guest memory, the margin
-// of its cgroup's memory limit: measured under TCG, a 512 MiB guest's
-// QEMU held 150–170 MiB beyond the guest pages it touched after a boot
-// and a compile-heavy command (its own code, libraries and heap, about
-// 60 MiB, and the translated-code cache); the cache is capped at
-// tcgCacheMiB, and the rest is headroom for QEMU's buffers.
+// MemoryOverheadMiB is what QEMU may hold beyond guest memory, the
+// margin of its cgroup's memory limit. Measured under TCG (smaps, after
+// a boot and a command that loops, hashes 64 MiB and walks the file
+// system): a cold-booted 512 MiB guest's QEMU held 157 MiB beyond the
+// guest pages it had touched, about 55 MiB of it the translated-code
+// cache, and one restored from the warm snapshot 58 MiB. The cache is
+// capped at tcgCacheMiB; the rest is QEMU's own 100 MiB and headroom.
 const MemoryOverheadMiB = tcgCacheMiB + 192
 
 // tcgCacheMiB caps TCG's translated-code cache (QEMU 7.2's default is
