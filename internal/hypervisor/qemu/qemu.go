@@ -162,6 +162,7 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 		}
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
+	forked := time.Since(started) // with a jail: its setup too
 	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr, release: release, jailed: jl != nil}
 	m.info = hypervisor.Info{Driver: "qemu", Accel: cfg.Accel, Channel: cfg.Channel}
 	go m.wait()
@@ -190,7 +191,7 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 		_ = m.Kill()
 		return nil, fmt.Errorf("start qemu: %w%s", err, m.stderrTail())
 	}
-	slog.Debug("qemu started", "took", time.Since(started))
+	slog.Debug("qemu started", "took", time.Since(started), "fork", forked, "jailed", jl != nil)
 	return m, nil
 }
 
