@@ -70,9 +70,17 @@ func (j *Jail) Start(cmd *exec.Cmd) (release func(), err error) {
 	go onThreadOfItsOwn(func() {
 		err := j.start(cmd)
 		errc <- err
-		if err == nil {
-			<-done
+		if err != nil {
+			return
 		}
+		if j.Cgroup != nil {
+			// Only the process stays in its cgroup, not this thread.
+			// After Start has returned: a move between v1 cgroups
+			// can wait for an RCU grace period, milliseconds that
+			// need not delay the process.
+			j.Cgroup.leaveThread()
+		}
+		<-done
 	})
 	if err := <-errc; err != nil {
 		return nil, err
@@ -127,10 +135,6 @@ func (j *Jail) start(cmd *exec.Cmd) error {
 	}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("jail: %w", err)
-	}
-	if j.Cgroup != nil {
-		// Only the process stays in its cgroup, not this thread.
-		j.Cgroup.leaveThread()
 	}
 	return nil
 }
