@@ -85,12 +85,16 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	} else if err = useNamedImage(ctx, st, cfg, img); err != nil {
 		return nil, err
 	}
-	rec := &store.VM{Name: cfg.Name, State: store.StateCreating, Ephemeral: !cfg.Persistent, Image: img.name, SupervisorPID: os.Getpid()}
+	rec := &store.VM{Name: cfg.Name, State: store.StateCreating, Ephemeral: !cfg.Persistent, Image: img.name, SupervisorPID: os.Getpid(), MemoryMiB: cfg.MemoryMiB}
 	if snap != nil {
-		rec.Snapshot = snap.name
+		rec.Snapshot, rec.MemoryMiB = snap.name, snap.spec.Machine.MemoryMiB
 	}
-	if err := st.CreateVM(ctx, rec); err != nil {
+	capacity, err := cfg.capacity()
+	if err != nil {
 		return nil, err
+	}
+	if err := st.CreateVMWithin(ctx, rec, capacity); err != nil {
+		return nil, capacityErr(err)
 	}
 	dir := filepath.Join(homeOf(st), "vms", rec.ID)
 	undo := func(cause error) error {

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/jail"
 )
 
 // resolvedImage is the kernel and initrd a VM boots.
@@ -62,6 +63,12 @@ func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
 		}
 		if len(probs) > 0 {
 			return nil, fmt.Errorf("host is missing: %v: run 'smolvm setup' as root", probs)
+		}
+	}
+	if os.Geteuid() == 0 && !opts.CachedOnly {
+		// QEMU runs as this user (see internal/jail).
+		if err := jail.EnsureUser(); err != nil {
+			return nil, err
 		}
 	}
 	home := opts.Home

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
@@ -114,7 +115,8 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 	entries, _ := os.ReadDir(filepath.Join(homeOf(st), "vms"))
 	for _, e := range entries {
 		if !known[e.Name()] {
-			if err := os.RemoveAll(filepath.Join(homeOf(st), "vms", e.Name())); err != nil {
+			dir := filepath.Join(homeOf(st), "vms", e.Name())
+			if err := errors.Join(jail.RemoveRecordedCgroup(dir), os.RemoveAll(dir)); err != nil {
 				errs = append(errs, err)
 			} else {
 				removed = append(removed, e.Name())
@@ -144,6 +146,7 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 	}
 	probes, _ := filepath.Glob(filepath.Join(homeOf(st), "probe-*"))
 	for _, p := range probes {
+		_ = jail.RemoveRecordedCgroup(p)
 		_ = os.RemoveAll(p)
 	}
 	return removed, errors.Join(errs...)

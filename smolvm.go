@@ -46,6 +46,9 @@ var (
 	// ErrUnavailable: the VM's supervisor does not answer (stopped,
 	// overloaded); 'smolvm rm -f' still removes the VM.
 	ErrUnavailable = errdefs.ErrUnavailable
+	// ErrCapacity: the host is at its configured limit of VMs or memory
+	// (Config.MaxVMs, Config.MaxMemoryMiB).
+	ErrCapacity = errdefs.ErrCapacity
 )
 
 // Config describes a VM to create. The zero value is a working default:
@@ -127,6 +130,14 @@ type Config struct {
 	// exits. For programs that create VM after VM; persistent VMs ignore
 	// it. See prelaunch.go.
 	Prelaunch bool
+	// MaxVMs and MaxMemoryMiB are the host's capacity, checked when the
+	// VM is created, atomically with every other process of this state
+	// folder: a VM that would make more VMs hold host resources
+	// (creating, running or paused), or more guest memory, than this
+	// fails with ErrCapacity instead of slowing every VM down. 0 takes
+	// $SMOLVM_MAX_VMS / $SMOLVM_MAX_MEMORY_MIB, else DefaultCapacity;
+	// -1 is no limit.
+	MaxVMs, MaxMemoryMiB int
 
 	// fileMemory backs guest RAM with a shared file in the VM's folder
 	// (the warm snapshot's VM: see ensureWarm).

@@ -16,6 +16,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
@@ -414,11 +415,18 @@ func (vm *VM) Start(ctx context.Context) error {
 	if _, err := supervisorBinary(cfg); spec.Persistent && err != nil {
 		return err
 	}
-	if _, err := vm.st.UpdateVM(ctx, vm.id, func(v *store.VM) error {
+	capacity, err := cfg.capacity()
+	if err != nil {
+		return err
+	}
+	if _, err := vm.st.UpdateVMWithin(ctx, vm.id, capacity, func(v *store.VM) error {
 		v.State, v.Reason, v.SupervisorPID = store.StateCreating, "", os.Getpid()
+		if v.MemoryMiB == 0 { // made before the store recorded memory
+			v.MemoryMiB = spec.Machine.MemoryMiB
+		}
 		return nil
 	}); err != nil {
-		return err
+		return capacityErr(err)
 	}
 	if spec.Persistent {
 		if err := spawnSupervisor(ctx, cfg, homeOf(vm.st), vm.id, started, started); err != nil {
@@ -462,6 +470,11 @@ func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
 		return err
 	}
 	if dir != "" {
+		// A hypervisor's cgroup outlives it when its supervisor was
+		// killed (the supervisor removes it otherwise).
+		if err := jail.RemoveRecordedCgroup(dir); err != nil {
+			return fmt.Errorf("remove the cgroup of VM %s: %w", id, err)
+		}
 		if err := os.RemoveAll(dir); err != nil {
 			return fmt.Errorf("remove state folder of VM %s: %w", id, err)
 		}

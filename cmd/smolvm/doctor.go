@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm/smolvm"
 	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
 	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/jail"
 )
 
 type check struct {
@@ -94,6 +96,7 @@ func runChecks(ctx context.Context) []check {
 	} else {
 		out = append(out, check{Name: "channel", OK: true, Detail: "virtio-serial (no /dev/vhost-vsock; modprobe vhost_vsock for vsock)"})
 	}
+	out = append(out, privilegeChecks()...)
 	if err := os.MkdirAll(home, 0o700); err != nil {
 		out = append(out, check{Name: "state folder", Detail: err.Error(), Fix: "set SMOLVM_HOME to a writable folder"})
 	} else if f, err := os.CreateTemp(home, ".doctor-"); err != nil {
@@ -104,4 +107,61 @@ func runChecks(ctx context.Context) []check {
 		out = append(out, check{Name: "state folder", OK: true, Detail: home})
 	}
 	return out
+}
+
+// privilegeChecks report how QEMU is confined on this host and what is
+// missing, with its cost; and the host's capacity limits.
+func privilegeChecks() []check {
+	h := jail.Detect()
+	var out []check
+	switch {
+	case !h.Root:
+		out = append(out, check{Name: "jail", OK: true, Detail: fmt.Sprintf("not root (uid %d): QEMU runs as this user, without a mount namespace or cgroup of its own (both need root): "+
+			"a guest that escapes QEMU can reach everything this user can, and nothing bounds its memory, CPU or threads", os.Geteuid()), Fix: "run smolvm as root for jailed QEMUs"})
+	case h.UserErr != nil:
+		out = append(out, check{Name: "jail", OK: true, Detail: "QEMU runs as root (" + h.UserErr.Error() + "): a guest that escapes QEMU is root on the host", Fix: "smolvm setup"})
+	case jail.Disabled():
+		out = append(out, check{Name: "jail", OK: true, Detail: jail.DisableEnv + "=off: QEMU runs as root, with the host's whole file system", Fix: "unset " + jail.DisableEnv})
+	default:
+		out = append(out, check{Name: "jail", OK: true, Detail: fmt.Sprintf("QEMU runs as user %s (uid %d), in mount and pid namespaces of its own that show only its files", jail.User, h.UID)})
+	}
+	if h.Root {
+		cs := h.Cgroups
+		c := check{Name: "cgroups", OK: true}
+		switch cs.Version() {
+		case "v2":
+			c.Detail = "v2: a cgroup per QEMU under " + cs.V2 + " (memory.max, cpu.max, pids.max)"
+		case "v1":
+			c.Detail = "v1 (" + cs.Why + "): a cgroup per QEMU under"
+			for _, ctl := range []string{"memory", "cpu", "pids"} {
+				if d, ok := cs.V1[ctl]; ok {
+					c.Detail += " " + d
+				}
+			}
+		default:
+			c.Detail = "none usable (" + cs.Why + ")"
+		}
+		if len(cs.Missing) > 0 {
+			c.Detail += fmt.Sprintf("; no %v controller: a VM's QEMU is not bounded in %v (a runaway guest can take the host's)", cs.Missing, cs.Missing)
+			c.Fix = "mount the cgroup controllers (v2 with memory, cpu and pids delegated to smolvm's cgroup)"
+		}
+		out = append(out, c)
+	}
+	vms, mem := smolvm.DefaultCapacity()
+	if v, err := strconv.Atoi(os.Getenv(smolvm.MaxVMsEnv)); err == nil {
+		vms = v
+	}
+	if v, err := strconv.Atoi(os.Getenv(smolvm.MaxMemoryMiBEnv)); err == nil {
+		mem = v
+	}
+	out = append(out, check{Name: "capacity", OK: true, Detail: fmt.Sprintf("new VMs are refused past %s VMs or %s MiB of guest memory in this state folder (%s, %s; -1: no limit)",
+		limitText(vms), limitText(mem), smolvm.MaxVMsEnv, smolvm.MaxMemoryMiBEnv)})
+	return out
+}
+
+func limitText(n int) string {
+	if n < 0 {
+		return "unlimited"
+	}
+	return strconv.Itoa(n)
 }

@@ -65,6 +65,8 @@ func exitCode(err error) int {
 		return 4
 	case errors.Is(err, smolvm.ErrExists), errors.Is(err, smolvm.ErrInUse):
 		return 5
+	case errors.Is(err, smolvm.ErrCapacity):
+		return 6
 	}
 	return 1
 }

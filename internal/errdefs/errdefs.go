@@ -29,6 +29,8 @@ var (
 	// ErrUnavailable is a VM's supervisor or guest agent that does not
 	// answer (stopped, overloaded, gone).
 	ErrUnavailable = errors.New("not responding")
+	// ErrCapacity is a host at its configured limit of VMs or memory.
+	ErrCapacity = errors.New("host at capacity")
 )
 
 // kind is one row of the mapping.
@@ -48,6 +50,7 @@ var kinds = []kind{
 	{ErrInvalid, codes.InvalidArgument, "INVALID"},
 	{ErrUnsupported, codes.Unimplemented, "UNSUPPORTED"},
 	{ErrUnavailable, codes.Unavailable, "UNAVAILABLE"},
+	{ErrCapacity, codes.ResourceExhausted, "CAPACITY"},
 }
 
 // domain marks the ErrorInfo details smolvm attaches.

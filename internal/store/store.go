@@ -36,6 +36,8 @@ var (
 	// ErrInUse is returned when deleting a snapshot or image that a live VM
 	// still depends on.
 	ErrInUse = errdefs.ErrInUse
+	// ErrCapacity is returned when a new VM would pass a Capacity limit.
+	ErrCapacity = errdefs.ErrCapacity
 )
 
 // DBName is the file name of the database inside the smolvm home folder.
@@ -186,6 +188,8 @@ CREATE TABLE images (
 	info    TEXT
 );
 `,
+	// The guest memory of each VM, for capacity limits.
+	`ALTER TABLE vms ADD COLUMN memory_mib INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // SchemaVersion is the schema version this package writes.

@@ -51,6 +51,7 @@ type VM struct {
 	Config        json.RawMessage // opaque to the store
 	Timings       json.RawMessage // opaque to the store
 	Info          json.RawMessage // opaque runtime info (accel, channel, addresses…)
+	MemoryMiB     int             // guest memory, counted against Capacity
 }
 
 // Live reports whether the VM may still be using its image or snapshot,
@@ -90,7 +91,7 @@ func (vm *VM) check() error {
 }
 
 const vmCols = `id, name, state, reason, created, updated, dir, image, snapshot,
-	supervisor_pid, hypervisor_pid, ephemeral, config, timings, info`
+	supervisor_pid, hypervisor_pid, ephemeral, config, timings, info, memory_mib`
 
 type scanner interface{ Scan(dest ...any) error }
 
@@ -102,7 +103,7 @@ func scanVM(r scanner) (*VM, error) {
 	)
 	err := r.Scan(&vm.ID, &vm.Name, &vm.State, &vm.Reason, &created, &updated,
 		&vm.Dir, &vm.Image, &vm.Snapshot, &vm.SupervisorPID, &vm.HypervisorPID,
-		&vm.Ephemeral, &cfg, &tim, &info)
+		&vm.Ephemeral, &cfg, &tim, &info, &vm.MemoryMiB)
 	if err != nil {
 		return nil, err
 	}
@@ -127,7 +128,7 @@ func vmArgs(vm *VM) ([]any, error) {
 	}
 	return []any{vm.ID, vm.Name, vm.State, vm.Reason, toNanos(vm.Created), toNanos(vm.Updated),
 		vm.Dir, vm.Image, vm.Snapshot, vm.SupervisorPID, vm.HypervisorPID, vm.Ephemeral,
-		cfg, tim, info}, nil
+		cfg, tim, info, vm.MemoryMiB}, nil
 }
 
 // nameOwner returns the ID of the VM called name, or "" if there is none.
@@ -140,10 +141,61 @@ func nameOwner(ctx context.Context, tx *sql.Tx, name string) (string, error) {
 	return id, err
 }
 
-// CreateVM inserts vm. It allocates vm.ID, generates vm.Name when empty, sets
+// Capacity bounds the VMs of a store that hold host resources (those
+// creating, running or paused); a zero field is no limit.
+type Capacity struct {
+	MaxVMs       int
+	MaxMemoryMiB int // guest memory (VM.MemoryMiB) of them all
+}
+
+// CapacityError says which limit a new VM would pass; it wraps
+// ErrCapacity.
+type CapacityError struct {
+	Resource string // "VMs" or "MiB of guest memory"
+	Used     int    // what the VMs holding resources have
+	Asked    int    // what the new VM needs
+	Max      int
+}
+
+func (e *CapacityError) Error() string {
+	if e.Resource == "VMs" {
+		return fmt.Sprintf("%v: %d of %d VMs running", ErrCapacity, e.Used, e.Max)
+	}
+	return fmt.Sprintf("%v: %d of %d %s in use, and the new VM needs %d", ErrCapacity, e.Used, e.Max, e.Resource, e.Asked)
+}
+
+func (e *CapacityError) Unwrap() error { return ErrCapacity }
+
+// checkCapacity fails with a *CapacityError when vm would pass c.
+func checkCapacity(ctx context.Context, tx *sql.Tx, vm *VM, c Capacity) error {
+	if c.MaxVMs <= 0 && c.MaxMemoryMiB <= 0 {
+		return nil
+	}
+	var n, mem int
+	err := tx.QueryRowContext(ctx, "SELECT COUNT(*), COALESCE(SUM(memory_mib), 0) FROM vms WHERE state IN (?, ?, ?)",
+		StateCreating, StateRunning, StatePaused).Scan(&n, &mem)
+	switch {
+	case err != nil:
+		return fmt.Errorf("count VMs: %w", err)
+	case c.MaxVMs > 0 && n+1 > c.MaxVMs:
+		return &CapacityError{Resource: "VMs", Used: n, Asked: 1, Max: c.MaxVMs}
+	case c.MaxMemoryMiB > 0 && mem+vm.MemoryMiB > c.MaxMemoryMiB:
+		return &CapacityError{Resource: "MiB of guest memory", Used: mem, Asked: vm.MemoryMiB, Max: c.MaxMemoryMiB}
+	}
+	return nil
+}
+
+// CreateVM inserts vm without capacity limits (see CreateVMWithin).
+func (s *Store) CreateVM(ctx context.Context, vm *VM) error {
+	return s.CreateVMWithin(ctx, vm, Capacity{})
+}
+
+// CreateVMWithin inserts vm. It allocates vm.ID, generates vm.Name when empty, sets
 // Created and Updated, and defaults State to "creating". If the name is taken
 // it returns an error wrapping ErrExists.
-func (s *Store) CreateVM(ctx context.Context, vm *VM) error {
+// If vm in the state "creating", "running" or "paused" would pass c, it
+// returns a *CapacityError; the check and the insert are one transaction.
+func (s *Store) CreateVMWithin(ctx context.Context, vm *VM, c Capacity) error {
 	if vm.State == "" {
 		vm.State = StateCreating
 	}
@@ -171,16 +223,21 @@ func (s *Store) CreateVM(ctx context.Context, vm *VM) error {
 		} else if owner != "" {
 			return fmt.Errorf("name %q is already used by VM %s (pick another name, or delete that VM with 'smolvm rm %s'): %w", rec.Name, owner, rec.Name, ErrExists)
 		}
+		if holds(rec.State) {
+			if err := checkCapacity(ctx, tx, &rec, c); err != nil {
+				return err
+			}
+		}
 		rec.Created = now()
 		rec.Updated = rec.Created
 		args, err := vmArgs(&rec)
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, "INSERT INTO vms ("+vmCols+") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", args...)
+		_, err = tx.ExecContext(ctx, "INSERT INTO vms ("+vmCols+") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", args...)
 		return err
 	})
-	if errors.Is(err, ErrExists) {
+	if errors.Is(err, ErrExists) || errors.Is(err, ErrCapacity) {
 		return err // says what to do
 	}
 	if err != nil {
@@ -283,6 +340,19 @@ func (s *Store) ListVMs(ctx context.Context) ([]*VM, error) {
 // written and that error is returned (wrapped). Renaming to a taken name
 // fails with ErrExists.
 func (s *Store) UpdateVM(ctx context.Context, id string, fn func(vm *VM) error) (*VM, error) {
+	return s.UpdateVMWithin(ctx, id, Capacity{}, fn)
+}
+
+// holds reports whether a VM in state st holds host resources.
+func holds(st string) bool {
+	return st == StateCreating || st == StateRunning || st == StatePaused
+}
+
+// UpdateVMWithin is UpdateVM for a change that may start the VM again: a
+// VM that did not hold host resources and would (its state becomes
+// "creating", "running" or "paused") fails with a *CapacityError when it
+// would pass c.
+func (s *Store) UpdateVMWithin(ctx context.Context, id string, c Capacity, fn func(vm *VM) error) (*VM, error) {
 	var out *VM
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		vm, err := scanVM(tx.QueryRowContext(ctx, "SELECT "+vmCols+" FROM vms WHERE id = ?", id))
@@ -292,13 +362,18 @@ func (s *Store) UpdateVM(ctx context.Context, id string, fn func(vm *VM) error) 
 		if err != nil {
 			return err
 		}
-		oldName, created := vm.Name, vm.Created
+		oldName, oldState, created := vm.Name, vm.State, vm.Created
 		if err := fn(vm); err != nil {
 			return err
 		}
 		vm.ID, vm.Created = id, created
 		if err := vm.check(); err != nil {
 			return err
+		}
+		if !holds(oldState) && holds(vm.State) {
+			if err := checkCapacity(ctx, tx, vm, c); err != nil {
+				return err
+			}
 		}
 		if vm.Name != oldName {
 			owner, err := nameOwner(ctx, tx, vm.Name)
@@ -317,7 +392,7 @@ func (s *Store) UpdateVM(ctx context.Context, id string, fn func(vm *VM) error) 
 		// Every column but id and created, then the id for WHERE.
 		upd := append(append(append([]any{}, args[1:4]...), args[5:]...), id)
 		_, err = tx.ExecContext(ctx, `UPDATE vms SET name=?, state=?, reason=?, updated=?, dir=?, image=?,
-			snapshot=?, supervisor_pid=?, hypervisor_pid=?, ephemeral=?, config=?, timings=?, info=?
+			snapshot=?, supervisor_pid=?, hypervisor_pid=?, ephemeral=?, config=?, timings=?, info=?, memory_mib=?
 			WHERE id=?`, upd...)
 		if err != nil {
 			return err

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/network"
 )
 
@@ -159,7 +160,7 @@ func RemoveAbandonedSpares(dir string) []string {
 		if err == nil && perr == nil && pid > 0 && !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
 			continue // its owner runs
 		}
-		if os.RemoveAll(p) == nil {
+		if jail.RemoveRecordedCgroup(p) == nil && os.RemoveAll(p) == nil {
 			removed = append(removed, e.Name())
 		}
 	}

@@ -69,7 +69,7 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 	if cfg.Accel == hypervisor.AccelKVM {
 		args = append(args, "-accel", "kvm", "-cpu", "host")
 	} else {
-		args = append(args, "-accel", "tcg", "-cpu", tcgCPU)
+		args = append(args, "-accel", "tcg,tb-size="+strconv.Itoa(tcgCacheMiB), "-cpu", tcgCPU)
 	}
 	if cfg.Incoming == "" {
 		args = append(args, "-kernel", escape(cfg.Kernel))

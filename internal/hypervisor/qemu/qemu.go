@@ -24,6 +24,7 @@ import (
 	"github.com/mdlayher/vsock"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/jail"
 )
 
 // Binary is the QEMU system emulator the driver runs.
@@ -145,10 +146,24 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 	}
 	cmd.ExtraFiles = extraFiles(cfg, memory) // fd 3 = incomingFD when restoring
 	started := time.Now()
-	if err := cmd.Start(); err != nil {
+	jl, err := jailFor(cfg, jailHost())
+	if err != nil {
+		return nil, err
+	}
+	var release func()
+	if jl != nil {
+		release, err = jl.Start(cmd)
+	} else {
+		err = cmd.Start()
+	}
+	if err != nil {
+		if jl != nil && jl.Cgroup != nil {
+			_ = jail.RemoveRecordedCgroup(cfg.Dir)
+		}
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
-	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr}
+	forked := time.Since(started) // with a jail: its setup too
+	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr, release: release, jailed: jl != nil}
 	m.info = hypervisor.Info{Driver: "qemu", Accel: cfg.Accel, Channel: cfg.Channel}
 	go m.wait()
 
@@ -176,19 +191,23 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 		_ = m.Kill()
 		return nil, fmt.Errorf("start qemu: %w%s", err, m.stderrTail())
 	}
-	slog.Debug("qemu started", "took", time.Since(started))
+	slog.Debug("qemu started", "took", time.Since(started), "fork", forked, "jailed", jl != nil)
 	return m, nil
 }
 
 // Move implements hypervisor.Incomer.
-func (m *Machine) Move(dir string) { m.cfg.Dir = dir }
+func (m *Machine) Move(dir string) {
+	m.dirMu.Lock()
+	m.cfg.Dir = dir
+	m.dirMu.Unlock()
+}
 
 // Incoming implements hypervisor.Incomer: it loads the snapshot the
 // machine was started for and lets the guest run. dir is the machine's
 // state folder now (a prelaunched machine's folder moves to its VM's).
 func (m *Machine) Incoming(ctx context.Context, dir string) error {
 	t0 := time.Now()
-	m.cfg.Dir = dir
+	m.Move(dir)
 	err := m.run("migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(incomingFD)}, nil)
 	if err == nil {
 		err = m.waitIncoming(ctx)
@@ -204,6 +223,7 @@ func (m *Machine) Incoming(ctx context.Context, dir string) error {
 // Machine is one QEMU process.
 type Machine struct {
 	cfg    hypervisor.MachineConfig
+	dirMu  sync.Mutex // guards cfg.Dir, which Move changes
 	cmd    *exec.Cmd
 	mon    *qmp.SocketMonitor
 	monMu  sync.Mutex
@@ -211,6 +231,10 @@ type Machine struct {
 	done   chan struct{}
 	err    error
 	stderr *limitedWriter
+	// release ends the thread that started a jailed QEMU; jailed says
+	// the machine has a jail (and maybe a cgroup to remove).
+	release func()
+	jailed  bool
 }
 
 func (m *Machine) wait() {
@@ -218,8 +242,40 @@ func (m *Machine) wait() {
 	if err != nil {
 		m.err = fmt.Errorf("qemu exited: %w%s", err, m.stderrTail())
 	}
+	if m.release != nil {
+		m.release()
+	}
+	if m.jailed {
+		if err := jail.RemoveRecordedCgroup(m.Dir()); err != nil {
+			slog.Warn("remove the machine's cgroup", "err", err)
+		}
+	}
 	close(m.done)
 }
+
+// Dir is the machine's state folder now.
+func (m *Machine) Dir() string {
+	m.dirMu.Lock()
+	defer m.dirMu.Unlock()
+	return m.cfg.Dir
+}
+
+// jailHost is what this host allows for jailing QEMU; it is detected
+// again until the jail user exists (setup may create it meanwhile).
+func jailHost() *jail.Host {
+	hostMu.Lock()
+	defer hostMu.Unlock()
+	if host == nil || !host.Usable() {
+		h := jail.Detect()
+		host = &h
+	}
+	return host
+}
+
+var (
+	hostMu sync.Mutex
+	host   *jail.Host
+)
 
 func (m *Machine) stderrTail() string {
 	s := strings.TrimSpace(m.stderr.String())
@@ -256,7 +312,7 @@ func (m *Machine) Kill() error {
 		_ = m.mon.Disconnect()
 	}
 	for _, s := range []string{qmpSocket, agentSocket, fastSocket} {
-		_ = os.Remove(filepath.Join(m.cfg.Dir, s))
+		_ = os.Remove(filepath.Join(m.Dir(), s))
 	}
 	return nil
 }
@@ -267,7 +323,7 @@ func (m *Machine) DialAgent(ctx context.Context) (net.Conn, error) {
 		return vsock.Dial(m.cfg.CID, hypervisor.AgentVsockPort, nil)
 	}
 	var d net.Dialer
-	return d.DialContext(ctx, "unix", filepath.Join(m.cfg.Dir, agentSocket))
+	return d.DialContext(ctx, "unix", filepath.Join(m.Dir(), agentSocket))
 }
 
 // DialFast implements hypervisor.Machine.
@@ -276,7 +332,7 @@ func (m *Machine) DialFast(ctx context.Context) (net.Conn, error) {
 		return vsock.Dial(m.cfg.CID, hypervisor.FastVsockPort, nil)
 	}
 	var d net.Dialer
-	return d.DialContext(ctx, "unix", filepath.Join(m.cfg.Dir, fastSocket))
+	return d.DialContext(ctx, "unix", filepath.Join(m.Dir(), fastSocket))
 }
 
 // run executes one QMP command and decodes its "return" into out (may be nil).

@@ -1,0 +1,373 @@
+package jail
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Controllers a jailed process is limited by.
+var controllers = []string{"memory", "cpu", "pids"}
+
+// CPUPeriod is the CFS period of the CPU limit, in microseconds: a limit
+// of N CPUs is a quota of N periods.
+const CPUPeriod = 100000
+
+// Limits bound a cgroup.
+type Limits struct {
+	MemoryBytes int64 // memory (v2 memory.max; v1 memory.limit_in_bytes)
+	CPUs        int   // CPU time of this many CPUs (cpu.max; cpu.cfs_quota_us)
+	Pids        int   // processes and threads (pids.max)
+}
+
+// CgroupSupport says where per-process cgroups can be made: under the
+// cgroup this process runs in, in the unified (v2) hierarchy when it
+// offers the controllers, else in the v1 hierarchies of each.
+type CgroupSupport struct {
+	// V2 is the folder of this process's v2 cgroup, when it can hold
+	// children with every controller ("" otherwise).
+	V2 string
+	// V1 maps a controller to the folder of this process's cgroup in
+	// that controller's v1 hierarchy.
+	V1 map[string]string
+	// Missing names the controllers neither version offers.
+	Missing []string
+	// Why says why v2 is not used, if it is not.
+	Why string
+}
+
+// Version is "v2", "v1" or "" (no cgroup at all).
+func (c CgroupSupport) Version() string {
+	switch {
+	case c.V2 != "":
+		return "v2"
+	case len(c.V1) > 0:
+		return "v1"
+	}
+	return ""
+}
+
+// mount is one cgroup file system mount.
+type mount struct {
+	root, point string
+	v2          bool
+	opts        []string // super options: the v1 controllers
+}
+
+// DetectCgroups finds this process's cgroups (/proc/self/cgroup) and
+// where their hierarchies are mounted (/proc/self/mountinfo).
+func DetectCgroups() CgroupSupport {
+	mounts, err := cgroupMounts("/proc/self/mountinfo")
+	if err != nil {
+		return CgroupSupport{Missing: controllers, Why: err.Error()}
+	}
+	self, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return CgroupSupport{Missing: controllers, Why: err.Error()}
+	}
+	return detect(mounts, string(self), os.ReadFile, enableControllers)
+}
+
+func enableControllers(dir string) error {
+	var req []string
+	for _, c := range controllers {
+		req = append(req, "+"+c)
+	}
+	return os.WriteFile(filepath.Join(dir, "cgroup.subtree_control"), []byte(strings.Join(req, " ")), 0)
+}
+
+func detect(mounts []mount, self string, read func(string) ([]byte, error), enable func(string) error) CgroupSupport {
+	var s CgroupSupport
+	s.V1 = map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(self), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		names, path := parts[1], parts[2]
+		for _, m := range mounts {
+			if m.v2 != (names == "") {
+				continue
+			}
+			if !m.v2 && !slices.ContainsFunc(strings.Split(names, ","), func(n string) bool { return slices.Contains(m.opts, n) }) {
+				continue
+			}
+			rel, ok := strings.CutPrefix(path, m.root)
+			if !ok {
+				continue // our cgroup is outside what this mount shows
+			}
+			dir := filepath.Join(m.point, rel)
+			if m.v2 {
+				s.V2 = dir
+				continue
+			}
+			for _, c := range controllers {
+				if slices.Contains(m.opts, c) {
+					s.V1[c] = dir
+				}
+			}
+		}
+	}
+	if s.V2 != "" {
+		have, _ := read(filepath.Join(s.V2, "cgroup.controllers"))
+		sub, _ := read(filepath.Join(s.V2, "cgroup.subtree_control"))
+		avail, on := strings.Fields(string(have)), strings.Fields(string(sub))
+		switch {
+		case !containsAll(avail, controllers):
+			s.Why = fmt.Sprintf("the unified (v2) hierarchy offers controllers %q here, not all of %q", avail, controllers)
+			s.V2 = ""
+		case !containsAll(on, controllers):
+			if err := enable(s.V2); err != nil {
+				s.Why = fmt.Sprintf("cannot enable controllers for children of %s: %v", s.V2, err)
+				s.V2 = ""
+			}
+		}
+	}
+	if s.V2 != "" {
+		s.V1 = nil
+		return s
+	}
+	for _, c := range controllers {
+		if _, ok := s.V1[c]; !ok {
+			s.Missing = append(s.Missing, c)
+		}
+	}
+	if len(s.V1) == 0 {
+		s.V1 = nil
+	}
+	return s
+}
+
+func containsAll(have, want []string) bool {
+	for _, w := range want {
+		if !slices.Contains(have, w) {
+			return false
+		}
+	}
+	return true
+}
+
+// cgroupMounts parses a mountinfo file for cgroup and cgroup2 mounts.
+func cgroupMounts(path string) ([]mount, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var ms []mount
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// id parent major:minor root point opts [optional...] - type source super
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		a, b := strings.Fields(pre), strings.Fields(post)
+		if len(a) < 5 || len(b) < 3 || (b[0] != "cgroup" && b[0] != "cgroup2") {
+			continue
+		}
+		ms = append(ms, mount{root: a[3], point: a[4], v2: b[0] == "cgroup2", opts: strings.Split(b[2], ",")})
+	}
+	return ms, sc.Err()
+}
+
+// Cgroup is one process's cgroup: a folder per v1 hierarchy, or one in
+// the unified hierarchy.
+type Cgroup struct {
+	// Dirs are its folders (one for v2).
+	Dirs []string
+	v2   bool
+	fd   int // v2: an open handle for CLONE_INTO_CGROUP
+}
+
+// CreateCgroup makes the cgroup name under this process's cgroups with
+// limits l. A leftover empty cgroup of that name is replaced.
+func (c CgroupSupport) CreateCgroup(name string, l Limits) (_ *Cgroup, err error) {
+	if name == "" || strings.ContainsAny(name, "/.") {
+		return nil, fmt.Errorf("cgroup name %q: must be one plain path element", name)
+	}
+	cg := &Cgroup{fd: -1}
+	defer func() {
+		if err != nil {
+			_ = cg.Remove()
+		}
+	}()
+	files := map[string]string{}
+	if c.V2 != "" {
+		cg.v2 = true
+		dir := filepath.Join(c.V2, name)
+		if err := mkCgroup(dir); err != nil {
+			return nil, err
+		}
+		cg.Dirs = []string{dir}
+		files[filepath.Join(dir, "memory.max")] = strconv.FormatInt(l.MemoryBytes, 10)
+		files[filepath.Join(dir, "memory.swap.max")] = "0"
+		files[filepath.Join(dir, "cpu.max")] = fmt.Sprintf("%d %d", l.CPUs*CPUPeriod, CPUPeriod)
+		files[filepath.Join(dir, "pids.max")] = strconv.Itoa(l.Pids)
+	} else {
+		for _, ctl := range controllers {
+			parent, ok := c.V1[ctl]
+			if !ok {
+				continue
+			}
+			dir := filepath.Join(parent, name)
+			if slices.Contains(cg.Dirs, dir) { // co-mounted controllers
+				continue
+			}
+			if err := mkCgroup(dir); err != nil {
+				return nil, err
+			}
+			cg.Dirs = append(cg.Dirs, dir)
+			switch ctl {
+			case "memory":
+				files[filepath.Join(dir, "memory.limit_in_bytes")] = strconv.FormatInt(l.MemoryBytes, 10)
+			case "cpu":
+				files[filepath.Join(dir, "cpu.cfs_period_us")] = strconv.Itoa(CPUPeriod)
+				files[filepath.Join(dir, "cpu.cfs_quota_us")] = strconv.Itoa(l.CPUs * CPUPeriod)
+			case "pids":
+				files[filepath.Join(dir, "pids.max")] = strconv.Itoa(l.Pids)
+			}
+		}
+	}
+	if len(cg.Dirs) == 0 {
+		return nil, errors.New("no cgroup hierarchy to make a cgroup in")
+	}
+	// The period before the quota (v1 checks the quota against it).
+	keys := make([]string, 0, len(files))
+	for k := range files {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		err := os.WriteFile(k, []byte(files[k]), 0)
+		if err != nil && !(errors.Is(err, os.ErrNotExist) && strings.HasSuffix(k, "memory.swap.max")) {
+			return nil, fmt.Errorf("set cgroup limit: %w", err)
+		}
+	}
+	if cg.v2 {
+		if cg.fd, err = unix.Open(cg.Dirs[0], unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+			return nil, fmt.Errorf("open cgroup: %w", err)
+		}
+	}
+	return cg, nil
+}
+
+func mkCgroup(dir string) error {
+	err := os.Mkdir(dir, 0o755)
+	if errors.Is(err, os.ErrExist) {
+		// A leftover of a process that is gone: rmdir fails while
+		// anything runs in it.
+		if err = syscall.Rmdir(dir); err == nil {
+			err = os.Mkdir(dir, 0o755)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("make cgroup: %w", err)
+	}
+	return nil
+}
+
+// enterThread makes the process that the calling (locked) thread starts
+// begin in the cgroup: v2 clones it straight into it; v1 has no such
+// call, so the thread itself moves into every hierarchy and the child
+// inherits that.
+func (cg *Cgroup) enterThread(attr *syscall.SysProcAttr) error {
+	if cg.v2 {
+		attr.UseCgroupFD, attr.CgroupFD = true, cg.fd
+		return nil
+	}
+	tid := []byte(strconv.Itoa(unix.Gettid()))
+	for _, d := range cg.Dirs {
+		if err := os.WriteFile(filepath.Join(d, "tasks"), tid, 0); err != nil {
+			return fmt.Errorf("enter cgroup %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+// leaveThread moves the calling thread back to its process's cgroups
+// (v1; in v2 it never entered).
+func (cg *Cgroup) leaveThread() {
+	if cg.v2 {
+		return
+	}
+	tid := []byte(strconv.Itoa(unix.Gettid()))
+	for _, d := range cg.Dirs {
+		_ = os.WriteFile(filepath.Join(filepath.Dir(d), "tasks"), tid, 0)
+	}
+}
+
+// Remove deletes the cgroup once the processes in it are gone (it waits
+// up to a second for the kernel to let go of them).
+func (cg *Cgroup) Remove() error {
+	if cg.fd >= 0 {
+		_ = unix.Close(cg.fd)
+		cg.fd = -1
+	}
+	return RemoveCgroups(cg.Dirs)
+}
+
+// RemoveCgroups deletes cgroup folders (a missing one is not an error).
+func RemoveCgroups(dirs []string) error {
+	var errs []error
+	for _, d := range dirs {
+		var err error
+		for i := 0; i < 100; i++ {
+			if err = syscall.Rmdir(d); err == nil || errors.Is(err, os.ErrNotExist) {
+				err = nil
+				break
+			}
+			if !errors.Is(err, syscall.EBUSY) {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// CgroupFile, in the folder of a jailed process, lists the folders of
+// its cgroup, one a line, so that they can be removed after a crash of
+// the process that made them.
+const CgroupFile = "cgroup"
+
+// Record writes the cgroup's folders to dir/CgroupFile.
+func (cg *Cgroup) Record(dir string) error {
+	return os.WriteFile(filepath.Join(dir, CgroupFile), []byte(strings.Join(cg.Dirs, "\n")+"\n"), 0o600)
+}
+
+// RemoveRecordedCgroup removes the cgroup recorded in dir, if any (its
+// process must be gone), and the record.
+func RemoveRecordedCgroup(dir string) error {
+	b, err := os.ReadFile(filepath.Join(dir, CgroupFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var dirs []string
+	for _, l := range strings.Split(string(b), "\n") {
+		// Only cgroups of this package (the file is root's; check
+		// anyway before removing anything).
+		if filepath.IsAbs(l) && strings.HasPrefix(filepath.Base(l), "smolvm-") {
+			dirs = append(dirs, l)
+		}
+	}
+	if err := RemoveCgroups(dirs); err != nil {
+		return err
+	}
+	return os.Remove(filepath.Join(dir, CgroupFile))
+}

@@ -1,0 +1,285 @@
+package smolvm_test
+
+// Real-VM tests of least privilege on the host: QEMU's user, its cgroup
+// and its limits, what its mount namespace shows, what is left after
+// delete and after a crash; and the host's capacity limits.
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
+	"github.com/smolvm/smolvm/internal/jail"
+	"github.com/smolvm/smolvm/internal/testutil"
+)
+
+// jailHost skips the test where QEMU cannot be jailed (not root), and
+// fails it where it should be but is not.
+func jailHost(t *testing.T) jail.Host {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("QEMU is jailed only when smolvm runs as root")
+	}
+	h := jail.Detect()
+	if !h.Usable() {
+		t.Fatalf("root, but QEMU cannot be jailed: %v", h.UserErr)
+	}
+	return h
+}
+
+// procStatus returns the fields of a /proc/PID/status line.
+func procStatus(t *testing.T, pid int, key string) []string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, key+":"); ok {
+			return strings.Fields(v)
+		}
+	}
+	t.Fatalf("/proc/%d/status has no %s", pid, key)
+	return nil
+}
+
+// cgroupDirs are the folders of the cgroup of the VM id, as the test
+// process (whose cgroup is the supervisor's) finds them.
+func cgroupDirs(h jail.Host, id string) map[string]string {
+	name := "smolvm-" + id
+	if h.Cgroups.V2 != "" {
+		d := filepath.Join(h.Cgroups.V2, name)
+		return map[string]string{"memory": d, "cpu": d, "pids": d}
+	}
+	dirs := map[string]string{}
+	for ctl, parent := range h.Cgroups.V1 {
+		dirs[ctl] = filepath.Join(parent, name)
+	}
+	return dirs
+}
+
+func readTrim(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func TestJailedHypervisor(t *testing.T) {
+	t.Parallel()
+	h := jailHost(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	vm := newVM(t, smolvm.Config{Home: home, VCPUs: 2, MemoryMiB: 256})
+	other := newVM(t, smolvm.Config{Home: home})
+	in, err := vm.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := in.HypervisorPID
+	if !testutil.PidAlive(pid) {
+		t.Fatalf("no live hypervisor: %+v", in)
+	}
+
+	t.Run("User", func(t *testing.T) {
+		uid, gid := strconv.Itoa(int(h.UID)), strconv.Itoa(int(h.GID))
+		if u := procStatus(t, pid, "Uid"); !slices.Equal(u, []string{uid, uid, uid, uid}) {
+			t.Errorf("QEMU's uids %v, want all %s (%s)", u, uid, jail.User)
+		}
+		if g := procStatus(t, pid, "Gid"); !slices.Equal(g, []string{gid, gid, gid, gid}) {
+			t.Errorf("QEMU's gids %v, want all %s", g, gid)
+		}
+		if g := procStatus(t, pid, "Groups"); len(g) != 0 {
+			t.Errorf("QEMU has supplementary groups %v", g)
+		}
+		if eff := procStatus(t, pid, "CapEff"); len(eff) != 1 || eff[0] != "0000000000000000" {
+			t.Errorf("QEMU has capabilities %v", eff)
+		}
+		// A pid namespace of its own: it is pid 1 there.
+		if ns := procStatus(t, pid, "NSpid"); len(ns) != 2 || ns[1] != "1" {
+			t.Errorf("QEMU's NSpid %v, want its own pid namespace", ns)
+		}
+		// -sandbox on: seccomp filter mode.
+		if s := procStatus(t, pid, "Seccomp"); len(s) != 1 || s[0] != "2" {
+			t.Errorf("QEMU's Seccomp %v, want 2 (filter)", s)
+		}
+	})
+
+	t.Run("Cgroup", func(t *testing.T) {
+		if h.Cgroups.Version() == "" {
+			t.Skip("no cgroup hierarchy: " + h.Cgroups.Why)
+		}
+		dirs := cgroupDirs(h, vm.ID())
+		self := readTrim(t, fmt.Sprintf("/proc/%d/cgroup", pid))
+		for ctl, d := range dirs {
+			if procs := readTrim(t, filepath.Join(d, "cgroup.procs")); procs != strconv.Itoa(pid) {
+				t.Errorf("%s cgroup %s holds %q, want QEMU alone (%d)", ctl, d, procs, pid)
+			}
+		}
+		if !strings.Contains(self, "/smolvm-"+vm.ID()) {
+			t.Errorf("/proc/%d/cgroup does not name the VM's cgroup:\n%s", pid, self)
+		}
+		mem := strconv.Itoa((256 + qemu.MemoryOverheadMiB) << 20)
+		want := map[string]string{
+			"memory.limit_in_bytes": mem, "cpu.cfs_quota_us": "200000", "cpu.cfs_period_us": "100000", "pids.max": "128",
+		}
+		if h.Cgroups.V2 != "" {
+			want = map[string]string{"memory.max": mem, "cpu.max": "200000 100000", "pids.max": "128"}
+		}
+		for file, w := range want {
+			ctl, _, _ := strings.Cut(file, ".")
+			if got := readTrim(t, filepath.Join(dirs[ctl], file)); got != w {
+				t.Errorf("%s = %s, want %s", file, got, w)
+			}
+		}
+	})
+
+	t.Run("MountNamespace", func(t *testing.T) {
+		root := fmt.Sprintf("/proc/%d/root", pid)
+		var seen []string
+		err := filepath.WalkDir(root+"/", func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			rel := "/" + strings.TrimPrefix(strings.TrimPrefix(p, root), "/")
+			if rel == "/usr" || rel == "/dev" {
+				seen = append(seen, rel)
+				return fs.SkipDir
+			}
+			seen = append(seen, rel)
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cache, _ := filepath.EvalSymlinks(filepath.Join(home, "cache"))
+		allowed := func(p string) bool {
+			switch p {
+			case "/", "/usr", "/dev", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/etc/ld.so.cache":
+				return true
+			}
+			for _, keep := range []string{vm.Dir(), filepath.Join(home, "cache", "kernel"), filepath.Join(home, "cache", "initramfs")} {
+				if p == keep || strings.HasPrefix(p, keep+"/") || strings.HasPrefix(keep, p+"/") {
+					return true
+				}
+			}
+			return false
+		}
+		var files []string
+		for _, p := range seen {
+			if !allowed(p) {
+				t.Errorf("QEMU's root shows %s", p)
+			}
+			if fi, err := os.Lstat(root + p); err == nil && fi.Mode().IsRegular() && !strings.HasPrefix(p, vm.Dir()+"/") {
+				files = append(files, p)
+			}
+		}
+		t.Logf("QEMU's root: %d entries; files outside its folder: %v (cache %s)", len(seen), files, cache)
+		for _, hidden := range []string{other.Dir(), filepath.Join(home, "smolvm.db"), "/etc/passwd", "/proc", "/root", "/home"} {
+			if _, err := os.Lstat(root + hidden); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("QEMU sees %s (%v)", hidden, err)
+			}
+		}
+		for _, dev := range []string{"/dev/null", "/dev/urandom"} {
+			if fi, err := os.Stat(root + dev); err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+				t.Errorf("QEMU lacks %s: %v", dev, err)
+			}
+		}
+	})
+
+	if _, err := vm.Run(ctx, "true"); err != nil {
+		t.Fatalf("Run in the jailed VM: %v", err)
+	}
+	dirs := cgroupDirs(h, vm.ID())
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if testutil.PidAlive(pid) {
+		t.Errorf("QEMU %d alive after Delete", pid)
+	}
+	for _, d := range dirs {
+		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left after Delete (%v)", d, err)
+		}
+	}
+}
+
+// A killed supervisor takes its QEMU with it; the cgroup stays until
+// cleanup removes it with the VM.
+func TestJailedHypervisorCleanup(t *testing.T) {
+	t.Parallel()
+	h := jailHost(t)
+	if h.Cgroups.Version() == "" {
+		t.Skip("no cgroup hierarchy: " + h.Cgroups.Why)
+	}
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	vm := newVM(t, smolvm.Config{Home: home, Persistent: true})
+	in, err := vm.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dirs := cgroupDirs(h, vm.ID())
+	for _, d := range dirs {
+		if _, err := os.Stat(d); err != nil {
+			t.Fatalf("the VM's cgroup: %v", err)
+		}
+	}
+	if err := syscall.Kill(in.SupervisorPID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := testutil.Poll(time.Minute, func() bool { return !testutil.PidAlive(in.HypervisorPID) }); err != nil {
+		t.Fatalf("QEMU outlived its supervisor: %v", err)
+	}
+	if _, err := smolvm.Cleanup(ctx, smolvm.CleanupOptions{Home: home}); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range dirs {
+		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left after cleanup (%v)", d, err)
+		}
+	}
+	assertNothingLeft(t, home)
+}
+
+// A host at its configured capacity refuses a new VM with an error that
+// names the limit and the fix, and leaves nothing of it behind.
+func TestCapacity(t *testing.T) {
+	t.Parallel()
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	newVM(t, smolvm.Config{Home: home, MaxVMs: 1})
+	before := stateOf(t, home)
+	_, err := smolvm.New(ctx, smolvm.Config{Home: home, MaxVMs: 1})
+	if !errors.Is(err, smolvm.ErrCapacity) || !strings.Contains(err.Error(), "1 of 1 VMs running") || !strings.Contains(err.Error(), "smolvm rm") {
+		t.Fatalf("second VM with MaxVMs 1: %v, want ErrCapacity naming the limit and the fix", err)
+	}
+	_, err = smolvm.New(ctx, smolvm.Config{Home: home, MaxMemoryMiB: 600})
+	if !errors.Is(err, smolvm.ErrCapacity) || !strings.Contains(err.Error(), "512 of 600 MiB") || !strings.Contains(err.Error(), smolvm.MaxMemoryMiBEnv) {
+		t.Fatalf("second VM of 512 MiB with MaxMemoryMiB 600: %v, want ErrCapacity naming the memory limit", err)
+	}
+	if after := stateOf(t, home); !after.equal(before) {
+		t.Errorf("a refused VM left state: %+v, before %+v", after, before)
+	}
+	// The CLI: the environment sets the limit; exit code 6.
+	cmd := exec.CommandContext(ctx, testutil.Binary(t), "--home", home, "create")
+	cmd.Env = append(os.Environ(), smolvm.MaxVMsEnv+"=1")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 6 || !strings.Contains(string(out), "host at capacity: 1 of 1 VMs running") {
+		t.Errorf("smolvm create with %s=1: %v\n%s", smolvm.MaxVMsEnv, err, out)
+	}
+}
