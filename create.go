@@ -124,7 +124,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	if spare != nil {
 		// Its folder becomes the VM's; its machine is the one built for
 		// this shape (same devices, sockets now in dir).
-		if mc, err := spare.Claim(dir, rec.ID); err != nil {
+		if mc, err := spare.Claim(dir, rec.ID, cfg.ConsoleLogMaxBytes); err != nil {
 			log.Debug("prelaunched hypervisor not usable; starting one", "err", err)
 			spare.Discard()
 			spare = nil
@@ -188,6 +188,7 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		ID: rec.ID, Dir: dir, Kernel: img.kernel, Initrd: img.initrd,
 		Cmdline: guestCmdline(rec.Name, accel, cfg.BootArgs, img.tuned), VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
 		Accel: accel, Channel: channel, ConsoleLog: filepath.Join(dir, supervisor.ConsoleLog),
+		ConsoleLogMaxBytes: cfg.ConsoleLogMaxBytes,
 	}
 	if cfg.fileMemory {
 		mc.MemoryFile, mc.MemoryShared = filepath.Join(dir, supervisor.MemoryFile), true

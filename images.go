@@ -506,27 +506,37 @@ func PruneImages(ctx context.Context, home string) (*PruneReport, error) {
 
 // ParseSizeMiB reads a size such as 2G, 512M, 1.5GiB or 300 (MiB).
 func ParseSizeMiB(s string) (int, error) {
+	v, err := parseSize(s, 1<<20, "a number of MiB")
+	return int((v + 1<<19) >> 20), err
+}
+
+// ParseSizeBytes reads a size like ParseSizeMiB, but a bare number is a
+// number of bytes.
+func ParseSizeBytes(s string) (int64, error) {
+	return parseSize(s, 1, "a number of bytes")
+}
+
+// parseSize reads a size with an optional K, M, G or T suffix (powers of
+// 1024, "B" or "iB" after it allowed) into bytes; a bare number counts in
+// units of unit bytes.
+func parseSize(s string, unit float64, bare string) (int64, error) {
 	t := strings.TrimSpace(strings.ToUpper(s))
 	if t == "" {
 		return 0, nil
 	}
 	t = strings.TrimSuffix(strings.TrimSuffix(t, "IB"), "B")
-	mult := 1.0
-	switch {
-	case strings.HasSuffix(t, "T"):
-		mult, t = 1<<20, strings.TrimSuffix(t, "T")
-	case strings.HasSuffix(t, "G"):
-		mult, t = 1024, strings.TrimSuffix(t, "G")
-	case strings.HasSuffix(t, "M"):
-		t = strings.TrimSuffix(t, "M")
-	case strings.HasSuffix(t, "K"):
-		mult, t = 1.0/1024, strings.TrimSuffix(t, "K")
+	mult := unit
+	for i, suffix := range []string{"K", "M", "G", "T"} {
+		if strings.HasSuffix(t, suffix) {
+			mult, t = float64(int64(1)<<(10*(i+1))), strings.TrimSuffix(t, suffix)
+			break
+		}
 	}
 	v, err := strconv.ParseFloat(strings.TrimSpace(t), 64)
-	if err != nil || v < 0 {
-		return 0, fmt.Errorf("%w: size %q: use e.g. 2G, 512M or a number of MiB", ErrInvalid, s)
+	if err != nil || v < 0 || v*mult > 1<<62 {
+		return 0, fmt.Errorf("%w: size %q: use e.g. 2G, 512M or %s", ErrInvalid, s, bare)
 	}
-	return int(v*mult + 0.5), nil
+	return int64(v*mult + 0.5), nil
 }
 
 // useNamedImage checks the image cfg.Image names before a VM of it is

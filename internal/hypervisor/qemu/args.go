@@ -21,8 +21,9 @@ const (
 const incomingFD = 3
 
 // extraFiles are the files QEMU inherits, from fd 3 on: the snapshot's
-// memory when restoring, then the TAP queue of each NIC that has one.
-// buildArgs numbers them the same way.
+// memory when restoring, then the TAP queue of each NIC that has one;
+// the console's socket comes after them (consoleFD). buildArgs numbers
+// them the same way.
 func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 	var fs []*os.File
 	if cfg.Incoming != "" {
@@ -34,6 +35,12 @@ func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 		}
 	}
 	return fs
+}
+
+// consoleFD is the file descriptor of the socket QEMU writes the guest's
+// serial console to: the one after extraFiles.
+func consoleFD(cfg *hypervisor.MachineConfig) int {
+	return incomingFD + len(extraFiles(cfg, nil))
 }
 
 // tcgCPU is the CPU model under TCG: everything QEMU emulates except ERMS
@@ -58,7 +65,10 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		"-object", memoryBackend(cfg),
 		"-smp", strconv.Itoa(cfg.VCPUs),
 		"-qmp", "unix:" + p(qmpSocket) + ",server=on,wait=off",
-		"-chardev", "file,id=console,path=" + escape(cfg.ConsoleLog) + ",append=on",
+		// The console goes to the process that started QEMU, which keeps
+		// its newest part (internal/consolelog): a file chardev would grow
+		// with all the guest ever writes.
+		"-chardev", "socket,id=console,fd=" + strconv.Itoa(consoleFD(cfg)),
 		"-serial", "chardev:console",
 		"-device", "virtio-rng-device",
 	}

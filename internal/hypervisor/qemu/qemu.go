@@ -143,13 +143,22 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 		}
 		defer memory.Close()
 	}
-	cmd.ExtraFiles = extraFiles(cfg, memory) // fd 3 = incomingFD when restoring
+	console, qemuEnd, err := startConsole(cfg)
+	if err != nil {
+		return nil, err
+	}
+	// fd 3 = incomingFD when restoring; the console's socket last.
+	cmd.ExtraFiles = append(extraFiles(cfg, memory), qemuEnd)
 	started := time.Now()
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	qemuEnd.Close()
+	if err != nil {
+		console.stop()
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
-	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr}
+	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr, console: console}
 	m.info = hypervisor.Info{Driver: "qemu", Accel: cfg.Accel, Channel: cfg.Channel}
+	go console.drain()
 	go m.wait()
 
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -181,7 +190,13 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 }
 
 // Move implements hypervisor.Incomer.
-func (m *Machine) Move(dir string) { m.cfg.Dir = dir }
+func (m *Machine) Move(dir string, consoleLogMaxBytes int64) {
+	m.cfg.Dir, m.cfg.ConsoleLogMaxBytes = dir, consoleLogMaxBytes
+	if m.cfg.ConsoleLog != "" {
+		m.cfg.ConsoleLog = filepath.Join(dir, filepath.Base(m.cfg.ConsoleLog))
+		m.console.log.Move(m.cfg.ConsoleLog, consoleLogMaxBytes)
+	}
+}
 
 // Incoming implements hypervisor.Incomer: it loads the snapshot the
 // machine was started for and lets the guest run. dir is the machine's
@@ -203,20 +218,28 @@ func (m *Machine) Incoming(ctx context.Context, dir string) error {
 
 // Machine is one QEMU process.
 type Machine struct {
-	cfg    hypervisor.MachineConfig
-	cmd    *exec.Cmd
-	mon    *qmp.SocketMonitor
-	monMu  sync.Mutex
-	info   hypervisor.Info
-	done   chan struct{}
-	err    error
-	stderr *limitedWriter
+	cfg     hypervisor.MachineConfig
+	cmd     *exec.Cmd
+	mon     *qmp.SocketMonitor
+	monMu   sync.Mutex
+	info    hypervisor.Info
+	done    chan struct{}
+	err     error
+	stderr  *limitedWriter
+	console *console
 }
 
 func (m *Machine) wait() {
 	err := m.cmd.Wait()
 	if err != nil {
 		m.err = fmt.Errorf("qemu exited: %w%s", err, m.stderrTail())
+	}
+	// The guest's last words are in the log before anyone learns that
+	// the machine is gone (a failed boot quotes them).
+	select {
+	case <-m.console.done:
+	case <-time.After(2 * time.Second):
+		m.console.stop()
 	}
 	close(m.done)
 }
