@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -93,6 +94,121 @@ func TestConsoleLogBounded(t *testing.T) {
 		}
 		if r := smolvmRun(t, home, "", "create", "--console-log-size", "1K"); r.code != 3 || !strings.Contains(r.stderr, "at least") {
 			t.Errorf("create --console-log-size 1K: exit %d, %q; want exit 3 naming the least size", r.code, r.stderr)
+		}
+	})
+}
+
+// smallDisk mounts a tmpfs of size bytes for the test (root only).
+func smallDisk(t *testing.T, size string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	dir := filepath.Join(t.TempDir(), "small")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount a %s tmpfs: %v: %s", size, err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", dir, err, out)
+		}
+	})
+	return dir
+}
+
+// entries lists a folder's names.
+func entries(t *testing.T, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// TestCopyOutBounded: 'smolvm cp VM:… DIR' onto a 64 MiB disk. A sparse
+// 10 GiB file copies sparsely (its holes stay holes), a folder with a
+// sparse file too; a file bigger than the disk is refused before anything
+// is written, naming the disk and the size; a folder whose files do not
+// fit fails naming the full disk. Nothing half-written is left. Before,
+// the sparse copy wrote zeros until the disk was full and left the
+// partial file.
+func TestCopyOutBounded(t *testing.T) {
+	small := smallDisk(t, "64m")
+	home := testutil.Home(t)
+	id := strings.TrimSpace(mustOK(t, home, "", "create", "--name", "cpout").stdout)
+	mustOK(t, home, "", "exec", id, "--", "sh", "-ec", `
+		truncate -s 10G /tmp/sparse
+		echo middle | dd of=/tmp/sparse bs=1M seek=5000 conv=notrunc 2>/dev/null
+		yes smolvm | head -c 83886080 > /tmp/big
+		mkdir -p /tmp/tree/sub /tmp/bigtree
+		truncate -s 200M /tmp/tree/sub/holes
+		echo hi > /tmp/tree/hi
+		cp /tmp/big /tmp/bigtree/big`)
+
+	t.Run("SparseFile", func(t *testing.T) {
+		mustOK(t, home, "", "cp", id+":/tmp/sparse", small+"/")
+		p := filepath.Join(small, "sparse")
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		if fi.Size() != 10<<30 || st.Blocks*512 > 1<<20 {
+			t.Errorf("copy is %d bytes taking %d on disk; want 10 GiB taking at most 1 MiB", fi.Size(), st.Blocks*512)
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		buf := make([]byte, 7)
+		if _, err := f.ReadAt(buf, 5000<<20); err != nil || string(buf) != "middle\n" {
+			t.Errorf("at 5000 MiB the copy has %q, %v; want the data written there", buf, err)
+		}
+		f.Close()
+		os.Remove(p)
+	})
+
+	t.Run("SparseTree", func(t *testing.T) {
+		mustOK(t, home, "", "cp", id+":/tmp/tree", small+"/")
+		fi, err := os.Stat(filepath.Join(small, "tree", "sub", "holes"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st := fi.Sys().(*syscall.Stat_t); fi.Size() != 200<<20 || st.Blocks*512 > 1<<20 {
+			t.Errorf("copy is %d bytes taking %d on disk; want 200 MiB of holes", fi.Size(), st.Blocks*512)
+		}
+		if b, err := os.ReadFile(filepath.Join(small, "tree", "hi")); err != nil || string(b) != "hi\n" {
+			t.Errorf("tree/hi: %q, %v", b, err)
+		}
+		os.RemoveAll(filepath.Join(small, "tree"))
+	})
+
+	t.Run("TooBigFile", func(t *testing.T) {
+		r := smolvmRun(t, home, "", "cp", id+":/tmp/big", small+"/")
+		if r.code == 0 || !strings.Contains(r.stderr, "not enough space on "+small) || !strings.Contains(r.stderr, "80.0 MiB") {
+			t.Errorf("cp of 80 MiB onto 64 MiB: exit %d, %q; want an error naming %s and the size", r.code, r.stderr, small)
+		}
+		if left := entries(t, small); len(left) > 0 {
+			t.Errorf("a refused copy left %v", left)
+		}
+	})
+
+	t.Run("TooBigTree", func(t *testing.T) {
+		r := smolvmRun(t, home, "", "cp", id+":/tmp/bigtree", small+"/")
+		if r.code == 0 || !strings.Contains(r.stderr, "no space left on "+small) {
+			t.Errorf("cp of a folder of 80 MiB onto 64 MiB: exit %d, %q; want an error naming %s", r.code, r.stderr, small)
+		}
+		if left := entries(t, small); len(left) > 0 {
+			t.Errorf("a failed copy left %v", left)
 		}
 	})
 }
