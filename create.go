@@ -66,11 +66,13 @@ func (e warmError) Unwrap() error { return e.error }
 
 // create allocates a VM and starts it: a cold boot, or a restore of snap
 // when it is set (or of the warm snapshot matching the VM's shape).
-func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time, snap *snapshotSource) (*VM, error) {
+func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time, snap *snapshotSource) (_ *VM, err error) {
+	// A full state folder fails with an error that names it: what was
+	// made is undone, and the database and other VMs stay as they were.
+	defer func() { err = noSpace(homeOf(st), err, stateFix) }()
 	log := cfg.Logger
 	log.Debug("phase create: allocating state", "name", cfg.Name)
 	var img *resolvedImage
-	var err error
 	if snap != nil {
 		img = snap.image
 	} else if img, err = resolveImage(ctx, homeOf(st), cfg); err != nil {
@@ -81,6 +83,9 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	rec := &store.VM{Name: cfg.Name, State: store.StateCreating, Ephemeral: !cfg.Persistent, Image: img.name, SupervisorPID: os.Getpid()}
 	if snap != nil {
 		rec.Snapshot = snap.name
+	}
+	if err := checkStateSpace(homeOf(st)); err != nil {
+		return nil, err
 	}
 	if err := st.CreateVM(ctx, rec); err != nil {
 		return nil, err

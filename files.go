@@ -982,7 +982,7 @@ func (x *hostExtractor) writeFile(rel string, mode fs.FileMode, mtime time.Time,
 		if isGuestErr(err) || errors.As(err, new(*callError)) {
 			return err
 		}
-		return fmt.Errorf("write %s: %w", full, noSpace(filepath.Dir(full), err, copyFix))
+		return fmt.Errorf("write %s: %w", full, noSpace(filepath.Dir(full), unwrapPathErr(err), copyFix))
 	}
 	if err := f.Chmod(mode); err != nil {
 		return fmt.Errorf("chmod %s: %w", full, err)
@@ -992,7 +992,7 @@ func (x *hostExtractor) writeFile(rel string, mode fs.FileMode, mtime time.Time,
 		_ = unix.Futimes(int(f.Fd()), tv)
 	}
 	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", full, noSpace(filepath.Dir(full), err, copyFix))
+		return fmt.Errorf("write %s: %w", full, noSpace(filepath.Dir(full), unwrapPathErr(err), copyFix))
 	}
 	if err := x.root.Rename(tmp, rel); err != nil {
 		return fmt.Errorf("rename %s: %w", full, unwrapPathErr(err))

@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm/internal/store"
 )
 
 // A full disk is an error that wraps unix.ENOSPC (test it with
@@ -28,17 +30,47 @@ func freeBytes(dir string) (int64, error) {
 	return int64(st.Bavail) * st.Bsize, nil
 }
 
-// noSpace explains err when it is a full disk under dir (nil otherwise
-// changes nothing): "no space left on DIR (N free): free space there or …".
+// noSpace explains err when it is a full disk under dir (ENOSPC, or
+// SQLite's SQLITE_FULL); any other err, or nil, it returns as it is:
+// "no space left on DIR (N free): free space there or FIX: ERR".
 func noSpace(dir string, err error, fix string) error {
-	if err == nil || !errors.Is(err, unix.ENOSPC) {
+	if err == nil || errors.Is(err, errNoSpace) {
 		return err
+	}
+	if !errors.Is(err, unix.ENOSPC) {
+		if !store.IsFull(err) {
+			return err
+		}
+		err = fmt.Errorf("%w (%w)", err, unix.ENOSPC)
 	}
 	free := "?"
 	if n, ferr := freeBytes(dir); ferr == nil {
 		free = sizeString(n)
 	}
-	return fmt.Errorf("no space left on %s (%s free): free space there or %s: %w", dir, free, fix, unix.ENOSPC)
+	return fmt.Errorf("%w on %s (%s free): free space there or %s: %w", errNoSpace, dir, free, fix, err)
+}
+
+// errNoSpace marks an error noSpace has explained.
+var errNoSpace = errors.New("no space left")
+
+// stateFix is what to do when the state folder's disk is full.
+const stateFix = "set SMOLVM_HOME to a folder on another disk"
+
+// minStateFree is the free space a new VM needs in the state folder: room
+// for its files (logs, sockets, spec) and for the database to record it
+// and, should the create fail, to undo that. With less, undoing a failed
+// create could itself fail for want of space and leave its row behind.
+const minStateFree = 16 << 20
+
+// checkStateSpace refuses a new VM when the state folder's disk has less
+// than minStateFree.
+func checkStateSpace(home string) error {
+	free, err := freeBytes(home)
+	if err != nil || free >= minStateFree {
+		return nil
+	}
+	return fmt.Errorf("%w on %s (%s free, a new VM needs %s): free space there or %s: %w",
+		errNoSpace, home, sizeString(free), sizeString(minStateFree), stateFix, unix.ENOSPC)
 }
 
 // checkSpace refuses to write need bytes into dir when its file system has

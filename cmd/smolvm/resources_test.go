@@ -4,7 +4,9 @@ package main
 // log, copies out of it, its state folder.
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -211,4 +213,76 @@ func TestCopyOutBounded(t *testing.T) {
 			t.Errorf("a failed copy left %v", left)
 		}
 	})
+}
+
+// fill writes a file in dir until its disk is full.
+func fill(t *testing.T, dir string) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(dir, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := bytes.Repeat([]byte{1}, 64<<10)
+	for {
+		if _, err := f.Write(buf); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	buf = buf[:512]
+	for { // the last bits
+		if _, err := f.Write(buf); err != nil {
+			return
+		}
+	}
+}
+
+// TestFullStateFolder: with the state folder's disk full, creating a VM
+// fails with an error that names the disk and what to do, and leaves no
+// state row; the database and the VM already there keep working, and VMs
+// can still be deleted to make room. Before, the create failed with
+// SQLite's "database or disk is full (13)", and so did 'smolvm rm'.
+func TestFullStateFolder(t *testing.T) {
+	home := testutil.Home(t)
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", home).CombinedOutput(); err != nil {
+		t.Fatalf("mount a tmpfs on %s: %v: %s", home, err, out)
+	}
+	t.Cleanup(func() {
+		smolvmRun(t, home, "", "rm", "-f", "--all")
+		if out, err := exec.Command("umount", home).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", home, err, out)
+		}
+	})
+	if err := os.Symlink(testutil.CacheDir(), filepath.Join(home, "cache")); err != nil {
+		t.Fatal(err)
+	}
+	a := strings.TrimSpace(mustOK(t, home, "", "create", "--name", "a").stdout)
+	mustOK(t, home, "", "create", "--name", "b")
+	fill(t, home)
+
+	r := smolvmRun(t, home, "", "create", "--name", "c")
+	if r.code == 0 || !strings.Contains(r.stderr, "no space left on "+home) || !strings.Contains(r.stderr, "free space there") {
+		t.Errorf("create on a full disk: exit %d, %q; want an error naming %s and what to do", r.code, r.stderr, home)
+	}
+	vms := listVMs(t, home)
+	if len(vms) != 2 || vms[0].State != "running" || vms[1].State != "running" {
+		t.Errorf("after the failed create: %+v; want a and b running, nothing else", vms)
+	}
+	if r := mustOK(t, home, "", "exec", a, "--", "echo", "alive"); r.stdout != "alive\n" {
+		t.Errorf("VM a answered %q", r.stdout)
+	}
+	mustOK(t, home, "", "rm", "-f", "b") // deleting makes room, even on a full disk
+	if vms := listVMs(t, home); len(vms) != 1 || vms[0].ID != a {
+		t.Errorf("after rm b: %+v; want a alone", vms)
+	}
+	if err := os.Remove(filepath.Join(home, "filler")); err != nil {
+		t.Fatal(err)
+	}
+	mustOK(t, home, "", "create", "--name", "c")
 }
