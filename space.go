@@ -9,7 +9,6 @@ import (
 	"io/fs"
 	"os"
 	"path"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
 
@@ -166,6 +165,3 @@ func createTemp(root *os.Root, rel string) (*os.File, string, error) {
 		return f, tmp, err
 	}
 }
-
-// dirOf is the folder a path under dir is in, for messages.
-func dirOf(dir, rel string) string { return filepath.Dir(filepath.Join(dir, filepath.FromSlash(rel))) }
