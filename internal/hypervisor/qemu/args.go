@@ -22,7 +22,7 @@ const incomingFD = 3
 
 // extraFiles are the files QEMU inherits, from fd 3 on: the snapshot's
 // memory when restoring, then the TAP queue of each NIC that has one;
-// the console's socket comes after them (consoleFD). buildArgs numbers
+// the console's pipe comes after them (consoleFD). buildArgs numbers
 // them the same way.
 func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 	var fs []*os.File
@@ -37,7 +37,7 @@ func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 	return fs
 }
 
-// consoleFD is the file descriptor of the socket QEMU writes the guest's
+// consoleFD is the file descriptor of the pipe QEMU writes the guest's
 // serial console to: the one after extraFiles.
 func consoleFD(cfg *hypervisor.MachineConfig) int {
 	return incomingFD + len(extraFiles(cfg, nil))
@@ -65,10 +65,11 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		"-object", memoryBackend(cfg),
 		"-smp", strconv.Itoa(cfg.VCPUs),
 		"-qmp", "unix:" + p(qmpSocket) + ",server=on,wait=off",
-		// The console goes to the process that started QEMU, which keeps
-		// its newest part (internal/consolelog): a file chardev would grow
-		// with all the guest ever writes.
-		"-chardev", "socket,id=console,fd=" + strconv.Itoa(consoleFD(cfg)),
+		// The console goes through a pipe to the process that started
+		// QEMU, which keeps its newest part (internal/consolelog): a file
+		// would grow with all the guest ever writes. QEMU opens the pipe
+		// it inherited through /proc (its file backend takes a path).
+		"-chardev", "file,id=console,path=/proc/self/fd/" + strconv.Itoa(consoleFD(cfg)),
 		"-serial", "chardev:console",
 		"-device", "virtio-rng-device",
 	}
