@@ -73,11 +73,13 @@ func (e warmError) Unwrap() error { return e.error }
 
 // create allocates a VM and starts it: a cold boot, or a restore of snap
 // when it is set (or of the warm snapshot matching the VM's shape).
-func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time, snap *snapshotSource) (*VM, error) {
+func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time, snap *snapshotSource) (_ *VM, err error) {
+	// A full state folder fails with an error that names it: what was
+	// made is undone, and the database and other VMs stay as they were.
+	defer func() { err = noSpace(homeOf(st), err, stateFix) }()
 	log := cfg.Logger
 	log.Debug("phase create: allocating state", "name", cfg.Name)
 	var img *resolvedImage
-	var err error
 	if snap != nil {
 		img = snap.image
 	} else if img, err = resolveImage(ctx, homeOf(st), cfg); err != nil {
@@ -91,6 +93,9 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	}
 	capacity, err := cfg.capacity()
 	if err != nil {
+		return nil, err
+	}
+	if err := checkStateSpace(homeOf(st)); err != nil {
 		return nil, err
 	}
 	if err := st.CreateVMWithin(ctx, rec, capacity); err != nil {
@@ -135,7 +140,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	if spare != nil {
 		// Its folder becomes the VM's; its machine is the one built for
 		// this shape (same devices, sockets now in dir).
-		if mc, err := spare.Claim(dir, rec.ID); err != nil {
+		if mc, err := spare.Claim(dir, rec.ID, cfg.ConsoleLogMaxBytes); err != nil {
 			log.Debug("prelaunched hypervisor not usable; starting one", "err", err)
 			spare.Discard()
 			spare = nil
@@ -199,6 +204,7 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		ID: rec.ID, Dir: dir, Kernel: img.kernel, Initrd: img.initrd,
 		Cmdline: guestCmdline(rec.Name, accel, cfg.BootArgs, img.tuned), VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
 		Accel: accel, Channel: channel, ConsoleLog: filepath.Join(dir, supervisor.ConsoleLog),
+		ConsoleLogMaxBytes: cfg.ConsoleLogMaxBytes,
 	}
 	if cfg.fileMemory {
 		mc.MemoryFile, mc.MemoryShared = filepath.Join(dir, supervisor.MemoryFile), true

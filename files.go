@@ -41,6 +41,9 @@ type FileInfo struct {
 	mode  fs.FileMode
 	mtime time.Time
 	link  string
+	// allocated is what the file takes on the guest's disk, as the
+	// guest reports it.
+	allocated int64
 }
 
 func (fi *FileInfo) Name() string       { return fi.name }
@@ -119,7 +122,7 @@ func (vm *VM) Stat(ctx context.Context, guestPath string) (*FileInfo, error) {
 		return nil, fmt.Errorf("stat %s in VM %s: %w", guestPath, vm.name, unix.ENOENT)
 	}
 	return &FileInfo{name: path.Base(guestPath), size: r.Size, mode: fs.FileMode(r.Mode),
-		mtime: time.Unix(0, r.MtimeUnixNs), link: r.LinkTarget}, nil
+		mtime: time.Unix(0, r.MtimeUnixNs), link: r.LinkTarget, allocated: r.Allocated}, nil
 }
 
 // statOrNil is Stat with a missing path reported as nil, nil.
@@ -607,8 +610,13 @@ func addLocalEntry(tw *tar.Writer, p, name string, fi fs.FileInfo) error {
 // rules of 'docker cp' (see Upload). Extraction on the host is as careful
 // as in the guest: entries that would land outside the target are refused,
 // symlinks are created but never followed while writing, and setuid and
-// setgid bits are dropped.
-func (vm *VM) Download(ctx context.Context, guestPath, localPath string) error {
+// setgid bits are dropped. A regular file crosses without its holes (the
+// guest finds them with SEEK_DATA/SEEK_HOLE) and after a check that the
+// local disk has room for it; blocks of zeros in any file become holes.
+// Each file is written under a temporary name and renamed when complete;
+// a copy that fails leaves no partial file, nor a folder it created. A
+// full disk is an error that wraps syscall.ENOSPC and names the folder.
+func (vm *VM) Download(ctx context.Context, guestPath, localPath string) (err error) {
 	if err := checkGuestPath(guestPath); err != nil {
 		return err
 	}
@@ -648,6 +656,20 @@ func (vm *VM) Download(ctx context.Context, guestPath, localPath string) error {
 		return fmt.Errorf("download VM %s:%s to %s: %w: local directory %s does not exist: create it first",
 			vm.name, guestPath, localPath, fs.ErrNotExist, plan.dir)
 	}
+	fail := func(err error) error {
+		return fmt.Errorf("download VM %s:%s to %s: %w", vm.name, guestPath, localPath, unwrapCallErr(err))
+	}
+	if sfi.Mode().IsRegular() {
+		return vm.downloadFile(ctx, src, sfi, plan.dir, plan.name, fail)
+	}
+	// A tree that fails half way is removed, unless it was there before.
+	if _, lerr := os.Lstat(filepath.Join(plan.dir, plan.name)); errors.Is(lerr, fs.ErrNotExist) && plan.name != "." {
+		defer func() {
+			if err != nil {
+				_ = os.RemoveAll(filepath.Join(plan.dir, plan.name))
+			}
+		}()
+	}
 	prefix := path.Base(src)
 	if src == "/" {
 		prefix = "."
@@ -658,7 +680,7 @@ func (vm *VM) Download(ctx context.Context, guestPath, localPath string) error {
 	}
 	defer cancel()
 	if err := extractArchive(r, plan.dir, downloadRename(prefix, plan.name)); err != nil {
-		return fmt.Errorf("download VM %s:%s to %s: %w", vm.name, guestPath, localPath, unwrapCallErr(err))
+		return fail(err)
 	}
 	return nil
 }
@@ -677,6 +699,68 @@ func downloadRename(prefix, name string) func(string) (string, error) {
 		}
 		return path.Join(name, strings.TrimPrefix(rel, "/")), nil
 	}
+}
+
+// downloadFile copies the regular guest file src (described by sfi) to
+// name in the local folder dir: only its data crosses (the guest skips
+// its holes, and blocks of zeros become holes here too), after a check
+// that dir's disk has room for what the file takes in the guest.
+func (vm *VM) downloadFile(ctx context.Context, src string, sfi *FileInfo, dir, name string, fail func(error) error) error {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return fail(fmt.Errorf("open %s: %w", dir, unwrapPathErr(err)))
+	}
+	defer root.Close()
+	if fi, err := root.Lstat(name); err == nil && fi.IsDir() {
+		return fail(fmt.Errorf("%s is a directory: remove it first", filepath.Join(dir, name)))
+	}
+	need := sfi.size
+	if sfi.allocated >= 0 && sfi.allocated < need {
+		need = sfi.allocated // sparse in the guest, and here
+	}
+	what := src
+	if need < sfi.size {
+		what += " (sparse: " + sizeString(sfi.size) + " apparent size)"
+	}
+	if err := checkSpace(dir, need, what, copyFix); err != nil {
+		return fail(err)
+	}
+	a, err := vm.agentClient(ctx)
+	if err != nil {
+		return err
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := a.ReadFile(cctx, &agentpb.ReadFileRequest{Path: src, Sparse: true})
+	if err != nil {
+		return vm.callErr(ctx, "read "+src, fileErr(err))
+	}
+	x := &hostExtractor{root: root, dir: dir}
+	mode := sfi.mode & (fs.ModePerm | fs.ModeSticky)
+	err = x.writeFile(name, mode, sfi.mtime, func(sf *sparseFile) (int64, error) {
+		for {
+			c, err := stream.Recv()
+			if err != nil {
+				if err == io.EOF {
+					err = errors.New("the guest ended the file without its size")
+				}
+				return 0, &callError{vm.callErr(ctx, "read "+src, fileErr(err))}
+			}
+			if c.Offset < sf.end || c.Offset > 1<<50 {
+				return 0, &callError{fmt.Errorf("read %s in VM %s: the guest sent data at offset %d after %d", src, vm.name, c.Offset, sf.end)}
+			}
+			if c.Last {
+				return c.Offset, nil
+			}
+			if err := sf.WriteAt(c.Data, c.Offset); err != nil {
+				return 0, err
+			}
+		}
+	})
+	if err != nil {
+		return fail(err)
+	}
+	return nil
 }
 
 // ExtractArchive extracts a tar stream (such as one from GetArchive) under
@@ -858,31 +942,15 @@ func (x *hostExtractor) extract(h *tar.Header, rel string, r io.Reader, rename f
 		}
 		x.dirs = append(x.dirs, hostDir{rel, hostMode(h), h.ModTime})
 	case tar.TypeReg:
-		if err := replace(); err != nil {
-			return err
+		if exists && existing.IsDir() {
+			return replace()
 		}
-		// O_EXCL: a symlink that appeared at rel is not followed.
-		f, err := x.root.OpenFile(rel, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+		err := x.writeFile(rel, hostMode(h), h.ModTime, func(sf *sparseFile) (int64, error) {
+			_, err := io.Copy(sf, r)
+			return h.Size, err
+		})
 		if err != nil {
-			return fmt.Errorf("create %s: %w", full, unwrapPathErr(err))
-		}
-		if _, err := io.Copy(f, r); err != nil {
-			f.Close()
-			if isGuestErr(err) || errors.As(err, new(*callError)) {
-				return err
-			}
-			return fmt.Errorf("write %s: %w", full, err)
-		}
-		if err := f.Chmod(hostMode(h)); err != nil {
-			f.Close()
-			return fmt.Errorf("chmod %s: %w", full, err)
-		}
-		if !h.ModTime.IsZero() {
-			tv := []unix.Timeval{unix.NsecToTimeval(h.ModTime.UnixNano()), unix.NsecToTimeval(h.ModTime.UnixNano())}
-			_ = unix.Futimes(int(f.Fd()), tv)
-		}
-		if err := f.Close(); err != nil {
-			return fmt.Errorf("write %s: %w", full, err)
+			return err
 		}
 	case tar.TypeSymlink:
 		if err := replace(); err != nil {
@@ -918,6 +986,53 @@ func (x *hostExtractor) extract(h *tar.Header, rel string, r io.Reader, rename f
 	x.entries++
 	return nil
 }
+
+// writeFile writes the regular file rel with what fill writes (and the
+// size it returns): into a new file beside it, whose blocks of zeros are
+// left as holes, renamed to rel once complete, so that a copy that fails
+// (a full disk, an error of the guest, a cancel) leaves nothing behind. A
+// symlink at rel is replaced, never followed.
+func (x *hostExtractor) writeFile(rel string, mode fs.FileMode, mtime time.Time, fill func(*sparseFile) (int64, error)) (err error) {
+	full := filepath.Join(x.dir, filepath.FromSlash(rel))
+	f, tmp, err := createTemp(x.root, rel)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", full, noSpace(filepath.Dir(full), unwrapPathErr(err), copyFix))
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			_ = x.root.Remove(tmp)
+		}
+	}()
+	sf := &sparseFile{f: f}
+	size, err := fill(sf)
+	if err == nil {
+		err = sf.finish(size)
+	}
+	if err != nil {
+		if isGuestErr(err) || errors.As(err, new(*callError)) {
+			return err
+		}
+		return fmt.Errorf("write %s: %w", full, noSpace(filepath.Dir(full), unwrapPathErr(err), copyFix))
+	}
+	if err := f.Chmod(mode); err != nil {
+		return fmt.Errorf("chmod %s: %w", full, err)
+	}
+	if !mtime.IsZero() {
+		tv := []unix.Timeval{unix.NsecToTimeval(mtime.UnixNano()), unix.NsecToTimeval(mtime.UnixNano())}
+		_ = unix.Futimes(int(f.Fd()), tv)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", full, noSpace(filepath.Dir(full), unwrapPathErr(err), copyFix))
+	}
+	if err := x.root.Rename(tmp, rel); err != nil {
+		return fmt.Errorf("rename %s: %w", full, unwrapPathErr(err))
+	}
+	return nil
+}
+
+// copyFix is what to do when a copy out of a VM finds its disk full.
+const copyFix = "copy to another disk"
 
 // finish applies directory modes and mtimes, deepest first, once their
 // contents are written.

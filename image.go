@@ -10,8 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/jail"
 )
@@ -116,7 +114,7 @@ func setupImage(ctx context.Context, home, agent string, opts SetupOptions) (*im
 	// folder (see ensureWarm): on a file system without room for it, the
 	// guest would die writing its memory. VMs boot cold instead.
 	need := int64(defaultMemoryMiB + 64)
-	if free, err := freeMiB(home); err == nil && free < need {
+	if free, err := freeBytes(home); err == nil && free>>20 < need {
 		slog.Default().Warn(fmt.Sprintf("no warm snapshot: %s has %d MiB free and the warm snapshot needs up to %d MiB; VMs boot cold until you free some space and run 'smolvm setup' again", home, free, need))
 		return d, nil
 	}
@@ -193,14 +191,4 @@ func useTunedKernel(cacheDir string) bool {
 	}
 	_, ok := image.TunedKernel(cacheDir)
 	return ok
-}
-
-// freeMiB is the space an unprivileged user may still use on dir's file
-// system.
-func freeMiB(dir string) (int64, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		return 0, err
-	}
-	return int64(st.Bavail) * st.Bsize >> 20, nil
 }

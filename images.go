@@ -20,7 +20,11 @@ package smolvm
 //     folder (disk.qcow2) whose backing file is the image, created in
 //     milliseconds. Config.DiskSizeMiB makes the overlay larger than the
 //     image and the guest grows its ext4 file system online at boot
-//     (EXT4_IOC_RESIZE_FS, no resize2fs needed). Config.RetainDisk keeps the
+//     (EXT4_IOC_RESIZE_FS, no resize2fs needed). The disk's size (the
+//     image's, or DiskSizeMiB) bounds the overlay: a guest that writes its
+//     whole disk grows it to that size and qcow2's tables (overlayBound), no
+//     more, and a VM whose disk could not grow that far in its state
+//     folder is refused. Config.RetainDisk keeps the
 //     overlay when the VM is deleted: it is moved to
 //     $SMOLVM_HOME/disks/<vm name>-<vm id>.qcow2 (still backed by the image).
 //   - "shared": the image itself is attached read-only and mounted
@@ -550,27 +554,37 @@ func PruneImages(ctx context.Context, home string) (*PruneReport, error) {
 
 // ParseSizeMiB reads a size such as 2G, 512M, 1.5GiB or 300 (MiB).
 func ParseSizeMiB(s string) (int, error) {
+	v, err := parseSize(s, 1<<20, "a number of MiB")
+	return int((v + 1<<19) >> 20), err
+}
+
+// ParseSizeBytes reads a size like ParseSizeMiB, but a bare number is a
+// number of bytes.
+func ParseSizeBytes(s string) (int64, error) {
+	return parseSize(s, 1, "a number of bytes")
+}
+
+// parseSize reads a size with an optional K, M, G or T suffix (powers of
+// 1024, "B" or "iB" after it allowed) into bytes; a bare number counts in
+// units of unit bytes.
+func parseSize(s string, unit float64, bare string) (int64, error) {
 	t := strings.TrimSpace(strings.ToUpper(s))
 	if t == "" {
 		return 0, nil
 	}
 	t = strings.TrimSuffix(strings.TrimSuffix(t, "IB"), "B")
-	mult := 1.0
-	switch {
-	case strings.HasSuffix(t, "T"):
-		mult, t = 1<<20, strings.TrimSuffix(t, "T")
-	case strings.HasSuffix(t, "G"):
-		mult, t = 1024, strings.TrimSuffix(t, "G")
-	case strings.HasSuffix(t, "M"):
-		t = strings.TrimSuffix(t, "M")
-	case strings.HasSuffix(t, "K"):
-		mult, t = 1.0/1024, strings.TrimSuffix(t, "K")
+	mult := unit
+	for i, suffix := range []string{"K", "M", "G", "T"} {
+		if strings.HasSuffix(t, suffix) {
+			mult, t = float64(int64(1)<<(10*(i+1))), strings.TrimSuffix(t, suffix)
+			break
+		}
 	}
 	v, err := strconv.ParseFloat(strings.TrimSpace(t), 64)
-	if err != nil || v < 0 {
-		return 0, fmt.Errorf("%w: size %q: use e.g. 2G, 512M or a number of MiB", ErrInvalid, s)
+	if err != nil || v < 0 || v*mult > 1<<62 {
+		return 0, fmt.Errorf("%w: size %q: use e.g. 2G, 512M or %s", ErrInvalid, s, bare)
 	}
-	return int(v*mult + 0.5), nil
+	return int64(v*mult + 0.5), nil
 }
 
 // useNamedImage checks the image cfg.Image names before a VM of it is
@@ -626,6 +640,14 @@ func attachDisks(ctx context.Context, st *store.Store, cfg *Config, rec *store.V
 		mc.Disks = append(mc.Disks, hypervisor.Disk{Path: base, Format: format, ReadOnly: true})
 		args += " smolvm.rootmode=ro"
 	default:
+		// The guest can write its whole disk, no more: the overlay grows
+		// to the disk's size and qcow2's tables for it (the guest makes
+		// no qcow2 snapshots). So the size is the bound, and it must fit.
+		size := max(int64(cfg.DiskSizeMiB)<<20, im.Size)
+		if err := checkSpace(mc.Dir, overlayBound(size), fmt.Sprintf("the disk of VM %s (%s, which its overlay can grow to)", rec.Name, sizeString(size)),
+			"give a smaller --disk-size (Config.DiskSizeMiB), or use --disk-mode shared"); err != nil {
+			return err
+		}
 		t0 := time.Now()
 		overlay := filepath.Join(mc.Dir, "disk.qcow2")
 		if err := rootfs.CreateOverlay(ctx, base, format, overlay, int64(cfg.DiskSizeMiB)<<20); err != nil {
@@ -647,6 +669,12 @@ func attachDisks(ctx context.Context, st *store.Store, cfg *Config, rec *store.V
 	mc.Cmdline += args
 	return nil
 }
+
+// overlayBound is the most a qcow2 overlay of a disk of size bytes takes
+// on the host: the disk's data plus qcow2's tables (8 bytes of L2 table
+// and 2 of refcount per 64 KiB cluster, a few clusters of header, L1 and
+// refcount table), with room to spare.
+func overlayBound(size int64) int64 { return size + size/1024 + 1<<20 }
 
 // retainDisk moves a VM's overlay out of its folder before the folder is
 // removed, when the VM was created with RetainDisk.

@@ -21,6 +21,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -459,4 +460,40 @@ func TestPrune(t *testing.T) {
 	if ims, _ := smolvm.ListImages(ctx, home); len(ims) != 0 {
 		t.Errorf("images left after prune: %d", len(ims))
 	}
+}
+
+// TestDiskOverlayBounded: a VM's overlay can grow to its disk's size and
+// no further: a guest that fills its disk leaves an overlay within the
+// disk's size and qcow2's tables; a disk larger than the state folder has
+// room for is refused, naming the folder and the size. Before, a 1 PiB
+// --disk-size was accepted on a host disk of a few dozen GiB.
+func TestDiskOverlayBounded(t *testing.T) {
+	home := testutil.Home(t)
+	info := importBusybox(t, home, "bb")
+	ctx := testutil.Context(t, 5*time.Minute)
+
+	_, err := smolvm.New(ctx, smolvm.Config{Home: home, Image: "bb", Name: "huge", DiskSizeMiB: 1 << 30})
+	if err == nil || !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "not enough space on "+home) {
+		t.Errorf("a 1 PiB disk: %v; want an error naming %s and the size", err, home)
+	}
+	if vms, _ := smolvm.ListIn(ctx, home); len(vms) != 0 {
+		t.Errorf("a refused create left %d VMs", len(vms))
+	}
+
+	vm := bootImage(t, smolvm.Config{Home: home, Image: "bb", Name: "fill"}) // the image's size
+	// Fill the disk (dd stops at ENOSPC), twice over, and flush.
+	for range 2 {
+		sh(t, vm, "dd if=/dev/zero of=/root/fill bs=1M 2>/dev/null; rm -f /root/fill; sync")
+	}
+	sh(t, vm, "dd if=/dev/zero of=/root/fill bs=1M 2>/dev/null; sync; true")
+	overlay := filepath.Join(vm.Dir(), "disk.qcow2")
+	fi, err := os.Stat(overlay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	used := fi.Sys().(*syscall.Stat_t).Blocks * 512
+	if limit := info.Size + info.Size/1024 + 1<<20; used > limit || fi.Size() > limit {
+		t.Errorf("after the guest filled its %d-byte disk the overlay takes %d bytes (file size %d); want at most %d", info.Size, used, fi.Size(), limit)
+	}
+	t.Logf("overlay after filling a %d-byte disk: %d bytes on disk, file size %d", info.Size, used, fi.Size())
 }

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/errdefs"
+	"github.com/smolvm/smolvm/internal/consolelog"
 	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
@@ -76,6 +77,11 @@ type Config struct {
 	// RetainDisk keeps an isolated disk when the VM is deleted, at
 	// RetainedDisk(home, name, id).
 	RetainDisk bool
+	// ConsoleLogMaxBytes bounds the guest console kept on the host
+	// (console.log and console.log.1 in the VM's folder, what 'smolvm
+	// logs' prints): the newest output is kept. 0 means 1 MiB; the least
+	// is 16 KiB.
+	ConsoleLogMaxBytes int64
 	// BootArgs are appended to the kernel command line.
 	BootArgs string
 	// Accel is "kvm", "tcg" or "" (KVM when a real boot probe on this
@@ -163,6 +169,8 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("%w: memory must be at least 64 MiB, got %d", ErrInvalid, c.MemoryMiB)
 	case c.MemoryMiB > 1<<20:
 		return fmt.Errorf("%w: memory of %d MiB is more than 1 TiB", ErrInvalid, c.MemoryMiB)
+	case c.ConsoleLogMaxBytes != 0 && c.ConsoleLogMaxBytes < consolelog.MinMaxBytes:
+		return fmt.Errorf("%w: console log size %d: give at least %d bytes (16K)", ErrInvalid, c.ConsoleLogMaxBytes, consolelog.MinMaxBytes)
 	case c.Name != "" && !nameRE.MatchString(c.Name):
 		return fmt.Errorf("%w: name %q: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit", ErrInvalid, c.Name)
 	}

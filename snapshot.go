@@ -310,6 +310,7 @@ func restoreSpec(ctx context.Context, st *store.Store, cfg *Config, src *snapsho
 	spec := src.spec
 	spec.Machine.ID, spec.Machine.Dir = rec.ID, dir
 	spec.Machine.ConsoleLog = filepath.Join(dir, supervisor.ConsoleLog)
+	spec.Machine.ConsoleLogMaxBytes = cfg.ConsoleLogMaxBytes
 	restoreFrom(&spec.Machine, src.dir, src.ram)
 	// Same drives in the same order as the saved machine (its device
 	// state refers to them); each writable one is a new overlay in this

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -11,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/consolelog"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
@@ -30,28 +30,17 @@ func newLogsCmd(g *globals) *cobra.Command {
 			if sup {
 				name = supervisor.LogFile
 			}
-			f, err := os.Open(filepath.Join(vm.Dir(), name))
-			if err != nil {
+			path := filepath.Join(vm.Dir(), name)
+			if _, err := os.Stat(path); err != nil {
 				return fmt.Errorf("read logs of VM %s: %w", vm.Name(), err)
 			}
-			defer f.Close()
-			if _, err := io.Copy(os.Stdout, f); err != nil {
-				return err
+			if !follow {
+				return consolelog.Copy(os.Stdout, path)
 			}
-			for follow {
-				select {
-				case <-cmd.Context().Done():
-					return nil
-				case <-time.After(200 * time.Millisecond):
-				}
-				if _, err := io.Copy(os.Stdout, f); err != nil {
-					return err
-				}
-				if in, err := vm.Info(cmd.Context()); err != nil || (in.State != "running" && in.State != "creating") {
-					return nil
-				}
-			}
-			return nil
+			return consolelog.Follow(cmd.Context(), os.Stdout, path, 200*time.Millisecond, func() bool {
+				in, err := vm.Info(cmd.Context())
+				return err == nil && (in.State == "running" || in.State == "creating")
+			})
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing while the VM runs")

@@ -26,6 +26,7 @@ type vmFlags struct {
 	diskMode    string
 	diskSize    string
 	retainDisk  bool
+	consoleSize string
 	net         netFlags // port.go
 }
 
@@ -45,6 +46,7 @@ func (f *vmFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.diskMode, "disk-mode", "", "isolated (a copy-on-write overlay per VM, default) or shared (the image, read-only)")
 	fs.StringVar(&f.diskSize, "disk-size", "", "grow the VM's disk to this size, e.g. 4G (isolated mode)")
 	fs.BoolVar(&f.retainDisk, "retain-disk", false, "keep the VM's disk overlay when it is deleted ($SMOLVM_HOME/disks)")
+	fs.StringVar(&f.consoleSize, "console-log-size", "1M", "keep at most this much of the guest console on the host (the newest), e.g. 256K, 4M")
 	f.net.register(fs)
 }
 
@@ -62,6 +64,10 @@ func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
 	if err != nil {
 		return smolvm.Config{}, err
 	}
+	consoleBytes, err := smolvm.ParseSizeBytes(f.consoleSize)
+	if err != nil {
+		return smolvm.Config{}, fmt.Errorf("--console-log-size: %w", err)
+	}
 	netCfg, err := f.net.config()
 	if err != nil {
 		return smolvm.Config{}, err
@@ -72,5 +78,6 @@ func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
 		Name: f.name, VCPUs: f.cpus, MemoryMiB: f.memory,
 		KernelPath: f.kernel, InitrdPath: f.initrd, RootfsPath: f.rootfs, BootArgs: f.bootArgs,
 		Accel: f.accel, Channel: f.channel, BootTimeout: f.bootTimeout, Cold: f.cold, Logger: g.log,
+		ConsoleLogMaxBytes: consoleBytes,
 	}, nil
 }

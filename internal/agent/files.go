@@ -138,6 +138,9 @@ func (s *Server) ReadFile(req *agentpb.ReadFileRequest, stream grpc.ServerStream
 	if !fi.Mode().IsRegular() {
 		return status.Errorf(codes.FailedPrecondition, "%s is not a regular file (%s)", p, fileKind(fi.Mode()))
 	}
+	if req.GetSparse() {
+		return sendSparse(f, p, stream.Send)
+	}
 	buf := make([]byte, fileChunk)
 	for {
 		n, err := f.Read(buf)
@@ -153,6 +156,47 @@ func (s *Server) ReadFile(req *agentpb.ReadFileRequest, stream grpc.ServerStream
 			return fsError("read", p, err)
 		}
 	}
+}
+
+// sendSparse sends the data of f (at path p) and leaves out its holes:
+// each chunk carries its offset, the last message the file's size. A file
+// system without SEEK_DATA reports the whole file as data.
+func sendSparse(f *os.File, p string, send func(*agentpb.DataChunk) error) error {
+	fd := int(f.Fd())
+	buf := make([]byte, fileChunk)
+	var off int64
+	for {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // no data after off
+		}
+		if err != nil {
+			return fsError("seek", p, err)
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return fsError("seek", p, err)
+		}
+		for off = data; off < hole; {
+			n, err := unix.Pread(fd, buf[:min(int64(len(buf)), hole-off)], off)
+			if err != nil {
+				return fsError("read", p, err)
+			}
+			if n == 0 {
+				hole = off // the file shrank
+				break
+			}
+			if err := send(&agentpb.DataChunk{Data: buf[:n], Offset: off}); err != nil {
+				return err
+			}
+			off += int64(n)
+		}
+	}
+	end, err := unix.Seek(fd, 0, unix.SEEK_END)
+	if err != nil {
+		return fsError("seek", p, err)
+	}
+	return send(&agentpb.DataChunk{Offset: end, Last: true})
 }
 
 func fileKind(m fs.FileMode) string {

@@ -339,3 +339,39 @@ func TestNextSIGIO(t *testing.T) {
 		t.Error("after a SIGIO the next wait must get a new channel")
 	}
 }
+
+// TestSendSparse: a sparse read sends a file's data with its offsets and
+// leaves its holes out; put back together it is the file.
+func TestSendSparse(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "sparse")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte("middle"), 3<<30); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(6 << 30); err != nil {
+		t.Fatal(err)
+	}
+	var sent, end int64
+	var last bool
+	err = sendSparse(f, p, func(c *agentpb.DataChunk) error {
+		switch {
+		case last:
+			t.Error("a message after the last")
+		case c.Last:
+			last, end = true, c.Offset
+		case c.Offset > 3<<30 || c.Offset+int64(len(c.Data)) < 3<<30+6:
+			t.Errorf("data at %d (%d bytes) is not around the written block", c.Offset, len(c.Data))
+		case !bytes.Contains(c.Data, []byte("middle")) && len(c.Data) > 0 && c.Offset == 3<<30:
+			t.Errorf("the chunk at 3 GiB lacks the data: %q", c.Data[:min(len(c.Data), 16)])
+		}
+		sent += int64(len(c.Data))
+		return nil
+	})
+	if err != nil || !last || end != 6<<30 || sent == 0 || sent > 1<<20 {
+		t.Errorf("sendSparse: %v; last %v at %d, %d data bytes sent; want the 6 GiB size and a block of data", err, last, end, sent)
+	}
+}

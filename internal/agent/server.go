@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -195,6 +196,9 @@ func (s *Server) Stat(_ context.Context, req *agentpb.StatRequest) (*agentpb.Sta
 		Mode:        uint32(fi.Mode()),
 		Size:        fi.Size(),
 		MtimeUnixNs: fi.ModTime().UnixNano(),
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		resp.Allocated = st.Blocks * 512
 	}
 	if fi.Mode()&fs.ModeSymlink != 0 {
 		resp.LinkTarget, _ = os.Readlink(p)

@@ -94,8 +94,12 @@ type MachineConfig struct {
 	Accel     Accel   // resolved: AccelKVM or AccelTCG
 	Channel   Channel // resolved: ChannelVirtioSerial or ChannelVsock
 	CID       uint32  // vsock context id, when Channel is ChannelVsock
-	// ConsoleLog receives the guest's serial console.
-	ConsoleLog string
+	// ConsoleLog receives the guest's serial console, through the process
+	// that started the machine, which keeps at most ConsoleLogMaxBytes of
+	// it (the newest; 0 means consolelog.DefaultMaxBytes): see
+	// internal/consolelog.
+	ConsoleLog         string
+	ConsoleLogMaxBytes int64 `json:",omitempty"`
 	// Incoming, when set, starts the machine from this snapshot folder
 	// instead of booting the kernel.
 	Incoming string
@@ -184,8 +188,10 @@ type Prelauncher interface {
 // stay valid across a rename).
 type Incomer interface {
 	// Move tells a machine waiting for its snapshot that its state folder
-	// is dir now, before anything dials its sockets there.
-	Move(dir string)
+	// is dir now, before anything dials its sockets there, and that its
+	// console log keeps at most consoleLogMaxBytes from now on (see
+	// MachineConfig.ConsoleLogMaxBytes).
+	Move(dir string, consoleLogMaxBytes int64)
 	Incoming(ctx context.Context, dir string) error
 }
 

@@ -16,11 +16,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
 
@@ -86,7 +89,45 @@ func Open(ctx context.Context, home string) (*Store, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	s.keepReserve()
 	return s, nil
+}
+
+// ReserveName is a file of reserveSize bytes kept beside the database: when
+// its disk is full, a write that fails for want of space deletes it and
+// tries again, so that VMs can still be deleted (and a failed create
+// undone) on a full disk. The next Open makes it again once there is room.
+const ReserveName = DBName + ".reserve"
+
+const reserveSize = 1 << 20
+
+func (s *Store) reservePath() string { return s.path + ".reserve" }
+
+// keepReserve makes the reserve file when it is missing and its disk has
+// room for it and as much again.
+func (s *Store) keepReserve() {
+	p := s.reservePath()
+	if _, err := os.Stat(p); err == nil {
+		return
+	}
+	var st unix.Statfs_t
+	if unix.Statfs(filepath.Dir(p), &st) != nil || int64(st.Bavail)*st.Bsize < 2*reserveSize {
+		return
+	}
+	f, err := os.OpenFile(p+".tmp", os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return
+	}
+	_, err = f.Write(make([]byte, reserveSize)) // written, so that it holds the blocks
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(p+".tmp", p)
+	}
+	if err != nil {
+		_ = os.Remove(p + ".tmp")
+	}
 }
 
 // Path returns the file name of the database.
@@ -121,6 +162,13 @@ func (s *Store) init(ctx context.Context) error {
 		}
 	}
 	return s.migrate(ctx)
+}
+
+// IsFull reports whether err is SQLite's SQLITE_FULL: the database's disk
+// is full (SQLite reports no errno).
+func IsFull(err error) bool {
+	var se interface{ Code() int }
+	return errors.As(err, &se) && se.Code()&0xff == 13
 }
 
 // isBusy reports whether err is an SQLITE_BUSY or SQLITE_LOCKED error.
@@ -224,6 +272,15 @@ func (s *Store) migrate(ctx context.Context) error {
 // write runs fn in a write (BEGIN IMMEDIATE) transaction and commits it if
 // fn returns nil.
 func (s *Store) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	err := s.write1(ctx, fn)
+	if IsFull(err) && os.Remove(s.reservePath()) == nil {
+		slog.Warn("state folder full: used the database's reserve", "path", s.reservePath())
+		err = s.write1(ctx, fn)
+	}
+	return err
+}
+
+func (s *Store) write1(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	tx, err := s.db.BeginTx(ctx, nil) // _txlock=immediate: BEGIN IMMEDIATE
 	if err != nil {
 		return fmt.Errorf("begin transaction: %w", err)

@@ -12,6 +12,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/smolvm/smolvm/internal/consolelog"
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
@@ -193,27 +194,4 @@ func printable(s string, n int) string {
 }
 
 // ConsoleTail returns the last n lines of a console log.
-func ConsoleTail(path string, n int) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return "(no console output: " + err.Error() + ")"
-	}
-	defer f.Close()
-	const max = 64 << 10
-	if fi, err := f.Stat(); err == nil && fi.Size() > max {
-		_, _ = f.Seek(fi.Size()-max, 0)
-	}
-	var lines []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 0, 64<<10), max)
-	for sc.Scan() {
-		lines = append(lines, strings.TrimRight(sc.Text(), "\r"))
-		if len(lines) > n {
-			lines = lines[1:]
-		}
-	}
-	if len(lines) == 0 {
-		return "(console is empty)"
-	}
-	return "  " + strings.Join(lines, "\n  ")
-}
+func ConsoleTail(path string, n int) string { return consolelog.Tail(path, n) }

@@ -109,9 +109,10 @@ func (sp *Spare) Alive() bool {
 }
 
 // Claim gives the spare to the VM whose folder is dir (which may exist,
-// empty): the spare's folder becomes dir. It returns the machine as the
-// VM's spec must describe it.
-func (sp *Spare) Claim(dir, id string) (hypervisor.MachineConfig, error) {
+// empty): the spare's folder becomes dir, and its console log keeps at
+// most consoleLogMaxBytes. It returns the machine as the VM's spec must
+// describe it.
+func (sp *Spare) Claim(dir, id string, consoleLogMaxBytes int64) (hypervisor.MachineConfig, error) {
 	_ = os.Remove(dir) // an empty folder made for the VM
 	if err := os.Rename(sp.dir, dir); err != nil {
 		_ = os.MkdirAll(dir, 0o700) // the VM goes on without the spare
@@ -119,10 +120,11 @@ func (sp *Spare) Claim(dir, id string) (hypervisor.MachineConfig, error) {
 	}
 	sp.dir = dir
 	if in, ok := sp.m.(hypervisor.Incomer); ok {
-		in.Move(dir)
+		in.Move(dir, consoleLogMaxBytes)
 	}
 	_ = os.Remove(filepath.Join(dir, SpareOwnerFile))
 	sp.mc = relocate(sp.mc, dir, id)
+	sp.mc.ConsoleLogMaxBytes = consoleLogMaxBytes
 	return sp.mc, nil
 }
 

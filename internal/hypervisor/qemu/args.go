@@ -21,8 +21,9 @@ const (
 const incomingFD = 3
 
 // extraFiles are the files QEMU inherits, from fd 3 on: the snapshot's
-// memory when restoring, then the TAP queue of each NIC that has one.
-// buildArgs numbers them the same way.
+// memory when restoring, then the TAP queue of each NIC that has one;
+// the console's pipe comes after them (consoleFD). buildArgs numbers
+// them the same way.
 func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 	var fs []*os.File
 	if cfg.Incoming != "" {
@@ -34,6 +35,15 @@ func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 		}
 	}
 	return fs
+}
+
+// consoleFDSet is the QEMU fd set (-add-fd) that holds the console's pipe.
+const consoleFDSet = 1
+
+// consoleFD is the file descriptor of the pipe QEMU writes the guest's
+// serial console to: the one after extraFiles.
+func consoleFD(cfg *hypervisor.MachineConfig) int {
+	return incomingFD + len(extraFiles(cfg, nil))
 }
 
 // tcgCPU is the CPU model under TCG: everything QEMU emulates except ERMS
@@ -62,7 +72,14 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		"-object", memoryBackend(cfg),
 		"-smp", strconv.Itoa(cfg.VCPUs),
 		"-qmp", "unix:" + p(qmpSocket) + ",server=on,wait=off",
-		"-chardev", "file,id=console,path=" + escape(cfg.ConsoleLog) + ",append=on",
+		// The console goes through a pipe to the process that started
+		// QEMU, which keeps its newest part (internal/consolelog): a file
+		// would grow with all the guest ever writes. Its file backend
+		// takes a path: the inherited pipe is put in an fd set and named
+		// by /dev/fdset/N, which QEMU resolves itself (a jailed QEMU has
+		// no /proc to open /proc/self/fd/N through).
+		"-add-fd", "fd=" + strconv.Itoa(consoleFD(cfg)) + ",set=" + strconv.Itoa(consoleFDSet),
+		"-chardev", "file,id=console,path=/dev/fdset/" + strconv.Itoa(consoleFDSet),
 		"-serial", "chardev:console",
 		"-device", "virtio-rng-device",
 	}

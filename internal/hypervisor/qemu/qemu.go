@@ -144,10 +144,17 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 		}
 		defer memory.Close()
 	}
-	cmd.ExtraFiles = extraFiles(cfg, memory) // fd 3 = incomingFD when restoring
+	console, qemuEnd, err := startConsole(cfg)
+	if err != nil {
+		return nil, err
+	}
+	// fd 3 = incomingFD when restoring; the console's socket last.
+	cmd.ExtraFiles = append(extraFiles(cfg, memory), qemuEnd)
 	started := time.Now()
 	jl, err := jailFor(cfg, jailHost())
 	if err != nil {
+		qemuEnd.Close()
+		console.stop()
 		return nil, err
 	}
 	var release func()
@@ -156,15 +163,18 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 	} else {
 		err = cmd.Start()
 	}
+	qemuEnd.Close()
 	if err != nil {
+		console.stop()
 		if jl != nil && jl.Cgroup != nil {
 			_ = jail.RemoveRecordedCgroup(cfg.Dir)
 		}
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
 	forked := time.Since(started) // with a jail: its setup too
-	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr, release: release, jailed: jl != nil}
+	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr, release: release, jailed: jl != nil, console: console}
 	m.info = hypervisor.Info{Driver: "qemu", Accel: cfg.Accel, Channel: cfg.Channel}
+	go console.drain()
 	go m.wait()
 
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -196,9 +206,13 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 }
 
 // Move implements hypervisor.Incomer.
-func (m *Machine) Move(dir string) {
+func (m *Machine) Move(dir string, consoleLogMaxBytes int64) {
 	m.dirMu.Lock()
-	m.cfg.Dir = dir
+	m.cfg.Dir, m.cfg.ConsoleLogMaxBytes = dir, consoleLogMaxBytes
+	if m.cfg.ConsoleLog != "" {
+		m.cfg.ConsoleLog = filepath.Join(dir, filepath.Base(m.cfg.ConsoleLog))
+		m.console.log.Move(m.cfg.ConsoleLog, consoleLogMaxBytes)
+	}
 	m.dirMu.Unlock()
 }
 
@@ -207,7 +221,9 @@ func (m *Machine) Move(dir string) {
 // state folder now (a prelaunched machine's folder moves to its VM's).
 func (m *Machine) Incoming(ctx context.Context, dir string) error {
 	t0 := time.Now()
-	m.Move(dir)
+	if m.Dir() != dir {
+		m.Move(dir, m.cfg.ConsoleLogMaxBytes)
+	}
 	err := m.run("migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(incomingFD)}, nil)
 	if err == nil {
 		err = m.waitIncoming(ctx)
@@ -235,6 +251,7 @@ type Machine struct {
 	// the machine has a jail (and maybe a cgroup to remove).
 	release func()
 	jailed  bool
+	console *console
 }
 
 func (m *Machine) wait() {
@@ -249,6 +266,14 @@ func (m *Machine) wait() {
 		if err := jail.RemoveRecordedCgroup(m.Dir()); err != nil {
 			slog.Warn("remove the machine's cgroup", "err", err)
 		}
+	}
+	// The guest's last words are in the log before anyone learns that
+	// the machine is gone (a failed boot quotes them).
+	// (A write end held elsewhere keeps the reader waiting for more:
+	// then it ends when that closes.)
+	select {
+	case <-m.console.done:
+	case <-time.After(2 * time.Second):
 	}
 	close(m.done)
 }

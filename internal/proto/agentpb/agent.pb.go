@@ -998,8 +998,12 @@ func (x *WriteFileResponse) GetSize() int64 {
 }
 
 type ReadFileRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Path  string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// sparse: only the file's data is sent, each chunk with its offset
+	// (holes, found with SEEK_DATA/SEEK_HOLE, are left out), and the last
+	// message has no data, last set and the file's size as its offset.
+	Sparse        bool `protobuf:"varint,2,opt,name=sparse,proto3" json:"sparse,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1041,9 +1045,18 @@ func (x *ReadFileRequest) GetPath() string {
 	return ""
 }
 
+func (x *ReadFileRequest) GetSparse() bool {
+	if x != nil {
+		return x.Sparse
+	}
+	return false
+}
+
 type DataChunk struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	Offset        int64                  `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"` // sparse ReadFile: where data goes in the file
+	Last          bool                   `protobuf:"varint,3,opt,name=last,proto3" json:"last,omitempty"`     // sparse ReadFile: the end; offset is the file's size
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1083,6 +1096,20 @@ func (x *DataChunk) GetData() []byte {
 		return x.Data
 	}
 	return nil
+}
+
+func (x *DataChunk) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *DataChunk) GetLast() bool {
+	if x != nil {
+		return x.Last
+	}
+	return false
 }
 
 type PutArchiveRequest struct {
@@ -1359,6 +1386,7 @@ type StatResponse struct {
 	Size          int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
 	MtimeUnixNs   int64                  `protobuf:"varint,4,opt,name=mtime_unix_ns,json=mtimeUnixNs,proto3" json:"mtime_unix_ns,omitempty"`
 	LinkTarget    string                 `protobuf:"bytes,5,opt,name=link_target,json=linkTarget,proto3" json:"link_target,omitempty"`
+	Allocated     int64                  `protobuf:"varint,6,opt,name=allocated,proto3" json:"allocated,omitempty"` // bytes the file takes on its disk (st_blocks × 512)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1426,6 +1454,13 @@ func (x *StatResponse) GetLinkTarget() string {
 		return x.LinkTarget
 	}
 	return ""
+}
+
+func (x *StatResponse) GetAllocated() int64 {
+	if x != nil {
+		return x.Allocated
+	}
+	return 0
 }
 
 type UpdateEnvRequest struct {
@@ -1698,11 +1733,14 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\fmake_parents\x18\x03 \x01(\bR\vmakeParents\x12\"\n" +
 	"\rmtime_unix_ns\x18\x04 \x01(\x03R\vmtimeUnixNs\"'\n" +
 	"\x11WriteFileResponse\x12\x12\n" +
-	"\x04size\x18\x01 \x01(\x03R\x04size\"%\n" +
+	"\x04size\x18\x01 \x01(\x03R\x04size\"=\n" +
 	"\x0fReadFileRequest\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"\x1f\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x16\n" +
+	"\x06sparse\x18\x02 \x01(\bR\x06sparse\"K\n" +
 	"\tDataChunk\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data\"m\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12\x12\n" +
+	"\x04last\x18\x03 \x01(\bR\x04last\"m\n" +
 	"\x11PutArchiveRequest\x12;\n" +
 	"\x06header\x18\x01 \x01(\v2!.smolvm.agent.v1.PutArchiveHeaderH\x00R\x06header\x12\x14\n" +
 	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\x05\n" +
@@ -1715,14 +1753,15 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\x11GetArchiveRequest\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\"!\n" +
 	"\vStatRequest\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"\x93\x01\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"\xb1\x01\n" +
 	"\fStatResponse\x12\x16\n" +
 	"\x06exists\x18\x01 \x01(\bR\x06exists\x12\x12\n" +
 	"\x04mode\x18\x02 \x01(\rR\x04mode\x12\x12\n" +
 	"\x04size\x18\x03 \x01(\x03R\x04size\x12\"\n" +
 	"\rmtime_unix_ns\x18\x04 \x01(\x03R\vmtimeUnixNs\x12\x1f\n" +
 	"\vlink_target\x18\x05 \x01(\tR\n" +
-	"linkTarget\"\x9e\x01\n" +
+	"linkTarget\x12\x1c\n" +
+	"\tallocated\x18\x06 \x01(\x03R\tallocated\"\x9e\x01\n" +
 	"\x10UpdateEnvRequest\x12<\n" +
 	"\x03set\x18\x01 \x03(\v2*.smolvm.agent.v1.UpdateEnvRequest.SetEntryR\x03set\x12\x14\n" +
 	"\x05unset\x18\x02 \x03(\tR\x05unset\x1a6\n" +
