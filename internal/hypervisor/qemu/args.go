@@ -79,7 +79,7 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		// by /dev/fdset/N, which QEMU resolves itself (a jailed QEMU has
 		// no /proc to open /proc/self/fd/N through).
 		"-add-fd", "fd=" + strconv.Itoa(consoleFD(cfg)) + ",set=" + strconv.Itoa(consoleFDSet),
-		"-chardev", "file,id=console,path=/dev/fdset/" + strconv.Itoa(consoleFDSet),
+		"-chardev", "file,id=console,append=on,path=/dev/fdset/" + strconv.Itoa(consoleFDSet), // append: QEMU would truncate, which a pipe refuses
 		"-serial", "chardev:console",
 		"-device", "virtio-rng-device",
 	}
