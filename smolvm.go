@@ -24,8 +24,8 @@ import (
 	"regexp"
 	"time"
 
-	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/consolelog"
+	"github.com/smolvm/smolvm/internal/errdefs"
 	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
