@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math"
 	"net"
@@ -176,7 +177,7 @@ func (a *hostileAgent) Stat(_ context.Context, req *agentpb.StatRequest) (*agent
 	if a.mode == "tar-size" { // a file of 2^62 bytes
 		return &agentpb.StatResponse{Exists: true, Mode: 0o100644, Size: 1 << 62}, nil
 	}
-	return &agentpb.StatResponse{Exists: true, Mode: uint32(syscall.S_IFDIR | 0o755)}, nil
+	return &agentpb.StatResponse{Exists: true, Mode: uint32(fs.ModeDir | 0o755)}, nil // the agent sends Go's mode bits
 }
 
 func (a *hostileAgent) ReadFile(_ *agentpb.ReadFileRequest, s grpc.ServerStreamingServer[agentpb.DataChunk]) error {

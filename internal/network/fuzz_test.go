@@ -139,12 +139,13 @@ func FuzzDNS(f *testing.F) {
 	}
 	r := &fakeResolver{names: map[string][]string{"allowed.test": {"127.0.0.5", "10.9.9.9", "169.254.169.254", "::1"}}}
 	c := Config{Mode: ModeUser, Egress: Egress{Mode: EgressAllowlist, AllowDomains: []string{"allowed.test"}},
-		Hosts: map[string][]string{"static.allowed.test": {"127.0.0.7"}}}
+		Hosts: map[string][]string{"static.allowed.test": {"127.0.0.1"}}}
 	if err := c.Normalize(); err != nil {
 		f.Fatal(err)
 	}
-	n := &Stack{cfg: c, log: slog.New(slog.NewTextHandler(io.Discard, nil)), policy: newPolicy(&c, r), ctx: context.Background(),
-		aliases: map[netip.Addr]netip.Addr{netip.MustParseAddr("192.168.127.254"): netip.MustParseAddr("127.0.0.5")}}
+	d := testDest(f, c)
+	d.policy.resolver = r
+	n := &Stack{cfg: c, log: slog.New(slog.NewTextHandler(io.Discard, nil)), policy: d.policy, dest: d, aliases: d.aliases, ctx: context.Background()}
 	f.Fuzz(func(t *testing.T, data []byte, tcp bool) {
 		q := new(dns.Msg)
 		if q.Unpack(data) != nil {

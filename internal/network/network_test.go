@@ -220,7 +220,7 @@ func fakeRoutes(a netip.Addr) (hostRoute, error) {
 
 // testDest is the destination check of a user-mode network with cfg,
 // fake routes, and host port 20001 forwarded to VM "other".
-func testDest(t *testing.T, cfg Config) *destCheck {
+func testDest(t testing.TB, cfg Config) *destCheck {
 	t.Helper()
 	if err := cfg.Normalize(); err != nil {
 		t.Fatal(err)

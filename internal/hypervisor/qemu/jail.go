@@ -87,7 +87,14 @@ func jailFor(cfg *hypervisor.MachineConfig, host *jail.Host) (*jail.Jail, error)
 			continue
 		}
 		if !inDir(p) {
-			return nil, fmt.Errorf("jail: %s is outside the machine's folder %s", p, cfg.Dir)
+			// A writable disk of the caller's (Config.RootfsPath,
+			// --rootfs): QEMU's group may read and write it, and it is
+			// bound into the jail writable. Its owner stays.
+			if err := grantGroup(p, host.GID, 0o060); err != nil {
+				return nil, err
+			}
+			j.Writable = append(j.Writable, p)
+			continue
 		}
 		if err := os.Lchown(p, int(host.UID), int(host.GID)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("jail: %w", err)
