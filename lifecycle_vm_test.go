@@ -566,10 +566,19 @@ func TestPausedVM(t *testing.T) {
 
 			// A command started before the pause: its timeout ends it
 			// on the host although the frozen guest cannot.
-			c := vm.Command(ctx, "sleep", "600")
+			// It has started when its first output arrives (Start may
+			// return before the supervisor has the command).
+			c := vm.Command(ctx, "sh", "-c", "echo started; exec sleep 600")
 			c.Timeout = 3 * time.Second
+			started := make(chan struct{})
+			c.Stdout = &firstWrite{ch: started}
 			if err := c.Start(); err != nil {
 				t.Fatal(err)
+			}
+			select {
+			case <-started:
+			case <-time.After(time.Minute):
+				t.Fatal("the command did not start")
 			}
 			if err := vm.Pause(ctx); err != nil {
 				t.Fatal(err)
@@ -622,4 +631,15 @@ func TestPausedVM(t *testing.T) {
 			}
 		})
 	}
+}
+
+// firstWrite closes ch at its first write.
+type firstWrite struct {
+	once sync.Once
+	ch   chan struct{}
+}
+
+func (w *firstWrite) Write(p []byte) (int, error) {
+	w.once.Do(func() { close(w.ch) })
+	return len(p), nil
 }

@@ -216,10 +216,10 @@ func (j *Jail) bind(p string, readOnly, device bool) error {
 	if fi.IsDir() {
 		err = os.Mkdir(dst, 0o755)
 	} else {
-		var f *os.File
-		if f, err = os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
-			err = f.Close()
-		}
+		// mknod, not open: a file opened for writing, even for a moment,
+		// can be inherited by a fork that another goroutine makes
+		// meanwhile, and then the root's read-only remount fails (EBUSY).
+		err = unix.Mknod(dst, unix.S_IFREG|0o644, 0)
 	}
 	if err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("jail: bind %s: %w", p, err)
