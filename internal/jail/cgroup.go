@@ -45,6 +45,10 @@ type CgroupSupport struct {
 	Missing []string
 	// Why says why v2 is not used, if it is not.
 	Why string
+	// Unmounted says that a hierarchy used is mounted nowhere in this
+	// process's mount namespace: it is reached through a mount of its
+	// own (see detachedMount), and V2/V1 are /proc/self/fd paths.
+	Unmounted bool
 	// records maps each folder of V2 and V1 to the hierarchy and path
 	// of the cgroup it is, in the form of /proc/self/cgroup
 	// ("memory:/a/b"; ":/a/b" for v2).
@@ -210,6 +214,9 @@ func detect(mounts []mount, self string, read func(string) ([]byte, error), enab
 			continue
 		}
 		s.records[dir] = names + ":" + path
+		if strings.HasPrefix(dir, "/proc/self/fd/") {
+			s.Unmounted = true
+		}
 		if names == "" {
 			s.V2 = dir
 			continue
