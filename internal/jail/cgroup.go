@@ -475,8 +475,10 @@ func (cg *Cgroup) Record(dir string) error {
 }
 
 // recordedDir is the folder in this mount namespace of a line of a
-// CgroupFile, if it names a cgroup of this package.
-func recordedDir(line string, mounts []mount) (string, error) {
+// CgroupFile, if it names a cgroup of this package in a hierarchy that
+// this process is in too (self is its /proc/self/cgroup): only such a
+// hierarchy is mounted when this namespace shows none.
+func recordedDir(line string, mounts []mount, self string) (string, error) {
 	if filepath.IsAbs(line) {
 		return line, nil
 	}
@@ -486,6 +488,12 @@ func recordedDir(line string, mounts []mount) (string, error) {
 	}
 	if dir, ok := locate(mounts, names, p); ok {
 		return dir, nil
+	}
+	if !slices.ContainsFunc(strings.Split(self, "\n"), func(l string) bool {
+		parts := strings.SplitN(l, ":", 3)
+		return len(parts) == 3 && parts[1] == names
+	}) {
+		return "", fmt.Errorf("no cgroup hierarchy %q here", names)
 	}
 	root, err := detachedMount(names)
 	if err != nil {
@@ -508,6 +516,10 @@ func RemoveRecordedCgroup(dir string) error {
 	if err != nil {
 		return err
 	}
+	self, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return err
+	}
 	var dirs []string
 	for _, l := range strings.Split(string(b), "\n") {
 		// Only cgroups of this package (the file is root's; check
@@ -515,7 +527,7 @@ func RemoveRecordedCgroup(dir string) error {
 		if !strings.HasPrefix(filepath.Base(l), "smolvm-") {
 			continue
 		}
-		d, err := recordedDir(l, mounts)
+		d, err := recordedDir(l, mounts, string(self))
 		if err != nil {
 			return fmt.Errorf("remove cgroup %s: %w", l, err)
 		}
