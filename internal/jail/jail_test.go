@@ -238,3 +238,23 @@ func TestDetachedCgroup(t *testing.T) {
 		t.Errorf("the host's cgroup mounts changed:\n%s\nnow:\n%s", before, after)
 	}
 }
+
+func TestRecordedDir(t *testing.T) {
+	mounts := []mount{{root: "/", point: "/sys/fs/cgroup/cpu,cpuacct", opts: []string{"rw", "cpu", "cpuacct"}}}
+	self := "1:cpu,cpuacct:/a\n0::/\n"
+	for line, want := range map[string]string{
+		"cpu,cpuacct:/a/smolvm-x":    "/sys/fs/cgroup/cpu,cpuacct/a/smolvm-x",
+		"/sys/fs/cgroup/x/smolvm-y":  "/sys/fs/cgroup/x/smolvm-y", // an older record
+		"cpu,cpuacct:/a/../smolvm-x": "",
+		"cpu,cpuacct:a/smolvm-x":     "",
+		"smolvm-x":                   "",
+	} {
+		if got, err := recordedDir(line, mounts, self); got != want || err != nil {
+			t.Errorf("recordedDir(%q) = %q, %v; want %q", line, got, err, want)
+		}
+	}
+	// A hierarchy this process is not in is not mounted to find it.
+	if got, err := recordedDir("name=other:/smolvm-x", mounts, self); err == nil {
+		t.Errorf("a record of a hierarchy this process is not in: %q", got)
+	}
+}
