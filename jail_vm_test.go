@@ -122,29 +122,7 @@ func TestJailedHypervisor(t *testing.T) {
 		if h.Cgroups.Version() == "" {
 			t.Skip("no cgroup hierarchy: " + h.Cgroups.Why)
 		}
-		dirs := cgroupDirs(h, vm.ID())
-		self := readTrim(t, fmt.Sprintf("/proc/%d/cgroup", pid))
-		for ctl, d := range dirs {
-			if procs := readTrim(t, filepath.Join(d, "cgroup.procs")); procs != strconv.Itoa(pid) {
-				t.Errorf("%s cgroup %s holds %q, want QEMU alone (%d)", ctl, d, procs, pid)
-			}
-		}
-		if !strings.Contains(self, "/smolvm-"+vm.ID()) {
-			t.Errorf("/proc/%d/cgroup does not name the VM's cgroup:\n%s", pid, self)
-		}
-		mem := strconv.Itoa((256 + qemu.MemoryOverheadMiB) << 20)
-		want := map[string]string{
-			"memory.limit_in_bytes": mem, "cpu.cfs_quota_us": "200000", "cpu.cfs_period_us": "100000", "pids.max": "128",
-		}
-		if h.Cgroups.V2 != "" {
-			want = map[string]string{"memory.max": mem, "cpu.max": "200000 100000", "pids.max": "128"}
-		}
-		for file, w := range want {
-			ctl, _, _ := strings.Cut(file, ".")
-			if got := readTrim(t, filepath.Join(dirs[ctl], file)); got != w {
-				t.Errorf("%s = %s, want %s", file, got, w)
-			}
-		}
+		assertCgroup(t, h, vm.ID(), pid, 256, 2)
 	})
 
 	t.Run("MountNamespace", func(t *testing.T) {
@@ -203,18 +181,126 @@ func TestJailedHypervisor(t *testing.T) {
 	if _, err := vm.Run(ctx, "true"); err != nil {
 		t.Fatalf("Run in the jailed VM: %v", err)
 	}
-	dirs := cgroupDirs(h, vm.ID())
 	if err := vm.Delete(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if testutil.PidAlive(pid) {
 		t.Errorf("QEMU %d alive after Delete", pid)
 	}
-	for _, d := range dirs {
-		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("cgroup %s left after Delete (%v)", d, err)
+	assertNoCgroup(t, h, vm.ID(), "after Delete")
+}
+
+// assertCgroup checks that QEMU (pid) of VM id runs alone in the VM's
+// cgroup in every hierarchy, with the limits of memMiB and vcpus.
+func assertCgroup(t *testing.T, h jail.Host, id string, pid, memMiB, vcpus int) {
+	t.Helper()
+	dirs := cgroupDirs(h, id)
+	self := readTrim(t, fmt.Sprintf("/proc/%d/cgroup", pid))
+	for ctl, d := range dirs {
+		if procs := readTrim(t, filepath.Join(d, "cgroup.procs")); procs != strconv.Itoa(pid) {
+			t.Errorf("%s cgroup %s holds %q, want QEMU alone (%d)", ctl, d, procs, pid)
 		}
 	}
+	for _, l := range strings.Split(self, "\n") {
+		parts := strings.SplitN(l, ":", 3)
+		if len(parts) == 3 && slices.ContainsFunc(strings.Split(parts[1], ","), func(c string) bool { return dirs[c] != "" }) &&
+			!strings.HasSuffix(parts[2], "/smolvm-"+id) {
+			t.Errorf("/proc/%d/cgroup does not name the VM's cgroup in hierarchy %s: %s", pid, parts[1], l)
+		}
+	}
+	if !strings.Contains(self, "/smolvm-"+id) {
+		t.Errorf("/proc/%d/cgroup does not name the VM's cgroup:\n%s", pid, self)
+	}
+	mem := strconv.Itoa((memMiB + qemu.MemoryOverheadMiB) << 20)
+	quota := strconv.Itoa(vcpus * jail.CPUPeriod)
+	want := map[string]string{
+		"memory.limit_in_bytes": mem, "cpu.cfs_quota_us": quota, "cpu.cfs_period_us": "100000", "pids.max": "128",
+	}
+	if h.Cgroups.V2 != "" {
+		want = map[string]string{"memory.max": mem, "cpu.max": quota + " 100000", "pids.max": "128"}
+	}
+	for file, w := range want {
+		ctl, _, _ := strings.Cut(file, ".")
+		if got := readTrim(t, filepath.Join(dirs[ctl], file)); got != w {
+			t.Errorf("%s = %s, want %s", file, got, w)
+		}
+	}
+}
+
+// assertNoCgroup checks that the cgroup of VM id is gone.
+func assertNoCgroup(t *testing.T, h jail.Host, id, when string) {
+	t.Helper()
+	for _, d := range cgroupDirs(h, id) {
+		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left %s (%v)", d, when, err)
+		}
+	}
+}
+
+// cgroupMounts lists the cgroup (v1 and v2) mounts of process pid's mount
+// namespace, as /proc/PID/mountinfo has them.
+func cgroupMounts(t *testing.T, pid string) []string {
+	t.Helper()
+	var out []string
+	for _, l := range strings.Split(readTrim(t, "/proc/"+pid+"/mountinfo"), "\n") {
+		if strings.Contains(l, " - cgroup") {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// A supervisor started through `ip netns exec` (a mount namespace whose
+// fresh /sys shows no cgroup hierarchy) still gives its QEMU the VM's
+// cgroup with its limits, removes it on delete, and `cleanup` run there
+// removes the cgroup of a VM whose supervisor was killed; nothing is
+// mounted in the host's mount namespace.
+func TestJailedHypervisorNetNS(t *testing.T) {
+	h := jailHost(t)
+	if h.Cgroups.Version() == "" {
+		t.Skip("no cgroup hierarchy: " + h.Cgroups.Why)
+	}
+	n := newTapNS(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	before := cgroupMounts(t, "self")
+	vm := n.create(t, "--cpus", "2")
+	killed := n.create(t)
+	in, err := vm.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ms := cgroupMounts(t, strconv.Itoa(in.SupervisorPID)); len(ms) != 0 {
+		t.Fatalf("the supervisor's mount namespace shows cgroup hierarchies, not the case this test is about: %q", ms)
+	}
+	assertCgroup(t, h, vm.ID(), in.HypervisorPID, 256, 2)
+
+	ik, err := killed.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertCgroup(t, h, killed.ID(), ik.HypervisorPID, 256, 1)
+	if err := syscall.Kill(ik.SupervisorPID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := testutil.Poll(time.Minute, func() bool { return !testutil.PidAlive(ik.HypervisorPID) }); err != nil {
+		t.Fatalf("QEMU outlived its supervisor: %v", err)
+	}
+	if out, err := n.cli(t, "cleanup"); err != nil {
+		t.Fatalf("smolvm cleanup in the namespace: %v\n%s", err, out)
+	}
+	assertNoCgroup(t, h, killed.ID(), "after cleanup in the namespace")
+
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if testutil.PidAlive(in.HypervisorPID) {
+		t.Errorf("QEMU %d alive after Delete", in.HypervisorPID)
+	}
+	assertNoCgroup(t, h, vm.ID(), "after delete")
+	if after := cgroupMounts(t, "self"); !slices.Equal(after, before) {
+		t.Errorf("the host's cgroup mounts changed:\nbefore %q\nafter  %q", before, after)
+	}
+	n.assertNothingLeft(t, "after delete")
 }
 
 // A killed supervisor takes its QEMU with it; the cgroup stays until

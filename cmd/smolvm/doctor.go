@@ -141,6 +141,9 @@ func privilegeChecks() []check {
 		default:
 			c.Detail = "none usable (" + cs.Why + ")"
 		}
+		if cs.Unmounted {
+			c.Detail += " (this mount namespace shows no cgroup hierarchy, e.g. under 'ip netns exec': smolvm mounts them itself, attached to no folder)"
+		}
 		if len(cs.Missing) > 0 {
 			c.Detail += fmt.Sprintf("; no %v controller: a VM's QEMU is not bounded in %v (a runaway guest can take the host's)", cs.Missing, cs.Missing)
 			c.Fix = "mount the cgroup controllers (v2 with memory, cpu and pids delegated to smolvm's cgroup)"

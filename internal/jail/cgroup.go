@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -43,6 +45,14 @@ type CgroupSupport struct {
 	Missing []string
 	// Why says why v2 is not used, if it is not.
 	Why string
+	// Unmounted says that a hierarchy used is mounted nowhere in this
+	// process's mount namespace: it is reached through a mount of its
+	// own (see detachedMount), and V2/V1 are /proc/self/fd paths.
+	Unmounted bool
+	// records maps each folder of V2 and V1 to the hierarchy and path
+	// of the cgroup it is, in the form of /proc/self/cgroup
+	// ("memory:/a/b"; ":/a/b" for v2).
+	records map[string]string
 }
 
 // Version is "v2", "v1" or "" (no cgroup at all).
@@ -64,7 +74,11 @@ type mount struct {
 }
 
 // DetectCgroups finds this process's cgroups (/proc/self/cgroup) and
-// where their hierarchies are mounted (/proc/self/mountinfo).
+// where their hierarchies are mounted (/proc/self/mountinfo). A
+// hierarchy mounted nowhere in this process's mount namespace (`ip netns
+// exec` mounts a fresh /sys, which hides /sys/fs/cgroup) is reached
+// through a mount of its own that is attached to no namespace (see
+// detachedMount): nothing is mounted where anyone could see it.
 func DetectCgroups() CgroupSupport {
 	mounts, err := cgroupMounts("/proc/self/mountinfo")
 	if err != nil {
@@ -74,7 +88,107 @@ func DetectCgroups() CgroupSupport {
 	if err != nil {
 		return CgroupSupport{Missing: controllers, Why: err.Error()}
 	}
-	return detect(mounts, string(self), os.ReadFile, enableControllers)
+	var errs []error
+	for _, line := range strings.Split(strings.TrimSpace(string(self)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 || (parts[1] != "" && !slices.ContainsFunc(strings.Split(parts[1], ","), func(n string) bool { return slices.Contains(controllers, n) })) {
+			continue // not a hierarchy of a controller of ours
+		}
+		if slices.ContainsFunc(mounts, func(m mount) bool { return m.of(parts[1]) }) {
+			continue
+		}
+		point, err := detachedMount(parts[1])
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		mounts = append(mounts, mount{root: "/", point: point, v2: parts[1] == "", opts: strings.Split(parts[1], ",")})
+	}
+	s := detect(mounts, string(self), os.ReadFile, enableControllers)
+	if err := errors.Join(errs...); err != nil && s.Version() == "" {
+		s.Why = strings.TrimPrefix(s.Why+"; "+err.Error(), "; ")
+	}
+	return s
+}
+
+// of reports whether m is a mount of the hierarchy that /proc/self/cgroup
+// names names (its v1 controllers, "" for v2).
+func (m mount) of(names string) bool {
+	if m.v2 != (names == "") {
+		return false
+	}
+	return m.v2 || slices.ContainsFunc(strings.Split(names, ","), func(n string) bool { return slices.Contains(m.opts, n) })
+}
+
+// locate finds the folder of cgroup path of hierarchy names in mounts.
+func locate(mounts []mount, names, path string) (string, bool) {
+	for _, m := range mounts {
+		if !m.of(names) {
+			continue
+		}
+		if rel, ok := strings.CutPrefix(path, m.root); ok {
+			return filepath.Join(m.point, rel), true
+		}
+	}
+	return "", false // outside what any mount shows
+}
+
+// detached holds the mounts of cgroup hierarchies that this process made
+// itself, by hierarchy: kept open for its lifetime (a few descriptors).
+var detached struct {
+	sync.Mutex
+	fds map[string]int
+}
+
+// detachedMount mounts the hierarchy that /proc/self/cgroup names names
+// (v1 controllers, "" for v2) where no mount namespace holds it: the new
+// mount API's fsmount returns it as a descriptor, attached to no folder,
+// so it can neither leak into the host's namespace nor be seen by any
+// other process. It returns the path that reaches the hierarchy's root
+// through that descriptor (/proc/self/fd/N). The mount shows the root of
+// this process's cgroup namespace, the root /proc/self/cgroup's paths
+// are relative to. A v1 hierarchy is mounted with exactly the
+// controllers it has, which the kernel requires to give back the
+// existing hierarchy.
+func detachedMount(names string) (string, error) {
+	detached.Lock()
+	defer detached.Unlock()
+	if fd, ok := detached.fds[names]; ok {
+		return "/proc/self/fd/" + strconv.Itoa(fd), nil
+	}
+	fstype := "cgroup"
+	if names == "" {
+		fstype = "cgroup2"
+	}
+	fs, err := unix.Fsopen(fstype, unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		return "", fmt.Errorf("mount the %s hierarchy %q: %w", fstype, names, err)
+	}
+	defer unix.Close(fs)
+	if names != "" {
+		for _, n := range strings.Split(names, ",") {
+			if k, v, ok := strings.Cut(n, "="); ok {
+				err = unix.FsconfigSetString(fs, k, v)
+			} else {
+				err = unix.FsconfigSetFlag(fs, n)
+			}
+			if err != nil {
+				return "", fmt.Errorf("mount the cgroup hierarchy %q: option %s: %w", names, n, err)
+			}
+		}
+	}
+	if err := unix.FsconfigCreate(fs); err != nil {
+		return "", fmt.Errorf("mount the %s hierarchy %q: %w", fstype, names, err)
+	}
+	fd, err := unix.Fsmount(fs, unix.FSMOUNT_CLOEXEC, unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NODEV|unix.MOUNT_ATTR_NOEXEC)
+	if err != nil {
+		return "", fmt.Errorf("mount the %s hierarchy %q: %w", fstype, names, err)
+	}
+	if detached.fds == nil {
+		detached.fds = map[string]int{}
+	}
+	detached.fds[names] = fd
+	return "/proc/self/fd/" + strconv.Itoa(fd), nil
 }
 
 func enableControllers(dir string) error {
@@ -88,32 +202,28 @@ func enableControllers(dir string) error {
 func detect(mounts []mount, self string, read func(string) ([]byte, error), enable func(string) error) CgroupSupport {
 	var s CgroupSupport
 	s.V1 = map[string]string{}
+	s.records = map[string]string{}
 	for _, line := range strings.Split(strings.TrimSpace(self), "\n") {
 		parts := strings.SplitN(line, ":", 3)
 		if len(parts) != 3 {
 			continue
 		}
 		names, path := parts[1], parts[2]
-		for _, m := range mounts {
-			if m.v2 != (names == "") {
-				continue
-			}
-			if !m.v2 && !slices.ContainsFunc(strings.Split(names, ","), func(n string) bool { return slices.Contains(m.opts, n) }) {
-				continue
-			}
-			rel, ok := strings.CutPrefix(path, m.root)
-			if !ok {
-				continue // our cgroup is outside what this mount shows
-			}
-			dir := filepath.Join(m.point, rel)
-			if m.v2 {
-				s.V2 = dir
-				continue
-			}
-			for _, c := range controllers {
-				if slices.Contains(m.opts, c) {
-					s.V1[c] = dir
-				}
+		dir, ok := locate(mounts, names, path)
+		if !ok {
+			continue
+		}
+		s.records[dir] = names + ":" + path
+		if strings.HasPrefix(dir, "/proc/self/fd/") {
+			s.Unmounted = true
+		}
+		if names == "" {
+			s.V2 = dir
+			continue
+		}
+		for _, c := range controllers {
+			if slices.Contains(strings.Split(names, ","), c) {
+				s.V1[c] = dir
 			}
 		}
 	}
@@ -185,8 +295,10 @@ func cgroupMounts(path string) ([]mount, error) {
 type Cgroup struct {
 	// Dirs are its folders (one for v2).
 	Dirs []string
-	v2   bool
-	fd   int // v2: an open handle for CLONE_INTO_CGROUP
+	// records name each of Dirs as hierarchy and path (see Record).
+	records []string
+	v2      bool
+	fd      int // v2: an open handle for CLONE_INTO_CGROUP
 }
 
 // CreateCgroup makes the cgroup name under this process's cgroups with
@@ -209,6 +321,7 @@ func (c CgroupSupport) CreateCgroup(name string, l Limits) (_ *Cgroup, err error
 			return nil, err
 		}
 		cg.Dirs = []string{dir}
+		cg.records = []string{childRecord(c.records[c.V2], name)}
 		files[filepath.Join(dir, "memory.max")] = strconv.FormatInt(l.MemoryBytes, 10)
 		files[filepath.Join(dir, "memory.swap.max")] = "0"
 		files[filepath.Join(dir, "cpu.max")] = fmt.Sprintf("%d %d", l.CPUs*CPUPeriod, CPUPeriod)
@@ -227,6 +340,7 @@ func (c CgroupSupport) CreateCgroup(name string, l Limits) (_ *Cgroup, err error
 				return nil, err
 			}
 			cg.Dirs = append(cg.Dirs, dir)
+			cg.records = append(cg.records, childRecord(c.records[parent], name))
 			switch ctl {
 			case "memory":
 				files[filepath.Join(dir, "memory.limit_in_bytes")] = strconv.FormatInt(l.MemoryBytes, 10)
@@ -259,6 +373,13 @@ func (c CgroupSupport) CreateCgroup(name string, l Limits) (_ *Cgroup, err error
 		}
 	}
 	return cg, nil
+}
+
+// childRecord is the record (see CgroupFile) of cgroup name under the
+// cgroup of record rec.
+func childRecord(rec, name string) string {
+	names, p, _ := strings.Cut(rec, ":")
+	return names + ":" + path.Join(p, name)
 }
 
 func mkCgroup(dir string) error {
@@ -338,14 +459,47 @@ func RemoveCgroups(dirs []string) error {
 	return errors.Join(errs...)
 }
 
-// CgroupFile, in the folder of a jailed process, lists the folders of
-// its cgroup, one a line, so that they can be removed after a crash of
-// the process that made them.
+// CgroupFile, in the folder of a jailed process, names its cgroup, one
+// hierarchy a line, so that it can be removed after a crash of the
+// process that made it, by a process in another mount namespace too: a
+// line is a hierarchy and a path in it, as /proc/self/cgroup has them
+// ("cpu,cpuacct:/a/smolvm-x"; ":/a/smolvm-x" for v2), which the
+// remover finds where its own namespace mounts the hierarchy (or
+// through a mount of its own, see detachedMount). (Older records list
+// absolute folders.)
 const CgroupFile = "cgroup"
 
-// Record writes the cgroup's folders to dir/CgroupFile.
+// Record writes the cgroup's hierarchies and paths to dir/CgroupFile.
 func (cg *Cgroup) Record(dir string) error {
-	return os.WriteFile(filepath.Join(dir, CgroupFile), []byte(strings.Join(cg.Dirs, "\n")+"\n"), 0o600)
+	return os.WriteFile(filepath.Join(dir, CgroupFile), []byte(strings.Join(cg.records, "\n")+"\n"), 0o600)
+}
+
+// recordedDir is the folder in this mount namespace of a line of a
+// CgroupFile, if it names a cgroup of this package in a hierarchy that
+// this process is in too (self is its /proc/self/cgroup): only such a
+// hierarchy is mounted when this namespace shows none.
+func recordedDir(line string, mounts []mount, self string) (string, error) {
+	if filepath.IsAbs(line) {
+		return line, nil
+	}
+	names, p, ok := strings.Cut(line, ":")
+	if !ok || !strings.HasPrefix(p, "/") || path.Clean(p) != p {
+		return "", nil
+	}
+	if dir, ok := locate(mounts, names, p); ok {
+		return dir, nil
+	}
+	if !slices.ContainsFunc(strings.Split(self, "\n"), func(l string) bool {
+		parts := strings.SplitN(l, ":", 3)
+		return len(parts) == 3 && parts[1] == names
+	}) {
+		return "", fmt.Errorf("no cgroup hierarchy %q here", names)
+	}
+	root, err := detachedMount(names)
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(root, p), nil
 }
 
 // RemoveRecordedCgroup removes the cgroup recorded in dir, if any (its
@@ -358,12 +512,27 @@ func RemoveRecordedCgroup(dir string) error {
 	if err != nil {
 		return err
 	}
+	mounts, err := cgroupMounts("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	self, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return err
+	}
 	var dirs []string
 	for _, l := range strings.Split(string(b), "\n") {
 		// Only cgroups of this package (the file is root's; check
 		// anyway before removing anything).
-		if filepath.IsAbs(l) && strings.HasPrefix(filepath.Base(l), "smolvm-") {
-			dirs = append(dirs, l)
+		if !strings.HasPrefix(filepath.Base(l), "smolvm-") {
+			continue
+		}
+		d, err := recordedDir(l, mounts, string(self))
+		if err != nil {
+			return fmt.Errorf("remove cgroup %s: %w", l, err)
+		}
+		if d != "" {
+			dirs = append(dirs, d)
 		}
 	}
 	if err := RemoveCgroups(dirs); err != nil {

@@ -151,3 +151,110 @@ func TestDetectCgroups(t *testing.T) {
 		t.Errorf("v2 host that cannot delegate: %+v", got)
 	}
 }
+
+// childEnv, set, makes the test binary the child of TestDetachedCgroup:
+// it makes and records a cgroup in the folder the variable names.
+const childEnv = "SMOLVM_JAIL_TEST_CGROUP_CHILD"
+
+// A process whose mount namespace shows no cgroup hierarchy (as under
+// `ip netns exec`) still makes its cgroups under its own, through mounts
+// that no namespace holds; its record lets a process of the host's
+// namespace find and remove them; and the host's mounts are unchanged.
+func TestDetachedCgroup(t *testing.T) {
+	if dir := os.Getenv(childEnv); dir != "" {
+		cs := DetectCgroups()
+		cg, err := cs.CreateCgroup("smolvm-test-detached", Limits{MemoryBytes: 64 << 20, CPUs: 1, Pids: 7})
+		if err == nil {
+			err = cg.Record(dir)
+		}
+		if err != nil {
+			t.Fatalf("%v (%+v)", err, cs)
+		}
+		t.Logf("dirs %q", cg.Dirs)
+		return
+	}
+	needRoot(t)
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("needs unshare (util-linux)")
+	}
+	host := DetectCgroups()
+	if host.Version() == "" {
+		t.Skip("no cgroup hierarchy: " + host.Why)
+	}
+	mounts := func() string {
+		b, _ := os.ReadFile("/proc/self/mountinfo")
+		var out []string
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, " - cgroup") {
+				out = append(out, l)
+			}
+		}
+		return strings.Join(out, "\n")
+	}
+	before := mounts()
+	dir := t.TempDir()
+	// The child's namespace: private, with every cgroup mount gone.
+	script := `grep ' - cgroup' /proc/self/mountinfo | cut -d' ' -f5 | sort -r | xargs -r umount -l && ` +
+		`! grep -q ' - cgroup' /proc/self/mountinfo && exec "$0" -test.run '^TestDetachedCgroup$' -test.v`
+	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", script, os.Args[0])
+	cmd.Env = append(os.Environ(), childEnv+"="+dir)
+	out, err := cmd.CombinedOutput()
+	t.Logf("child:\n%s", out)
+	if err != nil {
+		t.Fatalf("child: %v", err)
+	}
+	var made []string
+	for _, ctl := range controllers {
+		parent := host.V2
+		if parent == "" {
+			parent = host.V1[ctl]
+		}
+		if parent == "" {
+			continue
+		}
+		d := filepath.Join(parent, "smolvm-test-detached")
+		made = append(made, d)
+		if _, err := os.Stat(d); err != nil {
+			t.Errorf("%s cgroup not made under this process's: %v", ctl, err)
+		}
+		if ctl == "pids" {
+			if b, err := os.ReadFile(filepath.Join(d, "pids.max")); err != nil || strings.TrimSpace(string(b)) != "7" {
+				t.Errorf("pids.max %q (%v), want 7", b, err)
+			}
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, CgroupFile)); err != nil || strings.Contains(string(b), "/proc/") {
+		t.Errorf("record %q (%v): want hierarchies and paths", b, err)
+	}
+	if err := RemoveRecordedCgroup(dir); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range made {
+		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s left after RemoveRecordedCgroup (%v)", d, err)
+		}
+	}
+	if after := mounts(); after != before {
+		t.Errorf("the host's cgroup mounts changed:\n%s\nnow:\n%s", before, after)
+	}
+}
+
+func TestRecordedDir(t *testing.T) {
+	mounts := []mount{{root: "/", point: "/sys/fs/cgroup/cpu,cpuacct", opts: []string{"rw", "cpu", "cpuacct"}}}
+	self := "1:cpu,cpuacct:/a\n0::/\n"
+	for line, want := range map[string]string{
+		"cpu,cpuacct:/a/smolvm-x":    "/sys/fs/cgroup/cpu,cpuacct/a/smolvm-x",
+		"/sys/fs/cgroup/x/smolvm-y":  "/sys/fs/cgroup/x/smolvm-y", // an older record
+		"cpu,cpuacct:/a/../smolvm-x": "",
+		"cpu,cpuacct:a/smolvm-x":     "",
+		"smolvm-x":                   "",
+	} {
+		if got, err := recordedDir(line, mounts, self); got != want || err != nil {
+			t.Errorf("recordedDir(%q) = %q, %v; want %q", line, got, err, want)
+		}
+	}
+	// A hierarchy this process is not in is not mounted to find it.
+	if got, err := recordedDir("name=other:/smolvm-x", mounts, self); err == nil {
+		t.Errorf("a record of a hierarchy this process is not in: %q", got)
+	}
+}
