@@ -111,6 +111,35 @@ func DetectCgroups() CgroupSupport {
 	return s
 }
 
+// OwnCgroups returns the folders of this process's cgroups that its
+// mount namespace shows, keyed by hierarchy as /proc/self/cgroup names
+// it (v1 controllers such as "cpu,cpuacct", "" for v2), with each one's
+// path in its hierarchy.
+func OwnCgroups() (map[string]CgroupDir, error) {
+	mounts, err := cgroupMounts("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	self, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]CgroupDir{}
+	for _, line := range strings.Split(strings.TrimSpace(string(self)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		if dir, ok := locate(mounts, parts[1], parts[2]); ok {
+			out[parts[1]] = CgroupDir{Dir: dir, Path: parts[2]}
+		}
+	}
+	return out, nil
+}
+
+// CgroupDir is a cgroup: its folder here and its path in its hierarchy.
+type CgroupDir struct{ Dir, Path string }
+
 // of reports whether m is a mount of the hierarchy that /proc/self/cgroup
 // names names (its v1 controllers, "" for v2).
 func (m mount) of(names string) bool {

@@ -20,6 +20,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 )
@@ -277,78 +278,26 @@ func nftRules() ([]string, error) {
 // cgroups lists the folders below each cgroup this process is in (every v1
 // hierarchy and the v2 one), as "hierarchy:path".
 func cgroups() ([]string, error) {
-	b, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		return nil, err
-	}
-	mounts, err := cgroupMounts()
+	own, err := jail.OwnCgroups()
 	if err != nil {
 		return nil, err
 	}
 	var out []string
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		// hierarchy-ID:controllers:path; v2 is "0::path".
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 {
-			continue
-		}
-		key := parts[1]
+	for names, cg := range own {
+		key := names
 		if key == "" {
 			key = "cgroup2"
 		}
-		mnt, ok := mounts[key]
-		if !ok {
-			continue
-		}
-		dir := filepath.Join(mnt, parts[2])
-		_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-			if err != nil || !d.IsDir() || p == dir {
+		_ = filepath.WalkDir(cg.Dir, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || !d.IsDir() || p == cg.Dir {
 				return nil // a cgroup removed meanwhile
 			}
-			rel, _ := filepath.Rel(mnt, p)
-			out = append(out, key+":/"+rel)
+			rel, _ := filepath.Rel(cg.Dir, p)
+			out = append(out, key+":"+filepath.Join(cg.Path, rel))
 			return nil
 		})
 	}
 	return out, nil
-}
-
-// cgroupMounts maps each mounted cgroup hierarchy to its mount point: v1
-// hierarchies by their controllers as /proc/self/cgroup names them
-// ("cpu,cpuacct", "name=systemd"), v2 as "cgroup2".
-func cgroupMounts() (map[string]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	out := map[string]string{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// ID parent major:minor root mountpoint options [optional…] - fstype source superoptions
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
-		}
-		pf, qf := strings.Fields(pre), strings.Fields(post)
-		if len(pf) < 5 || len(qf) < 3 || pf[3] != "/" {
-			continue
-		}
-		switch qf[0] {
-		case "cgroup2":
-			out["cgroup2"] = pf[4]
-		case "cgroup":
-			var ctrls []string
-			for _, o := range strings.Split(qf[2], ",") {
-				if o != "rw" && o != "ro" && !strings.HasPrefix(o, "relatime") && o != "clone_children" && o != "noprefix" &&
-					!strings.HasPrefix(o, "release_agent=") && o != "xattr" && o != "cpuset_v2_mode" && o != "favordynmods" {
-					ctrls = append(ctrls, o)
-				}
-			}
-			out[strings.Join(ctrls, ",")] = pf[4]
-		}
-	}
-	return out, sc.Err()
 }
 
 // Leaks is what a stock holds that an earlier one did not, per kind.

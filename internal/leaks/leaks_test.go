@@ -2,6 +2,7 @@ package leaks
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"strconv"
 	"testing"
 
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/store"
 )
 
@@ -151,5 +153,39 @@ func TestOwnedFiltersHostWideKinds(t *testing.T) {
 	}
 	if all := now.Since(before, nil); all.Count() != 5 {
 		t.Errorf("without a filter: got %v, want all 5", all)
+	}
+}
+
+// cgroups finds a cgroup made below this process's own, in every
+// hierarchy the mount namespace shows.
+func TestCgroupsFindsANewOne(t *testing.T) {
+	own, err := jail.OwnCgroups()
+	if err != nil || len(own) == 0 || os.Geteuid() != 0 {
+		t.Skipf("no cgroup of this process to write to (%v, euid %d)", err, os.Geteuid())
+	}
+	name := fmt.Sprintf("smolvm-leaks-test-%d", os.Getpid())
+	var made []string
+	for names, cg := range own {
+		dir := filepath.Join(cg.Dir, name)
+		if os.Mkdir(dir, 0o755) != nil {
+			continue // not writable here (a read-only v2 root, say)
+		}
+		t.Cleanup(func() { _ = os.Remove(dir) })
+		if names == "" {
+			names = "cgroup2"
+		}
+		made = append(made, names+":"+filepath.Join(cg.Path, name))
+	}
+	if len(made) == 0 {
+		t.Skip("no hierarchy lets this process make a cgroup")
+	}
+	got, err := cgroups()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range made {
+		if !slices.Contains(got, m) {
+			t.Errorf("cgroups() = %v, want %s in it", got, m)
+		}
 	}
 }

@@ -27,16 +27,7 @@ func (d *countingDispatcher) DeliverLinkPacket(tcpip.NetworkProtocolNumber, *sta
 // linkSeeds are framed Ethernet frames as QEMU sends them: an ARP request
 // of the guest's, a frame for another MAC, and lengths out of bounds.
 func linkSeeds(f *testing.F) {
-	frame := make([]byte, header.EthernetMinimumSize+header.ARPSize)
-	header.Ethernet(frame).Encode(&header.EthernetFields{SrcAddr: guestMAC, DstAddr: header.EthernetBroadcastAddress, Type: header.ARPProtocolNumber})
-	arp := header.ARP(frame[header.EthernetMinimumSize:])
-	arp.SetIPv4OverEthernet()
-	arp.SetOp(header.ARPRequest)
-	copy(arp.HardwareAddressSender(), guestMAC)
-	g := netip.MustParseAddr(GuestIP).As4()
-	copy(arp.ProtocolAddressSender(), g[:])
-	gw := netip.MustParseAddr(GatewayIP).As4()
-	copy(arp.ProtocolAddressTarget(), gw[:])
+	frame := arpRequest(GatewayIP)
 	framed := binary.BigEndian.AppendUint32(nil, uint32(len(frame)))
 	framed = append(framed, frame...)
 	f.Add(framed)

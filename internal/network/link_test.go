@@ -47,6 +47,11 @@ var guestMAC = tcpip.LinkAddress("\x5a\x94\xef\xe4\x0c\xee")
 // sendARP writes a framed ARP request for target from the guest.
 func sendARP(t *testing.T, c net.Conn, target string) {
 	t.Helper()
+	writeFrame(t, c, arpRequest(target))
+}
+
+// arpRequest is an Ethernet frame of the guest asking who has target.
+func arpRequest(target string) []byte {
 	frame := make([]byte, header.EthernetMinimumSize+header.ARPSize)
 	header.Ethernet(frame).Encode(&header.EthernetFields{SrcAddr: guestMAC, DstAddr: header.EthernetBroadcastAddress, Type: header.ARPProtocolNumber})
 	arp := header.ARP(frame[header.EthernetMinimumSize:])
@@ -57,7 +62,7 @@ func sendARP(t *testing.T, c net.Conn, target string) {
 	copy(arp.ProtocolAddressSender(), g[:])
 	tg := netip.MustParseAddr(target).As4()
 	copy(arp.ProtocolAddressTarget(), tg[:])
-	writeFrame(t, c, frame)
+	return frame
 }
 
 func writeFrame(t *testing.T, c net.Conn, frame []byte) {
