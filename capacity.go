@@ -40,6 +40,15 @@ func DefaultCapacity() (maxVMs, maxMemoryMiB int) {
 	return maxVMs, maxMemoryMiB
 }
 
+// Capacity returns the limits a new VM of this process is checked
+// against when its Config sets none: $SMOLVM_MAX_VMS and
+// $SMOLVM_MAX_MEMORY_MIB, else DefaultCapacity; 0 is no limit. An
+// unusable variable is the ErrInvalid that creating a VM would return.
+func Capacity() (maxVMs, maxMemoryMiB int, err error) {
+	c, err := (&Config{}).capacity()
+	return c.MaxVMs, c.MaxMemoryMiB, err
+}
+
 // capacity resolves the limits of cfg: its fields, else the environment,
 // else DefaultCapacity; -1 is no limit.
 func (c *Config) capacity() (store.Capacity, error) {

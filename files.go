@@ -746,8 +746,10 @@ func (vm *VM) downloadFile(ctx context.Context, src string, sfi *FileInfo, dir, 
 				}
 				return 0, &callError{vm.callErr(ctx, "read "+src, fileErr(err))}
 			}
-			if c.Offset < sf.end || c.Offset > 1<<50 {
-				return 0, &callError{fmt.Errorf("read %s in VM %s: the guest sent data at offset %d after %d", src, vm.name, c.Offset, sf.end)}
+			if c.Offset < sf.end || c.Offset+int64(len(c.Data)) > sfi.size {
+				// Its stat said the size (the free-space check used it):
+				// the guest does not make the file larger on the host.
+				return 0, &callError{fmt.Errorf("read %s in VM %s: the guest sent data at offset %d after %d, or past the file's size %d (it grew while being copied? copy it again)", src, vm.name, c.Offset, sf.end, sfi.size)}
 			}
 			if c.Last {
 				return c.Offset, nil

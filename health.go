@@ -62,7 +62,7 @@ func supervisorProblem(ctx context.Context, rec *store.VM) error {
 	if !rec.Live() || pid == os.Getpid() || !processAlive(pid) {
 		return nil
 	}
-	if procState(pid) == 'T' || procState(pid) == 't' {
+	if stopped(pid) {
 		return unresponsive(rec, "stopped: SIGSTOP or a debugger")
 	}
 	conn, err := dialAPI(rec.Dir)
@@ -78,7 +78,7 @@ func supervisorProblem(ctx context.Context, rec *store.VM) error {
 		return nil
 	case !processAlive(pid):
 		return nil // it just ended: the state row says how
-	case procState(pid) == 'T' || procState(pid) == 't':
+	case stopped(pid):
 		return unresponsive(rec, "stopped: SIGSTOP or a debugger")
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, errdefs.ErrUnavailable):
 		return unresponsive(rec, fmt.Sprintf("no answer within %s", probeTimeout))
@@ -106,12 +106,17 @@ func (vm *VM) noAnswer(what string, timeout time.Duration) error {
 	return fmt.Errorf("%s: VM %s did not answer within the timeout of %s: %w", what, vm.name, timeout, ErrUnavailable)
 }
 
-// probeAll runs supervisorProblem on the live VMs of recs at once and
-// returns the problems by VM id.
+// maxProbes bounds the supervisors probed at once (a connection and a
+// status call each): a host of hundreds of VMs is probed in waves.
+const maxProbes = 16
+
+// probeAll runs supervisorProblem on the live VMs of recs, maxProbes at a
+// time, and returns the problems by VM id.
 func probeAll(ctx context.Context, recs []*store.VM) map[string]error {
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	out := map[string]error{}
+	sem := make(chan struct{}, maxProbes)
 	for _, r := range recs {
 		if !r.Live() {
 			continue
@@ -119,6 +124,8 @@ func probeAll(ctx context.Context, recs []*store.VM) map[string]error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
 			if err := supervisorProblem(ctx, r); err != nil {
 				mu.Lock()
 				out[r.ID] = err
@@ -143,6 +150,12 @@ func markUnresponsive(in *Info, problem error) {
 
 // procState is the state letter of a process in /proc/PID/stat (R, S, T
 // for stopped, Z…), or 0.
+// stopped says whether process pid is stopped (SIGSTOP) or traced.
+func stopped(pid int) bool {
+	s := procState(pid)
+	return s == 'T' || s == 't'
+}
+
 func procState(pid int) byte {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {

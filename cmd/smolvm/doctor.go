@@ -150,20 +150,20 @@ func privilegeChecks() []check {
 		}
 		out = append(out, c)
 	}
-	vms, mem := smolvm.DefaultCapacity()
-	if v, err := strconv.Atoi(os.Getenv(smolvm.MaxVMsEnv)); err == nil {
-		vms = v
+	capCheck := check{Name: "capacity", OK: true}
+	if vms, mem, err := smolvm.Capacity(); err != nil {
+		capCheck.OK, capCheck.Detail = false, err.Error()
+		capCheck.Fix = fmt.Sprintf("set %s and %s to a positive number, -1 for no limit, or unset them", smolvm.MaxVMsEnv, smolvm.MaxMemoryMiBEnv)
+	} else {
+		capCheck.Detail = fmt.Sprintf("new VMs are refused past %s VMs or %s MiB of guest memory in this state folder (%s, %s; -1: no limit)",
+			limitText(vms), limitText(mem), smolvm.MaxVMsEnv, smolvm.MaxMemoryMiBEnv)
 	}
-	if v, err := strconv.Atoi(os.Getenv(smolvm.MaxMemoryMiBEnv)); err == nil {
-		mem = v
-	}
-	out = append(out, check{Name: "capacity", OK: true, Detail: fmt.Sprintf("new VMs are refused past %s VMs or %s MiB of guest memory in this state folder (%s, %s; -1: no limit)",
-		limitText(vms), limitText(mem), smolvm.MaxVMsEnv, smolvm.MaxMemoryMiBEnv)})
-	return out
+	return append(out, capCheck)
 }
 
+// limitText shows a resolved limit (0: none).
 func limitText(n int) string {
-	if n < 0 {
+	if n == 0 {
 		return "unlimited"
 	}
 	return strconv.Itoa(n)

@@ -15,9 +15,11 @@ package agent
 // the kernel's threads: the Go runtime dies when it cannot make a thread.
 // memory.max leaves cmdMemReserve of the memory available at boot: a
 // memory hog meets the cgroup's OOM killer, which picks among the
-// commands' processes only. The agent's oom_score_adj is -1000 should the
-// whole guest run short; a started command's is set back to 0 (it is
-// inherited by fork), so that it stays a candidate.
+// commands' processes only. The agent's oom_score_adj is -999 should the
+// whole guest run short (not -1000, which the kernel never kills: a
+// command's child forked before its reset would inherit it and hang at
+// memory.max instead of being killed); a started command's is set back to
+// 0, so that it is the OOM killer's candidate before the agent.
 //
 // A kernel without cgroup2 or without the pids or memory controller gets
 // no limits for that resource; the agent logs it and serves. (Resource
@@ -57,7 +59,7 @@ type CommandLimits struct {
 	fd      int    // Cgroup's directory, for CLONE_INTO_CGROUP
 	PidsMax int    // 0: no limit
 	MemMax  int64  // 0: no limit
-	// oomProtected: the agent's oom_score_adj is -1000, and a command's
+	// oomProtected: the agent's oom_score_adj is -999, and a command's
 	// must be set back.
 	oomProtected bool
 }
@@ -67,7 +69,7 @@ type CommandLimits struct {
 // commands then run without that limit.
 func setupCommandLimits(log *slog.Logger) *CommandLimits {
 	l := &CommandLimits{fd: -1}
-	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0); err != nil {
+	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("-999"), 0); err != nil {
 		log.Warn("protect the agent from the OOM killer", "err", err)
 	} else {
 		l.oomProtected = true
@@ -180,8 +182,8 @@ func (l *CommandLimits) apply(sys *syscall.SysProcAttr) {
 }
 
 // started makes a started command a candidate of the OOM killer again: it
-// inherited the agent's -1000. Its children forked before this keep
-// -1000; the cgroup's limits still bind them.
+// inherited the agent's -999. Its children forked before this keep -999,
+// which the OOM killer still weighs by size among the commands.
 func (l *CommandLimits) started(pid int) {
 	if l == nil || !l.oomProtected {
 		return

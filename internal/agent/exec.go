@@ -115,7 +115,7 @@ func (s *Server) start(start *agentpb.ExecStart) (*process, time.Time, error) {
 	}
 	id, dir, err := s.identity(start)
 	if err != nil {
-		return nil, time.Now(), err
+		return nil, time.Time{}, err
 	}
 	env, err := s.buildEnv(start, id)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/wire"
@@ -19,19 +20,38 @@ import (
 // A file that cannot be read or parsed is kept as an error that every
 // command reports, so the user learns of it at the first command.
 func loadImageConfig(path string) (*wire.ImageConfig, error) {
-	f, err := os.Open(path)
+	data, err := readGuestFile(path, wire.MaxImageConfigSize)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		return nil, err
+	}
+	return wire.ParseImageConfig(data)
+}
+
+// readGuestFile reads a regular file of the guest's of at most max bytes:
+// whatever guest root puts at path (a device, a FIFO, a huge file), the
+// agent neither blocks nor reads without bound.
+func readGuestFile(path string, max int64) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
 	}
 	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, wire.MaxImageConfigSize+1))
+	if fi, err := f.Stat(); err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	} else if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("read %s: not a regular file", path)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, max+1))
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
-	return wire.ParseImageConfig(data)
+	if int64(len(data)) > max {
+		return nil, fmt.Errorf("%s: more than %d bytes", path, max)
+	}
+	return data, nil
 }
 
 // identity is a resolved user: who a command runs as.
@@ -136,15 +156,12 @@ func parseID(s string) (uint32, bool) {
 
 // readAccounts reads a colon-separated accounts file (passwd, group).
 func readAccounts(path string) ([][]string, error) {
-	data, err := os.ReadFile(path)
+	data, err := readGuestFile(path, maxAccountsFile)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("the guest has no %s", path)
 		}
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	if len(data) > maxAccountsFile {
-		return nil, fmt.Errorf("%s: %d bytes, more than %d", path, len(data), maxAccountsFile)
+		return nil, err
 	}
 	var out [][]string
 	sc := bufio.NewScanner(bytes.NewReader(data))
@@ -182,7 +199,7 @@ func (s *Server) identity(start *agentpb.ExecStart) (*identity, string, error) {
 		if id, err = resolveUser(spec); err != nil {
 			return nil, "", &startError{126, imageFieldError(img, field, err)}
 		}
-		if id.uid == 0 && id.gid == 0 && len(id.groups) == 0 && id.home == "/root" {
+		if id.uid == 0 && id.gid == 0 && len(id.groups) == 0 {
 			id = nil // root, as the agent runs: no credential switch
 		}
 	}

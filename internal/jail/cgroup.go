@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path"
 	"path/filepath"
@@ -534,7 +535,7 @@ func recordedDir(line string, mounts []mount, self string) (string, error) {
 // RemoveRecordedCgroup removes the cgroup recorded in dir, if any (its
 // process must be gone), and the record.
 func RemoveRecordedCgroup(dir string) error {
-	b, err := os.ReadFile(filepath.Join(dir, CgroupFile))
+	b, err := readOwnRecord(filepath.Join(dir, CgroupFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
@@ -551,8 +552,8 @@ func RemoveRecordedCgroup(dir string) error {
 	}
 	var dirs []string
 	for _, l := range strings.Split(string(b), "\n") {
-		// Only cgroups of this package (the file is root's; check
-		// anyway before removing anything).
+		// Only cgroups of this package (readOwnRecord made sure the
+		// file is ours; check anyway before removing anything).
 		if !strings.HasPrefix(filepath.Base(l), "smolvm-") {
 			continue
 		}
@@ -568,4 +569,25 @@ func RemoveRecordedCgroup(dir string) error {
 		return err
 	}
 	return os.Remove(filepath.Join(dir, CgroupFile))
+}
+
+// readOwnRecord reads a record file that this process wrote: a regular
+// file (not followed if a link) owned by its user and at most 64 KiB. The
+// VM's folder is writable by the jailed QEMU's group, so a file there that
+// is not ours is not trusted with naming cgroups to remove.
+func readOwnRecord(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !fi.Mode().IsRegular() || !ok || st.Uid != uint32(os.Geteuid()) {
+		return nil, fmt.Errorf("%s is not a record of this user's: not trusted", path)
+	}
+	return io.ReadAll(io.LimitReader(f, 64<<10))
 }

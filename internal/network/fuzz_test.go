@@ -66,21 +66,23 @@ func FuzzLink(f *testing.F) {
 }
 
 // FuzzStackFrames delivers arbitrary frames from the guest to the
-// user-mode stack (gVisor's parsers behind our link): nothing panics.
+// user-mode stack (gVisor's parsers behind our link): nothing panics. The
+// stack's egress is off and its resolver and route lookups are fakes, so
+// no fuzzed frame makes it dial or resolve anything on the host.
 func FuzzStackFrames(f *testing.F) {
 	linkSeeds(f)
-	var st *Stack
+	c := Config{Mode: ModeUser, Egress: Egress{Mode: EgressOff}}
+	if err := c.Normalize(); err != nil {
+		f.Fatal(err)
+	}
+	st, err := Start(context.Background(), Options{Config: c, Dir: f.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(st.Close)
+	st.policy.resolver = &fakeResolver{}
+	st.dest.route = fakeRoutes
 	f.Fuzz(func(t *testing.T, data []byte) {
-		if st == nil {
-			c := Config{Mode: ModeUser}
-			if err := c.Normalize(); err != nil {
-				t.Fatal(err)
-			}
-			var err error
-			if st, err = Start(context.Background(), Options{Config: c, Dir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}); err != nil {
-				t.Fatal(err)
-			}
-		}
 		if len(data) > 4 {
 			data = data[4:] // the length prefix of the seeds
 		}
