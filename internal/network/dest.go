@@ -27,6 +27,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -81,6 +82,43 @@ type destCheck struct {
 	// forwardedElsewhere tells whether a host port is forwarded to
 	// another VM (nil: none known).
 	forwardedElsewhere func(ctx context.Context, port int) (string, error)
+
+	// routes remembers route lookups for routeTTL: a guest that sends
+	// packet after packet to one address (a UDP flood to a denied one
+	// checks every packet) costs one netlink request a second, not one
+	// a packet. At most maxRoutes are kept.
+	routesMu sync.Mutex
+	routes   map[netip.Addr]cachedRoute
+}
+
+type cachedRoute struct {
+	r   hostRoute
+	err error
+	at  time.Time
+}
+
+const (
+	routeTTL  = time.Second
+	maxRoutes = 1024
+)
+
+// lookup is d.route through the cache.
+func (d *destCheck) lookup(a netip.Addr) (hostRoute, error) {
+	now := time.Now()
+	d.routesMu.Lock()
+	c, ok := d.routes[a]
+	d.routesMu.Unlock()
+	if ok && now.Sub(c.at) < routeTTL {
+		return c.r, c.err
+	}
+	r, err := d.route(a)
+	d.routesMu.Lock()
+	if d.routes == nil || len(d.routes) >= maxRoutes {
+		d.routes = map[netip.Addr]cachedRoute{}
+	}
+	d.routes[a] = cachedRoute{r, err, now}
+	d.routesMu.Unlock()
+	return r, err
 }
 
 var broadcast = netip.AddrFrom4([4]byte{255, 255, 255, 255})
@@ -100,7 +138,7 @@ func (d *destCheck) check(ctx context.Context, dst netip.Addr, port int) (netip.
 	if linkLocal.Contains(host) {
 		return netip.Addr{}, fmt.Errorf("%s is link-local (cloud metadata is never reachable): %w", host, ErrDenied)
 	}
-	r, err := d.route(host)
+	r, err := d.lookup(host)
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("%s: %w: %w", host, err, ErrDenied)
 	}
@@ -143,6 +181,6 @@ func (d *destCheck) answerable(ip netip.Addr) bool {
 	if !ip.Is4() || ip.IsLoopback() || ip.IsUnspecified() || ip.IsMulticast() || ip == broadcast || linkLocal.Contains(ip) || d.subnet.Contains(ip) {
 		return false
 	}
-	r, err := d.route(ip)
+	r, err := d.lookup(ip)
 	return err == nil && r.Type == unix.RTN_UNICAST && !strings.HasPrefix(r.Dev, TAPPrefix)
 }

@@ -472,3 +472,19 @@ func BenchmarkRouteOf(b *testing.B) {
 		}
 	}
 }
+
+// A guest sending to one address again and again costs one route lookup
+// per routeTTL, whatever the check's answer.
+func TestDestinationRouteCache(t *testing.T) {
+	d := testDest(t, Config{})
+	calls := 0
+	d.route = func(a netip.Addr) (hostRoute, error) { calls++; return fakeRoutes(a) }
+	for _, dst := range []string{"198.51.100.7", "203.0.113.9"} { // the host's own (denied), another machine's
+		for range 100 {
+			_, _ = d.check(context.Background(), netip.MustParseAddr(dst), 80)
+		}
+	}
+	if calls != 2 {
+		t.Errorf("%d route lookups for 200 checks of 2 addresses, want 2", calls)
+	}
+}
