@@ -20,7 +20,13 @@ func Main() {
 	if pid1 {
 		ignoreSentSignals()
 		log = initSystem()
-		switchRootIfAsked(log) // a root disk: does not return (see rootfs.go)
+		switchRootIfAsked(log)                        // a root disk: does not return (see rootfs.go)
+		if err := mountHostFolders(log); err != nil { // mount.go
+			fmt.Fprintf(os.Stderr, "smolvm-agent: fatal: %v: powering off\n", err)
+			log.Error("host folders failed, powering off", "err", err)
+			_ = powerOff(false)
+			select {}
+		}
 	} else {
 		level := slog.LevelInfo
 		if os.Getenv("SMOLVM_DEBUG") != "" {

@@ -234,11 +234,21 @@ func fetchKernel(ctx context.Context, root, pkg, version string, log *slog.Logge
 		return nil, fmt.Errorf("write kernel manifest: %w", err)
 	}
 	dir := filepath.Join(root, version)
-	if err := os.Rename(out, dir); err != nil {
+	err = os.Rename(out, dir)
+	if err != nil {
 		// Someone else may have won the race; use theirs if it is complete.
 		if other := loadCachedKernel(dir); other != nil {
 			return other, nil
 		}
+		// An entry of this version made for other modules (an older
+		// smolvm's list): replace it.
+		stale := out + ".stale"
+		if os.Rename(dir, stale) == nil {
+			err = os.Rename(out, dir)
+			_ = os.RemoveAll(stale)
+		}
+	}
+	if err != nil {
 		return nil, fmt.Errorf("move kernel into cache: %w", err)
 	}
 	log.Info("kernel cached", "version", version, "dir", dir, "modules", len(ks.Modules))

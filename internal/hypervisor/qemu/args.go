@@ -124,6 +124,7 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		}
 		args = append(args, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
 	}
+	args = append(args, fsArgs(cfg, dir)...) // virtiofs.go
 	nextFD := incomingFD
 	if cfg.Incoming != "" {
 		nextFD++
@@ -161,6 +162,10 @@ const memoryID = "mem"
 // restore a snapshot; a machine that boots gets fresh memory.
 func memoryBackend(cfg *hypervisor.MachineConfig) string {
 	size := strconv.Itoa(cfg.MemoryMiB) + "M"
+	if cfg.MemoryFile == "" && len(cfg.Mounts) > 0 {
+		// virtiofsd reads and writes guest memory: it must be shared.
+		return "memory-backend-memfd,id=" + memoryID + ",size=" + size + ",share=on"
+	}
 	if cfg.MemoryFile == "" || !cfg.MemoryShared && cfg.Incoming == "" {
 		return "memory-backend-ram,id=" + memoryID + ",size=" + size
 	}
