@@ -1,0 +1,61 @@
+package smolvm
+
+import (
+	"errors"
+	"testing"
+)
+
+func TestParseMount(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want Mount
+		err  bool
+	}{
+		{"/src:/work", Mount{HostPath: "/src", GuestPath: "/work", ReadOnly: true}, false},
+		{"/src:/work:ro", Mount{HostPath: "/src", GuestPath: "/work", ReadOnly: true}, false},
+		{"/src:/work:rw", Mount{HostPath: "/src", GuestPath: "/work"}, false},
+		{"./rel:/w", Mount{HostPath: "./rel", GuestPath: "/w", ReadOnly: true}, false},
+		{"/a:b:/w:rw", Mount{HostPath: "/a:b", GuestPath: "/w"}, false}, // a host path may hold ':'
+		{"/src", Mount{}, true},
+		{":/w", Mount{}, true},
+		{"/src:", Mount{}, true},
+		{"/src::rw", Mount{}, true},
+	} {
+		got, err := ParseMount(c.in)
+		if c.err {
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("ParseMount(%q) = %+v, %v; want ErrInvalid", c.in, got, err)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("ParseMount(%q) = %+v, %v; want %+v", c.in, got, err, c.want)
+		}
+	}
+}
+
+func TestCheckMountPoint(t *testing.T) {
+	for _, ok := range []string{"/work", "/mnt/src", "/home/user/project", "/tmp", "/srv/a.b_c-d+e@f~g", "/etcetera", "/usr2"} {
+		if err := checkMountPoint(ok); err != nil {
+			t.Errorf("checkMountPoint(%q) = %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "work", "/", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/proc", "/sys", "/dev",
+		"/proc/1", "/sys/fs/cgroup", "/dev/shm", "/run/x", "/work/", "/a//b", "/a/./b", "/a/../b", "/my dir", "/a:b", "/a,b",
+		"/" + string(make([]byte, 200))} {
+		if err := checkMountPoint(bad); !errors.Is(err, ErrInvalid) {
+			t.Errorf("checkMountPoint(%q) = %v; want ErrInvalid", bad, err)
+		}
+	}
+}
+
+func TestMountArgs(t *testing.T) {
+	ms := []Mount{{HostPath: "/h1", GuestPath: "/a", ReadOnly: true}, {HostPath: "/h2", GuestPath: "/b/c"}}
+	if got, want := mountArgs(ms), "smolvm.mount=smolvm0:ro:/a smolvm.mount=smolvm1:rw:/b/c"; got != want {
+		t.Errorf("mountArgs = %q; want %q", got, want)
+	}
+	mm := machineMounts(ms)
+	if len(mm) != 2 || mm[0].Tag != "smolvm0" || !mm[0].ReadOnly || mm[1].Tag != "smolvm1" || mm[1].ReadOnly || mm[1].HostPath != "/h2" {
+		t.Errorf("machineMounts = %+v", mm)
+	}
+}
