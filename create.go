@@ -121,7 +121,9 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	} else {
 		spec, err = buildSpec(ctx, st, cfg, img, rec, dir)
 		// A VM with host folders boots: a snapshot has no virtiofs device.
-		if err == nil && !cfg.Cold && len(cfg.Mounts) == 0 {
+		if err == nil && !cfg.Cold && len(cfg.Mounts) > 0 {
+			log.Debug("booting: a VM with host folders cannot be restored from the warm snapshot")
+		} else if err == nil && !cfg.Cold {
 			if warm := findWarm(ctx, st, spec); warm == nil {
 				warnStaleWarm(ctx, st, spec, log)
 			} else {
