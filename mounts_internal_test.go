@@ -2,7 +2,12 @@ package smolvm
 
 import (
 	"errors"
+	"os/exec"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
 )
 
 func TestParseMount(t *testing.T) {
@@ -57,5 +62,38 @@ func TestMountArgs(t *testing.T) {
 	mm := machineMounts(ms)
 	if len(mm) != 2 || mm[0].Tag != "smolvm0" || !mm[0].ReadOnly || mm[1].Tag != "smolvm1" || mm[1].ReadOnly || mm[1].HostPath != "/h2" {
 		t.Errorf("machineMounts = %+v", mm)
+	}
+}
+
+// cleanup and rm -f find a virtiofsd a crash left by the folder its
+// command line names, and leave others alone.
+func TestKillStrayFSDaemons(t *testing.T) {
+	start := func(id string) *exec.Cmd {
+		// A shell waiting on its stdin, named as a VM's virtiofsd.
+		cmd := exec.Command("/bin/sh")
+		cmd.Args = []string{qemu.Virtiofsd, "-c", "read x", "--fd=3", "-o", "source=/home/x/vms/" + id + "/fs0"}
+		if _, err := cmd.StdinPipe(); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cmd.Process.Kill() })
+		return cmd
+	}
+	mine, other := start("aaaaaaaaaaaa"), start("bbbbbbbbbbbb")
+	waited := make(chan error, 1)
+	go func() { waited <- mine.Wait() }()
+	killStrayFSDaemons("aaaaaaaaaaaa")
+	select {
+	case <-waited:
+		if ws, ok := mine.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+			t.Errorf("the VM's stray virtiofsd: %v; want killed", mine.ProcessState)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the VM's stray virtiofsd still runs")
+	}
+	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Errorf("another VM's virtiofsd was killed: %v", err)
 	}
 }
