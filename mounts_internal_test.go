@@ -84,7 +84,7 @@ func TestKillStrayFSDaemons(t *testing.T) {
 	mine, other := start("aaaaaaaaaaaa"), start("bbbbbbbbbbbb")
 	waited := make(chan error, 1)
 	go func() { waited <- mine.Wait() }()
-	killStrayFSDaemons("aaaaaaaaaaaa")
+	killStrayHypervisor(0, "aaaaaaaaaaaa") // what cleanup and rm -f call
 	select {
 	case <-waited:
 		if ws, ok := mine.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
