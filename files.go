@@ -270,7 +270,7 @@ func (vm *VM) readFile(ctx context.Context, guestPath string, w io.Writer, limit
 	var n int64
 	for {
 		chunk, err := stream.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return n, nil
 		}
 		if err != nil {
@@ -339,7 +339,7 @@ func (vm *VM) archiveReader(ctx context.Context, guestPath string) (io.Reader, c
 	}
 	return &recvReader{recv: func() ([]byte, error) {
 		c, err := stream.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return nil, io.EOF
 		}
 		if err != nil {
@@ -597,7 +597,7 @@ func addLocalEntry(tw *tar.Writer, p, name string, fi fs.FileInfo) error {
 		return err
 	}
 	n, err := io.CopyN(tw, f, h.Size)
-	if err == io.EOF {
+	if errors.Is(err, io.EOF) {
 		return fmt.Errorf("%s shrank while being copied (%d of %d bytes): copy it again", p, n, h.Size)
 	}
 	if err != nil {
@@ -741,7 +741,7 @@ func (vm *VM) downloadFile(ctx context.Context, src string, sfi *FileInfo, dir, 
 		for {
 			c, err := stream.Recv()
 			if err != nil {
-				if err == io.EOF {
+				if errors.Is(err, io.EOF) {
 					err = errors.New("the guest ended the file without its size")
 				}
 				return 0, &callError{vm.callErr(ctx, "read "+src, fileErr(err))}
@@ -789,7 +789,7 @@ func extractArchive(r io.Reader, dir string, rename func(string) (string, error)
 	tr := tar.NewReader(r)
 	for {
 		h, err := tr.Next()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {

@@ -264,7 +264,9 @@ func TestOCIRoundTrip(t *testing.T) {
 	}
 	// Garbage is refused with a clear error.
 	junk := filepath.Join(dir, "junk.tar")
-	os.WriteFile(junk, []byte("not a tarball"), 0o644)
+	if err := os.WriteFile(junk, []byte("not a tarball"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := smolvm.ImportImage(ctx, smolvm.ImportOptions{Home: home, Name: "junk", File: junk}); err == nil || !strings.Contains(err.Error(), "not an OCI layout or docker save tarball") {
 		t.Errorf("import of junk: %v", err)
 	}

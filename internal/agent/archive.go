@@ -69,7 +69,7 @@ func (x *extractor) extractAll(r io.Reader) error {
 	tr := tar.NewReader(r)
 	for {
 		h, err := tr.Next()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
@@ -403,7 +403,7 @@ func addTarEntry(tw *tar.Writer, fp, name string, fi fs.FileInfo) error {
 		return err
 	}
 	n, err := io.CopyN(tw, f, h.Size)
-	if err == io.EOF {
+	if errors.Is(err, io.EOF) {
 		return fmt.Errorf("%s shrank while being archived (%d of %d bytes)", fp, n, h.Size)
 	}
 	return err

@@ -185,7 +185,8 @@ func FuzzServeLane(f *testing.F) {
 			}
 		}
 		select {
-		case <-served:
+		case err := <-served:
+			t.Logf("ServeLane ended: %v", err)
 		case <-time.After(time.Minute):
 			t.Fatal("ServeLane still runs after the host hung up")
 		}

@@ -125,8 +125,11 @@ func initSystem() *slog.Logger {
 		log.Error("init", "err", err)
 	}
 
-	os.Setenv("PATH", DefaultPath)
-	os.Setenv("HOME", "/root")
+	for k, v := range map[string]string{"PATH": DefaultPath, "HOME": "/root"} {
+		if err := os.Setenv(k, v); err != nil {
+			log.Warn("set "+k, "err", err)
+		}
+	}
 	if err := os.MkdirAll("/root", 0o700); err != nil {
 		log.Warn("create /root", "err", err)
 	}

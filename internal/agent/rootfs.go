@@ -73,7 +73,9 @@ func readRootParams() rootParams {
 // sees a boot failure naming the cause instead of a guest without its image.
 func switchRootIfAsked(log *slog.Logger) {
 	if os.Getenv(switchedEnv) != "" {
-		os.Unsetenv(switchedEnv)
+		if err := os.Unsetenv(switchedEnv); err != nil {
+			log.Warn("unset "+switchedEnv, "err", err)
+		}
 		log.Debug("running on the root disk")
 		return
 	}
