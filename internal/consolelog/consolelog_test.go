@@ -144,8 +144,8 @@ func TestFollow(t *testing.T) {
 			t.Fatal(err)
 		}
 		if i%100 == 99 { // a follower keeps up with a console: wait for it
-			for !strings.HasSuffix(out.String(), line) {
-				time.Sleep(time.Millisecond)
+			if err := testutil.Poll(time.Minute, func() bool { return strings.HasSuffix(out.String(), line) }); err != nil {
+				t.Fatalf("the follower did not copy %q: %v", line, err)
 			}
 		}
 	}
