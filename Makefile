@@ -31,7 +31,7 @@ test-short:
 # for FUZZTIME each, one after the other: go test -fuzz takes one target at
 # a time. New crashers land in the package's testdata/fuzz.
 FUZZTIME ?= 10s
-FUZZ_PKGS := . ./internal/lane ./internal/agent ./internal/network ./internal/supervisor
+FUZZ_PKGS := . ./internal/lane ./internal/agent ./internal/network ./internal/supervisor ./internal/tarx
 fuzz:
 	@set -e; for pkg in $(FUZZ_PKGS); do \
 		for t in $$($(GO) test -short -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
