@@ -20,12 +20,6 @@ import (
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
-// The fast lane's channel: a second virtio-serial port, or vsock port.
-const (
-	FastPortName  = "org.smolvm.fast"
-	FastVsockPort = 1025
-)
-
 // runFlush is how much output a Run collects before it sends a message.
 const runFlush = 64 << 10
 

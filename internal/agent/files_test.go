@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 func writeFile(t *testing.T, c agentpb.AgentClient, hdr *agentpb.WriteFileHeader, data []byte) (*agentpb.WriteFileResponse, error) {
@@ -325,7 +326,7 @@ func TestSerialListener(t *testing.T) {
 
 func TestFindVirtioPort(t *testing.T) {
 	sys := t.TempDir()
-	for name, port := range map[string]string{"vport0p1": "org.qemu.guest_agent.0", "vport1p2": VirtioPortName} {
+	for name, port := range map[string]string{"vport0p1": "org.qemu.guest_agent.0", "vport1p2": wire.AgentPortName} {
 		if err := os.MkdirAll(filepath.Join(sys, name), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -333,7 +334,7 @@ func TestFindVirtioPort(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := FindVirtioPort(sys, VirtioPortName); got != "/dev/vport1p2" {
+	if got := FindVirtioPort(sys, wire.AgentPortName); got != "/dev/vport1p2" {
 		t.Errorf("FindVirtioPort = %q", got)
 	}
 	if got := FindVirtioPort(sys, "other"); got != "" {
