@@ -102,11 +102,11 @@ type Server struct {
 	log  *slog.Logger
 
 	mu      sync.Mutex
-	owned   map[string]*owned             // sandbox id → who made it
-	ended   map[*mcp.ServerSession]bool   // sessions whose sandboxes are gone
-	watched map[*mcp.ServerSession]bool   // sessions with a cleanup waiting on their end
-	handles map[string]*smolvm.VM         // open handles, by sandbox id
-	cleanup sync.WaitGroup                // session cleanups under way
+	owned   map[string]*owned           // sandbox id → who made it
+	ended   map[*mcp.ServerSession]bool // sessions whose sandboxes are gone
+	watched map[*mcp.ServerSession]bool // sessions with a cleanup waiting on their end
+	handles map[string]*smolvm.VM       // open handles, by sandbox id
+	cleanup sync.WaitGroup              // session cleanups under way
 }
 
 // owned is a sandbox made through this server.

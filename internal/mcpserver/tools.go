@@ -342,7 +342,9 @@ func (s *Server) runCommand(ctx context.Context, req *mcp.CallToolRequest, in ru
 	var vm *smolvm.VM
 	stop := func() {}
 	if in.SandboxID == "" {
-		stop = s.progress(ctx, req, func(el time.Duration) string { return fmt.Sprintf("starting a sandbox and running the command (%.0f s)", el.Seconds()) })
+		stop = s.progress(ctx, req, func(el time.Duration) string {
+			return fmt.Sprintf("starting a sandbox and running the command (%.0f s)", el.Seconds())
+		})
 		var err error
 		vm, err = smolvm.New(ctx, s.config())
 		if err != nil {
