@@ -23,6 +23,7 @@ import (
 func newMCPCmd(g *globals) *cobra.Command {
 	var (
 		httpAddr, keyFile, outputLimit string
+		prelaunch                      bool
 		timeout, maxTimeout, idle      time.Duration
 	)
 	cmd := &cobra.Command{
@@ -51,7 +52,7 @@ KEY'; without one only a loopback address is allowed.`,
 				return fmt.Errorf("%w: --output-limit %s: give 1 byte to 16M", smolvm.ErrInvalid, outputLimit)
 			}
 			opts := mcpserver.Options{OutputLimit: int(limit), DefaultTimeout: timeout, MaxTimeout: maxTimeout,
-				SessionTimeout: idle, SupervisorBinary: os.Getenv("SMOLVM_BIN"), Logger: g.log}
+				SessionTimeout: idle, Prelaunch: prelaunch, SupervisorBinary: os.Getenv("SMOLVM_BIN"), Logger: g.log}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 			defer stop()
 			if httpAddr != "" {
@@ -70,6 +71,7 @@ KEY'; without one only a loopback address is allowed.`,
 	f.DurationVar(&timeout, "timeout", mcpserver.DefaultTimeout, "run_command's timeout when a call gives none")
 	f.DurationVar(&maxTimeout, "max-timeout", mcpserver.DefaultMaxTimeout, "the longest timeout a call may ask for")
 	f.DurationVar(&idle, "session-timeout", mcpserver.DefaultSessionTimeout, "end an HTTP session idle this long (its sandboxes are deleted)")
+	f.BoolVar(&prelaunch, "prelaunch", false, "keep a QEMU started ahead of time for the next one-off run_command (faster, for an idle process)")
 	return cmd
 }
 

@@ -332,8 +332,9 @@ func TestTools(t *testing.T) {
 		if !strings.HasPrefix(out.Stdout, "one-shot\n") || out.SandboxID != "" {
 			t.Errorf("one-shot: %+v", out)
 		}
-		if after := vmIDs(t, home); !slices.Equal(before, after) {
-			t.Errorf("VMs before a one-shot run %v, after %v: its sandbox was left", before, after)
+		// Its sandbox is deleted after the answer.
+		if err := testutil.Poll(time.Minute, func() bool { return slices.Equal(before, vmIDs(t, home)) }); err != nil {
+			t.Errorf("VMs before a one-shot run %v, after %v: its sandbox was left", before, vmIDs(t, home))
 		}
 	})
 

@@ -69,6 +69,10 @@ type Options struct {
 	SupervisorBinary string
 	// Logger receives the server's logs (default slog.Default()).
 	Logger *slog.Logger
+	// Prelaunch keeps a hypervisor started ahead of time for the next
+	// one-off run_command (smolvm.Config.Prelaunch): faster one-off runs
+	// for an idle QEMU process held by the server.
+	Prelaunch bool
 }
 
 func (o *Options) setDefaults() {
@@ -212,6 +216,11 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	err := s.deleteAll(ids)
 	s.cleanup.Wait()
+	if s.opts.Prelaunch {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		err = errors.Join(err, smolvm.DiscardPrelaunched(ctx))
+		cancel()
+	}
 	s.mu.Lock()
 	for id, vm := range s.handles {
 		_ = vm.Close()
@@ -219,6 +228,17 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	return err
+}
+
+// closeLater closes (and so deletes) a one-off sandbox in the background.
+func (s *Server) closeLater(vm *smolvm.VM) {
+	s.cleanup.Add(1)
+	go func() {
+		defer s.cleanup.Done()
+		if err := vm.Close(); err != nil {
+			s.log.Error("delete a one-off sandbox", "sandbox", vm.ID(), "err", err)
+		}
+	}()
 }
 
 // own records a sandbox made by session ss. It reports false when the

@@ -345,13 +345,17 @@ func (s *Server) runCommand(ctx context.Context, req *mcp.CallToolRequest, in ru
 		stop = s.progress(ctx, req, func(el time.Duration) string {
 			return fmt.Sprintf("starting a sandbox and running the command (%.0f s)", el.Seconds())
 		})
+		cfg := s.config()
+		cfg.Prelaunch = s.opts.Prelaunch
 		var err error
-		vm, err = smolvm.New(ctx, s.config())
+		vm, err = smolvm.New(ctx, cfg)
 		if err != nil {
 			stop()
 			return nil, nil, createErr(err, createInput{})
 		}
-		defer vm.Close()
+		// The answer does not wait for the one-off sandbox's deletion
+		// (Close waits for it).
+		defer s.closeLater(vm)
 	} else {
 		var err error
 		if vm, err = s.sandbox(ctx, in.SandboxID); err != nil {
