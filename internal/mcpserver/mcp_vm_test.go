@@ -195,7 +195,7 @@ func TestTools(t *testing.T) {
 		cctx, cancel := context.WithCancel(ctx)
 		done := make(chan error, 1)
 		go func() {
-			_, err := cs.CallTool(cctx, &mcp.CallToolParams{Name: "run_command", Arguments: map[string]any{"sandbox_id": id, "command": "echo $$ > /tmp/cancel.pid; exec sleep 600"}})
+			_, err := cs.CallTool(cctx, &mcp.CallToolParams{Name: "run_command", Arguments: map[string]any{"sandbox_id": id, "command": "echo $$ > /tmp/cancel.pid; exec sleep 600", "timeout_s": 600}})
 			done <- err
 		}()
 		if err := testutil.Poll(time.Minute, func() bool {

@@ -156,7 +156,7 @@ const instructions = `smolvm gives you disposable Linux sandboxes: microVMs with
 // RunStdio serves one session over r and w (stdin and stdout) until the
 // client hangs up or ctx ends, then deletes the session's sandboxes.
 func (s *Server) RunStdio(ctx context.Context, r io.ReadCloser, w io.WriteCloser) error {
-	ss, err := s.MCP().Connect(ctx, &mcp.IOTransport{Reader: r, Writer: w}, nil)
+	ss, err := s.MCP().Connect(ctx, &mcp.IOTransport{Reader: r, Writer: w, MaxLineLength: s.maxMessage()}, nil)
 	if err != nil {
 		return err
 	}
@@ -183,7 +183,7 @@ func (s *Server) RunStdio(ctx context.Context, r io.ReadCloser, w io.WriteCloser
 func (s *Server) Handler() http.Handler {
 	srv := s.MCP()
 	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv },
-		&mcp.StreamableHTTPOptions{SessionTimeout: s.opts.SessionTimeout, Logger: s.log})
+		&mcp.StreamableHTTPOptions{SessionTimeout: s.opts.SessionTimeout, Logger: s.log, MaxRequestBodyBytes: int64(s.maxMessage())})
 	if s.opts.APIKey == "" {
 		return h
 	}
@@ -198,6 +198,10 @@ func (s *Server) Handler() http.Handler {
 		h.ServeHTTP(w, r)
 	})
 }
+
+// maxMessage bounds a message from the client: a write_file of
+// MaxFileBytes in base64, and room for the rest.
+func (s *Server) maxMessage() int { return s.opts.MaxFileBytes/3*4 + 1<<20 }
 
 // HTTPHandler is New(opts).Handler(), for a caller that never needs Close.
 func HTTPHandler(opts Options) http.Handler { return New(opts).Handler() }
@@ -282,6 +286,13 @@ func (s *Server) endSession(ss *mcp.ServerSession) {
 		}
 	}
 	s.mu.Unlock()
+	// A create under way when the session ended finds it here (and
+	// deletes its sandbox); after that the session is forgotten.
+	time.AfterFunc(10*time.Minute, func() {
+		s.mu.Lock()
+		delete(s.ended, ss)
+		s.mu.Unlock()
+	})
 	if len(ids) > 0 {
 		s.log.Info("mcp session ended: deleting its sandboxes", "session", ss.ID(), "sandboxes", ids)
 	}
@@ -316,7 +327,19 @@ func (s *Server) deleteSandbox(ctx context.Context, ref string) error {
 	delete(s.handles, vm.ID())
 	s.mu.Unlock()
 	_ = vm.Close()
+	if err != nil && s.gone(ctx, vm.ID()) {
+		return nil // deleted meanwhile (by another call, or on the host)
+	}
 	return err
+}
+
+// gone reports whether sandbox id no longer exists.
+func (s *Server) gone(ctx context.Context, id string) bool {
+	vm, err := smolvm.OpenIn(ctx, s.opts.Home, id)
+	if err == nil {
+		_ = vm.Close()
+	}
+	return errors.Is(err, smolvm.ErrNotFound)
 }
 
 // open returns a handle on a sandbox by id or name, reusing an open one.
