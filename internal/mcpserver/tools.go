@@ -340,7 +340,7 @@ func (s *Server) runCommand(ctx context.Context, req *mcp.CallToolRequest, in ru
 	}
 
 	var vm *smolvm.VM
-	stop := func() {}
+	var stop func()
 	if in.SandboxID == "" {
 		stop = s.progress(ctx, req, func(el time.Duration) string {
 			return fmt.Sprintf("starting a sandbox and running the command (%.0f s)", el.Seconds())
