@@ -432,6 +432,27 @@ func TestSessionEnd(t *testing.T) {
 	})
 }
 
+// TestSessionIdle: an HTTP session idle past SessionTimeout ends, and its
+// sandboxes go with it.
+func TestSessionIdle(t *testing.T) {
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	s := mcpserver.New(mcpserver.Options{Home: home, SupervisorBinary: testutil.Binary(t), SessionTimeout: 2 * time.Second})
+	t.Cleanup(func() { _ = s.Close() })
+	srv := httptest.NewServer(s.Handler())
+	defer srv.Close()
+	cs, err := mcp.NewClient(&mcp.Implementation{Name: "test", Version: "1"}, nil).Connect(ctx, &mcp.StreamableClientTransport{Endpoint: srv.URL}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cs.Close()
+	var sb sandboxOut
+	mustCall(t, ctx, cs, "create_sandbox", nil, &sb)
+	if err := testutil.Poll(time.Minute, func() bool { return len(vmIDs(t, home)) == 0 }); err != nil {
+		t.Errorf("sandbox %s of an idle session still there: %v", sb.SandboxID, vmIDs(t, home))
+	}
+}
+
 type bearer struct{ key string }
 
 func (b bearer) RoundTrip(r *http.Request) (*http.Response, error) {
