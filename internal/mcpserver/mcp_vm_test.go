@@ -338,6 +338,23 @@ func TestTools(t *testing.T) {
 		}
 	})
 
+	t.Run("not made through MCP", func(t *testing.T) {
+		vm, err := smolvm.New(ctx, smolvm.Config{Home: home, Name: "users-own"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer vm.Close()
+		var out runOut
+		mustCall(t, ctx, cs, "run_command", map[string]any{"sandbox_id": "users-own", "command": "echo usable"}, &out)
+		if out.Stdout != "usable\n" {
+			t.Errorf("run in a VM not made through MCP: %+v", out)
+		}
+		wantError(t, ctx, cs, "delete_sandbox", map[string]any{"sandbox_id": "users-own"}, "smolvm rm users-own")
+		if _, err := vm.Ping(ctx); err != nil {
+			t.Errorf("the VM after delete_sandbox was refused: %v", err)
+		}
+	})
+
 	t.Run("list and delete", func(t *testing.T) {
 		var l struct{ Sandboxes []sandboxOut }
 		mustCall(t, ctx, cs, "list_sandboxes", nil, &l)

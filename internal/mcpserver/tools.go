@@ -45,6 +45,7 @@ type sandboxOutput struct {
 	Created   time.Time `json:"created"`
 	// Session: made in this session and deleted when it ends.
 	Session bool `json:"session" jsonschema:"made in this session and deleted when it ends (false: kept, or made elsewhere)"`
+	MCP     bool `json:"mcp" jsonschema:"made through MCP (only those can be deleted with delete_sandbox)"`
 	Keep    bool `json:"keep" jsonschema:"made through MCP with keep: true"`
 }
 
@@ -187,7 +188,7 @@ func (s *Server) addTools(srv *mcp.Server) {
 		Annotations: &mcp.ToolAnnotations{ReadOnlyHint: true}},
 		s.listSandboxes)
 	mcp.AddTool(srv, &mcp.Tool{Name: "delete_sandbox", Title: "Delete a sandbox",
-		Description: "Delete a sandbox and everything in it (files, processes, open ports). It cannot be undone; snapshots made from it stay.",
+		Description: "Delete a sandbox made through MCP and everything in it (files, processes, open ports). It cannot be undone; snapshots made from it stay.",
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &destructive, IdempotentHint: idem}},
 		s.deleteSandboxTool)
 	mcp.AddTool(srv, &mcp.Tool{Name: "expose_port", Title: "Expose a port",
@@ -484,13 +485,16 @@ func (s *Server) describe(info *smolvm.Info) sandboxOutput {
 	_, keep, mine := s.ownedBy(info.ID)
 	return sandboxOutput{SandboxID: info.ID, Name: info.Name, State: info.State, Image: info.Image,
 		Snapshot: info.Snapshot, CPUs: info.VCPUs, MemoryMiB: info.MemoryMiB, Created: info.Created,
-		Session: mine && !keep, Keep: keep}
+		Session: mine && !keep, Keep: keep, MCP: strings.HasPrefix(info.Name, NamePrefix)}
 }
 
 func (s *Server) deleteSandboxTool(ctx context.Context, _ *mcp.CallToolRequest, in sandboxRef) (*mcp.CallToolResult, *deleteOutput, error) {
 	vm, err := s.sandbox(ctx, in.SandboxID)
 	if err != nil {
 		return nil, nil, err
+	}
+	if !strings.HasPrefix(vm.Name(), NamePrefix) {
+		return nil, nil, fmt.Errorf("sandbox %s (%s) was not made through MCP, so this server leaves it alone: ask the user to delete it on the host ('smolvm rm %s')", vm.ID(), vm.Name(), vm.Name())
 	}
 	if err := s.deleteSandbox(ctx, vm.ID()); err != nil {
 		return nil, nil, fmt.Errorf("delete sandbox %s: %w", vm.ID(), err)
