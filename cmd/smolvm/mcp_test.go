@@ -58,11 +58,11 @@ func TestTypeScriptClient(t *testing.T) {
 	if err != nil {
 		t.Skip("node not found: install Node.js to run the TypeScript MCP client")
 	}
+	home := testutil.Home(t) // skips with -short
 	dir := filepath.Join(testutil.RepoRoot(), "test", "mcp")
 	if _, err := os.Stat(filepath.Join(dir, "node_modules", "@modelcontextprotocol", "sdk")); err != nil {
 		t.Fatalf("the TypeScript MCP SDK is not installed: run 'npm ci' in %s (.ci/run does)", dir)
 	}
-	home := testutil.Home(t)
 	bin := testutil.Binary(t)
 	env := append(os.Environ(), "SMOLVM_HOME="+home, "SMOLVM_API_KEY=test-key")
 
