@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/lane"
@@ -64,11 +65,13 @@ func Register(t interface {
 	Name() string
 	Cleanup(func())
 }, d *Driver) string {
-	name := "fake-" + t.Name()
+	name := fmt.Sprintf("fake-%s-%d", t.Name(), registered.Add(1))
 	hypervisor.Register(name, d)
 	t.Cleanup(func() { hypervisor.Unregister(name) })
 	return name
 }
+
+var registered atomic.Int64
 
 // Machines are the machines the driver made by default, oldest first.
 func (d *Driver) Machines() []*Machine {
