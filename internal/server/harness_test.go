@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/getkin/kin-openapi/openapi3filter"
@@ -60,7 +59,6 @@ type checker struct {
 	t      *testing.T
 	next   http.Handler
 	router routers.Router
-	mu     sync.Mutex
 }
 
 func (c *checker) ServeHTTP(w http.ResponseWriter, r *http.Request) {

@@ -112,7 +112,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) error {
 		}
 		res, err := vm.Run(ctx, body.Command, opts...)
 		if err != nil {
-			return err
+			return startFailed(w, err)
 		}
 		writeJSON(w, http.StatusOK, execResult{ExitCode: res.ExitCode, Signal: res.Signal, Stdout: string(res.Stdout), Stderr: string(res.Stderr),
 			TimedOut: res.TimedOut, Truncated: res.Truncated, DurationMs: ms(res.Duration)})
@@ -126,12 +126,27 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) error {
 	}
 	err = c.Run()
 	if ee := (*smolvm.ExitError)(nil); err != nil && !errors.As(err, &ee) {
-		return err
+		return startFailed(w, err)
 	}
 	ps := c.ProcessState
 	writeJSON(w, http.StatusOK, execResult{ExitCode: ps.ExitCode, Signal: int(ps.Signal), Stdout: stdout.String(), Stderr: stderr.String(),
 		TimedOut: ps.TimedOut, Truncated: stdout.cut || stderr.cut, DurationMs: ms(ps.Duration)})
 	return nil
+}
+
+// startFailed answers a command that could not start: as a shell would
+// (exit 127 not found, 126 not executable, the reason on stderr), else
+// as an invalid request (a folder that does not exist, an unknown user).
+func startFailed(w http.ResponseWriter, err error) error {
+	se := (*smolvm.StartError)(nil)
+	if !errors.As(err, &se) {
+		return err
+	}
+	if se.ExitCode > 0 {
+		writeJSON(w, http.StatusOK, execResult{ExitCode: se.ExitCode, Stderr: se.Error() + "\n"})
+		return nil
+	}
+	return fmt.Errorf("%w: %w", smolvm.ErrInvalid, err)
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
