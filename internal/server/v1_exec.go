@@ -215,12 +215,17 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) error {
 	}
 	defer conn.CloseNow()
 	conn.SetReadLimit(maxStreamMessage)
-	ctx, cancel := s.shutdownCtx(r.Context())
+	// connCtx ends when the client goes: reads and writes use it (a
+	// cancelled context closes a WebSocket at once). ctx, the command's,
+	// also ends at shutdown, so that the stream can close with 1001.
+	connCtx, clientGone := context.WithCancel(r.Context())
+	defer clientGone()
+	ctx, cancel := s.shutdownCtx(connCtx)
 	defer cancel()
 	fail := func(err error) error {
 		status, code := statusOf(err)
 		b, _ := json.Marshal(apiError{Code: code, Message: err.Error()})
-		_ = conn.Write(ctx, websocket.MessageText, b)
+		_ = conn.Write(connCtx, websocket.MessageText, b)
 		reason := websocket.StatusPolicyViolation
 		if status >= 500 {
 			reason = websocket.StatusInternalError
@@ -228,7 +233,7 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) error {
 		_ = conn.Close(reason, truncate(err.Error(), 120))
 		return nil
 	}
-	typ, first, err := conn.Read(ctx)
+	typ, first, err := conn.Read(connCtx)
 	if err != nil {
 		return nil
 	}
@@ -245,8 +250,8 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) error {
 		return fail(err)
 	}
 	c := body.cmd(ctx, vm)
-	c.Stdout = &wsWriter{ctx: ctx, conn: conn, tag: streamStdout}
-	c.Stderr = &wsWriter{ctx: ctx, conn: conn, tag: streamStderr}
+	c.Stdout = &wsWriter{ctx: connCtx, conn: conn, tag: streamStdout}
+	c.Stderr = &wsWriter{ctx: connCtx, conn: conn, tag: streamStderr}
 	var stdin *io.PipeWriter
 	if body.OpenStdin || body.TTY {
 		var pr *io.PipeReader
@@ -257,7 +262,7 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) error {
 	if err := c.Start(); err != nil {
 		return fail(err)
 	}
-	go s.readControl(ctx, cancel, conn, c, stdin)
+	go s.readControl(connCtx, clientGone, conn, c, stdin)
 	err = c.Wait()
 	if ee := (*smolvm.ExitError)(nil); err != nil && !errors.As(err, &ee) {
 		select {
@@ -266,14 +271,14 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) error {
 			return nil
 		default:
 		}
-		if ctx.Err() != nil {
+		if connCtx.Err() != nil {
 			return nil // the client went: nothing to tell
 		}
 		return fail(err)
 	}
 	ps := c.ProcessState
 	b, _ := json.Marshal(execExit{Type: "exit", ExitCode: ps.ExitCode, Signal: int(ps.Signal), TimedOut: ps.TimedOut, DurationMs: ms(ps.Duration)})
-	if err := conn.Write(ctx, websocket.MessageText, b); err != nil {
+	if err := conn.Write(connCtx, websocket.MessageText, b); err != nil {
 		return nil
 	}
 	_ = conn.Close(websocket.StatusNormalClosure, "")
@@ -286,10 +291,7 @@ func (s *Server) readControl(ctx context.Context, cancel context.CancelFunc, con
 	for {
 		typ, msg, err := conn.Read(ctx)
 		if err != nil {
-			var ce websocket.CloseError
-			if !errors.As(err, &ce) || ce.Code != websocket.StatusNormalClosure {
-				cancel() // the client went away: kill the command
-			}
+			cancel() // the client went (or the stream ended): kill the command
 			if stdin != nil {
 				stdin.CloseWithError(io.EOF)
 			}
