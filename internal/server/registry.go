@@ -282,6 +282,12 @@ func (r *Registry) create(ctx context.Context, e *entry, req CreateRequest) (_ *
 	defer e.mu.Unlock()
 	e.vm, e.creating = vm, false
 	e.sb.CPUs, e.sb.MemoryMiB = info.VCPUs, info.MemoryMiB
+	if req.Snapshot != "" { // a clone runs its snapshot's image
+		e.sb.Template = info.Image
+		if e.sb.Template == "" || e.sb.Template == smolvm.DefaultImage {
+			e.sb.Template = "base"
+		}
+	}
 	e.sb.ExpiresAt = r.expiry(req.Timeout)
 	if err := r.recs.save(record{Sandbox: e.sb}); err != nil {
 		e.vm, e.creating = nil, true

@@ -255,6 +255,9 @@ func TestV1Sandbox(t *testing.T) {
 		var clone sandboxJSON
 		ts.must(201, "POST", "/v1/snapshots/api-snap/restore", map[string]any{"metadata": map[string]string{"clone": "1"}}, &clone)
 		t.Cleanup(func() { ts.srv.Registry().Delete(context.Background(), clone.ID) })
+		if clone.Image != "base" || clone.Metadata["clone"] != "1" {
+			t.Errorf("the clone: %+v", clone)
+		}
 		if res := ts.run(clone.ID, map[string]any{"command": "cat /root/mark"}); res.Stdout != "kept\n" {
 			t.Errorf("the clone: %+v", res)
 		}
@@ -318,7 +321,9 @@ func cutUpload(t *testing.T, ts *testServer, path string) {
 	pw.Write(make([]byte, 256<<10)) // part of the file
 	cancel()
 	pw.CloseWithError(errors.New("client gone"))
-	if err := <-done; !errors.Is(err, context.Canceled) {
+	// The client's error is the cancel or the broken body, whichever
+	// came first; an answer would mean the server took a partial upload.
+	if err := <-done; err == nil || strings.Contains(err.Error(), "got an answer") {
 		t.Errorf("the cut upload: %v", err)
 	}
 }
