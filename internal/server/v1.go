@@ -1,0 +1,4 @@
+package server
+
+// routes mounts the native API.
+func (s *Server) routes() {}
