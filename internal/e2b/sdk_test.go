@@ -2,13 +2,18 @@ package e2b
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
+	pb "github.com/smolvm/smolvm/internal/e2b/proto/process"
 	"github.com/smolvm/smolvm/internal/testutil"
 )
 
@@ -42,4 +47,71 @@ func TestSDK(t *testing.T) {
 	if m := regexp.MustCompile(`(?m)^ℹ fail (\d+)`).FindSubmatch(out); m == nil || string(m[1]) != "0" {
 		t.Errorf("no summary with 0 failures in the output")
 	}
+}
+
+// BenchmarkSDK times the e2b SDK against the API (test/e2b/bench.mjs:
+// Sandbox.create(), create → first output, commands.run('true')) and, in
+// the same run, the same command on the e2b path from Go (envd's Start of
+// /bin/bash -l -c true) and through the library (vm.Run). Medians, in ms:
+//
+//	go test -run '^$' -bench SDK -benchtime 1x ./internal/e2b/
+func BenchmarkSDK(b *testing.B) {
+	node, err := exec.LookPath("node")
+	if err != nil {
+		b.Skip("node not found")
+	}
+	s := newAPIServer(b, 10*time.Minute)
+	for b.Loop() {
+		cmd := exec.Command(node, "bench.mjs")
+		cmd.Dir = sdkDir()
+		cmd.Env = append(os.Environ(), "E2B_API_KEY="+testKey, "E2B_API_URL="+s.url, "E2B_SANDBOX_URL="+s.url)
+		out, err := cmd.Output()
+		if err != nil {
+			b.Fatalf("bench.mjs: %v\n%s", err, out)
+		}
+		var res map[string][]float64
+		if err := json.Unmarshal(out, &res); err != nil {
+			b.Fatalf("bench.mjs said %q: %v", out, err)
+		}
+		for _, k := range []string{"create_ms", "first_output_ms", "command_ms"} {
+			b.ReportMetric(median(res[k]), "sdk_"+k)
+		}
+
+		sb := s.create(map[string]any{"timeout": 600})
+		c := s.envd(sb)
+		ctx := context.Background()
+		var viaEnvd, viaRun []float64
+		vm, err := s.reg.VM(ctx, sb.SandboxID)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for range 50 {
+			t0 := time.Now()
+			st, err := c.proc.Start(ctx, connect.NewRequest(&pb.StartRequest{Process: bash("true")}))
+			if err != nil {
+				b.Fatal(err)
+			}
+			for st.Receive() {
+			}
+			viaEnvd = append(viaEnvd, ms(time.Since(t0)))
+			t0 = time.Now()
+			if _, err := vm.Run(ctx, "true"); err != nil {
+				b.Fatal(err)
+			}
+			viaRun = append(viaRun, ms(time.Since(t0)))
+		}
+		b.ReportMetric(median(viaEnvd), "envd_bash_true_ms")
+		b.ReportMetric(median(viaRun), "vm_run_true_ms")
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	v = slices.Clone(v)
+	slices.Sort(v)
+	return v[len(v)/2]
 }
