@@ -6,7 +6,9 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"mime/multipart"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -300,8 +302,75 @@ func TestEnvdFiles(t *testing.T) {
 	if _, err := c.fs.Stat(ctx, connect.NewRequest(&fspb.StatRequest{Path: "/tmp/up/new/moved.bin"})); connect.CodeOf(err) != connect.CodeNotFound {
 		t.Errorf("stat after remove: %v", err)
 	}
+	badInput(t, s, sb, c)
+
 	var ce *connect.Error
 	if _, err := c.fs.Remove(ctx, connect.NewRequest(&fspb.RemoveRequest{Path: "/tmp/up/new/moved.bin"})); !errors.As(err, &ce) || ce.Code() != connect.CodeNotFound {
 		t.Errorf("remove of a missing path: %v, want NotFound", err)
+	}
+}
+
+// badInput: envd calls a client gets wrong, and an upload cut off midway
+// (nothing of it is left in the guest).
+func badInput(t *testing.T, s *apiServer, sb sandboxJSON, c envdClients) {
+	ctx := testutil.Context(t, 2*time.Minute)
+	if st, body := s.files("POST", sb, "path=/tmp/x", "text/plain", strings.NewReader("x")); st != http.StatusUnsupportedMediaType {
+		t.Errorf("upload as text/plain: %d %s, want 415", st, body)
+	}
+	var form bytes.Buffer
+	mw := multipart.NewWriter(&form)
+	fw, _ := mw.CreateFormField("other")
+	fw.Write([]byte("x"))
+	mw.Close()
+	if st, body := s.files("POST", sb, "path=/tmp/x", mw.FormDataContentType(), &form); st != http.StatusBadRequest || !strings.Contains(string(body), "has no") {
+		t.Errorf("multipart without a file part: %d %s", st, body)
+	}
+	if st, body := s.files("POST", sb, "", "multipart/form-data; boundary=zz", strings.NewReader("garbage")); st != http.StatusBadRequest {
+		t.Errorf("malformed multipart: %d %s", st, body)
+	}
+	if st, body := s.files("POST", sb, "path=/tmp/x", "application/octet-stream", nil); st != http.StatusOK {
+		t.Errorf("empty upload: %d %s", st, body)
+	}
+	if st, body := s.files("POST", sb, "path=/tmp/x", "application/octet-stream", strings.NewReader("x")); st != http.StatusOK {
+		t.Errorf("upload over a file: %d %s", st, body)
+	}
+	req, _ := http.NewRequest("GET", s.url+"/files?path=/tmp/x", nil)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("no E2b-Sandbox-Id: %v %v, want 400", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	req, _ = http.NewRequest("POST", s.url+"/process.Process/List", strings.NewReader("{not json"))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("E2b-Sandbox-Id", sb.SandboxID)
+	req.Header.Set("X-Access-Token", sb.EnvdAccessToken)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("malformed Connect JSON: %v %v, want 400", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if _, err := c.fs.ListDir(ctx, connect.NewRequest(&fspb.ListDirRequest{Path: "/tmp/x"})); err == nil {
+		t.Errorf("list of a file: %v, want an error", err)
+	}
+
+	// An upload whose client goes away midway leaves nothing behind.
+	conn, err := net.Dial("tcp", strings.TrimPrefix(s.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(conn, "POST /files?path=/tmp/cut/cut.bin HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: %s\r\nX-Access-Token: %s\r\n"+
+		"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n", sb.SandboxID, sb.EnvdAccessToken, 4<<20)
+	conn.Write(make([]byte, 512<<10))
+	conn.Close()
+	if err := testutil.Poll(time.Minute, func() bool {
+		// The folder is made when the upload reaches the guest.
+		ls, err := c.fs.ListDir(ctx, connect.NewRequest(&fspb.ListDirRequest{Path: "/tmp/cut"}))
+		return connect.CodeOf(err) == connect.CodeNotFound || (err == nil && len(ls.Msg.Entries) == 0)
+	}); err != nil {
+		if ls, err := c.fs.ListDir(ctx, connect.NewRequest(&fspb.ListDirRequest{Path: "/tmp/cut"})); err == nil {
+			t.Errorf("a cut upload left %v", ls.Msg.Entries)
+		} else {
+			t.Errorf("list /tmp/cut: %v", err)
+		}
 	}
 }

@@ -83,6 +83,22 @@ test('background commands: list, disconnect, connect, kill', async () => {
   assert.equal(await sbx.commands.kill(h.pid), false)
 })
 
+test('pty: an interactive shell, input, resize, kill', async () => {
+  const sbx = await create()
+  let seen = ''
+  let resolve
+  const got = new Promise((r) => { resolve = r })
+  const term = await sbx.pty.create({ cols: 80, rows: 24, onData: (d) => {
+    seen += new TextDecoder().decode(d)
+    if (seen.includes('cols=100')) resolve()
+  } })
+  await sbx.pty.resize(term.pid, { cols: 100, rows: 30 })
+  await sbx.pty.sendInput(term.pid, new TextEncoder().encode('echo cols=$(stty size | cut -d" " -f2)\n'))
+  await got
+  assert.equal(await sbx.pty.kill(term.pid), true)
+  await assert.rejects(term.wait(), (err) => err instanceof CommandExitError)
+})
+
 test('files: write and read a few MiB, list, exists, makeDir, rename, remove', async () => {
   const sbx = await create()
   const data = randomBytes(3 * 1024 * 1024 + 5)
