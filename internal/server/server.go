@@ -88,9 +88,14 @@ func (s *Server) KeyOK(key string) bool {
 // (streams) end cleanly when it is.
 func (s *Server) Done() <-chan struct{} { return s.ctx.Done() }
 
-// Shutdown ends the streams (Done) and closes the registry; the
-// sandboxes keep running for the next server. Call it after
-// http.Server.Shutdown stopped new requests.
+// StopStreams ends the streams (Done) cleanly: the WebSocket ones close
+// with 1001 (going away). http.Server.RegisterOnShutdown takes it: the
+// server's Shutdown does not wait for hijacked connections.
+func (s *Server) StopStreams() { s.cancel() }
+
+// Shutdown ends the streams and closes the registry; the sandboxes keep
+// running for the next server. Call it after http.Server.Shutdown
+// returned (no request uses the registry any more).
 func (s *Server) Shutdown() error {
 	s.cancel()
 	return s.reg.Close()
