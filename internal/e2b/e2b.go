@@ -72,6 +72,9 @@ type Handler struct {
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandboxState
+
+	stop     chan struct{} // closed by StopStreams
+	stopOnce sync.Once
 }
 
 // sandboxState is what envd keeps of one sandbox beside the registry: its
@@ -92,7 +95,8 @@ func New(reg Registry, apiKey string, log *slog.Logger) *Handler {
 	if log == nil {
 		log = slog.Default()
 	}
-	h := &Handler{reg: reg, apiKey: apiKey, log: log, mux: http.NewServeMux(), sandboxes: map[string]*sandboxState{}}
+	h := &Handler{reg: reg, apiKey: apiKey, log: log, mux: http.NewServeMux(), sandboxes: map[string]*sandboxState{},
+		stop: make(chan struct{})}
 	h.controlRoutes()
 	e := &envd{h: h}
 	opts := []connect.HandlerOption{connect.WithReadMaxBytes(maxRPCBytes), connect.WithSendMaxBytes(maxRPCBytes)}
@@ -108,6 +112,16 @@ func New(reg Registry, apiKey string, log *slog.Logger) *Handler {
 const maxRPCBytes = 4 << 20
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+
+// StopStreams ends the streams (commands' output, directory watches)
+// cleanly, for a server shutting down; the commands keep running in their
+// sandboxes.
+func (h *Handler) StopStreams() { h.stopOnce.Do(func() { close(h.stop) }) }
+
+// errStopping ends a stream when the server shuts down.
+func errStopping() error {
+	return connect.NewError(connect.CodeUnavailable, errors.New("the server is shutting down: the sandbox and its commands keep running; connect again when it is back"))
+}
 
 // state returns envd's state of a sandbox the registry has.
 func (h *Handler) state(id string) *sandboxState {

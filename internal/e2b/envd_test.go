@@ -186,6 +186,26 @@ func TestEnvdProcess(t *testing.T) {
 			t.Errorf("kill of an ended process: %v, want NotFound", err)
 		}
 	})
+	t.Run("server stops streams", func(t *testing.T) {
+		st, err := c.proc.Start(ctx, connect.NewRequest(&pb.StartRequest{Process: bash("echo up; sleep 600")}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var pid uint32
+		for st.Receive() && st.Msg().GetEvent().GetData() == nil {
+			if ev := st.Msg().GetEvent().GetStart(); ev != nil {
+				pid = ev.Pid
+			}
+		}
+		s.h.StopStreams() // what a server shutting down does (the last subtest using streams)
+		r, err := collect(t, st)
+		if connect.CodeOf(err) != connect.CodeUnavailable || !strings.Contains(err.Error(), "shutting down") || r.end != nil {
+			t.Errorf("stream at shutdown: %v, end %v; want Unavailable saying the server shuts down", err, r.end)
+		}
+		if !listed(t, ctx, c, pid) {
+			t.Errorf("process %d gone after the server stopped its stream", pid)
+		}
+	})
 	t.Run("access token", func(t *testing.T) {
 		bad := s.envd(sandboxJSON{SandboxID: sb.SandboxID, EnvdAccessToken: "wrong"})
 		_, err := bad.proc.List(ctx, connect.NewRequest(&pb.ListRequest{}))

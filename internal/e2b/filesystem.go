@@ -230,6 +230,8 @@ func (s *filesystemService) WatchDir(ctx context.Context, req *connect.Request[p
 				return nil // the watch's timeoutMs: a clean end
 			}
 			return connect.NewError(connect.CodeCanceled, ctx.Err())
+		case <-s.e.h.stop:
+			return errStopping()
 		case <-sb.ctx.Done():
 			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("sandbox %s is gone", sb.id))
 		case <-keepC:

@@ -177,7 +177,7 @@ type sender func(*pb.ProcessEvent) error
 
 // stream sends the start event, the output and the end of p to one client
 // until the command ends or the client goes, with keepalives between.
-func (p *proc) stream(ctx context.Context, send sender, keepalive time.Duration) error {
+func (p *proc) stream(ctx context.Context, send sender, keepalive time.Duration, stop <-chan struct{}) error {
 	s, backlog := p.attach()
 	defer p.detach(s)
 	if err := send(&pb.ProcessEvent{Event: &pb.ProcessEvent_Start{Start: &pb.ProcessEvent_StartEvent{Pid: p.pid}}}); err != nil {
@@ -228,6 +228,8 @@ func (p *proc) stream(ctx context.Context, send sender, keepalive time.Duration)
 			}
 		case <-ctx.Done():
 			return streamEnd(ctx)
+		case <-stop:
+			return errStopping()
 		}
 	}
 }
@@ -342,7 +344,7 @@ func (s *processService) Start(ctx context.Context, req *connect.Request[pb.Star
 	}()
 	return p.stream(ctx, func(ev *pb.ProcessEvent) error {
 		return stream.Send(&pb.StartResponse{Event: ev})
-	}, keepaliveOf(req.Header()))
+	}, keepaliveOf(req.Header()), s.e.h.stop)
 }
 
 func (s *processService) Connect(ctx context.Context, req *connect.Request[pb.ConnectRequest], stream *connect.ServerStream[pb.ConnectResponse]) error {
@@ -356,7 +358,7 @@ func (s *processService) Connect(ctx context.Context, req *connect.Request[pb.Co
 	}
 	return p.stream(ctx, func(ev *pb.ProcessEvent) error {
 		return stream.Send(&pb.ConnectResponse{Event: ev})
-	}, keepaliveOf(req.Header()))
+	}, keepaliveOf(req.Header()), s.e.h.stop)
 }
 
 func (s *processService) List(ctx context.Context, req *connect.Request[pb.ListRequest]) (*connect.Response[pb.ListResponse], error) {

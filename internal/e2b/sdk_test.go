@@ -3,11 +3,14 @@ package e2b
 import (
 	"context"
 	"encoding/json"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,7 +25,7 @@ import (
 func sdkDir() string { return filepath.Join(testutil.RepoRoot(), "test", "e2b") }
 
 // TestSDK runs the official e2b SDK's test script (test/e2b/sdk.test.mjs)
-// against the API on a loopback port, with exactly E2B_API_KEY,
+// against `smolvm serve` on a loopback port, with exactly E2B_API_KEY,
 // E2B_API_URL and E2B_SANDBOX_URL set. Skipped only where node is missing.
 func TestSDK(t *testing.T) {
 	node, err := exec.LookPath("node")
@@ -33,12 +36,12 @@ func TestSDK(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "node_modules", "e2b", "package.json")); err != nil {
 		t.Fatalf("the e2b SDK is not installed in %s: run 'npm ci --prefix test/e2b' (.ci/run does)", dir)
 	}
-	s := newAPIServer(t, 10*time.Minute)
+	url := startServe(t, warmHome(t))
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, node, "--test", "--test-reporter=spec", "sdk.test.mjs")
 	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "E2B_API_KEY="+testKey, "E2B_API_URL="+s.url, "E2B_SANDBOX_URL="+s.url)
+	cmd.Env = append(os.Environ(), "E2B_API_KEY="+testKey, "E2B_API_URL="+url, "E2B_SANDBOX_URL="+url)
 	out, err := cmd.CombinedOutput()
 	t.Logf("node --test sdk.test.mjs:\n%s", out)
 	if err != nil {
@@ -47,6 +50,53 @@ func TestSDK(t *testing.T) {
 	if m := regexp.MustCompile(`(?m)^ℹ fail (\d+)`).FindSubmatch(out); m == nil || string(m[1]) != "0" {
 		t.Errorf("no summary with 0 failures in the output")
 	}
+}
+
+// startServe runs `smolvm serve` on a free loopback port with the test's
+// key, until the test ends (SIGTERM, then its exit awaited).
+func startServe(t *testing.T, home string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	var log testutil.SyncBuffer
+	cmd := exec.Command(testutil.Binary(t), "serve", "--listen", addr, "--default-timeout", "10m")
+	cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home, "SMOLVM_API_KEY="+testKey)
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("smolvm serve ended with %v after SIGTERM:\n%s", err, log.String())
+			}
+		case <-time.After(time.Minute):
+			cmd.Process.Kill()
+			t.Errorf("smolvm serve still running a minute after SIGTERM:\n%s", log.String())
+		}
+	})
+	url := "http://" + addr
+	if err := testutil.Poll(time.Minute, func() bool {
+		req, _ := http.NewRequest("GET", url+"/v2/sandboxes", nil)
+		req.Header.Set("X-API-Key", testKey)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}); err != nil {
+		t.Fatalf("smolvm serve on %s did not answer: %v\n%s", addr, err, log.String())
+	}
+	return url
 }
 
 // BenchmarkSDK times the e2b SDK against the API (test/e2b/bench.mjs:
