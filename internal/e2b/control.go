@@ -212,9 +212,8 @@ func (h *Handler) create(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *Handler) get(w http.ResponseWriter, r *http.Request) {
-	sb, err := h.reg.Get(r.Context(), r.PathValue("id"))
-	if err != nil {
-		writeErr(w, err)
+	sb, ok := h.sandbox(w, r)
+	if !ok {
 		return
 	}
 	writeJSON(w, http.StatusOK, detailOf(sb, true))
@@ -252,6 +251,17 @@ func (h *Handler) setTimeout(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
+// sandbox reads the sandbox a call's path names, writing the error when
+// there is none.
+func (h *Handler) sandbox(w http.ResponseWriter, r *http.Request) (*server.Sandbox, bool) {
+	sb, err := h.reg.Get(r.Context(), r.PathValue("id"))
+	if err != nil {
+		writeErr(w, err)
+		return nil, false
+	}
+	return sb, true
+}
+
 // refresh extends a sandbox's life by duration seconds from now (E2B's
 // keep-alive call), never shortening it.
 func (h *Handler) refresh(w http.ResponseWriter, r *http.Request) {
@@ -261,10 +271,8 @@ func (h *Handler) refresh(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &body) {
 		return
 	}
-	id := r.PathValue("id")
-	sb, err := h.reg.Get(r.Context(), id)
-	if err != nil {
-		writeErr(w, err)
+	sb, ok := h.sandbox(w, r)
+	if !ok {
 		return
 	}
 	d, err := timeoutOf(body.Duration)
@@ -273,7 +281,7 @@ func (h *Handler) refresh(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if d > 0 && !sb.ExpiresAt.IsZero() && time.Now().Add(d).After(sb.ExpiresAt) {
-		if err := h.reg.SetTimeout(r.Context(), id, d); err != nil {
+		if err := h.reg.SetTimeout(r.Context(), sb.ID, d); err != nil {
 			writeErr(w, err)
 			return
 		}
@@ -287,17 +295,15 @@ func (h *Handler) pause(w http.ResponseWriter, r *http.Request) {
 	}{}) {
 		return
 	}
-	id := r.PathValue("id")
-	sb, err := h.reg.Get(r.Context(), id)
-	if err != nil {
-		writeErr(w, err)
+	sb, ok := h.sandbox(w, r)
+	if !ok {
 		return
 	}
 	if sb.State == server.StatePaused {
-		writeError(w, http.StatusConflict, fmt.Sprintf("sandbox %q is already paused", id))
+		writeError(w, http.StatusConflict, fmt.Sprintf("sandbox %q is already paused", sb.ID))
 		return
 	}
-	if err := h.reg.Pause(r.Context(), id); err != nil {
+	if err := h.reg.Pause(r.Context(), sb.ID); err != nil {
 		writeErr(w, err)
 		return
 	}
@@ -319,10 +325,8 @@ func (h *Handler) connect(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "memory false (reboot on resume) is not supported: smolvm resumes with memory")
 		return
 	}
-	id := r.PathValue("id")
-	before, err := h.reg.Get(r.Context(), id)
-	if err != nil {
-		writeErr(w, err)
+	before, ok := h.sandbox(w, r)
+	if !ok {
 		return
 	}
 	timeout, err := timeoutOf(body.Timeout)
@@ -335,7 +339,7 @@ func (h *Handler) connect(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, sandboxOf(before))
 		return
 	}
-	sb, err := h.reg.Resume(r.Context(), id, timeout)
+	sb, err := h.reg.Resume(r.Context(), before.ID, timeout)
 	if err != nil {
 		writeErr(w, err)
 		return

@@ -10,15 +10,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
 
-	"github.com/smolvm/smolvm"
 	"github.com/smolvm/smolvm/internal/e2b/proto/filesystem/filesystemconnect"
 	"github.com/smolvm/smolvm/internal/e2b/proto/process/processconnect"
 	"github.com/smolvm/smolvm/internal/server"
@@ -27,7 +24,7 @@ import (
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if err := closeWarm(); err != nil {
+	if err := testutil.CloseWarm(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2b tests:", err)
 		if code == 0 {
 			code = 1
@@ -36,70 +33,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-var warm struct {
-	once sync.Once
-	home string
-	err  error
-}
-
-// warmHome is one state folder for the package's real-VM tests, with a
-// warm snapshot, so that each sandbox restores in a fraction of a boot.
-// Each test deletes its sandboxes; TestMain removes the folder.
-func warmHome(t testing.TB) string {
-	t.Helper()
-	testutil.NeedQEMU(t)
-	testutil.Agent(t)
-	testutil.Binary(t)
-	warm.once.Do(func() {
-		home, err := os.MkdirTemp("", "sme2b")
-		if err == nil {
-			err = os.Symlink(testutil.CacheDir(), filepath.Join(home, "cache"))
-		}
-		if err != nil {
-			warm.err = err
-			return
-		}
-		warm.home = home
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-		defer cancel()
-		if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
-			warm.err = fmt.Errorf("set up %s: %w", home, err)
-		}
-	})
-	if warm.err != nil {
-		t.Fatal(warm.err)
-	}
-	return warm.home
-}
-
-func closeWarm() error {
-	if warm.home == "" {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	vms, err := smolvm.ListIn(ctx, warm.home)
-	if err != nil {
-		return err
-	}
-	var left []string
-	for _, in := range vms {
-		left = append(left, in.Name)
-	}
-	if _, err := smolvm.Cleanup(ctx, smolvm.CleanupOptions{Home: warm.home, All: true}); err != nil {
-		return err
-	}
-	if procs := testutil.WaitNoProcesses(warm.home, 30*time.Second); len(procs) > 0 {
-		return fmt.Errorf("processes left: %s", strings.Join(procs, "; "))
-	}
-	if err := os.RemoveAll(warm.home); err != nil {
-		return err
-	}
-	if len(left) > 0 {
-		return fmt.Errorf("VMs left by the tests: %s", strings.Join(left, ", "))
-	}
-	return nil
-}
+func warmHome(t testing.TB) string { return testutil.WarmHome(t) }
 
 const testKey = "test-key-0123456789"
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"sort"
 	"strings"
 	"sync"
@@ -347,12 +348,17 @@ func (s *processService) Start(ctx context.Context, req *connect.Request[pb.Star
 	}, keepaliveOf(req.Header()), s.e.h.stop)
 }
 
-func (s *processService) Connect(ctx context.Context, req *connect.Request[pb.ConnectRequest], stream *connect.ServerStream[pb.ConnectResponse]) error {
-	sb, err := s.e.sandbox(ctx, req.Header())
+// target resolves the sandbox and command an RPC names.
+func (s *processService) target(ctx context.Context, h http.Header, sel *pb.ProcessSelector) (*proc, error) {
+	sb, err := s.e.sandbox(ctx, h)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	p, err := sb.procs.find(req.Msg.GetProcess())
+	return sb.procs.find(sel)
+}
+
+func (s *processService) Connect(ctx context.Context, req *connect.Request[pb.ConnectRequest], stream *connect.ServerStream[pb.ConnectResponse]) error {
+	p, err := s.target(ctx, req.Header(), req.Msg.GetProcess())
 	if err != nil {
 		return err
 	}
@@ -381,11 +387,7 @@ func (s *processService) List(ctx context.Context, req *connect.Request[pb.ListR
 }
 
 func (s *processService) SendInput(ctx context.Context, req *connect.Request[pb.SendInputRequest]) (*connect.Response[pb.SendInputResponse], error) {
-	sb, err := s.e.sandbox(ctx, req.Header())
-	if err != nil {
-		return nil, err
-	}
-	p, err := sb.procs.find(req.Msg.GetProcess())
+	p, err := s.target(ctx, req.Header(), req.Msg.GetProcess())
 	if err != nil {
 		return nil, err
 	}
@@ -452,11 +454,7 @@ func (p *proc) input(ctx context.Context, in *pb.ProcessInput) error {
 }
 
 func (s *processService) CloseStdin(ctx context.Context, req *connect.Request[pb.CloseStdinRequest]) (*connect.Response[pb.CloseStdinResponse], error) {
-	sb, err := s.e.sandbox(ctx, req.Header())
-	if err != nil {
-		return nil, err
-	}
-	p, err := sb.procs.find(req.Msg.GetProcess())
+	p, err := s.target(ctx, req.Header(), req.Msg.GetProcess())
 	if err != nil {
 		return nil, err
 	}
@@ -470,11 +468,7 @@ func (s *processService) CloseStdin(ctx context.Context, req *connect.Request[pb
 }
 
 func (s *processService) SendSignal(ctx context.Context, req *connect.Request[pb.SendSignalRequest]) (*connect.Response[pb.SendSignalResponse], error) {
-	sb, err := s.e.sandbox(ctx, req.Header())
-	if err != nil {
-		return nil, err
-	}
-	p, err := sb.procs.find(req.Msg.GetProcess())
+	p, err := s.target(ctx, req.Header(), req.Msg.GetProcess())
 	if err != nil {
 		return nil, err
 	}
@@ -499,11 +493,7 @@ func (s *processService) SendSignal(ctx context.Context, req *connect.Request[pb
 }
 
 func (s *processService) Update(ctx context.Context, req *connect.Request[pb.UpdateRequest]) (*connect.Response[pb.UpdateResponse], error) {
-	sb, err := s.e.sandbox(ctx, req.Header())
-	if err != nil {
-		return nil, err
-	}
-	p, err := sb.procs.find(req.Msg.GetProcess())
+	p, err := s.target(ctx, req.Header(), req.Msg.GetProcess())
 	if err != nil {
 		return nil, err
 	}
