@@ -23,8 +23,9 @@ import (
 // goes), so what they print must be held somewhere, and never without a
 // bound.
 const (
-	// maxProcs is how many commands a sandbox runs at once through envd.
-	maxProcs = 256
+	// maxProcs is how many commands a sandbox runs at once through envd
+	// (with detachedMax, at most 32 MiB of kept output per sandbox).
+	maxProcs = 64
 	// chunkMax splits output into events of at most this size.
 	chunkMax = 32 << 10
 	// subscriberQueue is how many events wait for one slow client before
@@ -32,7 +33,7 @@ const (
 	subscriberQueue = 64
 	// detachedMax is how much output a command with no client attached
 	// keeps for the next Connect; older output is dropped beyond it.
-	detachedMax = 1 << 20
+	detachedMax = 512 << 10
 	// inputMax bounds one SendInput.
 	inputMax = 1 << 20
 )
