@@ -115,6 +115,7 @@ func BenchmarkSDK(b *testing.B) {
 		cmd := exec.Command(node, "bench.mjs")
 		cmd.Dir = sdkDir()
 		cmd.Env = append(os.Environ(), "E2B_API_KEY="+testKey, "E2B_API_URL="+s.url, "E2B_SANDBOX_URL="+s.url)
+		cmd.Stderr = os.Stderr
 		out, err := cmd.Output()
 		if err != nil {
 			b.Fatalf("bench.mjs: %v\n%s", err, out)
@@ -123,7 +124,7 @@ func BenchmarkSDK(b *testing.B) {
 		if err := json.Unmarshal(out, &res); err != nil {
 			b.Fatalf("bench.mjs said %q: %v", out, err)
 		}
-		for _, k := range []string{"create_ms", "first_output_ms", "command_ms"} {
+		for _, k := range []string{"create_ms", "first_output_ms", "command_ms", "concurrent_wall_ms", "concurrent_failures"} {
 			b.ReportMetric(median(res[k]), "sdk_"+k)
 		}
 
