@@ -145,4 +145,23 @@ func TestControlPlane(t *testing.T) {
 	if _, err := s.envd(short).proc.List(ctx, connect.NewRequest(&pb.ListRequest{})); connect.CodeOf(err) != connect.CodeUnavailable {
 		t.Errorf("envd of an expired sandbox: %v, want Unavailable", err)
 	}
+
+	// With autoPause (the SDK's lifecycle onTimeout 'pause') it is paused
+	// instead, and connect resumes it.
+	ap := s.create(map[string]any{"timeout": 1, "autoPause": true})
+	if err := testutil.Poll(2*time.Minute, func() bool {
+		return s.call("GET", "/sandboxes/"+ap.SandboxID, nil, &d) == 200 && d.State == "paused"
+	}); err != nil {
+		t.Errorf("autoPause sandbox after its timeout: %+v, want paused", d)
+	}
+	if st := s.call("POST", "/v2/sandboxes/"+ap.SandboxID+"/connect", map[string]any{"timeout": 600}, &sb); st != 201 {
+		t.Errorf("connect to an auto-paused sandbox: %d, want 201", st)
+	}
+	st, err = s.envd(ap).proc.Start(ctx, connect.NewRequest(&pb.StartRequest{Process: bash("echo back")}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := collect(t, st); err != nil || r.stdout != "back\n" {
+		t.Errorf("after resuming an auto-paused sandbox: %q %v", r.stdout, err)
+	}
 }
