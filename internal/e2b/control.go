@@ -39,6 +39,10 @@ func (h *Handler) controlRoutes() {
 	h.mux.HandleFunc("POST /sandboxes/{id}/resume", h.keyed(h.connect))
 	h.mux.HandleFunc("POST /sandboxes/{id}/connect", h.keyed(h.connect))
 	h.mux.HandleFunc("POST /v2/sandboxes/{id}/connect", h.keyed(h.connect))
+	// What else the SDK may call (snapshots, metrics, network updates…).
+	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotImplemented, fmt.Sprintf("%s %s is not offered by smolvm's E2B-compatible API (sandboxes, commands and files are)", r.Method, r.URL.Path))
+	})
 }
 
 // keyed requires the API key in X-API-Key.

@@ -41,6 +41,7 @@ func TestControlBadInput(t *testing.T) {
 		{"bad state", testKey, "GET", "/v2/sandboxes?state=sleeping", "", 400, "state \"sleeping\""},
 		{"bad limit", testKey, "GET", "/v2/sandboxes?limit=0", "", 400, "limit"},
 		{"bad token", testKey, "GET", "/v2/sandboxes?nextToken=!!", "", 400, "nextToken"},
+		{"not offered", testKey, "POST", "/sandboxes/nosuchsandbox/snapshots", `{}`, 501, "not offered"},
 	} {
 		var e apiError
 		st := s.callKey(c.key, c.method, c.path, c.body, &e)
