@@ -126,6 +126,19 @@ test('files: write and read a few MiB, list, exists, makeDir, rename, remove', a
   await assert.rejects(sbx.files.read('/tmp/data/sub/moved.txt'), (err) => err instanceof NotFoundError)
 })
 
+test('files: watchDir reports a new file', async () => {
+  const sbx = await create()
+  await sbx.files.makeDir('/tmp/watched')
+  let resolve
+  const seen = new Promise((r) => { resolve = r })
+  const handle = await sbx.files.watchDir('/tmp/watched', (ev) => {
+    if (ev.name === 'new.txt' && ev.type === 'create') resolve()
+  })
+  await sbx.files.write('/tmp/watched/new.txt', 'x')
+  await seen
+  await handle.stop()
+})
+
 test('list by metadata, connect, kill', async () => {
   const a = await create({ metadata: { pick: 'me' } })
   await create({ metadata: { pick: 'not-me' } })
