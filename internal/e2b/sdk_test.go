@@ -32,6 +32,7 @@ func TestSDK(t *testing.T) {
 	if err != nil {
 		t.Skip("node not found: install Node.js 20 or later to run the e2b SDK test")
 	}
+	testutil.NeedQEMU(t)
 	dir := sdkDir()
 	if _, err := os.Stat(filepath.Join(dir, "node_modules", "e2b", "package.json")); err != nil {
 		t.Fatalf("the e2b SDK is not installed in %s: run 'npm ci --prefix test/e2b' (.ci/run does)", dir)
