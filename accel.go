@@ -52,6 +52,13 @@ func resolveAccel(ctx context.Context, home string, cfg *Config, img *resolvedIm
 	return hypervisor.AccelTCG, nil
 }
 
+// The KVM probe's seams: the unit tests replace the device check and the
+// test boot.
+var (
+	kvmUsable = kvmDeviceUsable
+	kvmBoot   = supervisor.Probe
+)
+
 func kvmDeviceUsable() error {
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
@@ -63,9 +70,10 @@ func kvmDeviceUsable() error {
 
 // ProbeAccel decides between KVM and TCG for this kernel: KVM only when
 // /dev/kvm opens and a real boot with it reaches the guest agent. The
-// result is cached per kernel, initrd and QEMU version.
+// result is cached per kernel, initrd and QEMU version; a probe that ctx
+// cancelled (or whose deadline passed) decided nothing and is not cached.
 func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
-	if err := kvmDeviceUsable(); err != nil {
+	if err := kvmUsable(); err != nil {
 		return AccelReport{Accel: "tcg", Reason: err.Error()}
 	}
 	// The QEMU binary's file, not its -version output: running it would
@@ -89,7 +97,10 @@ func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
 		ConsoleLog: filepath.Join(dir, "console.log"),
 	}
 	rec = probeRecord{Key: key, KVM: true, Reason: "a test boot with KVM reached the guest agent"}
-	if err := supervisor.Probe(ctx, "qemu", mc, kvmProbeTimeout); err != nil {
+	if err := kvmBoot(ctx, "qemu", mc, kvmProbeTimeout); err != nil {
+		if cerr := context.Cause(ctx); cerr != nil {
+			return AccelReport{Accel: "tcg", Reason: fmt.Sprintf("the KVM probe was interrupted (%v): using TCG software emulation this time", cerr)}
+		}
 		rec = probeRecord{Key: key, Reason: fmt.Sprintf("a test boot with KVM failed (%v): using TCG software emulation", err)}
 	}
 	if b, err := json.Marshal(rec); err == nil {

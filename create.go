@@ -19,6 +19,7 @@ import (
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // New creates a VM, boots it and returns once its agent answers. Unless
@@ -248,7 +249,7 @@ func guestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 	// about half a second of every cold boot and buy a single-tenant
 	// sandbox nothing. (The warm snapshot's boot adds init_on_free, so that
 	// freed memory is zero and the snapshot small: see warmBootArgs.)
-	parts = append(parts, "init_on_alloc=0", "cryptomgr.notests", "smolvm.hostname="+hostname)
+	parts = append(parts, "init_on_alloc=0", "cryptomgr.notests", wire.ParamHostname+"="+hostname)
 	// An idle guest should not wake: kcompactd's proactive compaction
 	// (every 500 ms) and the lockup watchdog's timer (every 4 s, for
 	// lockups a sandbox has no one to report to) were most of an idle

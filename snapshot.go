@@ -19,6 +19,7 @@ import (
 	"github.com/smolvm/smolvm/internal/rootfs"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // SnapshotInfo describes a saved VM.
@@ -406,7 +407,7 @@ func warmKey(spec *supervisor.Spec) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "%s|%d|%d|%d|%s|%s|%d|%d|", spec.ImageFingerprint, spec.MachineLayout, mc.VCPUs, mc.MemoryMiB, mc.Accel, mc.Channel, len(mc.Disks), len(mc.Net))
 	for _, f := range strings.Fields(mc.Cmdline) {
-		if !strings.HasPrefix(f, "smolvm.hostname=") && f != warmBootArgs {
+		if !strings.HasPrefix(f, wire.ParamHostname+"=") && f != warmBootArgs {
 			fmt.Fprint(h, f, " ")
 		}
 	}

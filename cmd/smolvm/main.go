@@ -32,7 +32,9 @@ func main() {
 	if os.Getenv("SMOLVM_BIN") == "" {
 		// Detached supervisors run this same binary, whatever its name.
 		if exe, err := os.Executable(); err == nil {
-			os.Setenv("SMOLVM_BIN", exe)
+			if err := os.Setenv("SMOLVM_BIN", exe); err != nil {
+				fmt.Fprintln(os.Stderr, "smolvm: warning:", err)
+			}
 		}
 	}
 	g := &globals{}

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/errdefs"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // ErrUnsupported is returned for an optional power a driver lacks.
@@ -42,10 +43,10 @@ const (
 )
 
 // AgentPortName is the virtio-serial port name the guest agent looks for.
-const AgentPortName = "org.smolvm.agent"
+const AgentPortName = wire.AgentPortName
 
 // FastPortName is the virtio-serial port of the agent's fast lane.
-const FastPortName = "org.smolvm.fast"
+const FastPortName = wire.FastPortName
 
 // MachineLayout versions the virtual hardware the drivers build (devices,
 // memory backend). A snapshot holds device state for one layout and cannot
@@ -54,10 +55,10 @@ const FastPortName = "org.smolvm.fast"
 const MachineLayout = 6
 
 // AgentVsockPort is the vsock port the guest agent listens on.
-const AgentVsockPort = 1024
+const AgentVsockPort = wire.AgentVsockPort
 
 // FastVsockPort is the vsock port of the agent's fast lane.
-const FastVsockPort = 1025
+const FastVsockPort = wire.FastVsockPort
 
 // Disk is one block device given to the guest.
 type Disk struct {
