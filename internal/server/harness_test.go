@@ -76,14 +76,18 @@ func (c *checker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	in := &openapi3filter.RequestValidationInput{Request: r, PathParams: params, Route: route,
 		Options: &openapi3filter.Options{AuthenticationFunc: openapi3filter.NoopAuthenticationFunc, MultiError: true}}
 	json := strings.HasPrefix(r.Header.Get("Content-Type"), "application/json") || r.ContentLength == 0
+	orig := r.Body
 	var body []byte
 	if json {
 		body, _ = io.ReadAll(r.Body)
 		r.Body = io.NopCloser(bytes.NewReader(body))
 	} else {
+		// Uploads are not read here (kin-openapi would read them whole).
 		in.Options.ExcludeRequestBody = true
+		r.Body = http.NoBody
 	}
 	reqErr := openapi3filter.ValidateRequest(r.Context(), in)
+	r.Body = orig
 	if json {
 		r.Body = io.NopCloser(bytes.NewReader(body))
 	}

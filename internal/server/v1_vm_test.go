@@ -331,48 +331,9 @@ func TestV1Stream(t *testing.T) {
 	ts := newTestServer(t, Options{Home: home})
 	sb := ts.createSandbox(map[string]any{"timeout": -1})
 	ctx := testutil.Context(t, 5*time.Minute)
-	dial := func() *websocket.Conn {
-		url := "ws" + strings.TrimPrefix(ts.http.URL, "http") + sbPath(sb.ID, "/exec/stream")
-		c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer " + ts.key}}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.SetReadLimit(1 << 20)
-		return c
-	}
-	send := func(c *websocket.Conn, v any) {
-		b, _ := json.Marshal(v)
-		if err := c.Write(ctx, websocket.MessageText, b); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// collect reads until the exit message.
-	collect := func(c *websocket.Conn) (stdout, stderr string, exit execExit) {
-		var o, e bytes.Buffer
-		for {
-			typ, msg, err := c.Read(ctx)
-			if err != nil {
-				t.Fatalf("read: %v (stdout %q stderr %q)", err, o.String(), e.String())
-			}
-			if typ == websocket.MessageText {
-				if err := json.Unmarshal(msg, &exit); err != nil || exit.Type != "exit" {
-					t.Fatalf("text message %s", msg)
-				}
-				_, _, err := c.Read(ctx)
-				var ce websocket.CloseError
-				if !errors.As(err, &ce) || ce.Code != websocket.StatusNormalClosure {
-					t.Errorf("after the exit: %v, want a normal close", err)
-				}
-				return o.String(), e.String(), exit
-			}
-			switch msg[0] {
-			case streamStdout:
-				o.Write(msg[1:])
-			case streamStderr:
-				e.Write(msg[1:])
-			}
-		}
-	}
+	dial := func() *websocket.Conn { return ts.dial(ctx, sb.ID) }
+	send := func(c *websocket.Conn, v any) { wsSend(t, ctx, c, v) }
+	collect := func(c *websocket.Conn) (string, string, execExit) { return wsCollect(t, ctx, c) }
 
 	c := dial()
 	send(c, map[string]any{"command": "echo one; echo two >&2; exit 7"})
@@ -428,5 +389,53 @@ func TestV1Stream(t *testing.T) {
 	var e apiError
 	if err != nil || json.Unmarshal(msg, &e) != nil || e.Code != "invalid" || !strings.Contains(e.Message, "bogus") {
 		t.Errorf("bad first message: %v %s", err, msg)
+	}
+}
+
+func (ts *testServer) dial(ctx context.Context, id string) *websocket.Conn {
+	ts.t.Helper()
+	url := "ws" + strings.TrimPrefix(ts.http.URL, "http") + sbPath(id, "/exec/stream")
+	c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer " + ts.key}}})
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	c.SetReadLimit(1 << 20)
+	return c
+}
+
+func wsSend(t testing.TB, ctx context.Context, c *websocket.Conn, v any) {
+	t.Helper()
+	b, _ := json.Marshal(v)
+	if err := c.Write(ctx, websocket.MessageText, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// wsCollect reads a stream until its exit message and the close after it.
+func wsCollect(t testing.TB, ctx context.Context, c *websocket.Conn) (stdout, stderr string, exit execExit) {
+	t.Helper()
+	var o, e bytes.Buffer
+	for {
+		typ, msg, err := c.Read(ctx)
+		if err != nil {
+			t.Fatalf("read: %v (stdout %q stderr %q)", err, o.String(), e.String())
+		}
+		if typ == websocket.MessageText {
+			if err := json.Unmarshal(msg, &exit); err != nil || exit.Type != "exit" {
+				t.Fatalf("text message %s", msg)
+			}
+			_, _, err := c.Read(ctx)
+			var ce websocket.CloseError
+			if !errors.As(err, &ce) || ce.Code != websocket.StatusNormalClosure {
+				t.Errorf("after the exit: %v, want a normal close", err)
+			}
+			return o.String(), e.String(), exit
+		}
+		switch msg[0] {
+		case streamStdout:
+			o.Write(msg[1:])
+		case streamStderr:
+			e.Write(msg[1:])
+		}
 	}
 }
