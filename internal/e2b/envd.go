@@ -260,7 +260,7 @@ func (e *envd) upload(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			if part.FormName() != "file" {
-				part.Close()
+				_ = part.Close() // a part that was not read: nothing to lose
 				continue
 			}
 			target := qpath

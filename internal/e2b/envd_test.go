@@ -155,7 +155,7 @@ func TestEnvdProcess(t *testing.T) {
 			out += string(ev.GetData().GetStdout())
 		}
 		cancel() // the client goes away; the command stays
-		st.Close()
+		_ = st.Close()
 		if !listed(t, ctx, c, pid) {
 			t.Fatalf("background process %d not listed after its client left", pid)
 		}
@@ -249,8 +249,9 @@ func TestEnvdFiles(t *testing.T) {
 	var form bytes.Buffer
 	mw := multipart.NewWriter(&form)
 	fw, _ := mw.CreateFormFile("file", "/tmp/up/dir/big.bin")
-	fw.Write(data)
-	mw.Close()
+	if _, err := fw.Write(data); err != nil || mw.Close() != nil {
+		t.Fatal("make the form")
+	}
 	st, body := s.files("POST", sb, "path=/tmp/up/dir/big.bin", mw.FormDataContentType(), &form)
 	var written []writtenEntry
 	if st != http.StatusOK || json.Unmarshal(body, &written) != nil || len(written) != 1 || written[0].Path != "/tmp/up/dir/big.bin" {
@@ -340,8 +341,9 @@ func badInput(t *testing.T, s *apiServer, sb sandboxJSON, c envdClients) {
 	var form bytes.Buffer
 	mw := multipart.NewWriter(&form)
 	fw, _ := mw.CreateFormField("other")
-	fw.Write([]byte("x"))
-	mw.Close()
+	if _, err := fw.Write([]byte("x")); err != nil || mw.Close() != nil {
+		t.Fatal("make the form")
+	}
 	if st, body := s.files("POST", sb, "path=/tmp/x", mw.FormDataContentType(), &form); st != http.StatusBadRequest || !strings.Contains(string(body), "has no") {
 		t.Errorf("multipart without a file part: %d %s", st, body)
 	}
@@ -380,7 +382,9 @@ func badInput(t *testing.T, s *apiServer, sb sandboxJSON, c envdClients) {
 	}
 	fmt.Fprintf(conn, "POST /files?path=/tmp/cut/cut.bin HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: %s\r\nX-Access-Token: %s\r\n"+
 		"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n", sb.SandboxID, sb.EnvdAccessToken, 4<<20)
-	conn.Write(make([]byte, 512<<10))
+	if _, err := conn.Write(make([]byte, 512<<10)); err != nil {
+		t.Fatal(err)
+	}
 	conn.Close()
 	if err := testutil.Poll(time.Minute, func() bool {
 		// The folder is made when the upload reaches the guest.

@@ -65,7 +65,9 @@ func newAPIServer(t testing.TB, defTimeout time.Duration) *apiServer {
 				t.Errorf("delete sandbox %s: %v", sb.ID, err)
 			}
 		}
-		reg.Close()
+		if err := reg.Close(); err != nil {
+			t.Errorf("close the registry: %v", err)
+		}
 	})
 	return &apiServer{t: t, url: ts.URL, reg: reg, h: h}
 }

@@ -73,14 +73,14 @@ func startServe(t *testing.T, home string) string {
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Process.Signal(syscall.SIGTERM) // an exited server shows below
 		select {
 		case err := <-exited:
 			if err != nil {
 				t.Errorf("smolvm serve ended with %v after SIGTERM:\n%s", err, log.String())
 			}
 		case <-time.After(time.Minute):
-			cmd.Process.Kill()
+			_ = cmd.Process.Kill()
 			t.Errorf("smolvm serve still running a minute after SIGTERM:\n%s", log.String())
 		}
 	})
