@@ -15,6 +15,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/e2b"
+	"github.com/smolvm/smolvm/internal/mcpserver"
 	"github.com/smolvm/smolvm/internal/server"
 )
 
@@ -30,9 +32,10 @@ func newServeCmd(g *globals) *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
-		Short: "Serve the HTTP API (native /v1) on one listener",
+		Short: "Serve the HTTP API (native /v1, and E2B's) on one listener",
 		Long: `Serve smolvm over HTTP: the native API under /v1 (its OpenAPI document at
-GET /v1/openapi.json). Sandboxes made through it are persistent VMs named by
+GET /v1/openapi.json), and an E2B-compatible API for the e2b SDK (set
+E2B_API_KEY to the key, E2B_API_URL and E2B_SANDBOX_URL to http://ADDR). Sandboxes made through it are persistent VMs named by
 their id: a restart of the server keeps them, and their timeouts.
 
 The API key comes from --api-key-file (the file's first line) or
@@ -115,8 +118,19 @@ func serve(ctx context.Context, g *globals, opts server.Options) error {
 		srv.Shutdown()
 		return fmt.Errorf("listen on %s (is another server there? choose another with --listen): %w", opts.Listen, err)
 	}
+	// The E2B-compatible API shares the listener (internal/e2b).
+	e2bAPI := e2b.New(srv.Registry(), opts.APIKey, opts.Logger)
+	for _, p := range e2b.Patterns {
+		srv.Handle(p, e2bAPI)
+	}
+	// MCP over streamable HTTP at /mcp (internal/mcpserver), the same key
+	// as a bearer token; its sessions' sandboxes go when they end.
+	mcpSrv := mcpserver.New(mcpserver.Options{Home: opts.Home, APIKey: opts.APIKey,
+		SupervisorBinary: os.Getenv("SMOLVM_BIN"), Logger: opts.Logger})
+	srv.Handle("/mcp", mcpSrv.Handler())
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 30 * time.Second}
 	hs.RegisterOnShutdown(srv.StopStreams)
+	hs.RegisterOnShutdown(e2bAPI.StopStreams)
 	if opts.APIKey == "" {
 		fmt.Fprintf(os.Stderr, "smolvm: serving on http://%s with no API key: loopback only (give --api-key-file or $SMOLVM_API_KEY to require one)\n", ln.Addr())
 	} else {
@@ -128,8 +142,7 @@ func serve(ctx context.Context, g *globals, opts server.Options) error {
 	go func() { done <- hs.Serve(ln) }()
 	select {
 	case err := <-done:
-		srv.Shutdown()
-		return err
+		return errors.Join(err, mcpSrv.Close(), srv.Shutdown())
 	case <-ctx.Done():
 	}
 	fmt.Fprintln(os.Stderr, "smolvm: shutting down: no new requests; the sandboxes keep running")
@@ -142,5 +155,5 @@ func serve(ctx context.Context, g *globals, opts server.Options) error {
 		err = hs.Close()
 	}
 	<-done
-	return errors.Join(err, srv.Shutdown())
+	return errors.Join(err, mcpSrv.Close(), srv.Shutdown())
 }
