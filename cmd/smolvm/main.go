@@ -116,6 +116,7 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 		newExecCmd(g), newListCmd(g), newInfoCmd(g), newStopCmd(g), newRmCmd(g),
 		newLogsCmd(g), newCleanupCmd(g), newVersionCmd(), newSuperviseCmd(g),
 		newSnapshotCmd(g), newPauseCmd(g), newResumeCmd(g), newBenchCmd(g), newCpCmd(g), newEnvCmd(g), newShellCmd(g), newKernelCmd(g), newMCPCmd(g),
+		newServeCmd(g), // serve.go
 	)
 	invalidArgs(root)
 	return root

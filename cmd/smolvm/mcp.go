@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -106,28 +105,12 @@ func reserveStdout() (*os.File, error) {
 	return os.NewFile(uintptr(fd), "mcp-stdout"), nil
 }
 
-// apiKey reads the bearer key from a file, else $SMOLVM_API_KEY.
-func apiKey(file string) (string, error) {
-	if file == "" {
-		return os.Getenv("SMOLVM_API_KEY"), nil
-	}
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return "", fmt.Errorf("%w: read --api-key-file: %w", smolvm.ErrInvalid, err)
-	}
-	key := strings.TrimSpace(string(b))
-	if key == "" {
-		return "", fmt.Errorf("%w: --api-key-file %s is empty: put the key in it", smolvm.ErrInvalid, file)
-	}
-	return key, nil
-}
-
 func serveMCPHTTP(ctx context.Context, addr string, opts mcpserver.Options) error {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return fmt.Errorf("%w: --http %q: give HOST:PORT, e.g. 127.0.0.1:7421", smolvm.ErrInvalid, addr)
 	}
-	if ip := net.ParseIP(host); opts.APIKey == "" && (ip == nil || !ip.IsLoopback()) && host != "localhost" {
+	if opts.APIKey == "" && !isLoopback(host) {
 		return fmt.Errorf("%w: --http %s without a key would let anyone who reaches it run code here: set $SMOLVM_API_KEY or --api-key-file, or listen on 127.0.0.1", smolvm.ErrInvalid, addr)
 	}
 	ln, err := net.Listen("tcp", addr)
