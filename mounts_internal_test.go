@@ -86,9 +86,9 @@ func TestKillStrayFSDaemons(t *testing.T) {
 	go func() { waited <- mine.Wait() }()
 	killStrayHypervisor(0, "aaaaaaaaaaaa") // what cleanup and rm -f call
 	select {
-	case <-waited:
+	case werr := <-waited: // a *exec.ExitError: killed by a signal
 		if ws, ok := mine.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
-			t.Errorf("the VM's stray virtiofsd: %v; want killed", mine.ProcessState)
+			t.Errorf("the VM's stray virtiofsd: %v (%v); want killed", mine.ProcessState, werr)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the VM's stray virtiofsd still runs")
