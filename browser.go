@@ -58,12 +58,19 @@ const BrowserDevToolsPort = 9222
 // renderer take some 300 MiB on a simple page.
 const browserMemoryMiB = 1024
 
-// browserImageScript runs in the browser image after its packages: it
+// browserImageScript runs in the browser image after its packages. It
 // keeps chromium's en-US UI strings only (the other 50-odd locales are
-// some 40 MiB nobody reads headless).
+// some 40 MiB nobody reads headless), and removes what only a GPU would
+// load: Mesa's DRI drivers with the LLVM and Z3 they link (157 MiB that
+// chromium-common's dependency on x11-utils pulls in through libgl1;
+// Chromium itself links neither, draws in software with --disable-gpu,
+// and libgbm opens a DRI driver only for a GPU device, which the guest
+// has none of) and the Vulkan validation layer (a debugging aid).
 const browserImageScript = `for d in /usr/lib/chromium/locales /usr/lib/chromium/headless_shell_locales; do
   [ -d "$d" ] && find "$d" -name '*.pak' ! -name 'en-US.pak' -delete
 done
+rm -rf /usr/lib/x86_64-linux-gnu/dri
+rm -f /usr/lib/x86_64-linux-gnu/libLLVM-15.so* /usr/lib/x86_64-linux-gnu/libz3.so* /usr/lib/chromium/libVkLayer_khronos_validation.so*
 true
 `
 
