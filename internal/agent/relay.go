@@ -23,6 +23,10 @@ func Relay(listen, target string) error {
 	if err != nil {
 		return err
 	}
+	return relay(ln, target)
+}
+
+func relay(ln net.Listener, target string) error {
 	slots := make(chan struct{}, relayMaxConns)
 	for {
 		c, err := ln.Accept()
