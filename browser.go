@@ -427,7 +427,9 @@ type ScreenshotOptions struct {
 	// Width and Height are the viewport in CSS pixels (the PNG's size);
 	// default 1280×800, at most 8192 each.
 	Width, Height int
-	// Timeout bounds the page load and the capture; default 1 minute.
+	// Timeout bounds the new tab, the page load and the capture; default
+	// 2 minutes (each tab is a new renderer process: 10-30 s under
+	// emulation on a loaded host).
 	Timeout time.Duration
 }
 
@@ -449,7 +451,7 @@ func (b *Browser) Screenshot(ctx context.Context, url string, opts ScreenshotOpt
 		return nil, fmt.Errorf("%w: no URL to screenshot", ErrInvalid)
 	}
 	if opts.Timeout <= 0 {
-		opts.Timeout = time.Minute
+		opts.Timeout = 2 * time.Minute
 	}
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()

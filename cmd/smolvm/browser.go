@@ -58,7 +58,7 @@ keeps running after this command returns, until 'smolvm browser stop'.`,
 			)
 			if len(pos) == 1 {
 				var changed []string
-				cmd.Flags().Visit(func(f *pflag.Flag) {
+				cmd.LocalFlags().Visit(func(f *pflag.Flag) {
 					if f.Name != "port" && f.Name != "json" && f.Name != "chromium-arg" {
 						changed = append(changed, "--"+f.Name)
 					}
@@ -142,7 +142,7 @@ func newBrowserScreenshotCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVarP(&out, "output", "o", "", "PNG file to write (- for stdout)")
 	cmd.Flags().IntVar(&width, "width", 1280, "viewport width in pixels")
 	cmd.Flags().IntVar(&height, "height", 800, "viewport height in pixels")
-	cmd.Flags().DurationVar(&timeout, "timeout", time.Minute, "bound on the page load and the capture")
+	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "bound on the new tab, the page load and the capture")
 	return cmd
 }
 
