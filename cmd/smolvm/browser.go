@@ -58,13 +58,13 @@ keeps running after this command returns, until 'smolvm browser stop'.`,
 			)
 			if len(pos) == 1 {
 				var changed []string
-				cmd.LocalFlags().Visit(func(f *pflag.Flag) {
-					if f.Name != "port" && f.Name != "json" && f.Name != "chromium-arg" {
+				cmd.LocalFlags().VisitAll(func(f *pflag.Flag) {
+					if f.Changed && f.Name != "port" && f.Name != "json" && f.Name != "chromium-arg" {
 						changed = append(changed, "--"+f.Name)
 					}
 				})
 				if len(changed) > 0 {
-					return fmt.Errorf("%w: %s create a new sandbox: leave out VM, or leave them out", smolvm.ErrInvalid, strings.Join(changed, ", "))
+					return fmt.Errorf("%w: %s apply to a new sandbox only: leave out VM, or leave out those flags", smolvm.ErrInvalid, strings.Join(changed, ", "))
 				}
 				vm, err = smolvm.Open(ctx, pos[0])
 				if err != nil {
