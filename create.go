@@ -19,6 +19,7 @@ import (
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // New creates a VM, boots it and returns once its agent answers. Unless
@@ -127,7 +128,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 				log.Debug("restoring the warm snapshot of this VM shape", "snapshot", warm.Name)
 				rec.Snapshot = warm.Name
 				spec.Restored = true
-				restoreFrom(&spec.Machine, warm.Dir, true) // findWarm checked its memory file
+				restoreFrom(&spec.Machine, warm.Dir) // findWarm checked its memory file
 				if cfg.Prelaunch && !cfg.Persistent {
 					spare = takeSpare(homeOf(st), warm.Name)
 				}
@@ -207,7 +208,7 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		ConsoleLogMaxBytes: cfg.ConsoleLogMaxBytes,
 	}
 	if cfg.fileMemory {
-		mc.MemoryFile, mc.MemoryShared = filepath.Join(dir, supervisor.MemoryFile), true
+		mc.MemoryFile = filepath.Join(dir, supervisor.MemoryFile)
 	}
 	if err := attachDisks(ctx, st, cfg, rec, &mc); err != nil {
 		return nil, err
@@ -223,7 +224,7 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 	if err != nil {
 		return nil, err
 	}
-	return &supervisor.Spec{Driver: "qemu", Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name,
+	return &supervisor.Spec{Driver: cfg.Hypervisor, Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name,
 		Persistent: cfg.Persistent, SupervisorBinary: cfg.SupervisorBinary, ImageFingerprint: img.fingerprint,
 		MachineLayout: hypervisor.MachineLayout,
 		Network:       netCfg}, nil
@@ -248,7 +249,7 @@ func guestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 	// about half a second of every cold boot and buy a single-tenant
 	// sandbox nothing. (The warm snapshot's boot adds init_on_free, so that
 	// freed memory is zero and the snapshot small: see warmBootArgs.)
-	parts = append(parts, "init_on_alloc=0", "cryptomgr.notests", "smolvm.hostname="+hostname)
+	parts = append(parts, "init_on_alloc=0", "cryptomgr.notests", wire.ParamHostname+"="+hostname)
 	// An idle guest should not wake: kcompactd's proactive compaction
 	// (every 500 ms) and the lockup watchdog's timer (every 4 s, for
 	// lockups a sandbox has no one to report to) were most of an idle

@@ -25,3 +25,17 @@ func FailTunedKernelBuild(t interface{ Cleanup(func()) }, err error) {
 	buildTunedKernel = func(context.Context, image.KernelBuildOptions) (string, error) { return "", err }
 	t.Cleanup(func() { buildTunedKernel = old })
 }
+
+// LiveSpares counts this process's prelaunched hypervisors that are ready
+// and still run.
+func LiveSpares() int {
+	spares.Lock()
+	defer spares.Unlock()
+	n := 0
+	for _, sp := range spares.ready {
+		if sp.Alive() {
+			n++
+		}
+	}
+	return n
+}
