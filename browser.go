@@ -361,6 +361,12 @@ func devTools(ctx context.Context, vm *VM, fwd PortForward) (*Browser, error) {
 	if i < 0 || !wsPathRE.MatchString(v.WS[i:]) {
 		return nil, fmt.Errorf("GET /json/version: unexpected webSocketDebuggerUrl %q", v.WS)
 	}
+	v.Browser = strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return -1
+		}
+		return r
+	}, v.Browser)
 	if len(v.Browser) > 200 {
 		v.Browser = v.Browser[:200]
 	}
