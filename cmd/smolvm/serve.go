@@ -29,6 +29,7 @@ func newServeCmd(g *globals) *cobra.Command {
 		keyFile        string
 		defaultTimeout time.Duration
 		maxSandboxes   int
+		allowMounts    []string
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -59,7 +60,7 @@ cleanly; the sandboxes keep running.`,
 				return fmt.Errorf("%w: --default-timeout %s: give a duration, 0 for never", smolvm.ErrInvalid, defaultTimeout)
 			}
 			return serve(cmd.Context(), g, server.Options{Home: smolvm.Home(), Listen: listen, APIKey: key,
-				DefaultTimeout: defaultTimeout, MaxSandboxes: maxSandboxes, Logger: g.log})
+				DefaultTimeout: defaultTimeout, MaxSandboxes: maxSandboxes, AllowMounts: allowMounts, Logger: g.log})
 		},
 	}
 	f := cmd.Flags()
@@ -67,6 +68,7 @@ cleanly; the sandboxes keep running.`,
 	f.StringVar(&keyFile, "api-key-file", "", "file whose first line is the API key (default: $SMOLVM_API_KEY)")
 	f.DurationVar(&defaultTimeout, "default-timeout", 5*time.Minute, "a sandbox's lifetime when its creation gives no timeout (0: never)")
 	f.IntVar(&maxSandboxes, "max-sandboxes", 0, "most sandboxes at once (0: only the host's capacity bounds them)")
+	f.StringArrayVar(&allowMounts, "allow-mount", nil, "a host folder under which sandboxes may mount host folders (repeatable; none: mounts refused)")
 	return cmd
 }
 

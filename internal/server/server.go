@@ -31,15 +31,20 @@ type Options struct {
 	MaxSandboxes int
 	// MaxUploadBytes bounds one file or archive upload (0: 8 GiB).
 	MaxUploadBytes int64
-	Logger         *slog.Logger
+	// AllowMounts are the host folders under which a sandbox may mount
+	// host folders (--allow-mount); none refuses every mount.
+	AllowMounts []string
+	Logger      *slog.Logger
 }
 
 // Server serves the APIs over one registry.
 type Server struct {
 	opts Options
 	reg  *Registry
-	mux  *http.ServeMux
-	log  *slog.Logger
+	// allowMounts are Options.AllowMounts resolved (v1_mounts.go).
+	allowMounts []string
+	mux         *http.ServeMux
+	log         *slog.Logger
 	// ctx ends at Shutdown: streams watch it to end cleanly.
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -54,12 +59,16 @@ func New(opts Options) (*Server, error) {
 	if opts.MaxUploadBytes == 0 {
 		opts.MaxUploadBytes = 8 << 30
 	}
+	allow, err := allowedDirs(opts.AllowMounts)
+	if err != nil {
+		return nil, err
+	}
 	reg, err := NewRegistry(context.Background(), RegistryOptions{Home: opts.Home, DefaultTimeout: opts.DefaultTimeout,
 		MaxSandboxes: opts.MaxSandboxes, Logger: opts.Logger})
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{opts: opts, reg: reg, mux: http.NewServeMux(), log: opts.Logger}
+	s := &Server{opts: opts, reg: reg, mux: http.NewServeMux(), log: opts.Logger, allowMounts: allow}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.routes()
 	return s, nil

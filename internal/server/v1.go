@@ -51,6 +51,10 @@ func (s *Server) routes() {
 		"DELETE /v1/snapshots/{name}":                 s.deleteSnapshot,
 		"POST /v1/snapshots/{name}/restore":           s.restoreSnapshot,
 		"GET /v1/images":                              s.listImages,
+		"POST /v1/sandboxes/{id}/browser":             s.startBrowser,
+		"GET /v1/sandboxes/{id}/browser":              s.getBrowser,
+		"DELETE /v1/sandboxes/{id}/browser":           s.stopBrowser,
+		"POST /v1/sandboxes/{id}/browser/screenshot":  s.screenshot,
 	} {
 		s.mux.Handle(pattern, s.v1(h))
 	}
@@ -267,6 +271,8 @@ type createBody struct {
 	MemoryMiB   int    `json:"memory_mib"`
 	DiskMode    string `json:"disk_mode"`
 	DiskSizeMiB int    `json:"disk_size_mib"`
+	// Mounts are host folders (v1_mounts.go).
+	Mounts []mountJSON `json:"mounts"`
 	sandboxOptions
 }
 
@@ -306,6 +312,12 @@ func (s *Server) createSandbox(w http.ResponseWriter, r *http.Request) error {
 	req.Template = body.Image
 	req.Config.VCPUs, req.Config.MemoryMiB = body.CPUs, body.MemoryMiB
 	req.Config.DiskMode, req.Config.DiskSizeMiB = body.DiskMode, body.DiskSizeMiB
+	if req.Config.Mounts, err = s.mounts(body.Mounts); err != nil {
+		return err
+	}
+	if err := s.checkBrowserImage(r.Context(), body.Image); err != nil {
+		return err
+	}
 	sb, err := s.reg.Create(r.Context(), req)
 	if err != nil {
 		return err
