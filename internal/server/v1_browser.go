@@ -102,6 +102,11 @@ func (s *Server) screenshot(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	png, err := b.Screenshot(r.Context(), body.URL, smolvm.ScreenshotOptions{Width: body.Width, Height: body.Height})
+	if err != nil && strings.Contains(err.Error(), "net::ERR_") {
+		// The caller's URL: a name or address the sandbox's egress
+		// denies, a refused connection.
+		return fmt.Errorf("%w: the page did not load: %w", smolvm.ErrInvalid, err)
+	}
 	if err != nil {
 		return err
 	}
