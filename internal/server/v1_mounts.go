@@ -32,6 +32,9 @@ func allowedDirs(dirs []string) ([]string, error) {
 			d = abs
 		}
 		r, err := filepath.EvalSymlinks(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("%w: --allow-mount %s does not exist: create it or fix the path", smolvm.ErrInvalid, d)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%w: --allow-mount %s: %w", smolvm.ErrInvalid, d, err)
 		}
