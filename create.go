@@ -344,7 +344,7 @@ func spawnSupervisor(ctx context.Context, cfg *Config, home, id string, started,
 		return fmt.Errorf("open supervisor log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin, "__supervise", id,
+	cmd := exec.Command(bin, superviseCommand, id,
 		"--started", started.Format(time.RFC3339Nano), "--create-done", createDone.Format(time.RFC3339Nano))
 	cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
 	if cfg.Logger.Enabled(ctx, slog.LevelDebug) {

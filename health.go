@@ -137,10 +137,6 @@ func probeAll(ctx context.Context, recs []*store.VM) map[string]error {
 	return out
 }
 
-// StateUnresponsive is the state List and Info report for a VM whose
-// supervisor does not answer; it is not recorded (SIGCONT cures it).
-const StateUnresponsive = "unresponsive"
-
 // markUnresponsive shows a probe's problem in a VM's info.
 func markUnresponsive(in *Info, problem error) {
 	if problem != nil {

@@ -41,13 +41,34 @@ type SetupOptions struct {
 	TunedKernel bool
 }
 
+// SetupResult describes the built-in image (DefaultImage) Setup prepared:
+// the kernel and initramfs that VMs boot unless Config names another image.
+type SetupResult struct {
+	// Kernel is the kernel's path: a PVH vmlinux or a bzImage.
+	Kernel string `json:"kernel"`
+	// Initrd is the initramfs's path (with the guest agent).
+	Initrd string `json:"initrd"`
+	// KernelVersion is the kernel's release, e.g. 6.1.0-56-cloud-amd64.
+	KernelVersion string `json:"kernel_version"`
+	// Fingerprint is a hex sha256 over everything that went into Kernel
+	// and Initrd; a warm snapshot restores only for its fingerprint.
+	Fingerprint string `json:"fingerprint"`
+}
+
+func setupResultOf(d *image.Default) *SetupResult {
+	if d == nil {
+		return nil
+	}
+	return &SetupResult{Kernel: d.Kernel, Initrd: d.Initrd, KernelVersion: d.KernelVersion, Fingerprint: d.Fingerprint}
+}
+
 // Setup prepares the host: host packages (when asked), the default kernel
 // and the initramfs with the guest agent. It is idempotent and fast when
 // everything is in place. When the tuned kernel it was asked for cannot be
 // built (no source package or compiler, a failed build), it sets the rest up
 // with Debian's kernel and returns the image together with an error that
 // says so.
-func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
+func Setup(ctx context.Context, opts SetupOptions) (*SetupResult, error) {
 	if opts.InstallPackages {
 		if err := image.InstallHostPackages(ctx, opts.Progress); err != nil {
 			return nil, err
@@ -94,7 +115,7 @@ func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
 	if err != nil {
 		return nil, errors.Join(err, tunedErr)
 	}
-	return d, tunedErr
+	return setupResultOf(d), tunedErr
 }
 
 // buildTunedKernel is image.BuildTunedKernel; tests make it fail.

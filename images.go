@@ -62,10 +62,21 @@ const (
 // DefaultImage is the name of the built-in image (kernel + initramfs).
 const DefaultImage = "default"
 
-// Recipes are ready-made Debian images `smolvm image build NAME` builds
-// when NAME is one of them and no packages are given.
-var Recipes = map[string]BuildOptions{
+// recipes are ready-made Debian images (see Recipes).
+var recipes = map[string]BuildOptions{
 	"python": {Suite: "bookworm", Packages: []string{"python3", "python3-pip", "python3-venv", "git", "curl", "ca-certificates"}},
+}
+
+// Recipes returns the ready-made Debian images `smolvm image build NAME`
+// builds when NAME is one of them and no packages are given, by name. The
+// map is the caller's: changing it changes no recipe.
+func Recipes() map[string]BuildOptions {
+	out := make(map[string]BuildOptions, len(recipes))
+	for n, r := range recipes {
+		r.Packages = append([]string(nil), r.Packages...)
+		out[n] = r
+	}
+	return out
 }
 
 // ImageInfo describes a named image.
@@ -189,7 +200,7 @@ func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
 	if err := checkImageName(opts.Name); err != nil {
 		return nil, err
 	}
-	if r, ok := Recipes[opts.Name]; ok && len(opts.Packages) == 0 && opts.Script == "" {
+	if r, ok := recipes[opts.Name]; ok && len(opts.Packages) == 0 && opts.Script == "" {
 		if opts.Suite == "" {
 			opts.Suite = r.Suite
 		}

@@ -67,7 +67,7 @@ func stateOf(t *testing.T, home string) homeState {
 		t.Fatalf("ListIn(%s): %v", home, err)
 	}
 	for _, in := range list {
-		s.rows = append(s.rows, in.ID+"/"+in.Name+"/"+in.State)
+		s.rows = append(s.rows, in.ID+"/"+in.Name+"/"+string(in.State))
 	}
 	ents, err := os.ReadDir(filepath.Join(home, "vms"))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {

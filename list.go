@@ -187,5 +187,5 @@ func isSupervisorOf(pid int, id string) bool {
 		return false
 	}
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	return err == nil && strings.Contains(string(cmdline), "__supervise\x00"+id)
+	return err == nil && strings.Contains(string(cmdline), superviseCommand+"\x00"+id)
 }

@@ -28,7 +28,6 @@ import (
 	"github.com/smolvm/smolvm/internal/errdefs"
 	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
 	"github.com/smolvm/smolvm/internal/store"
-	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
 // Version of smolvm, set at build time with -ldflags.
@@ -231,7 +230,21 @@ func openStore(ctx context.Context, home string) (*store.Store, error) {
 }
 
 // Timings are a VM's phases as the seed's benchmark names them.
-type Timings = supervisor.Timings
+type Timings struct {
+	// Create is the host-side work before the hypervisor starts: state,
+	// image, network leases, the spec.
+	Create time.Duration `json:"create"`
+	// Launch is the supervisor's start of the hypervisor process (and of
+	// the VM's network).
+	Launch time.Duration `json:"launch"`
+	// FirstCommand is the wait from launch until the guest agent answers:
+	// the guest's boot, or the load of a snapshot.
+	FirstCommand time.Duration `json:"first_command"`
+	// CreateToFirstCommand is the whole wait, from the call to a working agent.
+	CreateToFirstCommand time.Duration `json:"create_to_first_command"`
+	// StopDelete is the VM's stop and deletion (set after Delete).
+	StopDelete time.Duration `json:"stop_delete,omitempty"`
+}
 
 // homeOf is the state folder a store lives in.
 func homeOf(st *store.Store) string { return filepath.Dir(st.Path()) }

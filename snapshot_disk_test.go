@@ -39,7 +39,7 @@ func debianImage(t *testing.T, home, imgName string) *smolvm.ImageInfo {
 	if _, err := os.Stat("/usr/bin/mmdebstrap"); err != nil {
 		t.Skip("mmdebstrap not installed (apt-get install mmdebstrap)")
 	}
-	opts := smolvm.Recipes["python"]
+	opts := smolvm.Recipes()["python"]
 	opts.Home, opts.Name = home, imgName
 	info, err := smolvm.BuildImage(testutil.Context(t, 30*time.Minute), opts)
 	if err != nil {

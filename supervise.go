@@ -2,7 +2,9 @@ package smolvm
 
 import (
 	"context"
+	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -16,11 +18,45 @@ import (
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
-// RunSupervisor is the body of a detached supervisor process (`smolvm
-// __supervise ID`): it starts the VM, reports "ok" or the error on the
-// ready file (errdefs.ReadyLine: the error keeps its kind), and serves the
-// VM until it stops. SIGTERM stops the VM gracefully.
-func RunSupervisor(ctx context.Context, id string, ready *os.File, started, createDone time.Time, log *slog.Logger) error {
+// superviseCommand is the hidden command of the smolvm binary that runs a
+// persistent VM's supervisor: spawnSupervisor runs
+// `BINARY __supervise ID --started T --create-done T` with the ready pipe
+// as fd 3, and that command calls SupervisorMain.
+const superviseCommand = "__supervise"
+
+// SupervisorMain is the body of the smolvm binary's hidden `__supervise`
+// command, which runs a persistent VM's supervisor (see
+// Config.SupervisorBinary), and is meant for nothing else: args are the
+// command's arguments after its name, as the library wrote them when it
+// started the process (their form and the ready pipe on fd 3 are the
+// library's own business, so that both ends of it live here). It starts
+// the VM, reports it ready (or the error, which keeps its kind) to the
+// process that created it, and serves the VM until it stops; SIGTERM
+// stops the VM gracefully.
+func SupervisorMain(ctx context.Context, args []string, log *slog.Logger) error {
+	fs := flag.NewFlagSet(superviseCommand, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	started := fs.String("started", "", "")
+	createDone := fs.String("create-done", "", "")
+	if len(args) == 0 {
+		return fmt.Errorf("%w: %s needs a VM id", ErrInvalid, superviseCommand)
+	}
+	id := args[0]
+	if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 0 {
+		return fmt.Errorf("%w: %s %v: the library starts this command itself", ErrInvalid, superviseCommand, args)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	t0, _ := time.Parse(time.RFC3339Nano, *started)
+	t1, _ := time.Parse(time.RFC3339Nano, *createDone)
+	return runSupervisor(ctx, id, os.NewFile(3, "ready"), t0, t1, log)
+}
+
+// runSupervisor starts the VM, reports "ok" or the error on the ready
+// file (errdefs.ReadyLine: the error keeps its kind), and serves the VM
+// until it stops.
+func runSupervisor(ctx context.Context, id string, ready *os.File, started, createDone time.Time, log *slog.Logger) error {
 	idleLean(log)
 	st, err := openStore(ctx, "")
 	if err != nil {

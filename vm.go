@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -45,7 +46,7 @@ type VM struct {
 type Info struct {
 	ID       string    `json:"id"`
 	Name     string    `json:"name"`
-	State    string    `json:"state"`
+	State    State     `json:"state"`
 	Reason   string    `json:"reason,omitempty"`
 	Created  time.Time `json:"created"`
 	Dir      string    `json:"dir"`
@@ -53,16 +54,18 @@ type Info struct {
 	Snapshot string    `json:"snapshot,omitempty"`
 	// Prelaunched: restored into a hypervisor started ahead of time
 	// (Config.Prelaunch).
-	Prelaunched   bool            `json:"prelaunched,omitempty"`
-	VCPUs         int             `json:"vcpus"`
-	MemoryMiB     int             `json:"memory_mib"`
-	Accel         string          `json:"accel,omitempty"`
-	Channel       string          `json:"channel,omitempty"`
-	Persistent    bool            `json:"persistent"`
-	SupervisorPID int             `json:"supervisor_pid,omitempty"`
-	HypervisorPID int             `json:"hypervisor_pid,omitempty"`
-	Timings       Timings         `json:"timings"`
-	Machine       hypervisor.Info `json:"-"`
+	Prelaunched   bool    `json:"prelaunched,omitempty"`
+	VCPUs         int     `json:"vcpus"`
+	MemoryMiB     int     `json:"memory_mib"`
+	Accel         string  `json:"accel,omitempty"`
+	Channel       string  `json:"channel,omitempty"`
+	Persistent    bool    `json:"persistent"`
+	SupervisorPID int     `json:"supervisor_pid,omitempty"`
+	HypervisorPID int     `json:"hypervisor_pid,omitempty"`
+	Timings       Timings `json:"timings"`
+	// Hypervisor names the VM's hypervisor and its version, e.g. "qemu
+	// 8.2.2" (empty until the VM first ran).
+	Hypervisor string `json:"-"`
 }
 
 // Open returns a handle on an existing VM by id, unique id prefix or name.
@@ -137,7 +140,7 @@ func (vm *VM) Timings() Timings {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.sup != nil {
-		t := vm.sup.Timings()
+		t := Timings(vm.sup.Timings())
 		t.StopDelete = vm.timings.StopDelete
 		return t
 	}
@@ -307,7 +310,7 @@ func (vm *VM) Info(ctx context.Context) (*Info, error) {
 }
 
 func infoOf(rec *store.VM) *Info {
-	in := &Info{ID: rec.ID, Name: rec.Name, State: rec.State, Reason: rec.Reason, Created: rec.Created,
+	in := &Info{ID: rec.ID, Name: rec.Name, State: State(rec.State), Reason: rec.Reason, Created: rec.Created,
 		Dir: rec.Dir, Image: rec.Image, Snapshot: rec.Snapshot, SupervisorPID: rec.SupervisorPID, HypervisorPID: rec.HypervisorPID}
 	var spec supervisor.Spec
 	if json.Unmarshal(rec.Config, &spec) == nil {
@@ -316,7 +319,10 @@ func infoOf(rec *store.VM) *Info {
 		in.Accel, in.Channel = string(spec.Machine.Accel), string(spec.Machine.Channel)
 	}
 	_ = json.Unmarshal(rec.Timings, &in.Timings)
-	_ = json.Unmarshal(rec.Info, &in.Machine)
+	var mi hypervisor.Info
+	if json.Unmarshal(rec.Info, &mi) == nil && mi.Driver != "" {
+		in.Hypervisor = strings.TrimSpace(mi.Driver + " " + mi.Version)
+	}
 	return in
 }
 

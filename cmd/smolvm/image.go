@@ -198,7 +198,7 @@ Ready recipes (NAME with no --packages): ` + recipeList(),
 
 func recipeList() string {
 	var out []string
-	for n, r := range smolvm.Recipes {
+	for n, r := range smolvm.Recipes() {
 		out = append(out, n+" ("+strings.Join(r.Packages, ", ")+")")
 	}
 	return strings.Join(out, "; ")

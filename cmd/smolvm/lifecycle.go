@@ -93,7 +93,7 @@ func newRmCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if !force && (in.State == "running" || in.State == "paused" || in.State == smolvm.StateUnresponsive) {
+				if !force && (in.State == smolvm.StateRunning || in.State == smolvm.StatePaused || in.State == smolvm.StateUnresponsive) {
 					return fmt.Errorf("%w: VM %s is %s: stop it first or use 'smolvm rm -f %s'", smolvm.ErrInUse, in.Name, in.State, in.Name)
 				}
 				return vm.Delete(cmd.Context())

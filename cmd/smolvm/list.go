@@ -99,7 +99,7 @@ func newInfoCmd(g *globals) *cobra.Command {
 			row := func(k string, v any) { fmt.Fprintf(w, "%s:\t%v\n", k, v) }
 			row("ID", in.ID)
 			row("Name", in.Name)
-			row("State", strings.TrimSpace(in.State+" "+paren(in.Reason)))
+			row("State", strings.TrimSpace(string(in.State)+" "+paren(in.Reason)))
 			row("Image", in.Image)
 			if in.Snapshot != "" {
 				how := ""

@@ -39,7 +39,7 @@ func newLogsCmd(g *globals) *cobra.Command {
 			}
 			return consolelog.Follow(cmd.Context(), os.Stdout, path, 200*time.Millisecond, func() bool {
 				in, err := vm.Info(cmd.Context())
-				return err == nil && (in.State == "running" || in.State == "creating")
+				return err == nil && (in.State == smolvm.StateRunning || in.State == smolvm.StateCreating)
 			})
 		},
 	}
@@ -65,21 +65,17 @@ func versionLine() string {
 	return fmt.Sprintf("%s (%s, %s/%s)", smolvm.Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
+// newSuperviseCmd is the hidden command the library runs for each
+// persistent VM's supervisor; its arguments are the library's (see
+// smolvm.SupervisorMain).
 func newSuperviseCmd(g *globals) *cobra.Command {
-	var started, createDone string
-	cmd := &cobra.Command{
-		Use:    "__supervise ID",
-		Short:  "Run a VM's supervisor (internal)",
-		Hidden: true,
-		Args:   cobra.ExactArgs(1),
+	return &cobra.Command{
+		Use:                "__supervise ID",
+		Short:              "Run a VM's supervisor (internal)",
+		Hidden:             true,
+		DisableFlagParsing: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ready := os.NewFile(3, "ready")
-			t0, _ := time.Parse(time.RFC3339Nano, started)
-			t1, _ := time.Parse(time.RFC3339Nano, createDone)
-			return smolvm.RunSupervisor(cmd.Context(), args[0], ready, t0, t1, g.log)
+			return smolvm.SupervisorMain(cmd.Context(), args, g.log)
 		},
 	}
-	cmd.Flags().StringVar(&started, "started", "", "")
-	cmd.Flags().StringVar(&createDone, "create-done", "", "")
-	return cmd
 }
