@@ -44,7 +44,7 @@ func resolveAccel(ctx context.Context, home string, cfg *Config, img *resolvedIm
 		}
 		return hypervisor.AccelKVM, nil
 	}
-	rep := ProbeAccel(ctx, home, img.kernel, img.initrd)
+	rep := probeAccel(ctx, home, img.kernel, img.initrd)
 	if rep.Accel == "kvm" {
 		return hypervisor.AccelKVM, nil
 	}
@@ -63,8 +63,13 @@ func kvmDeviceUsable() error {
 
 // ProbeAccel decides between KVM and TCG for this kernel: KVM only when
 // /dev/kvm opens and a real boot with it reaches the guest agent. The
-// result is cached per kernel, initrd and QEMU version.
-func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
+// result is cached in the host's state folder per kernel, initrd and QEMU
+// version.
+func (h *Host) ProbeAccel(ctx context.Context, kernel, initrd string) AccelReport {
+	return probeAccel(ctx, h.home, kernel, initrd)
+}
+
+func probeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
 	if err := kvmDeviceUsable(); err != nil {
 		return AccelReport{Accel: "tcg", Reason: err.Error()}
 	}

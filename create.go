@@ -24,21 +24,30 @@ import (
 // New creates a VM, boots it and returns once its agent answers. Unless
 // cfg.Persistent, the VM lives in this process: Close stops and deletes it.
 // A failed create leaves nothing behind.
+//
+// New opens a Host of cfg.Home for the VM (closed with it); a program
+// that makes many VMs opens one Host and calls its New.
 func New(ctx context.Context, cfg Config) (*VM, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	h, err := OpenHost(cfg.Home)
+	if err != nil {
+		return nil, err
+	}
+	return h.handOver(newVM(ctx, h, cfg))
+}
+
+func newVM(ctx context.Context, h *Host, cfg Config) (*VM, error) {
 	started := time.Now()
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	st, err := openStore(ctx, cfg.Home)
-	if err != nil {
-		return nil, err
-	}
-	vm, err := create(ctx, st, &cfg, started, nil)
+	vm, err := create(ctx, h, &cfg, started, nil)
 	var we warmError
 	// A supervisor that died (killed, say) is no fault of the snapshot:
 	// the create fails, and says so.
 	if errors.Is(err, errSupervisorDied) {
-		st.Close()
 		return nil, err
 	}
 	if errors.As(err, &we) && we.prelaunched && ctx.Err() == nil {
@@ -46,17 +55,16 @@ func New(ctx context.Context, cfg Config) (*VM, error) {
 		// into a QEMU of this VM's own.
 		cfg.Logger.Debug("restore into the prelaunched hypervisor failed; restoring into a new one", "err", we.error)
 		cfg.Prelaunch = false
-		vm, err = create(ctx, st, &cfg, started, nil)
+		vm, err = create(ctx, h, &cfg, started, nil)
 	}
 	if errors.As(err, &we) && ctx.Err() == nil {
 		// A warm snapshot that no longer restores (say, a QEMU upgrade
 		// changed the machine) must not stop anyone: boot instead.
 		cfg.Logger.Warn(fmt.Sprintf("the warm snapshot did not restore; booting instead (remake it: smolvm snapshot rm %s && smolvm setup)", we.snapshot), "err", we.error)
 		cfg.Cold = true
-		vm, err = create(ctx, st, &cfg, started, nil)
+		vm, err = create(ctx, h, &cfg, started, nil)
 	}
 	if err != nil {
-		st.Close()
 		return nil, err
 	}
 	return vm, nil
@@ -73,7 +81,8 @@ func (e warmError) Unwrap() error { return e.error }
 
 // create allocates a VM and starts it: a cold boot, or a restore of snap
 // when it is set (or of the warm snapshot matching the VM's shape).
-func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time, snap *snapshotSource) (_ *VM, err error) {
+func create(ctx context.Context, h *Host, cfg *Config, started time.Time, snap *snapshotSource) (_ *VM, err error) {
+	st := h.st
 	// A full state folder fails with an error that names it: what was
 	// made is undone, and the database and other VMs stay as they were.
 	defer func() { err = noSpace(homeOf(st), err, stateFix) }()
@@ -166,7 +175,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 		if err := spawnSupervisor(ctx, cfg, homeOf(st), rec.ID, started, createDone); err != nil {
 			return nil, undo(err)
 		}
-		vm, err := open(ctx, st, rec.ID, cfg.Logger)
+		vm, err := open(ctx, h, rec.ID, cfg.Logger)
 		if err != nil {
 			return nil, undo(err)
 		}
@@ -180,7 +189,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 	if cfg.Prelaunch && snap == nil && spec.Restored {
 		prelaunch(homeOf(st), rec.Snapshot, spec.Driver, spec.Machine, log)
 	}
-	vm, err := open(ctx, st, rec.ID, cfg.Logger)
+	vm, err := open(ctx, h, rec.ID, cfg.Logger)
 	if err != nil {
 		_ = sup.Stop(context.WithoutCancel(ctx), true, 0)
 		return nil, undo(err)

@@ -25,6 +25,7 @@ type resolvedImage struct {
 
 // SetupOptions tune Setup.
 type SetupOptions struct {
+	// Home is the state folder ("" = Home()); Host.Setup takes its own.
 	Home string
 	// KernelPath uses this kernel instead of Debian's cloud kernel.
 	KernelPath string
@@ -69,6 +70,13 @@ func setupResultOf(d *image.Default) *SetupResult {
 // with Debian's kernel and returns the image together with an error that
 // says so.
 func Setup(ctx context.Context, opts SetupOptions) (*SetupResult, error) {
+	return setup(ctx, nil, opts.Home, opts)
+}
+
+// setup is Setup in home, through h when it is set (else a Host is opened
+// only for the warm snapshot: a setup that checks, or makes no snapshot,
+// opens no store).
+func setup(ctx context.Context, h *Host, home string, opts SetupOptions) (*SetupResult, error) {
 	if opts.InstallPackages {
 		if err := image.InstallHostPackages(ctx, opts.Progress); err != nil {
 			return nil, err
@@ -90,7 +98,6 @@ func Setup(ctx context.Context, opts SetupOptions) (*SetupResult, error) {
 			return nil, err
 		}
 	}
-	home := opts.Home
 	if home == "" {
 		home = Home()
 	}
@@ -111,7 +118,7 @@ func Setup(ctx context.Context, opts SetupOptions) (*SetupResult, error) {
 			tunedErr = fmt.Errorf("tuned kernel: %w (setup went on with Debian's kernel, which new VMs boot until a tuned one is built)", err)
 		}
 	}
-	d, err := setupImage(ctx, home, agent, opts)
+	d, err := setupImage(ctx, h, home, agent, opts)
 	if err != nil {
 		return nil, errors.Join(err, tunedErr)
 	}
@@ -123,7 +130,7 @@ var buildTunedKernel = image.BuildTunedKernel
 
 // setupImage is Setup after the tuned kernel: the default image and the
 // warm snapshot.
-func setupImage(ctx context.Context, home, agent string, opts SetupOptions) (*image.Default, error) {
+func setupImage(ctx context.Context, h *Host, home, agent string, opts SetupOptions) (*image.Default, error) {
 	d, err := image.EnsureDefault(ctx, image.Options{
 		CacheDir: filepath.Join(home, "cache"), AgentPath: agent, KernelPath: opts.KernelPath, Progress: opts.Progress,
 		Tuned: opts.KernelPath == "" && useTunedKernel(filepath.Join(home, "cache")),
@@ -142,7 +149,13 @@ func setupImage(ctx context.Context, home, agent string, opts SetupOptions) (*im
 	if opts.Progress != nil {
 		fmt.Fprintln(opts.Progress, "preparing the warm snapshot (one cold boot)…")
 	}
-	if err := ensureWarm(ctx, Config{Home: home, KernelPath: opts.KernelPath}); err != nil {
+	if h == nil {
+		if h, err = OpenHost(home); err != nil {
+			return nil, err
+		}
+		defer h.Close()
+	}
+	if err := ensureWarm(ctx, h, Config{KernelPath: opts.KernelPath}); err != nil {
 		return nil, err
 	}
 	return d, nil

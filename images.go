@@ -152,6 +152,7 @@ type imageMeta struct {
 
 // BuildOptions describe a Debian image for BuildImage.
 type BuildOptions struct {
+	// Home is the state folder ("" = Home()); Host.BuildImage takes its own.
 	Home     string    `json:"-"`
 	Name     string    `json:"-"`
 	Suite    string    `json:"suite,omitempty"`   // default bookworm
@@ -166,6 +167,7 @@ type BuildOptions struct {
 // ImportOptions describe an OCI or Docker image for ImportImage: Ref
 // (registry) or File (OCI layout folder or tar, docker save tarball).
 type ImportOptions struct {
+	// Home is the state folder ("" = Home()); Host.ImportImage takes its own.
 	Home     string
 	Name     string // default: derived from Ref or File
 	Ref      string
@@ -175,13 +177,6 @@ type ImportOptions struct {
 }
 
 func imagesDir(home string) string { return filepath.Join(home, "images") }
-
-func homeOr(h string) string {
-	if h == "" {
-		return Home()
-	}
-	return h
-}
 
 func checkImageName(name string) error {
 	if name == DefaultImage {
@@ -197,6 +192,15 @@ func checkImageName(name string) error {
 // it under opts.Name. A Name listed in Recipes with no packages given
 // builds that recipe. It needs root, mmdebstrap and e2fsprogs.
 func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
+	h, err := OpenHost(opts.Home)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	return h.BuildImage(ctx, opts)
+}
+
+func buildImage(ctx context.Context, st *store.Store, opts BuildOptions) (*ImageInfo, error) {
 	if err := checkImageName(opts.Name); err != nil {
 		return nil, err
 	}
@@ -217,7 +221,7 @@ func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
 			return nil, fmt.Errorf("%w: package name %q", ErrInvalid, p)
 		}
 	}
-	home := homeOr(opts.Home)
+	home := homeOf(st)
 	agent, err := AgentBinary()
 	if err != nil {
 		return nil, err
@@ -229,12 +233,21 @@ func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return installImage(ctx, home, opts.Name, res, opts)
+	return installImage(ctx, st, opts.Name, res, opts)
 }
 
 // ImportImage turns an OCI or Docker image into a bootable disk image
 // (layers flattened honouring whiteouts, agent injected) named opts.Name.
 func ImportImage(ctx context.Context, opts ImportOptions) (*ImageInfo, error) {
+	h, err := OpenHost(opts.Home)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	return h.ImportImage(ctx, opts)
+}
+
+func importImage(ctx context.Context, st *store.Store, opts ImportOptions) (*ImageInfo, error) {
 	if (opts.Ref == "") == (opts.File == "") {
 		return nil, fmt.Errorf("%w: give an image reference or a file", ErrInvalid)
 	}
@@ -244,7 +257,7 @@ func ImportImage(ctx context.Context, opts ImportOptions) (*ImageInfo, error) {
 	if err := checkImageName(opts.Name); err != nil {
 		return nil, err
 	}
-	home := homeOr(opts.Home)
+	home := homeOf(st)
 	agent, err := AgentBinary()
 	if err != nil {
 		return nil, err
@@ -254,7 +267,7 @@ func ImportImage(ctx context.Context, opts ImportOptions) (*ImageInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return installImage(ctx, home, opts.Name, res, BuildOptions{SizeMiB: opts.SizeMiB})
+	return installImage(ctx, st, opts.Name, res, BuildOptions{SizeMiB: opts.SizeMiB})
 }
 
 func defaultImportName(ref, file string) string {
@@ -284,12 +297,8 @@ func defaultImportName(ref, file string) string {
 
 // installImage links (or copies) a cached disk to images/<name>/rootfs.img
 // and records it. An image of that name is replaced unless a VM uses it.
-func installImage(ctx context.Context, home, name string, res *rootfs.Result, opts BuildOptions) (*ImageInfo, error) {
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func installImage(ctx context.Context, st *store.Store, name string, res *rootfs.Result, opts BuildOptions) (*ImageInfo, error) {
+	home := homeOf(st)
 	if users, err := imageUsers(ctx, st, name); err != nil {
 		return nil, err
 	} else if len(users) > 0 {
@@ -403,14 +412,8 @@ func defaultImageInfo(ctx context.Context, st *store.Store, home string) *ImageI
 	return info
 }
 
-// ListImages returns the default image (when set up) and every named image.
-func ListImages(ctx context.Context, home string) ([]*ImageInfo, error) {
-	home = homeOr(home)
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func listImages(ctx context.Context, st *store.Store) ([]*ImageInfo, error) {
+	home := homeOf(st)
 	var out []*ImageInfo
 	if d := defaultImageInfo(ctx, st, home); d != nil {
 		out = append(out, d)
@@ -429,14 +432,8 @@ func ListImages(ctx context.Context, home string) ([]*ImageInfo, error) {
 	return out, nil
 }
 
-// InspectImage describes one image; an unknown name wraps ErrNotFound.
-func InspectImage(ctx context.Context, home, name string) (*ImageInfo, error) {
-	home = homeOr(home)
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func inspectImage(ctx context.Context, st *store.Store, name string) (*ImageInfo, error) {
+	home := homeOf(st)
 	if name == DefaultImage {
 		if d := defaultImageInfo(ctx, st, home); d != nil {
 			return d, nil
@@ -448,21 +445,6 @@ func InspectImage(ctx context.Context, home, name string) (*ImageInfo, error) {
 		return nil, err
 	}
 	return imageInfo(ctx, st, im)
-}
-
-// RemoveImage deletes a named image. It is refused (ErrInUse) while a VM,
-// running or stopped, uses it.
-func RemoveImage(ctx context.Context, home, name string) error {
-	if name == DefaultImage {
-		return fmt.Errorf("%w: the default image cannot be removed (its files are in the cache)", ErrInvalid)
-	}
-	home = homeOr(home)
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	return removeImage(ctx, st, home, name)
 }
 
 func removeImage(ctx context.Context, st *store.Store, home, name string) error {
@@ -495,16 +477,8 @@ type PruneReport struct {
 	Freed  int64    `json:"freed"` // bytes
 }
 
-// PruneImages removes the named images no VM uses, then the cached disks
-// and Debian trees no remaining image was built from, and leftovers of
-// interrupted builds.
-func PruneImages(ctx context.Context, home string) (*PruneReport, error) {
-	home = homeOr(home)
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func pruneImages(ctx context.Context, st *store.Store) (*PruneReport, error) {
+	home := homeOf(st)
 	rep := &PruneReport{}
 	ims, err := st.ListImages(ctx)
 	if err != nil {
@@ -708,12 +682,6 @@ func retainDisk(dir string) error {
 		return fmt.Errorf("retain disk: %w", err)
 	}
 	return nil
-}
-
-// RetainedDisk is where the overlay of a VM created with RetainDisk is
-// kept after the VM is deleted.
-func RetainedDisk(home, vmName, vmID string) string {
-	return filepath.Join(homeOr(home), "disks", vmName+"-"+vmID+".qcow2")
 }
 
 func checkDiskConfig(c *Config) error {

@@ -15,19 +15,21 @@ import (
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
-// List describes every VM in the default state folder. A VM whose
-// supervisor died is reported (and recorded) as failed with the reason;
-// one whose supervisor lives but does not answer within a couple of
-// seconds is reported as StateUnresponsive (not recorded).
-func List(ctx context.Context) ([]*Info, error) { return ListIn(ctx, "") }
-
-// ListIn is List with an explicit state folder.
-func ListIn(ctx context.Context, home string) ([]*Info, error) {
-	st, err := openStore(ctx, home)
+// List describes every VM in the default state folder (Host.List for
+// another folder). A VM whose supervisor died is reported (and recorded)
+// as failed with the reason; one whose supervisor lives but does not
+// answer within a couple of seconds is reported as StateUnresponsive (not
+// recorded).
+func List(ctx context.Context) ([]*Info, error) {
+	h, err := OpenHost("")
 	if err != nil {
 		return nil, err
 	}
-	defer st.Close()
+	defer h.Close()
+	return h.List(ctx)
+}
+
+func list(ctx context.Context, st *store.Store) ([]*Info, error) {
 	recs, err := reconcile(ctx, st)
 	if err != nil {
 		return nil, err
@@ -70,6 +72,7 @@ func reconcile(ctx context.Context, st *store.Store) ([]*store.VM, error) {
 
 // CleanupOptions tune Cleanup.
 type CleanupOptions struct {
+	// Home is the state folder ("" = Home()); Host.Cleanup takes its own.
 	Home string
 	// All removes every VM, running ones included.
 	All bool
@@ -80,11 +83,16 @@ type CleanupOptions struct {
 // whose making was interrupted. With All it
 // removes every VM. It returns the ids it removed.
 func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
-	st, err := openStore(ctx, opts.Home)
+	h, err := OpenHost(opts.Home)
 	if err != nil {
 		return nil, err
 	}
-	defer st.Close()
+	defer h.Close()
+	return h.Cleanup(ctx, opts)
+}
+
+func cleanup(ctx context.Context, h *Host, opts CleanupOptions) ([]string, error) {
+	st := h.st
 	recs, err := reconcile(ctx, st)
 	if err != nil {
 		return nil, err
@@ -98,7 +106,7 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 			continue
 		}
 		if r.Live() {
-			vm, err := open(ctx, st, r.ID, nil)
+			vm, err := open(ctx, h, r.ID, nil)
 			if err == nil {
 				_ = vm.stop(ctx, true)
 			}

@@ -26,11 +26,13 @@ import (
 
 // VM is a handle on one sandbox. Its methods are safe for concurrent use.
 type VM struct {
-	id   string
-	name string
-	dir  string
-	st   *store.Store
-	log  *slog.Logger
+	id      string
+	name    string
+	dir     string
+	host    *Host
+	ownHost bool         // opened for this handle alone: Close closes it
+	st      *store.Store // host.st
+	log     *slog.Logger
 
 	mu      sync.Mutex
 	sup     *supervisor.Supervisor // set when the VM lives in this process
@@ -68,35 +70,18 @@ type Info struct {
 	Hypervisor string `json:"-"`
 }
 
-// Open returns a handle on an existing VM by id, unique id prefix or name.
+// Open returns a handle on an existing VM of the default state folder by
+// id, unique id prefix or name (Host.Open for another folder).
 func Open(ctx context.Context, ref string) (*VM, error) {
-	st, err := openStore(ctx, "")
+	h, err := OpenHost("")
 	if err != nil {
 		return nil, err
 	}
-	vm, err := open(ctx, st, ref, slog.Default())
-	if err != nil {
-		st.Close()
-		return nil, err
-	}
-	return vm, nil
+	return h.handOver(open(ctx, h, ref, nil))
 }
 
-// OpenIn is Open with an explicit state folder.
-func OpenIn(ctx context.Context, home, ref string) (*VM, error) {
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	vm, err := open(ctx, st, ref, slog.Default())
-	if err != nil {
-		st.Close()
-		return nil, err
-	}
-	return vm, nil
-}
-
-func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*VM, error) {
+func open(ctx context.Context, h *Host, ref string, log *slog.Logger) (*VM, error) {
+	st := h.st
 	rec, err := st.GetVM(ctx, ref)
 	if err != nil {
 		return nil, fmt.Errorf("%w (see 'smolvm ls')", err)
@@ -104,7 +89,7 @@ func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*
 	if log == nil {
 		log = slog.Default()
 	}
-	vm := &VM{id: rec.ID, name: rec.Name, dir: rec.Dir, st: st, log: log}
+	vm := &VM{id: rec.ID, name: rec.Name, dir: rec.Dir, host: h, st: st, log: log}
 	_ = json.Unmarshal(rec.Timings, &vm.timings)
 	if rec.State == store.StateRunning || rec.State == store.StatePaused {
 		if err := vm.connect(); err != nil {
@@ -508,7 +493,10 @@ func (vm *VM) Close() error {
 	vm.mu.Lock()
 	vm.closed = true
 	vm.mu.Unlock()
-	return errors.Join(err, vm.st.Close())
+	if vm.ownHost {
+		err = errors.Join(err, vm.host.Close())
+	}
+	return err
 }
 
 // processAlive tells whether a process with this pid exists.

@@ -99,7 +99,7 @@ Ctrl-C.`,
 			if tuned != "" {
 				opts.TunedKernel = func(string) (string, error) { return tuned, nil }
 			}
-			opts.Home = os.Getenv("SMOLVM_HOME")
+			opts.Home = g.h.Home()
 			opts.Logger = g.log
 			opts.Command = "smolvm " + strings.Join(os.Args[1:], " ")
 			if term.IsTerminal(int(os.Stderr.Fd())) {
@@ -109,7 +109,7 @@ Ctrl-C.`,
 				opts.Verbose = os.Stderr
 			}
 			if len(idle.Counts) > 0 {
-				return runIdleBench(ctx, idle, asJSON)
+				return runIdleBench(ctx, g.h.Home(), idle, asJSON)
 			}
 			var rep interface {
 				WriteJSON(io.Writer) error
@@ -167,8 +167,8 @@ Ctrl-C.`,
 }
 
 // runIdleBench runs `bench --idle` and prints its report.
-func runIdleBench(ctx context.Context, opts bench.IdleOptions, asJSON bool) error {
-	opts.Home = os.Getenv("SMOLVM_HOME") // --home sets it too
+func runIdleBench(ctx context.Context, home string, opts bench.IdleOptions, asJSON bool) error {
+	opts.Home = home
 	opts.Command = "smolvm " + strings.Join(os.Args[1:], " ")
 	if term.IsTerminal(int(os.Stderr.Fd())) {
 		opts.Progress = os.Stderr

@@ -25,11 +25,12 @@ type check struct {
 func newDoctorCmd(g *globals) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "doctor",
-		Short: "Check this host: QEMU, KVM or TCG, image, state folder",
-		Args:  cobra.NoArgs,
+		Use:         "doctor",
+		Annotations: map[string]string{noHost: "its checks open the state folder"},
+		Short:       "Check this host: QEMU, KVM or TCG, image, state folder",
+		Args:        cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			checks := runChecks(cmd.Context())
+			checks := runChecks(cmd.Context(), g.home)
 			ok := true
 			for _, c := range checks {
 				ok = ok && c.OK
@@ -60,9 +61,11 @@ func newDoctorCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func runChecks(ctx context.Context) []check {
+func runChecks(ctx context.Context, home string) []check {
 	var out []check
-	home := smolvm.Home()
+	if home == "" {
+		home = smolvm.Home()
+	}
 	if v, err := qemu.Version(ctx, ""); err != nil {
 		out = append(out, check{Name: "qemu", Detail: err.Error(), Fix: "smolvm setup"})
 	} else {
@@ -87,9 +90,11 @@ func runChecks(ctx context.Context) []check {
 		out = append(out, check{Name: "image", Detail: "default image not ready: " + err.Error(), Fix: "smolvm setup"})
 	} else {
 		out = append(out, check{Name: "image", OK: true, Detail: fmt.Sprintf("kernel %s, initramfs %s", d.KernelVersion, filepath.Base(d.Initrd))})
-		rep := smolvm.ProbeAccel(ctx, home, d.Kernel, d.Initrd)
-		detail := rep.Accel + ": " + rep.Reason
-		out = append(out, check{Name: "accel", OK: true, Detail: detail})
+		if h, err := smolvm.OpenHost(home); err == nil {
+			rep := h.ProbeAccel(ctx, d.Kernel, d.Initrd)
+			_ = h.Close()
+			out = append(out, check{Name: "accel", OK: true, Detail: rep.Accel + ": " + rep.Reason})
+		}
 	}
 	if _, err := os.Stat("/dev/vhost-vsock"); err == nil {
 		out = append(out, check{Name: "channel", OK: true, Detail: "vsock (/dev/vhost-vsock present)"})

@@ -18,8 +18,9 @@ import (
 
 func newKernelCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "kernel",
-		Short: "Build and inspect the tuned guest kernel",
+		Use:         "kernel",
+		Annotations: map[string]string{noHost: "the kernel lives in the cache"},
+		Short:       "Build and inspect the tuned guest kernel",
 		Long: `The tuned kernel is built from Debian's linux-source-6.1 with smolvm's own small
 configuration: everything a sandbox needs is built in (no modules), and its
 uncompressed vmlinux boots through PVH, about twice as fast as Debian's cloud
@@ -50,7 +51,7 @@ their warm snapshot, as 'smolvm setup' does.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts := image.KernelBuildOptions{
-				CacheDir: filepath.Join(smolvm.Home(), "cache"), Jobs: jobs, Force: force,
+				CacheDir: filepath.Join(g.stateHome(), "cache"), Jobs: jobs, Force: force,
 				InstallPackages: !noInstall, WorkDir: workDir, Logger: g.log,
 			}
 			if verbose {
@@ -68,6 +69,7 @@ their warm snapshot, as 'smolvm setup' does.`,
 			if os.Getenv(smolvm.KernelEnv) != "stock" {
 				// New VMs boot it now: their warm snapshot is of this kernel.
 				setup := smolvm.SetupOptions{Progress: opts.Progress}
+				setup.Home = g.stateHome()
 				if _, err := smolvm.Setup(cmd.Context(), setup); err != nil {
 					g.log.Warn("no warm snapshot for the tuned kernel yet: VMs boot cold until 'smolvm setup' makes it", "err", err)
 				}
@@ -106,7 +108,7 @@ func newKernelInfoCmd(g *globals) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var ki kernelInfo
-			if ti, ok := image.LookupTunedKernel(filepath.Join(smolvm.Home(), "cache")); ok {
+			if ti, ok := image.LookupTunedKernel(filepath.Join(g.stateHome(), "cache")); ok {
 				ki = kernelInfo{Cached: true, Vmlinux: ti.Vmlinux, BzImage: ti.BzImage, Release: ti.Release,
 					SourceVersion: ti.SourceVersion, Built: ti.Built.Format(time.RFC3339), BuildSeconds: ti.BuildSeconds,
 					SourceEdits: ti.SourceEdits, MissingEdits: ti.MissingEdits()}

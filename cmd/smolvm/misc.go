@@ -21,7 +21,7 @@ func newLogsCmd(g *globals) *cobra.Command {
 		Short: "Print a VM's guest console (or its supervisor log)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -50,9 +50,10 @@ func newLogsCmd(g *globals) *cobra.Command {
 
 func newVersionCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "version",
-		Short: "Print the version",
-		Args:  cobra.NoArgs,
+		Use:         "version",
+		Annotations: map[string]string{noHost: "no state"},
+		Short:       "Print the version",
+		Args:        cobra.NoArgs,
 		Run: func(cmd *cobra.Command, args []string) {
 			fmt.Println("smolvm " + versionLine())
 		},
@@ -71,6 +72,7 @@ func versionLine() string {
 func newSuperviseCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:                "__supervise ID",
+		Annotations:        map[string]string{noHost: "the supervisor opens its own"},
 		Short:              "Run a VM's supervisor (internal)",
 		Hidden:             true,
 		DisableFlagParsing: true,

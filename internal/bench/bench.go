@@ -100,6 +100,7 @@ type runner struct {
 	rep     *Report
 	mu      sync.Mutex
 	live    map[*smolvm.VM]struct{}
+	host    *smolvm.Host // the state folder, one store for every VM
 	seq     int
 	hasWarm bool
 }
@@ -137,7 +138,12 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	if opts.TunedKernel == nil {
 		opts.TunedKernel = DefaultTunedKernel
 	}
-	r := &runner{opts: opts, log: opts.Logger, live: map[*smolvm.VM]struct{}{}}
+	host, err := smolvm.OpenHost(opts.Home)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, host.Close()) }()
+	r := &runner{opts: opts, log: opts.Logger, live: map[*smolvm.VM]struct{}{}, host: host}
 	if r.log == nil {
 		r.log = slog.Default()
 	}
@@ -148,7 +154,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		r.rep.Host.LoadAfter = loadAvg()
 	}()
 
-	sns, err := smolvm.ListSnapshots(ctx, opts.Home)
+	sns, err := host.Snapshots(ctx)
 	if err != nil {
 		return r.rep, err
 	}
@@ -342,7 +348,7 @@ func (r *runner) create(ctx context.Context, label, mode string, cfg smolvm.Conf
 	r.seq++
 	cfg.Name = fmt.Sprintf("%s%s-%d", r.opts.Prefix, label, r.seq)
 	r.mu.Unlock()
-	vm, err := smolvm.New(ctx, cfg)
+	vm, err := r.host.New(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create VM %s: %w", cfg.Name, err)
 	}
@@ -431,7 +437,7 @@ func (r *runner) cleanup() error {
 	wg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	infos, err := smolvm.ListIn(ctx, r.opts.Home)
+	infos, err := r.host.List(ctx)
 	if err != nil {
 		return fmt.Errorf("list VMs left by the benchmark: %w", err)
 	}
@@ -440,7 +446,7 @@ func (r *runner) cleanup() error {
 		if !strings.HasPrefix(in.Name, r.opts.Prefix) {
 			continue
 		}
-		vm, err := smolvm.OpenIn(ctx, r.opts.Home, in.ID)
+		vm, err := r.host.Open(ctx, in.ID)
 		if err == nil {
 			err = errors.Join(vm.Delete(ctx), vm.Close())
 		}
