@@ -14,7 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/smolvm/smolvm/internal/bench"
+	"github.com/smolvm/smolvm/bench"
 )
 
 func newBenchCmd(g *globals) *cobra.Command {

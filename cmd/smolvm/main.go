@@ -56,14 +56,6 @@ func (g *globals) host() (*smolvm.Host, error) {
 	return g.h, nil
 }
 
-// stateHome is the run's state folder, for the commands that open no Host.
-func (g *globals) stateHome() string {
-	if g.home != "" {
-		return g.home
-	}
-	return smolvm.Home()
-}
-
 // open is Host.Open on the run's state folder.
 func (g *globals) open(ctx context.Context, ref string) (*smolvm.VM, error) {
 	h, err := g.host()

@@ -3,15 +3,11 @@ package main
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
-	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm/smolvm"
-	"github.com/smolvm/smolvm/internal/consolelog"
-	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
 func newLogsCmd(g *globals) *cobra.Command {
@@ -26,21 +22,7 @@ func newLogsCmd(g *globals) *cobra.Command {
 				return err
 			}
 			defer vm.Close()
-			name := supervisor.ConsoleLog
-			if sup {
-				name = supervisor.LogFile
-			}
-			path := filepath.Join(vm.Dir(), name)
-			if _, err := os.Stat(path); err != nil {
-				return fmt.Errorf("read logs of VM %s: %w", vm.Name(), err)
-			}
-			if !follow {
-				return consolelog.Copy(os.Stdout, path)
-			}
-			return consolelog.Follow(cmd.Context(), os.Stdout, path, 200*time.Millisecond, func() bool {
-				in, err := vm.Info(cmd.Context())
-				return err == nil && (in.State == smolvm.StateRunning || in.State == smolvm.StateCreating)
-			})
+			return vm.Logs(cmd.Context(), os.Stdout, smolvm.LogOptions{Supervisor: sup, Follow: follow})
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing while the VM runs")

@@ -1,7 +1,9 @@
 // Package bench measures what a user of smolvm waits for, phase by phase,
 // as the seed's benchmark does: create, launch, first command, warm
-// command, stop + delete, and create → first command. It is the engine of
-// `smolvm bench`.
+// command, stop + delete, and create → first command. It is `smolvm
+// bench`, and a client of the smolvm package like any other program: it
+// makes its VMs through a smolvm.Host (only the soak's leak check reaches
+// inside the module, to internal/leaks).
 //
 // Every VM it makes is named with a prefix private to the run and is
 // deleted before Run returns, also when ctx is cancelled or a step fails.
@@ -15,7 +17,6 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -23,7 +24,6 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm"
-	"github.com/smolvm/smolvm/internal/image"
 )
 
 // The modes Run knows.
@@ -87,8 +87,15 @@ type Options struct {
 // DefaultTunedKernel finds the tuned kernel that `smolvm kernel build`
 // left in the state folder's cache ("" when there is none).
 func DefaultTunedKernel(home string) (string, error) {
-	p, _ := image.TunedKernel(filepath.Join(home, "cache"))
-	return p, nil
+	h, err := smolvm.OpenHost(home)
+	if err != nil {
+		return "", err
+	}
+	defer h.Close()
+	if ti, ok := h.TunedKernel(); ok {
+		return ti.Vmlinux, nil
+	}
+	return "", nil
 }
 
 // ErrNoWarmSnapshot means the restore mode has nothing to restore.
