@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/jail"
@@ -57,7 +58,7 @@ func CheckHost(ctx context.Context, home string) []HostCheck {
 		out = append(out, HostCheck{Name: "image", Detail: "default image not ready: " + err.Error(), Fix: "smolvm setup"})
 	} else {
 		out = append(out, HostCheck{Name: "image", OK: true, Detail: fmt.Sprintf("kernel %s, initramfs %s", d.KernelVersion, filepath.Base(d.Initrd))})
-		rep := probeAccel(ctx, home, d.Kernel, d.Initrd)
+		rep := engine.ProbeAccel(ctx, home, d.Kernel, d.Initrd)
 		out = append(out, HostCheck{Name: "accel", OK: true, Detail: rep.Accel + ": " + rep.Reason})
 	}
 	if _, err := os.Stat("/dev/vhost-vsock"); err == nil {

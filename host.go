@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/store"
 )
 
@@ -120,7 +121,7 @@ func (h *Host) Snapshots(ctx context.Context) ([]*SnapshotInfo, error) {
 }
 
 // DeleteSnapshot removes a snapshot; it is refused (ErrInUse) while a
-// running VM was restored from it, and while any VM (even stopped) has a
+// running VM was restored from it, and while any VM (even engine.Stopped) has a
 // disk backed by the snapshot's.
 func (h *Host) DeleteSnapshot(ctx context.Context, name string) error {
 	return deleteSnapshot(ctx, h.st, name)
@@ -135,7 +136,7 @@ func (h *Host) InspectImage(ctx context.Context, name string) (*ImageInfo, error
 }
 
 // RemoveImage deletes a named image. It is refused (ErrInUse) while a VM,
-// running or stopped, uses it.
+// running or engine.Stopped, uses it.
 func (h *Host) RemoveImage(ctx context.Context, name string) error {
 	if name == DefaultImage {
 		return fmt.Errorf("%w: the default image cannot be removed (its files are in the cache)", ErrInvalid)
@@ -183,4 +184,22 @@ func (h *Host) Capacity() (maxVMs, maxMemoryMiB int, err error) { return Capacit
 // kept after the VM is deleted.
 func (h *Host) RetainedDisk(vmName, vmID string) string {
 	return filepath.Join(h.home, "disks", vmName+"-"+vmID+".qcow2")
+}
+
+// AccelReport says which accelerator VMs use on this host, and why.
+type AccelReport struct {
+	// Accel is "kvm" or "tcg".
+	Accel  string `json:"accel"`
+	Reason string `json:"reason"`
+	// Cached: the answer of an earlier probe of the same kernel, initrd
+	// and QEMU.
+	Cached bool `json:"cached"`
+}
+
+// ProbeAccel decides between KVM and TCG for this kernel: KVM only when
+// /dev/kvm opens and a real boot with it reaches the guest agent. The
+// result is cached in the host's state folder per kernel, initrd and QEMU
+// binary.
+func (h *Host) ProbeAccel(ctx context.Context, kernel, initrd string) AccelReport {
+	return AccelReport(engine.ProbeAccel(ctx, h.home, kernel, initrd))
 }

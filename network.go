@@ -45,7 +45,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/network"
@@ -204,31 +203,6 @@ func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.
 	return nc, nil
 }
 
-// releaseNetwork removes what a tap-mode VM's network may have left on the
-// host when its supervisor could not (it was killed, or the VM failed):
-// the TAP device and the VM's nftables rules. Its leases go with its row.
-func releaseNetwork(ctx context.Context, st *store.Store, id string) error {
-	rec, err := st.GetVM(ctx, id)
-	if err != nil {
-		if errors.Is(err, store.ErrNotFound) {
-			return nil
-		}
-		return err
-	}
-	var spec supervisor.Spec
-	if json.Unmarshal(rec.Config, &spec) != nil || spec.Network == nil || spec.Network.Mode != network.ModeTAP {
-		return nil
-	}
-	what, err := network.RemoveTAP(ctx, spec.Network, id)
-	if err != nil {
-		return err
-	}
-	if what != "" {
-		slog.Debug("removed what the VM's network left", "vm", id, "removed", what)
-	}
-	return nil
-}
-
 func networkInfo(nc *network.Config) *NetworkInfo {
 	if nc == nil || nc.Mode == network.ModeNone || nc.Mode == "" {
 		return &NetworkInfo{Mode: NetworkNone}
@@ -274,7 +248,7 @@ func (vm *VM) networkClient(ctx context.Context) (controlpb.NetworkClient, error
 }
 
 // Ports lists the VM's port forwards: the running supervisor's, or the
-// recorded ones of a stopped VM.
+// recorded ones of a engine.Stopped VM.
 func (vm *VM) Ports(ctx context.Context) ([]PortForward, error) {
 	c, err := vm.networkClient(ctx)
 	if err != nil {

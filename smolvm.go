@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/consolelog"
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
 	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
 	"github.com/smolvm/smolvm/internal/store"
@@ -43,7 +44,7 @@ var (
 	ErrNotRunning  = errdefs.ErrNotRunning
 	ErrInvalid     = errdefs.ErrInvalid
 	ErrUnsupported = errdefs.ErrUnsupported
-	// ErrUnavailable: the VM's supervisor does not answer (stopped,
+	// ErrUnavailable: the VM's supervisor does not answer (engine.Stopped,
 	// overloaded); 'smolvm rm -f' still removes the VM.
 	ErrUnavailable = errdefs.ErrUnavailable
 	// ErrCapacity: the host is at its configured limit of VMs or memory
@@ -133,7 +134,7 @@ type Config struct {
 	// (WaitPrelaunched starts it at once). It costs an idle QEMU process
 	// until it is used, DiscardPrelaunched is called or the process
 	// exits. For programs that create VM after VM; persistent VMs ignore
-	// it. See prelaunch.go.
+	// it. See engine.Prelaunch.go.
 	Prelaunch bool
 	// MaxVMs and MaxMemoryMiB are the host's capacity, checked when the
 	// VM is created, atomically with every other process of this state
@@ -205,29 +206,34 @@ func (c *Config) setDefaults() error {
 
 // Home returns the state folder smolvm uses: $SMOLVM_HOME, else
 // $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
-func Home() string {
-	if h := os.Getenv("SMOLVM_HOME"); h != "" {
-		return h
-	}
-	if x := os.Getenv("XDG_STATE_HOME"); x != "" {
-		return filepath.Join(x, "smolvm")
-	}
-	if h, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(h, ".local", "state", "smolvm")
-	}
-	return filepath.Join(os.TempDir(), "smolvm")
-}
+func Home() string { return engine.Home() }
 
 func openStore(ctx context.Context, home string) (*store.Store, error) {
-	if home == "" {
-		home = Home()
-	}
-	st, err := store.Open(ctx, home)
-	if err != nil {
-		return nil, fmt.Errorf("open state folder %s (set SMOLVM_HOME to a writable folder): %w", home, err)
-	}
-	return st, nil
+	return engine.OpenStore(ctx, home)
 }
+
+// SupervisorMain is the body of the smolvm binary's hidden `__supervise`
+// command, which runs a persistent VM's supervisor (see
+// Config.SupervisorBinary), and is meant for nothing else: args are the
+// command's arguments after its name, as the library wrote them when it
+// started the process (their form and the ready pipe on fd 3 are the
+// library's own business, so that both ends of it live in one place). It
+// starts the VM, reports it ready (or the error, which keeps its kind) to
+// the process that created it, and serves the VM until it stops; SIGTERM
+// stops the VM gracefully.
+func SupervisorMain(ctx context.Context, args []string, log *slog.Logger) error {
+	return engine.SupervisorMain(ctx, args, log)
+}
+
+// WaitPrelaunched waits until the hypervisors this process is starting
+// ahead of time (Config.Prelaunch) are up or have failed; one that waits
+// for its delay starts at once.
+func WaitPrelaunched(ctx context.Context) error { return engine.WaitPrelaunched(ctx) }
+
+// DiscardPrelaunched ends the hypervisors this process started ahead of
+// time (Config.Prelaunch) and removes their folders. VMs that claimed one
+// are not affected.
+func DiscardPrelaunched(ctx context.Context) error { return engine.DiscardPrelaunched(ctx) }
 
 // Timings are a VM's phases as the seed's benchmark names them.
 type Timings struct {

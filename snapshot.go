@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
 	"github.com/smolvm/smolvm/internal/rootfs"
@@ -62,7 +63,7 @@ func snapshotState(dir string) string {
 	if err != nil {
 		return ""
 	}
-	if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && processAlive(pid) {
+	if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && engine.ProcessAlive(pid) {
 		return SnapshotCreating
 	}
 	return SnapshotInterrupted
@@ -358,7 +359,7 @@ func listSnapshots(ctx context.Context, st *store.Store) ([]*SnapshotInfo, error
 }
 
 func deleteSnapshot(ctx context.Context, st *store.Store, name string) error {
-	if _, err := reconcile(ctx, st); err != nil {
+	if _, err := engine.Reconcile(ctx, st); err != nil {
 		return err
 	}
 	sn, err := st.GetSnapshot(ctx, name)

@@ -9,11 +9,11 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/jail"
@@ -100,7 +100,7 @@ func open(ctx context.Context, h *Host, ref string, log *slog.Logger) (*VM, erro
 }
 
 func (vm *VM) connect() error {
-	conn, err := dialAPI(vm.dir) // health.go
+	conn, err := engine.DialAPI(vm.dir) // health.go
 	if err != nil {
 		return fmt.Errorf("connect to VM %s: %w", vm.id, err)
 	}
@@ -182,7 +182,7 @@ func (vm *VM) pausedHere() bool {
 
 func notRunning(rec *store.VM) error {
 	msg := fmt.Sprintf("VM %s is %s", rec.Name, rec.State)
-	if rec.Reason != "" && rec.Reason != "stopped" {
+	if rec.Reason != "" && rec.Reason != "engine.Stopped" {
 		msg += " (" + rec.Reason + ")"
 	}
 	switch rec.State {
@@ -258,7 +258,7 @@ func (vm *VM) callErr(ctx context.Context, what string, err error) error {
 		return fmt.Errorf("%s: %w", what, notRunning(rec))
 	}
 	if gerr == nil && errors.Is(err, ErrUnavailable) {
-		if p := supervisorProblem(ctx, rec); p != nil {
+		if p := engine.SupervisorProblem(ctx, rec); p != nil {
 			return fmt.Errorf("%s: %w", what, p)
 		}
 	}
@@ -272,7 +272,7 @@ func (vm *VM) apiErr(ctx context.Context, what string, err error) error {
 	err = errdefs.FromGRPC(err)
 	if errors.Is(err, ErrUnavailable) && ctx.Err() == nil {
 		if rec, gerr := vm.st.GetVM(ctx, vm.id); gerr == nil {
-			if p := supervisorProblem(ctx, rec); p != nil {
+			if p := engine.SupervisorProblem(ctx, rec); p != nil {
 				err = p
 			}
 		}
@@ -290,7 +290,7 @@ func (vm *VM) Info(ctx context.Context) (*Info, error) {
 		return nil, err
 	}
 	in := infoOf(rec)
-	markUnresponsive(in, supervisorProblem(ctx, rec)) // health.go
+	markUnresponsive(in, engine.SupervisorProblem(ctx, rec)) // health.go
 	return in, nil
 }
 
@@ -312,7 +312,7 @@ func infoOf(rec *store.VM) *Info {
 }
 
 // Stop shuts the VM down gracefully (the guest powers off; after timeout
-// it is killed). A stopped VM keeps its state until deleted.
+// it is killed). A engine.Stopped VM keeps its state until deleted.
 func (vm *VM) Stop(ctx context.Context) error { return vm.stop(ctx, false) }
 
 // Kill stops the VM at once, without a guest shutdown.
@@ -337,12 +337,12 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 		}
 		return fmt.Errorf("%w: VM %s is %s", ErrNotRunning, rec.Name, rec.State)
 	}
-	if p := supervisorProblem(ctx, rec); p != nil {
+	if p := engine.SupervisorProblem(ctx, rec); p != nil {
 		if !force {
 			return fmt.Errorf("stop VM %s: %w", rec.Name, p)
 		}
 		vm.disconnect()
-		return killSupervisor(ctx, vm.st, rec) // health.go
+		return engine.KillSupervisor(ctx, vm.st, rec) // health.go
 	}
 	// The supervisor answered: it stops the guest within the timeout
 	// (and kills it then); a little more for its answer.
@@ -350,11 +350,11 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 	sctx, cancel := context.WithTimeout(ctx, stopTimeout+5*time.Second)
 	_, err = control.Stop(sctx, &controlpb.StopRequest{Force: force, TimeoutMs: stopTimeout.Milliseconds()})
 	cancel()
-	if err != nil && processAlive(rec.SupervisorPID) {
+	if err != nil && engine.ProcessAlive(rec.SupervisorPID) {
 		if force && (errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded)) && ctx.Err() == nil {
-			// It stopped answering since the probe.
+			// It engine.Stopped answering since the probe.
 			vm.disconnect()
-			return killSupervisor(ctx, vm.st, rec)
+			return engine.KillSupervisor(ctx, vm.st, rec)
 		}
 		return vm.apiErr(ctx, "stop VM "+rec.Name, err)
 	}
@@ -362,12 +362,12 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 	// The supervisor records the stop and exits (its teardown takes at
 	// most a few seconds); wait for that.
 	deadline := time.Now().Add(15 * time.Second)
-	for processAlive(rec.SupervisorPID) && rec.SupervisorPID != os.Getpid() {
+	for engine.ProcessAlive(rec.SupervisorPID) && rec.SupervisorPID != os.Getpid() {
 		if time.Now().After(deadline) {
 			if !force {
 				return fmt.Errorf("stop VM %s: its supervisor (pid %d) did not exit: 'smolvm rm -f %s' kills it: %w", rec.Name, rec.SupervisorPID, rec.Name, ErrUnavailable)
 			}
-			return killSupervisor(ctx, vm.st, rec)
+			return engine.KillSupervisor(ctx, vm.st, rec)
 		}
 		select {
 		case <-ctx.Done():
@@ -387,14 +387,14 @@ func (vm *VM) disconnect() {
 	vm.conn, vm.agent, vm.control, vm.sup = nil, nil, nil, nil
 }
 
-// Start boots a stopped VM again (a fresh boot: memory is not kept).
+// Start boots a engine.Stopped VM again (a fresh boot: memory is not kept).
 func (vm *VM) Start(ctx context.Context) error {
 	started := time.Now()
 	rec, err := vm.st.GetVM(ctx, vm.id)
 	if err != nil {
 		return err
 	}
-	if rec.Live() && processAlive(rec.SupervisorPID) {
+	if rec.Live() && engine.ProcessAlive(rec.SupervisorPID) {
 		return fmt.Errorf("%w: VM %s is already %s", ErrExists, rec.Name, rec.State)
 	}
 	var spec supervisor.Spec
@@ -402,7 +402,7 @@ func (vm *VM) Start(ctx context.Context) error {
 		return fmt.Errorf("read VM %s: %w", rec.Name, err)
 	}
 	cfg := &Config{SupervisorBinary: spec.SupervisorBinary, Logger: vm.log}
-	if _, err := supervisorBinary(cfg); spec.Persistent && err != nil {
+	if _, err := engine.SupervisorBinary(cfg.SupervisorBinary); spec.Persistent && err != nil {
 		return err
 	}
 	capacity, err := cfg.capacity()
@@ -419,7 +419,7 @@ func (vm *VM) Start(ctx context.Context) error {
 		return capacityErr(err)
 	}
 	if spec.Persistent {
-		if err := spawnSupervisor(ctx, cfg, homeOf(vm.st), vm.id, started, started); err != nil {
+		if err := cfg.spawnSupervisor(ctx, homeOf(vm.st), vm.id, started, started); err != nil {
 			return err
 		}
 		return vm.connect()
@@ -453,7 +453,7 @@ func (vm *VM) Delete(ctx context.Context) error {
 }
 
 func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
-	if err := releaseNetwork(ctx, st, id); err != nil { // network.go
+	if err := engine.ReleaseNetwork(ctx, st, id); err != nil { // network.go
 		return err
 	}
 	if err := retainDisk(dir); err != nil {
@@ -499,15 +499,25 @@ func (vm *VM) Close() error {
 	return err
 }
 
-// processAlive tells whether a process with this pid exists.
-func processAlive(pid int) bool {
-	if pid <= 0 {
-		return false
+// noAnswer is the error of a call that its timeout ended before the VM
+// answered: the supervisor's problem if it has one.
+func (vm *VM) noAnswer(what string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*engine.ProbeTimeout)
+	defer cancel()
+	if rec, err := vm.st.GetVM(ctx, vm.id); err == nil {
+		if rec.State != store.StateRunning {
+			return fmt.Errorf("%s: %w", what, notRunning(rec))
+		}
+		if p := engine.SupervisorProblem(ctx, rec); p != nil {
+			return fmt.Errorf("%s: %w", what, p)
+		}
 	}
-	err := syscall.Kill(pid, 0)
-	if err != nil && !errors.Is(err, syscall.EPERM) {
-		return false
+	return fmt.Errorf("%s: VM %s did not answer within the timeout of %s: %w", what, vm.name, timeout, ErrUnavailable)
+}
+
+// markUnresponsive shows a probe's problem in a VM's info.
+func markUnresponsive(in *Info, problem error) {
+	if problem != nil {
+		in.State, in.Reason = StateUnresponsive, problem.Error()
 	}
-	// A zombie (exited, not yet reaped by its parent) is not alive.
-	return procState(pid) != 'Z'
 }

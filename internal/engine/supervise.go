@@ -1,4 +1,4 @@
-package smolvm
+package engine
 
 import (
 	"context"
@@ -18,32 +18,27 @@ import (
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
-// superviseCommand is the hidden command of the smolvm binary that runs a
-// persistent VM's supervisor: spawnSupervisor runs
+// SuperviseCommand is the hidden command of the smolvm binary that runs a
+// persistent VM's supervisor: SpawnSupervisor runs
 // `BINARY __supervise ID --started T --create-done T` with the ready pipe
-// as fd 3, and that command calls SupervisorMain.
-const superviseCommand = "__supervise"
+// as fd 3, and that command calls smolvm.SupervisorMain, which calls
+// SupervisorMain here.
+const SuperviseCommand = "__supervise"
 
-// SupervisorMain is the body of the smolvm binary's hidden `__supervise`
-// command, which runs a persistent VM's supervisor (see
-// Config.SupervisorBinary), and is meant for nothing else: args are the
-// command's arguments after its name, as the library wrote them when it
-// started the process (their form and the ready pipe on fd 3 are the
-// library's own business, so that both ends of it live here). It starts
-// the VM, reports it ready (or the error, which keeps its kind) to the
-// process that created it, and serves the VM until it stops; SIGTERM
-// stops the VM gracefully.
+// SupervisorMain parses the arguments SpawnSupervisor gave the hidden
+// command (after its name) and runs the supervisor with the ready pipe on
+// fd 3.
 func SupervisorMain(ctx context.Context, args []string, log *slog.Logger) error {
-	fs := flag.NewFlagSet(superviseCommand, flag.ContinueOnError)
+	fs := flag.NewFlagSet(SuperviseCommand, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	started := fs.String("started", "", "")
 	createDone := fs.String("create-done", "", "")
 	if len(args) == 0 {
-		return fmt.Errorf("%w: %s needs a VM id", ErrInvalid, superviseCommand)
+		return fmt.Errorf("%w: %s needs a VM id", errdefs.ErrInvalid, SuperviseCommand)
 	}
 	id := args[0]
 	if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 0 {
-		return fmt.Errorf("%w: %s %v: the library starts this command itself", ErrInvalid, superviseCommand, args)
+		return fmt.Errorf("%w: %s %v: the library starts this command itself", errdefs.ErrInvalid, SuperviseCommand, args)
 	}
 	if log == nil {
 		log = slog.Default()
@@ -58,7 +53,7 @@ func SupervisorMain(ctx context.Context, args []string, log *slog.Logger) error 
 // until it stops.
 func runSupervisor(ctx context.Context, id string, ready *os.File, started, createDone time.Time, log *slog.Logger) error {
 	idleLean(log)
-	st, err := openStore(ctx, "")
+	st, err := OpenStore(ctx, "")
 	if err != nil {
 		fmt.Fprintln(ready, errdefs.ReadyLine(err))
 		return err

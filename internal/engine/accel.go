@@ -1,16 +1,18 @@
-package smolvm
+package engine
 
 import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"syscall"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
 	"github.com/smolvm/smolvm/internal/supervisor"
@@ -34,21 +36,23 @@ type probeRecord struct {
 // boot standard kernels) hangs, and the probe gives up.
 const kvmProbeTimeout = 20 * time.Second
 
-func resolveAccel(ctx context.Context, home string, cfg *Config, img *resolvedImage) (hypervisor.Accel, error) {
-	switch cfg.Accel {
+// ResolveAccel picks the accelerator of a VM: want ("kvm", "tcg"), else
+// KVM when the probe of this kernel and initrd (ProbeAccel) booted with it.
+func ResolveAccel(ctx context.Context, home, want, kernel, initrd string, log *slog.Logger) (hypervisor.Accel, error) {
+	switch want {
 	case "tcg":
 		return hypervisor.AccelTCG, nil
 	case "kvm":
 		if err := kvmDeviceUsable(); err != nil {
-			return "", fmt.Errorf("%w: accel kvm: %w", ErrUnsupported, err)
+			return "", fmt.Errorf("%w: accel kvm: %w", errdefs.ErrUnsupported, err)
 		}
 		return hypervisor.AccelKVM, nil
 	}
-	rep := probeAccel(ctx, home, img.kernel, img.initrd)
+	rep := ProbeAccel(ctx, home, kernel, initrd)
 	if rep.Accel == "kvm" {
 		return hypervisor.AccelKVM, nil
 	}
-	cfg.Logger.Debug("using TCG software emulation", "reason", rep.Reason)
+	log.Debug("using TCG software emulation", "reason", rep.Reason)
 	return hypervisor.AccelTCG, nil
 }
 
@@ -63,13 +67,8 @@ func kvmDeviceUsable() error {
 
 // ProbeAccel decides between KVM and TCG for this kernel: KVM only when
 // /dev/kvm opens and a real boot with it reaches the guest agent. The
-// result is cached in the host's state folder per kernel, initrd and QEMU
-// version.
-func (h *Host) ProbeAccel(ctx context.Context, kernel, initrd string) AccelReport {
-	return probeAccel(ctx, h.home, kernel, initrd)
-}
-
-func probeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
+// result is cached in home's cache per kernel, initrd and QEMU binary.
+func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
 	if err := kvmDeviceUsable(); err != nil {
 		return AccelReport{Accel: "tcg", Reason: err.Error()}
 	}
@@ -89,7 +88,7 @@ func probeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
 	}
 	defer os.RemoveAll(dir)
 	mc := &hypervisor.MachineConfig{
-		ID: "kvm-probe", Dir: dir, Kernel: kernel, Initrd: initrd, Cmdline: kernelCmdline("probe", hypervisor.AccelKVM, ""),
+		ID: "kvm-probe", Dir: dir, Kernel: kernel, Initrd: initrd, Cmdline: KernelCmdline("probe", hypervisor.AccelKVM, ""),
 		VCPUs: 1, MemoryMiB: 256, Accel: hypervisor.AccelKVM, Channel: hypervisor.ChannelVirtioSerial,
 		ConsoleLog: filepath.Join(dir, "console.log"),
 	}
