@@ -151,7 +151,7 @@ func (c *Cmd) Start() error {
 
 // timeoutGrace is how long after a command's timeout the host stops
 // waiting for the guest to report it: the guest kills the command at
-// Timeout, and a guest that cannot (paused, its supervisor engine.Stopped) does
+// Timeout, and a guest that cannot (paused, its supervisor stopped) does
 // not hold the caller longer than this.
 const timeoutGrace = 2 * time.Second
 

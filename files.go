@@ -44,6 +44,17 @@ type FileInfo struct {
 	// allocated is what the file takes on the guest's disk, as the
 	// guest reports it.
 	allocated int64
+	path      string
+	uid, gid  int
+	owner     string
+	group     string
+}
+
+// fileInfo builds a FileInfo from the agent's lstat of guestPath.
+func fileInfo(guestPath string, r *agentpb.StatResponse) *FileInfo {
+	return &FileInfo{name: path.Base(guestPath), path: guestPath, size: r.Size, mode: fs.FileMode(r.Mode),
+		mtime: time.Unix(0, r.MtimeUnixNs), link: r.LinkTarget, allocated: r.Allocated,
+		uid: int(r.Uid), gid: int(r.Gid), owner: r.Owner, group: r.Group}
 }
 
 func (fi *FileInfo) Name() string       { return fi.name }
@@ -55,6 +66,15 @@ func (fi *FileInfo) Sys() any           { return nil }
 
 // LinkTarget is the target of a symlink ("" for anything else).
 func (fi *FileInfo) LinkTarget() string { return fi.link }
+
+// Path is the file's absolute path in the guest.
+func (fi *FileInfo) Path() string { return fi.path }
+
+// Owner is the file's owner in the guest: its uid and gid, and their names
+// in the guest's /etc/passwd and /etc/group ("" when they have none).
+func (fi *FileInfo) Owner() (uid, gid int, user, group string) {
+	return fi.uid, fi.gid, fi.owner, fi.group
+}
 
 // guestError is a file error reported by the guest agent. It unwraps to
 // fs.ErrNotExist (and ErrNotFound), fs.ErrPermission or ErrInvalid where
@@ -121,8 +141,7 @@ func (vm *VM) Stat(ctx context.Context, guestPath string) (*FileInfo, error) {
 	if !r.Exists {
 		return nil, fmt.Errorf("stat %s in VM %s: %w", guestPath, vm.name, unix.ENOENT)
 	}
-	return &FileInfo{name: path.Base(guestPath), size: r.Size, mode: fs.FileMode(r.Mode),
-		mtime: time.Unix(0, r.MtimeUnixNs), link: r.LinkTarget, allocated: r.Allocated}, nil
+	return fileInfo(guestPath, r), nil
 }
 
 // statOrNil is Stat with a missing path reported as nil, nil.

@@ -121,7 +121,7 @@ func (h *Host) Snapshots(ctx context.Context) ([]*SnapshotInfo, error) {
 }
 
 // DeleteSnapshot removes a snapshot; it is refused (ErrInUse) while a
-// running VM was restored from it, and while any VM (even engine.Stopped) has a
+// running VM was restored from it, and while any VM (even stopped) has a
 // disk backed by the snapshot's.
 func (h *Host) DeleteSnapshot(ctx context.Context, name string) error {
 	return deleteSnapshot(ctx, h.st, name)
@@ -136,7 +136,7 @@ func (h *Host) InspectImage(ctx context.Context, name string) (*ImageInfo, error
 }
 
 // RemoveImage deletes a named image. It is refused (ErrInUse) while a VM,
-// running or engine.Stopped, uses it.
+// running or stopped, uses it.
 func (h *Host) RemoveImage(ctx context.Context, name string) error {
 	if name == DefaultImage {
 		return fmt.Errorf("%w: the default image cannot be removed (its files are in the cache)", ErrInvalid)

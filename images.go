@@ -333,7 +333,7 @@ func installImage(ctx context.Context, st *store.Store, name string, res *rootfs
 	return imageInfo(ctx, st, rec)
 }
 
-// imageUsers lists the VMs (in any state: a engine.Stopped VM's overlay still
+// imageUsers lists the VMs (in any state: a stopped VM's overlay still
 // needs its base) whose image is name, and the snapshots of such VMs
 // ("snapshot NAME": their frozen disks are backed by it).
 func imageUsers(ctx context.Context, st *store.Store, name string) ([]string, error) {

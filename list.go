@@ -32,7 +32,7 @@ func list(ctx context.Context, st *store.Store) ([]*Info, error) {
 	if err != nil {
 		return nil, err
 	}
-	problems := engine.ProbeAll(ctx, recs) // health.go
+	problems := engine.ProbeAll(ctx, recs) // internal/engine
 	out := make([]*Info, 0, len(recs))
 	for _, r := range recs {
 		in := infoOf(r)

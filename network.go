@@ -248,7 +248,7 @@ func (vm *VM) networkClient(ctx context.Context) (controlpb.NetworkClient, error
 }
 
 // Ports lists the VM's port forwards: the running supervisor's, or the
-// recorded ones of a engine.Stopped VM.
+// recorded ones of a stopped VM.
 func (vm *VM) Ports(ctx context.Context) ([]PortForward, error) {
 	c, err := vm.networkClient(ctx)
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -803,9 +804,75 @@ func TestNetworkTAPIsolation(t *testing.T) {
 	// 169.254.0.0/16 there. a (egress open) reaches the server through
 	// the NAT; b (allowlist: the host) and a's metadata request are
 	// rejected at once.
-	n.external(t)
+	ext := n.external(t)
 	if out, code := guestRun(t, a, "wget -qO- http://10.1.2.3:8080/index.html"); code != 0 || !strings.Contains(out, "hello from beyond") {
 		t.Fatalf("a through the NAT: exit %d: %s", code, out)
+	}
+	// Forged sources and IPv6 do not leave a tap guest. The server's
+	// namespace counts the echo requests it receives (it cannot answer a
+	// forged source: it has no route back): a's own pings arrive; pings
+	// from an address a adds to itself (another guest's, and one of its
+	// pool that nobody has) do not.
+	echos := func() int {
+		out, err := exec.Command("ip", "netns", "exec", ext, "cat", "/proc/net/snmp").Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, line := range strings.Split(string(out), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 2 || f[0] != "Icmp:" {
+				continue
+			}
+			if names == nil {
+				names = f
+				continue
+			}
+			for i, name := range names {
+				if name == "InEchos" && i < len(f) {
+					n, _ := strconv.Atoi(f[i])
+					return n
+				}
+			}
+		}
+		t.Fatalf("no Icmp InEchos in %s's /proc/net/snmp:\n%s", ext, out)
+		return 0
+	}
+	before := echos()
+	if out, code := guestRun(t, a, "ping -c 2 -W 5 10.1.2.3"); code != 0 {
+		t.Fatalf("a pings 10.1.2.3 from its own address: exit %d: %s", code, out)
+	}
+	if got := echos() - before; got != 2 {
+		t.Fatalf("a's own pings: %s counted %d echo requests, want 2 (nothing tested)", ext, got)
+	}
+	for _, src := range []string{ib.GuestIP, "172.16.0.200"} {
+		if out, code := guestRun(t, a, "ip addr add "+src+"/32 dev eth0"); code != 0 {
+			t.Fatalf("a adds %s: exit %d: %s", src, code, out)
+		}
+		before := echos()
+		out, _ := guestRun(t, a, "ping -c 2 -W 2 -I "+src+" 10.1.2.3; ping -c 2 -W 2 -I "+src+" 172.16.0.1")
+		if got := echos() - before; got != 0 || strings.Contains(out, "bytes from") {
+			t.Errorf("a's pings from the forged source %s: %d reached %s: %s", src, got, ext, out)
+		}
+		if out, code := guestRun(t, a, "ip addr del "+src+"/32 dev eth0"); code != 0 {
+			t.Fatalf("a removes %s: exit %d: %s", src, code, out)
+		}
+	}
+	// IPv6: the host's TAP has it disabled and the rules drop it.
+	// (The guest answers its own all-nodes ping: only other senders count.)
+	out6, _ := guestRun(t, a, "ip -6 addr add fd00::2/64 dev eth0 2>&1; ping6 -c 2 -W 3 -I eth0 ff02::1 2>&1; ping6 -c 2 -W 3 fd00::1 2>&1")
+	own, _ := guestRun(t, a, "ip -6 addr show dev eth0")
+	for _, line := range strings.Split(out6, "\n") {
+		from, ok := strings.CutPrefix(strings.TrimSpace(line), "64 bytes from ")
+		if !ok {
+			continue
+		}
+		if addr, _, _ := strings.Cut(from, ": "); !strings.Contains(own, addr+"/") {
+			t.Errorf("a got an IPv6 answer from %s over its TAP:\n%s\n(a's own addresses:\n%s)", addr, out6, own)
+		}
+	}
+	if !strings.Contains(out6, "bytes from") {
+		t.Errorf("a's IPv6 ping never answered even from a itself (nothing tested): %s", out6)
 	}
 	// The host itself: its TAP address and its other address (10.1.2.1,
 	// where a second server listens) are reached only through the

@@ -58,7 +58,7 @@ func WithOutputLimit(n int) RunOption { return func(o *runOptions) { o.limit = n
 
 // Run runs a shell command (/bin/sh -c) and collects its output. A
 // non-zero exit is not an error: it is in Result.ExitCode. Errors are for
-// commands that could not run (VM engine.Stopped, bad directory, channel lost).
+// commands that could not run (VM stopped, bad directory, channel lost).
 func (vm *VM) Run(ctx context.Context, command string, opts ...RunOption) (*Result, error) {
 	o := runOptions{limit: DefaultOutputLimit}
 	for _, f := range opts {

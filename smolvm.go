@@ -44,7 +44,7 @@ var (
 	ErrNotRunning  = errdefs.ErrNotRunning
 	ErrInvalid     = errdefs.ErrInvalid
 	ErrUnsupported = errdefs.ErrUnsupported
-	// ErrUnavailable: the VM's supervisor does not answer (engine.Stopped,
+	// ErrUnavailable: the VM's supervisor does not answer (stopped,
 	// overloaded); 'smolvm rm -f' still removes the VM.
 	ErrUnavailable = errdefs.ErrUnavailable
 	// ErrCapacity: the host is at its configured limit of VMs or memory
@@ -134,7 +134,7 @@ type Config struct {
 	// (WaitPrelaunched starts it at once). It costs an idle QEMU process
 	// until it is used, DiscardPrelaunched is called or the process
 	// exits. For programs that create VM after VM; persistent VMs ignore
-	// it. See engine.Prelaunch.go.
+	// it. See prelaunch.go.
 	Prelaunch bool
 	// MaxVMs and MaxMemoryMiB are the host's capacity, checked when the
 	// VM is created, atomically with every other process of this state

@@ -10,11 +10,11 @@ const (
 	StateCreating State = "creating"
 	// StateRunning: the guest runs and its agent answers.
 	StateRunning State = "running"
-	// StatePaused: the guest's vCPUs are engine.Stopped (VM.Pause); VM.Resume
+	// StatePaused: the guest's vCPUs are stopped (VM.Pause); VM.Resume
 	// lets it run again.
 	StatePaused State = "paused"
-	// StateStopped: the VM was engine.Stopped; VM.Start boots it again.
-	StateStopped State = "engine.Stopped"
+	// StateStopped: the VM was stopped; VM.Start boots it again.
+	StateStopped State = "stopped"
 	// StateFailed: the VM ended on its own (its supervisor or hypervisor
 	// died, a boot failed); Info.Reason says why.
 	StateFailed State = "failed"

@@ -100,7 +100,7 @@ func open(ctx context.Context, h *Host, ref string, log *slog.Logger) (*VM, erro
 }
 
 func (vm *VM) connect() error {
-	conn, err := engine.DialAPI(vm.dir) // health.go
+	conn, err := engine.DialAPI(vm.dir) // internal/engine
 	if err != nil {
 		return fmt.Errorf("connect to VM %s: %w", vm.id, err)
 	}
@@ -182,7 +182,7 @@ func (vm *VM) pausedHere() bool {
 
 func notRunning(rec *store.VM) error {
 	msg := fmt.Sprintf("VM %s is %s", rec.Name, rec.State)
-	if rec.Reason != "" && rec.Reason != "engine.Stopped" {
+	if rec.Reason != "" && rec.Reason != "stopped" {
 		msg += " (" + rec.Reason + ")"
 	}
 	switch rec.State {
@@ -290,7 +290,7 @@ func (vm *VM) Info(ctx context.Context) (*Info, error) {
 		return nil, err
 	}
 	in := infoOf(rec)
-	markUnresponsive(in, engine.SupervisorProblem(ctx, rec)) // health.go
+	markUnresponsive(in, engine.SupervisorProblem(ctx, rec)) // internal/engine
 	return in, nil
 }
 
@@ -312,7 +312,7 @@ func infoOf(rec *store.VM) *Info {
 }
 
 // Stop shuts the VM down gracefully (the guest powers off; after timeout
-// it is killed). A engine.Stopped VM keeps its state until deleted.
+// it is killed). A stopped VM keeps its state until deleted.
 func (vm *VM) Stop(ctx context.Context) error { return vm.stop(ctx, false) }
 
 // Kill stops the VM at once, without a guest shutdown.
@@ -342,7 +342,7 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 			return fmt.Errorf("stop VM %s: %w", rec.Name, p)
 		}
 		vm.disconnect()
-		return engine.KillSupervisor(ctx, vm.st, rec) // health.go
+		return engine.KillSupervisor(ctx, vm.st, rec) // internal/engine
 	}
 	// The supervisor answered: it stops the guest within the timeout
 	// (and kills it then); a little more for its answer.
@@ -352,7 +352,7 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 	cancel()
 	if err != nil && engine.ProcessAlive(rec.SupervisorPID) {
 		if force && (errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded)) && ctx.Err() == nil {
-			// It engine.Stopped answering since the probe.
+			// It stopped answering since the probe.
 			vm.disconnect()
 			return engine.KillSupervisor(ctx, vm.st, rec)
 		}
@@ -387,7 +387,7 @@ func (vm *VM) disconnect() {
 	vm.conn, vm.agent, vm.control, vm.sup = nil, nil, nil, nil
 }
 
-// Start boots a engine.Stopped VM again (a fresh boot: memory is not kept).
+// Start boots a stopped VM again (a fresh boot: memory is not kept).
 func (vm *VM) Start(ctx context.Context) error {
 	started := time.Now()
 	rec, err := vm.st.GetVM(ctx, vm.id)
@@ -453,7 +453,7 @@ func (vm *VM) Delete(ctx context.Context) error {
 }
 
 func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
-	if err := engine.ReleaseNetwork(ctx, st, id); err != nil { // network.go
+	if err := engine.ReleaseNetwork(ctx, st, id); err != nil { // internal/engine
 		return err
 	}
 	if err := retainDisk(dir); err != nil {

@@ -16,7 +16,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"time"
 	"unsafe"
 
@@ -191,19 +190,7 @@ func (s *Server) Stat(_ context.Context, req *agentpb.StatRequest) (*agentpb.Sta
 	if err != nil {
 		return nil, fsError("stat", p, err)
 	}
-	resp := &agentpb.StatResponse{
-		Exists:      true,
-		Mode:        uint32(fi.Mode()),
-		Size:        fi.Size(),
-		MtimeUnixNs: fi.ModTime().UnixNano(),
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		resp.Allocated = st.Blocks * 512
-	}
-	if fi.Mode()&fs.ModeSymlink != 0 {
-		resp.LinkTarget, _ = os.Readlink(p)
-	}
-	return resp, nil
+	return statResponse(p, fi, &accountNames{}), nil
 }
 
 // cleanPath validates a path from the host: non-empty, absolute, no NUL.

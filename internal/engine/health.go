@@ -66,7 +66,7 @@ func SupervisorProblem(ctx context.Context, rec *store.VM) error {
 		return nil
 	}
 	if Stopped(pid) {
-		return unresponsive(rec, "Stopped: SIGSTOP or a debugger")
+		return unresponsive(rec, "stopped: SIGSTOP or a debugger")
 	}
 	conn, err := DialAPI(rec.Dir)
 	if err != nil {
@@ -82,7 +82,7 @@ func SupervisorProblem(ctx context.Context, rec *store.VM) error {
 	case !ProcessAlive(pid):
 		return nil // it just ended: the state row says how
 	case Stopped(pid):
-		return unresponsive(rec, "Stopped: SIGSTOP or a debugger")
+		return unresponsive(rec, "stopped: SIGSTOP or a debugger")
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, errdefs.ErrUnavailable):
 		return unresponsive(rec, fmt.Sprintf("no answer within %s", ProbeTimeout))
 	}
@@ -125,8 +125,8 @@ func ProbeAll(ctx context.Context, recs []*store.VM) map[string]error {
 }
 
 // ProcState is the state letter of a process in /proc/PID/stat (R, S, T
-// for Stopped, Z…), or 0.
-// Stopped says whether process pid is Stopped (SIGSTOP) or traced.
+// for stopped, Z…), or 0.
+// Stopped says whether process pid is stopped (SIGSTOP) or traced.
 func Stopped(pid int) bool {
 	s := ProcState(pid)
 	return s == 'T' || s == 't'
@@ -147,7 +147,7 @@ func ProcState(pid int) byte {
 // the supervisor (only if the pid is still this VM's supervisor, not a
 // recycled one) and to its QEMU (which PR_SET_PDEATHSIG kills too), then
 // what the supervisor's teardown would have removed (API socket, TAP and
-// nftables rules), and records the VM as Stopped.
+// nftables rules), and records the VM as stopped.
 func KillSupervisor(ctx context.Context, st *store.Store, rec *store.VM) error {
 	if pid := rec.SupervisorPID; IsSupervisorOf(pid, rec.ID) {
 		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {

@@ -76,13 +76,13 @@ func TestSupervisorProblem(t *testing.T) {
 	rec.State = store.StateStopped
 	rec.Dir = silent
 	if err := SupervisorProblem(ctx, rec); err != nil {
-		t.Errorf("probe of a Stopped VM = %v; want nil (nothing to probe)", err)
+		t.Errorf("probe of a stopped VM = %v; want nil (nothing to probe)", err)
 	}
 }
 
 // KillSupervisor kills only a process that is this VM's supervisor: a pid
 // recycled by another program is left alone, and the VM is still cleaned
-// up and recorded as Stopped.
+// up and recorded as stopped.
 func TestKillSupervisorChecksThePid(t *testing.T) {
 	ctx := context.Background()
 	st, err := store.Open(ctx, t.TempDir())
@@ -104,6 +104,6 @@ func TestKillSupervisorChecksThePid(t *testing.T) {
 	}
 	got, err := st.GetVM(ctx, rec.ID)
 	if err != nil || got.State != store.StateStopped || !strings.Contains(got.Reason, "not responding") {
-		t.Errorf("VM after KillSupervisor = %+v, %v; want it Stopped with the reason", got, err)
+		t.Errorf("VM after KillSupervisor = %+v, %v; want it stopped with the reason", got, err)
 	}
 }

@@ -61,6 +61,7 @@ type Stack struct {
 	link    *link
 	policy  *policy
 	dest    *destCheck
+	denials *denyLog
 	ln      net.Listener
 	dns     []*dns.Server
 	guest   tcpip.Address
@@ -108,6 +109,7 @@ func Start(ctx context.Context, opts Options) (*Stack, error) {
 		n.aliases[ga] = ha
 		own = append(own, tcpip.AddrFrom4(ga.As4()))
 	}
+	n.denials = newDenyLog(n.log)
 	n.dest = &destCheck{subnet: n.subnet, aliases: n.aliases, policy: n.policy, route: routeOf}
 	if opts.Store != nil {
 		n.dest.forwardedElsewhere = n.forwardedElsewhere
@@ -265,7 +267,7 @@ func (n *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	dst := fromTCPIP(id.LocalAddress)
 	host, err := n.dest.check(n.ctx, dst, int(id.LocalPort))
 	if err != nil {
-		n.log.Info("egress denied", "proto", "tcp", "dst", net.JoinHostPort(dst.String(), strconv.Itoa(int(id.LocalPort))), "reason", err)
+		n.denials.denied("tcp", dst, id.LocalPort, err)
 		r.Complete(true)
 		return
 	}
@@ -295,7 +297,7 @@ func (n *Stack) handleUDP(r *udp.ForwarderRequest) {
 	}
 	host, err := n.dest.check(n.ctx, dst, int(id.LocalPort))
 	if err != nil {
-		n.log.Info("egress denied", "proto", "udp", "dst", net.JoinHostPort(dst.String(), strconv.Itoa(int(id.LocalPort))), "reason", err)
+		n.denials.denied("udp", dst, id.LocalPort, err)
 		return
 	}
 	var wq waiter.Queue

@@ -1380,13 +1380,19 @@ func (x *StatRequest) GetPath() string {
 }
 
 type StatResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Exists        bool                   `protobuf:"varint,1,opt,name=exists,proto3" json:"exists,omitempty"`
-	Mode          uint32                 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"` // Go fs.FileMode bits
-	Size          int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
-	MtimeUnixNs   int64                  `protobuf:"varint,4,opt,name=mtime_unix_ns,json=mtimeUnixNs,proto3" json:"mtime_unix_ns,omitempty"`
-	LinkTarget    string                 `protobuf:"bytes,5,opt,name=link_target,json=linkTarget,proto3" json:"link_target,omitempty"`
-	Allocated     int64                  `protobuf:"varint,6,opt,name=allocated,proto3" json:"allocated,omitempty"` // bytes the file takes on its disk (st_blocks × 512)
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Exists      bool                   `protobuf:"varint,1,opt,name=exists,proto3" json:"exists,omitempty"`
+	Mode        uint32                 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"` // Go fs.FileMode bits
+	Size        int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	MtimeUnixNs int64                  `protobuf:"varint,4,opt,name=mtime_unix_ns,json=mtimeUnixNs,proto3" json:"mtime_unix_ns,omitempty"`
+	LinkTarget  string                 `protobuf:"bytes,5,opt,name=link_target,json=linkTarget,proto3" json:"link_target,omitempty"`
+	Allocated   int64                  `protobuf:"varint,6,opt,name=allocated,proto3" json:"allocated,omitempty"` // bytes the file takes on its disk (st_blocks × 512)
+	Uid         uint32                 `protobuf:"varint,7,opt,name=uid,proto3" json:"uid,omitempty"`
+	Gid         uint32                 `protobuf:"varint,8,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The names of uid and gid in the guest's /etc/passwd and /etc/group
+	// ("" when they have none).
+	Owner         string `protobuf:"bytes,9,opt,name=owner,proto3" json:"owner,omitempty"`
+	Group         string `protobuf:"bytes,10,opt,name=group,proto3" json:"group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1463,6 +1469,469 @@ func (x *StatResponse) GetAllocated() int64 {
 	return 0
 }
 
+func (x *StatResponse) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
+func (x *StatResponse) GetGid() uint32 {
+	if x != nil {
+		return x.Gid
+	}
+	return 0
+}
+
+func (x *StatResponse) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *StatResponse) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+type ReadDirRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Path  string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// How many levels to list: 0 or 1 lists the directory's own entries.
+	Depth uint32 `protobuf:"varint,2,opt,name=depth,proto3" json:"depth,omitempty"`
+	// At most this many entries; 0 or more than the agent's cap is the cap.
+	Limit         uint32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadDirRequest) Reset() {
+	*x = ReadDirRequest{}
+	mi := &file_agentpb_agent_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadDirRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadDirRequest) ProtoMessage() {}
+
+func (x *ReadDirRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadDirRequest.ProtoReflect.Descriptor instead.
+func (*ReadDirRequest) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ReadDirRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ReadDirRequest) GetDepth() uint32 {
+	if x != nil {
+		return x.Depth
+	}
+	return 0
+}
+
+func (x *ReadDirRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type DirEntry struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The entry's absolute path in the guest.
+	Path string `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// Lstat of the entry, as Stat reports it (exists is always true).
+	Stat          *StatResponse `protobuf:"bytes,2,opt,name=stat,proto3" json:"stat,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DirEntry) Reset() {
+	*x = DirEntry{}
+	mi := &file_agentpb_agent_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DirEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DirEntry) ProtoMessage() {}
+
+func (x *DirEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DirEntry.ProtoReflect.Descriptor instead.
+func (*DirEntry) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *DirEntry) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *DirEntry) GetStat() *StatResponse {
+	if x != nil {
+		return x.Stat
+	}
+	return nil
+}
+
+type ReadDirResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Entries []*DirEntry            `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	// More entries exist than were returned.
+	Truncated     bool `protobuf:"varint,2,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadDirResponse) Reset() {
+	*x = ReadDirResponse{}
+	mi := &file_agentpb_agent_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadDirResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadDirResponse) ProtoMessage() {}
+
+func (x *ReadDirResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadDirResponse.ProtoReflect.Descriptor instead.
+func (*ReadDirResponse) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ReadDirResponse) GetEntries() []*DirEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+func (x *ReadDirResponse) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
+type MakeDirRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Path  string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// Permission bits of the directories made; 0 means 0755.
+	Mode          uint32 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MakeDirRequest) Reset() {
+	*x = MakeDirRequest{}
+	mi := &file_agentpb_agent_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MakeDirRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MakeDirRequest) ProtoMessage() {}
+
+func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
+func (*MakeDirRequest) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *MakeDirRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *MakeDirRequest) GetMode() uint32 {
+	if x != nil {
+		return x.Mode
+	}
+	return 0
+}
+
+type MakeDirResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// False when the directory already existed.
+	Created       bool `protobuf:"varint,1,opt,name=created,proto3" json:"created,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MakeDirResponse) Reset() {
+	*x = MakeDirResponse{}
+	mi := &file_agentpb_agent_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MakeDirResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MakeDirResponse) ProtoMessage() {}
+
+func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
+func (*MakeDirResponse) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *MakeDirResponse) GetCreated() bool {
+	if x != nil {
+		return x.Created
+	}
+	return false
+}
+
+type RenameRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	From          string                 `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	To            string                 `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenameRequest) Reset() {
+	*x = RenameRequest{}
+	mi := &file_agentpb_agent_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenameRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenameRequest) ProtoMessage() {}
+
+func (x *RenameRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenameRequest.ProtoReflect.Descriptor instead.
+func (*RenameRequest) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *RenameRequest) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
+func (x *RenameRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+type RenameResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenameResponse) Reset() {
+	*x = RenameResponse{}
+	mi := &file_agentpb_agent_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenameResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenameResponse) ProtoMessage() {}
+
+func (x *RenameResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenameResponse.ProtoReflect.Descriptor instead.
+func (*RenameResponse) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{27}
+}
+
+type RemoveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveRequest) Reset() {
+	*x = RemoveRequest{}
+	mi := &file_agentpb_agent_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveRequest) ProtoMessage() {}
+
+func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveRequest.ProtoReflect.Descriptor instead.
+func (*RemoveRequest) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *RemoveRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+type RemoveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveResponse) Reset() {
+	*x = RemoveResponse{}
+	mi := &file_agentpb_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveResponse) ProtoMessage() {}
+
+func (x *RemoveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveResponse.ProtoReflect.Descriptor instead.
+func (*RemoveResponse) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{29}
+}
+
 type UpdateEnvRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Set           map[string]string      `protobuf:"bytes,1,rep,name=set,proto3" json:"set,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
@@ -1473,7 +1942,7 @@ type UpdateEnvRequest struct {
 
 func (x *UpdateEnvRequest) Reset() {
 	*x = UpdateEnvRequest{}
-	mi := &file_agentpb_agent_proto_msgTypes[21]
+	mi := &file_agentpb_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1485,7 +1954,7 @@ func (x *UpdateEnvRequest) String() string {
 func (*UpdateEnvRequest) ProtoMessage() {}
 
 func (x *UpdateEnvRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agentpb_agent_proto_msgTypes[21]
+	mi := &file_agentpb_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1498,7 +1967,7 @@ func (x *UpdateEnvRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEnvRequest.ProtoReflect.Descriptor instead.
 func (*UpdateEnvRequest) Descriptor() ([]byte, []int) {
-	return file_agentpb_agent_proto_rawDescGZIP(), []int{21}
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *UpdateEnvRequest) GetSet() map[string]string {
@@ -1524,7 +1993,7 @@ type UpdateEnvResponse struct {
 
 func (x *UpdateEnvResponse) Reset() {
 	*x = UpdateEnvResponse{}
-	mi := &file_agentpb_agent_proto_msgTypes[22]
+	mi := &file_agentpb_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1536,7 +2005,7 @@ func (x *UpdateEnvResponse) String() string {
 func (*UpdateEnvResponse) ProtoMessage() {}
 
 func (x *UpdateEnvResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agentpb_agent_proto_msgTypes[22]
+	mi := &file_agentpb_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1549,7 +2018,7 @@ func (x *UpdateEnvResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEnvResponse.ProtoReflect.Descriptor instead.
 func (*UpdateEnvResponse) Descriptor() ([]byte, []int) {
-	return file_agentpb_agent_proto_rawDescGZIP(), []int{22}
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *UpdateEnvResponse) GetEnv() map[string]string {
@@ -1571,7 +2040,7 @@ type RefreshRequest struct {
 
 func (x *RefreshRequest) Reset() {
 	*x = RefreshRequest{}
-	mi := &file_agentpb_agent_proto_msgTypes[23]
+	mi := &file_agentpb_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1583,7 +2052,7 @@ func (x *RefreshRequest) String() string {
 func (*RefreshRequest) ProtoMessage() {}
 
 func (x *RefreshRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agentpb_agent_proto_msgTypes[23]
+	mi := &file_agentpb_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1596,7 +2065,7 @@ func (x *RefreshRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshRequest.ProtoReflect.Descriptor instead.
 func (*RefreshRequest) Descriptor() ([]byte, []int) {
-	return file_agentpb_agent_proto_rawDescGZIP(), []int{23}
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RefreshRequest) GetEntropy() []byte {
@@ -1635,7 +2104,7 @@ type RefreshResponse struct {
 
 func (x *RefreshResponse) Reset() {
 	*x = RefreshResponse{}
-	mi := &file_agentpb_agent_proto_msgTypes[24]
+	mi := &file_agentpb_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1647,7 +2116,7 @@ func (x *RefreshResponse) String() string {
 func (*RefreshResponse) ProtoMessage() {}
 
 func (x *RefreshResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agentpb_agent_proto_msgTypes[24]
+	mi := &file_agentpb_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1660,7 +2129,7 @@ func (x *RefreshResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshResponse.ProtoReflect.Descriptor instead.
 func (*RefreshResponse) Descriptor() ([]byte, []int) {
-	return file_agentpb_agent_proto_rawDescGZIP(), []int{24}
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{33}
 }
 
 var File_agentpb_agent_proto protoreflect.FileDescriptor
@@ -1753,7 +2222,7 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\x11GetArchiveRequest\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\"!\n" +
 	"\vStatRequest\x12\x12\n" +
-	"\x04path\x18\x01 \x01(\tR\x04path\"\xb1\x01\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"\x81\x02\n" +
 	"\fStatResponse\x12\x16\n" +
 	"\x06exists\x18\x01 \x01(\bR\x06exists\x12\x12\n" +
 	"\x04mode\x18\x02 \x01(\rR\x04mode\x12\x12\n" +
@@ -1761,7 +2230,34 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\rmtime_unix_ns\x18\x04 \x01(\x03R\vmtimeUnixNs\x12\x1f\n" +
 	"\vlink_target\x18\x05 \x01(\tR\n" +
 	"linkTarget\x12\x1c\n" +
-	"\tallocated\x18\x06 \x01(\x03R\tallocated\"\x9e\x01\n" +
+	"\tallocated\x18\x06 \x01(\x03R\tallocated\x12\x10\n" +
+	"\x03uid\x18\a \x01(\rR\x03uid\x12\x10\n" +
+	"\x03gid\x18\b \x01(\rR\x03gid\x12\x14\n" +
+	"\x05owner\x18\t \x01(\tR\x05owner\x12\x14\n" +
+	"\x05group\x18\n" +
+	" \x01(\tR\x05group\"P\n" +
+	"\x0eReadDirRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x14\n" +
+	"\x05depth\x18\x02 \x01(\rR\x05depth\x12\x14\n" +
+	"\x05limit\x18\x03 \x01(\rR\x05limit\"Q\n" +
+	"\bDirEntry\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x121\n" +
+	"\x04stat\x18\x02 \x01(\v2\x1d.smolvm.agent.v1.StatResponseR\x04stat\"d\n" +
+	"\x0fReadDirResponse\x123\n" +
+	"\aentries\x18\x01 \x03(\v2\x19.smolvm.agent.v1.DirEntryR\aentries\x12\x1c\n" +
+	"\ttruncated\x18\x02 \x01(\bR\ttruncated\"8\n" +
+	"\x0eMakeDirRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"\x04mode\x18\x02 \x01(\rR\x04mode\"+\n" +
+	"\x0fMakeDirResponse\x12\x18\n" +
+	"\acreated\x18\x01 \x01(\bR\acreated\"3\n" +
+	"\rRenameRequest\x12\x12\n" +
+	"\x04from\x18\x01 \x01(\tR\x04from\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\"\x10\n" +
+	"\x0eRenameResponse\"#\n" +
+	"\rRemoveRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"\x10\n" +
+	"\x0eRemoveResponse\"\x9e\x01\n" +
 	"\x10UpdateEnvRequest\x12<\n" +
 	"\x03set\x18\x01 \x03(\v2*.smolvm.agent.v1.UpdateEnvRequest.SetEntryR\x03set\x12\x14\n" +
 	"\x05unset\x18\x02 \x03(\tR\x05unset\x1a6\n" +
@@ -1780,7 +2276,7 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\bhostname\x18\x03 \x01(\tR\bhostname\x12\x1d\n" +
 	"\n" +
 	"machine_id\x18\x04 \x01(\tR\tmachineId\"\x11\n" +
-	"\x0fRefreshResponse2\x98\x06\n" +
+	"\x0fRefreshResponse2\xca\b\n" +
 	"\x05Agent\x12C\n" +
 	"\x04Ping\x12\x1c.smolvm.agent.v1.PingRequest\x1a\x1d.smolvm.agent.v1.PingResponse\x12G\n" +
 	"\x04Exec\x12\x1c.smolvm.agent.v1.ExecRequest\x1a\x1d.smolvm.agent.v1.ExecResponse(\x010\x01\x12O\n" +
@@ -1791,7 +2287,11 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"PutArchive\x12\".smolvm.agent.v1.PutArchiveRequest\x1a#.smolvm.agent.v1.PutArchiveResponse(\x01\x12N\n" +
 	"\n" +
 	"GetArchive\x12\".smolvm.agent.v1.GetArchiveRequest\x1a\x1a.smolvm.agent.v1.DataChunk0\x01\x12C\n" +
-	"\x04Stat\x12\x1c.smolvm.agent.v1.StatRequest\x1a\x1d.smolvm.agent.v1.StatResponse\x12R\n" +
+	"\x04Stat\x12\x1c.smolvm.agent.v1.StatRequest\x1a\x1d.smolvm.agent.v1.StatResponse\x12L\n" +
+	"\aReadDir\x12\x1f.smolvm.agent.v1.ReadDirRequest\x1a .smolvm.agent.v1.ReadDirResponse\x12L\n" +
+	"\aMakeDir\x12\x1f.smolvm.agent.v1.MakeDirRequest\x1a .smolvm.agent.v1.MakeDirResponse\x12I\n" +
+	"\x06Rename\x12\x1e.smolvm.agent.v1.RenameRequest\x1a\x1f.smolvm.agent.v1.RenameResponse\x12I\n" +
+	"\x06Remove\x12\x1e.smolvm.agent.v1.RemoveRequest\x1a\x1f.smolvm.agent.v1.RemoveResponse\x12R\n" +
 	"\tUpdateEnv\x12!.smolvm.agent.v1.UpdateEnvRequest\x1a\".smolvm.agent.v1.UpdateEnvResponse\x12L\n" +
 	"\aRefresh\x12\x1f.smolvm.agent.v1.RefreshRequest\x1a .smolvm.agent.v1.RefreshResponseB1Z/github.com/smolvm/smolvm/internal/proto/agentpbb\x06proto3"
 
@@ -1807,7 +2307,7 @@ func file_agentpb_agent_proto_rawDescGZIP() []byte {
 	return file_agentpb_agent_proto_rawDescData
 }
 
-var file_agentpb_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_agentpb_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_agentpb_agent_proto_goTypes = []any{
 	(*PingRequest)(nil),        // 0: smolvm.agent.v1.PingRequest
 	(*PingResponse)(nil),       // 1: smolvm.agent.v1.PingResponse
@@ -1830,12 +2330,21 @@ var file_agentpb_agent_proto_goTypes = []any{
 	(*GetArchiveRequest)(nil),  // 18: smolvm.agent.v1.GetArchiveRequest
 	(*StatRequest)(nil),        // 19: smolvm.agent.v1.StatRequest
 	(*StatResponse)(nil),       // 20: smolvm.agent.v1.StatResponse
-	(*UpdateEnvRequest)(nil),   // 21: smolvm.agent.v1.UpdateEnvRequest
-	(*UpdateEnvResponse)(nil),  // 22: smolvm.agent.v1.UpdateEnvResponse
-	(*RefreshRequest)(nil),     // 23: smolvm.agent.v1.RefreshRequest
-	(*RefreshResponse)(nil),    // 24: smolvm.agent.v1.RefreshResponse
-	nil,                        // 25: smolvm.agent.v1.UpdateEnvRequest.SetEntry
-	nil,                        // 26: smolvm.agent.v1.UpdateEnvResponse.EnvEntry
+	(*ReadDirRequest)(nil),     // 21: smolvm.agent.v1.ReadDirRequest
+	(*DirEntry)(nil),           // 22: smolvm.agent.v1.DirEntry
+	(*ReadDirResponse)(nil),    // 23: smolvm.agent.v1.ReadDirResponse
+	(*MakeDirRequest)(nil),     // 24: smolvm.agent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),    // 25: smolvm.agent.v1.MakeDirResponse
+	(*RenameRequest)(nil),      // 26: smolvm.agent.v1.RenameRequest
+	(*RenameResponse)(nil),     // 27: smolvm.agent.v1.RenameResponse
+	(*RemoveRequest)(nil),      // 28: smolvm.agent.v1.RemoveRequest
+	(*RemoveResponse)(nil),     // 29: smolvm.agent.v1.RemoveResponse
+	(*UpdateEnvRequest)(nil),   // 30: smolvm.agent.v1.UpdateEnvRequest
+	(*UpdateEnvResponse)(nil),  // 31: smolvm.agent.v1.UpdateEnvResponse
+	(*RefreshRequest)(nil),     // 32: smolvm.agent.v1.RefreshRequest
+	(*RefreshResponse)(nil),    // 33: smolvm.agent.v1.RefreshResponse
+	nil,                        // 34: smolvm.agent.v1.UpdateEnvRequest.SetEntry
+	nil,                        // 35: smolvm.agent.v1.UpdateEnvResponse.EnvEntry
 }
 var file_agentpb_agent_proto_depIdxs = []int32{
 	3,  // 0: smolvm.agent.v1.ExecRequest.start:type_name -> smolvm.agent.v1.ExecStart
@@ -1845,33 +2354,43 @@ var file_agentpb_agent_proto_depIdxs = []int32{
 	7,  // 4: smolvm.agent.v1.ExecResponse.exit:type_name -> smolvm.agent.v1.ExecExit
 	11, // 5: smolvm.agent.v1.WriteFileRequest.header:type_name -> smolvm.agent.v1.WriteFileHeader
 	16, // 6: smolvm.agent.v1.PutArchiveRequest.header:type_name -> smolvm.agent.v1.PutArchiveHeader
-	25, // 7: smolvm.agent.v1.UpdateEnvRequest.set:type_name -> smolvm.agent.v1.UpdateEnvRequest.SetEntry
-	26, // 8: smolvm.agent.v1.UpdateEnvResponse.env:type_name -> smolvm.agent.v1.UpdateEnvResponse.EnvEntry
-	0,  // 9: smolvm.agent.v1.Agent.Ping:input_type -> smolvm.agent.v1.PingRequest
-	2,  // 10: smolvm.agent.v1.Agent.Exec:input_type -> smolvm.agent.v1.ExecRequest
-	8,  // 11: smolvm.agent.v1.Agent.Shutdown:input_type -> smolvm.agent.v1.ShutdownRequest
-	10, // 12: smolvm.agent.v1.Agent.WriteFile:input_type -> smolvm.agent.v1.WriteFileRequest
-	13, // 13: smolvm.agent.v1.Agent.ReadFile:input_type -> smolvm.agent.v1.ReadFileRequest
-	15, // 14: smolvm.agent.v1.Agent.PutArchive:input_type -> smolvm.agent.v1.PutArchiveRequest
-	18, // 15: smolvm.agent.v1.Agent.GetArchive:input_type -> smolvm.agent.v1.GetArchiveRequest
-	19, // 16: smolvm.agent.v1.Agent.Stat:input_type -> smolvm.agent.v1.StatRequest
-	21, // 17: smolvm.agent.v1.Agent.UpdateEnv:input_type -> smolvm.agent.v1.UpdateEnvRequest
-	23, // 18: smolvm.agent.v1.Agent.Refresh:input_type -> smolvm.agent.v1.RefreshRequest
-	1,  // 19: smolvm.agent.v1.Agent.Ping:output_type -> smolvm.agent.v1.PingResponse
-	5,  // 20: smolvm.agent.v1.Agent.Exec:output_type -> smolvm.agent.v1.ExecResponse
-	9,  // 21: smolvm.agent.v1.Agent.Shutdown:output_type -> smolvm.agent.v1.ShutdownResponse
-	12, // 22: smolvm.agent.v1.Agent.WriteFile:output_type -> smolvm.agent.v1.WriteFileResponse
-	14, // 23: smolvm.agent.v1.Agent.ReadFile:output_type -> smolvm.agent.v1.DataChunk
-	17, // 24: smolvm.agent.v1.Agent.PutArchive:output_type -> smolvm.agent.v1.PutArchiveResponse
-	14, // 25: smolvm.agent.v1.Agent.GetArchive:output_type -> smolvm.agent.v1.DataChunk
-	20, // 26: smolvm.agent.v1.Agent.Stat:output_type -> smolvm.agent.v1.StatResponse
-	22, // 27: smolvm.agent.v1.Agent.UpdateEnv:output_type -> smolvm.agent.v1.UpdateEnvResponse
-	24, // 28: smolvm.agent.v1.Agent.Refresh:output_type -> smolvm.agent.v1.RefreshResponse
-	19, // [19:29] is the sub-list for method output_type
-	9,  // [9:19] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	20, // 7: smolvm.agent.v1.DirEntry.stat:type_name -> smolvm.agent.v1.StatResponse
+	22, // 8: smolvm.agent.v1.ReadDirResponse.entries:type_name -> smolvm.agent.v1.DirEntry
+	34, // 9: smolvm.agent.v1.UpdateEnvRequest.set:type_name -> smolvm.agent.v1.UpdateEnvRequest.SetEntry
+	35, // 10: smolvm.agent.v1.UpdateEnvResponse.env:type_name -> smolvm.agent.v1.UpdateEnvResponse.EnvEntry
+	0,  // 11: smolvm.agent.v1.Agent.Ping:input_type -> smolvm.agent.v1.PingRequest
+	2,  // 12: smolvm.agent.v1.Agent.Exec:input_type -> smolvm.agent.v1.ExecRequest
+	8,  // 13: smolvm.agent.v1.Agent.Shutdown:input_type -> smolvm.agent.v1.ShutdownRequest
+	10, // 14: smolvm.agent.v1.Agent.WriteFile:input_type -> smolvm.agent.v1.WriteFileRequest
+	13, // 15: smolvm.agent.v1.Agent.ReadFile:input_type -> smolvm.agent.v1.ReadFileRequest
+	15, // 16: smolvm.agent.v1.Agent.PutArchive:input_type -> smolvm.agent.v1.PutArchiveRequest
+	18, // 17: smolvm.agent.v1.Agent.GetArchive:input_type -> smolvm.agent.v1.GetArchiveRequest
+	19, // 18: smolvm.agent.v1.Agent.Stat:input_type -> smolvm.agent.v1.StatRequest
+	21, // 19: smolvm.agent.v1.Agent.ReadDir:input_type -> smolvm.agent.v1.ReadDirRequest
+	24, // 20: smolvm.agent.v1.Agent.MakeDir:input_type -> smolvm.agent.v1.MakeDirRequest
+	26, // 21: smolvm.agent.v1.Agent.Rename:input_type -> smolvm.agent.v1.RenameRequest
+	28, // 22: smolvm.agent.v1.Agent.Remove:input_type -> smolvm.agent.v1.RemoveRequest
+	30, // 23: smolvm.agent.v1.Agent.UpdateEnv:input_type -> smolvm.agent.v1.UpdateEnvRequest
+	32, // 24: smolvm.agent.v1.Agent.Refresh:input_type -> smolvm.agent.v1.RefreshRequest
+	1,  // 25: smolvm.agent.v1.Agent.Ping:output_type -> smolvm.agent.v1.PingResponse
+	5,  // 26: smolvm.agent.v1.Agent.Exec:output_type -> smolvm.agent.v1.ExecResponse
+	9,  // 27: smolvm.agent.v1.Agent.Shutdown:output_type -> smolvm.agent.v1.ShutdownResponse
+	12, // 28: smolvm.agent.v1.Agent.WriteFile:output_type -> smolvm.agent.v1.WriteFileResponse
+	14, // 29: smolvm.agent.v1.Agent.ReadFile:output_type -> smolvm.agent.v1.DataChunk
+	17, // 30: smolvm.agent.v1.Agent.PutArchive:output_type -> smolvm.agent.v1.PutArchiveResponse
+	14, // 31: smolvm.agent.v1.Agent.GetArchive:output_type -> smolvm.agent.v1.DataChunk
+	20, // 32: smolvm.agent.v1.Agent.Stat:output_type -> smolvm.agent.v1.StatResponse
+	23, // 33: smolvm.agent.v1.Agent.ReadDir:output_type -> smolvm.agent.v1.ReadDirResponse
+	25, // 34: smolvm.agent.v1.Agent.MakeDir:output_type -> smolvm.agent.v1.MakeDirResponse
+	27, // 35: smolvm.agent.v1.Agent.Rename:output_type -> smolvm.agent.v1.RenameResponse
+	29, // 36: smolvm.agent.v1.Agent.Remove:output_type -> smolvm.agent.v1.RemoveResponse
+	31, // 37: smolvm.agent.v1.Agent.UpdateEnv:output_type -> smolvm.agent.v1.UpdateEnvResponse
+	33, // 38: smolvm.agent.v1.Agent.Refresh:output_type -> smolvm.agent.v1.RefreshResponse
+	25, // [25:39] is the sub-list for method output_type
+	11, // [11:25] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_agentpb_agent_proto_init() }
@@ -1906,7 +2425,7 @@ func file_agentpb_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agentpb_agent_proto_rawDesc), len(file_agentpb_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,10 @@ const (
 	Agent_PutArchive_FullMethodName = "/smolvm.agent.v1.Agent/PutArchive"
 	Agent_GetArchive_FullMethodName = "/smolvm.agent.v1.Agent/GetArchive"
 	Agent_Stat_FullMethodName       = "/smolvm.agent.v1.Agent/Stat"
+	Agent_ReadDir_FullMethodName    = "/smolvm.agent.v1.Agent/ReadDir"
+	Agent_MakeDir_FullMethodName    = "/smolvm.agent.v1.Agent/MakeDir"
+	Agent_Rename_FullMethodName     = "/smolvm.agent.v1.Agent/Rename"
+	Agent_Remove_FullMethodName     = "/smolvm.agent.v1.Agent/Remove"
 	Agent_UpdateEnv_FullMethodName  = "/smolvm.agent.v1.Agent/UpdateEnv"
 	Agent_Refresh_FullMethodName    = "/smolvm.agent.v1.Agent/Refresh"
 )
@@ -60,6 +64,18 @@ type AgentClient interface {
 	GetArchive(ctx context.Context, in *GetArchiveRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DataChunk], error)
 	// Stat describes one path without following a final symlink.
 	Stat(ctx context.Context, in *StatRequest, opts ...grpc.CallOption) (*StatResponse, error)
+	// ReadDir lists a directory without following symlinks, sorted by path:
+	// its entries, and with depth > 1 those of its subdirectories too. At
+	// most limit entries (the agent caps it); truncated says there were more.
+	ReadDir(ctx context.Context, in *ReadDirRequest, opts ...grpc.CallOption) (*ReadDirResponse, error)
+	// MakeDir makes a directory and its missing parents.
+	MakeDir(ctx context.Context, in *MakeDirRequest, opts ...grpc.CallOption) (*MakeDirResponse, error)
+	// Rename moves a path as rename(2) does (an existing target file is
+	// replaced; a directory onto a non-empty one fails).
+	Rename(ctx context.Context, in *RenameRequest, opts ...grpc.CallOption) (*RenameResponse, error)
+	// Remove deletes a path, a directory with everything under it (a symlink
+	// itself, never what it points to).
+	Remove(ctx context.Context, in *RemoveRequest, opts ...grpc.CallOption) (*RemoveResponse, error)
 	// UpdateEnv changes the sandbox-wide environment that every later
 	// command sees, and returns it whole.
 	UpdateEnv(ctx context.Context, in *UpdateEnvRequest, opts ...grpc.CallOption) (*UpdateEnvResponse, error)
@@ -183,6 +199,46 @@ func (c *agentClient) Stat(ctx context.Context, in *StatRequest, opts ...grpc.Ca
 	return out, nil
 }
 
+func (c *agentClient) ReadDir(ctx context.Context, in *ReadDirRequest, opts ...grpc.CallOption) (*ReadDirResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReadDirResponse)
+	err := c.cc.Invoke(ctx, Agent_ReadDir_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) MakeDir(ctx context.Context, in *MakeDirRequest, opts ...grpc.CallOption) (*MakeDirResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MakeDirResponse)
+	err := c.cc.Invoke(ctx, Agent_MakeDir_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) Rename(ctx context.Context, in *RenameRequest, opts ...grpc.CallOption) (*RenameResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RenameResponse)
+	err := c.cc.Invoke(ctx, Agent_Rename_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) Remove(ctx context.Context, in *RemoveRequest, opts ...grpc.CallOption) (*RemoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveResponse)
+	err := c.cc.Invoke(ctx, Agent_Remove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *agentClient) UpdateEnv(ctx context.Context, in *UpdateEnvRequest, opts ...grpc.CallOption) (*UpdateEnvResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(UpdateEnvResponse)
@@ -227,6 +283,18 @@ type AgentServer interface {
 	GetArchive(*GetArchiveRequest, grpc.ServerStreamingServer[DataChunk]) error
 	// Stat describes one path without following a final symlink.
 	Stat(context.Context, *StatRequest) (*StatResponse, error)
+	// ReadDir lists a directory without following symlinks, sorted by path:
+	// its entries, and with depth > 1 those of its subdirectories too. At
+	// most limit entries (the agent caps it); truncated says there were more.
+	ReadDir(context.Context, *ReadDirRequest) (*ReadDirResponse, error)
+	// MakeDir makes a directory and its missing parents.
+	MakeDir(context.Context, *MakeDirRequest) (*MakeDirResponse, error)
+	// Rename moves a path as rename(2) does (an existing target file is
+	// replaced; a directory onto a non-empty one fails).
+	Rename(context.Context, *RenameRequest) (*RenameResponse, error)
+	// Remove deletes a path, a directory with everything under it (a symlink
+	// itself, never what it points to).
+	Remove(context.Context, *RemoveRequest) (*RemoveResponse, error)
 	// UpdateEnv changes the sandbox-wide environment that every later
 	// command sees, and returns it whole.
 	UpdateEnv(context.Context, *UpdateEnvRequest) (*UpdateEnvResponse, error)
@@ -266,6 +334,18 @@ func (UnimplementedAgentServer) GetArchive(*GetArchiveRequest, grpc.ServerStream
 }
 func (UnimplementedAgentServer) Stat(context.Context, *StatRequest) (*StatResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Stat not implemented")
+}
+func (UnimplementedAgentServer) ReadDir(context.Context, *ReadDirRequest) (*ReadDirResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReadDir not implemented")
+}
+func (UnimplementedAgentServer) MakeDir(context.Context, *MakeDirRequest) (*MakeDirResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MakeDir not implemented")
+}
+func (UnimplementedAgentServer) Rename(context.Context, *RenameRequest) (*RenameResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Rename not implemented")
+}
+func (UnimplementedAgentServer) Remove(context.Context, *RemoveRequest) (*RemoveResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Remove not implemented")
 }
 func (UnimplementedAgentServer) UpdateEnv(context.Context, *UpdateEnvRequest) (*UpdateEnvResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UpdateEnv not implemented")
@@ -391,6 +471,78 @@ func _Agent_Stat_Handler(srv interface{}, ctx context.Context, dec func(interfac
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_ReadDir_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReadDirRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).ReadDir(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_ReadDir_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).ReadDir(ctx, req.(*ReadDirRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_MakeDir_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MakeDirRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).MakeDir(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_MakeDir_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).MakeDir(ctx, req.(*MakeDirRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_Rename_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenameRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Rename(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Rename_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Rename(ctx, req.(*RenameRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_Remove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Remove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Remove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Remove(ctx, req.(*RemoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Agent_UpdateEnv_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(UpdateEnvRequest)
 	if err := dec(in); err != nil {
@@ -445,6 +597,22 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Stat",
 			Handler:    _Agent_Stat_Handler,
+		},
+		{
+			MethodName: "ReadDir",
+			Handler:    _Agent_ReadDir_Handler,
+		},
+		{
+			MethodName: "MakeDir",
+			Handler:    _Agent_MakeDir_Handler,
+		},
+		{
+			MethodName: "Rename",
+			Handler:    _Agent_Rename_Handler,
+		},
+		{
+			MethodName: "Remove",
+			Handler:    _Agent_Remove_Handler,
 		},
 		{
 			MethodName: "UpdateEnv",
