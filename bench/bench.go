@@ -37,8 +37,12 @@ const (
 	ModePrelaunch = "prelaunch"
 )
 
-// Modes lists every mode, in the order Run measures them.
-var Modes = []string{ModeCold, ModeRestore, ModePrelaunch, ModeTuned}
+// modes are every mode, in the order Run measures them (see Modes).
+var modes = []string{ModeCold, ModeRestore, ModePrelaunch, ModeTuned}
+
+// Modes lists every mode, in the order Run measures them. The slice is
+// the caller's.
+func Modes() []string { return slices.Clone(modes) }
 
 // warmPerVM is how many `true` commands each VM of a mode runs; its median
 // is that VM's warm command.
@@ -50,7 +54,7 @@ type Options struct {
 	Home string
 	// VMs is how many VMs each mode creates, one after another.
 	VMs int
-	// Modes to measure, from Modes; empty means all.
+	// Modes to measure, from Modes(); empty means all.
 	Modes []string
 	// WarmRuns is how many pings and `true` commands the warm round trip
 	// makes (0 skips it).
@@ -129,11 +133,11 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 			smolvm.NetworkUser, smolvm.NetworkNone, smolvm.NetworkTAP)
 	}
 	if len(opts.Modes) == 0 {
-		opts.Modes = Modes
+		opts.Modes = Modes()
 	}
 	for _, m := range opts.Modes {
-		if !slices.Contains(Modes, m) {
-			return nil, fmt.Errorf("%w: mode %q: use %s", smolvm.ErrInvalid, m, strings.Join(Modes, ", "))
+		if !slices.Contains(modes, m) {
+			return nil, fmt.Errorf("%w: mode %q: use %s", smolvm.ErrInvalid, m, strings.Join(modes, ", "))
 		}
 	}
 	if opts.Home == "" {

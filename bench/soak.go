@@ -25,8 +25,8 @@ const (
 	SoakLibrary = "library"
 )
 
-// SoakModes lists the soak's modes.
-var SoakModes = []string{SoakPersistent, SoakLibrary}
+// SoakModes lists the soak's modes. The slice is the caller's.
+func SoakModes() []string { return []string{SoakPersistent, SoakLibrary} }
 
 // soakWindow is how many cycles the first and last figures cover.
 const soakWindow = 50
@@ -112,7 +112,7 @@ func Soak(ctx context.Context, opts SoakOptions) (*SoakReport, error) {
 		opts.Mode = SoakPersistent
 	case SoakPersistent, SoakLibrary:
 	default:
-		return nil, fmt.Errorf("%w: soak mode %q: use %s", smolvm.ErrInvalid, opts.Mode, strings.Join(SoakModes, " or "))
+		return nil, fmt.Errorf("%w: soak mode %q: use %s", smolvm.ErrInvalid, opts.Mode, strings.Join(SoakModes(), " or "))
 	}
 	if opts.Home == "" {
 		opts.Home = smolvm.Home()
