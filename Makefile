@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/smolvm/smolvm.Version=$(VERSION)
 AGENT_LDFLAGS := -s -w -X github.com/smolvm/smolvm/internal/agent.Version=$(VERSION)
 
-.PHONY: build demo test test-short fuzz lint setup clean generate
+.PHONY: build demo test test-short fuzz lint setup clean generate tools
 
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/smolvm ./cmd/smolvm
@@ -31,7 +31,7 @@ test-short:
 # for FUZZTIME each, one after the other: go test -fuzz takes one target at
 # a time. New crashers land in the package's testdata/fuzz.
 FUZZTIME ?= 10s
-FUZZ_PKGS := . ./internal/lane ./internal/agent ./internal/network ./internal/supervisor
+FUZZ_PKGS := . ./internal/lane ./internal/agent ./internal/network ./internal/supervisor ./internal/tarx
 fuzz:
 	@set -e; for pkg in $(FUZZ_PKGS); do \
 		for t in $$($(GO) test -short -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
@@ -40,13 +40,32 @@ fuzz:
 		done; \
 	done
 
+# Lint: formatting, vet, staticcheck, errorlint (errors compared with == or
+# asserted instead of errors.Is/As) and errcheck (unchecked errors; the
+# exclusions, each with its reason, are in .errcheck-excludes). The tools'
+# versions are the ones .ci/run installs (make tools).
 lint:
 	test -z "$$(gofmt -l .)"
 	$(GO) vet ./...
 	staticcheck ./...
+	go-errorlint ./...
+	errcheck -exclude .errcheck-excludes ./...
 
+# The linters and protoc's Go plugins at the versions the checked-in code
+# was made with (the generated files' headers name the plugins' versions).
+GOBIN_DIR := $(shell $(GO) env GOPATH)/bin
+tools:
+	$(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+	$(GO) install codeberg.org/polyfloyd/go-errorlint@v1.9.1
+	$(GO) install github.com/kisielk/errcheck@v1.30.0
+	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
+
+# Regenerate the protobuf code (needs protoc, Debian's protobuf-compiler,
+# and the plugins of make tools). .ci/run fails when the result differs
+# from what is checked in.
 generate:
-	$(GO) generate ./internal/proto
+	PATH="$(GOBIN_DIR):$$PATH" $(GO) generate ./...
 
 clean:
 	rm -rf $(BIN)

@@ -3,6 +3,7 @@ package smolvm
 import (
 	"context"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/image"
 )
 
@@ -25,3 +26,7 @@ func FailTunedKernelBuild(t interface{ Cleanup(func()) }, err error) {
 	buildTunedKernel = func(context.Context, image.KernelBuildOptions) (string, error) { return "", err }
 	t.Cleanup(func() { buildTunedKernel = old })
 }
+
+// LiveSpares counts this process's prelaunched hypervisors that are ready
+// and still run.
+func LiveSpares() int { return engine.LiveSpares() }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
+	"github.com/smolvm/smolvm/internal/tarx"
 )
 
 // MaxReadFileSize is the largest file ReadFile returns. Stream bigger
@@ -289,7 +290,7 @@ func (vm *VM) readFile(ctx context.Context, guestPath string, w io.Writer, limit
 	var n int64
 	for {
 		chunk, err := stream.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return n, nil
 		}
 		if err != nil {
@@ -358,7 +359,7 @@ func (vm *VM) archiveReader(ctx context.Context, guestPath string) (io.Reader, c
 	}
 	return &recvReader{recv: func() ([]byte, error) {
 		c, err := stream.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return nil, io.EOF
 		}
 		if err != nil {
@@ -616,7 +617,7 @@ func addLocalEntry(tw *tar.Writer, p, name string, fi fs.FileInfo) error {
 		return err
 	}
 	n, err := io.CopyN(tw, f, h.Size)
-	if err == io.EOF {
+	if errors.Is(err, io.EOF) {
 		return fmt.Errorf("%s shrank while being copied (%d of %d bytes): copy it again", p, n, h.Size)
 	}
 	if err != nil {
@@ -760,7 +761,7 @@ func (vm *VM) downloadFile(ctx context.Context, src string, sfi *FileInfo, dir, 
 		for {
 			c, err := stream.Recv()
 			if err != nil {
-				if err == io.EOF {
+				if errors.Is(err, io.EOF) {
 					err = errors.New("the guest ended the file without its size")
 				}
 				return 0, &callError{vm.callErr(ctx, "read "+src, fileErr(err))}
@@ -798,6 +799,9 @@ func ExtractArchive(r io.Reader, dir string) error {
 
 // extractArchive extracts r under dir; rename maps each entry name (after
 // the checks for escapes) to the path it is written at, relative to dir.
+// The rules are tarx's (no escapes, symlinks never followed, setuid and
+// setgid dropped, sparse files refused); regular files are written as
+// writeFile writes them.
 func extractArchive(r io.Reader, dir string, rename func(string) (string, error)) error {
 	root, err := os.OpenRoot(dir)
 	if err != nil {
@@ -805,207 +809,45 @@ func extractArchive(r io.Reader, dir string, rename func(string) (string, error)
 	}
 	defer root.Close()
 	x := &hostExtractor{root: root, dir: dir}
-	tr := tar.NewReader(r)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			if isGuestErr(err) || errors.As(err, new(*callError)) {
-				return err
-			}
-			return fmt.Errorf("bad tar stream after %d entries: %w", x.entries, err)
-		}
-		rel, err := x.entryRel(h.Name, rename)
-		if err != nil {
-			return err
-		}
-		if isSparse(h) {
-			// Its holes read as zeros: a few bytes of archive could
-			// write terabytes. The agent never sends one.
-			return x.refuse(h.Name, "a sparse file")
-		}
-		if err := x.extract(h, rel, tr, rename); err != nil {
-			return err
-		}
-	}
-	return x.finish()
-}
-
-// isSparse reports whether h is a sparse file in one of GNU's PAX formats
-// (the reader turns the old GNU format's entries into TypeGNUSparse, which
-// extraction skips).
-func isSparse(h *tar.Header) bool {
-	for k := range h.PAXRecords {
-		if strings.HasPrefix(k, "GNU.sparse.") {
-			return true
-		}
-	}
-	return false
-}
-
-type hostDir struct {
-	rel   string
-	mode  fs.FileMode
-	mtime time.Time
+	_, err = tarx.Extract(r, root, tarx.Options{
+		Rename: rename,
+		WriteFile: func(_ *os.Root, rel string, mode fs.FileMode, mtime time.Time, r io.Reader, size int64) (n int64, err error) {
+			err = x.writeFile(rel, mode, mtime, func(sf *sparseFile) (int64, error) {
+				n, err = io.Copy(sf, r)
+				return size, err
+			})
+			return n, err
+		},
+		PassThrough: func(err error) bool { return isGuestErr(err) || errors.As(err, new(*callError)) },
+	})
+	return x.tarErr(err)
 }
 
 type hostExtractor struct {
-	root    *os.Root
-	dir     string
-	entries int
-	dirs    []hostDir
+	root *os.Root
+	dir  string
 }
 
-func (x *hostExtractor) refuse(name, why string) error {
-	return fmt.Errorf("%w: refusing archive entry %q: %s (extracting into %s)", ErrInvalid, name, why, x.dir)
-}
-
-// entryRel checks a tar name and returns the cleaned relative path it is
-// written at ("." for dir itself).
-func (x *hostExtractor) entryRel(name string, rename func(string) (string, error)) (string, error) {
-	if name == "" || strings.ContainsRune(name, 0) {
-		return "", x.refuse(name, "empty name or NUL byte")
-	}
-	if path.IsAbs(name) {
-		return "", x.refuse(name, "absolute path")
-	}
-	c := path.Clean(name)
-	if c == ".." || strings.HasPrefix(c, "../") {
-		return "", x.refuse(name, "it climbs out of the target directory")
-	}
-	rel, err := rename(c)
-	if err != nil {
-		return "", x.refuse(name, err.Error())
-	}
-	rel = path.Clean(rel)
-	if path.IsAbs(rel) || rel == ".." || strings.HasPrefix(rel, "../") {
-		return "", x.refuse(name, "it climbs out of the target directory")
-	}
-	return rel, nil
-}
-
-// checkParents makes sure every parent of rel is a real directory (created
-// when missing), never a symlink.
-func (x *hostExtractor) checkParents(name, rel string) error {
-	parent := path.Dir(rel)
-	if parent == "." {
-		return nil
-	}
-	cur := ""
-	for _, part := range strings.Split(parent, "/") {
-		cur = path.Join(cur, part)
-		fi, err := x.root.Lstat(cur)
-		if errors.Is(err, fs.ErrNotExist) {
-			if err := x.root.Mkdir(cur, 0o755); err != nil {
-				return fmt.Errorf("create %s: %w", filepath.Join(x.dir, cur), unwrapPathErr(err))
-			}
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("archive entry %q: %w", name, err)
-		}
-		if fi.Mode()&fs.ModeSymlink != 0 {
-			return x.refuse(name, "it would be written through the symlink "+cur)
-		}
-		if !fi.IsDir() {
-			return x.refuse(name, cur+" is not a directory")
-		}
-	}
-	return nil
-}
-
-// hostMode keeps permission and sticky bits; setuid and setgid from a guest
-// are not honoured on the host.
-func hostMode(h *tar.Header) fs.FileMode {
-	m := fs.FileMode(h.Mode & 0o777)
-	if h.Mode&unix.S_ISVTX != 0 {
-		m |= fs.ModeSticky
-	}
-	return m
-}
-
-func (x *hostExtractor) extract(h *tar.Header, rel string, r io.Reader, rename func(string) (string, error)) error {
-	if rel == "." {
-		return nil // the target directory keeps its own mode
-	}
-	if err := x.checkParents(h.Name, rel); err != nil {
+// tarErr words an extraction's error for the host's user.
+func (x *hostExtractor) tarErr(err error) error {
+	var e *tarx.Error
+	if !errors.As(err, &e) {
 		return err
 	}
-	full := filepath.Join(x.dir, filepath.FromSlash(rel))
-	existing, lerr := x.root.Lstat(rel)
-	exists := lerr == nil
-	replace := func() error {
-		if !exists {
-			return nil
-		}
-		if existing.IsDir() {
-			return fmt.Errorf("archive entry %q: %s is a directory: remove it first", h.Name, full)
-		}
-		if err := x.root.Remove(rel); err != nil {
-			return fmt.Errorf("replace %s: %w", full, unwrapPathErr(err))
-		}
-		return nil
+	full := filepath.Join(x.dir, filepath.FromSlash(e.Path))
+	switch e.Kind {
+	case tarx.Refused:
+		return fmt.Errorf("%w: refusing archive entry %q: %s (extracting into %s)", ErrInvalid, e.Name, e.Why, x.dir)
+	case tarx.Conflict:
+		return fmt.Errorf("archive entry %q: %s is a directory: remove it first", e.Name, full)
+	case tarx.BadStream:
+		return fmt.Errorf("bad tar stream after %d entries: %w", e.Entries, e.Err)
 	}
-	switch h.Typeflag {
-	case tar.TypeDir:
-		if exists && !existing.IsDir() {
-			if err := replace(); err != nil {
-				return err
-			}
-			exists = false
-		}
-		if !exists {
-			if err := x.root.Mkdir(rel, 0o700); err != nil {
-				return fmt.Errorf("create %s: %w", full, unwrapPathErr(err))
-			}
-		}
-		x.dirs = append(x.dirs, hostDir{rel, hostMode(h), h.ModTime})
-	case tar.TypeReg:
-		if exists && existing.IsDir() {
-			return replace()
-		}
-		err := x.writeFile(rel, hostMode(h), h.ModTime, func(sf *sparseFile) (int64, error) {
-			_, err := io.Copy(sf, r)
-			return h.Size, err
-		})
-		if err != nil {
-			return err
-		}
-	case tar.TypeSymlink:
-		if err := replace(); err != nil {
-			return err
-		}
-		if err := x.root.Symlink(h.Linkname, rel); err != nil {
-			return fmt.Errorf("symlink %s: %w", full, unwrapPathErr(err))
-		}
-		if !h.ModTime.IsZero() {
-			ts := unix.NsecToTimespec(h.ModTime.UnixNano())
-			_ = unix.UtimesNanoAt(unix.AT_FDCWD, full, []unix.Timespec{ts, ts}, unix.AT_SYMLINK_NOFOLLOW)
-		}
-	case tar.TypeLink:
-		lrel, err := x.entryRel(h.Linkname, rename)
-		if err != nil || lrel == "." {
-			return x.refuse(h.Name, "hard link target "+h.Linkname+" is outside the archive")
-		}
-		if err := x.checkParents(h.Name, lrel); err != nil {
-			return err
-		}
-		if fi, err := x.root.Lstat(lrel); err != nil || !fi.Mode().IsRegular() {
-			return x.refuse(h.Name, "hard link target "+h.Linkname+" is missing or not a regular file")
-		}
-		if err := replace(); err != nil {
-			return err
-		}
-		if err := x.root.Link(lrel, rel); err != nil {
-			return fmt.Errorf("link %s: %w", full, unwrapPathErr(err))
-		}
-	default:
-		return nil // devices, FIFOs and the like are skipped
+	cause := e.Err
+	if e.Op == "create" {
+		cause = noSpace(filepath.Dir(full), cause, copyFix)
 	}
-	x.entries++
-	return nil
+	return fmt.Errorf("%s %s: %w", e.Op, full, cause)
 }
 
 // writeFile writes the regular file rel with what fill writes (and the
@@ -1054,22 +896,3 @@ func (x *hostExtractor) writeFile(rel string, mode fs.FileMode, mtime time.Time,
 
 // copyFix is what to do when a copy out of a VM finds its disk full.
 const copyFix = "copy to another disk"
-
-// finish applies directory modes and mtimes, deepest first, once their
-// contents are written.
-func (x *hostExtractor) finish() error {
-	for i := len(x.dirs) - 1; i >= 0; i-- {
-		d := x.dirs[i]
-		fi, err := x.root.Lstat(d.rel)
-		if err != nil || !fi.IsDir() {
-			continue // replaced by a later entry
-		}
-		if err := x.root.Chmod(d.rel, d.mode); err != nil {
-			return fmt.Errorf("chmod %s: %w", filepath.Join(x.dir, d.rel), unwrapPathErr(err))
-		}
-		if !d.mtime.IsZero() {
-			_ = x.root.Chtimes(d.rel, d.mtime, d.mtime)
-		}
-	}
-	return nil
-}

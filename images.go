@@ -619,11 +619,11 @@ func attachDisks(ctx context.Context, st *store.Store, cfg *Config, rec *store.V
 		format = "raw"
 	}
 	dev := fmt.Sprintf("/dev/vd%c", 'a'+len(mc.Disks))
-	args := " smolvm.root=" + dev
+	args := " " + wire.ParamRoot + "=" + dev
 	switch cfg.DiskMode {
 	case DiskShared:
 		mc.Disks = append(mc.Disks, hypervisor.Disk{Path: base, Format: format, ReadOnly: true})
-		args += " smolvm.rootmode=ro"
+		args += " " + wire.ParamRootMode + "=ro"
 	default:
 		// The guest can write its whole disk, no more: the overlay grows
 		// to the disk's size and qcow2's tables for it (the guest makes
@@ -640,9 +640,9 @@ func attachDisks(ctx context.Context, st *store.Store, cfg *Config, rec *store.V
 		}
 		cfg.Logger.Debug("disk overlay created", "path", overlay, "base", base, "took", time.Since(t0))
 		mc.Disks = append(mc.Disks, hypervisor.Disk{Path: overlay, Format: "qcow2"})
-		args += " smolvm.rootmode=rw"
+		args += " " + wire.ParamRootMode + "=rw"
 		if cfg.DiskSizeMiB > 0 && int64(cfg.DiskSizeMiB)<<20 > im.Size {
-			args += " smolvm.rootgrow=1"
+			args += " " + wire.ParamRootGrow + "=1"
 		}
 		if cfg.RetainDisk {
 			dst := filepath.Join(homeOf(st), "disks", rec.Name+"-"+rec.ID+".qcow2")

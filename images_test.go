@@ -67,7 +67,7 @@ func TestDiskConfigRefused(t *testing.T) {
 	}
 }
 
-func needRoot(t *testing.T) {
+func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("building disk images needs root")
@@ -193,7 +193,7 @@ func importBusybox(t *testing.T, home, imgName string) *smolvm.ImageInfo {
 	return info
 }
 
-func bootImage(t *testing.T, cfg smolvm.Config) *smolvm.VM {
+func bootImage(t testing.TB, cfg smolvm.Config) *smolvm.VM {
 	t.Helper()
 	if cfg.BootTimeout == 0 {
 		cfg.BootTimeout = testutil.BootTimeout
@@ -209,7 +209,7 @@ func bootImage(t *testing.T, cfg smolvm.Config) *smolvm.VM {
 }
 
 // sh runs a command and returns its trimmed stdout, failing on non-zero.
-func sh(t *testing.T, vm *smolvm.VM, cmd string) string {
+func sh(t testing.TB, vm *smolvm.VM, cmd string) string {
 	t.Helper()
 	res, err := vm.Run(testutil.Context(t, 3*time.Minute), cmd)
 	if err != nil {
@@ -264,7 +264,9 @@ func TestOCIRoundTrip(t *testing.T) {
 	}
 	// Garbage is refused with a clear error.
 	junk := filepath.Join(dir, "junk.tar")
-	os.WriteFile(junk, []byte("not a tarball"), 0o644)
+	if err := os.WriteFile(junk, []byte("not a tarball"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := smolvm.ImportImage(ctx, smolvm.ImportOptions{Home: home, Name: "junk", File: junk}); err == nil || !strings.Contains(err.Error(), "not an OCI layout or docker save tarball") {
 		t.Errorf("import of junk: %v", err)
 	}

@@ -7,7 +7,8 @@ package smolvm_test
 // depend on the first snapshot, a stopped clone boots from its own disk,
 // and the snapshot and the image are kept while anything needs them. A
 // shared (read-only) disk is snapshotted by reference; a writable disk of
-// the caller's is refused. TestSnapshotDiskTimings logs the timings.
+// the caller's is refused. BenchmarkSnapshotDisk measures the snapshot
+// and the restore.
 //
 // The guest is the Debian image of the python recipe, built once in the
 // shared test cache (TestDebianPython builds the same one).
@@ -21,7 +22,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -33,7 +33,7 @@ import (
 
 // debianImage builds (or takes from the shared cache) the Debian image of
 // the python recipe into home as imgName.
-func debianImage(t *testing.T, home, imgName string) *smolvm.ImageInfo {
+func debianImage(t testing.TB, home, imgName string) *smolvm.ImageInfo {
 	t.Helper()
 	needRoot(t)
 	if _, err := os.Stat("/usr/bin/mmdebstrap"); err != nil {
@@ -354,70 +354,68 @@ func TestSnapshotSharedDisk(t *testing.T) {
 	}
 }
 
-// TestSnapshotDiskTimings measures, for a VM of the Debian image (and for
-// comparison a VM of the default image, memory only), the snapshot (the
+// BenchmarkSnapshotDisk measures, for a VM of the Debian image and (for
+// comparison) a VM of the default image, memory only, the snapshot (the
 // call: the source is paused, saved, resumed and reconnected) and a
-// restore (create → first command output), three times each.
-func TestSnapshotDiskTimings(t *testing.T) {
-	home := testutil.Home(t)
-	debianImage(t, home, "deb")
-	ctx := testutil.Context(t, 20*time.Minute)
-	med := func(d []time.Duration) time.Duration {
-		s := append([]time.Duration(nil), d...)
-		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-		return s[len(s)/2].Round(time.Millisecond)
-	}
-	// The supervisors' debug lines say where the time goes: memory, disk
-	// copy (paused), resume and disk finish of a snapshot; the overlay of
-	// a clone.
+// restore (create → first command output):
+//
+//	go test -run '^$' -bench SnapshotDisk -benchtime 3x .
+//
+// The supervisors' debug lines (with -v) say where the time goes: memory,
+// disk copy (paused), resume and disk finish of a snapshot; the overlay of
+// a clone.
+func BenchmarkSnapshotDisk(b *testing.B) {
+	home := testutil.Home(b)
+	debianImage(b, home, "deb")
+	ctx := testutil.Context(b, 20*time.Minute)
 	logger := func(match string) *slog.Logger {
-		return slog.New(slog.NewTextHandler(&logFilter{t: t, match: match}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		return slog.New(slog.NewTextHandler(&logFilter{t: b, match: match}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	for _, image := range []string{"deb", ""} {
-		src := bootImage(t, smolvm.Config{Home: home, Image: image, Logger: logger("snapshot saved")})
-		sh(t, src, "echo x > /root/x")
-		var snaps, restores []time.Duration
-		for i := range 3 {
-			name := fmt.Sprintf("t%s%d", image, i)
-			t0 := time.Now()
-			if _, err := src.Snapshot(ctx, name); err != nil {
-				t.Fatal(err)
+	for _, c := range []struct{ name, image string }{{"debian-disk", "deb"}, {"default-memory", ""}} {
+		// The source boots once, outside the timed loop.
+		src := bootImage(b, smolvm.Config{Home: home, Image: c.image, Logger: logger("snapshot saved")})
+		sh(b, src, "echo x > /root/x")
+		i := 0
+		b.Run(c.name, func(b *testing.B) {
+			var snaps, restores time.Duration
+			for b.Loop() {
+				i++
+				name := fmt.Sprintf("t%s%d", c.image, i)
+				t0 := time.Now()
+				if _, err := src.Snapshot(ctx, name); err != nil {
+					b.Fatal(err)
+				}
+				snaps += time.Since(t0)
+				t1 := time.Now()
+				clone, err := smolvm.Restore(ctx, name, smolvm.Config{Home: home, BootTimeout: testutil.BootTimeout, Logger: logger("overlays made")})
+				if err != nil {
+					b.Fatal(err)
+				}
+				res, err := clone.Run(ctx, "cat /root/x")
+				restores += time.Since(t1)
+				if err != nil || string(res.Stdout) != "x\n" {
+					b.Errorf("clone: %+v, %v", res, err)
+				}
+				if err := clone.Close(); err != nil {
+					b.Fatal(err)
+				}
+				if err := testutil.OpenHost(b, home).DeleteSnapshot(ctx, name); err != nil {
+					b.Fatal(err)
+				}
 			}
-			snaps = append(snaps, time.Since(t0))
-			t1 := time.Now()
-			c, err := smolvm.Restore(ctx, name, smolvm.Config{Home: home, BootTimeout: testutil.BootTimeout, Logger: logger("overlays made")})
-			if err != nil {
-				t.Fatal(err)
-			}
-			res, err := c.Run(ctx, "cat /root/x")
-			restores = append(restores, time.Since(t1))
-			if err != nil || string(res.Stdout) != "x\n" {
-				t.Errorf("clone: %+v, %v", res, err)
-			}
-			tm := c.Timings()
-			t.Logf("restore %s: create %s, launch %s, agent ready %s", name, tm.Create, tm.Launch, tm.FirstCommand)
-			if err := c.Close(); err != nil {
-				t.Fatal(err)
-			}
-			if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, name); err != nil {
-				t.Fatal(err)
-			}
-		}
-		what := "disk VM (Debian image, isolated)"
-		if image == "" {
-			what = "memory-only VM (default image)"
-		}
-		t.Logf("%s: snapshot create median %s of %v", what, med(snaps), snaps)
-		t.Logf("%s: restore create → first command output median %s of %v", what, med(restores), restores)
+			ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) / float64(b.N) }
+			b.ReportMetric(ms(snaps), "snapshot-ms")
+			b.ReportMetric(ms(restores), "restore-to-first-output-ms")
+		})
 		if err := src.Close(); err != nil {
-			t.Fatal(err)
+			b.Fatal(err)
 		}
 	}
 }
 
 // logFilter passes the log lines that contain match to t.Log.
 type logFilter struct {
-	t     *testing.T
+	t     testing.TB
 	match string
 }
 

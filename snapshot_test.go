@@ -66,7 +66,8 @@ func TestSnapshotRestore(t *testing.T) {
 	sh(t, src, "echo after > /root/state.txt")
 
 	// The clock check: a clone restored 5 s after the snapshot
-	// must still have the host's time.
+	// must still have the host's time. (The sleep makes the gap the check
+	// is about; it waits for no condition.)
 	time.Sleep(5 * time.Second)
 	clones := make([]*smolvm.VM, 2)
 	var wg sync.WaitGroup
@@ -335,7 +336,9 @@ func TestWarmStart(t *testing.T) {
 	if killed != 1 {
 		t.Fatalf("killed %d spare QEMUs, want 1", killed)
 	}
-	time.Sleep(200 * time.Millisecond) // let the spare's owner see it exit
+	if err := testutil.Poll(time.Minute, func() bool { return smolvm.LiveSpares() == 0 }); err != nil {
+		t.Fatalf("the spare's owner did not see its QEMU exit: %v", err)
+	}
 	third := newVM(t, pcfg)
 	if in, err := third.Info(ctx); err != nil || in.Prelaunched || in.Snapshot != snaps[0].Name {
 		t.Errorf("VM after its spare died: %+v, %v; want restored from %s into a QEMU of its own", in, err, snaps[0].Name)

@@ -256,7 +256,13 @@ func TestStreamSignals(t *testing.T) {
 		if err := c.Start(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(300 * time.Millisecond)
+		// Both sleeps run (the group to kill) before the cancel.
+		if err := testutil.Poll(time.Minute, func() bool {
+			res, err := vm.Run(ctx, "ps -o args | grep -c '^sleep 30[12]' || true")
+			return err == nil && strings.TrimSpace(string(res.Stdout)) == "2"
+		}); err != nil {
+			t.Fatal("the command's two sleeps did not start:", err)
+		}
 		cancel()
 		if err := c.Wait(); !errors.Is(err, context.Canceled) {
 			t.Errorf("Wait after cancel = %v, want context.Canceled", err)
@@ -318,10 +324,18 @@ func TestStreamPTY(t *testing.T) {
 	})
 }
 
-// blockingWriter blocks every Write until release is closed.
-type blockingWriter struct{ release chan struct{} }
+// blockingWriter blocks every Write until release is closed; blocked says
+// that a Write waits.
+type blockingWriter struct {
+	release chan struct{}
+	blocked atomic.Bool
+}
 
-func (w *blockingWriter) Write(p []byte) (int, error) { <-w.release; return len(p), nil }
+func (w *blockingWriter) Write(p []byte) (int, error) {
+	w.blocked.Store(true)
+	<-w.release
+	return len(p), nil
+}
 
 func TestStream50ConcurrentOneStalled(t *testing.T) {
 	t.Parallel()
@@ -341,7 +355,10 @@ func TestStream50ConcurrentOneStalled(t *testing.T) {
 		close(bw.release)
 		_ = stalled.Wait()
 	}()
-	time.Sleep(500 * time.Millisecond) // let it fill the windows
+	// Its output reaches the host, which stops reading: the windows fill.
+	if err := testutil.Poll(time.Minute, bw.blocked.Load); err != nil {
+		t.Fatal("the stalled command's output never reached the host:", err)
+	}
 
 	const n = 49
 	start := time.Now()

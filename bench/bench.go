@@ -255,12 +255,16 @@ func (r *runner) mode(ctx context.Context, mode string) *ModeResult {
 	if kernelEnv != "" {
 		// The modes run one at a time, so the process-wide switch is safe.
 		prev, had := os.LookupEnv(smolvm.KernelEnv)
-		os.Setenv(smolvm.KernelEnv, kernelEnv)
+		if err := os.Setenv(smolvm.KernelEnv, kernelEnv); err != nil {
+			mr.Error = err.Error()
+			return mr
+		}
 		defer func() {
+			// Restoring a value that was set before cannot fail.
 			if had {
-				os.Setenv(smolvm.KernelEnv, prev)
+				_ = os.Setenv(smolvm.KernelEnv, prev)
 			} else {
-				os.Unsetenv(smolvm.KernelEnv)
+				_ = os.Unsetenv(smolvm.KernelEnv)
 			}
 		}()
 	}

@@ -77,7 +77,9 @@ func main() {
 	if os.Getenv("SMOLVM_BIN") == "" {
 		// Detached supervisors run this same binary, whatever its name.
 		if exe, err := os.Executable(); err == nil {
-			os.Setenv("SMOLVM_BIN", exe)
+			if err := os.Setenv("SMOLVM_BIN", exe); err != nil {
+				fmt.Fprintln(os.Stderr, "smolvm: warning:", err)
+			}
 		}
 	}
 	g := &globals{}
@@ -158,7 +160,7 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 		newSetupCmd(g), newDoctorCmd(g), newRunCmd(g), newCreateCmd(g), newStartCmd(g),
 		newExecCmd(g), newListCmd(g), newInfoCmd(g), newStopCmd(g), newRmCmd(g),
 		newLogsCmd(g), newCleanupCmd(g), newVersionCmd(), newSuperviseCmd(g),
-		newSnapshotCmd(g), newPauseCmd(g), newResumeCmd(g), newBenchCmd(g), newCpCmd(g), newEnvCmd(g), newShellCmd(g), newKernelCmd(g),
+		newSnapshotCmd(g), newPauseCmd(g), newResumeCmd(g), newBenchCmd(g), newCpCmd(g), newEnvCmd(g), newShellCmd(g), newKernelCmd(g), newMCPCmd(g),
 	)
 	invalidArgs(root)
 	return root

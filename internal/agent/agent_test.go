@@ -74,7 +74,7 @@ func newTestEnv(t *testing.T) *testEnv {
 		t.Fatal(err)
 	}
 	g := NewGRPCServer(srv)
-	go g.Serve(l)
+	go func() { _ = g.Serve(l) }()
 	t.Cleanup(g.Stop)
 	cc, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

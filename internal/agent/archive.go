@@ -10,8 +10,6 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
@@ -19,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
+	"github.com/smolvm/smolvm/internal/tarx"
 )
 
 // PutArchive extracts a tar stream under a directory. Entries that would
@@ -39,13 +38,6 @@ func (s *Server) PutArchive(stream grpc.ClientStreamingServer[agentpb.PutArchive
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fsError("create directory", dir, err)
 	}
-	root, err := filepath.EvalSymlinks(dir)
-	if err != nil {
-		return fsError("resolve", dir, err)
-	}
-	if fi, err := os.Stat(root); err != nil || !fi.IsDir() {
-		return status.Errorf(codes.FailedPrecondition, "%s is not a directory", dir)
-	}
 	in := &recvReader{recv: func() ([]byte, error) {
 		req, err := stream.Recv()
 		if err != nil {
@@ -56,33 +48,50 @@ func (s *Server) PutArchive(stream grpc.ClientStreamingServer[agentpb.PutArchive
 		}
 		return req.GetData(), nil
 	}}
-	x := &extractor{root: root, dir: dir}
-	if err := x.extractAll(in); err != nil {
+	st, err := extractInto(in, dir)
+	if err != nil {
 		return err
 	}
 	_, _ = io.Copy(io.Discard, in) // trailing padding
-	return stream.SendAndClose(&agentpb.PutArchiveResponse{Entries: x.entries, Bytes: x.bytes})
+	return stream.SendAndClose(&agentpb.PutArchiveResponse{Entries: st.Entries, Bytes: st.Bytes})
 }
 
-// extractAll extracts every entry of the tar stream r.
-func (x *extractor) extractAll(r io.Reader) error {
-	tr := tar.NewReader(r)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			if _, ok := status.FromError(err); ok {
-				return err
-			}
-			return status.Errorf(codes.InvalidArgument, "bad tar stream after %d entries: %v", x.entries, err)
-		}
-		if err := x.extract(h, tr); err != nil {
-			return err
-		}
+// extractInto extracts the tar stream r under the directory dir with
+// tarx's rules for a caller's archive: a leading "/" is taken relative to
+// dir, as tar does; a symlink on the way is followed while it stays inside
+// dir; setuid and setgid bits are kept (the guest's root asked for them);
+// sparse entries are written out.
+func extractInto(r io.Reader, dir string) (tarx.Stats, error) {
+	resolved, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return tarx.Stats{}, fsError("resolve", dir, err)
 	}
-	return x.finish()
+	if fi, err := os.Stat(resolved); err != nil || !fi.IsDir() {
+		return tarx.Stats{}, status.Errorf(codes.FailedPrecondition, "%s is not a directory", dir)
+	}
+	root, err := os.OpenRoot(resolved)
+	if err != nil {
+		return tarx.Stats{}, fsError("open", dir, err)
+	}
+	defer root.Close()
+	st, err := tarx.Extract(r, root, tarx.Options{
+		StripSlash: true, FollowLinks: true, RootPath: resolved, KeepSetID: true, AllowSparse: true,
+		PassThrough: func(err error) bool { _, ok := status.FromError(err); return ok },
+	})
+	var e *tarx.Error
+	if !errors.As(err, &e) {
+		return st, err
+	}
+	full := filepath.Join(dir, filepath.FromSlash(e.Path))
+	switch e.Kind {
+	case tarx.Refused:
+		return st, status.Errorf(codes.InvalidArgument, "refusing archive entry %q: %s (extracting into %s)", e.Name, e.Why, dir)
+	case tarx.Conflict:
+		return st, status.Errorf(codes.FailedPrecondition, "archive entry %q: %s is a directory", e.Name, full)
+	case tarx.BadStream:
+		return st, status.Errorf(codes.InvalidArgument, "bad tar stream after %d entries: %v", e.Entries, e.Err)
+	}
+	return st, fsError(e.Op, full, e.Err)
 }
 
 // recvReader turns a stream of data messages into an io.Reader.
@@ -102,220 +111,6 @@ func (r *recvReader) Read(p []byte) (int, error) {
 	n := copy(p, r.buf)
 	r.buf = r.buf[n:]
 	return n, nil
-}
-
-type dirMeta struct {
-	path  string
-	mode  uint32
-	mtime time.Time
-}
-
-type extractor struct {
-	root    string // dir with symlinks resolved
-	dir     string // as the host named it, for messages
-	entries int64
-	bytes   int64
-	dirs    []dirMeta
-}
-
-func (x *extractor) refuse(name, why string) error {
-	return status.Errorf(codes.InvalidArgument, "refusing archive entry %q: %s %s", name, why, x.dir)
-}
-
-// entryRel returns the cleaned slash path of a tar name relative to root.
-func (x *extractor) entryRel(name string) (string, error) {
-	rel := path.Clean("/" + name) // a leading "/" is stripped, like tar does
-	rel = strings.TrimPrefix(rel, "/")
-	if strings.Contains(name, "\x00") {
-		return "", x.refuse(name, "name contains a NUL byte; extracting into")
-	}
-	// path.Clean("/"+name) cannot climb above "/": compare with a plain clean.
-	if c := path.Clean(name); c == ".." || strings.HasPrefix(c, "../") || strings.Contains(c, "/../") {
-		return "", x.refuse(name, "it escapes")
-	}
-	if rel == "" {
-		rel = "."
-	}
-	return rel, nil
-}
-
-// resolveDir resolves a relative directory path under root, following
-// symlinks only while they stay inside root. Missing components are kept as
-// they are (they will be created).
-func (x *extractor) resolveDir(name, rel string, depth int) (string, error) {
-	if depth > 40 {
-		return "", x.refuse(name, "too many levels of symlinks under")
-	}
-	cur := x.root
-	if rel == "." || rel == "" {
-		return cur, nil
-	}
-	for _, part := range strings.Split(rel, "/") {
-		next := filepath.Join(cur, part)
-		fi, err := os.Lstat(next)
-		if errors.Is(err, fs.ErrNotExist) {
-			cur = next
-			continue
-		}
-		if err != nil {
-			return "", fsError("stat", next, err)
-		}
-		if fi.Mode()&fs.ModeSymlink == 0 {
-			cur = next
-			continue
-		}
-		target, err := os.Readlink(next)
-		if err != nil {
-			return "", fsError("readlink", next, err)
-		}
-		if !filepath.IsAbs(target) {
-			target = filepath.Join(cur, target)
-		}
-		target = filepath.Clean(target)
-		if !within(x.root, target) {
-			return "", x.refuse(name, fmt.Sprintf("it goes through symlink %s -> %s, outside", next, target))
-		}
-		r, _ := filepath.Rel(x.root, target)
-		if cur, err = x.resolveDir(name, filepath.ToSlash(r), depth+1); err != nil {
-			return "", err
-		}
-	}
-	return cur, nil
-}
-
-func within(root, p string) bool {
-	return p == root || strings.HasPrefix(p, strings.TrimSuffix(root, "/")+"/")
-}
-
-// extract writes one entry without ever following a symlink at its final
-// component.
-func (x *extractor) extract(h *tar.Header, r io.Reader) error {
-	rel, err := x.entryRel(h.Name)
-	if err != nil {
-		return err
-	}
-	if rel == "." {
-		return nil // the target directory itself keeps its mode
-	}
-	parent, err := x.resolveDir(h.Name, path.Dir(rel), 0)
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return fsError("create directory", parent, err)
-	}
-	target := filepath.Join(parent, path.Base(rel))
-	mode := uint32(h.Mode) & 0o7777
-	existing, lerr := os.Lstat(target)
-	exists := lerr == nil
-	// replace removes a non-directory in the way (a symlink is removed, not
-	// followed).
-	replace := func() error {
-		if !exists {
-			return nil
-		}
-		if existing.IsDir() {
-			return status.Errorf(codes.FailedPrecondition, "archive entry %q: %s is a directory", h.Name, target)
-		}
-		if err := os.Remove(target); err != nil {
-			return fsError("replace", target, err)
-		}
-		return nil
-	}
-
-	switch h.Typeflag {
-	case tar.TypeDir:
-		if exists && !existing.IsDir() {
-			if err := os.Remove(target); err != nil {
-				return fsError("replace", target, err)
-			}
-			exists = false
-		}
-		if !exists {
-			if err := unix.Mkdirat(unix.AT_FDCWD, target, 0o700); err != nil {
-				return fsError("mkdir", target, err)
-			}
-		}
-		x.dirs = append(x.dirs, dirMeta{target, mode, h.ModTime})
-	case tar.TypeReg:
-		if err := replace(); err != nil {
-			return err
-		}
-		f, err := os.OpenFile(target, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
-		if err != nil {
-			return fsError("create", target, err)
-		}
-		n, err := io.Copy(f, r)
-		x.bytes += n
-		if err != nil {
-			f.Close()
-			if _, ok := status.FromError(err); ok {
-				return err
-			}
-			return status.Errorf(codes.InvalidArgument, "archive entry %q: %v", h.Name, err)
-		}
-		if err := unix.Fchmod(int(f.Fd()), mode); err != nil {
-			f.Close()
-			return fsError("chmod", target, err)
-		}
-		if err := f.Close(); err != nil {
-			return fsError("close", target, err)
-		}
-		setMtime(target, h.ModTime)
-	case tar.TypeSymlink:
-		if err := replace(); err != nil {
-			return err
-		}
-		if err := os.Symlink(h.Linkname, target); err != nil {
-			return fsError("symlink", target, err)
-		}
-		setMtime(target, h.ModTime)
-	case tar.TypeLink:
-		lrel, err := x.entryRel(h.Linkname)
-		if err != nil || lrel == "." {
-			return x.refuse(h.Name, "hard link target "+h.Linkname+" is outside")
-		}
-		lparent, err := x.resolveDir(h.Name, path.Dir(lrel), 0)
-		if err != nil {
-			return err
-		}
-		src := filepath.Join(lparent, path.Base(lrel))
-		if fi, err := os.Lstat(src); err != nil || fi.IsDir() {
-			return status.Errorf(codes.InvalidArgument, "archive entry %q: hard link target %q is missing or a directory", h.Name, h.Linkname)
-		}
-		if err := replace(); err != nil {
-			return err
-		}
-		if err := os.Link(src, target); err != nil {
-			return fsError("link", target, err)
-		}
-	default:
-		return nil // devices, FIFOs and the like are skipped
-	}
-	x.entries++
-	return nil
-}
-
-// finish applies directory modes and mtimes, deepest first, once their
-// contents are written.
-func (x *extractor) finish() error {
-	for i := len(x.dirs) - 1; i >= 0; i-- {
-		d := x.dirs[i]
-		if err := unix.Fchmodat(unix.AT_FDCWD, d.path, d.mode, 0); err != nil {
-			return fsError("chmod", d.path, err)
-		}
-		setMtime(d.path, d.mtime)
-	}
-	return nil
-}
-
-// setMtime sets access and modification time without following symlinks.
-func setMtime(p string, t time.Time) {
-	if t.IsZero() {
-		return
-	}
-	ts := unix.NsecToTimespec(t.UnixNano())
-	_ = unix.UtimesNanoAt(unix.AT_FDCWD, p, []unix.Timespec{ts, ts}, unix.AT_SYMLINK_NOFOLLOW)
 }
 
 // GetArchive streams a file or directory tree as tar. Names start with the
@@ -403,7 +198,7 @@ func addTarEntry(tw *tar.Writer, fp, name string, fi fs.FileInfo) error {
 		return err
 	}
 	n, err := io.CopyN(tw, f, h.Size)
-	if err == io.EOF {
+	if errors.Is(err, io.EOF) {
 		return fmt.Errorf("%s shrank while being archived (%d of %d bytes)", fp, n, h.Size)
 	}
 	return err

@@ -19,12 +19,6 @@ import (
 )
 
 const (
-	// VirtioPortName is the name of the virtio-serial port the host creates
-	// for the agent (QEMU: -device virtserialport,name=org.smolvm.agent).
-	VirtioPortName = "org.smolvm.agent"
-	// VsockPort is the vsock port the agent listens on.
-	VsockPort = 1024
-
 	portPollInterval = 50 * time.Millisecond
 	// PortWaitTimeout bounds the wait for the virtio-serial device, which
 	// may appear late when the guest runs under software emulation.

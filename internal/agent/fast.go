@@ -20,12 +20,6 @@ import (
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
-// The fast lane's channel: a second virtio-serial port, or vsock port.
-const (
-	FastPortName  = "org.smolvm.fast"
-	FastVsockPort = 1025
-)
-
 // runFlush is how much output a Run collects before it sends a message.
 const runFlush = 64 << 10
 
@@ -65,7 +59,7 @@ func (s *Server) ServeLane(conn net.Conn) error {
 		switch f.Type {
 		case lane.TypePing:
 			resp, _ := s.Ping(ctx, nil)
-			c.send(f.ID, lane.TypePing, resp)
+			c.reply(f.ID, lane.TypePing, resp)
 		case lane.TypeRun:
 			if start, ok := decode[agentpb.ExecStart](c, f, "run"); ok {
 				go c.run(ctx, f.ID, start)
@@ -80,7 +74,7 @@ func (s *Server) ServeLane(conn net.Conn) error {
 				c.fail(f.ID, status.Convert(err).Message())
 				continue
 			}
-			c.send(f.ID, lane.TypeRefresh, resp)
+			c.reply(f.ID, lane.TypeRefresh, resp)
 		case lane.TypeCancel:
 			req, ok := decode[agentpb.CancelRequest](c, f, "cancel")
 			if !ok {
@@ -93,7 +87,7 @@ func (s *Server) ServeLane(conn net.Conn) error {
 			if v, ok := c.runs.Load(req.GetRunId()); ok {
 				v.(*runEntry).p.kill(sig)
 			}
-			c.send(f.ID, lane.TypeCancel, &agentpb.CancelResponse{})
+			c.reply(f.ID, lane.TypeCancel, &agentpb.CancelResponse{})
 		case lane.TypeAck:
 			var req agentpb.RunAck
 			if proto.Unmarshal(f.Payload, &req) != nil || req.GetBytes() < 0 {
@@ -135,6 +129,15 @@ func (c *laneConn) send(id uint32, typ uint8, m proto.Message) error {
 		return out
 	})
 	return cmp.Or(werr, err)
+}
+
+// reply answers a call of the read loop. A reply that cannot be encoded
+// went out as an error frame; one that cannot be written means the lane is
+// gone, which the loop's next read reports.
+func (c *laneConn) reply(id uint32, typ uint8, m proto.Message) {
+	if err := c.send(id, typ, m); err != nil {
+		c.s.log.Debug("fast lane reply", "type", typ, "err", err)
+	}
 }
 
 // fail answers a call with an error frame.

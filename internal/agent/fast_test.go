@@ -43,7 +43,7 @@ func newLane(t *testing.T, te *testEnv) (*lane.Client, net.Conn) {
 	if gc == nil {
 		t.Fatal("accept failed")
 	}
-	go te.srv.ServeLane(gc)
+	go func() { _ = te.srv.ServeLane(gc) }()
 	c := lane.NewClient(hc)
 	t.Cleanup(func() { c.Close() })
 	return c, gc

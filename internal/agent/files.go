@@ -72,7 +72,7 @@ func (s *Server) WriteFile(stream grpc.ClientStreamingServer[agentpb.WriteFileRe
 	var size int64
 	for {
 		req, err := stream.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
@@ -149,7 +149,7 @@ func (s *Server) ReadFile(req *agentpb.ReadFileRequest, stream grpc.ServerStream
 				return serr
 			}
 		}
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {

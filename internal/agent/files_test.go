@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 func writeFile(t *testing.T, c agentpb.AgentClient, hdr *agentpb.WriteFileHeader, data []byte) (*agentpb.WriteFileResponse, error) {
@@ -46,7 +47,7 @@ func readAll(t *testing.T, recv func() (*agentpb.DataChunk, error)) ([]byte, err
 	var out []byte
 	for {
 		m, err := recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return out, nil
 		}
 		if err != nil {
@@ -86,7 +87,9 @@ func TestWriteReadFile(t *testing.T) {
 	if err != nil || !st.Exists || fs.FileMode(st.Mode).Perm() != 0o640 || st.Size != int64(len(data)) || st.MtimeUnixNs != mtime.UnixNano() {
 		t.Errorf("Stat: %v %v", st, err)
 	}
-	os.Symlink("a/b/file", filepath.Join(dir, "link"))
+	if err := os.Symlink("a/b/file", filepath.Join(dir, "link")); err != nil {
+		t.Fatal(err)
+	}
 	st, err = te.client.Stat(ctx, &agentpb.StatRequest{Path: filepath.Join(dir, "link")})
 	if err != nil || fs.FileMode(st.Mode)&fs.ModeSymlink == 0 || st.LinkTarget != "a/b/file" {
 		t.Errorf("Stat link: %v %v", st, err)
@@ -136,9 +139,13 @@ func makeTar(t *testing.T, entries ...tarEntry) []byte {
 		if err := tw.WriteHeader(h); err != nil {
 			t.Fatal(err)
 		}
-		io.WriteString(tw, e.body)
+		if _, err := io.WriteString(tw, e.body); err != nil {
+			t.Fatal(err)
+		}
 	}
-	tw.Close()
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
 	return buf.Bytes()
 }
 
@@ -166,7 +173,9 @@ func TestPutArchiveRefusesEscapes(t *testing.T) {
 	base := t.TempDir()
 	dst := filepath.Join(base, "dst")
 	outside := filepath.Join(base, "outside")
-	os.MkdirAll(outside, 0o755)
+	if err := os.MkdirAll(outside, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	cases := map[string][]byte{
 		"dotdot":        makeTar(t, tarEntry{name: "../evil", typ: tar.TypeReg, body: "x"}),
 		"nested dotdot": makeTar(t, tarEntry{name: "a/../../evil", typ: tar.TypeReg, body: "x"}),
@@ -179,7 +188,9 @@ func TestPutArchiveRefusesEscapes(t *testing.T) {
 			tarEntry{name: "d/up/evil", typ: tar.TypeReg, body: "x"}),
 		"hardlink": makeTar(t, tarEntry{name: "h", typ: tar.TypeLink, link: "../outside/target"}),
 	}
-	os.WriteFile(filepath.Join(outside, "target"), []byte("t"), 0o644)
+	if err := os.WriteFile(filepath.Join(outside, "target"), []byte("t"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for name, data := range cases {
 		_, err := putArchive(t, te.client, dst, data)
 		if status.Code(err) != codes.InvalidArgument {
@@ -277,10 +288,12 @@ func TestSerialListener(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	unix.SetNonblock(fds[0], true)
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		t.Fatal(err)
+	}
 	l := newSerialListener("socketpair", fds[0])
 	g := NewGRPCServer(te.srv)
-	go g.Serve(l)
+	go func() { _ = g.Serve(l) }()
 	t.Cleanup(g.Stop)
 
 	hostFile := os.NewFile(uintptr(fds[1]), "host")
@@ -313,11 +326,15 @@ func TestSerialListener(t *testing.T) {
 
 func TestFindVirtioPort(t *testing.T) {
 	sys := t.TempDir()
-	for name, port := range map[string]string{"vport0p1": "org.qemu.guest_agent.0", "vport1p2": VirtioPortName} {
-		os.MkdirAll(filepath.Join(sys, name), 0o755)
-		os.WriteFile(filepath.Join(sys, name, "name"), []byte(port+"\n"), 0o644)
+	for name, port := range map[string]string{"vport0p1": "org.qemu.guest_agent.0", "vport1p2": wire.AgentPortName} {
+		if err := os.MkdirAll(filepath.Join(sys, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(sys, name, "name"), []byte(port+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if got := FindVirtioPort(sys, VirtioPortName); got != "/dev/vport1p2" {
+	if got := FindVirtioPort(sys, wire.AgentPortName); got != "/dev/vport1p2" {
 		t.Errorf("FindVirtioPort = %q", got)
 	}
 	if got := FindVirtioPort(sys, "other"); got != "" {

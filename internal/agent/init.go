@@ -13,6 +13,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // bootParams holds the smolvm.* options of the kernel command line.
@@ -30,9 +32,9 @@ func readBootParams() bootParams {
 	for _, f := range strings.Fields(string(b)) {
 		k, v, _ := strings.Cut(f, "=")
 		switch k {
-		case "smolvm.hostname":
+		case wire.ParamHostname:
 			bp.hostname = v
-		case "smolvm.debug":
+		case wire.ParamDebug:
 			bp.debug = v == "1" || v == "true" || v == "yes"
 		}
 	}
@@ -125,8 +127,11 @@ func initSystem() *slog.Logger {
 		log.Error("init", "err", err)
 	}
 
-	os.Setenv("PATH", DefaultPath)
-	os.Setenv("HOME", "/root")
+	for k, v := range map[string]string{"PATH": DefaultPath, "HOME": "/root"} {
+		if err := os.Setenv(k, v); err != nil {
+			log.Warn("set "+k, "err", err)
+		}
+	}
 	if err := os.MkdirAll("/root", 0o700); err != nil {
 		log.Warn("create /root", "err", err)
 	}

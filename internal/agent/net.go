@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // netParams is the smolvm.net=ADDR/PREFIX,GATEWAY,DNS boot option: how
@@ -27,7 +29,7 @@ func readNetParams() (*netParams, error) {
 		return nil, err
 	}
 	for _, f := range strings.Fields(string(b)) {
-		v, ok := strings.CutPrefix(f, "smolvm.net=")
+		v, ok := strings.CutPrefix(f, wire.ParamNet+"=")
 		if !ok {
 			continue
 		}

@@ -32,6 +32,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // switchedEnv marks the agent executed after the root switch.
@@ -55,11 +57,11 @@ func readRootParams() rootParams {
 	for _, f := range strings.Fields(string(b)) {
 		k, v, _ := strings.Cut(f, "=")
 		switch k {
-		case "smolvm.root":
+		case wire.ParamRoot:
 			rp.device = v
-		case "smolvm.rootmode":
+		case wire.ParamRootMode:
 			rp.readOnly = v == "ro"
-		case "smolvm.rootgrow":
+		case wire.ParamRootGrow:
 			rp.grow = v == "1"
 		}
 	}
@@ -73,7 +75,9 @@ func readRootParams() rootParams {
 // sees a boot failure naming the cause instead of a guest without its image.
 func switchRootIfAsked(log *slog.Logger) {
 	if os.Getenv(switchedEnv) != "" {
-		os.Unsetenv(switchedEnv)
+		if err := os.Unsetenv(switchedEnv); err != nil {
+			log.Warn("unset "+switchedEnv, "err", err)
+		}
 		log.Debug("running on the root disk")
 		return
 	}

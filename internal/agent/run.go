@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // Main is the agent program: as PID 1 it initialises the guest first, then
@@ -68,13 +70,13 @@ func Run(ctx context.Context, cfg Config) error {
 		err     error
 	}
 	results := make(chan result, 2)
-	running := serveChannels(ctx, log, VirtioPortName, VsockPort, func(name string, l net.Listener) error {
+	running := serveChannels(ctx, log, wire.AgentPortName, wire.AgentVsockPort, func(name string, l net.Listener) error {
 		log.Info("serving", "channel", name, "addr", l.Addr().String(), "uptime", uptime())
 		return g.Serve(l)
 	}, func(name string, err error) { results <- result{name, err} })
 
 	// The fast lane is an addition: the agent serves without it.
-	serveChannels(ctx, log, FastPortName, FastVsockPort, func(name string, l net.Listener) error {
+	serveChannels(ctx, log, wire.FastPortName, wire.FastVsockPort, func(name string, l net.Listener) error {
 		log.Info("serving fast lane", "channel", name, "addr", l.Addr().String())
 		context.AfterFunc(ctx, func() { l.Close() })
 		for {

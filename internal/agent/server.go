@@ -44,7 +44,7 @@ const (
 	DefaultEnvFile       = "/etc/smolvm/env"
 	DefaultProfileFile   = "/etc/profile.d/smolvm-env.sh"
 	DefaultMachineIDFile = "/etc/machine-id"
-	DefaultModulesFile   = "/etc/smolvm/modules"
+	DefaultModulesFile   = wire.ModulesPath
 	DefaultDir           = "/root"
 	DefaultPath          = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 )

@@ -86,7 +86,9 @@ func TestReopen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.Write([]byte("new\n"))
+	if _, err := l.Write([]byte("new\n")); err != nil {
+		t.Fatal(err)
+	}
 	if n := size(t, path); n != 200<<10+4 {
 		t.Errorf("log holds %d bytes, want %d", n, 200<<10+4)
 	}
@@ -95,8 +97,12 @@ func TestReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.Move(moved, consolelog.MinMaxBytes)
-	l.Write(bytes.Repeat([]byte("x"), 100<<10))
-	l.Close()
+	if _, err := l.Write(bytes.Repeat([]byte("x"), 100<<10)); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if n := size(t, moved); n > consolelog.MinMaxBytes {
 		t.Errorf("moved log holds %d bytes, want at most %d", n, consolelog.MinMaxBytes)
 	}
@@ -113,7 +119,9 @@ func TestFollow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.Write([]byte("before\n"))
+	if _, err := l.Write([]byte("before\n")); err != nil {
+		t.Fatal(err)
+	}
 	var out testutil.SyncBuffer
 	written := make(chan struct{})
 	done := make(chan error)
@@ -132,10 +140,12 @@ func TestFollow(t *testing.T) {
 	for i := 0; i < 3000; i++ {
 		line := fmt.Sprintf("line %d\n", i)
 		want.WriteString(line)
-		l.Write([]byte(line))
+		if _, err := l.Write([]byte(line)); err != nil {
+			t.Fatal(err)
+		}
 		if i%100 == 99 { // a follower keeps up with a console: wait for it
-			for !strings.HasSuffix(out.String(), line) {
-				time.Sleep(time.Millisecond)
+			if err := testutil.Poll(time.Minute, func() bool { return strings.HasSuffix(out.String(), line) }); err != nil {
+				t.Fatalf("the follower did not copy %q: %v", line, err)
 			}
 		}
 	}

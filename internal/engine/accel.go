@@ -7,14 +7,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
-	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
@@ -36,9 +34,10 @@ type probeRecord struct {
 // boot standard kernels) hangs, and the probe gives up.
 const kvmProbeTimeout = 20 * time.Second
 
-// ResolveAccel picks the accelerator of a VM: want ("kvm", "tcg"), else
-// KVM when the probe of this kernel and initrd (ProbeAccel) booted with it.
-func ResolveAccel(ctx context.Context, home, want, kernel, initrd string, log *slog.Logger) (hypervisor.Accel, error) {
+// ResolveAccel picks the accelerator of a VM of hypervisor driver: want
+// ("kvm", "tcg"), else KVM when the probe of this kernel and initrd
+// (ProbeAccel) booted with it.
+func ResolveAccel(ctx context.Context, home, driver, want, kernel, initrd string, log *slog.Logger) (hypervisor.Accel, error) {
 	switch want {
 	case "tcg":
 		return hypervisor.AccelTCG, nil
@@ -48,13 +47,20 @@ func ResolveAccel(ctx context.Context, home, want, kernel, initrd string, log *s
 		}
 		return hypervisor.AccelKVM, nil
 	}
-	rep := ProbeAccel(ctx, home, kernel, initrd)
+	rep := probeAccel(ctx, home, driver, kernel, initrd)
 	if rep.Accel == "kvm" {
 		return hypervisor.AccelKVM, nil
 	}
 	log.Debug("using TCG software emulation", "reason", rep.Reason)
 	return hypervisor.AccelTCG, nil
 }
+
+// The KVM probe's seams: the unit tests replace the device check and the
+// test boot.
+var (
+	kvmUsable = kvmDeviceUsable
+	kvmBoot   = supervisor.Probe
+)
 
 func kvmDeviceUsable() error {
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
@@ -67,16 +73,25 @@ func kvmDeviceUsable() error {
 
 // ProbeAccel decides between KVM and TCG for this kernel: KVM only when
 // /dev/kvm opens and a real boot with it reaches the guest agent. The
-// result is cached in home's cache per kernel, initrd and QEMU binary.
+// result is cached in home's cache per kernel, initrd and QEMU binary; a
+// probe that ctx cancelled (or whose deadline passed) decided nothing and
+// is not cached.
 func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
-	if err := kvmDeviceUsable(); err != nil {
+	return probeAccel(ctx, home, hypervisor.Default, kernel, initrd)
+}
+
+// probeAccel is ProbeAccel for the hypervisor driver named driver.
+func probeAccel(ctx context.Context, home, driver, kernel, initrd string) AccelReport {
+	if err := kvmUsable(); err != nil {
 		return AccelReport{Accel: "tcg", Reason: err.Error()}
 	}
-	// The QEMU binary's file, not its -version output: running it would
-	// add a process start (10–60 ms) to every create on a host with
-	// /dev/kvm; an upgrade replaces the file, which changes the key.
-	qemuBin, _ := exec.LookPath(qemu.Binary)
-	key := probeKey(kernel, initrd, qemuBin)
+	d, err := hypervisor.Get(driver)
+	if err != nil {
+		return AccelReport{Accel: "tcg", Reason: err.Error()}
+	}
+	// The driver's program (QEMU's binary) by its file (CacheKey), which
+	// an upgrade replaces, so the key changes.
+	key := probeKey(kernel, initrd, d.CacheKey())
 	path := filepath.Join(home, "cache", "accel-probe.json")
 	var rec probeRecord
 	if b, err := os.ReadFile(path); err == nil && json.Unmarshal(b, &rec) == nil && rec.Key == key {
@@ -93,7 +108,10 @@ func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
 		ConsoleLog: filepath.Join(dir, "console.log"),
 	}
 	rec = probeRecord{Key: key, KVM: true, Reason: "a test boot with KVM reached the guest agent"}
-	if err := supervisor.Probe(ctx, "qemu", mc, kvmProbeTimeout); err != nil {
+	if err := kvmBoot(ctx, driver, mc, kvmProbeTimeout); err != nil {
+		if cerr := context.Cause(ctx); cerr != nil {
+			return AccelReport{Accel: "tcg", Reason: fmt.Sprintf("the KVM probe was interrupted (%v): using TCG software emulation this time", cerr)}
+		}
 		rec = probeRecord{Key: key, Reason: fmt.Sprintf("a test boot with KVM failed (%v): using TCG software emulation", err)}
 	}
 	if b, err := json.Marshal(rec); err == nil {

@@ -1,9 +1,14 @@
 package engine
 
 import (
+	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
 )
 
 // The KVM probe's cached answer is keyed by the files it depends on: the
@@ -35,4 +40,72 @@ func TestProbeKey(t *testing.T) {
 	if probeKey(kernel, initrd, qemu) == k2 {
 		t.Error("key unchanged after the kernel was replaced")
 	}
+}
+
+// A KVM probe that the caller cancelled, or whose caller's deadline passed,
+// decided nothing: it is not cached, and the next create probes again (a
+// Ctrl-C during the first New on a KVM host used to pin every later VM to
+// TCG). A boot that fails with the caller still waiting is cached, also
+// when it is the probe's own timeout that ended it (a hanging KVM).
+func TestProbeAccelInterrupted(t *testing.T) {
+	dir := t.TempDir()
+	kernel, initrd := filepath.Join(dir, "vmlinux"), filepath.Join(dir, "initrd")
+	for _, p := range []string{kernel, initrd} {
+		if err := os.WriteFile(p, []byte(p), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	usable, boot := kvmUsable, kvmBoot
+	t.Cleanup(func() { kvmUsable, kvmBoot = usable, boot })
+	kvmUsable = func() error { return nil }
+	var (
+		boots   int
+		hang    func() // set: the test boot runs it, then waits for ctx
+		bootErr error  // else what the test boot returns
+	)
+	kvmBoot = func(ctx context.Context, _ string, _ *hypervisor.MachineConfig, _ time.Duration) error {
+		boots++
+		if hang != nil {
+			hang()
+			<-ctx.Done()
+			return fmt.Errorf("boot: %w", ctx.Err())
+		}
+		return bootErr
+	}
+	probe := func(t *testing.T, ctx context.Context, home, wantAccel string, wantCached bool, wantBoots int) {
+		t.Helper()
+		boots = 0
+		rep := ProbeAccel(ctx, home, kernel, initrd)
+		if rep.Accel != wantAccel || rep.Cached != wantCached || boots != wantBoots {
+			t.Fatalf("ProbeAccel = %+v after %d test boots; want accel %s, cached %v, %d boots", rep, boots, wantAccel, wantCached, wantBoots)
+		}
+	}
+	interrupted := func(t *testing.T, ctx context.Context, cancel func()) {
+		home := t.TempDir()
+		hang = cancel
+		probe(t, ctx, home, "tcg", false, 1)
+		hang = nil
+		if _, err := os.Stat(filepath.Join(home, "cache", "accel-probe.json")); !os.IsNotExist(err) {
+			t.Fatalf("an interrupted probe left a cached answer (stat: %v)", err)
+		}
+		probe(t, context.Background(), home, "kvm", false, 1) // probed again
+		probe(t, context.Background(), home, "kvm", true, 0)  // now cached
+	}
+	t.Run("cancelled", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		interrupted(t, ctx, cancel)
+	})
+	t.Run("deadline", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+		defer cancel()
+		interrupted(t, ctx, func() {}) // the boot waits until the deadline
+	})
+	t.Run("failed", func(t *testing.T) {
+		home := t.TempDir()
+		bootErr = fmt.Errorf("the probe's own timeout: %w", context.DeadlineExceeded)
+		defer func() { bootErr = nil }()
+		probe(t, context.Background(), home, "tcg", false, 1)
+		probe(t, context.Background(), home, "tcg", true, 0)
+	})
 }

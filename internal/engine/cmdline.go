@@ -8,6 +8,7 @@ import (
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // KernelCmdline is the kernel command line of a VM of the stock kernel.
@@ -30,7 +31,7 @@ func GuestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 	// about half a second of every cold boot and buy a single-tenant
 	// sandbox nothing. (The warm snapshot's boot adds init_on_free, so that
 	// freed memory is zero and the snapshot small: see warmBootArgs.)
-	parts = append(parts, "init_on_alloc=0", "cryptomgr.notests", "smolvm.hostname="+hostname)
+	parts = append(parts, "init_on_alloc=0", "cryptomgr.notests", wire.ParamHostname+"="+hostname)
 	// An idle guest should not wake: kcompactd's proactive compaction
 	// (every 500 ms) and the lockup watchdog's timer (every 4 s, for
 	// lockups a sandbox has no one to report to) were most of an idle

@@ -169,3 +169,17 @@ func DiscardPrelaunched(ctx context.Context) error {
 	}
 	return err
 }
+
+// LiveSpares counts this process's prelaunched hypervisors that are ready
+// and still run (for tests).
+func LiveSpares() int {
+	spares.Lock()
+	defer spares.Unlock()
+	n := 0
+	for _, sp := range spares.ready {
+		if sp.Alive() {
+			n++
+		}
+	}
+	return n
+}

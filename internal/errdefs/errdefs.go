@@ -137,7 +137,7 @@ func FromGRPC(err error) error {
 	if err == nil {
 		return nil
 	}
-	if _, ok := err.(*Error); ok {
+	if e := (*Error)(nil); errors.As(err, &e) {
 		return err
 	}
 	st, ok := status.FromError(err)

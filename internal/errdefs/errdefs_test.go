@@ -25,7 +25,7 @@ func TestGRPCRoundTrip(t *testing.T) {
 			t.Errorf("%s: FromGRPC(ToGRPC(%q)) = %q; want the same message and errors.Is %v", k.reason, err, back, k.err)
 		}
 		for _, other := range kinds {
-			if other.err != k.err && errors.Is(back, other.err) {
+			if other.reason != k.reason && errors.Is(back, other.err) {
 				t.Errorf("%s came back as %s too", k.reason, other.reason)
 			}
 		}
@@ -65,7 +65,7 @@ func TestGRPCWithoutDetails(t *testing.T) {
 		}
 	}
 	plain := errors.New("plain")
-	if FromGRPC(plain) != plain || FromGRPC(nil) != nil || ToGRPC(nil) != nil {
+	if !errors.Is(FromGRPC(plain), plain) || FromGRPC(nil) != nil || ToGRPC(nil) != nil {
 		t.Error("FromGRPC/ToGRPC changed a non-status error or nil")
 	}
 }
@@ -97,7 +97,7 @@ func TestReadyPipe(t *testing.T) {
 			t.Errorf("ReadyLine(%q) = %q has a newline", err, line)
 		}
 		valid, back := ParseReady(line + "\n")
-		if !valid || back == nil || back.Error() != err.Error() || Kind(back) != Kind(err) {
+		if !valid || back == nil || back.Error() != err.Error() || !errors.Is(Kind(err), Kind(back)) {
 			t.Errorf("ParseReady(ReadyLine(%q)) = %v, %q of kind %v; want the message and kind %v", err, valid, back, Kind(back), Kind(err))
 		}
 	}

@@ -43,6 +43,24 @@ type entry struct {
 	mode       int64
 }
 
+// Entry is a tar entry for a test: Link is a link's target, Body a
+// regular file's content; Mode 0 is 0644.
+type Entry struct {
+	Name, Link string
+	Type       byte
+	Body       string
+	Mode       int64
+}
+
+// Tar returns the tar stream of entries.
+func Tar(entries ...Entry) []byte {
+	es := make([]entry, len(entries))
+	for i, e := range entries {
+		es[i] = entry{name: e.Name, link: e.Link, typ: e.Type, body: e.Body, mode: e.Mode}
+	}
+	return makeTar(tar.FormatUnknown, es...)
+}
+
 func makeTar(format tar.Format, entries ...entry) []byte {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)

@@ -145,7 +145,7 @@ func bootGuest(t testing.TB, kernel, initrd string, extraArgs ...string) (time.D
 	go func() { exited <- cmd.Wait() }()
 	t.Cleanup(func() {
 		cancel()
-		<-exited
+		t.Logf("qemu ended: %v", <-exited)
 	})
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()

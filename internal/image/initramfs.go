@@ -14,6 +14,8 @@ import (
 	"strings"
 
 	"github.com/cavaliergopher/cpio"
+
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // DefaultBusybox is where Debian's busybox-static installs busybox.
@@ -21,7 +23,7 @@ const DefaultBusybox = "/bin/busybox"
 
 // ModuleListPath is the file in the initramfs that lists the module files in
 // load order, one absolute path a line.
-const ModuleListPath = "/etc/smolvm/modules"
+const ModuleListPath = wire.ModulesPath
 
 // initramfsSpec is what goes into the archive.
 type initramfsSpec struct {

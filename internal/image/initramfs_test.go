@@ -3,6 +3,7 @@ package image
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -37,7 +38,7 @@ func readArchive(t testing.TB, path string) map[string]entry {
 	got := map[string]entry{}
 	for {
 		h, err := r.Next()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return got
 		}
 		if err != nil {
@@ -259,7 +260,9 @@ func TestHashFileCached(t *testing.T) {
 	hashes = sync.Map{}
 	ents, _ := os.ReadDir(filepath.Join(cache, "hashes"))
 	for _, e := range ents {
-		os.WriteFile(filepath.Join(cache, "hashes", e.Name()), []byte("garbage"), 0o644)
+		if err := os.WriteFile(filepath.Join(cache, "hashes", e.Name()), []byte("garbage"), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if got, err := hashFileCached(cache, p); err != nil || got != want2 {
 		t.Fatalf("with a damaged cache file: %q, %v; want %q", got, err, want2)

@@ -674,7 +674,7 @@ func runMake(ctx context.Context, dir string, args []string, out io.Writer, onLi
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		for sc.Scan() {
 			line := sc.Text()
-			ring.Write([]byte(line + "\n"))
+			_, _ = ring.Write([]byte(line + "\n")) // a tailBuffer never fails
 			fmt.Fprintln(out, line)
 			if onLine != nil {
 				onLine(line)

@@ -81,8 +81,12 @@ func TestExtractVmlinux(t *testing.T) {
 	pvh := testELF(xenNotePhys32Entry, 9<<20) // two lz4 blocks
 	var gz bytes.Buffer
 	w := gzip.NewWriter(&gz)
-	w.Write(pvh)
-	w.Close()
+	if _, err := w.Write(pvh); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
 
 	for name, bz := range map[string][]byte{
 		"lz4":  testBzImage(lz4Legacy(t, pvh), len(pvh)),
@@ -112,7 +116,9 @@ func TestExtractVmlinux(t *testing.T) {
 	}
 	for name, c := range bad {
 		src := filepath.Join(dir, "bad.bz")
-		os.WriteFile(src, c.bz, 0o644)
+		if err := os.WriteFile(src, c.bz, 0o644); err != nil {
+			t.Fatal(err)
+		}
 		err := extractVmlinux(src, filepath.Join(dir, "bad.elf"))
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: err %v, want one containing %q", name, err, c.want)
@@ -125,7 +131,9 @@ func TestExtractVmlinux(t *testing.T) {
 func TestBootKernelFallsBack(t *testing.T) {
 	dir := t.TempDir()
 	elf := testELF(5, 10)
-	os.WriteFile(filepath.Join(dir, "vmlinuz"), testBzImage(lz4Legacy(t, elf), len(elf)), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "vmlinuz"), testBzImage(lz4Legacy(t, elf), len(elf)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if got := bootKernel(dir); got != filepath.Join(dir, "vmlinuz") {
 		t.Errorf("bootKernel = %s, want the bzImage", got)
 	}
@@ -134,7 +142,9 @@ func TestBootKernelFallsBack(t *testing.T) {
 	}
 
 	pvh := testELF(xenNotePhys32Entry, 10)
-	os.WriteFile(filepath.Join(dir, "vmlinuz"), testBzImage(lz4Legacy(t, pvh), len(pvh)), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "vmlinuz"), testBzImage(lz4Legacy(t, pvh), len(pvh)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	os.Remove(filepath.Join(dir, noVmlinuxName))
 	if got := bootKernel(dir); got != filepath.Join(dir, vmlinuxName) {
 		t.Errorf("bootKernel = %s, want the vmlinux", got)

@@ -31,7 +31,7 @@ func FuzzRead(f *testing.F) {
 			before := r.Len()
 			fr, err := lane.Read(r, buf)
 			if err != nil {
-				if err == io.EOF && before != 0 {
+				if errors.Is(err, io.EOF) && before != 0 {
 					t.Fatalf("io.EOF with %d bytes unread", before)
 				}
 				return

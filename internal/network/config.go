@@ -38,6 +38,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // Mode is how a VM is networked.
@@ -370,9 +372,9 @@ func (c *Config) GuestCmdline() string {
 	case ModeNone, "":
 		return ""
 	case ModeTAP:
-		return fmt.Sprintf("smolvm.net=%s/32,%s,%s", c.GuestIP, c.Gateway, c.DNS)
+		return fmt.Sprintf("%s=%s/32,%s,%s", wire.ParamNet, c.GuestIP, c.Gateway, c.DNS)
 	}
-	return fmt.Sprintf("smolvm.net=%s/%d,%s,%s", c.GuestIP, PrefixLen, c.Gateway, c.Gateway)
+	return fmt.Sprintf("%s=%s/%d,%s,%s", wire.ParamNet, c.GuestIP, PrefixLen, c.Gateway, c.Gateway)
 }
 
 // GuestDNS is the guest's nameserver ("" for none).

@@ -17,10 +17,16 @@ func TestExt4ValidateOverlay(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	tree := filepath.Join(dir, "tree")
-	os.MkdirAll(filepath.Join(tree, "etc"), 0o755)
-	os.WriteFile(filepath.Join(tree, "etc", "hello"), []byte("hi\n"), 0o644)
+	if err := os.MkdirAll(filepath.Join(tree, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(tree, "etc", "hello"), []byte("hi\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	agent := filepath.Join(dir, "agent")
-	os.WriteFile(agent, []byte("#!/bin/sh\n"), 0o755)
+	if err := os.WriteFile(agent, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := InjectAgent(tree, agent); err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +48,9 @@ func TestExt4ValidateOverlay(t *testing.T) {
 	data, _ := os.ReadFile(img)
 	bad := filepath.Join(dir, "bad.img")
 	for what, b := range map[string][]byte{"truncated": data[:len(data)/2], "garbage": make([]byte, 4096), "empty": nil, "short": []byte("QF")} {
-		os.WriteFile(bad, b, 0o644)
+		if err := os.WriteFile(bad, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
 		if err := Validate(ctx, bad); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("Validate of a %s disk = %v, want ErrCorrupt", what, err)
 		}

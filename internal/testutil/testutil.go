@@ -53,7 +53,10 @@ func Main(m *testing.M) {
 func run(m *testing.M) int {
 	if dir, err := os.MkdirTemp("", "smvg"); err == nil {
 		guardHome = dir
-		os.Setenv("SMOLVM_HOME", dir)
+		if err := os.Setenv("SMOLVM_HOME", dir); err != nil {
+			fmt.Fprintln(os.Stderr, "testutil:", err)
+			return 1
+		}
 		addTemp(dir)
 	}
 	code := m.Run()
@@ -145,7 +148,9 @@ func ensureBuilt(t testing.TB, b *build, env, pkg, name string, extraEnv ...stri
 			return
 		}
 		b.path = out
-		os.Setenv(env, out)
+		if err := os.Setenv(env, out); err != nil {
+			b.err = err
+		}
 	})
 	if b.err != nil {
 		t.Fatal(b.err)

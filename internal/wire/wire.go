@@ -9,6 +9,30 @@ import (
 	"fmt"
 )
 
+// The agent's two channels: the gRPC service and the fast lane, each a
+// virtio-serial port by name or a vsock port, as the VM has them.
+const (
+	AgentPortName  = "org.smolvm.agent"
+	FastPortName   = "org.smolvm.fast"
+	AgentVsockPort = 1024
+	FastVsockPort  = 1025
+)
+
+// Boot options on the kernel command line that the host sets and the agent
+// reads (KEY=VALUE).
+const (
+	ParamHostname = "smolvm.hostname" // the guest's hostname
+	ParamDebug    = "smolvm.debug"    // 1, true or yes: the agent logs at debug level
+	ParamNet      = "smolvm.net"      // ADDR/PREFIX,GATEWAY,DNS: eth0's configuration
+	ParamRoot     = "smolvm.root"     // the root disk's device (/dev/vda)
+	ParamRootMode = "smolvm.rootmode" // ro or rw
+	ParamRootGrow = "smolvm.rootgrow" // 1: grow the root file system to its disk
+)
+
+// ModulesPath is the file in the initramfs that lists the kernel module
+// files the agent loads, in order.
+const ModulesPath = "/etc/smolvm/modules"
+
 // ImageConfigPath is where an image's run config is stored in its disk;
 // the agent reads it when it starts in that root.
 const ImageConfigPath = "/etc/smolvm/image.json"
