@@ -88,7 +88,7 @@ func TestV1Capacity(t *testing.T) {
 	ts2 := newTestServer(t, Options{Home: home})
 	ts2.createSandbox(map[string]any{"timeout": -1})
 	ts2.wantError(503, "capacity", "POST", "/v1/sandboxes", map[string]any{}, "capacity")
-	vms, err := smolvm.ListIn(testutil.Context(t, time.Minute), home)
+	vms, err := testutil.OpenHost(t, home).List(testutil.Context(t, time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -182,7 +182,7 @@ func TestRegistryLifecycle(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("sandbox b was not deleted by its timeout: %v", err)
 	}
-	if _, err := smolvm.OpenIn(ctx, home, b.ID); !errors.Is(err, smolvm.ErrNotFound) {
+	if _, err := testutil.OpenHost(t, home).Open(ctx, b.ID); !errors.Is(err, smolvm.ErrNotFound) {
 		t.Errorf("the VM of an expired sandbox: %v; want it deleted", err)
 	}
 	if err := r.Delete(ctx, a.ID); err != nil {
@@ -221,7 +221,7 @@ func TestRegistryRestart(t *testing.T) {
 	}
 	defer func() {
 		for _, id := range []string{keep.ID, expire.ID, pause.ID} {
-			if vm, err := smolvm.OpenIn(ctx, home, id); err == nil {
+			if vm, err := testutil.OpenHost(t, home).Open(ctx, id); err == nil {
 				vm.Delete(ctx)
 				vm.Close()
 			}
@@ -268,7 +268,7 @@ func TestRegistryRestart(t *testing.T) {
 		sb, _ := r2.Get(ctx, pause.ID)
 		t.Fatalf("expired sandboxes after the restart: the deleted one is still there or the autopaused one is %+v", sb)
 	}
-	if _, err := smolvm.OpenIn(ctx, home, expire.ID); !errors.Is(err, smolvm.ErrNotFound) {
+	if _, err := testutil.OpenHost(t, home).Open(ctx, expire.ID); !errors.Is(err, smolvm.ErrNotFound) {
 		t.Errorf("the VM of the sandbox that expired: %v", err)
 	}
 	for _, id := range []string{keep.ID, pause.ID} {

@@ -245,7 +245,7 @@ func TestV1Sandbox(t *testing.T) {
 		ts.run(id, map[string]any{"command": "echo kept > /root/mark"})
 		var sn smolvm.SnapshotInfo
 		ts.must(201, "POST", sbPath(id, "/snapshots"), map[string]string{"name": "api-snap"}, &sn)
-		defer smolvm.DeleteSnapshot(context.Background(), home, "api-snap")
+		defer func() { _ = testutil.OpenHost(t, home).DeleteSnapshot(context.Background(), "api-snap") }()
 		ts.wantError(409, "exists", "POST", sbPath(id, "/snapshots"), map[string]string{"name": "api-snap"})
 		var list struct{ Snapshots []smolvm.SnapshotInfo }
 		ts.must(200, "GET", "/v1/snapshots", nil, &list)
@@ -291,7 +291,7 @@ func TestV1Sandbox(t *testing.T) {
 		}
 		ts2.must(204, "DELETE", sbPath(id), nil, nil)
 		ts2.wantError(404, "not_found", "GET", sbPath(id), nil)
-		if _, err := smolvm.OpenIn(context.Background(), home, id); !errors.Is(err, smolvm.ErrNotFound) {
+		if _, err := testutil.OpenHost(t, home).Open(context.Background(), id); !errors.Is(err, smolvm.ErrNotFound) {
 			t.Errorf("the VM after DELETE: %v", err)
 		}
 	})
