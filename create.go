@@ -121,7 +121,10 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 		spec, err = restoreSpec(ctx, st, cfg, snap, rec, dir)
 	} else {
 		spec, err = buildSpec(ctx, st, cfg, img, rec, dir)
-		if err == nil && !cfg.Cold {
+		// A VM with host folders boots: a snapshot has no virtiofs device.
+		if err == nil && !cfg.Cold && len(cfg.Mounts) > 0 {
+			log.Debug("booting: a VM with host folders cannot be restored from the warm snapshot")
+		} else if err == nil && !cfg.Cold {
 			if warm := findWarm(ctx, st, spec); warm == nil {
 				warnStaleWarm(ctx, st, spec, log)
 			} else {
@@ -206,6 +209,9 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		Cmdline: guestCmdline(rec.Name, accel, cfg.BootArgs, img.tuned), VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
 		Accel: accel, Channel: channel, ConsoleLog: filepath.Join(dir, supervisor.ConsoleLog),
 		ConsoleLogMaxBytes: cfg.ConsoleLogMaxBytes,
+	}
+	if len(cfg.Mounts) > 0 { // mounts.go
+		mc.Mounts, mc.Cmdline = machineMounts(cfg.Mounts), mc.Cmdline+" "+mountArgs(cfg.Mounts)
 	}
 	if cfg.fileMemory {
 		mc.MemoryFile = filepath.Join(dir, supervisor.MemoryFile)

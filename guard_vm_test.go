@@ -76,9 +76,11 @@ func TestAgentSurvivesItsGuest(t *testing.T) {
 		// shell waits, without forking (a read of a FIFO nobody writes
 		// times out each second), for the limit to have been met, then
 		// kills its process group, the bomb with it.
+		// The limit is that of the command's own cgroup.
 		bomb := `fifo=$(mktemp -u); mkfifo $fifo; exec 3<>$fifo; rm $fifo
+cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)
 f(){ f|f& }; f
-while :; do read -r _ n < ` + commandsCgroup + `/pids.events; [ "$n" -gt 0 ] 2>/dev/null && kill -9 0; read -t 1 -u 3 _; done`
+while :; do read -r _ n < $cg/pids.events; [ "$n" -gt 0 ] 2>/dev/null && kill -9 0; read -t 1 -u 3 _; done`
 		res, err := vm.Run(ctx, bomb, smolvm.WithTimeout(10*time.Minute), smolvm.WithOutputLimit(1<<20))
 		if err != nil {
 			t.Fatalf("fork bomb: %v", err)
@@ -106,6 +108,32 @@ while :; do read -r _ n < ` + commandsCgroup + `/pids.events; [ "$n" -gt 0 ] 2>/
 			t.Errorf("the commands' cgroup saw no OOM kill:\n%s", ev)
 		}
 	})
+}
+
+// TestForkBombInBackground: a fork bomb that outlives its command (its own
+// session, no timeout) forks until its own cgroup's limit and goes on
+// running; the next command still starts, and forks.
+func TestForkBombInBackground(t *testing.T) {
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 15*time.Minute)
+	vm := newVM(t, smolvm.Config{Home: home, Network: "none"})
+	bomb := `setsid sh -c 'f(){ f|f& }; f' </dev/null >/dev/null 2>&1 &`
+	if res, err := vm.Run(ctx, bomb); err != nil || res.ExitCode != 0 {
+		t.Fatalf("background fork bomb: %+v, %v", res, err)
+	}
+	// Wait for it to meet a limit: its own cgroup's, or (without cgroups
+	// per command) the commands' one.
+	nextCommand(ctx, t, vm, "a background fork bomb", `for f in `+commandsCgroup+`/pids.events `+commandsCgroup+`/*/pids.events; do
+  [ -f "$f" ] && [ "$(sed -n 's/^max //p' "$f")" -gt 0 ] && exit 0
+done; exit 1`)
+	res, err := vm.Run(ctx, `for i in $(seq 50); do sleep 0.01 & done; wait; echo forked`, smolvm.WithTimeout(5*time.Minute))
+	if err != nil {
+		t.Fatalf("a command next to a background fork bomb: %v", err)
+	}
+	if res.ExitCode != 0 || strings.TrimSpace(string(res.Stdout)) != "forked" {
+		t.Fatalf("a command next to a background fork bomb: exit %d, stdout %q, stderr %q; want it to start and fork 50 processes", res.ExitCode, res.Stdout, res.Stderr)
+	}
+	t.Logf("a command that forks 50 processes next to the bomb: %v", res.Duration)
 }
 
 // TestGuestKernelPanic: a guest whose kernel panics is failed, with the

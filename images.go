@@ -66,6 +66,13 @@ const DefaultImage = "default"
 // when NAME is one of them and no packages are given.
 var Recipes = map[string]BuildOptions{
 	"python": {Suite: "bookworm", Packages: []string{"python3", "python3-pip", "python3-venv", "git", "curl", "ca-certificates"}},
+	// browser: Debian's chromium built for headless use (the same source
+	// as the chromium package, without GTK and the desktop stack), the
+	// Liberation fonts (metric-compatible Arial, Times New Roman, Courier
+	// New) and DejaVu (fontconfig's default); the UI translations but
+	// en-US are removed. See browser.go.
+	"browser": {Suite: "bookworm", Packages: []string{"chromium-headless-shell", "fonts-liberation", "fonts-dejavu-core", "ca-certificates"},
+		Script: browserImageScript},
 }
 
 // ImageInfo describes a named image.
@@ -193,7 +200,7 @@ func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
 		if opts.Suite == "" {
 			opts.Suite = r.Suite
 		}
-		opts.Packages = r.Packages
+		opts.Packages, opts.Script = r.Packages, r.Script
 	}
 	if opts.Suite == "" {
 		opts.Suite = "bookworm"

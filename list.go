@@ -157,6 +157,7 @@ func killStrayHypervisor(pid int, id string) {
 	if isHypervisorOf(pid, id) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
+	killStrayFSDaemons(id) // mounts.go
 }
 
 func isHypervisorOf(pid int, id string) bool {

@@ -125,6 +125,10 @@ type Config struct {
 	// host itself a guest reaches: "svc": {"127.0.0.1"} opens the host's
 	// loopback to the guest as svc (192.168.127.254).
 	Hosts map[string][]string
+	// Mounts are host folders the guest sees from boot on (at most
+	// MaxMounts; see Mount). A VM with mounts boots (no warm snapshot
+	// restore) and cannot be snapshotted. They need root on the host.
+	Mounts []Mount
 	// Home is the state folder; default $SMOLVM_HOME, else
 	// $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
 	Home string
@@ -203,6 +207,9 @@ func (c *Config) setDefaults() error {
 		}
 	}
 	if err := checkDiskConfig(c); err != nil {
+		return err
+	}
+	if err := checkMounts(c); err != nil { // mounts.go
 		return err
 	}
 	if c.BootTimeout == 0 {

@@ -112,6 +112,9 @@ func (vm *VM) snapshot(ctx context.Context, name string, warm bool) (*SnapshotIn
 	dir := filepath.Join(homeOf(vm.st), "snapshots", name)
 	var spec supervisor.Spec
 	_ = json.Unmarshal(rec.Config, &spec)
+	if len(spec.Machine.Mounts) > 0 {
+		return nil, errMountsNoSnapshot
+	}
 	sn := &store.Snapshot{Name: name, Dir: dir, SourceVM: vm.id, Fingerprint: spec.ImageFingerprint}
 	if err := vm.st.CreateSnapshot(ctx, sn); err != nil {
 		return nil, err
@@ -195,6 +198,9 @@ func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 	mem, cpus := cfg.MemoryMiB, cfg.VCPUs // the shape asked for, before defaults
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
+	}
+	if len(cfg.Mounts) > 0 {
+		return nil, errMountsNoSnapshot
 	}
 	st, err := openStore(ctx, cfg.Home)
 	if err != nil {

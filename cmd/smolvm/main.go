@@ -110,7 +110,8 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 		return fmt.Errorf("%w: %w (see '%s --help'%s)", smolvm.ErrInvalid, err, c.CommandPath(), hint)
 	})
 	root.AddCommand(newImageCmd(g))
-	root.AddCommand(newPortCmd(g)) // port.go
+	root.AddCommand(newPortCmd(g))    // port.go
+	root.AddCommand(newBrowserCmd(g)) // browser.go
 	root.AddCommand(
 		newSetupCmd(g), newDoctorCmd(g), newRunCmd(g), newCreateCmd(g), newStartCmd(g),
 		newExecCmd(g), newListCmd(g), newInfoCmd(g), newStopCmd(g), newRmCmd(g),

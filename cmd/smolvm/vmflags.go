@@ -27,6 +27,7 @@ type vmFlags struct {
 	diskSize    string
 	retainDisk  bool
 	consoleSize string
+	mounts      []string
 	net         netFlags // port.go
 }
 
@@ -47,6 +48,7 @@ func (f *vmFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.diskSize, "disk-size", "", "grow the VM's disk to this size, e.g. 4G (isolated mode)")
 	fs.BoolVar(&f.retainDisk, "retain-disk", false, "keep the VM's disk overlay when it is deleted ($SMOLVM_HOME/disks)")
 	fs.StringVar(&f.consoleSize, "console-log-size", "1M", "keep at most this much of the guest console on the host (the newest), e.g. 256K, 4M")
+	fs.StringArrayVar(&f.mounts, "mount", nil, "share a host folder with the guest: HOST_DIR:GUEST_DIR[:ro|rw] (read-only unless :rw; repeatable)")
 	f.net.register(fs)
 }
 
@@ -72,12 +74,20 @@ func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
 	if err != nil {
 		return smolvm.Config{}, err
 	}
+	var mounts []smolvm.Mount
+	for _, s := range f.mounts {
+		m, err := smolvm.ParseMount(s)
+		if err != nil {
+			return smolvm.Config{}, fmt.Errorf("--mount: %w", err)
+		}
+		mounts = append(mounts, m)
+	}
 	return smolvm.Config{
 		Network: netCfg.Network, Ports: netCfg.Ports, Egress: netCfg.Egress, Hosts: netCfg.Hosts, TAPSubnet: netCfg.TAPSubnet,
 		Image: f.image, DiskMode: f.diskMode, DiskSizeMiB: diskMiB, RetainDisk: f.retainDisk,
 		Name: f.name, VCPUs: f.cpus, MemoryMiB: f.memory,
 		KernelPath: f.kernel, InitrdPath: f.initrd, RootfsPath: f.rootfs, BootArgs: f.bootArgs,
 		Accel: f.accel, Channel: f.channel, BootTimeout: f.bootTimeout, Cold: f.cold, Logger: g.log,
-		ConsoleLogMaxBytes: consoleBytes,
+		ConsoleLogMaxBytes: consoleBytes, Mounts: mounts,
 	}, nil
 }

@@ -56,9 +56,15 @@ const (
 // CommandLimits is how the agent keeps its commands from starving it.
 type CommandLimits struct {
 	Cgroup  string // the commands' cgroup; "" when there is none
-	fd      int    // Cgroup's directory, for CLONE_INTO_CGROUP
+	fd      int    // Cgroup's directory; -1 when there is none
 	PidsMax int    // 0: no limit
 	MemMax  int64  // 0: no limit
+	// CommandPidsMax is the limit of one command's own cgroup (0: none,
+	// the commands share PidsMax).
+	CommandPidsMax int
+	pool           *cmdCgroups
+	sharedFD       int  // the shared cgroup, when a command cannot have its own
+	cpu            bool // the cpu controller is on below the root
 	// oomProtected: the agent's oom_score_adj is -999, and a command's
 	// must be set back.
 	oomProtected bool
@@ -68,7 +74,7 @@ type CommandLimits struct {
 // the commands' cgroup with its limits. Whatever fails is logged; the
 // commands then run without that limit.
 func setupCommandLimits(log *slog.Logger) *CommandLimits {
-	l := &CommandLimits{fd: -1}
+	l := &CommandLimits{fd: -1, sharedFD: -1}
 	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("-999"), 0); err != nil {
 		log.Warn("protect the agent from the OOM killer", "err", err)
 	} else {
@@ -101,6 +107,11 @@ func (l *CommandLimits) makeCgroup(log *slog.Logger) error {
 			log.Warn("enable cgroup controllers", "controllers", enable, "err", err)
 		}
 	}
+	// The cpu controller shares the CPU by cgroup, not by process: the
+	// agent against all commands, and each command against the others
+	// (see cmdcgroup.go), however many processes one of them forks.
+	l.cpu = slices.Contains(strings.Fields(avail), "cpu") &&
+		os.WriteFile(filepath.Join(cgroupRoot, "cgroup.subtree_control"), []byte("+cpu"), 0) == nil
 	dir := filepath.Join(cgroupRoot, commandsCgroup)
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("create the commands' cgroup: %w", err)
@@ -124,7 +135,14 @@ func (l *CommandLimits) makeCgroup(log *slog.Logger) error {
 			l.MemMax = 0
 		}
 	}
-	log.Debug("commands' cgroup ready", "path", dir, "pids_max", l.PidsMax, "memory_max", l.MemMax, "uptime", uptime())
+	if err := l.makePool(dir); err != nil {
+		// Commands go on sharing the commands' cgroup: one that forks
+		// without bound leaves the next none until it is ended.
+		log.Warn("commands share one process budget", "err", err)
+		l.CommandPidsMax, l.pool = 0, nil
+		l.sharedFD = l.fd
+	}
+	log.Debug("commands' cgroup ready", "path", dir, "pids_max", l.PidsMax, "command_pids_max", l.CommandPidsMax, "memory_max", l.MemMax, "uptime", uptime())
 	return nil
 }
 
@@ -174,10 +192,25 @@ func readString(path string) (string, error) {
 	return strings.TrimSpace(string(b)), err
 }
 
-// apply makes a command start in the commands' cgroup.
-func (l *CommandLimits) apply(sys *syscall.SysProcAttr) {
-	if l != nil && l.fd >= 0 {
-		sys.UseCgroupFD, sys.CgroupFD = true, l.fd
+// apply makes a command start in a cgroup of its own below the
+// commands' cgroup (or, when there is none to be had, in the shared one)
+// and returns it, for release once the command is done with.
+func (l *CommandLimits) apply(sys *syscall.SysProcAttr) *cmdCgroup {
+	if l == nil || l.fd < 0 {
+		return nil
+	}
+	if c := l.pool.acquire(); c != nil {
+		sys.UseCgroupFD, sys.CgroupFD = true, c.fd
+		return c
+	}
+	sys.UseCgroupFD, sys.CgroupFD = true, l.sharedFD
+	return nil
+}
+
+// release gives a command's cgroup back (nil is none).
+func (l *CommandLimits) release(c *cmdCgroup) {
+	if l != nil && c != nil {
+		l.pool.release(c)
 	}
 }
 

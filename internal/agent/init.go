@@ -181,6 +181,7 @@ var deviceModules = map[int][]string{
 	3:  {"virtio_console"},
 	4:  {"virtio_rng"},
 	19: {"vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"},
+	26: {"fuse", "virtiofs"}, // host folders (mount.go)
 }
 
 // pciModules are needed only on machines with a PCI bus.

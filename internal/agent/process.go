@@ -27,6 +27,10 @@ type process struct {
 	pty     *os.File // master, when on a terminal
 	stdin   *os.File // pipe write end; nil when stdin is /dev/null or a pty
 	outputs []output
+	// cg is the command's own cgroup (see cmdCgroups), released when
+	// the command is done with; limits is where it goes back.
+	cg     *cmdCgroup
+	limits *CommandLimits
 
 	stdinMu     sync.Mutex
 	stdinClosed bool
@@ -97,6 +101,8 @@ func (p *process) closeOutputs() {
 func (p *process) closeAll() {
 	p.closeStdin()
 	p.closeOutputs()
+	p.limits.release(p.cg)
+	p.cg = nil
 }
 
 // signalOf is a signal number from the host, if it names one.
@@ -192,7 +198,8 @@ func (s *Server) startProcess(argv, env []string, dir string, id *identity, star
 		attr.Files = []uintptr{stdinChild.Fd(), ow.Fd(), ew.Fd()}
 		attr.Sys.Setpgid = true
 	}
-	s.cfg.Limits.apply(attr.Sys)
+	p.limits = s.cfg.Limits
+	p.cg = s.cfg.Limits.apply(attr.Sys)
 	pid, wait, err := s.reaper.Start(path, argv, attr)
 	if err != nil {
 		err = fmt.Errorf("start %s: %w", argv[0], s.cfg.Limits.explain(err))

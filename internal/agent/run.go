@@ -18,11 +18,22 @@ import (
 // returns: on a fatal error it reports on the console and powers off.
 func Main() {
 	pid1 := os.Getpid() == 1
+	if !pid1 && len(os.Args) == 4 && os.Args[1] == "relay" {
+		err := Relay(os.Args[2], os.Args[3])
+		fmt.Fprintf(os.Stderr, "smolvm-agent relay: %v\n", err)
+		os.Exit(1)
+	}
 	var log *slog.Logger
 	if pid1 {
 		ignoreSentSignals()
 		log = initSystem()
-		switchRootIfAsked(log) // a root disk: does not return (see rootfs.go)
+		switchRootIfAsked(log)                        // a root disk: does not return (see rootfs.go)
+		if err := mountHostFolders(log); err != nil { // mount.go
+			fmt.Fprintf(os.Stderr, "smolvm-agent: fatal: %v: powering off\n", err)
+			log.Error("host folders failed, powering off", "err", err)
+			_ = powerOff(false)
+			select {}
+		}
 	} else {
 		level := slog.LevelInfo
 		if os.Getenv("SMOLVM_DEBUG") != "" {

@@ -99,6 +99,7 @@ type MachineConfig struct {
 	MemoryMiB int
 	Disks     []Disk
 	Net       []NetDevice
+	Mounts    []Mount `json:",omitempty"` // host folders (mount.go)
 	Accel     Accel   // resolved: AccelKVM or AccelTCG
 	Channel   Channel // resolved: ChannelVirtioSerial or ChannelVsock
 	CID       uint32  // vsock context id, when Channel is ChannelVsock

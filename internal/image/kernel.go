@@ -234,18 +234,36 @@ func fetchKernel(ctx context.Context, root, pkg, version string, log *slog.Logge
 		return nil, fmt.Errorf("write kernel manifest: %w", err)
 	}
 	dir := filepath.Join(root, version)
-	if err := os.Rename(out, dir); err != nil {
-		// Someone else may have won the race; use theirs if it is complete.
-		if other := loadCachedKernel(dir); other != nil {
-			return other, nil
-		}
-		return nil, fmt.Errorf("move kernel into cache: %w", err)
+	if other, err := installKernel(out, dir); err != nil || other != nil {
+		return other, err
 	}
 	log.Info("kernel cached", "version", version, "dir", dir, "modules", len(ks.Modules))
 	if ks = loadCachedKernel(dir); ks == nil {
 		return nil, fmt.Errorf("kernel cache %s unreadable right after writing it", dir)
 	}
 	return ks, nil
+}
+
+// installKernel moves the finished cache entry out to dir. When dir
+// exists already and is complete, someone else won the race: that entry
+// is returned. An entry made for other modules (an older smolvm's list)
+// is replaced.
+func installKernel(out, dir string) (*kernelSet, error) {
+	err := os.Rename(out, dir)
+	if err != nil {
+		if other := loadCachedKernel(dir); other != nil {
+			return other, nil
+		}
+		stale := out + ".stale"
+		if os.Rename(dir, stale) == nil {
+			err = os.Rename(out, dir)
+			_ = os.RemoveAll(stale)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("move kernel into cache: %w", err)
+	}
+	return nil, nil
 }
 
 // modulesFrom selects DefaultModules (and dependencies) from a module tree,

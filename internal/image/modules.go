@@ -30,6 +30,7 @@ var DefaultModules = []string{
 	"vmw_vsock_virtio_transport", // vsock
 	"ext4",                       // root and data disks
 	"overlay",                    // writable layers over read-only images
+	"virtiofs",                   // host folders (Config.Mounts), with fuse
 }
 
 // moduleName normalizes a module file name or path to a module name:

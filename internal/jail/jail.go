@@ -47,6 +47,16 @@ type Jail struct {
 	ReadOnly, Writable []string
 	// Devices are device nodes bound into the jail (e.g. /dev/kvm).
 	Devices []string
+	// Binds are host folders bound elsewhere in the jail (userns.go).
+	Binds []Bind
+	// Proc mounts a proc file system at /proc in the jail (of the
+	// caller's pid namespace, processes of other users hidden): for a
+	// process that makes its own pid namespace and mounts its own proc
+	// over it, which the kernel allows only where a proc is visible.
+	Proc bool
+	// UserNS, when set, runs the process as root of a user namespace
+	// mapped to these host ids (userns.go) instead of as UID and GID.
+	UserNS *IDMap
 	// Cgroup, when set, is the cgroup the process starts in.
 	Cgroup *Cgroup
 }
@@ -130,7 +140,9 @@ func (j *Jail) start(cmd *exec.Cmd) error {
 		attr.Chroot = j.Root
 		attr.Cloneflags |= unix.CLONE_NEWPID | unix.CLONE_NEWIPC
 	}
-	if j.UID != 0 || j.GID != 0 {
+	if j.UserNS != nil {
+		j.UserNS.userNS(attr)
+	} else if j.UID != 0 || j.GID != 0 {
 		attr.Credential = &syscall.Credential{Uid: j.UID, Gid: j.GID, Groups: []uint32{}}
 	}
 	if err := cmd.Start(); err != nil {
@@ -184,6 +196,19 @@ func (j *Jail) buildRoot() error {
 	for _, p := range append(append([]string(nil), baseDevices...), j.Devices...) {
 		if err := j.bind(p, false, true); err != nil {
 			return err
+		}
+	}
+	for _, b := range j.Binds {
+		if err := j.bindAt(b); err != nil {
+			return err
+		}
+	}
+	if j.Proc {
+		if err := os.MkdirAll(j.Root+"/proc", 0o555); err != nil {
+			return fmt.Errorf("jail: %w", err)
+		}
+		if err := unix.Mount("proc", j.Root+"/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "hidepid=invisible"); err != nil {
+			return fmt.Errorf("jail: mount proc: %w", err)
 		}
 	}
 	if err := unix.Mount("", j.Root, "", unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {

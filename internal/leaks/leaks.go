@@ -110,7 +110,7 @@ func Processes(home string) []string {
 		args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
 		mine := false
 		switch {
-		case strings.Contains(filepath.Base(args[0]), "qemu") && bytes.Contains(cmdline, inHome):
+		case (strings.Contains(filepath.Base(args[0]), "qemu") || filepath.Base(args[0]) == "virtiofsd") && bytes.Contains(cmdline, inHome):
 			mine = true
 		case bytes.Contains(cmdline, []byte("__supervise\x00")):
 			env, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))

@@ -63,6 +63,10 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOpti
 	if err != nil {
 		return err
 	}
+	if len(s.spec.Machine.Mounts) > 0 {
+		// QEMU 7.2 cannot migrate a vhost-user-fs device.
+		return fmt.Errorf("snapshots of VMs with host folders (virtiofs devices cannot be saved): %w", hypervisor.ErrUnsupported)
+	}
 	if s.tapNetwork() != nil {
 		// A clone would come up with this VM's leased address and TAP.
 		return fmt.Errorf("snapshots of VMs in network mode tap (the guest's address is leased to this VM; use --net user): %w", hypervisor.ErrUnsupported)

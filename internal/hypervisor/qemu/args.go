@@ -124,6 +124,7 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		}
 		args = append(args, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
 	}
+	args = append(args, fsArgs(cfg, dir)...) // virtiofs.go
 	nextFD := incomingFD
 	if cfg.Restore != nil {
 		nextFD++
@@ -161,6 +162,10 @@ const memoryID = "mem"
 // snapshot's, mapped copy-on-write (see guestMemory).
 func memoryBackend(cfg *hypervisor.MachineConfig) string {
 	size := strconv.Itoa(cfg.MemoryMiB) + "M"
+	if cfg.MemoryFile == "" && len(cfg.Mounts) > 0 {
+		// virtiofsd reads and writes guest memory: it must be shared.
+		return "memory-backend-memfd,id=" + memoryID + ",size=" + size + ",share=on"
+	}
 	path, shared := guestMemory(cfg)
 	if path == "" {
 		return "memory-backend-ram,id=" + memoryID + ",size=" + size

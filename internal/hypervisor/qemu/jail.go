@@ -142,10 +142,12 @@ func jailFor(cfg *hypervisor.MachineConfig, host *jail.Host) (*jail.Jail, error)
 		j.Devices = append(j.Devices, "/dev/vhost-vsock")
 	}
 	if host.Cgroups.Version() != "" {
+		// The virtiofsd of each host folder runs in it too (virtiofs.go).
+		n := len(cfg.Mounts)
 		cg, err := host.Cgroups.CreateCgroup("smolvm-"+cfg.ID, jail.Limits{
-			MemoryBytes: int64(cfg.MemoryMiB+MemoryOverheadMiB) << 20,
+			MemoryBytes: int64(cfg.MemoryMiB+MemoryOverheadMiB+n*fsOverheadMiB) << 20,
 			CPUs:        cfg.VCPUs,
-			Pids:        pidsMax,
+			Pids:        pidsMax + n*fsPids,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("jail: %w", err)

@@ -190,25 +190,34 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 		console.stop()
 		return nil, err
 	}
-	var release func()
+	// Host folders' daemons first: QEMU connects to them as it starts.
+	var fsd []*fsDaemon
 	if jl != nil {
-		release, err = jl.Start(cmd)
+		fsd, err = startFSDaemons(cfg, jl.UID, jl.GID, jl.Cgroup)
 	} else {
+		fsd, err = startFSDaemons(cfg, 0, 0, nil)
+	}
+	var release func()
+	if err == nil && jl != nil {
+		release, err = jl.Start(cmd)
+	} else if err == nil {
 		err = cmd.Start()
 	}
 	qemuEnd.Close()
 	if err != nil {
 		console.stop()
+		stopFSDaemons(fsd, 0)
 		if jl != nil && jl.Cgroup != nil {
 			_ = jail.RemoveRecordedCgroup(cfg.Dir)
 		}
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
 	forked := time.Since(started) // with a jail: its setup too
-	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr, release: release, jailed: jl != nil, console: console}
+	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr, release: release, jailed: jl != nil, console: console, fsd: fsd}
 	m.info = hypervisor.Info{Driver: Name, Accel: cfg.Accel, Channel: cfg.Channel}
 	go console.drain()
 	go m.wait()
+	m.watchFSDaemons()
 
 	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -285,16 +294,24 @@ type Machine struct {
 	release func()
 	jailed  bool
 	console *console
+	fsd     []*fsDaemon // virtiofsd of each host folder (virtiofs.go)
+	fsErr   error       // why a daemon ended first (guarded by dirMu)
 }
 
 func (m *Machine) wait() {
 	err := m.cmd.Wait()
-	if err != nil {
+	m.dirMu.Lock()
+	fsErr := m.fsErr
+	m.dirMu.Unlock()
+	if fsErr != nil {
+		m.err = fsErr
+	} else if err != nil {
 		m.err = fmt.Errorf("qemu exited: %w%s", err, m.stderrTail())
 	}
 	if m.release != nil {
 		m.release()
 	}
+	stopFSDaemons(m.fsd, time.Second) // before their cgroup goes
 	if m.jailed {
 		if err := jail.RemoveRecordedCgroup(m.Dir()); err != nil {
 			slog.Warn("remove the machine's cgroup", "err", err)
@@ -337,6 +354,9 @@ var (
 
 func (m *Machine) stderrTail() string {
 	s := strings.TrimSpace(m.stderr.String())
+	if fs := fsStderr(m.fsd); fs != "" {
+		s = strings.TrimSpace(s + "; " + fs)
+	}
 	if s == "" {
 		return ""
 	}

@@ -1,0 +1,235 @@
+package smolvm
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
+)
+
+// Mount shares a folder of the host with the guest (virtiofs: see the
+// README's "Host folders"). The guest sees it at GuestPath from boot on.
+// A read-only mount cannot be written from the guest, not even by its
+// root: the host binds the folder read-only for the daemon that serves
+// it. A writable one shows the guest's writes on the host at once; what
+// the guest makes there belongs to the folder's owner on the host. The
+// guest reaches nothing outside the folder.
+type Mount struct {
+	HostPath  string // an existing folder of the host
+	GuestPath string // absolute; not a system folder of the guest (/, /etc, /proc…)
+	ReadOnly  bool
+}
+
+// MaxMounts is how many host folders one VM may have.
+const MaxMounts = 8
+
+// maxGuestPath bounds a guest path (it travels on the kernel command line).
+const maxGuestPath = 128
+
+// guestPathRE is what a guest path may hold: it goes on the kernel
+// command line unquoted (no spaces, no ':').
+var guestPathRE = regexp.MustCompile(`^(/[A-Za-z0-9._+@~-]+)+$`)
+
+// systemFolders are the guest's own folders that a mount may not cover;
+// nothing below the pseudo file systems either.
+var systemFolders = []string{"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+	"/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var", "/init"}
+
+var pseudoFolders = []string{"/dev", "/proc", "/run", "/sys"}
+
+// ParseMount reads HOST_DIR:GUEST_DIR[:ro|rw], the form of --mount;
+// read-only unless it ends in :rw. A host path may hold ':' (the guest
+// path cannot).
+func ParseMount(s string) (Mount, error) {
+	m := Mount{ReadOnly: true}
+	rest := s
+	if r, ok := strings.CutSuffix(s, ":rw"); ok {
+		rest, m.ReadOnly = r, false
+	} else if r, ok := strings.CutSuffix(s, ":ro"); ok {
+		rest = r
+	}
+	i := strings.LastIndexByte(rest, ':')
+	if i <= 0 || i == len(rest)-1 {
+		return Mount{}, fmt.Errorf("%w: mount %q: use HOST_DIR:GUEST_DIR[:ro|rw]", ErrInvalid, s)
+	}
+	m.HostPath, m.GuestPath = rest[:i], rest[i+1:]
+	return m, nil
+}
+
+// checkMounts validates c.Mounts before anything is made: every host
+// folder exists and can be served, every guest path is a plain absolute
+// path outside the guest's system folders, no two on one guest path. It
+// resolves host paths (absolute, symbolic links followed).
+func checkMounts(c *Config) error {
+	if len(c.Mounts) == 0 {
+		return nil
+	}
+	if len(c.Mounts) > MaxMounts {
+		return fmt.Errorf("%w: %d host folders: at most %d", ErrInvalid, len(c.Mounts), MaxMounts)
+	}
+	seen := map[string]bool{}
+	ms := make([]Mount, len(c.Mounts))
+	for i, m := range c.Mounts {
+		if err := checkMountPoint(m.GuestPath); err != nil {
+			return err
+		}
+		if seen[m.GuestPath] {
+			return fmt.Errorf("%w: two host folders on guest path %q: give each its own", ErrInvalid, m.GuestPath)
+		}
+		seen[m.GuestPath] = true
+		host, err := checkHostFolder(m, c.Home)
+		if err != nil {
+			return err
+		}
+		ms[i] = Mount{HostPath: host, GuestPath: m.GuestPath, ReadOnly: m.ReadOnly}
+	}
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%w: host folders need smolvm to run as root (it sandboxes their daemon, virtiofsd, in namespaces only root can make)", ErrUnsupported)
+	}
+	if _, err := os.Stat(qemu.Virtiofsd); err != nil {
+		return fmt.Errorf("%w: host folders need %s: run 'smolvm setup' (or apt-get install qemu-system-common)", ErrUnsupported, qemu.Virtiofsd)
+	}
+	c.Mounts = ms
+	return nil
+}
+
+func checkMountPoint(p string) error {
+	switch {
+	case p == "" || p[0] != '/':
+		return fmt.Errorf("%w: guest path %q: give an absolute path", ErrInvalid, p)
+	case len(p) > maxGuestPath:
+		return fmt.Errorf("%w: guest path %q: longer than %d bytes", ErrInvalid, p, maxGuestPath)
+	case filepath.Clean(p) != p && p != "/":
+		return fmt.Errorf("%w: guest path %q: give it without '.', '..', '//' or a trailing '/' (%s)", ErrInvalid, p, filepath.Clean(p))
+	}
+	for _, s := range systemFolders {
+		if p == s {
+			return fmt.Errorf("%w: guest path %q is a system folder of the guest: mount the folder elsewhere, e.g. /mnt%s or /work", ErrInvalid, p, strings.TrimSuffix(p, "/"))
+		}
+	}
+	for _, s := range pseudoFolders {
+		if strings.HasPrefix(p, s+"/") {
+			return fmt.Errorf("%w: guest path %q is inside %s, a system folder of the guest: mount the folder elsewhere, e.g. /work", ErrInvalid, p, s)
+		}
+	}
+	if !guestPathRE.MatchString(p) {
+		return fmt.Errorf("%w: guest path %q: use letters, digits and . _ + @ ~ - between the slashes", ErrInvalid, p)
+	}
+	return nil
+}
+
+// checkHostFolder returns the resolved path of m's host folder, or why it
+// cannot be shared: missing, not a folder, not readable (and, for a
+// writable mount, not writable) by its owner, whom its daemon runs as,
+// or holding smolvm's state folder.
+func checkHostFolder(m Mount, home string) (string, error) {
+	if m.HostPath == "" {
+		return "", fmt.Errorf("%w: mount on %q: no host folder given", ErrInvalid, m.GuestPath)
+	}
+	p, err := filepath.Abs(m.HostPath)
+	if err == nil {
+		p, err = filepath.EvalSymlinks(p)
+	}
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("%w: host folder %q does not exist: create it or fix the path", ErrInvalid, m.HostPath)
+		}
+		return "", fmt.Errorf("%w: host folder %q: %w", ErrInvalid, m.HostPath, err)
+	}
+	fi, err := os.Stat(p)
+	if err != nil {
+		return "", fmt.Errorf("%w: host folder %q: %w", ErrInvalid, m.HostPath, err)
+	}
+	if !fi.IsDir() {
+		return "", fmt.Errorf("%w: host folder %q is not a folder", ErrInvalid, m.HostPath)
+	}
+	// The daemon runs as the folder's owner, without privileges beyond:
+	// the owner's permission bits decide.
+	need, what := os.FileMode(0o500), "readable"
+	if !m.ReadOnly {
+		need, what = 0o700, "readable and writable"
+	}
+	if fi.Mode().Perm()&need != need {
+		uid := "?"
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			uid = strconv.Itoa(int(st.Uid))
+		}
+		return "", fmt.Errorf("%w: host folder %q is not %s by its owner (uid %s, mode %v), whom smolvm serves it as: chmod u+%s it", ErrInvalid, m.HostPath, what, uid, fi.Mode().Perm(), map[bool]string{true: "rx", false: "rwx"}[m.ReadOnly])
+	}
+	if home == "" {
+		home = Home()
+	}
+	if h, err := filepath.EvalSymlinks(home); err == nil {
+		home = h
+	}
+	if home = filepath.Clean(home); p == home || strings.HasPrefix(home, p+"/") || strings.HasPrefix(p, home+"/") {
+		return "", fmt.Errorf("%w: host folder %q holds or is inside smolvm's state folder %s: share another folder", ErrInvalid, m.HostPath, home)
+	}
+	return p, nil
+}
+
+// machineMounts are the VM's host folders for the hypervisor, tagged
+// smolvm0, smolvm1, …
+func machineMounts(ms []Mount) []hypervisor.Mount {
+	var out []hypervisor.Mount
+	for i, m := range ms {
+		out = append(out, hypervisor.Mount{Tag: "smolvm" + strconv.Itoa(i), HostPath: m.HostPath, ReadOnly: m.ReadOnly})
+	}
+	return out
+}
+
+// mountArgs are the kernel command line options that tell the guest
+// agent where to mount each host folder: smolvm.mount=TAG:ro|rw:PATH.
+func mountArgs(ms []Mount) string {
+	var parts []string
+	for i, m := range ms {
+		mode := "rw"
+		if m.ReadOnly {
+			mode = "ro"
+		}
+		parts = append(parts, "smolvm.mount=smolvm"+strconv.Itoa(i)+":"+mode+":"+m.GuestPath)
+	}
+	return strings.Join(parts, " ")
+}
+
+// errMountsNoSnapshot says why a VM with host folders has no snapshot.
+var errMountsNoSnapshot = fmt.Errorf("%w: a VM with host folders (mounts) cannot be snapshotted or restored from one: QEMU cannot save the state of its virtiofs devices (their daemons hold open files of the host); boot it instead", ErrUnsupported)
+
+// killStrayFSDaemons kills the virtiofsd processes of VM id that outlived
+// their QEMU and supervisor (they die with the supervisor's thread that
+// started them; this is for what a crash left anyway). Each names its
+// folder in the VM's state folder (source=…/vms/ID/fsN).
+func killStrayFSDaemons(id string) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	mark := "source=" // then a path ending in /vms/ID/fsN
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if filepath.Base(args[0]) != filepath.Base(qemu.Virtiofsd) {
+			continue
+		}
+		for _, a := range args[1:] {
+			src, ok := strings.CutPrefix(a, mark)
+			if ok && filepath.Base(filepath.Dir(src)) == id && filepath.Base(filepath.Dir(filepath.Dir(src))) == "vms" {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+}

@@ -1,0 +1,99 @@
+package smolvm
+
+import (
+	"errors"
+	"os/exec"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
+)
+
+func TestParseMount(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want Mount
+		err  bool
+	}{
+		{"/src:/work", Mount{HostPath: "/src", GuestPath: "/work", ReadOnly: true}, false},
+		{"/src:/work:ro", Mount{HostPath: "/src", GuestPath: "/work", ReadOnly: true}, false},
+		{"/src:/work:rw", Mount{HostPath: "/src", GuestPath: "/work"}, false},
+		{"./rel:/w", Mount{HostPath: "./rel", GuestPath: "/w", ReadOnly: true}, false},
+		{"/a:b:/w:rw", Mount{HostPath: "/a:b", GuestPath: "/w"}, false}, // a host path may hold ':'
+		{"/src", Mount{}, true},
+		{":/w", Mount{}, true},
+		{"/src:", Mount{}, true},
+		{"/src::rw", Mount{}, true},
+	} {
+		got, err := ParseMount(c.in)
+		if c.err {
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("ParseMount(%q) = %+v, %v; want ErrInvalid", c.in, got, err)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("ParseMount(%q) = %+v, %v; want %+v", c.in, got, err, c.want)
+		}
+	}
+}
+
+func TestCheckMountPoint(t *testing.T) {
+	for _, ok := range []string{"/work", "/mnt/src", "/home/user/project", "/tmp", "/srv/a.b_c-d+e@f~g", "/etcetera", "/usr2"} {
+		if err := checkMountPoint(ok); err != nil {
+			t.Errorf("checkMountPoint(%q) = %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "work", "/", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/proc", "/sys", "/dev",
+		"/proc/1", "/sys/fs/cgroup", "/dev/shm", "/run/x", "/work/", "/a//b", "/a/./b", "/a/../b", "/my dir", "/a:b", "/a,b",
+		"/" + string(make([]byte, 200))} {
+		if err := checkMountPoint(bad); !errors.Is(err, ErrInvalid) {
+			t.Errorf("checkMountPoint(%q) = %v; want ErrInvalid", bad, err)
+		}
+	}
+}
+
+func TestMountArgs(t *testing.T) {
+	ms := []Mount{{HostPath: "/h1", GuestPath: "/a", ReadOnly: true}, {HostPath: "/h2", GuestPath: "/b/c"}}
+	if got, want := mountArgs(ms), "smolvm.mount=smolvm0:ro:/a smolvm.mount=smolvm1:rw:/b/c"; got != want {
+		t.Errorf("mountArgs = %q; want %q", got, want)
+	}
+	mm := machineMounts(ms)
+	if len(mm) != 2 || mm[0].Tag != "smolvm0" || !mm[0].ReadOnly || mm[1].Tag != "smolvm1" || mm[1].ReadOnly || mm[1].HostPath != "/h2" {
+		t.Errorf("machineMounts = %+v", mm)
+	}
+}
+
+// cleanup and rm -f find a virtiofsd a crash left by the folder its
+// command line names, and leave others alone.
+func TestKillStrayFSDaemons(t *testing.T) {
+	start := func(id string) *exec.Cmd {
+		// A shell waiting on its stdin, named as a VM's virtiofsd.
+		cmd := exec.Command("/bin/sh")
+		cmd.Args = []string{qemu.Virtiofsd, "-c", "read x", "--fd=3", "-o", "source=/home/x/vms/" + id + "/fs0"}
+		if _, err := cmd.StdinPipe(); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cmd.Process.Kill() })
+		return cmd
+	}
+	mine, other := start("aaaaaaaaaaaa"), start("bbbbbbbbbbbb")
+	waited := make(chan error, 1)
+	go func() { waited <- mine.Wait() }()
+	killStrayHypervisor(0, "aaaaaaaaaaaa") // what cleanup and rm -f call
+	select {
+	case werr := <-waited: // a *exec.ExitError: killed by a signal
+		if ws, ok := mine.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+			t.Errorf("the VM's stray virtiofsd: %v (%v); want killed", mine.ProcessState, werr)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the VM's stray virtiofsd still runs")
+	}
+	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Errorf("another VM's virtiofsd was killed: %v", err)
+	}
+}

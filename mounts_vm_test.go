@@ -1,0 +1,426 @@
+package smolvm_test
+
+// Real-VM tests of host folders (Config.Mounts, virtiofs): read-only
+// enforced on the host, writes both ways with the folder owner's ids,
+// nothing outside the folder reachable, a large file intact, the
+// daemons gone after stop, delete and a killed supervisor, and bad
+// input refused before boot.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/testutil"
+)
+
+// needMounts skips where host folders cannot work (they need root).
+func needMounts(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("host folders need smolvm to run as root")
+	}
+}
+
+// mountRun runs script in the guest as root and returns its result.
+func mountRun(t *testing.T, ctx context.Context, vm *smolvm.VM, script string) *smolvm.Result {
+	t.Helper()
+	res, err := vm.Run(ctx, script)
+	if err != nil {
+		t.Fatalf("run %q: %v", script, err)
+	}
+	return res
+}
+
+// mountOK runs script and fails the test unless it exits 0.
+func mountOK(t *testing.T, ctx context.Context, vm *smolvm.VM, script string) string {
+	t.Helper()
+	res := mountRun(t, ctx, vm, script)
+	if res.ExitCode != 0 {
+		t.Fatalf("%q: exit %d, stdout %q, stderr %q", script, res.ExitCode, res.Stdout, res.Stderr)
+	}
+	return string(res.Stdout)
+}
+
+// folderState is every name in dir with its content (files) or target
+// (links), to compare before and after.
+func folderState(t *testing.T, dir string) string {
+	t.Helper()
+	var b strings.Builder
+	err := filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		b.WriteString(p + " " + fi.Mode().String())
+		switch {
+		case fi.Mode()&os.ModeSymlink != 0:
+			l, _ := os.Readlink(p)
+			b.WriteString(" -> " + l)
+		case fi.Mode().IsRegular():
+			c, _ := os.ReadFile(p)
+			b.WriteString(" " + string(c))
+		}
+		b.WriteString("\n")
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b.String()
+}
+
+// A read-only folder cannot be changed from the guest, even by its root
+// after it remounts the folder read-write: the host refuses the writes.
+// A writable one shows the guest's files on the host at once, owned by
+// the folder's owner, and the host's to the guest. Snapshots are refused.
+func TestMountReadOnlyAndWritable(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	ro, rw := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(ro, "a.txt"), []byte("from the host\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(ro, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The writable folder belongs to someone other than the caller.
+	const uid, gid = 4321, 5432
+	if err := os.Chown(rw, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	before := folderState(t, ro)
+	vm := newVM(t, smolvm.Config{Home: home, Mounts: []smolvm.Mount{
+		{HostPath: ro, GuestPath: "/data", ReadOnly: true},
+		{HostPath: rw, GuestPath: "/work/out"},
+	}})
+
+	if got := mountOK(t, ctx, vm, "cat /data/a.txt"); got != "from the host\n" {
+		t.Errorf("guest reads %q from the read-only folder", got)
+	}
+	for _, w := range []string{"echo x > /data/new", "echo x >> /data/a.txt", "rm /data/a.txt", "mkdir /data/d",
+		"mv /data/a.txt /data/b.txt", "rmdir /data/sub", "chmod 777 /data/a.txt", "touch /data/a.txt", "ln -s x /data/l"} {
+		if res := mountRun(t, ctx, vm, w); res.ExitCode == 0 {
+			t.Errorf("guest root could %q on a read-only folder", w)
+		}
+	}
+	// The guest's own mount flag is not what protects the folder.
+	mountOK(t, ctx, vm, "mount -o remount,rw /data && grep ' /data ' /proc/mounts | grep -q rw,")
+	for _, w := range []string{"echo x > /data/new", "echo x >> /data/a.txt", "rm /data/a.txt", "mkdir /data/d", "touch /data/a.txt"} {
+		res := mountRun(t, ctx, vm, w)
+		if res.ExitCode == 0 {
+			t.Errorf("guest root could %q after remounting the folder read-write", w)
+		} else if !strings.Contains(string(res.Stderr), "Read-only file system") {
+			t.Errorf("%q after remount: stderr %q; want the host's EROFS", w, res.Stderr)
+		}
+	}
+	if after := folderState(t, ro); after != before {
+		t.Errorf("the read-only folder changed:\nbefore %s\nafter  %s", before, after)
+	}
+
+	// Guest → host, at once (no wait: the write is through when the
+	// command ends), owned by the folder's owner.
+	mountOK(t, ctx, vm, "echo from the guest > /work/out/g.txt && mkdir /work/out/d && echo deep > /work/out/d/f")
+	for _, c := range []struct{ path, want string }{{"g.txt", "from the guest\n"}, {"d/f", "deep\n"}} {
+		p := filepath.Join(rw, c.path)
+		b, err := os.ReadFile(p)
+		if err != nil || string(b) != c.want {
+			t.Errorf("host reads %s: %q, %v; want %q", c.path, b, err, c.want)
+		}
+		var st syscall.Stat_t
+		if err := syscall.Lstat(p, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Uid != uid || st.Gid != gid {
+			t.Errorf("%s made by the guest belongs to %d:%d on the host; want the folder's owner %d:%d", c.path, st.Uid, st.Gid, uid, gid)
+		}
+	}
+	// Host → guest.
+	if err := os.WriteFile(filepath.Join(rw, "h.txt"), []byte("host wrote\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	if err := testutil.Poll(30*time.Second, func() bool {
+		got = string(mountRun(t, ctx, vm, "cat /work/out/h.txt 2>/dev/null").Stdout)
+		return got == "host wrote\n"
+	}); err != nil {
+		t.Errorf("guest reads %q of a file the host wrote: %v", got, err)
+	}
+	mountOK(t, ctx, vm, "rm /work/out/g.txt")
+	if _, err := os.Stat(filepath.Join(rw, "g.txt")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a file the guest removed is still on the host (%v)", err)
+	}
+
+	_, err := vm.Snapshot(ctx, "withmounts")
+	if !errors.Is(err, smolvm.ErrUnsupported) || !strings.Contains(err.Error(), "host folders") {
+		t.Errorf("Snapshot of a VM with host folders = %v; want ErrUnsupported naming host folders", err)
+	}
+}
+
+// The guest reaches nothing outside a shared folder: not through
+// symbolic links the host made (they resolve in the guest), not through
+// ones it makes itself, not through '..', not through a hard link, and
+// not through a device node of the host's.
+func TestMountEscape(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	base := t.TempDir()
+	share := filepath.Join(base, "share")
+	secret := filepath.Join(base, "secret")
+	if err := os.Mkdir(share, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(secret, []byte("host secret\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for name, target := range map[string]string{"etc": "/etc", "up": "..", "abs": secret, "rel": "../secret"} {
+		if err := os.Symlink(target, filepath.Join(share, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := syscall.Mknod(filepath.Join(share, "null"), syscall.S_IFCHR|0o666, int(1<<8|3)); err != nil {
+		t.Fatal(err)
+	}
+	vm := newVM(t, smolvm.Config{Home: home, Mounts: []smolvm.Mount{{HostPath: share, GuestPath: "/s"}}})
+	// What the guest's own / holds, so that a read through a link can
+	// be told from a read of the host.
+	mountOK(t, ctx, vm, "echo guest hostname > /etc/hostname")
+
+	// The folder's parent on the host holds "secret" and "share".
+	for _, r := range []string{"cat /s/abs", "cat /s/rel", "cat /s/up/secret", "cat /s/../secret", "ls /s/up", "ls /s/.."} {
+		if out := string(mountRun(t, ctx, vm, r+" 2>&1").Stdout); strings.Contains(out, "host secret") || strings.Contains(out, "share") {
+			t.Errorf("%q reached the folder's parent on the host: %q", r, out)
+		}
+	}
+	if out := mountOK(t, ctx, vm, "cat /s/etc/hostname"); out != "guest hostname\n" {
+		t.Errorf("the host's link to /etc leads the guest to %q; want the guest's own /etc/hostname", out)
+	}
+	// Writes: through the host's links, '..', a link the guest makes.
+	mountOK(t, ctx, vm, "ln -s /etc /s/guestetc && ln -s ../.. /s/guestup")
+	for _, w := range []string{"echo x > /s/etc/smolvm-escape", "echo x > /s/up/smolvm-escape", "echo x > /s/../smolvm-escape",
+		"echo x > /s/guestetc/smolvm-escape", "echo x > /s/guestup/smolvm-escape", "echo x > /s/rel", "echo x > /s/abs"} {
+		mountRun(t, ctx, vm, w)
+	}
+	for _, p := range []string{"/etc/smolvm-escape", filepath.Join(base, "smolvm-escape"), filepath.Join(filepath.Dir(base), "smolvm-escape"), "/smolvm-escape"} {
+		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the guest made %s on the host (%v)", p, err)
+			_ = os.Remove(p)
+		}
+	}
+	if b, _ := os.ReadFile(secret); string(b) != "host secret\n" {
+		t.Errorf("the file outside the folder now holds %q", b)
+	}
+	// The guest's links are links on the host, to the guest's paths.
+	if l, err := os.Readlink(filepath.Join(share, "guestetc")); err != nil || l != "/etc" {
+		t.Errorf("the guest's link on the host: %q, %v", l, err)
+	}
+	// A hard link to a file outside cannot be named from the guest; one
+	// to /etc/passwd of the guest crosses file systems.
+	if res := mountRun(t, ctx, vm, "ln /etc/passwd /s/passwd"); res.ExitCode == 0 {
+		t.Error("guest hard-linked a file from outside the folder into it")
+	}
+	// Device nodes: the guest opens none through the folder (it is
+	// mounted nodev; a node there would be the guest's own device
+	// anyway, never the host's), and cannot make one on the host.
+	if res := mountRun(t, ctx, vm, "echo x > /s/null"); res.ExitCode == 0 {
+		t.Error("guest wrote to the host's device node in the folder")
+	}
+	if res := mountRun(t, ctx, vm, "mknod /s/mem c 1 1"); res.ExitCode == 0 {
+		t.Error("guest made a device node in the folder")
+	}
+	if _, err := os.Lstat(filepath.Join(share, "mem")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a device node the guest asked for is on the host (%v)", err)
+	}
+}
+
+// A large file read through a mount arrives intact (its hash compared):
+// 500 MiB, or $SMOLVM_TEST_MOUNT_MIB.
+func TestMountLargeFile(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 15*time.Minute)
+	size := int64(500 << 20)
+	if s := os.Getenv("SMOLVM_TEST_MOUNT_MIB"); s != "" {
+		mib, err := strconv.Atoi(s)
+		if err != nil || mib < 1 {
+			t.Fatalf("SMOLVM_TEST_MOUNT_MIB=%q: give a number of MiB", s)
+		}
+		size = int64(mib) << 20
+	}
+	dir := t.TempDir()
+	f, err := os.Create(filepath.Join(dir, "big"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	if _, err := io.CopyN(io.MultiWriter(f, h), rand.Reader, size); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	want := hex.EncodeToString(h.Sum(nil))
+	vm := newVM(t, smolvm.Config{Home: home, Mounts: []smolvm.Mount{{HostPath: dir, GuestPath: "/big", ReadOnly: true}}})
+	out := mountOK(t, ctx, vm, "sha256sum /big/big && stat -c %s /big/big")
+	if fs := strings.Fields(out); len(fs) < 3 || fs[0] != want || fs[2] != strconv.FormatInt(size, 10) {
+		t.Errorf("guest hashes %q; want %s of %d bytes", out, want, size)
+	}
+}
+
+// fsDaemons lists the virtiofsd processes of VM id (by the folder their
+// command line names: …/vms/ID/fsN).
+func fsDaemons(id string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && bytes.HasPrefix(b, []byte("/usr/lib/qemu/virtiofsd\x00")) && bytes.Contains(b, []byte("/vms/"+id+"/fs")) && testutil.PidAlive(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func waitNoFSDaemons(t *testing.T, id, after string) {
+	t.Helper()
+	if err := testutil.Poll(time.Minute, func() bool { return len(fsDaemons(id)) == 0 }); err != nil {
+		t.Errorf("virtiofsd of %s left %s: pids %v", id, after, fsDaemons(id))
+	}
+}
+
+// A folder's daemon runs as long as its VM: gone after stop (and back
+// with start), after delete, and after the supervisor is killed.
+func TestMountDaemonCleanup(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 15*time.Minute)
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "f"), []byte("ok\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := smolvm.Config{Home: home, Persistent: true, Mounts: []smolvm.Mount{{HostPath: dir, GuestPath: "/m"}}}
+	vm := newVM(t, cfg)
+	id := vm.ID()
+	pids := fsDaemons(id)
+	if len(pids) == 0 {
+		t.Fatal("no virtiofsd runs for the VM")
+	}
+	// Least privilege: the daemon that serves (the last one forked) has
+	// namespaces of its own.
+	slices.Sort(pids)
+	for _, ns := range []string{"user", "mnt", "pid", "net"} {
+		mine, _ := os.Readlink("/proc/self/ns/" + ns)
+		theirs, err := os.Readlink("/proc/" + strconv.Itoa(pids[len(pids)-1]) + "/ns/" + ns)
+		if err == nil && theirs == mine {
+			t.Errorf("virtiofsd shares the host's %s namespace", ns)
+		}
+	}
+	if err := vm.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitNoFSDaemons(t, id, "after stop")
+	if err := vm.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := mountOK(t, ctx, vm, "cat /m/f"); got != "ok\n" {
+		t.Errorf("after start the guest reads %q", got)
+	}
+	if err := vm.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitNoFSDaemons(t, id, "after delete")
+
+	vm2 := newVM(t, cfg)
+	in, err := vm2.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fsDaemons(vm2.ID())) == 0 {
+		t.Fatal("no virtiofsd runs for the second VM")
+	}
+	if err := syscall.Kill(in.SupervisorPID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitNoFSDaemons(t, vm2.ID(), "after its supervisor was killed")
+	if _, err := smolvm.Cleanup(ctx, smolvm.CleanupOptions{Home: home}); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, home)
+}
+
+// Bad host folders and guest paths are refused before anything is made.
+func TestMountBadInput(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 5*time.Minute)
+	ok := t.TempDir()
+	file := filepath.Join(ok, "file")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	closed := t.TempDir()
+	if err := os.Chmod(closed, 0); err != nil {
+		t.Fatal(err)
+	}
+	readOnly := t.TempDir()
+	if err := os.Chmod(readOnly, 0o500); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Chmod(closed, 0o700); _ = os.Chmod(readOnly, 0o700) })
+	for _, c := range []struct {
+		name   string
+		mounts []smolvm.Mount
+		want   string
+	}{
+		{"missing folder", []smolvm.Mount{{HostPath: filepath.Join(ok, "nope"), GuestPath: "/m"}}, "does not exist"},
+		{"a file", []smolvm.Mount{{HostPath: file, GuestPath: "/m"}}, "not a folder"},
+		{"unreadable", []smolvm.Mount{{HostPath: closed, GuestPath: "/m", ReadOnly: true}}, "not readable"},
+		{"not writable", []smolvm.Mount{{HostPath: readOnly, GuestPath: "/m"}}, "not readable and writable"},
+		{"state folder", []smolvm.Mount{{HostPath: home, GuestPath: "/m"}}, "state folder"},
+		{"root", []smolvm.Mount{{HostPath: ok, GuestPath: "/"}}, "system folder"},
+		{"etc", []smolvm.Mount{{HostPath: ok, GuestPath: "/etc"}}, "system folder"},
+		{"usr", []smolvm.Mount{{HostPath: ok, GuestPath: "/usr"}}, "system folder"},
+		{"in proc", []smolvm.Mount{{HostPath: ok, GuestPath: "/proc/x"}}, "inside /proc"},
+		{"in sys", []smolvm.Mount{{HostPath: ok, GuestPath: "/sys/fs/x"}}, "inside /sys"},
+		{"relative", []smolvm.Mount{{HostPath: ok, GuestPath: "m"}}, "absolute"},
+		{"dot dot", []smolvm.Mount{{HostPath: ok, GuestPath: "/m/../etc"}}, "'..'"},
+		{"space", []smolvm.Mount{{HostPath: ok, GuestPath: "/my dir"}}, "letters, digits"},
+		{"twice", []smolvm.Mount{{HostPath: ok, GuestPath: "/m"}, {HostPath: readOnly, GuestPath: "/m", ReadOnly: true}}, "two host folders"},
+	} {
+		before := stateOf(t, home)
+		_, err := smolvm.New(ctx, smolvm.Config{Home: home, Mounts: c.mounts})
+		if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: New = %v; want ErrInvalid naming %q", c.name, err, c.want)
+		}
+		if after := stateOf(t, home); !after.equal(before) {
+			t.Errorf("%s: left %+v", c.name, after)
+		}
+	}
+	if _, err := smolvm.Restore(ctx, "any", smolvm.Config{Home: home, Mounts: []smolvm.Mount{{HostPath: ok, GuestPath: "/m"}}}); !errors.Is(err, smolvm.ErrUnsupported) {
+		t.Errorf("Restore with host folders = %v; want ErrUnsupported", err)
+	}
+	assertNothingLeft(t, home)
+}
