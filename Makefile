@@ -60,6 +60,7 @@ tools:
 	$(GO) install github.com/kisielk/errcheck@v1.30.0
 	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
+	$(GO) install connectrpc.com/connect/cmd/protoc-gen-connect-go@v1.21.1
 
 # Regenerate the protobuf code (needs protoc, Debian's protobuf-compiler,
 # and the plugins of make tools). .ci/run fails when the result differs

@@ -6,13 +6,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
-	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
@@ -44,7 +42,7 @@ func resolveAccel(ctx context.Context, home string, cfg *Config, img *resolvedIm
 		}
 		return hypervisor.AccelKVM, nil
 	}
-	rep := ProbeAccel(ctx, home, img.kernel, img.initrd)
+	rep := probeAccel(ctx, home, cfg.Hypervisor, img.kernel, img.initrd)
 	if rep.Accel == "kvm" {
 		return hypervisor.AccelKVM, nil
 	}
@@ -73,14 +71,21 @@ func kvmDeviceUsable() error {
 // result is cached per kernel, initrd and QEMU version; a probe that ctx
 // cancelled (or whose deadline passed) decided nothing and is not cached.
 func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
+	return probeAccel(ctx, home, hypervisor.Default, kernel, initrd)
+}
+
+// probeAccel is ProbeAccel for the hypervisor driver named driver.
+func probeAccel(ctx context.Context, home, driver, kernel, initrd string) AccelReport {
 	if err := kvmUsable(); err != nil {
 		return AccelReport{Accel: "tcg", Reason: err.Error()}
 	}
-	// The QEMU binary's file, not its -version output: running it would
-	// add a process start (10–60 ms) to every create on a host with
-	// /dev/kvm; an upgrade replaces the file, which changes the key.
-	qemuBin, _ := exec.LookPath(qemu.Binary)
-	key := probeKey(kernel, initrd, qemuBin)
+	d, err := hypervisor.Get(driver)
+	if err != nil {
+		return AccelReport{Accel: "tcg", Reason: err.Error()}
+	}
+	// The driver's program (QEMU's binary) by its file (CacheKey), which
+	// an upgrade replaces, so the key changes.
+	key := probeKey(kernel, initrd, d.CacheKey())
 	path := filepath.Join(home, "cache", "accel-probe.json")
 	var rec probeRecord
 	if b, err := os.ReadFile(path); err == nil && json.Unmarshal(b, &rec) == nil && rec.Key == key {
@@ -97,7 +102,7 @@ func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
 		ConsoleLog: filepath.Join(dir, "console.log"),
 	}
 	rec = probeRecord{Key: key, KVM: true, Reason: "a test boot with KVM reached the guest agent"}
-	if err := kvmBoot(ctx, "qemu", mc, kvmProbeTimeout); err != nil {
+	if err := kvmBoot(ctx, driver, mc, kvmProbeTimeout); err != nil {
 		if cerr := context.Cause(ctx); cerr != nil {
 			return AccelReport{Accel: "tcg", Reason: fmt.Sprintf("the KVM probe was interrupted (%v): using TCG software emulation this time", cerr)}
 		}

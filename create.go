@@ -128,7 +128,7 @@ func create(ctx context.Context, st *store.Store, cfg *Config, started time.Time
 				log.Debug("restoring the warm snapshot of this VM shape", "snapshot", warm.Name)
 				rec.Snapshot = warm.Name
 				spec.Restored = true
-				restoreFrom(&spec.Machine, warm.Dir, true) // findWarm checked its memory file
+				restoreFrom(&spec.Machine, warm.Dir) // findWarm checked its memory file
 				if cfg.Prelaunch && !cfg.Persistent {
 					spare = takeSpare(homeOf(st), warm.Name)
 				}
@@ -208,7 +208,7 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 		ConsoleLogMaxBytes: cfg.ConsoleLogMaxBytes,
 	}
 	if cfg.fileMemory {
-		mc.MemoryFile, mc.MemoryShared = filepath.Join(dir, supervisor.MemoryFile), true
+		mc.MemoryFile = filepath.Join(dir, supervisor.MemoryFile)
 	}
 	if err := attachDisks(ctx, st, cfg, rec, &mc); err != nil {
 		return nil, err
@@ -224,7 +224,7 @@ func buildSpec(ctx context.Context, st *store.Store, cfg *Config, img *resolvedI
 	if err != nil {
 		return nil, err
 	}
-	return &supervisor.Spec{Driver: "qemu", Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name,
+	return &supervisor.Spec{Driver: cfg.Hypervisor, Machine: mc, BootTimeout: cfg.BootTimeout, Hostname: rec.Name,
 		Persistent: cfg.Persistent, SupervisorBinary: cfg.SupervisorBinary, ImageFingerprint: img.fingerprint,
 		MachineLayout: hypervisor.MachineLayout,
 		Network:       netCfg}, nil

@@ -368,6 +368,8 @@ func TestBadInput(t *testing.T) {
 			smolvm.ErrInvalid, []string{"vcpus", "-1"}},
 		{"InvalidName", home, func() error { return tryNew(ctx, smolvm.Config{Home: home, Name: "no spaces/here"}) },
 			smolvm.ErrInvalid, []string{"name", "no spaces/here"}},
+		{"UnknownHypervisor", home, func() error { return tryNew(ctx, smolvm.Config{Home: home, Hypervisor: "vmware"}) },
+			smolvm.ErrInvalid, []string{"hypervisor", `"vmware"`, "qemu"}},
 		{"NameTaken", testutil.SharedHome(), func() error {
 			return tryNew(ctx, smolvm.Config{Home: testutil.SharedHome(), Name: shared.Name()})
 		}, smolvm.ErrExists, []string{shared.Name()}},

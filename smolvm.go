@@ -26,6 +26,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/consolelog"
 	"github.com/smolvm/smolvm/internal/errdefs"
+	"github.com/smolvm/smolvm/internal/hypervisor"
 	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
@@ -90,6 +91,9 @@ type Config struct {
 	// Channel is "vsock", "virtio-serial" or "" (vsock where the host has
 	// /dev/vhost-vsock, else virtio-serial).
 	Channel string
+	// Hypervisor names the driver that runs the VM; "" is "qemu", the
+	// only one so far.
+	Hypervisor string
 	// BootTimeout bounds the wait for the guest agent; default 90 s.
 	BootTimeout time.Duration
 	// Persistent runs the VM under a detached supervisor process, so it
@@ -183,6 +187,12 @@ func (c *Config) setDefaults() error {
 	case "", "vsock", "virtio-serial":
 	default:
 		return fmt.Errorf("%w: channel %q: use vsock, virtio-serial or leave empty", ErrInvalid, c.Channel)
+	}
+	if c.Hypervisor == "" {
+		c.Hypervisor = hypervisor.Default
+	}
+	if _, err := hypervisor.Get(c.Hypervisor); err != nil {
+		return err // ErrInvalid, naming the drivers there are
 	}
 	for _, p := range []struct{ what, path string }{{"kernel", c.KernelPath}, {"initrd", c.InitrdPath}, {"rootfs", c.RootfsPath}} {
 		if p.path == "" {

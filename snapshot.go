@@ -83,7 +83,6 @@ type snapshotSource struct {
 	dir   string
 	spec  supervisor.Spec
 	image *resolvedImage
-	ram   bool // holds the guest memory file (hypervisor.SnapshotRAM)
 }
 
 // Snapshot saves the VM's memory, device state and settings under name,
@@ -167,9 +166,11 @@ func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
 		State: snapshotState(sn.Dir)}
 	if spec, err := readSnapshotSpec(sn.Dir); err == nil {
 		in.VCPUs, in.MemoryMiB = spec.Machine.VCPUs, spec.Machine.MemoryMiB
-	}
-	if fi, err := os.Stat(filepath.Join(sn.Dir, "memory")); err == nil {
-		in.MemoryBytes = fi.Size() + rootfs.DiskUsage(filepath.Join(sn.Dir, hypervisor.SnapshotRAM))
+		if l, err := spec.SnapshotLayout(); err == nil {
+			if fi, err := os.Stat(l.StatePath(sn.Dir)); err == nil {
+				in.MemoryBytes = fi.Size() + rootfs.DiskUsage(l.MemoryPath(sn.Dir))
+			}
+		}
 	}
 	for _, d := range frozenDisks(sn.Dir) {
 		in.DiskBytes += rootfs.DiskUsage(d)
@@ -228,13 +229,16 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 	}
 	src := &snapshotSource{name: sn.Name, dir: sn.Dir}
 	src.spec, err = readSnapshotSpec(sn.Dir)
+	var layout hypervisor.SnapshotLayout
 	if err == nil {
-		_, err = os.Stat(filepath.Join(sn.Dir, "memory"))
+		layout, err = src.spec.SnapshotLayout()
 	}
-	if err == nil && src.spec.Machine.MemoryShared {
+	if err == nil {
+		_, err = os.Stat(layout.StatePath(sn.Dir))
+	}
+	if err == nil && src.spec.Machine.MemoryFile != "" {
 		// The source's memory was a file: the snapshot holds it.
-		_, err = os.Stat(filepath.Join(sn.Dir, hypervisor.SnapshotRAM))
-		src.ram = err == nil
+		_, err = os.Stat(layout.MemoryPath(sn.Dir))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q is damaged (%w): delete it with 'smolvm snapshot rm %s'", name, err, name)
@@ -255,7 +259,7 @@ func loadSnapshot(ctx context.Context, st *store.Store, cfg *Config, name string
 			if _, err := os.Stat(d.Path); err != nil {
 				return nil, fmt.Errorf("snapshot %q is stale: its disk image %s is gone: delete it with 'smolvm snapshot rm %s'", name, d.Path, name)
 			}
-		} else if _, err := os.Stat(supervisor.SnapshotDisk(sn.Dir, i)); err != nil {
+		} else if _, err := os.Stat(layout.Disk(sn.Dir, i)); err != nil {
 			return nil, fmt.Errorf("snapshot %q is damaged (%w): delete it with 'smolvm snapshot rm %s'", name, err, name)
 		}
 	}
@@ -296,14 +300,10 @@ func readSnapshotSpec(dir string) (supervisor.Spec, error) {
 	return spec, err
 }
 
-// restoreFrom points a machine at the snapshot folder it starts from: its
-// migration stream and, when the snapshot holds one (ram), its memory
-// file, mapped copy-on-write.
-func restoreFrom(mc *hypervisor.MachineConfig, dir string, ram bool) {
-	mc.Incoming, mc.MemoryFile, mc.MemoryShared = dir, "", false
-	if ram {
-		mc.MemoryFile = filepath.Join(dir, hypervisor.SnapshotRAM)
-	}
+// restoreFrom points a machine at the snapshot folder it starts from; the
+// driver finds its state there, and its memory file when it holds one.
+func restoreFrom(mc *hypervisor.MachineConfig, dir string) {
+	mc.Restore, mc.MemoryFile = &hypervisor.Restore{Dir: dir}, ""
 }
 
 // restoreSpec is the snapshot's machine, moved into the new VM's folder.
@@ -312,7 +312,7 @@ func restoreSpec(ctx context.Context, st *store.Store, cfg *Config, src *snapsho
 	spec.Machine.ID, spec.Machine.Dir = rec.ID, dir
 	spec.Machine.ConsoleLog = filepath.Join(dir, supervisor.ConsoleLog)
 	spec.Machine.ConsoleLogMaxBytes = cfg.ConsoleLogMaxBytes
-	restoreFrom(&spec.Machine, src.dir, src.ram)
+	restoreFrom(&spec.Machine, src.dir)
 	// Same drives in the same order as the saved machine (its device
 	// state refers to them); each writable one is a new overlay in this
 	// VM's folder, made on the snapshot's frozen disk when the supervisor
@@ -396,8 +396,15 @@ func DeleteSnapshot(ctx context.Context, home, name string) error {
 
 // frozenDisks lists the frozen disks in a snapshot folder.
 func frozenDisks(dir string) []string {
-	ds, _ := filepath.Glob(filepath.Join(dir, "disk*.qcow2"))
-	return ds
+	spec, err := readSnapshotSpec(dir)
+	if err != nil {
+		return nil
+	}
+	l, err := spec.SnapshotLayout()
+	if err != nil {
+		return nil
+	}
+	return l.Disks(dir)
 }
 
 // warmKey names the warm snapshot of a machine shape: everything that must
@@ -405,6 +412,9 @@ func frozenDisks(dir string) []string {
 func warmKey(spec *supervisor.Spec) string {
 	mc := spec.Machine
 	h := sha256.New()
+	if spec.Driver != hypervisor.Default { // the default's keys are as they were before drivers had names here
+		fmt.Fprintf(h, "driver=%s|", spec.Driver)
+	}
 	fmt.Fprintf(h, "%s|%d|%d|%d|%s|%s|%d|%d|", spec.ImageFingerprint, spec.MachineLayout, mc.VCPUs, mc.MemoryMiB, mc.Accel, mc.Channel, len(mc.Disks), len(mc.Net))
 	for _, f := range strings.Fields(mc.Cmdline) {
 		if !strings.HasPrefix(f, wire.ParamHostname+"=") && f != warmBootArgs {
@@ -424,8 +434,12 @@ func findWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec) *stor
 		return nil
 	}
 	// Warm snapshots hold their VM's memory file (see ensureWarm).
-	for _, f := range []string{"memory", hypervisor.SnapshotRAM} {
-		if _, err := os.Stat(filepath.Join(sn.Dir, f)); err != nil {
+	l, err := spec.SnapshotLayout()
+	if err != nil {
+		return nil
+	}
+	for _, f := range []string{l.StatePath(sn.Dir), l.MemoryPath(sn.Dir)} {
+		if _, err := os.Stat(f); err != nil {
 			return nil
 		}
 	}

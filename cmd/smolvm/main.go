@@ -115,7 +115,8 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 		newSetupCmd(g), newDoctorCmd(g), newRunCmd(g), newCreateCmd(g), newStartCmd(g),
 		newExecCmd(g), newListCmd(g), newInfoCmd(g), newStopCmd(g), newRmCmd(g),
 		newLogsCmd(g), newCleanupCmd(g), newVersionCmd(), newSuperviseCmd(g),
-		newSnapshotCmd(g), newPauseCmd(g), newResumeCmd(g), newBenchCmd(g), newCpCmd(g), newEnvCmd(g), newShellCmd(g), newKernelCmd(g),
+		newSnapshotCmd(g), newPauseCmd(g), newResumeCmd(g), newBenchCmd(g), newCpCmd(g), newEnvCmd(g), newShellCmd(g), newKernelCmd(g), newMCPCmd(g),
+		newServeCmd(g), // serve.go
 	)
 	invalidArgs(root)
 	return root

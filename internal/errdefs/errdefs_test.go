@@ -110,3 +110,30 @@ func TestReadyPipe(t *testing.T) {
 		}
 	}
 }
+
+func TestHTTPStatus(t *testing.T) {
+	for _, c := range []struct {
+		err    error
+		status int
+		code   string
+	}{
+		{fmt.Errorf("sandbox x: %w", ErrNotFound), 404, "not_found"},
+		{fmt.Errorf("%w: bad", ErrInvalid), 400, "invalid"},
+		{ErrExists, 409, "exists"},
+		{ErrInUse, 409, "in_use"},
+		{ErrNotRunning, 409, "not_running"},
+		{fmt.Errorf("limit: %w", ErrCapacity), 503, "capacity"},
+		{ErrUnavailable, 503, "unavailable"},
+		{ErrUnsupported, 501, "unsupported"},
+		{FromGRPC(ToGRPC(fmt.Errorf("x: %w", ErrNotFound))), 404, "not_found"},
+		{context.DeadlineExceeded, 504, "internal"},
+		{errors.New("boom"), 500, "internal"},
+	} {
+		if got := HTTPStatus(c.err); got != c.status {
+			t.Errorf("HTTPStatus(%v) = %d, want %d", c.err, got, c.status)
+		}
+		if got := Code(c.err); got != c.code {
+			t.Errorf("Code(%v) = %q, want %q", c.err, got, c.code)
+		}
+	}
+}

@@ -1,17 +1,24 @@
 // Package hypervisor defines the contract between smolvm and a virtual
-// machine monitor (QEMU today, Firecracker later): a Driver starts Machines
-// from a MachineConfig. Optional powers (pause, snapshots) are separate
-// interfaces found by type assertion; a driver without them returns
-// ErrUnsupported.
+// machine monitor (QEMU today, Firecracker later): a Driver, registered by
+// name, starts Machines from a MachineConfig. A driver declares what it can
+// do beyond booting (Capabilities: pause, snapshots, the agent channels,
+// TAP, the link to the user-mode network, disk formats); callers check
+// before they ask, and a call the driver lacks fails with ErrUnsupported.
+// The driver owns its snapshot files (SnapshotLayout) and its copy-on-write
+// disk format. hypervistest holds every driver to this contract; fake is a
+// driver for unit tests of what drives one.
 package hypervisor
 
 import (
 	"context"
-	"errors"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -70,13 +77,13 @@ type Disk struct {
 // NetDevice attaches one NIC. Exactly one backend field is set.
 type NetDevice struct {
 	MAC string
-	// StreamSocket connects the NIC to a userspace network stack listening
-	// on this unix socket (QEMU -netdev stream / dgram).
+	// StreamSocket connects the NIC to a user-mode network stack listening
+	// on this unix socket, over the driver's Capabilities.UserLink.
 	StreamSocket string
-	// TAP is the name of a TAP device. With TAPFile set, QEMU gets that
-	// open queue of the device as a file descriptor (-netdev tap,fd=N)
-	// and needs no privileges; without it QEMU opens the device by name
-	// itself (which needs CAP_NET_ADMIN).
+	// TAP is the name of a TAP device (Capabilities.TAP). With TAPFile
+	// set, the hypervisor gets that open queue of the device as a file
+	// descriptor and needs no privileges; without it, it opens the device
+	// by name itself (which needs CAP_NET_ADMIN).
 	TAP     string
 	TAPFile *os.File `json:"-"`
 }
@@ -101,61 +108,231 @@ type MachineConfig struct {
 	// internal/consolelog.
 	ConsoleLog         string
 	ConsoleLogMaxBytes int64 `json:",omitempty"`
-	// Incoming, when set, starts the machine from this snapshot folder
-	// instead of booting the kernel.
-	Incoming string
-	// MemoryFile, when set, backs guest RAM with this file instead of
-	// anonymous memory. With MemoryShared the guest writes through to the
-	// file, which then is the guest's memory, and a snapshot's migration
-	// stream leaves it out (device state only). Without it the file is
-	// mapped copy-on-write: a machine restored from a snapshot that holds
-	// such a file reads its memory from there on demand, shared through
-	// the host's page cache with every other clone, instead of loading
-	// all of it before it runs. A private file is used only to restore.
-	MemoryFile   string `json:",omitempty"`
-	MemoryShared bool   `json:",omitempty"`
+	// MemoryFile, when set, is guest RAM: the guest writes through to this
+	// file (Capabilities.MemoryFile), and a snapshot takes the file as it
+	// stands instead of writing memory into its state (SnapshotLayout).
+	// A machine restored from such a snapshot maps the snapshot's copy of
+	// the file copy-on-write: it reads its memory on demand, shared
+	// through the host's page cache with every other clone, instead of
+	// loading all of it before it runs.
+	MemoryFile string `json:",omitempty"`
+	// Restore, when set, starts the machine from a snapshot instead of
+	// booting the kernel.
+	Restore *Restore `json:",omitempty"`
 }
 
-// SnapshotRAM is the guest memory file in a snapshot folder, for machines
-// whose memory was a shared file (MachineConfig.MemoryFile); the
-// migration stream in the folder then holds device state only.
-const SnapshotRAM = "ram"
+// Restore asks for a machine to start from a snapshot.
+type Restore struct {
+	// Dir is the snapshot folder, in the driver's SnapshotLayout.
+	Dir string
+}
+
+// RestoreDir is the snapshot folder the machine starts from, or "".
+func (c *MachineConfig) RestoreDir() string {
+	if c.Restore == nil {
+		return ""
+	}
+	return c.Restore.Dir
+}
+
+// UnmarshalJSON reads a machine config, also as smolvm wrote it before
+// the restore request (VM rows and snapshot specs outlive an upgrade):
+// "Incoming" was the snapshot folder, and a restore's MemoryFile was its
+// snapshot's memory file, mapped copy-on-write ("MemoryShared" unset),
+// which the driver now finds in the snapshot folder itself. Guest RAM in
+// a file ("MemoryShared": true) is MemoryFile as before.
+func (c *MachineConfig) UnmarshalJSON(b []byte) error {
+	type plain MachineConfig
+	var v struct {
+		plain
+		Incoming string
+	}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	*c = MachineConfig(v.plain)
+	if v.Incoming != "" && c.Restore == nil {
+		c.Restore, c.MemoryFile = &Restore{Dir: v.Incoming}, ""
+	}
+	return nil
+}
 
 // Validate checks the fields every driver needs.
 func (c *MachineConfig) Validate() error {
 	switch {
 	case c.Dir == "":
-		return errors.New("machine config: state folder is empty")
-	case c.Kernel == "" && c.Incoming == "":
-		return errors.New("machine config: no kernel given")
+		return fmt.Errorf("%w: machine config: state folder is empty", errdefs.ErrInvalid)
+	case c.Kernel == "" && c.Restore == nil:
+		return fmt.Errorf("%w: machine config: no kernel given", errdefs.ErrInvalid)
+	case c.Restore != nil && c.Restore.Dir == "":
+		return fmt.Errorf("%w: machine config: the restore names no snapshot folder", errdefs.ErrInvalid)
 	case c.VCPUs < 1:
-		return fmt.Errorf("machine config: vcpus must be at least 1, got %d", c.VCPUs)
+		return fmt.Errorf("%w: machine config: vcpus must be at least 1, got %d", errdefs.ErrInvalid, c.VCPUs)
 	case c.MemoryMiB < 64:
-		return fmt.Errorf("machine config: memory must be at least 64 MiB, got %d", c.MemoryMiB)
+		return fmt.Errorf("%w: machine config: memory must be at least 64 MiB, got %d", errdefs.ErrInvalid, c.MemoryMiB)
 	}
 	return nil
 }
 
+// LinkKind is how a NIC reaches the user-mode network stack.
+type LinkKind string
+
+// Link kinds.
+const (
+	// LinkNone: the driver cannot connect a NIC to a user-mode stack.
+	LinkNone LinkKind = ""
+	// LinkStream: Ethernet frames, each after its length as a 4-byte big
+	// endian number, over a unix stream socket the stack listens on
+	// (NetDevice.StreamSocket; QEMU's -netdev stream).
+	LinkStream LinkKind = "stream"
+)
+
+// Capabilities is what a driver can do beyond booting a machine. Callers
+// check them before they ask: a call the driver lacks fails with
+// ErrUnsupported, and the contract test (hypervistest) holds every
+// driver to what it declares.
+type Capabilities struct {
+	// Accels and Channels the driver builds machines with.
+	Accels   []Accel
+	Channels []Channel
+	// Pause: Machine.Pause and Resume freeze and thaw the vCPUs.
+	Pause bool
+	// Snapshot: Machine.Snapshot saves the machine, and a MachineConfig
+	// with Restore starts one from the saved folder. It needs Pause: a
+	// saved machine is paused, and resumed to go on.
+	Snapshot bool
+	// Prelaunch: Driver.Prelaunch starts a machine for a restore ahead of
+	// time, and Machine.Move and Machine.Restore finish it.
+	Prelaunch bool
+	// MemoryFile: guest RAM can be a file (MachineConfig.MemoryFile).
+	MemoryFile bool
+	// TAP: a NIC can be a TAP device (NetDevice.TAP, TAPFile).
+	TAP bool
+	// UserLink is how a NIC connects to the user-mode network stack.
+	UserLink LinkKind
+	// DiskFormats are the formats a Disk may have ("raw", "qcow2").
+	DiskFormats []string
+	// OverlayFormat is the format of the copy-on-write disks the driver
+	// makes (Driver.Overlay) and freezes into snapshots; "" when it
+	// makes none.
+	OverlayFormat string
+}
+
+// Supports tells whether the driver builds machines with accel a.
+func (c Capabilities) Supports(a Accel) bool { return slices.Contains(c.Accels, a) }
+
+// HasChannel tells whether the driver gives the agent channel ch.
+func (c Capabilities) HasChannel(ch Channel) bool { return slices.Contains(c.Channels, ch) }
+
+// ReadsDisk tells whether the driver reads disks of format f.
+func (c Capabilities) ReadsDisk(f string) bool { return slices.Contains(c.DiskFormats, f) }
+
+// Check tells whether a driver of these capabilities can build the
+// machine cfg describes; what it cannot is ErrUnsupported, named.
+func (c Capabilities) Check(cfg *MachineConfig) error {
+	unsupported := func(what string) error { return fmt.Errorf("%s: %w", what, ErrUnsupported) }
+	switch {
+	case !c.Supports(cfg.Accel):
+		return unsupported(fmt.Sprintf("accelerator %q", cfg.Accel))
+	case !c.HasChannel(cfg.Channel):
+		return unsupported(fmt.Sprintf("agent channel %q", cfg.Channel))
+	case cfg.Restore != nil && !c.Snapshot:
+		return unsupported("restoring a snapshot")
+	case cfg.MemoryFile != "" && !c.MemoryFile:
+		return unsupported("guest memory in a file")
+	}
+	for _, d := range cfg.Disks {
+		if f := d.Format; f != "" && !c.ReadsDisk(f) {
+			return unsupported(fmt.Sprintf("disk format %q (%s)", f, d.Path))
+		}
+	}
+	for _, n := range cfg.Net {
+		switch {
+		case (n.TAP != "" || n.TAPFile != nil) && !c.TAP:
+			return unsupported("a TAP device (network mode tap)")
+		case n.StreamSocket != "" && c.UserLink != LinkStream:
+			return unsupported("a link to the user-mode network over a stream socket (network mode user)")
+		}
+	}
+	return nil
+}
+
+// SnapshotLayout names the files a driver keeps in a snapshot folder.
+// Everything else in the folder (the spec a supervisor writes) is the
+// caller's.
+type SnapshotLayout struct {
+	// State holds the machine's saved state: its devices, and its memory
+	// unless Memory holds that.
+	State string
+	// Memory is guest RAM as a file, in snapshots of machines whose
+	// memory was one (MachineConfig.MemoryFile); State then leaves it out.
+	Memory string
+	// DiskPattern names the frozen copy of writable disk i (a format with
+	// one %d).
+	DiskPattern string
+}
+
+// StatePath is the state file of the snapshot in dir.
+func (l SnapshotLayout) StatePath(dir string) string { return filepath.Join(dir, l.State) }
+
+// MemoryPath is the memory file of the snapshot in dir.
+func (l SnapshotLayout) MemoryPath(dir string) string { return filepath.Join(dir, l.Memory) }
+
+// Disk is the frozen copy of writable disk i in the snapshot in dir.
+func (l SnapshotLayout) Disk(dir string, i int) string {
+	return filepath.Join(dir, fmt.Sprintf(l.DiskPattern, i))
+}
+
+// Disks lists the frozen disks in the snapshot in dir.
+func (l SnapshotLayout) Disks(dir string) []string {
+	ds, _ := filepath.Glob(filepath.Join(dir, strings.Replace(l.DiskPattern, "%d", "*", 1)))
+	return ds
+}
+
 // Driver starts machines.
 type Driver interface {
-	// Name is the registry name, e.g. "qemu".
-	Name() string
+	// Capabilities says what the driver can do beyond booting.
+	Capabilities() Capabilities
 	// Check reports what the host lacks to run this driver (binary
 	// missing, too old), with what to do about it.
 	Check(ctx context.Context) error
+	// CacheKey identifies the driver's program for caches of what it
+	// did (the accelerator probe): it changes when the program is
+	// replaced, and costs no process start.
+	CacheKey() string
 	// Start launches the machine and returns once the hypervisor process
-	// is up and its control socket answers. The guest may still be booting.
+	// is up and its control socket answers. The guest may still be
+	// booting; a restored one runs.
 	Start(ctx context.Context, cfg *MachineConfig) (Machine, error)
+	// Prelaunch starts a machine for the restore cfg.Restore asks for
+	// ahead of time (Capabilities.Prelaunch): its process is up and its
+	// devices built, and it waits for Machine.Restore to load the
+	// snapshot.
+	Prelaunch(ctx context.Context, cfg *MachineConfig) (Machine, error)
+	// SnapshotLayout names the files of the driver's snapshots.
+	SnapshotLayout() SnapshotLayout
+	// Overlay makes a disk at path in Capabilities.OverlayFormat that
+	// reads base (a frozen disk of a snapshot) and writes to itself.
+	Overlay(ctx context.Context, base, path string) error
+	// FreezeDisk copies the writable disk src of a paused machine into a
+	// snapshot, at dst; FinishDisk then makes the copy depend on nothing
+	// under snapshots (the folder of all snapshots) but the read-only
+	// image, durable and read-only. FinishDisk runs while the source
+	// machine runs on.
+	FreezeDisk(ctx context.Context, src, dst string) error
+	FinishDisk(ctx context.Context, path, snapshots string) error
 }
 
-// Machine is one running hypervisor process.
+// Machine is one running hypervisor process. The calls that need a
+// capability fail with ErrUnsupported without it.
 type Machine interface {
 	// PID of the hypervisor process.
 	PID() int
 	// DialAgent opens the byte stream to the guest agent. Over
 	// virtio-serial only one stream exists at a time.
 	DialAgent(ctx context.Context) (net.Conn, error)
-	// DialFast opens the byte stream to the agent's fast lane (ttrpc).
+	// DialFast opens the byte stream to the agent's fast lane
+	// (internal/lane).
 	DialFast(ctx context.Context) (net.Conn, error)
 	// Done is closed when the hypervisor process has exited.
 	Done() <-chan struct{}
@@ -165,6 +342,24 @@ type Machine interface {
 	Kill() error
 	// Info describes the machine for status output.
 	Info() Info
+	// Pause and Resume freeze and thaw the vCPUs (Capabilities.Pause).
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+	// Snapshot pauses the machine and saves its state into the folder
+	// dir in the driver's SnapshotLayout (Capabilities.Snapshot): memory
+	// and devices, not the disks (FreezeDisk). With final the machine
+	// will not run again (it is killed or discarded afterwards), which
+	// spares a copy of a memory file. The machine stays paused.
+	Snapshot(ctx context.Context, dir string, final bool) error
+	// Move tells a prelaunched machine (Capabilities.Prelaunch) that its
+	// state folder is dir now, before anything dials its sockets there,
+	// and that its console log keeps at most consoleLogMaxBytes from now
+	// on (see MachineConfig.ConsoleLogMaxBytes).
+	Move(dir string, consoleLogMaxBytes int64)
+	// Restore loads the snapshot a prelaunched machine was started for
+	// and lets the guest run; dir is its state folder now. On failure the
+	// machine is gone.
+	Restore(ctx context.Context, dir string) error
 }
 
 // Info is what a machine reports about itself.
@@ -175,61 +370,43 @@ type Info struct {
 	Channel Channel `json:"channel"`
 }
 
-// Prelauncher is implemented by drivers that can start a machine ahead of
-// time for the restore of a snapshot (MachineConfig.Incoming): the
-// hypervisor process is up and its devices built, and the machine waits
-// for Incoming to load the snapshot.
-type Prelauncher interface {
-	Prelaunch(ctx context.Context, cfg *MachineConfig) (Machine, error)
-}
-
-// Incomer is implemented by prelaunched machines: Incoming loads the
-// snapshot and lets the guest run. dir is the machine's state folder,
-// which may have moved since the machine started (sockets and logs in it
-// stay valid across a rename).
-type Incomer interface {
-	// Move tells a machine waiting for its snapshot that its state folder
-	// is dir now, before anything dials its sockets there, and that its
-	// console log keeps at most consoleLogMaxBytes from now on (see
-	// MachineConfig.ConsoleLogMaxBytes).
-	Move(dir string, consoleLogMaxBytes int64)
-	Incoming(ctx context.Context, dir string) error
-}
-
-// Pauser is implemented by machines that can pause and resume vCPUs.
-type Pauser interface {
-	Pause(ctx context.Context) error
-	Resume(ctx context.Context) error
-}
-
-// Snapshotter is implemented by machines that can save their whole state
-// (memory and devices) into a folder. The machine is paused afterwards.
-type Snapshotter interface {
-	Snapshot(ctx context.Context, dir string) error
-}
+// Default is the driver a VM gets unless its config names another.
+const Default = "qemu"
 
 var (
 	mu      sync.Mutex
 	drivers = map[string]Driver{}
 )
 
-// Register makes a driver available by name. It panics on a duplicate.
-func Register(d Driver) {
+// Register makes a driver available by name: a driver package registers
+// itself in its init function. It panics on a duplicate.
+func Register(name string, d Driver) {
 	mu.Lock()
 	defer mu.Unlock()
-	if _, ok := drivers[d.Name()]; ok {
-		panic("hypervisor: driver registered twice: " + d.Name())
+	if _, ok := drivers[name]; ok {
+		panic("hypervisor: driver registered twice: " + name)
 	}
-	drivers[d.Name()] = d
+	drivers[name] = d
 }
 
-// Get returns the driver registered under name.
+// Unregister removes a driver (tests register fakes and remove them).
+func Unregister(name string) {
+	mu.Lock()
+	defer mu.Unlock()
+	delete(drivers, name)
+}
+
+// Get returns the driver registered under name; "" is Default. An
+// unknown name is errdefs.ErrInvalid naming the known ones.
 func Get(name string) (Driver, error) {
+	if name == "" {
+		name = Default
+	}
 	mu.Lock()
 	defer mu.Unlock()
 	d, ok := drivers[name]
 	if !ok {
-		return nil, fmt.Errorf("unknown hypervisor %q (have: %v)", name, namesLocked())
+		return nil, fmt.Errorf("%w: unknown hypervisor %q: use one of %s", errdefs.ErrInvalid, name, strings.Join(namesLocked(), ", "))
 	}
 	return d, nil
 }

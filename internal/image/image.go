@@ -20,6 +20,11 @@ import (
 // changes, so that old cache entries are not reused.
 const builderVersion = "smolvm-image/1"
 
+// initramfsLayout changes whenever the initramfs gains or changes a file of
+// its own (2: /bin/bash), so that old initramfs images are rebuilt while the
+// kernel cache, which builderVersion also keys, stays valid.
+const initramfsLayout = 2
+
 // Options configure EnsureDefault.
 type Options struct {
 	// CacheDir holds the kernel and initramfs caches (e.g. $SMOLVM_HOME/cache).
@@ -179,7 +184,7 @@ func kernelFor(ctx context.Context, opts Options, log *slog.Logger, prog *progre
 
 func fingerprint(ks *kernelSet, agentSHA, busyboxSHA string) string {
 	h := sha256.New()
-	fmt.Fprintf(h, "builder %s\nkernel %s %s\nagent %s\nbusybox %s\n", builderVersion, ks.Version, ks.KernelSHA, agentSHA, busyboxSHA)
+	fmt.Fprintf(h, "builder %s layout %d\nkernel %s %s\nagent %s\nbusybox %s\n", builderVersion, initramfsLayout, ks.Version, ks.KernelSHA, agentSHA, busyboxSHA)
 	for _, m := range ks.Modules {
 		fmt.Fprintf(h, "module %s %s\n", m.Name, m.SHA256)
 	}

@@ -44,6 +44,12 @@ var initramfsDirs = []struct {
 	{"root", 0o700}, {"mnt", 0o755}, {"var", 0o755}, {"var/tmp", 0o1777},
 }
 
+// bashShim is the default image's /bin/bash: busybox has no bash, but
+// clients written for other sandboxes (the e2b SDK runs every command as
+// `/bin/bash -l -c CMD`) expect one. It hands its arguments to busybox's
+// shell, which takes -l (login: reads /etc/profile, absent here) and -c.
+const bashShim = "#!/bin/sh\n# smolvm: the default image has no bash; busybox's shell runs the command.\nexec /bin/sh \"$@\"\n"
+
 var etcFiles = []struct{ name, content string }{
 	{"etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"},
 	{"etc/group", "root:x:0:\n"},
@@ -92,6 +98,9 @@ func writeInitramfs(w io.Writer, spec initramfsSpec) error {
 		return fmt.Errorf("read busybox: %w: run 'apt-get install busybox-static'", err)
 	}
 	if err := file("bin/busybox", 0o755, bb); err != nil {
+		return err
+	}
+	if err := file("bin/bash", 0o755, []byte(bashShim)); err != nil {
 		return err
 	}
 	for _, f := range etcFiles {

@@ -120,6 +120,9 @@ func TestInitramfsContents(t *testing.T) {
 		}
 	}
 	t.Logf("%d applet links", links)
+	if b, ok := got["bin/bash"]; !ok || b.hdr.Mode&cpio.ModePerm != 0o755 || !strings.HasPrefix(string(b.data), "#!/bin/sh\n") {
+		t.Errorf("bin/bash: want an executable script that runs busybox's sh")
+	}
 
 	wantOrder := "/lib/modules/virtio_ring.ko\n/lib/modules/virtio.ko\n/lib/modules/virtio_mmio.ko\n/lib/modules/virtio_console.ko\n"
 	if list := string(got["etc/smolvm/modules"].data); list != wantOrder {

@@ -66,10 +66,10 @@ func (c *control) Resume(ctx context.Context, _ *controlpb.ResumeRequest) (*cont
 
 // setPaused freezes or thaws the machine's vCPUs and records the state.
 func (s *Supervisor) setPaused(ctx context.Context, pause bool) error {
-	p, ok := s.machine.(hypervisor.Pauser)
-	if !ok {
+	if !s.caps.Pause {
 		return fmt.Errorf("pause: %w", hypervisor.ErrUnsupported)
 	}
+	p := s.machine
 	s.mu.Lock()
 	stopping := s.stopping
 	s.mu.Unlock()

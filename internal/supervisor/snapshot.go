@@ -1,18 +1,13 @@
 package supervisor
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
@@ -45,29 +40,20 @@ type SnapshotOptions struct {
 // with opts.Resume the VM goes on afterwards on a new connection,
 // otherwise it stays paused.
 //
-// Disks. A snapshot must hold the disk exactly as the saved memory knows
-// it: the guest's page cache, its file system's in-memory state and
-// virtio-blk's device state all refer to it. The VM's isolated disk is a
-// qcow2 overlay in its folder that holds only what the VM changed on top
-// of the read-only image, so freezing it is cheap: while the machine is
-// paused at the end of the migration, the overlay is copied into the
-// snapshot folder (sparse, and as a reflink where the file system can;
-// a few MB for a freshly booted guest). The copy is consistent without
-// asking the guest to sync: stopping the machine drains its I/O, and the
-// end of the migration inactivates the images, which writes QEMU's qcow2
-// metadata caches out to the file even with cache=unsafe (dirty pages
-// still in the guest's page cache are part of the saved memory). The
-// copy keeps the overlay's absolute backing path, the image, which stays
-// read-only; `cont` re-activates the source's images and it goes on
-// writing to its own overlay. Each VM restored from the snapshot gets an
-// overlay of its own whose backing file is the frozen copy (see
-// prepareDisks), so clones share the snapshot's disk copy-on-write and
-// never see each other's writes. A read-only (shared mode) disk is kept
-// by reference: the image itself. Other writable disks (a raw file of the
-// caller's) are refused: freezing them would mean a full copy.
+// Disks. A snapshot must hold each writable disk exactly as the saved
+// memory knows it. The VM's isolated disk is an overlay in its folder that
+// holds only what the VM changed on top of the read-only image: while the
+// machine is paused after saving its state, the driver copies it into the
+// snapshot (FreezeDisk), and once the machine runs again makes the copy
+// depend on the image alone (FinishDisk; the QEMU driver's disk.go tells
+// how and why this is consistent). Each VM restored from the snapshot gets
+// an overlay of its own on the frozen copy (see prepareDisks), so clones
+// share the snapshot's disk copy-on-write and never see each other's
+// writes. A read-only (shared mode) disk is kept by reference: the image
+// itself. Other writable disks (a raw file of the caller's) are refused:
+// freezing them would mean a full copy.
 func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOptions) error {
-	sn, ok := s.machine.(hypervisor.Snapshotter)
-	if !ok {
+	if !s.caps.Snapshot {
 		return fmt.Errorf("snapshot: %w", hypervisor.ErrUnsupported)
 	}
 	if s.Paused() {
@@ -103,18 +89,14 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOpti
 		s.fast.hangUp()
 	}
 	time.Sleep(50 * time.Millisecond)
+	layout := s.drv.SnapshotLayout()
 	t0 := time.Now()
-	err = sn.Snapshot(ctx, dir)
-	if mc := s.spec.Machine; err == nil && mc.MemoryShared && mc.MemoryFile != "" {
-		// The migration stream left the memory file out: it is the
-		// snapshot's memory as it stands (paused).
-		err = saveMemory(ctx, mc.MemoryFile, filepath.Join(dir, hypervisor.SnapshotRAM), !opts.Resume)
-	}
+	err = s.machine.Snapshot(ctx, dir, !opts.Resume)
 	t1 := time.Now()
 	if err == nil {
 		// Still paused: the disks cannot change under the copy.
 		for _, i := range frozen {
-			if err = copyDisk(ctx, s.spec.Machine.Disks[i].Path, SnapshotDisk(dir, i)); err != nil {
+			if err = s.drv.FreezeDisk(ctx, s.spec.Machine.Disks[i].Path, layout.Disk(dir, i)); err != nil {
 				break
 			}
 		}
@@ -122,19 +104,19 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOpti
 	t2 := time.Now()
 	if err != nil {
 		// The machine is paused (Snapshot stops it first): let it go on.
-		_ = s.machine.(hypervisor.Pauser).Resume(context.WithoutCancel(ctx))
+		_ = s.machine.Resume(context.WithoutCancel(ctx))
 		_ = s.reconnect(context.WithoutCancel(ctx))
 		return fmt.Errorf("snapshot: %w", err)
 	}
 	if opts.Resume {
-		if err := s.machine.(hypervisor.Pauser).Resume(ctx); err != nil {
+		if err := s.machine.Resume(ctx); err != nil {
 			return err
 		}
 	}
 	t3 := time.Now()
 	// The source runs again; what is left is off its pause.
 	for _, i := range frozen {
-		if err := finishDisk(ctx, SnapshotDisk(dir, i), filepath.Dir(filepath.Clean(dir))); err != nil {
+		if err := s.drv.FinishDisk(ctx, layout.Disk(dir, i), filepath.Dir(filepath.Clean(dir))); err != nil {
 			if opts.Resume {
 				_ = s.reconnect(context.WithoutCancel(ctx))
 			}
@@ -148,115 +130,15 @@ func (s *Supervisor) Snapshot(ctx context.Context, dir string, opts SnapshotOpti
 	return s.reconnect(ctx)
 }
 
-// saveMemory puts a paused machine's memory file into a snapshot: a hard
-// link when the machine will not run again (nothing writes to it any
-// more), a copy otherwise. Blocks of zeros (the guest's free memory) are
-// then punched out, so the file takes disk space only for memory in use
-// and clones read the rest as holes.
-func saveMemory(ctx context.Context, src, dst string, link bool) error {
-	if !link || os.Link(src, dst) != nil {
-		if err := copyDisk(ctx, src, dst); err != nil {
-			return fmt.Errorf("save memory: %w", err)
-		}
-	}
-	if err := punchZeros(dst); err != nil {
-		return fmt.Errorf("save memory: %w", err)
-	}
-	// Not read-only: QEMU 7.2 opens a private memory file for writing,
-	// although a private mapping never writes to it.
-	return os.Chmod(dst, 0o600)
-}
-
-// punchZeros deallocates the 4 KiB blocks of a file that hold only zeros;
-// its size and contents stay the same. On a file system that cannot seek
-// to data or punch holes the file is left whole: that costs disk space,
-// nothing else.
-func punchZeros(path string) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	const block = 4 << 10
-	fd := int(f.Fd())
-	buf, zero := make([]byte, 1<<20), make([]byte, block)
-	var runStart, runEnd int64 // the pending run of zero blocks
-	flush := func() error {
-		if runEnd > runStart {
-			err := unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, runStart, runEnd-runStart)
-			if errors.Is(err, unix.EOPNOTSUPP) {
-				return errNoPunch
-			}
-			if err != nil {
-				return fmt.Errorf("punch holes in %s: %w", path, err)
-			}
-		}
-		runStart, runEnd = 0, 0
-		return nil
-	}
-	for off := int64(0); off < fi.Size(); {
-		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			break // only a hole is left
-		}
-		if err != nil {
-			return nil // no SEEK_DATA here: the file stays as it is (only larger)
-		}
-		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
-		if err != nil {
-			return fmt.Errorf("seek %s: %w", path, err)
-		}
-		for pos := data; pos < hole; {
-			n, err := f.ReadAt(buf[:min(int64(len(buf)), hole-pos)], pos)
-			if n == 0 {
-				return fmt.Errorf("read %s: %w", path, err)
-			}
-			for i := 0; i+block <= n; i += block {
-				at := pos + int64(i)
-				if !bytes.Equal(buf[i:i+block], zero) {
-					continue
-				}
-				if at != runEnd {
-					if err := flush(); errors.Is(err, errNoPunch) {
-						return nil // the file stays as it is
-					} else if err != nil {
-						return err
-					}
-					runStart = at
-				}
-				runEnd = at + block
-			}
-			pos += int64(n)
-		}
-		off = hole
-	}
-	if err := flush(); !errors.Is(err, errNoPunch) {
-		return err
-	}
-	return nil // the file stays as it is
-}
-
-// errNoPunch: the file system cannot punch holes; the file stays whole.
-var errNoPunch = errors.New("hole punching not supported")
-
-// SnapshotDisk is the frozen copy of the machine's disk i in a snapshot
-// folder.
-func SnapshotDisk(dir string, i int) string {
-	return filepath.Join(dir, fmt.Sprintf("disk%d.qcow2", i))
-}
-
-// frozenDisks lists the disks a snapshot of this VM copies (its qcow2
-// overlays) and refuses the disks it cannot take.
+// frozenDisks lists the disks a snapshot of this VM copies (the
+// overlays in its folder, in the driver's overlay format) and refuses the
+// disks it cannot take.
 func (s *Supervisor) frozenDisks() ([]int, error) {
 	var out []int
 	for i, d := range s.spec.Machine.Disks {
 		switch {
 		case d.ReadOnly:
-		case d.Format == "qcow2" && filepath.Dir(d.Path) == filepath.Clean(s.spec.Machine.Dir):
+		case d.Format == s.caps.OverlayFormat && d.Format != "" && filepath.Dir(d.Path) == filepath.Clean(s.spec.Machine.Dir):
 			out = append(out, i)
 		default:
 			return nil, fmt.Errorf("snapshots of VMs with a writable disk of the caller's (%s) would copy the whole disk: %w; boot the VM from a disk image instead (Config.Image, --image) in isolated or shared mode", d.Path, hypervisor.ErrUnsupported)
@@ -265,72 +147,17 @@ func (s *Supervisor) frozenDisks() ([]int, error) {
 	return out, nil
 }
 
-// copyDisk copies an overlay: sparse, and as a reflink (copy-on-write,
-// no data copied) where the file system supports it.
-func copyDisk(ctx context.Context, src, dst string) error {
-	if out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", src, dst).CombinedOutput(); err != nil {
-		_ = os.Remove(dst)
-		return fmt.Errorf("copy disk %s: %w: %s", src, err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
-
-// finishDisk makes a frozen disk independent of other snapshots, durable
-// and read-only. A VM restored from a snapshot writes to an overlay whose
-// backing file is that snapshot's frozen disk, so a copy of its overlay
-// has the older snapshot in its chain: it is rebased onto the image (safe
-// mode: the clusters the older snapshot's disk holds are copied in, only
-// those), so that every snapshot depends on the image alone and can be
-// deleted on its own.
-func finishDisk(ctx context.Context, path, snapshotsDir string) error {
-	out, err := exec.CommandContext(ctx, "qemu-img", "info", "--backing-chain", "--output=json", "-f", "qcow2", path).Output()
-	if err != nil {
-		return fmt.Errorf("qemu-img info %s: %w%s", path, err, stderrOf(err))
-	}
-	var chain []struct {
-		Filename string `json:"filename"`
-		Format   string `json:"format"`
-	}
-	if err := json.Unmarshal(out, &chain); err != nil {
-		return fmt.Errorf("qemu-img info %s: %w", path, err)
-	}
-	if len(chain) > 2 && strings.HasPrefix(chain[1].Filename, snapshotsDir+string(filepath.Separator)) {
-		base := chain[2]
-		if out, err := exec.CommandContext(ctx, "qemu-img", "rebase", "-q", "-f", "qcow2", "-b", base.Filename, "-F", base.Format, path).CombinedOutput(); err != nil {
-			return fmt.Errorf("qemu-img rebase %s onto %s: %w: %s", path, base.Filename, err, strings.TrimSpace(string(out)))
-		}
-	}
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	return os.Chmod(path, 0o400)
-}
-
-func stderrOf(err error) string {
-	var ee *exec.ExitError
-	if errors.As(err, &ee) && len(ee.Stderr) > 0 {
-		return ": " + strings.TrimSpace(string(ee.Stderr))
-	}
-	return ""
-}
-
 // prepareDisks gives a machine started from a snapshot its disks: a fresh
-// qcow2 overlay in the VM's folder on each frozen disk of the snapshot
-// (the machine's drives stay as they were saved: same order, same ids).
-// A restored VM that ran before (stopped, now started again) already has
-// its overlay, which has moved on from the snapshot's memory: restoring
-// that memory over it would corrupt the guest's file system, so the VM
-// boots from its own disk instead, as a stopped VM of a disk image does.
-func (s *Supervisor) prepareDisks(ctx context.Context, mc *hypervisor.MachineConfig) error {
-	if mc.Incoming == "" {
+// overlay in the VM's folder on each frozen disk of the snapshot (the
+// machine's drives stay as they were saved: same order, same ids), made by
+// the driver in its format. A restored VM that ran before (stopped, now
+// started again) already has its overlay, which has moved on from the
+// snapshot's memory: restoring that memory over it would corrupt the
+// guest's file system, so the VM boots from its own disk instead, as a
+// stopped VM of a disk image does.
+func (s *Supervisor) prepareDisks(ctx context.Context, b *boot) error {
+	mc := &b.mc
+	if mc.Restore == nil {
 		return nil
 	}
 	var overlays []int
@@ -339,24 +166,19 @@ func (s *Supervisor) prepareDisks(ctx context.Context, mc *hypervisor.MachineCon
 			continue
 		}
 		if _, err := os.Stat(d.Path); err == nil {
-			mc.Incoming, s.spec.Restored = "", false
+			mc.Restore, s.spec.Restored = nil, false
 			mc.Cmdline = withHostname(mc.Cmdline, s.spec.Hostname)
 			s.log.Debug("restored VM started again: booting from its own disk", "disk", d.Path)
 			return nil
 		}
 		overlays = append(overlays, i)
 	}
-	t0 := time.Now()
+	layout := s.drv.SnapshotLayout()
 	for _, i := range overlays {
-		frozen := SnapshotDisk(mc.Incoming, i)
-		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", frozen, mc.Disks[i].Path).CombinedOutput()
-		if err != nil {
-			_ = os.Remove(mc.Disks[i].Path)
-			return fmt.Errorf("create the disk overlay on snapshot disk %s: %w: %s", frozen, err, strings.TrimSpace(string(out)))
+		if err := s.drv.Overlay(ctx, layout.Disk(mc.Restore.Dir, i), mc.Disks[i].Path); err != nil {
+			return err
 		}
-	}
-	if len(overlays) > 0 {
-		s.log.Debug("disk overlays made on the snapshot's disks", "count", len(overlays), "took", time.Since(t0))
+		b.overlays = append(b.overlays, mc.Disks[i].Path)
 	}
 	return nil
 }
@@ -397,9 +219,19 @@ func (c *control) Snapshot(ctx context.Context, req *controlpb.SnapshotRequest) 
 	if err := c.s.Snapshot(ctx, req.Dir, SnapshotOptions{Resume: req.Resume}); err != nil {
 		return nil, err
 	}
-	fi, err := os.Stat(filepath.Join(req.Dir, "memory"))
+	fi, err := os.Stat(c.s.drv.SnapshotLayout().StatePath(req.Dir))
 	if err != nil {
 		return nil, err
 	}
 	return &controlpb.SnapshotResponse{MemoryBytes: fi.Size()}, nil
+}
+
+// SnapshotLayout names the files of a snapshot of this spec's machine:
+// its driver's.
+func (s *Spec) SnapshotLayout() (hypervisor.SnapshotLayout, error) {
+	d, err := hypervisor.Get(s.Driver)
+	if err != nil {
+		return hypervisor.SnapshotLayout{}, err
+	}
+	return d.SnapshotLayout(), nil
 }

@@ -35,7 +35,7 @@ type Spare struct {
 	netConn net.Conn
 }
 
-// PrepareSpare starts a spare for the machine mc describes (Incoming set,
+// PrepareSpare starts a spare for the machine mc describes (Restore set,
 // no disks), in a new folder dir: mc's folder, console log and network
 // socket are moved there.
 func PrepareSpare(ctx context.Context, driver string, mc hypervisor.MachineConfig, dir string) (_ *Spare, err error) {
@@ -43,9 +43,11 @@ func PrepareSpare(ctx context.Context, driver string, mc hypervisor.MachineConfi
 	if err != nil {
 		return nil, err
 	}
-	pl, ok := d.(hypervisor.Prelauncher)
-	if !ok || mc.Incoming == "" || len(mc.Disks) > 0 || mc.Channel == hypervisor.ChannelVsock {
+	if !d.Capabilities().Prelaunch || mc.Restore == nil || len(mc.Disks) > 0 || mc.Channel == hypervisor.ChannelVsock {
 		return nil, fmt.Errorf("prelaunch: %w", hypervisor.ErrUnsupported)
+	}
+	if err := d.Capabilities().Check(&mc); err != nil {
+		return nil, fmt.Errorf("prelaunch: %w", err)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("prelaunch: %w", err)
@@ -74,7 +76,7 @@ func PrepareSpare(ctx context.Context, driver string, mc hypervisor.MachineConfi
 			defer ln.Close()
 		}
 	}
-	if sp.m, err = pl.Prelaunch(ctx, &sp.mc); err != nil {
+	if sp.m, err = d.Prelaunch(ctx, &sp.mc); err != nil {
 		return nil, err
 	}
 	if ln != nil {
@@ -119,24 +121,11 @@ func (sp *Spare) Claim(dir, id string, consoleLogMaxBytes int64) (hypervisor.Mac
 		return hypervisor.MachineConfig{}, fmt.Errorf("claim prelaunched hypervisor: %w", err)
 	}
 	sp.dir = dir
-	if in, ok := sp.m.(hypervisor.Incomer); ok {
-		in.Move(dir, consoleLogMaxBytes)
-	}
+	sp.m.Move(dir, consoleLogMaxBytes)
 	_ = os.Remove(filepath.Join(dir, SpareOwnerFile))
 	sp.mc = relocate(sp.mc, dir, id)
 	sp.mc.ConsoleLogMaxBytes = consoleLogMaxBytes
 	return sp.mc, nil
-}
-
-// incoming loads the snapshot m was started for (its folder is dir now)
-// and lets the guest run. On failure the machine is gone.
-func incoming(ctx context.Context, m hypervisor.Machine, dir string) error {
-	in, ok := m.(hypervisor.Incomer)
-	if !ok {
-		_ = m.Kill()
-		return fmt.Errorf("prelaunched machine: %w", hypervisor.ErrUnsupported)
-	}
-	return in.Incoming(ctx, dir)
 }
 
 // Discard kills an unclaimed spare and removes its folder.

@@ -25,7 +25,6 @@ import (
 
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
-	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
@@ -84,6 +83,8 @@ type Supervisor struct {
 	spec    Spec
 	st      *store.Store
 	log     *slog.Logger
+	drv     hypervisor.Driver
+	caps    hypervisor.Capabilities
 	machine hypervisor.Machine
 	net     vmNetwork // user-mode stack or TAP, started before the machine
 
@@ -152,8 +153,7 @@ func Start(ctx context.Context, id string, opts Options) (_ *Supervisor, err err
 	}
 	s.timings.Create = opts.CreateDone.Sub(opts.Started)
 	if err := s.start(ctx, opts); err != nil {
-		reason := err.Error()
-		s.teardown()
+		reason := err.Error() // what start made is undone
 		_, uerr := s.st.UpdateVM(context.WithoutCancel(ctx), s.id, func(v *store.VM) error {
 			v.State, v.Reason, v.HypervisorPID, v.SupervisorPID = "failed", reason, 0, 0
 			return nil
@@ -165,110 +165,21 @@ func Start(ctx context.Context, id string, opts Options) (_ *Supervisor, err err
 	return s, nil
 }
 
+// start boots the machine: the steps of boot.go, run in order, each
+// undone in reverse when a later one fails.
 func (s *Supervisor) start(ctx context.Context, opts Options) error {
 	d, err := hypervisor.Get(s.spec.Driver)
 	if err != nil {
 		return err
 	}
-	mc := s.spec.Machine
-	t0 := time.Now()
-	s.consoleFrom = consoleSize(filepath.Join(mc.Dir, ConsoleLog))
-	if err := s.prepareDisks(ctx, &mc); err != nil { // snapshot.go
+	s.drv, s.caps = d, d.Capabilities()
+	b := &boot{mc: s.spec.Machine, spare: opts.Spare, started: opts.Started}
+	if err := s.caps.Check(&b.mc); err != nil {
 		return err
 	}
-	var qemuConn net.Conn
-	if opts.Spare != nil {
-		qemuConn = opts.Spare.netConn
-	}
-	if err := s.startNetwork(ctx, &mc, qemuConn); err != nil {
-		return err
-	}
-	// A restore over virtio-serial connects the fast lane before the
-	// snapshot is loaded: the guest then learns of the connection as it
-	// resumes, instead of after a hang-up and a connect.
-	pl, _ := d.(hypervisor.Prelauncher)
-	early := mc.Incoming != "" && mc.Channel != hypervisor.ChannelVsock && (opts.Spare != nil || pl != nil)
-	var m hypervisor.Machine
-	if opts.Spare != nil {
-		s.log.Debug("phase launch: restoring into a prelaunched hypervisor", "driver", d.Name(), "pid", opts.Spare.m.PID())
-		m = opts.Spare.m
-	} else {
-		s.log.Debug("phase launch: starting hypervisor", "driver", d.Name(), "accel", mc.Accel, "channel", mc.Channel)
-		if early {
-			m, err = pl.Prelaunch(ctx, &mc) // started, waiting for the snapshot (below)
-		} else {
-			m, err = d.Start(ctx, &mc)
-		}
-	}
-	if t := s.tapNetwork(); t != nil {
-		// QEMU holds the TAP queue now (or failed): the device lives as
-		// long as QEMU does.
-		t.ReleaseFile()
-	}
-	if err != nil {
-		return fmt.Errorf("launch: %w", err)
-	}
-	// The fast lane is dialed now, so that the guest takes the connection
-	// while it boots; a lane that cannot be dialed is tried again on use.
-	s.fast = &fastLane{dial: m.DialFast}
-	dialLane := func() {
-		if _, err := s.fast.get(ctx); err != nil {
-			s.log.Debug("fast lane not connected", "err", err)
-		}
-	}
-	var earlyLane *lane.Client
-	if early {
-		dialLane()
-		earlyLane = s.fast.current()
-		if err := incoming(ctx, m, mc.Dir); err != nil {
-			return fmt.Errorf("launch: %w", err)
-		}
-	}
-	s.machine = m
-	launched := time.Now()
-	s.timings.Launch = launched.Sub(t0)
-	s.log.Debug("phase launch done", "took", s.timings.Launch, "pid", m.PID())
-
-	s.agentConn, err = DialAgent(m)
-	if err != nil {
-		return fmt.Errorf("connect agent: %w", err)
-	}
-	if !early {
-		dialLane()
-	}
-	s.log.Debug("phase first command: waiting for guest agent", "timeout", s.spec.BootTimeout)
-	// The first call waits for the agent, over the fast lane. A restored
-	// guest's is the one that makes it a machine of its own: no separate
-	// ping, as every call into a just-restored guest runs code the
-	// emulator has to translate anew. The gRPC connection is made on its
-	// first use: a VM that only runs commands never needs it.
-	probe := func(ctx context.Context) error {
-		return s.callLane(ctx, lane.TypePing, &agentpb.PingRequest{}, &agentpb.PingResponse{})
-	}
-	if s.spec.Restored {
-		probe = s.refresh
-	}
-	if err := s.waitReady(ctx, probe); err != nil {
-		return err
-	}
-	ready := time.Now()
-	s.laneEarly = earlyLane != nil && s.fast.current() == earlyLane
-	s.timings.FirstCommand = ready.Sub(launched)
-	s.timings.CreateToFirstCommand = ready.Sub(opts.Started)
-	s.log.Debug("phase first command done", "took", s.timings.FirstCommand, "total", s.timings.CreateToFirstCommand)
-
-	if err := s.serve(); err != nil {
-		return err
-	}
-	tj, _ := json.Marshal(s.timings)
-	ij, _ := json.Marshal(m.Info())
-	_, err = s.st.UpdateVM(ctx, s.id, func(v *store.VM) error {
-		v.State, v.Reason = "running", ""
-		v.SupervisorPID, v.HypervisorPID = os.Getpid(), m.PID()
-		v.Timings, v.Info = tj, ij
-		return nil
-	})
-	return err
+	s.consoleFrom = consoleSize(filepath.Join(b.mc.Dir, ConsoleLog))
+	b.t0 = time.Now()
+	return s.runSteps(ctx, s.bootSteps(b))
 }
 
 // DialAgent makes a gRPC client of the machine's agent channel. It
@@ -432,8 +343,19 @@ func (s *Supervisor) guestPanic() string {
 	return GuestPanic(filepath.Join(s.spec.Machine.Dir, ConsoleLog), s.consoleFrom)
 }
 
-// teardown releases everything the supervisor holds, machine included.
+// teardown releases everything the supervisor holds, machine included:
+// the undos of the boot steps that made them, in reverse (the disks stay).
 func (s *Supervisor) teardown() {
+	for _, undo := range []func() error{s.stopServing, s.closeAgent, s.killMachine, s.stopNetwork} {
+		if err := undo(); err != nil {
+			s.log.Debug("teardown", "err", err)
+		}
+	}
+}
+
+// stopServing ends the VM's API socket, letting calls in flight finish
+// for a moment.
+func (s *Supervisor) stopServing() error {
 	if s.server != nil {
 		done := make(chan struct{})
 		go func() { s.server.GracefulStop(); close(done) }()
@@ -443,22 +365,18 @@ func (s *Supervisor) teardown() {
 			s.server.Stop()
 		}
 	}
-	s.mu.Lock()
-	conn := s.agentConn
-	s.mu.Unlock()
-	if conn != nil {
-		_ = conn.Close()
+	if err := os.Remove(filepath.Join(s.spec.Machine.Dir, APISocket)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
 	}
-	if s.fast != nil {
-		s.fast.close()
-	}
-	if s.machine != nil {
-		_ = s.machine.Kill()
-	}
+	return nil
+}
+
+// stopNetwork ends the VM's network.
+func (s *Supervisor) stopNetwork() error {
 	if s.net != nil {
 		s.net.Close()
 	}
-	_ = os.Remove(filepath.Join(s.spec.Machine.Dir, APISocket))
+	return nil
 }
 
 // tapNetwork is the VM's TAP network, or nil in another mode.

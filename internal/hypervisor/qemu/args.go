@@ -26,7 +26,7 @@ const incomingFD = 3
 // them the same way.
 func extraFiles(cfg *hypervisor.MachineConfig, memory *os.File) []*os.File {
 	var fs []*os.File
-	if cfg.Incoming != "" {
+	if cfg.Restore != nil {
 		fs = append(fs, memory)
 	}
 	for _, n := range cfg.Net {
@@ -88,7 +88,7 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 	} else {
 		args = append(args, "-accel", "tcg,tb-size="+strconv.Itoa(tcgCacheMiB), "-cpu", tcgCPU)
 	}
-	if cfg.Incoming == "" {
+	if cfg.Restore == nil {
 		args = append(args, "-kernel", escape(cfg.Kernel))
 		if cfg.Initrd != "" {
 			args = append(args, "-initrd", escape(cfg.Initrd))
@@ -125,7 +125,7 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 		args = append(args, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-device,drive=disk%d", i))
 	}
 	nextFD := incomingFD
-	if cfg.Incoming != "" {
+	if cfg.Restore != nil {
 		nextFD++
 	}
 	for i, n := range cfg.Net {
@@ -156,19 +156,40 @@ func buildArgs(cfg *hypervisor.MachineConfig, dir string) []string {
 // block a migration stream refers to.
 const memoryID = "mem"
 
-// memoryBackend describes guest RAM: anonymous memory, or a file (see
-// hypervisor.MachineConfig.MemoryFile). A private file is only mapped to
-// restore a snapshot; a machine that boots gets fresh memory.
+// memoryBackend describes guest RAM: anonymous memory, or a file: the
+// machine's own, shared (MachineConfig.MemoryFile), or a restored
+// snapshot's, mapped copy-on-write (see guestMemory).
 func memoryBackend(cfg *hypervisor.MachineConfig) string {
 	size := strconv.Itoa(cfg.MemoryMiB) + "M"
-	if cfg.MemoryFile == "" || !cfg.MemoryShared && cfg.Incoming == "" {
+	path, shared := guestMemory(cfg)
+	if path == "" {
 		return "memory-backend-ram,id=" + memoryID + ",size=" + size
 	}
 	share := "off"
-	if cfg.MemoryShared {
+	if shared {
 		share = "on"
 	}
-	return "memory-backend-file,id=" + memoryID + ",size=" + size + ",mem-path=" + escape(cfg.MemoryFile) + ",share=" + share
+	return "memory-backend-file,id=" + memoryID + ",size=" + size + ",mem-path=" + escape(path) + ",share=" + share
+}
+
+// guestMemory is the file that backs guest RAM ("" for anonymous memory)
+// and whether the guest writes through to it. A machine that boots has
+// its MemoryFile, shared; a restored one maps its snapshot's memory file
+// privately, when the snapshot has one (its source's memory was a file),
+// and gets fresh memory otherwise (the state file holds it).
+func guestMemory(cfg *hypervisor.MachineConfig) (path string, shared bool) {
+	if cfg.Restore == nil {
+		return cfg.MemoryFile, cfg.MemoryFile != ""
+	}
+	if p := Layout.MemoryPath(cfg.Restore.Dir); fileExists(p) {
+		return p, false
+	}
+	return "", false
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 // escape doubles commas, QEMU's option separator, in a value.

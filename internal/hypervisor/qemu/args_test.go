@@ -29,7 +29,7 @@ func TestTAPFileArgs(t *testing.T) {
 		{"", "fd=3", []*os.File{tap}},
 		{"/snap", "fd=4", []*os.File{mem, tap}},
 	} {
-		cfg := &hypervisor.MachineConfig{Dir: "/vm", Kernel: "k", VCPUs: 1, MemoryMiB: 128, Incoming: c.incoming,
+		cfg := &hypervisor.MachineConfig{Dir: "/vm", Kernel: "k", VCPUs: 1, MemoryMiB: 128, Restore: restore(c.incoming),
 			Net: []hypervisor.NetDevice{{MAC: "5a:94:ac:10:00:02", TAP: "smv0123456789ab", TAPFile: tap}}}
 		args := strings.Join(buildArgs(cfg, cfg.Dir), " ")
 		if !strings.Contains(args, "-netdev tap,id=net0,"+c.fd+" ") || strings.Contains(args, "ifname=") ||
@@ -43,23 +43,27 @@ func TestTAPFileArgs(t *testing.T) {
 }
 
 // TestMemoryBackend: guest RAM is always the backend "mem" (snapshots refer
-// to its RAM block by that name); a private memory file is mapped only to
-// restore, and a shared one always.
+// to its RAM block by that name); a machine's memory file is shared, and a
+// restore maps its snapshot's memory file privately when the snapshot has
+// one.
 func TestMemoryBackend(t *testing.T) {
+	withRAM, withoutRAM := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(Layout.MemoryPath(withRAM), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		file     string
-		shared   bool
 		incoming string
 		want     string
 	}{
-		{"", false, "", "memory-backend-ram,id=mem,size=256M"},
-		{"/vm/ram", true, "", "memory-backend-file,id=mem,size=256M,mem-path=/vm/ram,share=on"},
-		{"/snap/ram", false, "/snap", "memory-backend-file,id=mem,size=256M,mem-path=/snap/ram,share=off"},
-		{"/snap/ram", false, "", "memory-backend-ram,id=mem,size=256M"},
-		{"/a,b/ram", true, "", "memory-backend-file,id=mem,size=256M,mem-path=/a,,b/ram,share=on"},
+		{"", "", "memory-backend-ram,id=mem,size=256M"},
+		{"/vm/ram", "", "memory-backend-file,id=mem,size=256M,mem-path=/vm/ram,share=on"},
+		{"", withRAM, "memory-backend-file,id=mem,size=256M,mem-path=" + withRAM + "/ram,share=off"},
+		{"", withoutRAM, "memory-backend-ram,id=mem,size=256M"},
+		{"/a,b/ram", "", "memory-backend-file,id=mem,size=256M,mem-path=/a,,b/ram,share=on"},
 	} {
 		cfg := &hypervisor.MachineConfig{Dir: "/vm", Kernel: "k", VCPUs: 1, MemoryMiB: 256,
-			MemoryFile: c.file, MemoryShared: c.shared, Incoming: c.incoming}
+			MemoryFile: c.file, Restore: restore(c.incoming)}
 		args := buildArgs(cfg, cfg.Dir)
 		i := slices.Index(args, "-object")
 		if i < 0 || args[i+1] != c.want {
@@ -76,6 +80,14 @@ func TestMemoryBackend(t *testing.T) {
 			t.Errorf("%+v: kernel and incoming args: %v", c, args)
 		}
 	}
+}
+
+// restore is a restore of the snapshot in dir, or nil for "".
+func restore(dir string) *hypervisor.Restore {
+	if dir == "" {
+		return nil
+	}
+	return &hypervisor.Restore{Dir: dir}
 }
 
 // TestNoPIT: the machine has no i8254, whose reset mode woke an idle

@@ -71,8 +71,9 @@ func jailFor(cfg *hypervisor.MachineConfig, host *jail.Host) (*jail.Jail, error)
 	// Files in the folder that QEMU opens by path may exist already
 	// (a restart, a disk overlay, the network stack's socket).
 	owned := []string{cfg.ConsoleLog}
-	if cfg.Incoming == "" {
-		owned = append(owned, cfg.MemoryFile)
+	memory, sharedMemory := guestMemory(cfg)
+	if sharedMemory {
+		owned = append(owned, memory)
 	}
 	for _, n := range cfg.Net {
 		owned = append(owned, n.StreamSocket)
@@ -102,7 +103,7 @@ func jailFor(cfg *hypervisor.MachineConfig, host *jail.Host) (*jail.Jail, error)
 	}
 	// Shared files, bound read-only.
 	var shared []string
-	if cfg.Incoming == "" {
+	if cfg.Restore == nil {
 		shared = append(shared, cfg.Kernel, cfg.Initrd)
 	}
 	for _, d := range cfg.Disks {
@@ -124,15 +125,15 @@ func jailFor(cfg *hypervisor.MachineConfig, host *jail.Host) (*jail.Jail, error)
 		}
 		j.ReadOnly = append(j.ReadOnly, p)
 	}
-	if cfg.Incoming != "" && cfg.MemoryFile != "" && !inDir(cfg.MemoryFile) {
+	if memory != "" && !sharedMemory && !inDir(memory) {
 		// A snapshot's memory file, mapped copy-on-write. QEMU 7.2 opens
 		// a memory-backend-file for writing even when it maps it
 		// privately (8.2's rom=on lifts that), so this file must be
 		// writable by the jail's group.
-		if err := grantGroup(cfg.MemoryFile, host.GID, 0o060); err != nil {
+		if err := grantGroup(memory, host.GID, 0o060); err != nil {
 			return nil, err
 		}
-		j.Writable = append(j.Writable, cfg.MemoryFile)
+		j.Writable = append(j.Writable, memory)
 	}
 	if cfg.Accel == hypervisor.AccelKVM {
 		j.Devices = append(j.Devices, "/dev/kvm")

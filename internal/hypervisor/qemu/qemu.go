@@ -23,6 +23,7 @@ import (
 	"github.com/digitalocean/go-qemu/qmp"
 	"github.com/mdlayher/vsock"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/jail"
 )
@@ -38,15 +39,44 @@ type Driver struct {
 
 var _ hypervisor.Driver = (*Driver)(nil)
 var _ hypervisor.Machine = (*Machine)(nil)
-var _ hypervisor.Pauser = (*Machine)(nil)
-var _ hypervisor.Snapshotter = (*Machine)(nil)
-var _ hypervisor.Prelauncher = (*Driver)(nil)
-var _ hypervisor.Incomer = (*Machine)(nil)
 
-func init() { hypervisor.Register(&Driver{}) }
+// Name is the driver's name in the registry.
+const Name = "qemu"
 
-// Name implements hypervisor.Driver.
-func (d *Driver) Name() string { return "qemu" }
+func init() { hypervisor.Register(Name, &Driver{}) }
+
+// Layout is where a QEMU snapshot keeps what: the migration stream (device
+// state, and memory unless the machine's memory was a file), the memory
+// file, and each writable disk's frozen qcow2 overlay.
+var Layout = hypervisor.SnapshotLayout{State: "memory", Memory: "ram", DiskPattern: "disk%d.qcow2"}
+
+// Capabilities implements hypervisor.Driver.
+func (d *Driver) Capabilities() hypervisor.Capabilities {
+	return hypervisor.Capabilities{
+		Accels:        []hypervisor.Accel{hypervisor.AccelKVM, hypervisor.AccelTCG},
+		Channels:      []hypervisor.Channel{hypervisor.ChannelVirtioSerial, hypervisor.ChannelVsock},
+		Pause:         true,
+		Snapshot:      true,
+		Prelaunch:     true,
+		MemoryFile:    true,
+		TAP:           true,
+		UserLink:      hypervisor.LinkStream, // -netdev stream
+		DiskFormats:   []string{"raw", "qcow2"},
+		OverlayFormat: "qcow2",
+	}
+}
+
+// SnapshotLayout implements hypervisor.Driver.
+func (d *Driver) SnapshotLayout() hypervisor.SnapshotLayout { return Layout }
+
+// CacheKey implements hypervisor.Driver: the QEMU binary's path, not its
+// -version output: running it would add a process start (10–60 ms) to
+// every create on a host with /dev/kvm; an upgrade replaces the file,
+// which the caller's key notices by the file's identity.
+func (d *Driver) CacheKey() string {
+	p, _ := d.binary()
+	return p
+}
 
 func (d *Driver) binary() (string, error) {
 	if d.Path != "" {
@@ -95,20 +125,20 @@ func (d *Driver) Start(ctx context.Context, cfg *hypervisor.MachineConfig) (hype
 	if err != nil {
 		return nil, err
 	}
-	if cfg.Incoming != "" {
-		if err := m.Incoming(ctx, cfg.Dir); err != nil {
+	if cfg.Restore != nil {
+		if err := m.Restore(ctx, cfg.Dir); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
 }
 
-// Prelaunch implements hypervisor.Prelauncher: QEMU is started for the
-// restore of cfg.Incoming (its memory file mapped, its devices built) and
-// waits for Incoming to load the snapshot's device state.
+// Prelaunch implements hypervisor.Driver: QEMU is started for the restore
+// of cfg.Restore (its memory file mapped, its devices built) and waits for
+// Restore to load the snapshot's device state.
 func (d *Driver) Prelaunch(ctx context.Context, cfg *hypervisor.MachineConfig) (hypervisor.Machine, error) {
-	if cfg.Incoming == "" {
-		return nil, errors.New("prelaunch: the machine config names no snapshot to restore")
+	if cfg.Restore == nil {
+		return nil, fmt.Errorf("%w: prelaunch: the machine config names no snapshot to restore", errdefs.ErrInvalid)
 	}
 	return d.launch(ctx, cfg)
 }
@@ -118,6 +148,9 @@ func (d *Driver) Prelaunch(ctx context.Context, cfg *hypervisor.MachineConfig) (
 func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Machine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
+	}
+	if cfg.Restore != nil && cfg.MemoryFile != "" {
+		return nil, fmt.Errorf("%w: machine config: a restored machine's memory is its snapshot's, not a memory file", errdefs.ErrInvalid)
 	}
 	bin, err := d.binary()
 	if err != nil {
@@ -137,8 +170,8 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 	// crashed supervisor never leaves an orphaned guest behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	var memory *os.File
-	if cfg.Incoming != "" {
-		memory, err = os.Open(filepath.Join(cfg.Incoming, "memory"))
+	if cfg.Restore != nil {
+		memory, err = os.Open(Layout.StatePath(cfg.Restore.Dir))
 		if err != nil {
 			return nil, fmt.Errorf("open snapshot memory: %w", err)
 		}
@@ -173,7 +206,7 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 	}
 	forked := time.Since(started) // with a jail: its setup too
 	m := &Machine{cfg: *cfg, cmd: cmd, done: make(chan struct{}), stderr: stderr, release: release, jailed: jl != nil, console: console}
-	m.info = hypervisor.Info{Driver: "qemu", Accel: cfg.Accel, Channel: cfg.Channel}
+	m.info = hypervisor.Info{Driver: Name, Accel: cfg.Accel, Channel: cfg.Channel}
 	go console.drain()
 	go m.wait()
 
@@ -205,7 +238,7 @@ func (d *Driver) launch(ctx context.Context, cfg *hypervisor.MachineConfig) (*Ma
 	return m, nil
 }
 
-// Move implements hypervisor.Incomer.
+// Move implements hypervisor.Machine.
 func (m *Machine) Move(dir string, consoleLogMaxBytes int64) {
 	m.dirMu.Lock()
 	m.cfg.Dir, m.cfg.ConsoleLogMaxBytes = dir, consoleLogMaxBytes
@@ -216,10 +249,10 @@ func (m *Machine) Move(dir string, consoleLogMaxBytes int64) {
 	m.dirMu.Unlock()
 }
 
-// Incoming implements hypervisor.Incomer: it loads the snapshot the
+// Restore implements hypervisor.Machine: it loads the snapshot the
 // machine was started for and lets the guest run. dir is the machine's
 // state folder now (a prelaunched machine's folder moves to its VM's).
-func (m *Machine) Incoming(ctx context.Context, dir string) error {
+func (m *Machine) Restore(ctx context.Context, dir string) error {
 	t0 := time.Now()
 	if m.Dir() != dir {
 		m.Move(dir, m.cfg.ConsoleLogMaxBytes)
@@ -397,10 +430,10 @@ func (m *Machine) runWithFile(cmd string, args any, f *os.File, out any) error {
 	return json.Unmarshal(resp.Return, out)
 }
 
-// Pause implements hypervisor.Pauser.
+// Pause implements hypervisor.Machine.
 func (m *Machine) Pause(ctx context.Context) error { return m.run("stop", nil, nil) }
 
-// Resume implements hypervisor.Pauser.
+// Resume implements hypervisor.Machine.
 func (m *Machine) Resume(ctx context.Context) error { return m.run("cont", nil, nil) }
 
 // Quit asks QEMU to exit at once.
@@ -415,13 +448,28 @@ type migrateStatus struct {
 	} `json:"ram"`
 }
 
-// Snapshot implements hypervisor.Snapshotter: the guest is paused and its
-// memory and device state written to dir/memory through a migration stream.
-func (m *Machine) Snapshot(ctx context.Context, dir string) error {
+// Snapshot implements hypervisor.Machine: the guest is paused and its
+// device state, and its memory unless that is a file, written into the
+// folder through a migration stream (Layout.State); a memory file is then
+// saved beside it as it stands (Layout.Memory, see saveMemory).
+func (m *Machine) Snapshot(ctx context.Context, dir string, final bool) error {
+	if err := m.migrate(ctx, dir); err != nil {
+		return err
+	}
+	if mem, shared := guestMemory(&m.cfg); shared {
+		// The migration stream left the memory file out: it is the
+		// snapshot's memory as it stands (paused).
+		return saveMemory(ctx, mem, Layout.MemoryPath(dir), final)
+	}
+	return nil
+}
+
+// migrate pauses the guest and writes its migration stream into dir.
+func (m *Machine) migrate(ctx context.Context, dir string) error {
 	if err := m.run("stop", nil, nil); err != nil {
 		return err
 	}
-	f, err := os.OpenFile(filepath.Join(dir, "memory"), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	f, err := os.OpenFile(Layout.StatePath(dir), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
 		return fmt.Errorf("create snapshot memory file: %w", err)
 	}

@@ -1,0 +1,102 @@
+// Package server is `smolvm serve`: one HTTP listener with the native /v1
+// API over a sandbox registry (registry.go), and a mux where the other
+// APIs (E2B-compatible, MCP) are mounted with Handle. Handlers keep no
+// state of their own: every request goes through the registry, and
+// sandbox ids are global, so a front door can route to any server by id.
+package server
+
+import (
+	"context"
+	"crypto/subtle"
+	"log/slog"
+	"net/http"
+	"time"
+)
+
+// Options configure a Server.
+type Options struct {
+	// Home is the state folder (default smolvm.Home()).
+	Home string
+	// Listen is the address `smolvm serve` listens on (information for
+	// the handlers; the caller owns the listener).
+	Listen string
+	// APIKey, when set, is required on every API call (Authorization:
+	// Bearer KEY on /v1); "" accepts any caller.
+	APIKey string
+	// DefaultTimeout is a sandbox's timeout when its creation gives none
+	// (0: sandboxes never expire unless told).
+	DefaultTimeout time.Duration
+	// MaxSandboxes bounds the sandboxes of this server (0: only the
+	// host's capacity bounds them).
+	MaxSandboxes int
+	// MaxUploadBytes bounds one file or archive upload (0: 8 GiB).
+	MaxUploadBytes int64
+	Logger         *slog.Logger
+}
+
+// Server serves the APIs over one registry.
+type Server struct {
+	opts Options
+	reg  *Registry
+	mux  *http.ServeMux
+	log  *slog.Logger
+	// ctx ends at Shutdown: streams watch it to end cleanly.
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// New opens the registry of opts.Home (reconciling it with the VMs there)
+// and makes the server's handler.
+func New(opts Options) (*Server, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.MaxUploadBytes == 0 {
+		opts.MaxUploadBytes = 8 << 30
+	}
+	reg, err := NewRegistry(context.Background(), RegistryOptions{Home: opts.Home, DefaultTimeout: opts.DefaultTimeout,
+		MaxSandboxes: opts.MaxSandboxes, Logger: opts.Logger})
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{opts: opts, reg: reg, mux: http.NewServeMux(), log: opts.Logger}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.routes()
+	return s, nil
+}
+
+// Registry is the server's sandbox registry.
+func (s *Server) Registry() *Registry { return s.reg }
+
+// Handler serves every API the server has.
+func (s *Server) Handler() http.Handler { return s.mux }
+
+// Handle mounts another API on the server's mux (ServeMux patterns). The
+// handler checks the key itself (KeyOK), in its own API's way.
+func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
+
+// KeyOK tells whether key is the server's API key (compared in constant
+// time); any key is accepted when the server has none.
+func (s *Server) KeyOK(key string) bool {
+	if s.opts.APIKey == "" {
+		return true
+	}
+	return subtle.ConstantTimeCompare([]byte(key), []byte(s.opts.APIKey)) == 1
+}
+
+// Done is closed when the server shuts down: long-lived handlers
+// (streams) end cleanly when it is.
+func (s *Server) Done() <-chan struct{} { return s.ctx.Done() }
+
+// StopStreams ends the streams (Done) cleanly: the WebSocket ones close
+// with 1001 (going away). http.Server.RegisterOnShutdown takes it: the
+// server's Shutdown does not wait for hijacked connections.
+func (s *Server) StopStreams() { s.cancel() }
+
+// Shutdown ends the streams and closes the registry; the sandboxes keep
+// running for the next server. Call it after http.Server.Shutdown
+// returned (no request uses the registry any more).
+func (s *Server) Shutdown() error {
+	s.cancel()
+	return s.reg.Close()
+}
