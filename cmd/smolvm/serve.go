@@ -115,8 +115,8 @@ func serve(ctx context.Context, g *globals, opts server.Options) error {
 	}
 	ln, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
-		srv.Shutdown()
-		return fmt.Errorf("listen on %s (is another server there? choose another with --listen): %w", opts.Listen, err)
+		err = fmt.Errorf("listen on %s (is another server there? choose another with --listen): %w", opts.Listen, err)
+		return errors.Join(err, srv.Shutdown())
 	}
 	// The E2B-compatible API shares the listener (internal/e2b).
 	e2bAPI := e2b.New(srv.Registry(), opts.APIKey, opts.Logger)
@@ -154,6 +154,8 @@ func serve(ctx context.Context, g *globals, opts server.Options) error {
 	if errors.Is(err, context.DeadlineExceeded) {
 		err = hs.Close()
 	}
-	<-done
+	if serr := <-done; !errors.Is(serr, http.ErrServerClosed) {
+		err = errors.Join(err, serr)
+	}
 	return errors.Join(err, mcpSrv.Close(), srv.Shutdown())
 }

@@ -66,8 +66,8 @@ func startServe(t *testing.T, home string, env []string, args ...string) (string
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
 	})
 	rd := bufio.NewReader(stderr)
 	line, err := rd.ReadString('\n')
@@ -88,7 +88,9 @@ func startServe(t *testing.T, home string, env []string, args ...string) (string
 func TestServeKey(t *testing.T) {
 	home := t.TempDir()
 	keyFile := filepath.Join(home, "key")
-	os.WriteFile(keyFile, []byte("s3cret\n"), 0o600)
+	if err := os.WriteFile(keyFile, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	get := func(url, key string) int {
 		req, _ := http.NewRequest("GET", url+"/v1/sandboxes", nil)
 		if key != "" {
@@ -98,7 +100,7 @@ func TestServeKey(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		io.Copy(io.Discard, resp.Body)
+		_, _ = io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 		return resp.StatusCode
 	}
@@ -112,7 +114,7 @@ func TestServeKey(t *testing.T) {
 				t.Errorf("key %q: %d, want %d", key, got, want)
 			}
 		}
-		cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Process.Signal(syscall.SIGTERM)
 		if err := cmd.Wait(); err != nil {
 			t.Errorf("serve after SIGTERM: %v", err)
 		}
@@ -121,8 +123,8 @@ func TestServeKey(t *testing.T) {
 	if got := get(url, ""); got != 200 {
 		t.Errorf("no key: %d", got)
 	}
-	cmd.Process.Signal(syscall.SIGTERM)
-	cmd.Wait()
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Wait()
 }
 
 // TestServeGraceful: SIGTERM closes a running stream with 1001 (going
@@ -136,7 +138,9 @@ func TestServeGraceful(t *testing.T) {
 		t.Fatal(err)
 	}
 	var sb struct{ ID string }
-	json.NewDecoder(resp.Body).Decode(&sb)
+	if err := json.NewDecoder(resp.Body).Decode(&sb); err != nil {
+		t.Fatal(err)
+	}
 	resp.Body.Close()
 	if resp.StatusCode != 201 {
 		t.Fatalf("create: %d", resp.StatusCode)
@@ -146,11 +150,13 @@ func TestServeGraceful(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Write(ctx, websocket.MessageText, []byte(`{"command": "echo started; sleep 600"}`))
+	if err := c.Write(ctx, websocket.MessageText, []byte(`{"command": "echo started; sleep 600"}`)); err != nil {
+		t.Fatal(err)
+	}
 	if _, msg, err := c.Read(ctx); err != nil || string(msg[1:]) != "started\n" {
 		t.Fatalf("stream: %v %q", err, msg)
 	}
-	cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Process.Signal(syscall.SIGTERM)
 	_, _, err = c.Read(ctx)
 	var ce websocket.CloseError
 	if !errors.As(err, &ce) || ce.Code != websocket.StatusGoingAway {
@@ -165,6 +171,6 @@ func TestServeGraceful(t *testing.T) {
 	if err != nil || resp.StatusCode != 204 {
 		t.Errorf("delete through the second server: %v %v", err, resp)
 	}
-	cmd.Process.Signal(syscall.SIGTERM)
-	cmd.Wait()
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Wait()
 }

@@ -26,7 +26,7 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer srv.Shutdown()
+	defer func() { _ = srv.Shutdown() }()
 	hs := httptest.NewServer(srv.Handler())
 	defer hs.Close()
 	ctx := context.Background()
@@ -37,7 +37,7 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 		}
 		defer resp.Body.Close()
 		var out json.RawMessage
-		json.NewDecoder(resp.Body).Decode(&out)
+		_ = json.NewDecoder(resp.Body).Decode(&out)
 		if resp.StatusCode >= 300 {
 			b.Fatalf("POST %s: %d %s", path, resp.StatusCode, out)
 		}
@@ -54,15 +54,15 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 		for b.Loop() {
 			t0 := time.Now()
 			var sb sandboxJSON
-			json.Unmarshal(post("/v1/sandboxes", `{"timeout": -1}`), &sb)
+			_ = json.Unmarshal(post("/v1/sandboxes", `{"timeout": -1}`), &sb)
 			var res execResult
-			json.Unmarshal(post("/v1/sandboxes/"+sb.ID+"/exec", `{"command": "echo hi"}`), &res)
+			_ = json.Unmarshal(post("/v1/sandboxes/"+sb.ID+"/exec", `{"command": "echo hi"}`), &res)
 			api = append(api, time.Since(t0))
 			if res.Stdout != "hi\n" {
 				b.Fatalf("exec: %+v", res)
 			}
 			b.StopTimer()
-			srv.Registry().Delete(ctx, sb.ID)
+			_ = srv.Registry().Delete(ctx, sb.ID)
 			b.StartTimer()
 
 			t0 = time.Now()
@@ -76,7 +76,7 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 				b.Fatalf("run: %v %+v", err, out)
 			}
 			b.StopTimer()
-			vm.Delete(ctx)
+			_ = vm.Delete(ctx)
 			vm.Close()
 			b.StartTimer()
 		}
@@ -88,7 +88,7 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer srv.Registry().Delete(ctx, sb.ID)
+	defer func() { _ = srv.Registry().Delete(ctx, sb.ID) }()
 	vm, _ := srv.Registry().VM(ctx, sb.ID)
 	b.Run("command", func(b *testing.B) {
 		var api, lib []time.Duration

@@ -33,11 +33,11 @@ func TestV1ConcurrentCreates(t *testing.T) {
 				return
 			}
 			var sb sandboxJSON
-			json.Unmarshal(b, &sb)
+			_ = json.Unmarshal(b, &sb)
 			ids <- sb.ID
 			status, b = ts.do("POST", sbPath(sb.ID, "/exec"), map[string]any{"command": "echo ok"})
 			var res execResult
-			if json.Unmarshal(b, &res); status != 200 || res.Stdout != "ok\n" {
+			if err := json.Unmarshal(b, &res); err != nil || status != 200 || res.Stdout != "ok\n" {
 				errs <- string(b)
 			}
 		}()
@@ -53,7 +53,7 @@ func TestV1ConcurrentCreates(t *testing.T) {
 	defer func() {
 		var wg sync.WaitGroup
 		for _, id := range created {
-			wg.Go(func() { ts.srv.Registry().Delete(context.Background(), id) })
+			wg.Go(func() { _ = ts.srv.Registry().Delete(context.Background(), id) })
 		}
 		wg.Wait()
 	}()

@@ -49,7 +49,7 @@ func newTestServer(t *testing.T, opts Options) *testServer {
 	ts.http = httptest.NewServer(&checker{t: t, next: srv.Handler(), router: router})
 	t.Cleanup(func() {
 		ts.http.Close()
-		srv.Shutdown()
+		_ = srv.Shutdown()
 	})
 	return ts
 }
