@@ -3,6 +3,7 @@ GO      ?= go
 BIN     := bin
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/smolvm/smolvm.Version=$(VERSION)
+GOBIN_DIR := $(or $(shell $(GO) env GOBIN),$(shell $(GO) env GOPATH)/bin)
 AGENT_LDFLAGS := -s -w -X github.com/smolvm/smolvm/internal/agent.Version=$(VERSION)
 
 .PHONY: build demo test test-short fuzz lint setup clean generate tools
@@ -47,13 +48,12 @@ fuzz:
 lint:
 	test -z "$$(gofmt -l .)"
 	$(GO) vet ./...
-	staticcheck ./...
-	go-errorlint ./...
-	errcheck -exclude .errcheck-excludes ./...
+	$(GOBIN_DIR)/staticcheck ./...
+	$(GOBIN_DIR)/go-errorlint ./...
+	$(GOBIN_DIR)/errcheck -exclude .errcheck-excludes ./...
 
 # The linters and protoc's Go plugins at the versions the checked-in code
 # was made with (the generated files' headers name the plugins' versions).
-GOBIN_DIR := $(shell $(GO) env GOPATH)/bin
 tools:
 	$(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 	$(GO) install codeberg.org/polyfloyd/go-errorlint@v1.9.1
