@@ -3,6 +3,7 @@ GO      ?= go
 BIN     := bin
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/smolvm/smolvm.Version=$(VERSION)
+GOBIN_DIR := $(or $(shell $(GO) env GOBIN),$(shell $(GO) env GOPATH)/bin)
 AGENT_LDFLAGS := -s -w -X github.com/smolvm/smolvm/internal/agent.Version=$(VERSION)
 
 .PHONY: build demo test test-short fuzz lint setup clean generate tools
@@ -22,7 +23,7 @@ setup: build
 # The whole suite: unit tests and real-VM tests (QEMU, TCG here).
 test: build
 	$(BIN)/smolvm setup
-	SMOLVM_AGENT=$(CURDIR)/$(BIN)/smolvm-agent SMOLVM_BIN=$(CURDIR)/$(BIN)/smolvm $(GO) test -count=1 -timeout 30m ./...
+	SMOLVM_AGENT=$(CURDIR)/$(BIN)/smolvm-agent SMOLVM_BIN=$(CURDIR)/$(BIN)/smolvm $(GO) test -count=1 -timeout 45m ./...
 
 test-short:
 	$(GO) test -short -count=1 ./...
@@ -47,13 +48,12 @@ fuzz:
 lint:
 	test -z "$$(gofmt -l .)"
 	$(GO) vet ./...
-	staticcheck ./...
-	go-errorlint ./...
-	errcheck -exclude .errcheck-excludes ./...
+	$(GOBIN_DIR)/staticcheck ./...
+	$(GOBIN_DIR)/go-errorlint ./...
+	$(GOBIN_DIR)/errcheck -exclude .errcheck-excludes ./...
 
 # The linters and protoc's Go plugins at the versions the checked-in code
 # was made with (the generated files' headers name the plugins' versions).
-GOBIN_DIR := $(shell $(GO) env GOPATH)/bin
 tools:
 	$(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 	$(GO) install codeberg.org/polyfloyd/go-errorlint@v1.9.1

@@ -174,19 +174,30 @@ rm -rf ` + browserRunDir + `
 // before anything is created; a browser that does not start deletes the
 // VM.
 func NewBrowser(ctx context.Context, cfg Config, opts BrowserOptions) (*VM, *Browser, error) {
+	h, err := OpenHost(cfg.Home)
+	if err != nil {
+		return nil, nil, err
+	}
+	vm, b, err := h.NewBrowser(ctx, cfg, opts)
+	vm, err = h.handOver(vm, err)
+	return vm, b, err
+}
+
+// NewBrowser is NewBrowser in this host's state folder.
+func (h *Host) NewBrowser(ctx context.Context, cfg Config, opts BrowserOptions) (*VM, *Browser, error) {
 	if cfg.Image == "" || cfg.Image == DefaultImage {
 		cfg.Image = BrowserImage
 	}
 	if cfg.MemoryMiB == 0 {
 		cfg.MemoryMiB = browserMemoryMiB
 	}
-	if _, err := InspectImage(ctx, cfg.Home, cfg.Image); err != nil {
+	if _, err := h.InspectImage(ctx, cfg.Image); err != nil {
 		if errors.Is(err, ErrNotFound) {
 			return nil, nil, fmt.Errorf("browser image %q is %w: build it with 'smolvm image build %s' (Debian's chromium and fonts, a few minutes)", cfg.Image, ErrNotFound, BrowserImage)
 		}
 		return nil, nil, err
 	}
-	vm, err := New(ctx, cfg)
+	vm, err := h.New(ctx, cfg)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -177,7 +177,7 @@ func TestBrowserMissingImage(t *testing.T) {
 	if !errors.Is(err, smolvm.ErrNotFound) || !strings.Contains(err.Error(), "smolvm image build browser") {
 		t.Fatalf("NewBrowser without the image: %v, want ErrNotFound naming 'smolvm image build browser'", err)
 	}
-	if vms, err := smolvm.ListIn(ctx, home); err != nil || len(vms) != 0 {
+	if vms, err := testutil.OpenHost(t, home).List(ctx); err != nil || len(vms) != 0 {
 		t.Errorf("VMs left: %v, %v", vms, err)
 	}
 	if p := testutil.Processes(home); len(p) != 0 {

@@ -388,9 +388,9 @@ func TestPingAndInfo(t *testing.T) {
 	if in.ID != vm.ID() || in.State != "running" || in.Persistent || in.VCPUs != 1 || in.MemoryMiB != 512 {
 		t.Errorf("Info = %+v", in)
 	}
-	list, err := smolvm.ListIn(ctx, testutil.SharedHome())
+	list, err := testutil.OpenHost(t, testutil.SharedHome()).List(ctx)
 	if err != nil || len(list) != 1 || list[0].ID != vm.ID() {
-		t.Errorf("ListIn(shared home) = %v, %v; want the shared VM alone", list, err)
+		t.Errorf("List of the shared home = %v, %v; want the shared VM alone", list, err)
 	}
 }
 

@@ -3,6 +3,7 @@ package smolvm
 import (
 	"context"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/image"
 )
 
@@ -28,14 +29,4 @@ func FailTunedKernelBuild(t interface{ Cleanup(func()) }, err error) {
 
 // LiveSpares counts this process's prelaunched hypervisors that are ready
 // and still run.
-func LiveSpares() int {
-	spares.Lock()
-	defer spares.Unlock()
-	n := 0
-	for _, sp := range spares.ready {
-		if sp.Alive() {
-			n++
-		}
-	}
-	return n
-}
+func LiveSpares() int { return engine.LiveSpares() }

@@ -147,7 +147,7 @@ func TestGuestKernelPanic(t *testing.T) {
 	const want = "guest kernel panic: sysrq triggered crash"
 	var got *smolvm.Info
 	if err := testutil.Poll(2*time.Minute, func() bool {
-		list, err := smolvm.ListIn(ctx, home)
+		list, err := testutil.OpenHost(t, home).List(ctx)
 		if err != nil || len(list) != 1 {
 			t.Fatalf("ListIn = %v, %v; want the one VM", list, err)
 		}

@@ -25,6 +25,7 @@ type resolvedImage struct {
 
 // SetupOptions tune Setup.
 type SetupOptions struct {
+	// Home is the state folder ("" = Home()); Host.Setup takes its own.
 	Home string
 	// KernelPath uses this kernel instead of Debian's cloud kernel.
 	KernelPath string
@@ -41,13 +42,41 @@ type SetupOptions struct {
 	TunedKernel bool
 }
 
+// SetupResult describes the built-in image (DefaultImage) Setup prepared:
+// the kernel and initramfs that VMs boot unless Config names another image.
+type SetupResult struct {
+	// Kernel is the kernel's path: a PVH vmlinux or a bzImage.
+	Kernel string `json:"kernel"`
+	// Initrd is the initramfs's path (with the guest agent).
+	Initrd string `json:"initrd"`
+	// KernelVersion is the kernel's release, e.g. 6.1.0-56-cloud-amd64.
+	KernelVersion string `json:"kernel_version"`
+	// Fingerprint is a hex sha256 over everything that went into Kernel
+	// and Initrd; a warm snapshot restores only for its fingerprint.
+	Fingerprint string `json:"fingerprint"`
+}
+
+func setupResultOf(d *image.Default) *SetupResult {
+	if d == nil {
+		return nil
+	}
+	return &SetupResult{Kernel: d.Kernel, Initrd: d.Initrd, KernelVersion: d.KernelVersion, Fingerprint: d.Fingerprint}
+}
+
 // Setup prepares the host: host packages (when asked), the default kernel
 // and the initramfs with the guest agent. It is idempotent and fast when
 // everything is in place. When the tuned kernel it was asked for cannot be
 // built (no source package or compiler, a failed build), it sets the rest up
 // with Debian's kernel and returns the image together with an error that
 // says so.
-func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
+func Setup(ctx context.Context, opts SetupOptions) (*SetupResult, error) {
+	return setup(ctx, nil, opts.Home, opts)
+}
+
+// setup is Setup in home, through h when it is set (else a Host is opened
+// only for the warm snapshot: a setup that checks, or makes no snapshot,
+// opens no store).
+func setup(ctx context.Context, h *Host, home string, opts SetupOptions) (*SetupResult, error) {
 	if opts.InstallPackages {
 		if err := image.InstallHostPackages(ctx, opts.Progress); err != nil {
 			return nil, err
@@ -69,7 +98,6 @@ func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
 			return nil, err
 		}
 	}
-	home := opts.Home
 	if home == "" {
 		home = Home()
 	}
@@ -90,11 +118,11 @@ func Setup(ctx context.Context, opts SetupOptions) (*image.Default, error) {
 			tunedErr = fmt.Errorf("tuned kernel: %w (setup went on with Debian's kernel, which new VMs boot until a tuned one is built)", err)
 		}
 	}
-	d, err := setupImage(ctx, home, agent, opts)
+	d, err := setupImage(ctx, h, home, agent, opts)
 	if err != nil {
 		return nil, errors.Join(err, tunedErr)
 	}
-	return d, tunedErr
+	return setupResultOf(d), tunedErr
 }
 
 // buildTunedKernel is image.BuildTunedKernel; tests make it fail.
@@ -102,7 +130,7 @@ var buildTunedKernel = image.BuildTunedKernel
 
 // setupImage is Setup after the tuned kernel: the default image and the
 // warm snapshot.
-func setupImage(ctx context.Context, home, agent string, opts SetupOptions) (*image.Default, error) {
+func setupImage(ctx context.Context, h *Host, home, agent string, opts SetupOptions) (*image.Default, error) {
 	d, err := image.EnsureDefault(ctx, image.Options{
 		CacheDir: filepath.Join(home, "cache"), AgentPath: agent, KernelPath: opts.KernelPath, Progress: opts.Progress,
 		Tuned: opts.KernelPath == "" && useTunedKernel(filepath.Join(home, "cache")),
@@ -121,7 +149,13 @@ func setupImage(ctx context.Context, home, agent string, opts SetupOptions) (*im
 	if opts.Progress != nil {
 		fmt.Fprintln(opts.Progress, "preparing the warm snapshot (one cold boot)…")
 	}
-	if err := ensureWarm(ctx, Config{Home: home, KernelPath: opts.KernelPath}); err != nil {
+	if h == nil {
+		if h, err = OpenHost(home); err != nil {
+			return nil, err
+		}
+		defer h.Close()
+	}
+	if err := ensureWarm(ctx, h, Config{KernelPath: opts.KernelPath}); err != nil {
 		return nil, err
 	}
 	return d, nil

@@ -62,9 +62,8 @@ const (
 // DefaultImage is the name of the built-in image (kernel + initramfs).
 const DefaultImage = "default"
 
-// Recipes are ready-made Debian images `smolvm image build NAME` builds
-// when NAME is one of them and no packages are given.
-var Recipes = map[string]BuildOptions{
+// recipes are ready-made Debian images (see Recipes).
+var recipes = map[string]BuildOptions{
 	"python": {Suite: "bookworm", Packages: []string{"python3", "python3-pip", "python3-venv", "git", "curl", "ca-certificates"}},
 	// browser: Debian's chromium built for headless use (the same source
 	// as the chromium package, without GTK and the desktop stack), the
@@ -73,6 +72,18 @@ var Recipes = map[string]BuildOptions{
 	// en-US are removed. See browser.go.
 	"browser": {Suite: "bookworm", Packages: []string{"chromium-headless-shell", "fonts-liberation", "fonts-dejavu-core", "ca-certificates"},
 		Script: browserImageScript},
+}
+
+// Recipes returns the ready-made Debian images `smolvm image build NAME`
+// builds when NAME is one of them and no packages are given, by name. The
+// map is the caller's: changing it changes no recipe.
+func Recipes() map[string]BuildOptions {
+	out := make(map[string]BuildOptions, len(recipes))
+	for n, r := range recipes {
+		r.Packages = append([]string(nil), r.Packages...)
+		out[n] = r
+	}
+	return out
 }
 
 // ImageInfo describes a named image.
@@ -148,6 +159,7 @@ type imageMeta struct {
 
 // BuildOptions describe a Debian image for BuildImage.
 type BuildOptions struct {
+	// Home is the state folder ("" = Home()); Host.BuildImage takes its own.
 	Home     string    `json:"-"`
 	Name     string    `json:"-"`
 	Suite    string    `json:"suite,omitempty"`   // default bookworm
@@ -162,6 +174,7 @@ type BuildOptions struct {
 // ImportOptions describe an OCI or Docker image for ImportImage: Ref
 // (registry) or File (OCI layout folder or tar, docker save tarball).
 type ImportOptions struct {
+	// Home is the state folder ("" = Home()); Host.ImportImage takes its own.
 	Home     string
 	Name     string // default: derived from Ref or File
 	Ref      string
@@ -171,13 +184,6 @@ type ImportOptions struct {
 }
 
 func imagesDir(home string) string { return filepath.Join(home, "images") }
-
-func homeOr(h string) string {
-	if h == "" {
-		return Home()
-	}
-	return h
-}
 
 func checkImageName(name string) error {
 	if name == DefaultImage {
@@ -193,10 +199,19 @@ func checkImageName(name string) error {
 // it under opts.Name. A Name listed in Recipes with no packages given
 // builds that recipe. It needs root, mmdebstrap and e2fsprogs.
 func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
+	h, err := OpenHost(opts.Home)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	return h.BuildImage(ctx, opts)
+}
+
+func buildImage(ctx context.Context, st *store.Store, opts BuildOptions) (*ImageInfo, error) {
 	if err := checkImageName(opts.Name); err != nil {
 		return nil, err
 	}
-	if r, ok := Recipes[opts.Name]; ok && len(opts.Packages) == 0 && opts.Script == "" {
+	if r, ok := recipes[opts.Name]; ok && len(opts.Packages) == 0 && opts.Script == "" {
 		if opts.Suite == "" {
 			opts.Suite = r.Suite
 		}
@@ -213,7 +228,7 @@ func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
 			return nil, fmt.Errorf("%w: package name %q", ErrInvalid, p)
 		}
 	}
-	home := homeOr(opts.Home)
+	home := homeOf(st)
 	agent, err := AgentBinary()
 	if err != nil {
 		return nil, err
@@ -225,12 +240,21 @@ func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return installImage(ctx, home, opts.Name, res, opts)
+	return installImage(ctx, st, opts.Name, res, opts)
 }
 
 // ImportImage turns an OCI or Docker image into a bootable disk image
 // (layers flattened honouring whiteouts, agent injected) named opts.Name.
 func ImportImage(ctx context.Context, opts ImportOptions) (*ImageInfo, error) {
+	h, err := OpenHost(opts.Home)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	return h.ImportImage(ctx, opts)
+}
+
+func importImage(ctx context.Context, st *store.Store, opts ImportOptions) (*ImageInfo, error) {
 	if (opts.Ref == "") == (opts.File == "") {
 		return nil, fmt.Errorf("%w: give an image reference or a file", ErrInvalid)
 	}
@@ -240,7 +264,7 @@ func ImportImage(ctx context.Context, opts ImportOptions) (*ImageInfo, error) {
 	if err := checkImageName(opts.Name); err != nil {
 		return nil, err
 	}
-	home := homeOr(opts.Home)
+	home := homeOf(st)
 	agent, err := AgentBinary()
 	if err != nil {
 		return nil, err
@@ -250,7 +274,7 @@ func ImportImage(ctx context.Context, opts ImportOptions) (*ImageInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return installImage(ctx, home, opts.Name, res, BuildOptions{SizeMiB: opts.SizeMiB})
+	return installImage(ctx, st, opts.Name, res, BuildOptions{SizeMiB: opts.SizeMiB})
 }
 
 func defaultImportName(ref, file string) string {
@@ -280,12 +304,8 @@ func defaultImportName(ref, file string) string {
 
 // installImage links (or copies) a cached disk to images/<name>/rootfs.img
 // and records it. An image of that name is replaced unless a VM uses it.
-func installImage(ctx context.Context, home, name string, res *rootfs.Result, opts BuildOptions) (*ImageInfo, error) {
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func installImage(ctx context.Context, st *store.Store, name string, res *rootfs.Result, opts BuildOptions) (*ImageInfo, error) {
+	home := homeOf(st)
 	if users, err := imageUsers(ctx, st, name); err != nil {
 		return nil, err
 	} else if len(users) > 0 {
@@ -399,14 +419,8 @@ func defaultImageInfo(ctx context.Context, st *store.Store, home string) *ImageI
 	return info
 }
 
-// ListImages returns the default image (when set up) and every named image.
-func ListImages(ctx context.Context, home string) ([]*ImageInfo, error) {
-	home = homeOr(home)
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func listImages(ctx context.Context, st *store.Store) ([]*ImageInfo, error) {
+	home := homeOf(st)
 	var out []*ImageInfo
 	if d := defaultImageInfo(ctx, st, home); d != nil {
 		out = append(out, d)
@@ -425,14 +439,8 @@ func ListImages(ctx context.Context, home string) ([]*ImageInfo, error) {
 	return out, nil
 }
 
-// InspectImage describes one image; an unknown name wraps ErrNotFound.
-func InspectImage(ctx context.Context, home, name string) (*ImageInfo, error) {
-	home = homeOr(home)
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func inspectImage(ctx context.Context, st *store.Store, name string) (*ImageInfo, error) {
+	home := homeOf(st)
 	if name == DefaultImage {
 		if d := defaultImageInfo(ctx, st, home); d != nil {
 			return d, nil
@@ -444,21 +452,6 @@ func InspectImage(ctx context.Context, home, name string) (*ImageInfo, error) {
 		return nil, err
 	}
 	return imageInfo(ctx, st, im)
-}
-
-// RemoveImage deletes a named image. It is refused (ErrInUse) while a VM,
-// running or stopped, uses it.
-func RemoveImage(ctx context.Context, home, name string) error {
-	if name == DefaultImage {
-		return fmt.Errorf("%w: the default image cannot be removed (its files are in the cache)", ErrInvalid)
-	}
-	home = homeOr(home)
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	return removeImage(ctx, st, home, name)
 }
 
 func removeImage(ctx context.Context, st *store.Store, home, name string) error {
@@ -491,16 +484,8 @@ type PruneReport struct {
 	Freed  int64    `json:"freed"` // bytes
 }
 
-// PruneImages removes the named images no VM uses, then the cached disks
-// and Debian trees no remaining image was built from, and leftovers of
-// interrupted builds.
-func PruneImages(ctx context.Context, home string) (*PruneReport, error) {
-	home = homeOr(home)
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func pruneImages(ctx context.Context, st *store.Store) (*PruneReport, error) {
+	home := homeOf(st)
 	rep := &PruneReport{}
 	ims, err := st.ListImages(ctx)
 	if err != nil {
@@ -704,12 +689,6 @@ func retainDisk(dir string) error {
 		return fmt.Errorf("retain disk: %w", err)
 	}
 	return nil
-}
-
-// RetainedDisk is where the overlay of a VM created with RetainDisk is
-// kept after the VM is deleted.
-func RetainedDisk(home, vmName, vmID string) string {
-	return filepath.Join(homeOr(home), "disks", vmName+"-"+vmID+".qcow2")
 }
 
 func checkDiskConfig(c *Config) error {

@@ -290,7 +290,7 @@ func TestIsolatedDisksAndInUse(t *testing.T) {
 		t.Errorf("overlay of VM a: %v", err)
 	}
 	ctx := testutil.Context(t, time.Minute)
-	if err := smolvm.RemoveImage(ctx, home, "bb"); !errors.Is(err, smolvm.ErrInUse) {
+	if err := testutil.OpenHost(t, home).RemoveImage(ctx, "bb"); !errors.Is(err, smolvm.ErrInUse) {
 		t.Errorf("image rm while in use = %v, want ErrInUse", err)
 	}
 	// A new VM does not see what the others wrote: the base is unchanged.
@@ -303,10 +303,10 @@ func TestIsolatedDisksAndInUse(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := smolvm.RemoveImage(ctx, home, "bb"); err != nil {
+	if err := testutil.OpenHost(t, home).RemoveImage(ctx, "bb"); err != nil {
 		t.Errorf("image rm after the VMs are gone: %v", err)
 	}
-	if _, err := smolvm.InspectImage(ctx, home, "bb"); !errors.Is(err, smolvm.ErrNotFound) {
+	if _, err := testutil.OpenHost(t, home).InspectImage(ctx, "bb"); !errors.Is(err, smolvm.ErrNotFound) {
 		t.Errorf("inspect of a removed image = %v, want ErrNotFound", err)
 	}
 }
@@ -354,7 +354,7 @@ func TestDiskGrowAndRetain(t *testing.T) {
 	if err := vm.Close(); err != nil {
 		t.Fatal(err)
 	}
-	kept := smolvm.RetainedDisk(home, name, id)
+	kept := testutil.OpenHost(t, home).RetainedDisk(name, id)
 	if _, err := os.Stat(kept); err != nil {
 		t.Errorf("retained disk: %v", err)
 	}
@@ -417,7 +417,7 @@ func TestDebianPython(t *testing.T) {
 	sh(t, vm, "dpkg -l python3 git curl ca-certificates python3-venv")
 	// The guest root is the disk, writable in isolated mode.
 	sh(t, vm, "python3 -m venv --without-pip /root/venv && /root/venv/bin/python -c 'import sys; print(sys.prefix)'")
-	ims, err := smolvm.ListImages(ctx, home)
+	ims, err := testutil.OpenHost(t, home).Images(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -445,11 +445,11 @@ func TestPrune(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ims, err := smolvm.ListImages(ctx, home)
+	ims, err := testutil.OpenHost(t, home).Images(ctx)
 	if err != nil || len(ims) != 2 {
 		t.Fatalf("ListImages = %d images, %v; want 2", len(ims), err)
 	}
-	rep, err := smolvm.PruneImages(ctx, home)
+	rep, err := testutil.OpenHost(t, home).PruneImages(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -459,7 +459,7 @@ func TestPrune(t *testing.T) {
 	if left, _ := filepath.Glob(filepath.Join(home, "cache", "rootfs", "*.img")); len(left) > 0 {
 		t.Errorf("cache left: %v", left)
 	}
-	if ims, _ := smolvm.ListImages(ctx, home); len(ims) != 0 {
+	if ims, _ := testutil.OpenHost(t, home).Images(ctx); len(ims) != 0 {
 		t.Errorf("images left after prune: %d", len(ims))
 	}
 }
@@ -478,7 +478,7 @@ func TestDiskOverlayBounded(t *testing.T) {
 	if err == nil || !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "not enough space on "+home) {
 		t.Errorf("a 1 PiB disk: %v; want an error naming %s and the size", err, home)
 	}
-	if vms, _ := smolvm.ListIn(ctx, home); len(vms) != 0 {
+	if vms, _ := testutil.OpenHost(t, home).List(ctx); len(vms) != 0 {
 		t.Errorf("a refused create left %d VMs", len(vms))
 	}
 

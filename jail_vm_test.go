@@ -330,6 +330,11 @@ func TestJailedHypervisorCleanup(t *testing.T) {
 	if err := testutil.Poll(time.Minute, func() bool { return !testutil.PidAlive(in.HypervisorPID) }); err != nil {
 		t.Fatalf("QEMU outlived its supervisor: %v", err)
 	}
+	// QEMU dies of the parent-death signal while its supervisor is still
+	// exiting; cleanup removes the VM once the supervisor is gone (a zombie).
+	if err := testutil.Poll(time.Minute, func() bool { return !testutil.PidAlive(in.SupervisorPID) }); err != nil {
+		t.Fatalf("the killed supervisor did not end: %v", err)
+	}
 	if _, err := smolvm.Cleanup(ctx, smolvm.CleanupOptions{Home: home}); err != nil {
 		t.Fatal(err)
 	}

@@ -62,12 +62,12 @@ type homeState struct {
 func stateOf(t *testing.T, home string) homeState {
 	t.Helper()
 	var s homeState
-	list, err := smolvm.ListIn(context.Background(), home)
+	list, err := testutil.OpenHost(t, home).List(context.Background())
 	if err != nil {
-		t.Fatalf("ListIn(%s): %v", home, err)
+		t.Fatalf("List(%s): %v", home, err)
 	}
 	for _, in := range list {
-		s.rows = append(s.rows, in.ID+"/"+in.Name+"/"+in.State)
+		s.rows = append(s.rows, in.ID+"/"+in.Name+"/"+string(in.State))
 	}
 	ents, err := os.ReadDir(filepath.Join(home, "vms"))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -203,7 +203,7 @@ func TestPersistentVM(t *testing.T) {
 	})
 
 	t.Run("OpenAndClose", func(t *testing.T) {
-		h, err := smolvm.OpenIn(ctx, home, "persist")
+		h, err := testutil.OpenHost(t, home).Open(ctx, "persist")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -307,7 +307,7 @@ func TestCrash(t *testing.T) {
 			}
 			var got *smolvm.Info
 			if err := testutil.Poll(time.Minute, func() bool {
-				list, err := smolvm.ListIn(ctx, home)
+				list, err := testutil.OpenHost(t, home).List(ctx)
 				if err != nil || len(list) != 1 {
 					t.Fatalf("ListIn = %v, %v; want the one VM", list, err)
 				}
@@ -354,7 +354,7 @@ func TestBadInput(t *testing.T) {
 		msg  []string
 	}{
 		{"UnknownVM", home, func() error {
-			vm, err := smolvm.OpenIn(ctx, home, "no-such-vm")
+			vm, err := testutil.OpenHost(t, home).Open(ctx, "no-such-vm")
 			if err == nil {
 				vm.Close()
 			}

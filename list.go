@@ -6,33 +6,33 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
-	"syscall"
-	"time"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
-// List describes every VM in the default state folder. A VM whose
-// supervisor died is reported (and recorded) as failed with the reason;
-// one whose supervisor lives but does not answer within a couple of
-// seconds is reported as StateUnresponsive (not recorded).
-func List(ctx context.Context) ([]*Info, error) { return ListIn(ctx, "") }
+// List describes every VM in the default state folder (Host.List for
+// another folder). A VM whose supervisor died is reported (and recorded)
+// as failed with the reason; one whose supervisor lives but does not
+// answer within a couple of seconds is reported as StateUnresponsive (not
+// recorded).
+func List(ctx context.Context) ([]*Info, error) {
+	h, err := OpenHost("")
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	return h.List(ctx)
+}
 
-// ListIn is List with an explicit state folder.
-func ListIn(ctx context.Context, home string) ([]*Info, error) {
-	st, err := openStore(ctx, home)
+func list(ctx context.Context, st *store.Store) ([]*Info, error) {
+	recs, err := engine.Reconcile(ctx, st)
 	if err != nil {
 		return nil, err
 	}
-	defer st.Close()
-	recs, err := reconcile(ctx, st)
-	if err != nil {
-		return nil, err
-	}
-	problems := probeAll(ctx, recs) // health.go
+	problems := engine.ProbeAll(ctx, recs) // internal/engine
 	out := make([]*Info, 0, len(recs))
 	for _, r := range recs {
 		in := infoOf(r)
@@ -42,34 +42,9 @@ func ListIn(ctx context.Context, home string) ([]*Info, error) {
 	return out, nil
 }
 
-// reconcile marks live-looking VMs whose supervisor is gone as failed.
-func reconcile(ctx context.Context, st *store.Store) ([]*store.VM, error) {
-	recs, err := st.ListVMs(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for i, r := range recs {
-		if !r.Live() || processAlive(r.SupervisorPID) {
-			continue
-		}
-		reason := "supervisor process exited unexpectedly"
-		if r.State == store.StateCreating {
-			reason = "creation was interrupted"
-		}
-		if u, err := st.UpdateVM(ctx, r.ID, func(v *store.VM) error {
-			if v.Live() && !processAlive(v.SupervisorPID) {
-				v.State, v.Reason = store.StateFailed, reason
-			}
-			return nil
-		}); err == nil {
-			recs[i] = u
-		}
-	}
-	return recs, nil
-}
-
 // CleanupOptions tune Cleanup.
 type CleanupOptions struct {
+	// Home is the state folder ("" = Home()); Host.Cleanup takes its own.
 	Home string
 	// All removes every VM, running ones included.
 	All bool
@@ -80,12 +55,17 @@ type CleanupOptions struct {
 // whose making was interrupted. With All it
 // removes every VM. It returns the ids it removed.
 func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
-	st, err := openStore(ctx, opts.Home)
+	h, err := OpenHost(opts.Home)
 	if err != nil {
 		return nil, err
 	}
-	defer st.Close()
-	recs, err := reconcile(ctx, st)
+	defer h.Close()
+	return h.Cleanup(ctx, opts)
+}
+
+func cleanup(ctx context.Context, h *Host, opts CleanupOptions) ([]string, error) {
+	st := h.st
+	recs, err := engine.Reconcile(ctx, st)
 	if err != nil {
 		return nil, err
 	}
@@ -98,13 +78,13 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 			continue
 		}
 		if r.Live() {
-			vm, err := open(ctx, st, r.ID, nil)
+			vm, err := open(ctx, h, r.ID, nil)
 			if err == nil {
 				_ = vm.stop(ctx, true)
 			}
 		}
-		killStrayHypervisor(r.HypervisorPID, r.ID)
-		waitSupervisor(ctx, r.SupervisorPID, r.ID)
+		engine.KillStrayHypervisor(r.HypervisorPID, r.ID)
+		engine.WaitSupervisor(ctx, r.SupervisorPID, r.ID)
 		if err := removeVM(ctx, st, r.ID, r.Dir); err != nil {
 			errs = append(errs, err)
 			continue
@@ -141,7 +121,7 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 		}
 	}
 	// Prelaunched hypervisors of processes that are gone.
-	for _, name := range supervisor.RemoveAbandonedSpares(sparesDir(homeOf(st))) {
+	for _, name := range supervisor.RemoveAbandonedSpares(engine.SparesDir(homeOf(st))) {
 		removed = append(removed, "spare "+name)
 	}
 	probes, _ := filepath.Glob(filepath.Join(homeOf(st), "probe-*"))
@@ -150,43 +130,4 @@ func Cleanup(ctx context.Context, opts CleanupOptions) ([]string, error) {
 		_ = os.RemoveAll(p)
 	}
 	return removed, errors.Join(errs...)
-}
-
-// killStrayHypervisor kills pid only if it is this VM's QEMU.
-func killStrayHypervisor(pid int, id string) {
-	if isHypervisorOf(pid, id) {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
-	killStrayFSDaemons(id) // mounts.go
-}
-
-func isHypervisorOf(pid int, id string) bool {
-	if pid <= 0 {
-		return false
-	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	return err == nil && strings.Contains(string(cmdline), "smolvm-"+id)
-}
-
-// waitSupervisor gives a detached supervisor that is finishing up a few
-// seconds to exit, then kills it. Other processes are left alone.
-func waitSupervisor(ctx context.Context, pid int, id string) {
-	if pid <= 0 || pid == os.Getpid() || !isSupervisorOf(pid, id) {
-		return
-	}
-	deadline := time.Now().Add(3 * time.Second)
-	for processAlive(pid) && time.Now().Before(deadline) && ctx.Err() == nil {
-		time.Sleep(5 * time.Millisecond)
-	}
-	if processAlive(pid) && isSupervisorOf(pid, id) {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
-}
-
-func isSupervisorOf(pid int, id string) bool {
-	if pid <= 0 {
-		return false
-	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	return err == nil && strings.Contains(string(cmdline), "__supervise\x00"+id)
 }

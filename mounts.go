@@ -201,35 +201,3 @@ func mountArgs(ms []Mount) string {
 
 // errMountsNoSnapshot says why a VM with host folders has no snapshot.
 var errMountsNoSnapshot = fmt.Errorf("%w: a VM with host folders (mounts) cannot be snapshotted or restored from one: QEMU cannot save the state of its virtiofs devices (their daemons hold open files of the host); boot it instead", ErrUnsupported)
-
-// killStrayFSDaemons kills the virtiofsd processes of VM id that outlived
-// their QEMU and supervisor (they die with the supervisor's thread that
-// started them; this is for what a crash left anyway). Each names its
-// folder in the VM's state folder (source=…/vms/ID/fsN).
-func killStrayFSDaemons(id string) {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return
-	}
-	mark := "source=" // then a path ending in /vms/ID/fsN
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		if filepath.Base(args[0]) != filepath.Base(qemu.Virtiofsd) {
-			continue
-		}
-		for _, a := range args[1:] {
-			src, ok := strings.CutPrefix(a, mark)
-			if ok && filepath.Base(filepath.Dir(src)) == id && filepath.Base(filepath.Dir(filepath.Dir(src))) == "vms" {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-	}
-}

@@ -1,6 +1,8 @@
 package smolvm
 
 import (
+	"github.com/smolvm/smolvm/internal/engine"
+
 	"errors"
 	"os/exec"
 	"syscall"
@@ -84,7 +86,7 @@ func TestKillStrayFSDaemons(t *testing.T) {
 	mine, other := start("aaaaaaaaaaaa"), start("bbbbbbbbbbbb")
 	waited := make(chan error, 1)
 	go func() { waited <- mine.Wait() }()
-	killStrayHypervisor(0, "aaaaaaaaaaaa") // what cleanup and rm -f call
+	engine.KillStrayHypervisor(0, "aaaaaaaaaaaa") // what cleanup and rm -f call
 	select {
 	case werr := <-waited: // a *exec.ExitError: killed by a signal
 		if ws, ok := mine.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {

@@ -45,7 +45,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/network"
@@ -56,16 +55,25 @@ import (
 
 // Network modes (Config.Network).
 const (
-	NetworkUser = string(network.ModeUser)
-	NetworkNone = string(network.ModeNone)
-	NetworkTAP  = string(network.ModeTAP)
+	// NetworkUser is a userspace NAT stack in the VM's supervisor (the
+	// default; no root needed).
+	NetworkUser = "user"
+	// NetworkNone is no NIC at all.
+	NetworkNone = "none"
+	// NetworkTAP is a TAP device on the host with nftables NAT (root).
+	NetworkTAP = "tap"
 )
 
 // Egress modes (Egress.Mode).
 const (
-	EgressOpen      = network.EgressOpen
-	EgressOff       = network.EgressOff
-	EgressAllowlist = network.EgressAllowlist
+	// EgressOpen lets the guest reach everything but link-local addresses
+	// (cloud metadata).
+	EgressOpen = "open"
+	// EgressOff lets nothing leave the VM; DNS refuses every query.
+	EgressOff = "off"
+	// EgressAllowlist lets the guest reach only Egress.AllowDomains and
+	// Egress.AllowCIDRs.
+	EgressAllowlist = "allowlist"
 )
 
 // Egress is what a VM's guest may reach: Mode "open" (default: all but
@@ -73,23 +81,48 @@ const (
 // each with its subdomains, and AllowCIDRs). Names are resolved by the
 // host's resolver when the guest connects, not once at create. Giving
 // domains or CIDRs without a mode means allowlist.
-type Egress = network.Egress
+type Egress struct {
+	Mode string `json:"mode,omitempty"`
+	// AllowDomains are names the guest may resolve and connect to; a name
+	// also allows its subdomains ("example.com" allows "api.example.com").
+	AllowDomains []string `json:"allow_domains,omitempty"`
+	// AllowCIDRs are destination networks the guest may connect to.
+	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
+}
 
 // PortForward maps a host TCP port to a guest TCP port.
-type PortForward = network.Forward
+type PortForward struct {
+	// HostIP is the host address the port listens on (127.0.0.1 unless
+	// given).
+	HostIP   string `json:"host_ip"`
+	HostPort int    `json:"host_port"`
+	// GuestPort is the guest's TCP port the connections go to.
+	GuestPort int `json:"guest_port"`
+}
+
+// String shows the forward as HOSTIP:HOSTPORT->GUESTPORT/tcp.
+func (f PortForward) String() string { return f.internal().String() }
+
+func (f PortForward) internal() network.Forward {
+	return network.Forward{HostIP: f.HostIP, HostPort: f.HostPort, GuestPort: f.GuestPort}
+}
+
+func portForwardOf(f network.Forward) PortForward {
+	return PortForward{HostIP: f.HostIP, HostPort: f.HostPort, GuestPort: f.GuestPort}
+}
 
 // ParsePortForward reads docker's -p form: [IP:]HOST:GUEST, or GUEST alone
 // for a free host port.
 func ParsePortForward(s string) (PortForward, error) {
 	f, err := network.ParseForward(s)
 	if err != nil {
-		return f, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return portForwardOf(f), fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	return f, nil
+	return portForwardOf(f), nil
 }
 
 // DefaultTAPSubnet is the address pool of tap mode (Config.TAPSubnet).
-const DefaultTAPSubnet = network.DefaultTAPSubnet
+const DefaultTAPSubnet = "172.16.0.0/16"
 
 // NetworkInfo describes a VM's network.
 type NetworkInfo struct {
@@ -116,15 +149,14 @@ type NetworkInfo struct {
 // forwarded host ports (and in tap mode the guest's address) and adds the
 // NIC to the machine. Leases go with the VM's row if creation fails.
 func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.VM, mc *hypervisor.MachineConfig) (*network.Config, error) {
-	nc := &network.Config{Mode: network.Mode(cfg.Network), Egress: cfg.Egress, Hosts: cfg.Hosts, Subnet: cfg.TAPSubnet}
-	nc.Egress.AllowDomains = append([]string(nil), cfg.Egress.AllowDomains...)
-	nc.Egress.AllowCIDRs = append([]string(nil), cfg.Egress.AllowCIDRs...)
+	nc := &network.Config{Mode: network.Mode(cfg.Network), Hosts: cfg.Hosts, Subnet: cfg.TAPSubnet, Egress: network.Egress{Mode: cfg.Egress.Mode,
+		AllowDomains: append([]string(nil), cfg.Egress.AllowDomains...), AllowCIDRs: append([]string(nil), cfg.Egress.AllowCIDRs...)}}
 	for _, p := range cfg.Ports {
 		f, err := ParsePortForward(p)
 		if err != nil {
 			return nil, err
 		}
-		nc.Forwards = append(nc.Forwards, f)
+		nc.Forwards = append(nc.Forwards, f.internal())
 	}
 	if cfg.TAPSubnet != "" && nc.Mode != network.ModeTAP {
 		return nil, fmt.Errorf("%w: a TAP address pool (--tap-cidr %s) needs network mode tap (--net tap)", ErrInvalid, cfg.TAPSubnet)
@@ -171,38 +203,16 @@ func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.
 	return nc, nil
 }
 
-// releaseNetwork removes what a tap-mode VM's network may have left on the
-// host when its supervisor could not (it was killed, or the VM failed):
-// the TAP device and the VM's nftables rules. Its leases go with its row.
-func releaseNetwork(ctx context.Context, st *store.Store, id string) error {
-	rec, err := st.GetVM(ctx, id)
-	if err != nil {
-		if errors.Is(err, store.ErrNotFound) {
-			return nil
-		}
-		return err
-	}
-	var spec supervisor.Spec
-	if json.Unmarshal(rec.Config, &spec) != nil || spec.Network == nil || spec.Network.Mode != network.ModeTAP {
-		return nil
-	}
-	what, err := network.RemoveTAP(ctx, spec.Network, id)
-	if err != nil {
-		return err
-	}
-	if what != "" {
-		slog.Debug("removed what the VM's network left", "vm", id, "removed", what)
-	}
-	return nil
-}
-
 func networkInfo(nc *network.Config) *NetworkInfo {
 	if nc == nil || nc.Mode == network.ModeNone || nc.Mode == "" {
 		return &NetworkInfo{Mode: NetworkNone}
 	}
 	_, summary := nc.Summary()
 	in := &NetworkInfo{Mode: string(nc.Mode), GuestIP: nc.GuestIP, PrefixLen: network.PrefixLen, Gateway: nc.Gateway, DNS: nc.GuestDNS(),
-		HostIP: network.HostAliasIP, Forwards: nc.Forwards, Egress: nc.Egress, Summary: summary}
+		HostIP: network.HostAliasIP, Egress: Egress(nc.Egress), Summary: summary}
+	for _, f := range nc.Forwards {
+		in.Forwards = append(in.Forwards, portForwardOf(f))
+	}
 	if nc.Mode == network.ModeTAP {
 		in.PrefixLen, in.HostIP, in.TAP, in.Subnet = 32, "", nc.TAP, nc.Subnet
 	}
@@ -257,7 +267,7 @@ func (vm *VM) Ports(ctx context.Context) ([]PortForward, error) {
 	}
 	out := []PortForward{}
 	for _, f := range resp.Forwards {
-		out = append(out, network.FromPB(f))
+		out = append(out, portForwardOf(network.FromPB(f)))
 	}
 	return out, nil
 }
@@ -280,7 +290,7 @@ func (vm *VM) ExposePort(ctx context.Context, spec string) (PortForward, error) 
 	if err != nil {
 		return f, vm.apiErr(ctx, "expose port", err)
 	}
-	return network.FromPB(resp.Forward), nil
+	return portForwardOf(network.FromPB(resp.Forward)), nil
 }
 
 // ClosePort ends the forward of a host port and releases it.

@@ -318,7 +318,7 @@ func TestNetworkHostLoopback(t *testing.T) {
 		if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), "--egress off") {
 			t.Fatalf("--add-host with --egress off: %v", err)
 		}
-		if vms, err := smolvm.ListIn(ctx, home); err != nil || len(vms) != 1 {
+		if vms, err := testutil.OpenHost(t, home).List(ctx); err != nil || len(vms) != 1 {
 			t.Fatalf("VMs after refused configs: %v, %v", vms, err)
 		}
 	})
@@ -403,7 +403,7 @@ func TestNetworkPortTaken(t *testing.T) {
 	if !errors.Is(err, smolvm.ErrInUse) || !strings.Contains(err.Error(), fmt.Sprintf("host port %d", port)) || !strings.Contains(err.Error(), "already in use") {
 		t.Fatalf("New with a taken port: %v; want ErrInUse naming the port", err)
 	}
-	vms, err := smolvm.ListIn(ctx, home)
+	vms, err := testutil.OpenHost(t, home).List(ctx)
 	if err != nil || len(vms) != 0 {
 		t.Fatalf("VMs left: %v, %v", vms, err)
 	}
@@ -422,7 +422,7 @@ func TestNetworkPortTaken(t *testing.T) {
 	if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), "--net tap") {
 		t.Fatalf("a TAP pool without tap mode: %v", err)
 	}
-	if vms, err := smolvm.ListIn(ctx, home); err != nil || len(vms) != 0 {
+	if vms, err := testutil.OpenHost(t, home).List(ctx); err != nil || len(vms) != 0 {
 		t.Fatalf("VMs left: %v, %v", vms, err)
 	}
 }
@@ -519,7 +519,7 @@ func (n *tapNS) create(t testing.TB, args ...string) *smolvm.VM {
 	if err != nil {
 		t.Fatalf("smolvm %s: %v", strings.Join(args, " "), err)
 	}
-	vm, err := smolvm.OpenIn(testutil.Context(t, time.Minute), n.home, strings.TrimSpace(out))
+	vm, err := testutil.OpenHost(t, n.home).Open(testutil.Context(t, time.Minute), strings.TrimSpace(out))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -905,7 +905,7 @@ func TestNetworkTAPIsolation(t *testing.T) {
 	if err != nil {
 		t.Fatalf("create a user-mode VM: %v", err)
 	}
-	u, err := smolvm.OpenIn(ctx, n.home, strings.TrimSpace(out))
+	u, err := testutil.OpenHost(t, n.home).Open(ctx, strings.TrimSpace(out))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1042,7 +1042,7 @@ func TestNetworkTAPPortTaken(t *testing.T) {
 		t.Fatalf("create with a taken port: %v", err)
 	}
 	ctx := testutil.Context(t, time.Minute)
-	if vms, err := smolvm.ListIn(ctx, n.home); err != nil || len(vms) != 0 {
+	if vms, err := testutil.OpenHost(t, n.home).List(ctx); err != nil || len(vms) != 0 {
 		t.Fatalf("VMs left: %v, %v", vms, err)
 	}
 	n.assertNothingLeft(t, "at the end")

@@ -25,11 +25,11 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/consolelog"
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
 	"github.com/smolvm/smolvm/internal/store"
-	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
 // Version of smolvm, set at build time with -ldflags.
@@ -223,32 +223,51 @@ func (c *Config) setDefaults() error {
 
 // Home returns the state folder smolvm uses: $SMOLVM_HOME, else
 // $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
-func Home() string {
-	if h := os.Getenv("SMOLVM_HOME"); h != "" {
-		return h
-	}
-	if x := os.Getenv("XDG_STATE_HOME"); x != "" {
-		return filepath.Join(x, "smolvm")
-	}
-	if h, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(h, ".local", "state", "smolvm")
-	}
-	return filepath.Join(os.TempDir(), "smolvm")
-}
+func Home() string { return engine.Home() }
 
 func openStore(ctx context.Context, home string) (*store.Store, error) {
-	if home == "" {
-		home = Home()
-	}
-	st, err := store.Open(ctx, home)
-	if err != nil {
-		return nil, fmt.Errorf("open state folder %s (set SMOLVM_HOME to a writable folder): %w", home, err)
-	}
-	return st, nil
+	return engine.OpenStore(ctx, home)
 }
 
+// SupervisorMain is the body of the smolvm binary's hidden `__supervise`
+// command, which runs a persistent VM's supervisor (see
+// Config.SupervisorBinary), and is meant for nothing else: args are the
+// command's arguments after its name, as the library wrote them when it
+// started the process (their form and the ready pipe on fd 3 are the
+// library's own business, so that both ends of it live in one place). It
+// starts the VM, reports it ready (or the error, which keeps its kind) to
+// the process that created it, and serves the VM until it stops; SIGTERM
+// stops the VM gracefully.
+func SupervisorMain(ctx context.Context, args []string, log *slog.Logger) error {
+	return engine.SupervisorMain(ctx, args, log)
+}
+
+// WaitPrelaunched waits until the hypervisors this process is starting
+// ahead of time (Config.Prelaunch) are up or have failed; one that waits
+// for its delay starts at once.
+func WaitPrelaunched(ctx context.Context) error { return engine.WaitPrelaunched(ctx) }
+
+// DiscardPrelaunched ends the hypervisors this process started ahead of
+// time (Config.Prelaunch) and removes their folders. VMs that claimed one
+// are not affected.
+func DiscardPrelaunched(ctx context.Context) error { return engine.DiscardPrelaunched(ctx) }
+
 // Timings are a VM's phases as the seed's benchmark names them.
-type Timings = supervisor.Timings
+type Timings struct {
+	// Create is the host-side work before the hypervisor starts: state,
+	// image, network leases, the spec.
+	Create time.Duration `json:"create"`
+	// Launch is the supervisor's start of the hypervisor process (and of
+	// the VM's network).
+	Launch time.Duration `json:"launch"`
+	// FirstCommand is the wait from launch until the guest agent answers:
+	// the guest's boot, or the load of a snapshot.
+	FirstCommand time.Duration `json:"first_command"`
+	// CreateToFirstCommand is the whole wait, from the call to a working agent.
+	CreateToFirstCommand time.Duration `json:"create_to_first_command"`
+	// StopDelete is the VM's stop and deletion (set after Delete).
+	StopDelete time.Duration `json:"stop_delete,omitempty"`
+}
 
 // homeOf is the state folder a store lives in.
 func homeOf(st *store.Store) string { return filepath.Dir(st.Path()) }

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
 	"github.com/smolvm/smolvm/internal/rootfs"
@@ -63,7 +64,7 @@ func snapshotState(dir string) string {
 	if err != nil {
 		return ""
 	}
-	if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && processAlive(pid) {
+	if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && engine.ProcessAlive(pid) {
 		return SnapshotCreating
 	}
 	return SnapshotInterrupted
@@ -193,7 +194,21 @@ func snapshotInfo(sn *store.Snapshot) *SnapshotInfo {
 // host's wall clock, its own hostname and machine id. A clone of a VM
 // booted from a disk image writes to an overlay of its own on the
 // snapshot's disk; started again after a stop, it boots from that disk.
+//
+// Restore opens a Host of cfg.Home for the VM (closed with it).
 func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
+	valid := cfg // a config that is refused makes no state folder
+	if err := valid.setDefaults(); err != nil {
+		return nil, err
+	}
+	h, err := OpenHost(cfg.Home)
+	if err != nil {
+		return nil, err
+	}
+	return h.handOver(restore(ctx, h, snapshot, cfg))
+}
+
+func restore(ctx context.Context, h *Host, snapshot string, cfg Config) (*VM, error) {
 	started := time.Now()
 	mem, cpus := cfg.MemoryMiB, cfg.VCPUs // the shape asked for, before defaults
 	if err := cfg.setDefaults(); err != nil {
@@ -202,10 +217,7 @@ func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 	if len(cfg.Mounts) > 0 {
 		return nil, errMountsNoSnapshot
 	}
-	st, err := openStore(ctx, cfg.Home)
-	if err != nil {
-		return nil, err
-	}
+	st := h.st
 	src, err := loadSnapshot(ctx, st, &cfg, snapshot)
 	if err == nil {
 		if mc := src.spec.Machine; mem != 0 && mem != mc.MemoryMiB || cpus != 0 && cpus != mc.VCPUs {
@@ -214,11 +226,10 @@ func Restore(ctx context.Context, snapshot string, cfg Config) (*VM, error) {
 	}
 	if err == nil {
 		var vm *VM
-		if vm, err = create(ctx, st, &cfg, started, src); err == nil {
+		if vm, err = create(ctx, h, &cfg, started, src); err == nil {
 			return vm, nil
 		}
 	}
-	st.Close()
 	return nil, err
 }
 
@@ -342,13 +353,7 @@ func restoreSpec(ctx context.Context, st *store.Store, cfg *Config, src *snapsho
 	return &spec, nil
 }
 
-// ListSnapshots describes the snapshots in a state folder ("" = default).
-func ListSnapshots(ctx context.Context, home string) ([]*SnapshotInfo, error) {
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+func listSnapshots(ctx context.Context, st *store.Store) ([]*SnapshotInfo, error) {
 	sns, err := st.ListSnapshots(ctx)
 	if err != nil {
 		return nil, err
@@ -360,16 +365,8 @@ func ListSnapshots(ctx context.Context, home string) ([]*SnapshotInfo, error) {
 	return out, nil
 }
 
-// DeleteSnapshot removes a snapshot; it is refused while a running VM was
-// restored from it, and while any VM (even stopped) has a disk backed by
-// the snapshot's.
-func DeleteSnapshot(ctx context.Context, home, name string) error {
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	if _, err := reconcile(ctx, st); err != nil {
+func deleteSnapshot(ctx context.Context, st *store.Store, name string) error {
+	if _, err := engine.Reconcile(ctx, st); err != nil {
 		return err
 	}
 	sn, err := st.GetSnapshot(ctx, name)
@@ -485,7 +482,7 @@ func warnStaleWarm(ctx context.Context, st *store.Store, spec *supervisor.Spec, 
 // of the warm snapshot when there is a current one (a fraction of a second:
 // setup run again stays quick), else a cold boot, which it primes, saves and
 // deletes. Warm snapshots of other images or shapes are removed.
-func ensureWarm(ctx context.Context, cfg Config) error {
+func ensureWarm(ctx context.Context, h *Host, cfg Config) error {
 	cfg.Cold, cfg.Persistent, cfg.Name = false, false, ""
 	// Zeroing freed pages makes most of guest memory zero pages, which
 	// the snapshot skips (110 → 71 MB). Only the warm boot pays for it:
@@ -501,7 +498,7 @@ func ensureWarm(ctx context.Context, cfg Config) error {
 		cfg.Logger = slog.Default()
 	}
 	cfg.Logger = slog.New(minLevel{cfg.Logger.Handler(), slog.LevelError})
-	vm, err := New(ctx, cfg)
+	vm, err := h.New(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("warm snapshot: boot: %w", err)
 	}

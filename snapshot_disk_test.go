@@ -39,7 +39,7 @@ func debianImage(t testing.TB, home, imgName string) *smolvm.ImageInfo {
 	if _, err := os.Stat("/usr/bin/mmdebstrap"); err != nil {
 		t.Skip("mmdebstrap not installed (apt-get install mmdebstrap)")
 	}
-	opts := smolvm.Recipes["python"]
+	opts := smolvm.Recipes()["python"]
 	opts.Home, opts.Name = home, imgName
 	info, err := smolvm.BuildImage(testutil.Context(t, 30*time.Minute), opts)
 	if err != nil {
@@ -196,10 +196,10 @@ func TestSnapshotDisk(t *testing.T) {
 	}
 
 	// The snapshot and the image are in use.
-	if err := smolvm.DeleteSnapshot(ctx, home, "d1"); !errors.Is(err, smolvm.ErrInUse) {
+	if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, "d1"); !errors.Is(err, smolvm.ErrInUse) {
 		t.Errorf("DeleteSnapshot while clones run: %v, want ErrInUse", err)
 	}
-	if err := smolvm.RemoveImage(ctx, home, "deb"); !errors.Is(err, smolvm.ErrInUse) {
+	if err := testutil.OpenHost(t, home).RemoveImage(ctx, "deb"); !errors.Is(err, smolvm.ErrInUse) {
 		t.Errorf("image rm while clones run: %v, want ErrInUse", err)
 	}
 
@@ -218,7 +218,7 @@ func TestSnapshotDisk(t *testing.T) {
 		if err := c.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if err := smolvm.DeleteSnapshot(ctx, home, "d2"); err != nil {
+		if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, "d2"); err != nil {
 			t.Errorf("DeleteSnapshot d2: %v", err)
 		}
 	})
@@ -232,7 +232,7 @@ func TestSnapshotDisk(t *testing.T) {
 			t.Fatalf("Stop: %v", err)
 		}
 		// Stopped, the clone still needs the snapshot's disk.
-		if err := smolvm.DeleteSnapshot(ctx, home, "d1"); !errors.Is(err, smolvm.ErrInUse) || !strings.Contains(err.Error(), "clone1") {
+		if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, "d1"); !errors.Is(err, smolvm.ErrInUse) || !strings.Contains(err.Error(), "clone1") {
 			t.Errorf("DeleteSnapshot while a stopped clone has its disk: %v, want ErrInUse naming clone1", err)
 		}
 		if err := c.Start(ctx); err != nil {
@@ -260,7 +260,7 @@ func TestSnapshotDisk(t *testing.T) {
 	if err := clones[1].Delete(ctx); err != nil {
 		t.Error(err)
 	}
-	if err := smolvm.DeleteSnapshot(ctx, home, "d1"); err != nil {
+	if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, "d1"); err != nil {
 		t.Fatalf("DeleteSnapshot after the clones are gone: %v", err)
 	}
 	if _, err := os.Stat(info.Dir); !errors.Is(err, os.ErrNotExist) {
@@ -281,7 +281,7 @@ func TestSnapshotDisk(t *testing.T) {
 	if err := src.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := smolvm.RemoveImage(ctx, home, "deb"); err != nil {
+	if err := testutil.OpenHost(t, home).RemoveImage(ctx, "deb"); err != nil {
 		t.Errorf("image rm after everything is gone: %v", err)
 	}
 }
@@ -307,14 +307,14 @@ func TestSnapshotDiskImageInUse(t *testing.T) {
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	err := smolvm.RemoveImage(ctx, home, "deb")
+	err := testutil.OpenHost(t, home).RemoveImage(ctx, "deb")
 	if !errors.Is(err, smolvm.ErrInUse) || !strings.Contains(err.Error(), "snapshot only") {
 		t.Errorf("image rm while a snapshot needs it: %v, want ErrInUse naming the snapshot", err)
 	}
-	if err := smolvm.DeleteSnapshot(ctx, home, "only"); err != nil {
+	if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, "only"); err != nil {
 		t.Fatal(err)
 	}
-	if err := smolvm.RemoveImage(ctx, home, "deb"); err != nil {
+	if err := testutil.OpenHost(t, home).RemoveImage(ctx, "deb"); err != nil {
 		t.Errorf("image rm after the snapshot is gone: %v", err)
 	}
 }
@@ -343,13 +343,13 @@ func TestSnapshotSharedDisk(t *testing.T) {
 	if got := sh(t, c, "cat /etc/machine-id 2>/dev/null || cat /run/machine-id"); len(got) != 32 {
 		t.Errorf("clone's machine id: %q", got)
 	}
-	if err := smolvm.RemoveImage(ctx, home, "deb"); !errors.Is(err, smolvm.ErrInUse) {
+	if err := testutil.OpenHost(t, home).RemoveImage(ctx, "deb"); !errors.Is(err, smolvm.ErrInUse) {
 		t.Errorf("image rm while a clone runs: %v, want ErrInUse", err)
 	}
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := smolvm.DeleteSnapshot(ctx, home, "ro"); err != nil {
+	if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, "ro"); err != nil {
 		t.Errorf("DeleteSnapshot: %v", err)
 	}
 }
@@ -399,7 +399,7 @@ func BenchmarkSnapshotDisk(b *testing.B) {
 				if err := clone.Close(); err != nil {
 					b.Fatal(err)
 				}
-				if err := smolvm.DeleteSnapshot(ctx, home, name); err != nil {
+				if err := testutil.OpenHost(b, home).DeleteSnapshot(ctx, name); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -441,7 +441,7 @@ func TestSnapshotCallerDiskRefused(t *testing.T) {
 	if !errors.Is(err, smolvm.ErrUnsupported) || !strings.Contains(err.Error(), "disk image") {
 		t.Errorf("Snapshot of a VM with a caller's writable disk: %v, want ErrUnsupported naming disk images", err)
 	}
-	if sns, err := smolvm.ListSnapshots(ctx, home); err != nil || len(sns) != 0 {
+	if sns, err := testutil.OpenHost(t, home).Snapshots(ctx); err != nil || len(sns) != 0 {
 		t.Errorf("snapshots after a refused one: %v, %v", sns, err)
 	}
 	if left, _ := os.ReadDir(filepath.Join(home, "snapshots")); len(left) > 0 {

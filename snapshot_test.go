@@ -127,10 +127,10 @@ func TestSnapshotRestore(t *testing.T) {
 	}
 
 	// A snapshot in use is not deleted; an unused one is, with its files.
-	if err := smolvm.DeleteSnapshot(ctx, home, "s1"); !errors.Is(err, smolvm.ErrInUse) {
+	if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, "s1"); !errors.Is(err, smolvm.ErrInUse) {
 		t.Errorf("DeleteSnapshot while clones run: %v, want ErrInUse", err)
 	}
-	list, err := smolvm.ListSnapshots(ctx, home)
+	list, err := testutil.OpenHost(t, home).Snapshots(ctx)
 	if err != nil || len(list) != 1 || list[0].Name != "s1" {
 		t.Fatalf("ListSnapshots: %v, %v", list, err)
 	}
@@ -165,7 +165,7 @@ func TestSnapshotRestore(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), "stale") || !strings.Contains(err.Error(), "smolvm snapshot rm "+stale) {
 				t.Errorf("%s: Restore: %v, want a stale-snapshot error naming the fix", name, err)
 			}
-			if err := smolvm.DeleteSnapshot(ctx, home, stale); err != nil {
+			if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, stale); err != nil {
 				t.Errorf("DeleteSnapshot %s: %v", stale, err)
 			}
 		}
@@ -185,7 +185,7 @@ func TestSnapshotRestore(t *testing.T) {
 			t.Errorf("Close %s: %v", c.Name(), err)
 		}
 	}
-	if err := smolvm.DeleteSnapshot(ctx, home, "s1"); err != nil {
+	if err := testutil.OpenHost(t, home).DeleteSnapshot(ctx, "s1"); err != nil {
 		t.Fatalf("DeleteSnapshot after the clones are gone: %v", err)
 	}
 	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
@@ -202,7 +202,7 @@ func TestWarmStart(t *testing.T) {
 	if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
 		t.Fatalf("Setup with the warm snapshot: %v", err)
 	}
-	snaps, err := smolvm.ListSnapshots(ctx, home)
+	snaps, err := testutil.OpenHost(t, home).Snapshots(ctx)
 	if err != nil || len(snaps) != 1 || !snaps[0].Warm {
 		t.Fatalf("after Setup: snapshots %+v, %v; want one warm snapshot", snaps, err)
 	}
@@ -210,7 +210,7 @@ func TestWarmStart(t *testing.T) {
 	if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
 		t.Fatalf("second Setup: %v", err)
 	}
-	if again, _ := smolvm.ListSnapshots(ctx, home); len(again) != 1 || again[0].Created != snaps[0].Created {
+	if again, _ := testutil.OpenHost(t, home).Snapshots(ctx); len(again) != 1 || again[0].Created != snaps[0].Created {
 		t.Errorf("second Setup changed the warm snapshots: %+v", again)
 	}
 
@@ -395,7 +395,7 @@ func TestWarmStart(t *testing.T) {
 	if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
 		t.Fatalf("Setup over a broken warm snapshot: %v", err)
 	}
-	remade, _ := smolvm.ListSnapshots(ctx, home)
+	remade, _ := testutil.OpenHost(t, home).Snapshots(ctx)
 	var warm []*smolvm.SnapshotInfo
 	for _, sn := range remade {
 		if sn.Warm {
@@ -431,7 +431,7 @@ func TestSetupWithoutRoomForWarm(t *testing.T) {
 	if _, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home}); err != nil {
 		t.Fatalf("Setup with 64 MiB free: %v", err)
 	}
-	if snaps, err := smolvm.ListSnapshots(ctx, home); err != nil || len(snaps) != 0 {
+	if snaps, err := testutil.OpenHost(t, home).Snapshots(ctx); err != nil || len(snaps) != 0 {
 		t.Errorf("snapshots after Setup with 64 MiB free: %+v, %v; want none", snaps, err)
 	}
 	vm := newVM(t, smolvm.Config{Home: home})

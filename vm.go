@@ -7,12 +7,13 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/jail"
@@ -25,11 +26,13 @@ import (
 
 // VM is a handle on one sandbox. Its methods are safe for concurrent use.
 type VM struct {
-	id   string
-	name string
-	dir  string
-	st   *store.Store
-	log  *slog.Logger
+	id      string
+	name    string
+	dir     string
+	host    *Host
+	ownHost bool         // opened for this handle alone: Close closes it
+	st      *store.Store // host.st
+	log     *slog.Logger
 
 	mu      sync.Mutex
 	sup     *supervisor.Supervisor // set when the VM lives in this process
@@ -45,7 +48,7 @@ type VM struct {
 type Info struct {
 	ID       string    `json:"id"`
 	Name     string    `json:"name"`
-	State    string    `json:"state"`
+	State    State     `json:"state"`
 	Reason   string    `json:"reason,omitempty"`
 	Created  time.Time `json:"created"`
 	Dir      string    `json:"dir"`
@@ -53,47 +56,32 @@ type Info struct {
 	Snapshot string    `json:"snapshot,omitempty"`
 	// Prelaunched: restored into a hypervisor started ahead of time
 	// (Config.Prelaunch).
-	Prelaunched   bool            `json:"prelaunched,omitempty"`
-	VCPUs         int             `json:"vcpus"`
-	MemoryMiB     int             `json:"memory_mib"`
-	Accel         string          `json:"accel,omitempty"`
-	Channel       string          `json:"channel,omitempty"`
-	Persistent    bool            `json:"persistent"`
-	SupervisorPID int             `json:"supervisor_pid,omitempty"`
-	HypervisorPID int             `json:"hypervisor_pid,omitempty"`
-	Timings       Timings         `json:"timings"`
-	Machine       hypervisor.Info `json:"-"`
+	Prelaunched   bool    `json:"prelaunched,omitempty"`
+	VCPUs         int     `json:"vcpus"`
+	MemoryMiB     int     `json:"memory_mib"`
+	Accel         string  `json:"accel,omitempty"`
+	Channel       string  `json:"channel,omitempty"`
+	Persistent    bool    `json:"persistent"`
+	SupervisorPID int     `json:"supervisor_pid,omitempty"`
+	HypervisorPID int     `json:"hypervisor_pid,omitempty"`
+	Timings       Timings `json:"timings"`
+	// Hypervisor names the VM's hypervisor and its version, e.g. "qemu
+	// 8.2.2" (empty until the VM first ran).
+	Hypervisor string `json:"-"`
 }
 
-// Open returns a handle on an existing VM by id, unique id prefix or name.
+// Open returns a handle on an existing VM of the default state folder by
+// id, unique id prefix or name (Host.Open for another folder).
 func Open(ctx context.Context, ref string) (*VM, error) {
-	st, err := openStore(ctx, "")
+	h, err := OpenHost("")
 	if err != nil {
 		return nil, err
 	}
-	vm, err := open(ctx, st, ref, slog.Default())
-	if err != nil {
-		st.Close()
-		return nil, err
-	}
-	return vm, nil
+	return h.handOver(open(ctx, h, ref, nil))
 }
 
-// OpenIn is Open with an explicit state folder.
-func OpenIn(ctx context.Context, home, ref string) (*VM, error) {
-	st, err := openStore(ctx, home)
-	if err != nil {
-		return nil, err
-	}
-	vm, err := open(ctx, st, ref, slog.Default())
-	if err != nil {
-		st.Close()
-		return nil, err
-	}
-	return vm, nil
-}
-
-func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*VM, error) {
+func open(ctx context.Context, h *Host, ref string, log *slog.Logger) (*VM, error) {
+	st := h.st
 	rec, err := st.GetVM(ctx, ref)
 	if err != nil {
 		return nil, fmt.Errorf("%w (see 'smolvm ls')", err)
@@ -101,7 +89,7 @@ func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*
 	if log == nil {
 		log = slog.Default()
 	}
-	vm := &VM{id: rec.ID, name: rec.Name, dir: rec.Dir, st: st, log: log}
+	vm := &VM{id: rec.ID, name: rec.Name, dir: rec.Dir, host: h, st: st, log: log}
 	_ = json.Unmarshal(rec.Timings, &vm.timings)
 	if rec.State == store.StateRunning || rec.State == store.StatePaused {
 		if err := vm.connect(); err != nil {
@@ -112,7 +100,7 @@ func open(ctx context.Context, st *store.Store, ref string, log *slog.Logger) (*
 }
 
 func (vm *VM) connect() error {
-	conn, err := dialAPI(vm.dir) // health.go
+	conn, err := engine.DialAPI(vm.dir) // internal/engine
 	if err != nil {
 		return fmt.Errorf("connect to VM %s: %w", vm.id, err)
 	}
@@ -137,7 +125,7 @@ func (vm *VM) Timings() Timings {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	if vm.sup != nil {
-		t := vm.sup.Timings()
+		t := Timings(vm.sup.Timings())
 		t.StopDelete = vm.timings.StopDelete
 		return t
 	}
@@ -270,7 +258,7 @@ func (vm *VM) callErr(ctx context.Context, what string, err error) error {
 		return fmt.Errorf("%s: %w", what, notRunning(rec))
 	}
 	if gerr == nil && errors.Is(err, ErrUnavailable) {
-		if p := supervisorProblem(ctx, rec); p != nil {
+		if p := engine.SupervisorProblem(ctx, rec); p != nil {
 			return fmt.Errorf("%s: %w", what, p)
 		}
 	}
@@ -284,7 +272,7 @@ func (vm *VM) apiErr(ctx context.Context, what string, err error) error {
 	err = errdefs.FromGRPC(err)
 	if errors.Is(err, ErrUnavailable) && ctx.Err() == nil {
 		if rec, gerr := vm.st.GetVM(ctx, vm.id); gerr == nil {
-			if p := supervisorProblem(ctx, rec); p != nil {
+			if p := engine.SupervisorProblem(ctx, rec); p != nil {
 				err = p
 			}
 		}
@@ -302,12 +290,12 @@ func (vm *VM) Info(ctx context.Context) (*Info, error) {
 		return nil, err
 	}
 	in := infoOf(rec)
-	markUnresponsive(in, supervisorProblem(ctx, rec)) // health.go
+	markUnresponsive(in, engine.SupervisorProblem(ctx, rec)) // internal/engine
 	return in, nil
 }
 
 func infoOf(rec *store.VM) *Info {
-	in := &Info{ID: rec.ID, Name: rec.Name, State: rec.State, Reason: rec.Reason, Created: rec.Created,
+	in := &Info{ID: rec.ID, Name: rec.Name, State: State(rec.State), Reason: rec.Reason, Created: rec.Created,
 		Dir: rec.Dir, Image: rec.Image, Snapshot: rec.Snapshot, SupervisorPID: rec.SupervisorPID, HypervisorPID: rec.HypervisorPID}
 	var spec supervisor.Spec
 	if json.Unmarshal(rec.Config, &spec) == nil {
@@ -316,7 +304,10 @@ func infoOf(rec *store.VM) *Info {
 		in.Accel, in.Channel = string(spec.Machine.Accel), string(spec.Machine.Channel)
 	}
 	_ = json.Unmarshal(rec.Timings, &in.Timings)
-	_ = json.Unmarshal(rec.Info, &in.Machine)
+	var mi hypervisor.Info
+	if json.Unmarshal(rec.Info, &mi) == nil && mi.Driver != "" {
+		in.Hypervisor = strings.TrimSpace(mi.Driver + " " + mi.Version)
+	}
 	return in
 }
 
@@ -346,12 +337,12 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 		}
 		return fmt.Errorf("%w: VM %s is %s", ErrNotRunning, rec.Name, rec.State)
 	}
-	if p := supervisorProblem(ctx, rec); p != nil {
+	if p := engine.SupervisorProblem(ctx, rec); p != nil {
 		if !force {
 			return fmt.Errorf("stop VM %s: %w", rec.Name, p)
 		}
 		vm.disconnect()
-		return killSupervisor(ctx, vm.st, rec) // health.go
+		return engine.KillSupervisor(ctx, vm.st, rec) // internal/engine
 	}
 	// The supervisor answered: it stops the guest within the timeout
 	// (and kills it then); a little more for its answer.
@@ -359,11 +350,11 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 	sctx, cancel := context.WithTimeout(ctx, stopTimeout+5*time.Second)
 	_, err = control.Stop(sctx, &controlpb.StopRequest{Force: force, TimeoutMs: stopTimeout.Milliseconds()})
 	cancel()
-	if err != nil && processAlive(rec.SupervisorPID) {
+	if err != nil && engine.ProcessAlive(rec.SupervisorPID) {
 		if force && (errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded)) && ctx.Err() == nil {
 			// It stopped answering since the probe.
 			vm.disconnect()
-			return killSupervisor(ctx, vm.st, rec)
+			return engine.KillSupervisor(ctx, vm.st, rec)
 		}
 		return vm.apiErr(ctx, "stop VM "+rec.Name, err)
 	}
@@ -371,12 +362,12 @@ func (vm *VM) stop(ctx context.Context, force bool) error {
 	// The supervisor records the stop and exits (its teardown takes at
 	// most a few seconds); wait for that.
 	deadline := time.Now().Add(15 * time.Second)
-	for processAlive(rec.SupervisorPID) && rec.SupervisorPID != os.Getpid() {
+	for engine.ProcessAlive(rec.SupervisorPID) && rec.SupervisorPID != os.Getpid() {
 		if time.Now().After(deadline) {
 			if !force {
 				return fmt.Errorf("stop VM %s: its supervisor (pid %d) did not exit: 'smolvm rm -f %s' kills it: %w", rec.Name, rec.SupervisorPID, rec.Name, ErrUnavailable)
 			}
-			return killSupervisor(ctx, vm.st, rec)
+			return engine.KillSupervisor(ctx, vm.st, rec)
 		}
 		select {
 		case <-ctx.Done():
@@ -403,7 +394,7 @@ func (vm *VM) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if rec.Live() && processAlive(rec.SupervisorPID) {
+	if rec.Live() && engine.ProcessAlive(rec.SupervisorPID) {
 		return fmt.Errorf("%w: VM %s is already %s", ErrExists, rec.Name, rec.State)
 	}
 	var spec supervisor.Spec
@@ -411,7 +402,7 @@ func (vm *VM) Start(ctx context.Context) error {
 		return fmt.Errorf("read VM %s: %w", rec.Name, err)
 	}
 	cfg := &Config{SupervisorBinary: spec.SupervisorBinary, Logger: vm.log}
-	if _, err := supervisorBinary(cfg); spec.Persistent && err != nil {
+	if _, err := engine.SupervisorBinary(cfg.SupervisorBinary); spec.Persistent && err != nil {
 		return err
 	}
 	capacity, err := cfg.capacity()
@@ -428,7 +419,7 @@ func (vm *VM) Start(ctx context.Context) error {
 		return capacityErr(err)
 	}
 	if spec.Persistent {
-		if err := spawnSupervisor(ctx, cfg, homeOf(vm.st), vm.id, started, started); err != nil {
+		if err := cfg.spawnSupervisor(ctx, homeOf(vm.st), vm.id, started, started); err != nil {
 			return err
 		}
 		return vm.connect()
@@ -462,7 +453,7 @@ func (vm *VM) Delete(ctx context.Context) error {
 }
 
 func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
-	if err := releaseNetwork(ctx, st, id); err != nil { // network.go
+	if err := engine.ReleaseNetwork(ctx, st, id); err != nil { // internal/engine
 		return err
 	}
 	if err := retainDisk(dir); err != nil {
@@ -502,18 +493,31 @@ func (vm *VM) Close() error {
 	vm.mu.Lock()
 	vm.closed = true
 	vm.mu.Unlock()
-	return errors.Join(err, vm.st.Close())
+	if vm.ownHost {
+		err = errors.Join(err, vm.host.Close())
+	}
+	return err
 }
 
-// processAlive tells whether a process with this pid exists.
-func processAlive(pid int) bool {
-	if pid <= 0 {
-		return false
+// noAnswer is the error of a call that its timeout ended before the VM
+// answered: the supervisor's problem if it has one.
+func (vm *VM) noAnswer(what string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*engine.ProbeTimeout)
+	defer cancel()
+	if rec, err := vm.st.GetVM(ctx, vm.id); err == nil {
+		if rec.State != store.StateRunning {
+			return fmt.Errorf("%s: %w", what, notRunning(rec))
+		}
+		if p := engine.SupervisorProblem(ctx, rec); p != nil {
+			return fmt.Errorf("%s: %w", what, p)
+		}
 	}
-	err := syscall.Kill(pid, 0)
-	if err != nil && !errors.Is(err, syscall.EPERM) {
-		return false
+	return fmt.Errorf("%s: VM %s did not answer within the timeout of %s: %w", what, vm.name, timeout, ErrUnavailable)
+}
+
+// markUnresponsive shows a probe's problem in a VM's info.
+func markUnresponsive(in *Info, problem error) {
+	if problem != nil {
+		in.State, in.Reason = StateUnresponsive, problem.Error()
 	}
-	// A zombie (exited, not yet reaped by its parent) is not alive.
-	return procState(pid) != 'Z'
 }

@@ -14,7 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/smolvm/smolvm/internal/bench"
+	"github.com/smolvm/smolvm/bench"
 )
 
 func newBenchCmd(g *globals) *cobra.Command {
@@ -99,7 +99,7 @@ Ctrl-C.`,
 			if tuned != "" {
 				opts.TunedKernel = func(string) (string, error) { return tuned, nil }
 			}
-			opts.Home = os.Getenv("SMOLVM_HOME")
+			opts.Home = g.h.Home()
 			opts.Logger = g.log
 			opts.Command = "smolvm " + strings.Join(os.Args[1:], " ")
 			if term.IsTerminal(int(os.Stderr.Fd())) {
@@ -109,7 +109,7 @@ Ctrl-C.`,
 				opts.Verbose = os.Stderr
 			}
 			if len(idle.Counts) > 0 {
-				return runIdleBench(ctx, idle, asJSON)
+				return runIdleBench(ctx, g.h.Home(), idle, asJSON)
 			}
 			var rep interface {
 				WriteJSON(io.Writer) error
@@ -148,7 +148,7 @@ Ctrl-C.`,
 	}
 	f := cmd.Flags()
 	f.IntVar(&opts.VMs, "vms", 10, "VMs per mode (and in all with --concurrency)")
-	f.StringVar(&modes, "modes", strings.Join(bench.Modes, ","), "modes to measure: "+strings.Join(bench.Modes, ", "))
+	f.StringVar(&modes, "modes", strings.Join(bench.Modes(), ","), "modes to measure: "+strings.Join(bench.Modes(), ", "))
 	f.IntVar(&opts.WarmRuns, "warm-runs", 50, "pings and 'true' commands on one VM (0 skips)")
 	f.IntVar(&opts.Concurrency, "concurrency", 0, "also create VMs this many at a time (0 skips)")
 	f.BoolVar(&opts.NoSSH, "no-ssh", false, "skip the SSH comparison")
@@ -160,15 +160,15 @@ Ctrl-C.`,
 	f.IntVar(&idle.Parallel, "idle-parallel", 2, "with --idle: VMs created at a time")
 	f.StringVar(&idle.Binary, "idle-bin", "", "with --idle: the smolvm binary that creates and runs the VMs (default: this one)")
 	f.IntVar(&soak.Cycles, "soak", 0, "run N create → exec → delete cycles and check for leaks, instead of the phases")
-	f.StringVar(&soak.Mode, "soak-mode", bench.SoakPersistent, "VMs of the soak: "+strings.Join(bench.SoakModes, " or "))
+	f.StringVar(&soak.Mode, "soak-mode", bench.SoakPersistent, "VMs of the soak: "+strings.Join(bench.SoakModes(), " or "))
 	f.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	f.BoolVarP(&verbose, "verbose", "v", false, "print each VM's phases as it finishes")
 	return cmd
 }
 
 // runIdleBench runs `bench --idle` and prints its report.
-func runIdleBench(ctx context.Context, opts bench.IdleOptions, asJSON bool) error {
-	opts.Home = os.Getenv("SMOLVM_HOME") // --home sets it too
+func runIdleBench(ctx context.Context, home string, opts bench.IdleOptions, asJSON bool) error {
+	opts.Home = home
 	opts.Command = "smolvm " + strings.Join(os.Args[1:], " ")
 	if term.IsTerminal(int(os.Stderr.Fd())) {
 		opts.Progress = os.Stderr

@@ -201,6 +201,26 @@ func TestCLIRun(t *testing.T) {
 	}
 }
 
+// TestCLIHomeFlag: --home is the state folder of every command (the CLI
+// hands it to its Host), whatever $SMOLVM_HOME says.
+func TestCLIHomeFlag(t *testing.T) {
+	t.Parallel()
+	home := testutil.Home(t)
+	env := t.TempDir() // $SMOLVM_HOME of the runs: must stay untouched
+	id := strings.TrimSpace(mustOK(t, env, "", "--home", home, "create", "--name", "flagvm", "-m", "256").stdout)
+	t.Cleanup(func() { smolvmRun(t, env, "", "--home", home, "rm", "-f", id) })
+	if r := mustOK(t, env, "", "--home", home, "exec", "flagvm", "--", "hostname"); r.stdout != "flagvm\n" {
+		t.Errorf("exec in the VM of --home printed %q", r.stdout)
+	}
+	if vms := listVMs(t, home); len(vms) != 1 || vms[0].ID != id {
+		t.Errorf("the state folder of --home lists %+v, want VM %s", vms, id)
+	}
+	mustOK(t, env, "", "--home", home, "rm", "-f", "flagvm")
+	if ents, _ := os.ReadDir(env); len(ents) != 0 {
+		t.Errorf("$SMOLVM_HOME got %d files though --home was given", len(ents))
+	}
+}
+
 var idRE = regexp.MustCompile(`^[0-9a-f]{12}\n$`)
 
 func TestCLIPersistentVM(t *testing.T) {

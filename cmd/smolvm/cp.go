@@ -65,7 +65,7 @@ Exactly one of SRC and DST is VM:PATH (a relative PATH is under /root).
 				return fmt.Errorf("%w: both SRC and DST are local: name the VM side as VM:PATH (a local path with a colon must start with ./ or /)", smolvm.ErrInvalid)
 			}
 			name := src.vm + dst.vm
-			vm, err := smolvm.Open(cmd.Context(), name)
+			vm, err := g.open(cmd.Context(), name)
 			if err != nil {
 				return err
 			}

@@ -1,35 +1,22 @@
 package main
 
 import (
-	"context"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strconv"
 
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm/smolvm"
-	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
-	"github.com/smolvm/smolvm/internal/image"
-	"github.com/smolvm/smolvm/internal/jail"
 )
-
-type check struct {
-	Name   string `json:"name"`
-	OK     bool   `json:"ok"`
-	Detail string `json:"detail"`
-	Fix    string `json:"fix,omitempty"`
-}
 
 func newDoctorCmd(g *globals) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "doctor",
-		Short: "Check this host: QEMU, KVM or TCG, image, state folder",
-		Args:  cobra.NoArgs,
+		Use:         "doctor",
+		Annotations: map[string]string{noHost: "it checks the state folder itself"},
+		Short:       "Check this host: QEMU, KVM or TCG, image, state folder",
+		Args:        cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			checks := runChecks(cmd.Context())
+			checks := smolvm.CheckHost(cmd.Context(), g.home)
 			ok := true
 			for _, c := range checks {
 				ok = ok && c.OK
@@ -58,113 +45,4 @@ func newDoctorCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
-}
-
-func runChecks(ctx context.Context) []check {
-	var out []check
-	home := smolvm.Home()
-	if v, err := qemu.Version(ctx, ""); err != nil {
-		out = append(out, check{Name: "qemu", Detail: err.Error(), Fix: "smolvm setup"})
-	} else {
-		out = append(out, check{Name: "qemu", OK: true, Detail: "qemu-system-x86_64 " + v})
-	}
-	for _, p := range image.CheckHost(ctx) {
-		c := check{Name: p.Missing, Detail: p.Detail, Fix: "apt-get install " + p.Package}
-		if p.Optional {
-			// Needed only by disk images and the bench: VMs run without.
-			c.OK, c.Detail = true, "optional, "+p.Detail
-		}
-		out = append(out, c)
-	}
-	agent, err := smolvm.AgentBinary()
-	if err != nil {
-		out = append(out, check{Name: "agent", Detail: err.Error(), Fix: "make build"})
-	} else {
-		out = append(out, check{Name: "agent", OK: true, Detail: agent})
-	}
-	d, err := smolvm.Setup(ctx, smolvm.SetupOptions{Home: home, CachedOnly: true})
-	if err != nil {
-		out = append(out, check{Name: "image", Detail: "default image not ready: " + err.Error(), Fix: "smolvm setup"})
-	} else {
-		out = append(out, check{Name: "image", OK: true, Detail: fmt.Sprintf("kernel %s, initramfs %s", d.KernelVersion, filepath.Base(d.Initrd))})
-		rep := smolvm.ProbeAccel(ctx, home, d.Kernel, d.Initrd)
-		detail := rep.Accel + ": " + rep.Reason
-		out = append(out, check{Name: "accel", OK: true, Detail: detail})
-	}
-	if _, err := os.Stat("/dev/vhost-vsock"); err == nil {
-		out = append(out, check{Name: "channel", OK: true, Detail: "vsock (/dev/vhost-vsock present)"})
-	} else {
-		out = append(out, check{Name: "channel", OK: true, Detail: "virtio-serial (no /dev/vhost-vsock; modprobe vhost_vsock for vsock)"})
-	}
-	out = append(out, privilegeChecks()...)
-	if err := os.MkdirAll(home, 0o700); err != nil {
-		out = append(out, check{Name: "state folder", Detail: err.Error(), Fix: "set SMOLVM_HOME to a writable folder"})
-	} else if f, err := os.CreateTemp(home, ".doctor-"); err != nil {
-		out = append(out, check{Name: "state folder", Detail: home + " is not writable: " + err.Error(), Fix: "set SMOLVM_HOME to a writable folder"})
-	} else {
-		f.Close()
-		os.Remove(f.Name())
-		out = append(out, check{Name: "state folder", OK: true, Detail: home})
-	}
-	return out
-}
-
-// privilegeChecks report how QEMU is confined on this host and what is
-// missing, with its cost; and the host's capacity limits.
-func privilegeChecks() []check {
-	h := jail.Detect()
-	var out []check
-	switch {
-	case !h.Root:
-		out = append(out, check{Name: "jail", OK: true, Detail: fmt.Sprintf("not root (uid %d): QEMU runs as this user, without a mount namespace or cgroup of its own (both need root): "+
-			"a guest that escapes QEMU can reach everything this user can, and nothing bounds its memory, CPU or threads", os.Geteuid()), Fix: "run smolvm as root for jailed QEMUs"})
-	case h.UserErr != nil:
-		out = append(out, check{Name: "jail", OK: true, Detail: "QEMU runs as root (" + h.UserErr.Error() + "): a guest that escapes QEMU is root on the host", Fix: "smolvm setup"})
-	case jail.Disabled():
-		out = append(out, check{Name: "jail", OK: true, Detail: jail.DisableEnv + "=off: QEMU runs as root, with the host's whole file system", Fix: "unset " + jail.DisableEnv})
-	default:
-		out = append(out, check{Name: "jail", OK: true, Detail: fmt.Sprintf("QEMU runs as user %s (uid %d), in mount and pid namespaces of its own that show only its files", jail.User, h.UID)})
-	}
-	if h.Root {
-		cs := h.Cgroups
-		c := check{Name: "cgroups", OK: true}
-		switch cs.Version() {
-		case "v2":
-			c.Detail = "v2: a cgroup per QEMU under " + cs.V2 + " (memory.max, cpu.max, pids.max)"
-		case "v1":
-			c.Detail = "v1 (" + cs.Why + "): a cgroup per QEMU under"
-			for _, ctl := range []string{"memory", "cpu", "pids"} {
-				if d, ok := cs.V1[ctl]; ok {
-					c.Detail += " " + d
-				}
-			}
-		default:
-			c.Detail = "none usable (" + cs.Why + ")"
-		}
-		if cs.Unmounted {
-			c.Detail += " (this mount namespace shows no cgroup hierarchy, e.g. under 'ip netns exec': smolvm mounts them itself, attached to no folder)"
-		}
-		if len(cs.Missing) > 0 {
-			c.Detail += fmt.Sprintf("; no %v controller: a VM's QEMU is not bounded in %v (a runaway guest can take the host's)", cs.Missing, cs.Missing)
-			c.Fix = "mount the cgroup controllers (v2 with memory, cpu and pids delegated to smolvm's cgroup)"
-		}
-		out = append(out, c)
-	}
-	capCheck := check{Name: "capacity", OK: true}
-	if vms, mem, err := smolvm.Capacity(); err != nil {
-		capCheck.OK, capCheck.Detail = false, err.Error()
-		capCheck.Fix = fmt.Sprintf("set %s and %s to a positive number, -1 for no limit, or unset them", smolvm.MaxVMsEnv, smolvm.MaxMemoryMiBEnv)
-	} else {
-		capCheck.Detail = fmt.Sprintf("new VMs are refused past %s VMs or %s MiB of guest memory in this state folder (%s, %s; -1: no limit)",
-			limitText(vms), limitText(mem), smolvm.MaxVMsEnv, smolvm.MaxMemoryMiBEnv)
-	}
-	return append(out, capCheck)
-}
-
-// limitText shows a resolved limit (0: none).
-func limitText(n int) string {
-	if n == 0 {
-		return "unlimited"
-	}
-	return strconv.Itoa(n)
 }

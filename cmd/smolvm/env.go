@@ -21,11 +21,11 @@ and shell in it sees (written to /etc/smolvm/env and /etc/profile.d).`,
   smolvm env ls web
   smolvm env unset web DEBUG`,
 	}
-	cmd.AddCommand(newEnvSetCmd(), newEnvUnsetCmd(), newEnvLsCmd())
+	cmd.AddCommand(newEnvSetCmd(g), newEnvUnsetCmd(g), newEnvLsCmd(g))
 	return cmd
 }
 
-func newEnvSetCmd() *cobra.Command {
+func newEnvSetCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "set VM KEY=VALUE...",
 		Short: "Set environment variables",
@@ -35,7 +35,7 @@ func newEnvSetCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -45,13 +45,13 @@ func newEnvSetCmd() *cobra.Command {
 	}
 }
 
-func newEnvUnsetCmd() *cobra.Command {
+func newEnvUnsetCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "unset VM KEY...",
 		Short: "Remove environment variables",
 		Args:  cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -61,7 +61,7 @@ func newEnvUnsetCmd() *cobra.Command {
 	}
 }
 
-func newEnvLsCmd() *cobra.Command {
+func newEnvLsCmd(g *globals) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:     "ls VM",
@@ -69,7 +69,7 @@ func newEnvLsCmd() *cobra.Command {
 		Short:   "List environment variables as KEY=VALUE lines",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

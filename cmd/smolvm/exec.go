@@ -145,7 +145,7 @@ syntax runs through /bin/sh -c. Stdin is forwarded when it is not a terminal
   echo hi | smolvm exec web -- cat`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

@@ -50,7 +50,7 @@ func newImageLsCmd(g *globals) *cobra.Command {
 		Short:   "List images",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ims, err := smolvm.ListImages(cmd.Context(), "")
+			ims, err := g.h.Images(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -83,7 +83,7 @@ working_dir, user, entrypoint, cmd, exposed_ports), which every command
 in a VM of the image starts with.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			im, err := smolvm.InspectImage(cmd.Context(), "", args[0])
+			im, err := g.h.InspectImage(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -103,7 +103,7 @@ func newImageRmCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var first error
 			for _, n := range args {
-				if err := smolvm.RemoveImage(cmd.Context(), "", n); err != nil {
+				if err := g.h.RemoveImage(cmd.Context(), n); err != nil {
 					fmt.Fprintln(os.Stderr, "smolvm:", err)
 					if first == nil {
 						first = err
@@ -127,7 +127,7 @@ func newImagePruneCmd(g *globals) *cobra.Command {
 		Short: "Remove the images no VM uses and the build caches they leave",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rep, err := smolvm.PruneImages(cmd.Context(), "")
+			rep, err := g.h.PruneImages(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -177,7 +177,7 @@ Ready recipes (NAME with no --packages): ` + recipeList(),
 					pk = append(pk, p)
 				}
 			}
-			im, err := smolvm.BuildImage(cmd.Context(), smolvm.BuildOptions{Name: args[0], Suite: suite, Variant: variant,
+			im, err := g.h.BuildImage(cmd.Context(), smolvm.BuildOptions{Name: args[0], Suite: suite, Variant: variant,
 				Packages: pk, Script: run, Mirror: mirror, SizeMiB: mb, Progress: os.Stderr})
 			if err != nil {
 				return err
@@ -198,7 +198,7 @@ Ready recipes (NAME with no --packages): ` + recipeList(),
 
 func recipeList() string {
 	var out []string
-	for n, r := range smolvm.Recipes {
+	for n, r := range smolvm.Recipes() {
 		out = append(out, n+" ("+strings.Join(r.Packages, ", ")+")")
 	}
 	return strings.Join(out, "; ")
@@ -215,7 +215,7 @@ func newImagePullCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			im, err := smolvm.ImportImage(cmd.Context(), smolvm.ImportOptions{Name: name, Ref: args[0], SizeMiB: mb, Progress: os.Stderr})
+			im, err := g.h.ImportImage(cmd.Context(), smolvm.ImportOptions{Name: name, Ref: args[0], SizeMiB: mb, Progress: os.Stderr})
 			if err != nil {
 				return err
 			}
@@ -239,7 +239,7 @@ func newImageImportCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			im, err := smolvm.ImportImage(cmd.Context(), smolvm.ImportOptions{Name: name, File: args[0], SizeMiB: mb, Progress: os.Stderr})
+			im, err := g.h.ImportImage(cmd.Context(), smolvm.ImportOptions{Name: name, File: args[0], SizeMiB: mb, Progress: os.Stderr})
 			if err != nil {
 				return err
 			}

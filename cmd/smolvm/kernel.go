@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -13,7 +12,6 @@ import (
 	"golang.org/x/term"
 
 	"github.com/smolvm/smolvm"
-	"github.com/smolvm/smolvm/internal/image"
 )
 
 func newKernelCmd(g *globals) *cobra.Command {
@@ -49,26 +47,22 @@ boot it from then on (unless SMOLVM_KERNEL=stock), so the build ends by making
 their warm snapshot, as 'smolvm setup' does.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			opts := image.KernelBuildOptions{
-				CacheDir: filepath.Join(smolvm.Home(), "cache"), Jobs: jobs, Force: force,
-				InstallPackages: !noInstall, WorkDir: workDir, Logger: g.log,
-			}
+			opts := smolvm.KernelBuildOptions{Jobs: jobs, Force: force, InstallPackages: !noInstall, WorkDir: workDir, Logger: g.log}
 			if verbose {
 				opts.Output = os.Stderr
 			} else if term.IsTerminal(int(os.Stderr.Fd())) {
 				opts.Progress = os.Stderr
 			}
 			start := time.Now()
-			ti, err := image.EnsureTunedKernel(cmd.Context(), opts)
+			ti, err := g.h.BuildTunedKernel(cmd.Context(), opts)
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "tuned kernel %s (%s %s) ready in %s\n", ti.Release, ti.SourcePackage, ti.SourceVersion, time.Since(start).Round(time.Second))
 			fmt.Println(ti.Vmlinux)
-			if os.Getenv(smolvm.KernelEnv) != "stock" {
+			if ti.Default {
 				// New VMs boot it now: their warm snapshot is of this kernel.
-				setup := smolvm.SetupOptions{Progress: opts.Progress}
-				if _, err := smolvm.Setup(cmd.Context(), setup); err != nil {
+				if _, err := g.h.Setup(cmd.Context(), smolvm.SetupOptions{Progress: opts.Progress}); err != nil {
 					g.log.Warn("no warm snapshot for the tuned kernel yet: VMs boot cold until 'smolvm setup' makes it", "err", err)
 				}
 			}
@@ -106,15 +100,12 @@ func newKernelInfoCmd(g *globals) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var ki kernelInfo
-			if ti, ok := image.LookupTunedKernel(filepath.Join(smolvm.Home(), "cache")); ok {
+			if ti, ok := g.h.TunedKernel(); ok {
 				ki = kernelInfo{Cached: true, Vmlinux: ti.Vmlinux, BzImage: ti.BzImage, Release: ti.Release,
 					SourceVersion: ti.SourceVersion, Built: ti.Built.Format(time.RFC3339), BuildSeconds: ti.BuildSeconds,
-					SourceEdits: ti.SourceEdits, MissingEdits: ti.MissingEdits()}
-				ki.Default = os.Getenv(smolvm.KernelEnv) != "stock"
+					SourceEdits: ti.SourceEdits, MissingEdits: ti.MissingEdits, Default: ti.Default}
 			}
-			for _, p := range image.KernelBuildProblems() {
-				ki.Missing = append(ki.Missing, p.String())
-			}
+			ki.Missing = smolvm.KernelBuildProblems()
 			ki.CanBuild = len(ki.Missing) == 0
 			if asJSON {
 				enc := json.NewEncoder(os.Stdout)
@@ -155,11 +146,12 @@ func printKernelInfo(w io.Writer, ki kernelInfo) {
 
 func newKernelConfigCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "config",
-		Short: "Print the kernel configuration fragment applied over allnoconfig",
-		Args:  cobra.NoArgs,
+		Use:         "config",
+		Annotations: map[string]string{noHost: "no state"},
+		Short:       "Print the kernel configuration fragment applied over allnoconfig",
+		Args:        cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			_, err := os.Stdout.Write(image.KernelConfigFragment())
+			_, err := os.Stdout.Write(smolvm.KernelConfigFragment())
 			return err
 		},
 	}

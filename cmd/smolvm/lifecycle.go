@@ -11,10 +11,10 @@ import (
 )
 
 // eachVM runs fn on every named VM, reporting failures and going on.
-func eachVM(cmd *cobra.Command, refs []string, fn func(vm *smolvm.VM) error) error {
+func eachVM(g *globals, cmd *cobra.Command, refs []string, fn func(vm *smolvm.VM) error) error {
 	var errs []error
 	for _, ref := range refs {
-		vm, err := smolvm.Open(cmd.Context(), ref)
+		vm, err := g.open(cmd.Context(), ref)
 		if err == nil {
 			err = fn(vm)
 			err = errors.Join(err, vm.Close())
@@ -36,7 +36,7 @@ func newStartCmd(g *globals) *cobra.Command {
 		Short: "Boot stopped VMs again",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return eachVM(cmd, args, func(vm *smolvm.VM) error {
+			return eachVM(g, cmd, args, func(vm *smolvm.VM) error {
 				if err := vm.Start(cmd.Context()); err != nil {
 					return err
 				}
@@ -54,7 +54,7 @@ func newStopCmd(g *globals) *cobra.Command {
 		Short: "Stop VMs (the guest powers off; its state folder stays)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return eachVM(cmd, args, func(vm *smolvm.VM) error {
+			return eachVM(g, cmd, args, func(vm *smolvm.VM) error {
 				if force {
 					return vm.Kill(cmd.Context())
 				}
@@ -77,7 +77,7 @@ func newRmCmd(g *globals) *cobra.Command {
 				if len(args) > 0 {
 					return fmt.Errorf("%w: give VM names or --all, not both", smolvm.ErrInvalid)
 				}
-				vms, err := smolvm.List(cmd.Context())
+				vms, err := g.h.List(cmd.Context())
 				if err != nil {
 					return err
 				}
@@ -88,12 +88,12 @@ func newRmCmd(g *globals) *cobra.Command {
 			} else if len(args) == 0 {
 				return fmt.Errorf("%w: name the VMs to delete, or use --all", smolvm.ErrInvalid)
 			}
-			return eachVM(cmd, args, func(vm *smolvm.VM) error {
+			return eachVM(g, cmd, args, func(vm *smolvm.VM) error {
 				in, err := vm.Info(cmd.Context())
 				if err != nil {
 					return err
 				}
-				if !force && (in.State == "running" || in.State == "paused" || in.State == smolvm.StateUnresponsive) {
+				if !force && (in.State == smolvm.StateRunning || in.State == smolvm.StatePaused || in.State == smolvm.StateUnresponsive) {
 					return fmt.Errorf("%w: VM %s is %s: stop it first or use 'smolvm rm -f %s'", smolvm.ErrInUse, in.Name, in.State, in.Name)
 				}
 				return vm.Delete(cmd.Context())
@@ -115,7 +115,7 @@ disks, leases, a stray QEMU process) and state folders no VM owns. With --all,
 remove every VM, running ones included.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			removed, err := smolvm.Cleanup(cmd.Context(), smolvm.CleanupOptions{All: all})
+			removed, err := g.h.Cleanup(cmd.Context(), smolvm.CleanupOptions{All: all})
 			for _, id := range removed {
 				fmt.Println("removed", id)
 			}

@@ -27,7 +27,7 @@ func newListCmd(g *globals) *cobra.Command {
 		Short:   "List VMs",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vms, err := smolvm.List(cmd.Context())
+			vms, err := g.h.List(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -76,10 +76,10 @@ func newInfoCmd(g *globals) *cobra.Command {
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			// List first, so a VM whose supervisor died shows as failed.
-			if _, err := smolvm.List(cmd.Context()); err != nil {
+			if _, err := g.h.List(cmd.Context()); err != nil {
 				return err
 			}
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -99,7 +99,7 @@ func newInfoCmd(g *globals) *cobra.Command {
 			row := func(k string, v any) { fmt.Fprintf(w, "%s:\t%v\n", k, v) }
 			row("ID", in.ID)
 			row("Name", in.Name)
-			row("State", strings.TrimSpace(in.State+" "+paren(in.Reason)))
+			row("State", strings.TrimSpace(string(in.State)+" "+paren(in.Reason)))
 			row("Image", in.Image)
 			if in.Snapshot != "" {
 				how := ""

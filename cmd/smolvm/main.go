@@ -15,6 +15,22 @@ import (
 	"github.com/smolvm/smolvm"
 )
 
+// noHost annotates the commands that open no state folder before they run
+// (version, doctor, kernel, the supervisor's own); the others find it in
+// globals.h.
+const noHost = "nohost"
+
+// opensNoHost tells the commands that need no state folder: those marked
+// noHost (or below one), help and completion.
+func opensNoHost(cmd *cobra.Command) bool {
+	for c := cmd; c != nil; c = c.Parent() {
+		if c.Annotations[noHost] != "" || c.Name() == "help" || c.Name() == "completion" {
+			return true
+		}
+	}
+	return false
+}
+
 // exitError carries a process exit code through cobra.
 type exitError struct{ code int }
 
@@ -24,6 +40,35 @@ type globals struct {
 	home  string
 	debug bool
 	log   *slog.Logger
+	h     *smolvm.Host // opened on first use (see host)
+}
+
+// host is the state folder of this run (--home, else smolvm.Home()),
+// opened on first use: every VM the command touches shares its store.
+func (g *globals) host() (*smolvm.Host, error) {
+	if g.h == nil {
+		h, err := smolvm.OpenHost(g.home)
+		if err != nil {
+			return nil, err
+		}
+		g.h = h
+	}
+	return g.h, nil
+}
+
+// open is Host.Open on the run's state folder.
+func (g *globals) open(ctx context.Context, ref string) (*smolvm.VM, error) {
+	h, err := g.host()
+	if err != nil {
+		return nil, err
+	}
+	return h.Open(ctx, ref)
+}
+
+func (g *globals) close() {
+	if g.h != nil {
+		_ = g.h.Close()
+	}
 }
 
 func main() {
@@ -40,6 +85,7 @@ func main() {
 	g := &globals{}
 	root := newRoot(g)
 	err := root.ExecuteContext(ctx)
+	g.close()
 	var ee *exitError
 	switch {
 	case err == nil:
@@ -84,18 +130,17 @@ Start with:  smolvm setup && smolvm run -- uname -a`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
-			if g.home != "" {
-				if err := os.Setenv("SMOLVM_HOME", g.home); err != nil {
-					return err
-				}
-			}
 			level := slog.LevelWarn
 			if g.debug || os.Getenv("SMOLVM_DEBUG") != "" {
 				level = slog.LevelDebug
 			}
 			g.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 			slog.SetDefault(g.log)
-			return nil
+			if opensNoHost(cmd) {
+				return nil
+			}
+			_, err := g.host()
+			return err
 		},
 	}
 	root.Version = versionLine()

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -51,9 +52,11 @@ func TestReserveStdout(t *testing.T) {
 }
 
 // TestTypeScriptClient drives 'smolvm mcp' with the official TypeScript
-// MCP client (test/mcp/client.mjs), over stdio and over HTTP, and checks
-// that no VM is left.
+// MCP client (test/mcp/client.mjs), over stdio and over HTTP ('smolvm mcp
+// --http' and /mcp of 'smolvm serve', both behind a key), and checks that
+// no VM is left.
 func TestTypeScriptClient(t *testing.T) {
+	const mcpKey = "test-key"
 	node, err := exec.LookPath("node")
 	if err != nil {
 		t.Skip("node not found: install Node.js to run the TypeScript MCP client")
@@ -64,7 +67,7 @@ func TestTypeScriptClient(t *testing.T) {
 		t.Fatalf("the TypeScript MCP SDK is not installed: run 'npm ci' in %s (.ci/run does)", dir)
 	}
 	bin := testutil.Binary(t)
-	env := append(os.Environ(), "SMOLVM_HOME="+home, "SMOLVM_API_KEY=test-key")
+	env := append(os.Environ(), "SMOLVM_HOME="+home, "SMOLVM_API_KEY="+mcpKey)
 
 	runNode := func(t *testing.T, args ...string) {
 		t.Helper()
@@ -96,6 +99,28 @@ func TestTypeScriptClient(t *testing.T) {
 		noVMs(t)
 	})
 
+	// Over HTTP, from 'smolvm mcp --http' and from 'smolvm serve' (its
+	// /mcp, behind the server's key); either stops on SIGTERM.
+	httpClient := func(t *testing.T, url string, srv *exec.Cmd) {
+		t.Helper()
+		resp, err := http.Post(url, "application/json", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("%s without the key: %d, want 401", url, resp.StatusCode)
+		}
+		runNode(t, "http", url)
+		if err := srv.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := srv.Wait(); err != nil {
+			t.Errorf("%s after SIGTERM: %v", strings.Join(srv.Args, " "), err)
+		}
+		noVMs(t)
+	}
+
 	t.Run("http", func(t *testing.T) {
 		srv := exec.Command(bin, "mcp", "--http", "127.0.0.1:0")
 		srv.Env = env
@@ -119,14 +144,13 @@ func TestTypeScriptClient(t *testing.T) {
 			t.Fatal("smolvm mcp --http never said where it listens")
 		}
 		go func() { _, _ = io.Copy(io.Discard, errPipe) }()
-		runNode(t, "http", url)
-		if err := srv.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		if err := srv.Wait(); err != nil {
-			t.Errorf("smolvm mcp --http after SIGTERM: %v", err)
-		}
-		noVMs(t)
+		httpClient(t, url, srv)
+	})
+
+	t.Run("serve", func(t *testing.T) {
+		url, srv, rest := startServe(t, home, []string{"SMOLVM_API_KEY=" + mcpKey})
+		go func() { _, _ = io.Copy(io.Discard, rest) }()
+		httpClient(t, url+"/mcp", srv)
 	})
 }
 

@@ -3,15 +3,11 @@ package main
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
-	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm/smolvm"
-	"github.com/smolvm/smolvm/internal/consolelog"
-	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
 func newLogsCmd(g *globals) *cobra.Command {
@@ -21,26 +17,12 @@ func newLogsCmd(g *globals) *cobra.Command {
 		Short: "Print a VM's guest console (or its supervisor log)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
 			defer vm.Close()
-			name := supervisor.ConsoleLog
-			if sup {
-				name = supervisor.LogFile
-			}
-			path := filepath.Join(vm.Dir(), name)
-			if _, err := os.Stat(path); err != nil {
-				return fmt.Errorf("read logs of VM %s: %w", vm.Name(), err)
-			}
-			if !follow {
-				return consolelog.Copy(os.Stdout, path)
-			}
-			return consolelog.Follow(cmd.Context(), os.Stdout, path, 200*time.Millisecond, func() bool {
-				in, err := vm.Info(cmd.Context())
-				return err == nil && (in.State == "running" || in.State == "creating")
-			})
+			return vm.Logs(cmd.Context(), os.Stdout, smolvm.LogOptions{Supervisor: sup, Follow: follow})
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing while the VM runs")
@@ -50,9 +32,10 @@ func newLogsCmd(g *globals) *cobra.Command {
 
 func newVersionCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "version",
-		Short: "Print the version",
-		Args:  cobra.NoArgs,
+		Use:         "version",
+		Annotations: map[string]string{noHost: "no state"},
+		Short:       "Print the version",
+		Args:        cobra.NoArgs,
 		Run: func(cmd *cobra.Command, args []string) {
 			fmt.Println("smolvm " + versionLine())
 		},
@@ -65,21 +48,18 @@ func versionLine() string {
 	return fmt.Sprintf("%s (%s, %s/%s)", smolvm.Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
+// newSuperviseCmd is the hidden command the library runs for each
+// persistent VM's supervisor; its arguments are the library's (see
+// smolvm.SupervisorMain).
 func newSuperviseCmd(g *globals) *cobra.Command {
-	var started, createDone string
-	cmd := &cobra.Command{
-		Use:    "__supervise ID",
-		Short:  "Run a VM's supervisor (internal)",
-		Hidden: true,
-		Args:   cobra.ExactArgs(1),
+	return &cobra.Command{
+		Use:                "__supervise ID",
+		Annotations:        map[string]string{noHost: "the supervisor opens its own"},
+		Short:              "Run a VM's supervisor (internal)",
+		Hidden:             true,
+		DisableFlagParsing: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ready := os.NewFile(3, "ready")
-			t0, _ := time.Parse(time.RFC3339Nano, started)
-			t1, _ := time.Parse(time.RFC3339Nano, createDone)
-			return smolvm.RunSupervisor(cmd.Context(), args[0], ready, t0, t1, g.log)
+			return smolvm.SupervisorMain(cmd.Context(), args, g.log)
 		},
 	}
-	cmd.Flags().StringVar(&started, "started", "", "")
-	cmd.Flags().StringVar(&createDone, "create-done", "", "")
-	return cmd
 }

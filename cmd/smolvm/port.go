@@ -66,7 +66,7 @@ func newPortCmd(g *globals) *cobra.Command {
 		Short: "List a VM's port forwards",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -98,7 +98,7 @@ func newPortCmd(g *globals) *cobra.Command {
   smolvm port expose web 80               # a free host port, printed`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -120,7 +120,7 @@ func newPortCmd(g *globals) *cobra.Command {
 			if err != nil || port < 1 || port > 65535 {
 				return fmt.Errorf("%w: %q is not a host port number", smolvm.ErrInvalid, args[1])
 			}
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

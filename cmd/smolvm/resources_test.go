@@ -255,7 +255,14 @@ func TestFullStateFolder(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		smolvmRun(t, home, "", "rm", "-f", "--all")
-		if out, err := exec.Command("umount", home).CombinedOutput(); err != nil {
+		// The killed VMs' processes may still be on their way out and
+		// hold the mount ("target is busy") for a moment.
+		var out []byte
+		if err := testutil.Poll(time.Minute, func() bool {
+			var err error
+			out, err = exec.Command("umount", home).CombinedOutput()
+			return err == nil
+		}); err != nil {
 			t.Errorf("umount %s: %v: %s", home, err, out)
 		}
 	})

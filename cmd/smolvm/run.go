@@ -42,13 +42,13 @@ Every command starts with the image's Env, in its WorkingDir, as its User.`,
 					ep = []string{} // --entrypoint "": the image's is dropped
 				}
 			}
-			argv, direct, err := imageCommand(cmd.Context(), cfg.Image, ep, args)
+			argv, direct, err := imageCommand(cmd.Context(), g.h, cfg.Image, ep, args)
 			if err != nil {
 				return err
 			}
 			cfg.Persistent = keep
 			ctx := cmd.Context()
-			vm, err := smolvm.New(ctx, cfg)
+			vm, err := g.h.New(ctx, cfg)
 			if err != nil {
 				return err
 			}
@@ -84,10 +84,10 @@ Every command starts with the image's Env, in its WorkingDir, as its User.`,
 // with an Entrypoint (the image's or ep), the entrypoint and args (or the
 // image's Cmd) as an argv, run as is (direct); otherwise args, or the
 // image's Cmd, as the CLI runs any command.
-func imageCommand(ctx context.Context, image string, ep, args []string) (argv []string, direct bool, err error) {
+func imageCommand(ctx context.Context, h *smolvm.Host, image string, ep, args []string) (argv []string, direct bool, err error) {
 	var ic *smolvm.ImageConfig
 	if image != "" {
-		im, err := smolvm.InspectImage(ctx, "", image)
+		im, err := h.InspectImage(ctx, image)
 		if err != nil {
 			return nil, false, err
 		}
@@ -123,7 +123,7 @@ supervisor process of its own. The new VM's id alone is printed on stdout.`,
 				return err
 			}
 			cfg.Persistent = true
-			vm, err := smolvm.New(cmd.Context(), cfg)
+			vm, err := g.h.New(cmd.Context(), cfg)
 			if err != nil {
 				return err
 			}

@@ -117,8 +117,8 @@ func serve(ctx context.Context, g *globals, opts server.Options) error {
 	}
 	ln, err := net.Listen("tcp", opts.Listen)
 	if err != nil {
-		srv.Shutdown()
-		return fmt.Errorf("listen on %s (is another server there? choose another with --listen): %w", opts.Listen, err)
+		return errors.Join(fmt.Errorf("listen on %s (is another server there? choose another with --listen): %w", opts.Listen, err),
+			srv.Shutdown())
 	}
 	// The E2B-compatible API shares the listener (internal/e2b).
 	e2bAPI := e2b.New(srv.Registry(), opts.APIKey, opts.Logger)
@@ -156,6 +156,10 @@ func serve(ctx context.Context, g *globals, opts server.Options) error {
 	if errors.Is(err, context.DeadlineExceeded) {
 		err = hs.Close()
 	}
-	<-done
+	// Serve returns ErrServerClosed once Shutdown or Close began: the
+	// expected end; anything else is a failure of its own.
+	if serr := <-done; !errors.Is(serr, http.ErrServerClosed) {
+		err = errors.Join(err, serr)
+	}
 	return errors.Join(err, mcpSrv.Close(), srv.Shutdown())
 }

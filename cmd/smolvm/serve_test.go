@@ -66,8 +66,10 @@ func startServe(t *testing.T, home string, env []string, args ...string) (string
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
+		// A test that stopped the server has waited for it already: both
+		// fail then, and that is fine.
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
 	})
 	rd := bufio.NewReader(stderr)
 	line, err := rd.ReadString('\n')
@@ -88,7 +90,9 @@ func startServe(t *testing.T, home string, env []string, args ...string) (string
 func TestServeKey(t *testing.T) {
 	home := t.TempDir()
 	keyFile := filepath.Join(home, "key")
-	os.WriteFile(keyFile, []byte("s3cret\n"), 0o600)
+	if err := os.WriteFile(keyFile, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	get := func(url, key string) int {
 		req, _ := http.NewRequest("GET", url+"/v1/sandboxes", nil)
 		if key != "" {
@@ -98,8 +102,11 @@ func TestServeKey(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		io.Copy(io.Discard, resp.Body)
+		_, err = io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
 		return resp.StatusCode
 	}
 	for _, c := range []struct {
@@ -112,7 +119,7 @@ func TestServeKey(t *testing.T) {
 				t.Errorf("key %q: %d, want %d", key, got, want)
 			}
 		}
-		cmd.Process.Signal(syscall.SIGTERM)
+		sigterm(t, cmd)
 		if err := cmd.Wait(); err != nil {
 			t.Errorf("serve after SIGTERM: %v", err)
 		}
@@ -121,8 +128,10 @@ func TestServeKey(t *testing.T) {
 	if got := get(url, ""); got != 200 {
 		t.Errorf("no key: %d", got)
 	}
-	cmd.Process.Signal(syscall.SIGTERM)
-	cmd.Wait()
+	sigterm(t, cmd)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("serve after SIGTERM: %v", err)
+	}
 }
 
 // TestServeGraceful: SIGTERM closes a running stream with 1001 (going
@@ -136,21 +145,23 @@ func TestServeGraceful(t *testing.T) {
 		t.Fatal(err)
 	}
 	var sb struct{ ID string }
-	json.NewDecoder(resp.Body).Decode(&sb)
+	err = json.NewDecoder(resp.Body).Decode(&sb)
 	resp.Body.Close()
-	if resp.StatusCode != 201 {
-		t.Fatalf("create: %d", resp.StatusCode)
+	if resp.StatusCode != 201 || err != nil {
+		t.Fatalf("create: %d %v", resp.StatusCode, err)
 	}
 	ctx := testutil.Context(t, 3*time.Minute)
 	c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(url, "http")+"/v1/sandboxes/"+sb.ID+"/exec/stream", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Write(ctx, websocket.MessageText, []byte(`{"command": "echo started; sleep 600"}`))
+	if err := c.Write(ctx, websocket.MessageText, []byte(`{"command": "echo started; sleep 600"}`)); err != nil {
+		t.Fatal(err)
+	}
 	if _, msg, err := c.Read(ctx); err != nil || string(msg[1:]) != "started\n" {
 		t.Fatalf("stream: %v %q", err, msg)
 	}
-	cmd.Process.Signal(syscall.SIGTERM)
+	sigterm(t, cmd)
 	_, _, err = c.Read(ctx)
 	var ce websocket.CloseError
 	if !errors.As(err, &ce) || ce.Code != websocket.StatusGoingAway {
@@ -165,6 +176,16 @@ func TestServeGraceful(t *testing.T) {
 	if err != nil || resp.StatusCode != 204 {
 		t.Errorf("delete through the second server: %v %v", err, resp)
 	}
-	cmd.Process.Signal(syscall.SIGTERM)
-	cmd.Wait()
+	sigterm(t, cmd)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("serve after SIGTERM: %v", err)
+	}
+}
+
+// sigterm asks the server to stop.
+func sigterm(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatalf("SIGTERM to serve: %v", err)
+	}
 }

@@ -34,7 +34,7 @@ missing, stale or does not restore.`,
 			if progress != nil {
 				opts.Progress = progress
 			}
-			d, err := smolvm.Setup(cmd.Context(), opts)
+			d, err := g.h.Setup(cmd.Context(), opts)
 			if d == nil {
 				return err
 			}

@@ -5,8 +5,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
-
-	"github.com/smolvm/smolvm"
 )
 
 func newShellCmd(g *globals) *cobra.Command {
@@ -25,7 +23,7 @@ without a pseudo-terminal.`,
   echo 'uname -a' | smolvm shell web`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

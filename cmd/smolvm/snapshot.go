@@ -23,7 +23,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 		Short:   "List snapshots",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			sns, err := smolvm.ListSnapshots(cmd.Context(), "")
+			sns, err := g.h.Snapshots(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -48,7 +48,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 		Short: "Save a running VM's memory, device state and disk (it goes on running)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Open(cmd.Context(), args[0])
+			vm, err := g.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -68,7 +68,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 		Short: "Start a new persistent VM from a snapshot; print its id",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm, err := smolvm.Restore(cmd.Context(), args[0], smolvm.Config{Name: name, Persistent: true, Logger: g.log, BootTimeout: bootTimeout})
+			vm, err := g.h.Restore(cmd.Context(), args[0], smolvm.Config{Name: name, Persistent: true, Logger: g.log, BootTimeout: bootTimeout})
 			if err != nil {
 				return err
 			}
@@ -86,7 +86,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var first error
 			for _, n := range args {
-				if err := smolvm.DeleteSnapshot(cmd.Context(), "", n); err != nil {
+				if err := g.h.DeleteSnapshot(cmd.Context(), n); err != nil {
 					fmt.Fprintln(os.Stderr, "smolvm:", err)
 					if first == nil {
 						first = err
@@ -109,7 +109,7 @@ func newPauseCmd(g *globals) *cobra.Command {
 		Short: "Freeze VMs' vCPUs (memory stays)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return eachVM(cmd, args, func(vm *smolvm.VM) error { return vm.Pause(cmd.Context()) })
+			return eachVM(g, cmd, args, func(vm *smolvm.VM) error { return vm.Pause(cmd.Context()) })
 		},
 	}
 }
@@ -121,7 +121,7 @@ func newResumeCmd(g *globals) *cobra.Command {
 		Short:   "Resume paused VMs",
 		Args:    cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return eachVM(cmd, args, func(vm *smolvm.VM) error { return vm.Resume(cmd.Context()) })
+			return eachVM(g, cmd, args, func(vm *smolvm.VM) error { return vm.Resume(cmd.Context()) })
 		},
 	}
 }

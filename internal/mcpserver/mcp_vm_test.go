@@ -312,7 +312,8 @@ func TestTools(t *testing.T) {
 		run(t, map[string]any{"command": "echo saved > /root/state"})
 		var sn struct{ Snapshot string }
 		mustCall(t, ctx, cs, "snapshot_sandbox", map[string]any{"sandbox_id": id, "name": "mcp-test"}, &sn)
-		t.Cleanup(func() { _ = smolvm.DeleteSnapshot(context.Background(), home, "mcp-test") })
+		h := testutil.OpenHost(t, home)
+		t.Cleanup(func() { _ = h.DeleteSnapshot(context.Background(), "mcp-test") })
 		wantError(t, ctx, cs, "snapshot_sandbox", map[string]any{"sandbox_id": id, "name": "mcp-test"}, "another name")
 		var clone sandboxOut
 		mustCall(t, ctx, cs, "create_sandbox", map[string]any{"snapshot": "mcp-test"}, &clone)
@@ -372,7 +373,7 @@ func TestTools(t *testing.T) {
 // vmIDs lists the VMs of home.
 func vmIDs(t *testing.T, home string) []string {
 	t.Helper()
-	infos, err := smolvm.ListIn(context.Background(), home)
+	infos, err := testutil.OpenHost(t, home).List(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -406,7 +407,7 @@ func TestSessionEnd(t *testing.T) {
 		}); err != nil {
 			t.Errorf("after the session ended: VMs %v, want only the kept %s", vmIDs(t, home), kept.SandboxID)
 		}
-		vm, err := smolvm.OpenIn(ctx, home, kept.SandboxID)
+		vm, err := testutil.OpenHost(t, home).Open(ctx, kept.SandboxID)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -6,14 +6,11 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"unicode/utf8"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
-
-	"github.com/smolvm/smolvm/internal/consolelog"
-	"github.com/smolvm/smolvm/internal/supervisor"
+	"github.com/smolvm/smolvm"
 )
 
 // consoleTail is how much of a console log the resource returns (its
@@ -58,7 +55,7 @@ func (s *Server) readConsole(ctx context.Context, req *mcp.ReadResourceRequest) 
 		return nil, mcp.ResourceNotFoundError(req.Params.URI)
 	}
 	var buf bytes.Buffer
-	if err := consolelog.Copy(&buf, filepath.Join(vm.Dir(), supervisor.ConsoleLog)); err != nil {
+	if err := vm.Logs(ctx, &buf, smolvm.LogOptions{}); err != nil {
 		return nil, fmt.Errorf("read the console log of sandbox %s: %w", vm.ID(), err)
 	}
 	b := buf.Bytes()

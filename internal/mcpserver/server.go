@@ -111,6 +111,31 @@ type Server struct {
 	watched map[*mcp.ServerSession]bool // sessions with a cleanup waiting on their end
 	handles map[string]*smolvm.VM       // open handles, by sandbox id
 	cleanup sync.WaitGroup              // session cleanups under way
+	h       *smolvm.Host                // the state folder, opened on first use (see host)
+}
+
+// host is the server's state folder (Options.Home), opened once: every
+// handle of the server shares its store.
+func (s *Server) host() (*smolvm.Host, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.h == nil {
+		h, err := smolvm.OpenHost(s.opts.Home)
+		if err != nil {
+			return nil, err
+		}
+		s.h = h
+	}
+	return s.h, nil
+}
+
+// openIn is Host.Open on the server's state folder.
+func (s *Server) openIn(ctx context.Context, ref string) (*smolvm.VM, error) {
+	h, err := s.host()
+	if err != nil {
+		return nil, err
+	}
+	return h.Open(ctx, ref)
 }
 
 // owned is a sandbox made through this server.
@@ -232,6 +257,10 @@ func (s *Server) Close() error {
 		_ = vm.Close()
 		delete(s.handles, id)
 	}
+	if s.h != nil {
+		err = errors.Join(err, s.h.Close())
+		s.h = nil
+	}
 	s.mu.Unlock()
 	return err
 }
@@ -337,7 +366,7 @@ func (s *Server) deleteSandbox(ctx context.Context, ref string) error {
 
 // gone reports whether sandbox id no longer exists.
 func (s *Server) gone(ctx context.Context, id string) bool {
-	vm, err := smolvm.OpenIn(ctx, s.opts.Home, id)
+	vm, err := s.openIn(ctx, id)
 	if err == nil {
 		_ = vm.Close()
 	}
@@ -354,7 +383,7 @@ func (s *Server) open(ctx context.Context, ref string) (*smolvm.VM, error) {
 		}
 	}
 	s.mu.Unlock()
-	vm, err := smolvm.OpenIn(ctx, s.opts.Home, ref)
+	vm, err := s.openIn(ctx, ref)
 	if err != nil {
 		return nil, err
 	}

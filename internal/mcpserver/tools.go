@@ -470,7 +470,11 @@ func (s *Server) listSandboxes(ctx context.Context, _ *mcp.CallToolRequest, _ st
 
 // list describes every VM of the state folder.
 func (s *Server) list(ctx context.Context) ([]sandboxOutput, error) {
-	infos, err := smolvm.ListIn(ctx, s.opts.Home)
+	h, err := s.host()
+	if err != nil {
+		return nil, fmt.Errorf("list sandboxes: %w", err)
+	}
+	infos, err := h.List(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("list sandboxes: %w", err)
 	}
@@ -483,7 +487,7 @@ func (s *Server) list(ctx context.Context) ([]sandboxOutput, error) {
 
 func (s *Server) describe(info *smolvm.Info) sandboxOutput {
 	_, keep, mine := s.ownedBy(info.ID)
-	return sandboxOutput{SandboxID: info.ID, Name: info.Name, State: info.State, Image: info.Image,
+	return sandboxOutput{SandboxID: info.ID, Name: info.Name, State: string(info.State), Image: info.Image,
 		Snapshot: info.Snapshot, CPUs: info.VCPUs, MemoryMiB: info.MemoryMiB, Created: info.Created,
 		Session: mine && !keep, Keep: keep, MCP: strings.HasPrefix(info.Name, NamePrefix)}
 }

@@ -26,7 +26,7 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer srv.Shutdown()
+	defer func() { cleanUp(b, "shut the server down", srv.Shutdown()) }()
 	hs := httptest.NewServer(srv.Handler())
 	defer hs.Close()
 	ctx := context.Background()
@@ -37,9 +37,8 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 		}
 		defer resp.Body.Close()
 		var out json.RawMessage
-		json.NewDecoder(resp.Body).Decode(&out)
-		if resp.StatusCode >= 300 {
-			b.Fatalf("POST %s: %d %s", path, resp.StatusCode, out)
+		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode >= 300 {
+			b.Fatalf("POST %s: %d %s %v", path, resp.StatusCode, out, err)
 		}
 		return out
 	}
@@ -54,15 +53,19 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 		for b.Loop() {
 			t0 := time.Now()
 			var sb sandboxJSON
-			json.Unmarshal(post("/v1/sandboxes", `{"timeout": -1}`), &sb)
+			if err := json.Unmarshal(post("/v1/sandboxes", `{"timeout": -1}`), &sb); err != nil {
+				b.Fatal(err)
+			}
 			var res execResult
-			json.Unmarshal(post("/v1/sandboxes/"+sb.ID+"/exec", `{"command": "echo hi"}`), &res)
+			err := json.Unmarshal(post("/v1/sandboxes/"+sb.ID+"/exec", `{"command": "echo hi"}`), &res)
 			api = append(api, time.Since(t0))
-			if res.Stdout != "hi\n" {
-				b.Fatalf("exec: %+v", res)
+			if err != nil || res.Stdout != "hi\n" {
+				b.Fatalf("exec: %v %+v", err, res)
 			}
 			b.StopTimer()
-			srv.Registry().Delete(ctx, sb.ID)
+			if err := srv.Registry().Delete(ctx, sb.ID); err != nil {
+				b.Fatal(err)
+			}
 			b.StartTimer()
 
 			t0 = time.Now()
@@ -76,7 +79,9 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 				b.Fatalf("run: %v %+v", err, out)
 			}
 			b.StopTimer()
-			vm.Delete(ctx)
+			if err := vm.Delete(ctx); err != nil {
+				b.Fatal(err)
+			}
 			vm.Close()
 			b.StartTimer()
 		}
@@ -88,7 +93,7 @@ func BenchmarkCreateFirstOutput(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer srv.Registry().Delete(ctx, sb.ID)
+	defer func() { cleanUp(b, "delete the sandbox", srv.Registry().Delete(ctx, sb.ID)) }()
 	vm, _ := srv.Registry().VM(ctx, sb.ID)
 	b.Run("command", func(b *testing.B) {
 		var api, lib []time.Duration

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"sort"
 	"sync"
 	"testing"
@@ -33,12 +34,15 @@ func TestV1ConcurrentCreates(t *testing.T) {
 				return
 			}
 			var sb sandboxJSON
-			json.Unmarshal(b, &sb)
+			if err := json.Unmarshal(b, &sb); err != nil {
+				errs <- fmt.Sprintf("%v: %s", err, b)
+				return
+			}
 			ids <- sb.ID
 			status, b = ts.do("POST", sbPath(sb.ID, "/exec"), map[string]any{"command": "echo ok"})
 			var res execResult
-			if json.Unmarshal(b, &res); status != 200 || res.Stdout != "ok\n" {
-				errs <- string(b)
+			if err := json.Unmarshal(b, &res); err != nil || status != 200 || res.Stdout != "ok\n" {
+				errs <- fmt.Sprintf("%d %v: %s", status, err, b)
 			}
 		}()
 	}
@@ -53,7 +57,7 @@ func TestV1ConcurrentCreates(t *testing.T) {
 	defer func() {
 		var wg sync.WaitGroup
 		for _, id := range created {
-			wg.Go(func() { ts.srv.Registry().Delete(context.Background(), id) })
+			wg.Go(func() { cleanUp(t, "delete sandbox "+id, ts.srv.Registry().Delete(context.Background(), id)) })
 		}
 		wg.Wait()
 	}()
@@ -88,7 +92,7 @@ func TestV1Capacity(t *testing.T) {
 	ts2 := newTestServer(t, Options{Home: home})
 	ts2.createSandbox(map[string]any{"timeout": -1})
 	ts2.wantError(503, "capacity", "POST", "/v1/sandboxes", map[string]any{}, "capacity")
-	vms, err := smolvm.ListIn(testutil.Context(t, time.Minute), home)
+	vms, err := testutil.OpenHost(t, home).List(testutil.Context(t, time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -49,7 +49,7 @@ func newTestServer(t *testing.T, opts Options) *testServer {
 	ts.http = httptest.NewServer(&checker{t: t, next: srv.Handler(), router: router})
 	t.Cleanup(func() {
 		ts.http.Close()
-		srv.Shutdown()
+		cleanUp(t, "shut the server down", srv.Shutdown())
 	})
 	return ts
 }

@@ -1,10 +1,12 @@
 package server
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"testing"
 
+	"github.com/smolvm/smolvm"
 	"github.com/smolvm/smolvm/internal/testutil"
 )
 
@@ -23,3 +25,14 @@ func TestMain(m *testing.M) {
 // warmHome is one state folder with a warm snapshot for the package's
 // real-VM tests (testutil.WarmHome).
 func warmHome(t testing.TB) string { return testutil.WarmHome(t) }
+
+// cleanUp reports a failed clean-up, which would leave something behind.
+// ErrNotFound is no failure: the clean-ups are safety nets for a test
+// that stopped early, and one that ran to its end removed the thing
+// itself.
+func cleanUp(tb testing.TB, what string, err error) {
+	tb.Helper()
+	if err != nil && !errors.Is(err, smolvm.ErrNotFound) {
+		tb.Errorf("clean-up: %s: %v", what, err)
+	}
+}

@@ -75,6 +75,7 @@ type Registry struct {
 	max        int
 	log        *slog.Logger
 	recs       *records
+	host       *smolvm.Host // one store for every VM of the registry
 	// newVM makes a VM (smolvm.New or smolvm.Restore); open opens one.
 	newVM func(ctx context.Context, snapshot string, cfg smolvm.Config) (*smolvm.VM, error)
 	open  func(ctx context.Context, id string) (*smolvm.VM, error)
@@ -115,21 +116,26 @@ func NewRegistry(ctx context.Context, opts RegistryOptions) (*Registry, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	recs, err := openRecords(opts.Home)
+	host, err := smolvm.OpenHost(opts.Home)
 	if err != nil {
 		return nil, err
 	}
-	r := &Registry{home: opts.Home, defTimeout: opts.DefaultTimeout, max: opts.MaxSandboxes,
+	opts.Home = host.Home()
+	recs, err := openRecords(opts.Home)
+	if err != nil {
+		return nil, errors.Join(err, host.Close())
+	}
+	r := &Registry{home: opts.Home, host: host, defTimeout: opts.DefaultTimeout, max: opts.MaxSandboxes,
 		log: opts.Logger, recs: recs, entries: map[string]*entry{}}
 	r.newVM = func(ctx context.Context, snapshot string, cfg smolvm.Config) (*smolvm.VM, error) {
 		if snapshot != "" {
-			return smolvm.Restore(ctx, snapshot, cfg)
+			return host.Restore(ctx, snapshot, cfg)
 		}
-		return smolvm.New(ctx, cfg)
+		return host.New(ctx, cfg)
 	}
-	r.open = func(ctx context.Context, id string) (*smolvm.VM, error) { return smolvm.OpenIn(ctx, r.home, id) }
+	r.open = func(ctx context.Context, id string) (*smolvm.VM, error) { return host.Open(ctx, id) }
 	if err := r.reconcile(ctx); err != nil {
-		return nil, err
+		return nil, errors.Join(err, r.Close())
 	}
 	return r, nil
 }
@@ -142,7 +148,7 @@ func (r *Registry) reconcile(ctx context.Context) error {
 	if len(saved) == 0 {
 		return nil
 	}
-	vms, err := smolvm.ListIn(ctx, r.home)
+	vms, err := r.host.List(ctx)
 	if err != nil {
 		return fmt.Errorf("list the VMs of %s: %w", r.home, err)
 	}
@@ -163,7 +169,7 @@ func (r *Registry) reconcile(ctx context.Context) error {
 		e := &entry{sb: rec.Sandbox}
 		switch in.State {
 		case StateRunning, StatePaused:
-			e.sb.State = in.State
+			e.sb.State = string(in.State)
 		default:
 			// A VM whose supervisor died with the host: boot it again.
 			vm, err := r.open(ctx, rec.ID)
@@ -173,7 +179,7 @@ func (r *Registry) reconcile(ctx context.Context) error {
 			}
 			if err != nil {
 				r.log.Warn("could not start a sandbox's stopped VM again", "sandbox", rec.ID, "err", err)
-				e.sb.State = in.State
+				e.sb.State = string(in.State)
 			} else {
 				e.sb.State = StateRunning
 			}
@@ -573,7 +579,7 @@ func (r *Registry) Close() error {
 		e.gone = true
 		e.mu.Unlock()
 	}
-	return errors.Join(errs...)
+	return errors.Join(append(errs, r.host.Close())...)
 }
 
 func checkMetadata(m map[string]string) error {

@@ -22,7 +22,7 @@ func TestRegistryLimit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Close()
+	defer func() { cleanUp(t, "close the registry", r.Close()) }()
 	started, release := make(chan struct{}), make(chan struct{})
 	r.newVM = func(ctx context.Context, snapshot string, cfg smolvm.Config) (*smolvm.VM, error) {
 		if !cfg.Persistent || cfg.Name == "" || cfg.Home != home {
@@ -78,7 +78,7 @@ func TestRegistryDropsStaleRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Close()
+	defer func() { cleanUp(t, "close the registry", r.Close()) }()
 	if ents, _ := os.ReadDir(rs.dir); len(ents) != 0 {
 		t.Errorf("records left: %v", ents)
 	}
@@ -92,7 +92,7 @@ func TestRegistryRejectsMetadata(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Close()
+	defer func() { cleanUp(t, "close the registry", r.Close()) }()
 	for _, md := range []map[string]string{{"": "x"}, {"k": strings.Repeat("v", maxMetadataLen+1)}} {
 		if _, err := r.Create(context.Background(), CreateRequest{Metadata: md}); !errors.Is(err, smolvm.ErrInvalid) {
 			t.Errorf("metadata %.40v: %v; want ErrInvalid", md, err)
@@ -110,13 +110,13 @@ func TestRegistryLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Close()
+	defer func() { cleanUp(t, "close the registry", r.Close()) }()
 	a, err := r.Create(ctx, CreateRequest{Metadata: map[string]string{"team": "a", "n": "1"}, EnvVars: map[string]string{"GREETING": "hi"},
 		Secure: true, Config: smolvm.Config{BootTimeout: testutil.BootTimeout}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Delete(ctx, a.ID)
+	defer func() { cleanUp(t, "delete sandbox a", r.Delete(ctx, a.ID)) }()
 	if a.State != StateRunning || a.Template != "base" || a.AccessToken == "" || a.CPUs != 1 || a.MemoryMiB == 0 ||
 		time.Until(a.ExpiresAt) < 50*time.Minute {
 		t.Errorf("created: %+v", a)
@@ -182,7 +182,7 @@ func TestRegistryLifecycle(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("sandbox b was not deleted by its timeout: %v", err)
 	}
-	if _, err := smolvm.OpenIn(ctx, home, b.ID); !errors.Is(err, smolvm.ErrNotFound) {
+	if _, err := testutil.OpenHost(t, home).Open(ctx, b.ID); !errors.Is(err, smolvm.ErrNotFound) {
 		t.Errorf("the VM of an expired sandbox: %v; want it deleted", err)
 	}
 	if err := r.Delete(ctx, a.ID); err != nil {
@@ -221,8 +221,8 @@ func TestRegistryRestart(t *testing.T) {
 	}
 	defer func() {
 		for _, id := range []string{keep.ID, expire.ID, pause.ID} {
-			if vm, err := smolvm.OpenIn(ctx, home, id); err == nil {
-				vm.Delete(ctx)
+			if vm, err := testutil.OpenHost(t, home).Open(ctx, id); err == nil {
+				cleanUp(t, "delete VM "+id, vm.Delete(ctx))
 				vm.Close()
 			}
 		}
@@ -245,7 +245,7 @@ func TestRegistryRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r2.Close()
+	defer func() { cleanUp(t, "close the registry", r2.Close()) }()
 	got, err := r2.Get(ctx, keep.ID)
 	if err != nil {
 		t.Fatal(err)
@@ -268,7 +268,7 @@ func TestRegistryRestart(t *testing.T) {
 		sb, _ := r2.Get(ctx, pause.ID)
 		t.Fatalf("expired sandboxes after the restart: the deleted one is still there or the autopaused one is %+v", sb)
 	}
-	if _, err := smolvm.OpenIn(ctx, home, expire.ID); !errors.Is(err, smolvm.ErrNotFound) {
+	if _, err := testutil.OpenHost(t, home).Open(ctx, expire.ID); !errors.Is(err, smolvm.ErrNotFound) {
 		t.Errorf("the VM of the sandbox that expired: %v", err)
 	}
 	for _, id := range []string{keep.ID, pause.ID} {

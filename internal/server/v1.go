@@ -533,7 +533,7 @@ func (s *Server) createSnapshot(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request) error {
-	sns, err := smolvm.ListSnapshots(r.Context(), s.reg.home)
+	sns, err := s.reg.host.Snapshots(r.Context())
 	if err != nil {
 		return err
 	}
@@ -548,7 +548,7 @@ func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) deleteSnapshot(w http.ResponseWriter, r *http.Request) error {
-	if err := smolvm.DeleteSnapshot(r.Context(), s.reg.home, r.PathValue("name")); err != nil {
+	if err := s.reg.host.DeleteSnapshot(r.Context(), r.PathValue("name")); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -574,7 +574,7 @@ func (s *Server) restoreSnapshot(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) listImages(w http.ResponseWriter, r *http.Request) error {
-	ims, err := smolvm.ListImages(r.Context(), s.reg.home)
+	ims, err := s.reg.host.Images(r.Context())
 	if err != nil {
 		return err
 	}

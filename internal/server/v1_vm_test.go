@@ -154,10 +154,16 @@ func TestV1Sandbox(t *testing.T) {
 		var tb bytes.Buffer
 		tw := tar.NewWriter(&tb)
 		for name, body := range map[string]string{"sub/a.txt": "A", "b.txt": "B"} {
-			tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg})
-			tw.Write([]byte(body))
+			if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := tw.Write([]byte(body)); err != nil {
+				t.Fatal(err)
+			}
 		}
-		tw.Close()
+		if err := tw.Close(); err != nil {
+			t.Fatal(err)
+		}
 		resp := ts.send("PUT", sbPath(id, "/archive?path=/tmp/up"), bytes.NewReader(tb.Bytes()), ts.key)
 		resp.Body.Close()
 		if resp.StatusCode != 204 {
@@ -245,7 +251,9 @@ func TestV1Sandbox(t *testing.T) {
 		ts.run(id, map[string]any{"command": "echo kept > /root/mark"})
 		var sn smolvm.SnapshotInfo
 		ts.must(201, "POST", sbPath(id, "/snapshots"), map[string]string{"name": "api-snap"}, &sn)
-		defer smolvm.DeleteSnapshot(context.Background(), home, "api-snap")
+		defer func() {
+			cleanUp(t, "delete the snapshot", testutil.OpenHost(t, home).DeleteSnapshot(context.Background(), "api-snap"))
+		}()
 		ts.wantError(409, "exists", "POST", sbPath(id, "/snapshots"), map[string]string{"name": "api-snap"})
 		var list struct{ Snapshots []smolvm.SnapshotInfo }
 		ts.must(200, "GET", "/v1/snapshots", nil, &list)
@@ -254,7 +262,7 @@ func TestV1Sandbox(t *testing.T) {
 		}
 		var clone sandboxJSON
 		ts.must(201, "POST", "/v1/snapshots/api-snap/restore", map[string]any{"metadata": map[string]string{"clone": "1"}}, &clone)
-		t.Cleanup(func() { ts.srv.Registry().Delete(context.Background(), clone.ID) })
+		t.Cleanup(func() { cleanUp(t, "delete the clone", ts.srv.Registry().Delete(context.Background(), clone.ID)) })
 		if clone.Image != "base" || clone.Metadata["clone"] != "1" {
 			t.Errorf("the clone: %+v", clone)
 		}
@@ -279,7 +287,9 @@ func TestV1Sandbox(t *testing.T) {
 		// A second server on the same folder (the first one shut down)
 		// has the sandbox, and runs commands in it.
 		ts.http.Close()
-		ts.srv.Shutdown()
+		if err := ts.srv.Shutdown(); err != nil {
+			t.Fatal(err)
+		}
 		ts2 := newTestServer(t, Options{Home: home})
 		var got sandboxJSON
 		ts2.must(200, "GET", sbPath(id), nil, &got)
@@ -291,7 +301,7 @@ func TestV1Sandbox(t *testing.T) {
 		}
 		ts2.must(204, "DELETE", sbPath(id), nil, nil)
 		ts2.wantError(404, "not_found", "GET", sbPath(id), nil)
-		if _, err := smolvm.OpenIn(context.Background(), home, id); !errors.Is(err, smolvm.ErrNotFound) {
+		if _, err := testutil.OpenHost(t, home).Open(context.Background(), id); !errors.Is(err, smolvm.ErrNotFound) {
 			t.Errorf("the VM after DELETE: %v", err)
 		}
 	})
@@ -302,6 +312,7 @@ func cutUpload(t *testing.T, ts *testServer, path string) {
 	t.Helper()
 	pr, pw := io.Pipe()
 	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "PUT", ts.http.URL+path, pr)
 	req.Header.Set("Authorization", "Bearer "+ts.key)
 	req.Header.Set("Content-Type", "application/octet-stream")
@@ -316,9 +327,15 @@ func cutUpload(t *testing.T, ts *testServer, path string) {
 	}()
 	var tb bytes.Buffer
 	tw := tar.NewWriter(&tb)
-	tw.WriteHeader(&tar.Header{Name: "partial/big", Mode: 0o644, Size: 1 << 20, Typeflag: tar.TypeReg})
-	pw.Write(tb.Bytes())
-	pw.Write(make([]byte, 256<<10)) // part of the file
+	if err := tw.WriteHeader(&tar.Header{Name: "partial/big", Mode: 0o644, Size: 1 << 20, Typeflag: tar.TypeReg}); err != nil {
+		t.Fatal(err)
+	}
+	// The header and part of the file.
+	for _, b := range [][]byte{tb.Bytes(), make([]byte, 256<<10)} {
+		if _, err := pw.Write(b); err != nil {
+			t.Fatalf("the upload's first part: %v", err)
+		}
+	}
 	cancel()
 	pw.CloseWithError(errors.New("client gone"))
 	// The client's error is the cancel or the broken body, whichever
@@ -349,7 +366,9 @@ func TestV1Stream(t *testing.T) {
 
 	c = dial()
 	send(c, map[string]any{"argv": []string{"sh", "-c", "read line; echo got $line; cat"}, "open_stdin": true})
-	c.Write(ctx, websocket.MessageBinary, []byte("hello\nrest"))
+	if err := c.Write(ctx, websocket.MessageBinary, []byte("hello\nrest")); err != nil {
+		t.Fatal(err)
+	}
 	// The first line's answer comes before stdin closes: output streams.
 	typ, msg, err := c.Read(ctx)
 	if err != nil || typ != websocket.MessageBinary || string(msg[1:]) != "got hello\n" {

@@ -325,3 +325,38 @@ func (s *SyncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// hosts are the state folders tests opened, one Host per test and folder.
+var hosts = struct {
+	sync.Mutex
+	m map[hostKey]*smolvm.Host
+}{m: map[hostKey]*smolvm.Host{}}
+
+type hostKey struct {
+	t    testing.TB
+	home string
+}
+
+// OpenHost returns the Host of state folder home for a test (the same one
+// for every call of the test); it is closed when the test ends.
+func OpenHost(t testing.TB, home string) *smolvm.Host {
+	t.Helper()
+	k := hostKey{t, home}
+	hosts.Lock()
+	defer hosts.Unlock()
+	if h := hosts.m[k]; h != nil {
+		return h
+	}
+	h, err := smolvm.OpenHost(home)
+	if err != nil {
+		t.Fatalf("open state folder: %v", err)
+	}
+	hosts.m[k] = h
+	t.Cleanup(func() {
+		hosts.Lock()
+		delete(hosts.m, k)
+		hosts.Unlock()
+		_ = h.Close()
+	})
+	return h
+}

@@ -58,7 +58,14 @@ func CloseWarm() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	vms, err := smolvm.ListIn(ctx, warm.home)
+	h, err := smolvm.OpenHost(warm.home)
+	if err != nil {
+		return err
+	}
+	vms, err := h.List(ctx)
+	if cerr := h.Close(); err == nil {
+		err = cerr
+	}
 	if err != nil {
 		return err
 	}

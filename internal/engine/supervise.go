@@ -1,8 +1,10 @@
-package smolvm
+package engine
 
 import (
 	"context"
+	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -16,13 +18,42 @@ import (
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
-// RunSupervisor is the body of a detached supervisor process (`smolvm
-// __supervise ID`): it starts the VM, reports "ok" or the error on the
-// ready file (errdefs.ReadyLine: the error keeps its kind), and serves the
-// VM until it stops. SIGTERM stops the VM gracefully.
-func RunSupervisor(ctx context.Context, id string, ready *os.File, started, createDone time.Time, log *slog.Logger) error {
+// SuperviseCommand is the hidden command of the smolvm binary that runs a
+// persistent VM's supervisor: SpawnSupervisor runs
+// `BINARY __supervise ID --started T --create-done T` with the ready pipe
+// as fd 3, and that command calls smolvm.SupervisorMain, which calls
+// SupervisorMain here.
+const SuperviseCommand = "__supervise"
+
+// SupervisorMain parses the arguments SpawnSupervisor gave the hidden
+// command (after its name) and runs the supervisor with the ready pipe on
+// fd 3.
+func SupervisorMain(ctx context.Context, args []string, log *slog.Logger) error {
+	fs := flag.NewFlagSet(SuperviseCommand, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	started := fs.String("started", "", "")
+	createDone := fs.String("create-done", "", "")
+	if len(args) == 0 {
+		return fmt.Errorf("%w: %s needs a VM id", errdefs.ErrInvalid, SuperviseCommand)
+	}
+	id := args[0]
+	if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 0 {
+		return fmt.Errorf("%w: %s %v: the library starts this command itself", errdefs.ErrInvalid, SuperviseCommand, args)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	t0, _ := time.Parse(time.RFC3339Nano, *started)
+	t1, _ := time.Parse(time.RFC3339Nano, *createDone)
+	return runSupervisor(ctx, id, os.NewFile(3, "ready"), t0, t1, log)
+}
+
+// runSupervisor starts the VM, reports "ok" or the error on the ready
+// file (errdefs.ReadyLine: the error keeps its kind), and serves the VM
+// until it stops.
+func runSupervisor(ctx context.Context, id string, ready *os.File, started, createDone time.Time, log *slog.Logger) error {
 	idleLean(log)
-	st, err := openStore(ctx, "")
+	st, err := OpenStore(ctx, "")
 	if err != nil {
 		fmt.Fprintln(ready, errdefs.ReadyLine(err))
 		return err

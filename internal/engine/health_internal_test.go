@@ -1,4 +1,4 @@
-package smolvm
+package engine
 
 import (
 	"context"
@@ -29,7 +29,7 @@ func sleeper(t *testing.T) int {
 }
 
 // A supervisor whose socket accepts but never answers is unresponsive
-// (the probe gives up after probeTimeout); one that answers, even with an
+// (the probe gives up after ProbeTimeout); one that answers, even with an
 // error, is not.
 func TestSupervisorProblem(t *testing.T) {
 	ctx := context.Background()
@@ -55,9 +55,9 @@ func TestSupervisorProblem(t *testing.T) {
 		}
 	}()
 	rec := &store.VM{ID: "0123456789ab", Name: "quiet", State: store.StateRunning, Dir: silent, SupervisorPID: sleeper(t)}
-	err = supervisorProblem(ctx, rec)
-	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "no answer within") || !strings.Contains(err.Error(), "'smolvm rm -f quiet'") {
-		t.Errorf("probe of a silent supervisor = %v; want ErrUnavailable saying it did not answer and naming 'smolvm rm -f quiet'", err)
+	err = SupervisorProblem(ctx, rec)
+	if !errors.Is(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), "no answer within") || !strings.Contains(err.Error(), "'smolvm rm -f quiet'") {
+		t.Errorf("probe of a silent supervisor = %v; want errdefs.ErrUnavailable saying it did not answer and naming 'smolvm rm -f quiet'", err)
 	}
 
 	answering := t.TempDir()
@@ -70,17 +70,17 @@ func TestSupervisorProblem(t *testing.T) {
 	go func() { _ = srv.Serve(ln2) }()
 	defer srv.Stop()
 	rec.Dir = answering
-	if err := supervisorProblem(ctx, rec); err != nil {
+	if err := SupervisorProblem(ctx, rec); err != nil {
 		t.Errorf("probe of a supervisor that answers = %v; want nil", err)
 	}
 	rec.State = store.StateStopped
 	rec.Dir = silent
-	if err := supervisorProblem(ctx, rec); err != nil {
+	if err := SupervisorProblem(ctx, rec); err != nil {
 		t.Errorf("probe of a stopped VM = %v; want nil (nothing to probe)", err)
 	}
 }
 
-// killSupervisor kills only a process that is this VM's supervisor: a pid
+// KillSupervisor kills only a process that is this VM's supervisor: a pid
 // recycled by another program is left alone, and the VM is still cleaned
 // up and recorded as stopped.
 func TestKillSupervisorChecksThePid(t *testing.T) {
@@ -96,14 +96,14 @@ func TestKillSupervisorChecksThePid(t *testing.T) {
 	}
 	other := sleeper(t)
 	rec.SupervisorPID, rec.HypervisorPID = other, other
-	if err := killSupervisor(ctx, st, rec); err != nil {
+	if err := KillSupervisor(ctx, st, rec); err != nil {
 		t.Fatal(err)
 	}
-	if !processAlive(other) {
-		t.Error("killSupervisor killed a process that was not the VM's supervisor")
+	if !ProcessAlive(other) {
+		t.Error("KillSupervisor killed a process that was not the VM's supervisor")
 	}
 	got, err := st.GetVM(ctx, rec.ID)
 	if err != nil || got.State != store.StateStopped || !strings.Contains(got.Reason, "not responding") {
-		t.Errorf("VM after killSupervisor = %+v, %v; want it stopped with the reason", got, err)
+		t.Errorf("VM after KillSupervisor = %+v, %v; want it stopped with the reason", got, err)
 	}
 }

@@ -94,7 +94,7 @@ func TestRunIdle(t *testing.T) {
 	if err := rep.WriteTable(&bytes.Buffer{}); err != nil {
 		t.Error(err)
 	}
-	vms, err := smolvm.ListIn(ctx, home)
+	vms, err := testutil.OpenHost(t, home).List(ctx)
 	if err != nil || len(vms) != 0 {
 		t.Errorf("left behind: %v, %v", vms, err)
 	}

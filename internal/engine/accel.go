@@ -1,15 +1,17 @@
-package smolvm
+package engine
 
 import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"syscall"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
@@ -32,21 +34,24 @@ type probeRecord struct {
 // boot standard kernels) hangs, and the probe gives up.
 const kvmProbeTimeout = 20 * time.Second
 
-func resolveAccel(ctx context.Context, home string, cfg *Config, img *resolvedImage) (hypervisor.Accel, error) {
-	switch cfg.Accel {
+// ResolveAccel picks the accelerator of a VM of hypervisor driver: want
+// ("kvm", "tcg"), else KVM when the probe of this kernel and initrd
+// (ProbeAccel) booted with it.
+func ResolveAccel(ctx context.Context, home, driver, want, kernel, initrd string, log *slog.Logger) (hypervisor.Accel, error) {
+	switch want {
 	case "tcg":
 		return hypervisor.AccelTCG, nil
 	case "kvm":
 		if err := kvmDeviceUsable(); err != nil {
-			return "", fmt.Errorf("%w: accel kvm: %w", ErrUnsupported, err)
+			return "", fmt.Errorf("%w: accel kvm: %w", errdefs.ErrUnsupported, err)
 		}
 		return hypervisor.AccelKVM, nil
 	}
-	rep := probeAccel(ctx, home, cfg.Hypervisor, img.kernel, img.initrd)
+	rep := probeAccel(ctx, home, driver, kernel, initrd)
 	if rep.Accel == "kvm" {
 		return hypervisor.AccelKVM, nil
 	}
-	cfg.Logger.Debug("using TCG software emulation", "reason", rep.Reason)
+	log.Debug("using TCG software emulation", "reason", rep.Reason)
 	return hypervisor.AccelTCG, nil
 }
 
@@ -68,8 +73,9 @@ func kvmDeviceUsable() error {
 
 // ProbeAccel decides between KVM and TCG for this kernel: KVM only when
 // /dev/kvm opens and a real boot with it reaches the guest agent. The
-// result is cached per kernel, initrd and QEMU version; a probe that ctx
-// cancelled (or whose deadline passed) decided nothing and is not cached.
+// result is cached in home's cache per kernel, initrd and QEMU binary; a
+// probe that ctx cancelled (or whose deadline passed) decided nothing and
+// is not cached.
 func ProbeAccel(ctx context.Context, home, kernel, initrd string) AccelReport {
 	return probeAccel(ctx, home, hypervisor.Default, kernel, initrd)
 }
@@ -97,7 +103,7 @@ func probeAccel(ctx context.Context, home, driver, kernel, initrd string) AccelR
 	}
 	defer os.RemoveAll(dir)
 	mc := &hypervisor.MachineConfig{
-		ID: "kvm-probe", Dir: dir, Kernel: kernel, Initrd: initrd, Cmdline: kernelCmdline("probe", hypervisor.AccelKVM, ""),
+		ID: "kvm-probe", Dir: dir, Kernel: kernel, Initrd: initrd, Cmdline: KernelCmdline("probe", hypervisor.AccelKVM, ""),
 		VCPUs: 1, MemoryMiB: 256, Accel: hypervisor.AccelKVM, Channel: hypervisor.ChannelVirtioSerial,
 		ConsoleLog: filepath.Join(dir, "console.log"),
 	}

@@ -25,8 +25,8 @@ const (
 	SoakLibrary = "library"
 )
 
-// SoakModes lists the soak's modes.
-var SoakModes = []string{SoakPersistent, SoakLibrary}
+// SoakModes lists the soak's modes. The slice is the caller's.
+func SoakModes() []string { return []string{SoakPersistent, SoakLibrary} }
 
 // soakWindow is how many cycles the first and last figures cover.
 const soakWindow = 50
@@ -79,12 +79,13 @@ type SoakReport struct {
 	// Restored is how many VMs were restored from the warm snapshot
 	// (the others booted cold).
 	Restored int `json:"restored"`
-	// Leaks counts what the cycles left behind, per kind (every kind of
-	// leaks.Kinds); LeakDetails names it; Unchecked names the kinds that
-	// could not be checked, with why.
-	Leaks       map[string]int    `json:"leaks"`
-	LeakDetails leaks.Leaks       `json:"leak_details,omitempty"`
-	Unchecked   map[string]string `json:"unchecked,omitempty"`
+	// Leaks counts what the cycles left behind, per kind (processes,
+	// cgroups, TAP devices, nftables tables, state rows, folders…);
+	// LeakDetails names each thing left by kind; Unchecked names the kinds
+	// that could not be checked, with why.
+	Leaks       map[string]int      `json:"leaks"`
+	LeakDetails map[string][]string `json:"leak_details,omitempty"`
+	Unchecked   map[string]string   `json:"unchecked,omitempty"`
 	// Time per cycle: the first and the last soakWindow cycles, and all.
 	First Stats `json:"first"`
 	Last  Stats `json:"last"`
@@ -111,7 +112,7 @@ func Soak(ctx context.Context, opts SoakOptions) (*SoakReport, error) {
 		opts.Mode = SoakPersistent
 	case SoakPersistent, SoakLibrary:
 	default:
-		return nil, fmt.Errorf("%w: soak mode %q: use %s", smolvm.ErrInvalid, opts.Mode, strings.Join(SoakModes, " or "))
+		return nil, fmt.Errorf("%w: soak mode %q: use %s", smolvm.ErrInvalid, opts.Mode, strings.Join(SoakModes(), " or "))
 	}
 	if opts.Home == "" {
 		opts.Home = smolvm.Home()
@@ -323,7 +324,7 @@ func (r *SoakReport) WriteTable(w io.Writer) error {
 	}
 	fmt.Fprintf(&b, "  %-10s %d (%s)\n", "leaks", total, strings.Join(counts, ", "))
 	if len(r.LeakDetails) > 0 {
-		for _, line := range strings.Split(r.LeakDetails.String(), "\n") {
+		for _, line := range strings.Split(leaks.Leaks(r.LeakDetails).String(), "\n") {
 			fmt.Fprintf(&b, "  %-10s %s\n", "", line)
 		}
 	}

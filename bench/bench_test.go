@@ -82,7 +82,7 @@ func TestRunRestore(t *testing.T) {
 	if got.Warm.Ping.MedianMS <= 0 || got.Warm.True.MedianMS <= 0 {
 		t.Errorf("warm round trip: %s", b.String())
 	}
-	infos, err := smolvm.ListIn(ctx, home)
+	infos, err := testutil.OpenHost(t, home).List(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package smolvm
+package engine
 
 import (
 	"context"
@@ -26,8 +26,8 @@ import (
 // this process: its QEMU dies with the process (and Cleanup removes the
 // folder then), and DiscardPrelaunched ends it earlier.
 
-// sparesDir is where unclaimed spares live.
-func sparesDir(home string) string { return filepath.Join(home, "spares") }
+// SparesDir is where unclaimed spares live.
+func SparesDir(home string) string { return filepath.Join(home, "spares") }
 
 var spares = struct {
 	sync.Mutex
@@ -50,8 +50,8 @@ const prelaunchDelay = 150 * time.Millisecond
 
 func spareKey(home, snapshot string) string { return home + "\x00" + snapshot }
 
-// takeSpare returns the ready spare for a warm snapshot, if there is one.
-func takeSpare(home, snapshot string) *supervisor.Spare {
+// TakeSpare returns the ready spare for a warm snapshot, if there is one.
+func TakeSpare(home, snapshot string) *supervisor.Spare {
 	spares.Lock()
 	defer spares.Unlock()
 	k := spareKey(home, snapshot)
@@ -64,9 +64,9 @@ func takeSpare(home, snapshot string) *supervisor.Spare {
 	return sp
 }
 
-// prelaunch starts a spare like mc (a VM just restored from the warm
+// Prelaunch starts a spare like mc (a VM just restored from the warm
 // snapshot) in the background, unless one is ready or being made.
-func prelaunch(home, snapshot, driver string, mc hypervisor.MachineConfig, log *slog.Logger) {
+func Prelaunch(home, snapshot, driver string, mc hypervisor.MachineConfig, log *slog.Logger) {
 	k := spareKey(home, snapshot)
 	spares.Lock()
 	if spares.ready[k] != nil || spares.making[k] != nil {
@@ -103,7 +103,7 @@ func makeSpare(k string, done chan struct{}, home, snapshot, driver string, mc h
 	defer close(done)
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
-	sp, err := supervisor.PrepareSpare(context.Background(), driver, mc, filepath.Join(sparesDir(home), hex.EncodeToString(b)))
+	sp, err := supervisor.PrepareSpare(context.Background(), driver, mc, filepath.Join(SparesDir(home), hex.EncodeToString(b)))
 	spares.Lock()
 	defer spares.Unlock()
 	delete(spares.making, k)
@@ -168,4 +168,18 @@ func DiscardPrelaunched(ctx context.Context) error {
 		delete(spares.ready, k)
 	}
 	return err
+}
+
+// LiveSpares counts this process's prelaunched hypervisors that are ready
+// and still run (for tests).
+func LiveSpares() int {
+	spares.Lock()
+	defer spares.Unlock()
+	n := 0
+	for _, sp := range spares.ready {
+		if sp.Alive() {
+			n++
+		}
+	}
+	return n
 }

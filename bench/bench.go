@@ -1,7 +1,9 @@
 // Package bench measures what a user of smolvm waits for, phase by phase,
 // as the seed's benchmark does: create, launch, first command, warm
-// command, stop + delete, and create → first command. It is the engine of
-// `smolvm bench`.
+// command, stop + delete, and create → first command. It is `smolvm
+// bench`, and a client of the smolvm package like any other program: it
+// makes its VMs through a smolvm.Host (only the soak's leak check reaches
+// inside the module, to internal/leaks).
 //
 // Every VM it makes is named with a prefix private to the run and is
 // deleted before Run returns, also when ctx is cancelled or a step fails.
@@ -15,7 +17,6 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -23,7 +24,6 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm"
-	"github.com/smolvm/smolvm/internal/image"
 )
 
 // The modes Run knows.
@@ -37,8 +37,12 @@ const (
 	ModePrelaunch = "prelaunch"
 )
 
-// Modes lists every mode, in the order Run measures them.
-var Modes = []string{ModeCold, ModeRestore, ModePrelaunch, ModeTuned}
+// modes are every mode, in the order Run measures them (see Modes).
+var modes = []string{ModeCold, ModeRestore, ModePrelaunch, ModeTuned}
+
+// Modes lists every mode, in the order Run measures them. The slice is
+// the caller's.
+func Modes() []string { return slices.Clone(modes) }
 
 // warmPerVM is how many `true` commands each VM of a mode runs; its median
 // is that VM's warm command.
@@ -50,7 +54,7 @@ type Options struct {
 	Home string
 	// VMs is how many VMs each mode creates, one after another.
 	VMs int
-	// Modes to measure, from Modes; empty means all.
+	// Modes to measure, from Modes(); empty means all.
 	Modes []string
 	// WarmRuns is how many pings and `true` commands the warm round trip
 	// makes (0 skips it).
@@ -87,8 +91,15 @@ type Options struct {
 // DefaultTunedKernel finds the tuned kernel that `smolvm kernel build`
 // left in the state folder's cache ("" when there is none).
 func DefaultTunedKernel(home string) (string, error) {
-	p, _ := image.TunedKernel(filepath.Join(home, "cache"))
-	return p, nil
+	h, err := smolvm.OpenHost(home)
+	if err != nil {
+		return "", err
+	}
+	defer h.Close()
+	if ti, ok := h.TunedKernel(); ok {
+		return ti.Vmlinux, nil
+	}
+	return "", nil
 }
 
 // ErrNoWarmSnapshot means the restore mode has nothing to restore.
@@ -100,6 +111,7 @@ type runner struct {
 	rep     *Report
 	mu      sync.Mutex
 	live    map[*smolvm.VM]struct{}
+	host    *smolvm.Host // the state folder, one store for every VM
 	seq     int
 	hasWarm bool
 }
@@ -121,11 +133,11 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 			smolvm.NetworkUser, smolvm.NetworkNone, smolvm.NetworkTAP)
 	}
 	if len(opts.Modes) == 0 {
-		opts.Modes = Modes
+		opts.Modes = Modes()
 	}
 	for _, m := range opts.Modes {
-		if !slices.Contains(Modes, m) {
-			return nil, fmt.Errorf("%w: mode %q: use %s", smolvm.ErrInvalid, m, strings.Join(Modes, ", "))
+		if !slices.Contains(modes, m) {
+			return nil, fmt.Errorf("%w: mode %q: use %s", smolvm.ErrInvalid, m, strings.Join(modes, ", "))
 		}
 	}
 	if opts.Home == "" {
@@ -137,7 +149,12 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	if opts.TunedKernel == nil {
 		opts.TunedKernel = DefaultTunedKernel
 	}
-	r := &runner{opts: opts, log: opts.Logger, live: map[*smolvm.VM]struct{}{}}
+	host, err := smolvm.OpenHost(opts.Home)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, host.Close()) }()
+	r := &runner{opts: opts, log: opts.Logger, live: map[*smolvm.VM]struct{}{}, host: host}
 	if r.log == nil {
 		r.log = slog.Default()
 	}
@@ -148,7 +165,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		r.rep.Host.LoadAfter = loadAvg()
 	}()
 
-	sns, err := smolvm.ListSnapshots(ctx, opts.Home)
+	sns, err := host.Snapshots(ctx)
 	if err != nil {
 		return r.rep, err
 	}
@@ -346,7 +363,7 @@ func (r *runner) create(ctx context.Context, label, mode string, cfg smolvm.Conf
 	r.seq++
 	cfg.Name = fmt.Sprintf("%s%s-%d", r.opts.Prefix, label, r.seq)
 	r.mu.Unlock()
-	vm, err := smolvm.New(ctx, cfg)
+	vm, err := r.host.New(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create VM %s: %w", cfg.Name, err)
 	}
@@ -435,7 +452,7 @@ func (r *runner) cleanup() error {
 	wg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	infos, err := smolvm.ListIn(ctx, r.opts.Home)
+	infos, err := r.host.List(ctx)
 	if err != nil {
 		return fmt.Errorf("list VMs left by the benchmark: %w", err)
 	}
@@ -444,7 +461,7 @@ func (r *runner) cleanup() error {
 		if !strings.HasPrefix(in.Name, r.opts.Prefix) {
 			continue
 		}
-		vm, err := smolvm.OpenIn(ctx, r.opts.Home, in.ID)
+		vm, err := r.host.Open(ctx, in.ID)
 		if err == nil {
 			err = errors.Join(vm.Delete(ctx), vm.Close())
 		}

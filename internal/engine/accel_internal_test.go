@@ -1,4 +1,4 @@
-package smolvm
+package engine
 
 import (
 	"context"
@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+
+	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the driver the probe names
 )
 
 // The KVM probe's cached answer is keyed by the files it depends on: the
