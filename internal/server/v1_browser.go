@@ -17,7 +17,7 @@ func (s *Server) checkBrowserImage(ctx context.Context, image string) error {
 	if image != smolvm.BrowserImage {
 		return nil
 	}
-	_, err := smolvm.InspectImage(ctx, s.reg.home, image)
+	_, err := s.reg.host.InspectImage(ctx, image)
 	if errors.Is(err, smolvm.ErrNotFound) {
 		return fmt.Errorf("image %q is %w on this server: build it with 'smolvm image build %s' (Debian's chromium and fonts, a few minutes)", image, smolvm.ErrNotFound, smolvm.BrowserImage)
 	}

@@ -23,7 +23,7 @@ func (ts *testServer) noSandboxes(home string) {
 	if len(list.Sandboxes) != 0 {
 		ts.t.Errorf("sandboxes left: %+v", list.Sandboxes)
 	}
-	vms, err := smolvm.ListIn(context.Background(), home)
+	vms, err := testutil.OpenHost(ts.t, home).List(context.Background())
 	if err != nil {
 		ts.t.Fatal(err)
 	}
@@ -118,7 +118,7 @@ func TestV1BrowserRefused(t *testing.T) {
 	ts.wantError(404, "not_found", "POST", sbPath("nosuchsandbox", "/browser"), nil)
 	ts.wantError(404, "not_found", "GET", sbPath("nosuchsandbox", "/browser"), nil)
 	ts.wantError(404, "not_found", "DELETE", sbPath("nosuchsandbox", "/browser"), nil)
-	if _, err := smolvm.InspectImage(context.Background(), home, smolvm.BrowserImage); err != nil {
+	if _, err := testutil.OpenHost(t, home).InspectImage(context.Background(), smolvm.BrowserImage); err != nil {
 		ts.wantError(404, "not_found", "POST", "/v1/sandboxes", map[string]any{"image": smolvm.BrowserImage}, "smolvm image build browser")
 		ts.noSandboxes(home)
 	}
