@@ -163,6 +163,7 @@ func TestV1Browser(t *testing.T) {
 	if b.VMID != sb.ID || b.HostPort == 0 || b.Version == "" || b.WebSocketURL == "" {
 		t.Errorf("started: %+v", b)
 	}
+	t.Logf("browser %s: DevTools answered %s after Chromium's start", b.Version, b.Ready.Round(time.Millisecond))
 	resp, err := http.Get(b.HTTPURL + "/json/version")
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("DevTools on the host: %v %v", resp, err)
