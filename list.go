@@ -83,7 +83,7 @@ func cleanup(ctx context.Context, h *Host, opts CleanupOptions) ([]string, error
 				_ = vm.stop(ctx, true)
 			}
 		}
-		engine.KillStrayHypervisor(r.HypervisorPID, r.ID)
+		engine.KillStrayHypervisor(r.HypervisorPID, r.ID, r.Dir)
 		engine.WaitSupervisor(ctx, r.SupervisorPID, r.ID)
 		if err := removeVM(ctx, st, r.ID, r.Dir); err != nil {
 			errs = append(errs, err)

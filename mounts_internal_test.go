@@ -2,6 +2,8 @@ package smolvm
 
 import (
 	"github.com/smolvm/smolvm/internal/engine"
+	"os"
+	"path/filepath"
 
 	"errors"
 	"os/exec"
@@ -70,10 +72,15 @@ func TestMountArgs(t *testing.T) {
 // cleanup and rm -f find a virtiofsd a crash left by the folder its
 // command line names, and leave others alone.
 func TestKillStrayFSDaemons(t *testing.T) {
+	home := t.TempDir()
+	dir := filepath.Join(home, "vms", "aaaaaaaaaaaa")
+	if err := os.MkdirAll(filepath.Join(dir, "fs0"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	start := func(id string) *exec.Cmd {
 		// A shell waiting on its stdin, named as a VM's virtiofsd.
 		cmd := exec.Command("/bin/sh")
-		cmd.Args = []string{qemu.Virtiofsd, "-c", "read x", "--fd=3", "-o", "source=/home/x/vms/" + id + "/fs0"}
+		cmd.Args = []string{qemu.Virtiofsd, "-c", "read x", "--fd=3", "-o", "source=" + filepath.Join(home, "vms", id, "fs0")}
 		if _, err := cmd.StdinPipe(); err != nil {
 			t.Fatal(err)
 		}
@@ -86,7 +93,7 @@ func TestKillStrayFSDaemons(t *testing.T) {
 	mine, other := start("aaaaaaaaaaaa"), start("bbbbbbbbbbbb")
 	waited := make(chan error, 1)
 	go func() { waited <- mine.Wait() }()
-	engine.KillStrayHypervisor(0, "aaaaaaaaaaaa") // what cleanup and rm -f call
+	engine.KillStrayHypervisor(0, "aaaaaaaaaaaa", dir) // what cleanup and rm -f call
 	select {
 	case werr := <-waited: // a *exec.ExitError: killed by a signal
 		if ws, ok := mine.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {

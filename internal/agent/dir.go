@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -43,24 +44,55 @@ func statResponse(p string, fi fs.FileInfo, names *accountNames) *agentpb.StatRe
 	return resp
 }
 
-// accountNames maps ids to the guest's account names, reading /etc/passwd
-// and /etc/group (bounded) once, when first asked.
+// accountNames maps ids to the guest's account names for one request:
+// each file is looked up once, when first asked, through its cache.
 type accountNames struct {
 	users, groups map[uint32]string
 }
 
 func (a *accountNames) user(id uint32) string {
 	if a.users == nil {
-		a.users = idNames("/etc/passwd")
+		a.users = passwdNames.get()
 	}
 	return a.users[id]
 }
 
 func (a *accountNames) group(id uint32) string {
 	if a.groups == nil {
-		a.groups = idNames("/etc/group")
+		a.groups = groupNames.get()
 	}
 	return a.groups[id]
+}
+
+// idCache keeps the ids → names of an accounts file while the file is
+// unchanged (same inode, size and mtime): a Stat or a listing costs one
+// stat(2), not a read of /etc/passwd and /etc/group.
+type idCache struct {
+	path string
+	mu   sync.Mutex
+	key  [3]int64
+	m    map[uint32]string
+}
+
+var (
+	passwdNames = &idCache{path: "/etc/passwd"}
+	groupNames  = &idCache{path: "/etc/group"}
+)
+
+// get returns the file's map (shared: never modify it); a missing file
+// names nothing.
+func (c *idCache) get() map[uint32]string {
+	var st unix.Stat_t
+	if err := unix.Stat(c.path, &st); err != nil {
+		return map[uint32]string{}
+	}
+	key := [3]int64{int64(st.Ino), st.Size, st.Mtim.Nano()}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || c.key != key {
+		c.m, c.key = idNames(c.path), key
+	}
+	return c.m
 }
 
 // idNames reads name:x:id lines; a missing or broken file names nothing.

@@ -156,7 +156,7 @@ func KillSupervisor(ctx context.Context, st *store.Store, rec *store.VM) error {
 			return fmt.Errorf("kill supervisor of VM %s (pid %d): %w", rec.Name, pid, err)
 		}
 	}
-	KillStrayHypervisor(rec.HypervisorPID, rec.ID)
+	KillStrayHypervisor(rec.HypervisorPID, rec.ID, rec.Dir)
 	deadline := time.Now().Add(10 * time.Second)
 	for (IsSupervisorOf(rec.SupervisorPID, rec.ID) && ProcessAlive(rec.SupervisorPID)) ||
 		(isHypervisorOf(rec.HypervisorPID, rec.ID) && ProcessAlive(rec.HypervisorPID)) {
@@ -206,12 +206,17 @@ func Reconcile(ctx context.Context, st *store.Store) ([]*store.VM, error) {
 	return recs, nil
 }
 
-// KillStrayHypervisor kills pid only if it is this VM's QEMU.
-func KillStrayHypervisor(pid int, id string) {
+// KillStrayHypervisor kills pid only if it is this VM's QEMU, and the
+// file system daemons of the VM in dir that outlived it.
+func KillStrayHypervisor(pid int, id, dir string) {
 	if isHypervisorOf(pid, id) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
-	killStrayFSDaemons(id)
+	// Only a VM with host folders has file system daemons (their sources
+	// are dir/fsN): the others need no walk of every process.
+	if _, err := os.Lstat(filepath.Join(dir, "fs0")); err == nil {
+		killStrayFSDaemons(id)
+	}
 }
 
 func isHypervisorOf(pid int, id string) bool {
