@@ -17,6 +17,7 @@ import (
 
 	"github.com/smolvm/smolvm"
 	"github.com/smolvm/smolvm/internal/mcpserver"
+	"github.com/smolvm/smolvm/internal/server"
 )
 
 func newMCPCmd(g *globals) *cobra.Command {
@@ -120,7 +121,11 @@ func serveMCPHTTP(ctx context.Context, addr string, opts mcpserver.Options) erro
 	s := mcpserver.New(opts)
 	mux := http.NewServeMux()
 	mux.Handle("/mcp", s.Handler())
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	var h http.Handler = mux
+	if opts.APIKey == "" {
+		h = server.LocalOnly(mux) // no key: no rebound names, no web pages
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	note := ""
 	if opts.APIKey == "" {
 		note = " (no API key: loopback only)"

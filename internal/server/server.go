@@ -77,8 +77,15 @@ func New(opts Options) (*Server, error) {
 // Registry is the server's sandbox registry.
 func (s *Server) Registry() *Registry { return s.reg }
 
-// Handler serves every API the server has.
-func (s *Server) Handler() http.Handler { return s.mux }
+// Handler serves every API the server has. Without an API key it answers
+// only requests to a loopback name from no web page but a loopback one
+// (LocalOnly).
+func (s *Server) Handler() http.Handler {
+	if s.opts.APIKey == "" {
+		return LocalOnly(s.mux)
+	}
+	return s.mux
+}
 
 // Handle mounts another API on the server's mux (ServeMux patterns). The
 // handler checks the key itself (KeyOK), in its own API's way.
