@@ -111,7 +111,7 @@ func serveMCPHTTP(ctx context.Context, addr string, opts mcpserver.Options) erro
 	if err != nil {
 		return fmt.Errorf("%w: --http %q: give HOST:PORT, e.g. 127.0.0.1:7421", smolvm.ErrInvalid, addr)
 	}
-	if opts.APIKey == "" && !isLoopback(host) {
+	if opts.APIKey == "" && !server.LoopbackHost(host) {
 		return fmt.Errorf("%w: --http %s without a key would let anyone who reaches it run code here: set $SMOLVM_API_KEY or --api-key-file, or listen on 127.0.0.1", smolvm.ErrInvalid, addr)
 	}
 	ln, err := net.Listen("tcp", addr)

@@ -96,18 +96,10 @@ func checkListen(addr string, haveKey bool) error {
 	if err != nil {
 		return fmt.Errorf("%w: --listen %q: give HOST:PORT, e.g. %s: %w", smolvm.ErrInvalid, addr, defaultListen, err)
 	}
-	if haveKey || isLoopback(host) {
+	if haveKey || server.LoopbackHost(host) {
 		return nil
 	}
 	return fmt.Errorf("%w: --listen %s is not a loopback address and the server has no API key: anyone who reaches it could run commands; give a key with --api-key-file or $SMOLVM_API_KEY, or listen on 127.0.0.1", smolvm.ErrInvalid, addr)
-}
-
-func isLoopback(host string) bool {
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }
 
 func serve(ctx context.Context, g *globals, opts server.Options) error {

@@ -14,13 +14,13 @@ import (
 // cross-site requests and WebSockets, which browsers send without asking.
 func LocalOnly(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !loopbackHost(r.Host) {
+		if !LoopbackHost(r.Host) {
 			writeJSON(w, http.StatusForbidden, apiError{Code: "forbidden",
 				Message: "host " + r.Host + " is not a loopback name: a server without an API key answers only requests to 127.0.0.1 or localhost (give it a key with --api-key-file or $SMOLVM_API_KEY to serve other names)"})
 			return
 		}
 		if o := r.Header.Get("Origin"); o != "" {
-			if u, err := url.Parse(o); err != nil || !loopbackHost(u.Host) {
+			if u, err := url.Parse(o); err != nil || !LoopbackHost(u.Host) {
 				writeJSON(w, http.StatusForbidden, apiError{Code: "forbidden",
 					Message: "requests from web pages of origin " + o + " are refused by a server without an API key"})
 				return
@@ -30,8 +30,9 @@ func LocalOnly(next http.Handler) http.Handler {
 	})
 }
 
-// loopbackHost says whether a host[:port] names this machine's loopback.
-func loopbackHost(hostport string) bool {
+// LoopbackHost says whether a host or host:port names this machine's
+// loopback (localhost, 127.0.0.0/8, ::1).
+func LoopbackHost(hostport string) bool {
 	host, _, err := net.SplitHostPort(hostport)
 	if err != nil {
 		host = hostport
