@@ -152,9 +152,11 @@ func TestGuestKernelPanic(t *testing.T) {
 			t.Fatalf("ListIn = %v, %v; want the one VM", list, err)
 		}
 		got = list[0]
-		return got.State != "running"
+		// Under load a busy supervisor can miss the list's 2 s probe
+		// and show as unresponsive for a while: wait through that.
+		return got.State != "running" && got.State != "unresponsive"
 	}); err != nil {
-		t.Fatalf("the VM is still running after the panic")
+		t.Fatalf("the VM is still %s (%s) two minutes after the panic", got.State, got.Reason)
 	}
 	if got.State != "failed" || got.Reason != want {
 		t.Errorf("List shows the VM %s (%s); want failed (%s)", got.State, got.Reason, want)
