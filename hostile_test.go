@@ -67,8 +67,31 @@ func TestHostilePeer(t *testing.T) {
 	}
 }
 
+// floodedCalls is how many runs lane-flood-many floods at once.
+const floodedCalls = 32
+
 // hostileLane answers each fast-lane call as mode says.
 func hostileLane(conn net.Conn, mode string) {
+	if mode == "lane-flood-many" {
+		// Output to floodedCalls runs in turn, past their windows, no end.
+		var ids []uint32
+		for len(ids) < floodedCalls {
+			f, err := lane.Read(conn, nil)
+			if err != nil {
+				return
+			}
+			ids = append(ids, f.ID)
+		}
+		out := &agentpb.RunOutput{Stdout: bytes.Repeat([]byte{'o'}, lane.MaxReply-16)}
+		for {
+			for _, id := range ids {
+				b, _ := lane.Append(nil, id, lane.TypeOutput, out)
+				if _, err := conn.Write(b); err != nil {
+					return
+				}
+			}
+		}
+	}
 	for {
 		f, err := lane.Read(conn, nil)
 		if err != nil {
@@ -323,6 +346,25 @@ func TestHostileAgentLane(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer k.End()
+			<-ctx.Done() // the guest floods all along
+		})
+	})
+	t.Run("lane-flood-many", func(t *testing.T) {
+		// Many runs whose output nobody reads, flooded in turn: what the
+		// lane holds for all of them together is bounded (ConnBudget),
+		// not a few frames for each.
+		c := lane.NewClient(hostilePeer(t, "lane-flood-many"))
+		defer c.Close()
+		boundedHeap(t, 48<<20, func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			for range floodedCalls {
+				k, err := c.Start(ctx, lane.TypeRun, &agentpb.ExecStart{Argv: []string{"yes"}, RunId: lane.NewRunID(), Stream: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer k.End()
+			}
 			<-ctx.Done() // the guest floods all along
 		})
 	})
