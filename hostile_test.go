@@ -336,37 +336,33 @@ func TestHostileAgentLane(t *testing.T) {
 	t.Run("lane-flood", func(t *testing.T) {
 		// A run whose output nobody reads, flooded past its window: the
 		// lane holds a few frames for it, then stops reading.
-		c := lane.NewClient(hostilePeer(t, "lane-flood"))
-		defer c.Close()
-		boundedHeap(t, 64<<20, func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-			defer cancel()
-			k, err := c.Start(ctx, lane.TypeRun, &agentpb.ExecStart{Argv: []string{"yes"}, RunId: lane.NewRunID(), Stream: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer k.End()
-			<-ctx.Done() // the guest floods all along
-		})
+		floodRuns(t, "lane-flood", 1, 64<<20)
 	})
 	t.Run("lane-flood-many", func(t *testing.T) {
 		// Many runs whose output nobody reads, flooded in turn: what the
 		// lane holds for all of them together is bounded (ConnBudget),
 		// not a few frames for each.
-		c := lane.NewClient(hostilePeer(t, "lane-flood-many"))
-		defer c.Close()
-		boundedHeap(t, 48<<20, func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			for range floodedCalls {
-				k, err := c.Start(ctx, lane.TypeRun, &agentpb.ExecStart{Argv: []string{"yes"}, RunId: lane.NewRunID(), Stream: true})
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer k.End()
+		floodRuns(t, "lane-flood-many", floodedCalls, 48<<20)
+	})
+}
+
+// floodRuns starts n streamed runs against the peer in mode, reads none of
+// their output for a few seconds, and fails t when the heap grew past
+// limit meanwhile.
+func floodRuns(t *testing.T, mode string, n int, limit uint64) {
+	c := lane.NewClient(hostilePeer(t, mode))
+	defer c.Close()
+	boundedHeap(t, limit, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		for range n {
+			k, err := c.Start(ctx, lane.TypeRun, &agentpb.ExecStart{Argv: []string{"yes"}, RunId: lane.NewRunID(), Stream: true})
+			if err != nil {
+				t.Fatal(err)
 			}
-			<-ctx.Done() // the guest floods all along
-		})
+			defer k.End()
+		}
+		<-ctx.Done() // the guest floods all along
 	})
 }
 
