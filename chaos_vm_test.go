@@ -190,6 +190,15 @@ func (c *chaos) run(t *testing.T, ctx context.Context, base *leaks.Stock, phase,
 		}
 	}
 	t.Logf("smolvm %s: %s", strings.Join(args, " "), exit)
+	if victim == victimSupervisor && (phase == "exec" || phase == "snapshot") && ee != nil {
+		// The call cut short names what happened and the fix, not the
+		// transport's words.
+		msg := stderr.String()
+		if !strings.Contains(msg, "smolvm rm -f") || strings.Contains(msg, "rpc error") || strings.Contains(msg, "EOF") ||
+			strings.Contains(msg, "connection closed") || strings.Contains(msg, "error reading from server") {
+			t.Errorf("smolvm %s after its supervisor was killed said %q; want the VM's end named, with 'smolvm rm -f'", strings.Join(args, " "), msg)
+		}
+	}
 	if id == "" && phase != "exec" {
 		id = strings.TrimSpace(out.String())
 	}

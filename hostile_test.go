@@ -67,8 +67,31 @@ func TestHostilePeer(t *testing.T) {
 	}
 }
 
+// floodedCalls is how many runs lane-flood-many floods at once.
+const floodedCalls = 32
+
 // hostileLane answers each fast-lane call as mode says.
 func hostileLane(conn net.Conn, mode string) {
+	if mode == "lane-flood-many" {
+		// Output to floodedCalls runs in turn, past their windows, no end.
+		var ids []uint32
+		for len(ids) < floodedCalls {
+			f, err := lane.Read(conn, nil)
+			if err != nil {
+				return
+			}
+			ids = append(ids, f.ID)
+		}
+		out := &agentpb.RunOutput{Stdout: bytes.Repeat([]byte{'o'}, lane.MaxReply-16)}
+		for {
+			for _, id := range ids {
+				b, _ := lane.Append(nil, id, lane.TypeOutput, out)
+				if _, err := conn.Write(b); err != nil {
+					return
+				}
+			}
+		}
+	}
 	for {
 		f, err := lane.Read(conn, nil)
 		if err != nil {
@@ -313,18 +336,33 @@ func TestHostileAgentLane(t *testing.T) {
 	t.Run("lane-flood", func(t *testing.T) {
 		// A run whose output nobody reads, flooded past its window: the
 		// lane holds a few frames for it, then stops reading.
-		c := lane.NewClient(hostilePeer(t, "lane-flood"))
-		defer c.Close()
-		boundedHeap(t, 64<<20, func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-			defer cancel()
+		floodRuns(t, "lane-flood", 1, 64<<20)
+	})
+	t.Run("lane-flood-many", func(t *testing.T) {
+		// Many runs whose output nobody reads, flooded in turn: what the
+		// lane holds for all of them together is bounded (ConnBudget),
+		// not a few frames for each.
+		floodRuns(t, "lane-flood-many", floodedCalls, 48<<20)
+	})
+}
+
+// floodRuns starts n streamed runs against the peer in mode, reads none of
+// their output for a few seconds, and fails t when the heap grew past
+// limit meanwhile.
+func floodRuns(t *testing.T, mode string, n int, limit uint64) {
+	c := lane.NewClient(hostilePeer(t, mode))
+	defer c.Close()
+	boundedHeap(t, limit, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		for range n {
 			k, err := c.Start(ctx, lane.TypeRun, &agentpb.ExecStart{Argv: []string{"yes"}, RunId: lane.NewRunID(), Stream: true})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer k.End()
-			<-ctx.Done() // the guest floods all along
-		})
+		}
+		<-ctx.Done() // the guest floods all along
 	})
 }
 

@@ -254,8 +254,16 @@ func (vm *VM) callErr(ctx context.Context, what string, err error) error {
 		}
 	}
 	rec, gerr := vm.st.GetVM(context.WithoutCancel(ctx), vm.id)
+	if gerr == nil && connectionLost(err) {
+		rec = vm.settled(ctx, rec) // lost.go
+	}
 	if gerr == nil && rec.State != store.StateRunning {
 		return fmt.Errorf("%s: %w", what, notRunning(rec))
+	}
+	if gerr == nil && connectionLost(err) {
+		if p := supervisorGone(rec); p != nil {
+			return fmt.Errorf("%s: %w", what, p)
+		}
 	}
 	if gerr == nil && errors.Is(err, ErrUnavailable) {
 		if p := engine.SupervisorProblem(ctx, rec); p != nil {
@@ -272,7 +280,9 @@ func (vm *VM) apiErr(ctx context.Context, what string, err error) error {
 	err = errdefs.FromGRPC(err)
 	if errors.Is(err, ErrUnavailable) && ctx.Err() == nil {
 		if rec, gerr := vm.st.GetVM(ctx, vm.id); gerr == nil {
-			if p := engine.SupervisorProblem(ctx, rec); p != nil {
+			if p := supervisorGone(rec); p != nil {
+				err = p
+			} else if p := engine.SupervisorProblem(ctx, rec); p != nil {
 				err = p
 			}
 		}

@@ -181,7 +181,21 @@ var fatalSignals = []os.Signal{
 // SIGSEGV the kernel raises) still crashes it visibly: the runtime tells
 // the two apart by the signal's code (see os/signal, "Synchronous
 // signals"). Children get the default actions back at exec.
+//
+// The runtime counts only SI_USER and SI_TKILL as sent, though: a fault
+// signal queued with rt_sigqueueinfo (SI_QUEUE) would still crash it, so
+// guardFaultSignals (sigguard.go) drops those before the runtime sees
+// them.
 func ignoreSentSignals() {
+	if err := guardFaultSignals(); err != nil {
+		fmt.Fprintf(os.Stderr, "smolvm-agent: %v: a fault signal queued to PID 1 ends the guest\n", err)
+	}
+	ignoreSentSignalsWithoutGuard()
+}
+
+// ignoreSentSignalsWithoutGuard takes over the signals another process
+// sends with kill or tgkill (see ignoreSentSignals).
+func ignoreSentSignalsWithoutGuard() {
 	sigs := make(chan os.Signal, 8)
 	signal.Notify(sigs, fatalSignals...)
 	go func() {

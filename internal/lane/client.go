@@ -27,27 +27,56 @@ type Client struct {
 	wmu  sync.Mutex // one frame written at a time
 	wbuf []byte
 
-	mu    sync.Mutex
-	next  uint32
-	calls map[uint32]*Call
-	err   error // why the reader stopped; set once
-	done  chan struct{}
+	mu     sync.Mutex
+	next   uint32
+	calls  map[uint32]*Call
+	queued int           // bytes of replies queued in all calls, under mu
+	space  chan struct{} // a queue shrank (capacity 1)
+	err    error         // why the reader stopped; set once
+	done   chan struct{}
 }
+
+// Flow control. Replies wait in their call's queue until Recv takes them.
+// A call may queue CallBudget bytes (frames with their headers) and all
+// calls together ConnBudget; a reply that would pass either waits, and
+// with it the reader: the guest's writes then block, as a pipe's do. A
+// reply to a call with nothing queued passes CallBudget, and one when no
+// call has anything queued passes ConnBudget, so that a frame of any
+// allowed size (MaxReply) gets through. So however many calls nobody
+// reads, a guest makes the host hold at most ConnBudget plus a frame.
+const (
+	// CallBudget holds a streamed run's whole window (1 MiB of output)
+	// with its framing.
+	CallBudget = 2 << 20
+	ConnBudget = 16 << 20
+)
 
 // NewClient starts a client on conn; it owns conn from then on.
 func NewClient(conn net.Conn) *Client {
-	c := &Client{conn: conn, calls: map[uint32]*Call{}, done: make(chan struct{})}
+	c := &Client{conn: conn, calls: map[uint32]*Call{}, space: make(chan struct{}, 1), done: make(chan struct{})}
 	go c.read()
 	return c
 }
 
 // Call is one call in flight: its replies arrive on Recv until End.
 type Call struct {
-	c    *Client
-	id   uint32
-	ch   chan Frame
-	gone chan struct{} // closed by End: the reader drops further replies
-	once sync.Once
+	c     *Client
+	id    uint32
+	q     []Frame       // replies not yet received, under c.mu
+	bytes int           // their size with headers
+	ready chan struct{} // a reply was queued (capacity 1)
+	once  sync.Once
+}
+
+// frameSize is what a queued frame counts against the budgets.
+func frameSize(f Frame) int { return HeaderSize + len(f.Payload) }
+
+// wake signals ch without blocking (a signal pending is enough).
+func wake(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
 }
 
 // Start sends a call of type typ carrying req. A send that ctx ends (a
@@ -61,7 +90,7 @@ func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call
 		return nil, fmt.Errorf("%w: %w", ErrNotSent, err)
 	}
 	c.next++
-	k := &Call{c: c, id: c.next, ch: make(chan Frame, 8), gone: make(chan struct{})}
+	k := &Call{c: c, id: c.next, ready: make(chan struct{}, 1)}
 	c.calls[k.id] = k
 	c.mu.Unlock()
 
@@ -111,20 +140,42 @@ func (c *Client) write(ctx context.Context, id uint32, typ uint8, m proto.Messag
 // Recv returns the call's next reply. An error frame comes back as an
 // error holding the guest's message.
 func (k *Call) Recv(ctx context.Context) (Frame, error) {
-	select {
-	case f := <-k.ch:
-		return reply(f)
-	case <-ctx.Done():
-		return Frame{}, ctx.Err()
-	case <-k.c.done:
-		// Replies that arrived before the end still count.
-		select {
-		case f := <-k.ch:
+	for {
+		// Replies that arrived before the connection ended still count.
+		if f, ok := k.pop(); ok {
 			return reply(f)
-		default:
 		}
-		return Frame{}, k.c.Err()
+		select {
+		case <-k.ready:
+		case <-ctx.Done():
+			return Frame{}, ctx.Err()
+		case <-k.c.done:
+			if f, ok := k.pop(); ok {
+				return reply(f)
+			}
+			return Frame{}, k.c.Err()
+		}
 	}
+}
+
+// pop takes the call's first queued reply, giving its bytes back to the
+// reader.
+func (k *Call) pop() (Frame, bool) {
+	c := k.c
+	c.mu.Lock()
+	if len(k.q) == 0 {
+		c.mu.Unlock()
+		return Frame{}, false
+	}
+	f := k.q[0]
+	k.q[0] = Frame{}
+	k.q = k.q[1:]
+	n := frameSize(f)
+	k.bytes -= n
+	c.queued -= n
+	c.mu.Unlock()
+	wake(c.space)
+	return f, true
 }
 
 // reply turns an error frame into the error it carries.
@@ -138,10 +189,13 @@ func reply(f Frame) (Frame, error) {
 // End forgets the call: later replies to it are dropped.
 func (k *Call) End() {
 	k.once.Do(func() {
-		k.c.mu.Lock()
-		delete(k.c.calls, k.id)
-		k.c.mu.Unlock()
-		close(k.gone)
+		c := k.c
+		c.mu.Lock()
+		delete(c.calls, k.id)
+		c.queued -= k.bytes
+		k.q, k.bytes = nil, 0
+		c.mu.Unlock()
+		wake(c.space)
 	})
 }
 
@@ -171,15 +225,37 @@ func (c *Client) read() {
 			c.fail(err)
 			return
 		}
+		if !c.queue(f) {
+			return
+		}
+	}
+}
+
+// queue hands f to its call, once the budgets allow (see CallBudget);
+// false when the connection ended meanwhile. A reply to a call that ended
+// (its caller gave up) is dropped.
+func (c *Client) queue(f Frame) bool {
+	n := frameSize(f)
+	for {
 		c.mu.Lock()
 		k := c.calls[f.ID]
-		c.mu.Unlock()
 		if k == nil {
-			continue // a call that ended (its caller gave up)
+			c.mu.Unlock()
+			return true
 		}
+		if (k.bytes == 0 || k.bytes+n <= CallBudget) && (c.queued == 0 || c.queued+n <= ConnBudget) {
+			k.q = append(k.q, f)
+			k.bytes += n
+			c.queued += n
+			c.mu.Unlock()
+			wake(k.ready)
+			return true
+		}
+		c.mu.Unlock()
 		select {
-		case k.ch <- f:
-		case <-k.gone:
+		case <-c.space:
+		case <-c.done:
+			return false
 		}
 	}
 }

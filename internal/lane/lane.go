@@ -57,8 +57,8 @@ const MaxPayload = 4 << 20
 
 // MaxReply bounds a frame the host reads from the guest, much lower: the
 // agent's largest reply is a run's output, under 100 KiB (64 KiB gathered
-// plus one read of a pipe), so a guest can make the host hold no more than
-// a few MiB for a call (its queue of frames) whatever lengths it claims.
+// plus one read of a pipe). Whatever lengths it claims, a guest makes the
+// host hold no more than ConnBudget of queued replies (see client.go).
 const MaxReply = 1 << 20
 
 // ErrTooLarge is returned for a frame whose payload passes MaxPayload.
