@@ -28,6 +28,10 @@ const (
 	maxWatchBatch   = 256
 )
 
+// watchQueueFull, when set (by a test), is called when a watch's queue
+// first overflows.
+var watchQueueFull func()
+
 // watchSlots counts the watch streams open in this agent.
 var watchSlots = make(chan struct{}, maxWatchStreams)
 
@@ -154,6 +158,9 @@ func (w *dirWatch) forget(dir string) {
 func (w *dirWatch) push(p string, op agentpb.WatchOp) {
 	w.mu.Lock()
 	if len(w.queue) >= maxWatchQueue {
+		if !w.overflow && watchQueueFull != nil {
+			watchQueueFull()
+		}
 		w.overflow = true
 	} else {
 		w.queue = append(w.queue, &agentpb.WatchEvent{Path: p, Op: op})
