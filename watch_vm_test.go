@@ -112,9 +112,9 @@ func TestWatchDir(t *testing.T) {
 	}
 }
 
-// TestWatchDirBounds: the guest refuses more open watches than its cap,
-// reports an overflow when the reader falls behind, and a watch ended
-// by its context frees its place.
+// TestWatchDirBounds: a reader that falls behind is told it lost events;
+// the guest refuses a tree of more folders than its cap and more open
+// watches than its cap, and a watch ended by its context frees its place.
 func TestWatchDirBounds(t *testing.T) {
 	// Not parallel: TestWatchDir's watches count against the cap too.
 	vm := testutil.SharedVM(t)
@@ -148,6 +148,19 @@ func TestWatchDirBounds(t *testing.T) {
 		t.Errorf("%d events, the 1025th %v; want the buffer's 1024, then an overflow, fewer than 3001 in all", len(got), got[min(full, len(got)-1)])
 	}
 	w.Close()
+
+	// A tree of more folders than a watch follows (8192) is refused, and
+	// leaves nothing behind: the next watch works.
+	run(t, vm, "mkdir "+dir+"/many && cd "+dir+"/many && seq 1 8200 | xargs mkdir")
+	if _, err := vm.WatchDir(ctx, dir+"/many", true); !errors.Is(err, smolvm.ErrCapacity) || !strings.Contains(err.Error(), "8192") {
+		t.Errorf("recursive watch of 8200 folders: %v, want ErrCapacity naming the cap", err)
+	}
+	if w, err := vm.WatchDir(ctx, dir+"/many", false); err != nil {
+		t.Errorf("watch of the same folder, not recursive: %v", err)
+	} else {
+		w.Close()
+	}
+	run(t, vm, "rm -r "+dir+"/many")
 
 	// The cap on open watches (32 in the guest) refuses the next one.
 	wctx, cancel := context.WithCancel(ctx)
