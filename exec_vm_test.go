@@ -436,7 +436,7 @@ func TestRunOverTheFastLane(t *testing.T) {
 
 // TestIdleGuestTimersOff: the guest runs without the timers that woke an
 // idle VM (kcompactd's proactive compaction, the lockup watchdog, IPv6
-// router solicitations), set on the kernel command line.
+// router solicitations, PSI's averaging), set on the kernel command line.
 func TestIdleGuestTimersOff(t *testing.T) {
 	t.Parallel()
 	vm := testutil.SharedVM(t)
@@ -447,5 +447,9 @@ func TestIdleGuestTimersOff(t *testing.T) {
 	}
 	if got := strings.Fields(string(out)); !slices.Equal(got, []string{"0", "0", "0"}) {
 		t.Errorf("compaction_proactiveness, watchdog, router_solicitations = %v, want 0 0 0", got)
+	}
+	// PSI is off (psi=0): its averaging work woke an idle guest every 2 s.
+	if out, err := vm.Command(testCtx(t), "ls", "/proc/pressure").CombinedOutput(); err == nil {
+		t.Errorf("/proc/pressure exists (PSI is on): %s", out)
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -22,12 +21,6 @@ import (
 const (
 	// maxWatches is how many WatchDir streams one sandbox has at once.
 	maxWatches = 16
-	// watchEvery is how often a watch lists its directory: the guest has
-	// no file-change notifications over the agent, so a watch compares
-	// listings (one agent call each).
-	watchEvery = 500 * time.Millisecond
-	// watchDepth is how deep a recursive watch looks.
-	watchDepth = 32
 )
 
 // filesystemService implements filesystem.Filesystem for all sandboxes.
@@ -148,18 +141,21 @@ func (s *filesystemService) Remove(ctx context.Context, req *connect.Request[pb.
 	return connect.NewResponse(&pb.RemoveResponse{}), nil
 }
 
-// seen is what a watch knows of one entry.
-type seen struct {
-	mode  fs.FileMode
-	size  int64
-	mtime time.Time
-	info  *smolvm.FileInfo
+// watchOps are E2B's names of the library's watch operations.
+var watchOps = map[smolvm.DirOp]pb.EventType{
+	smolvm.DirCreate: pb.EventType_EVENT_TYPE_CREATE,
+	smolvm.DirWrite:  pb.EventType_EVENT_TYPE_WRITE,
+	smolvm.DirRemove: pb.EventType_EVENT_TYPE_REMOVE,
+	smolvm.DirRename: pb.EventType_EVENT_TYPE_RENAME,
+	smolvm.DirChmod:  pb.EventType_EVENT_TYPE_CHMOD,
 }
 
-// WatchDir streams changes under a directory: it lists the directory
-// every watchEvery and reports what appeared (create), went (remove),
-// changed size or time (write) or mode (chmod). Events name the entry
-// relative to the watched directory, as envd does.
+// WatchDir streams changes under a directory as the guest's inotify
+// reports them (VM.WatchDir). The start event goes out once the watch is
+// in place, so no change after the SDK's watchDir returns is missed.
+// Events name the entry relative to the watched directory, as envd does;
+// the directory's own removal is a remove event with an empty name, and
+// the end of the stream.
 func (s *filesystemService) WatchDir(ctx context.Context, req *connect.Request[pb.WatchDirRequest], stream *connect.ServerStream[pb.WatchDirResponse]) error {
 	sb, p, err := s.fsCall(ctx, req.Header(), req.Msg.Path)
 	if err != nil {
@@ -184,38 +180,24 @@ func (s *filesystemService) WatchDir(ctx context.Context, req *connect.Request[p
 		sb.watches--
 		sb.watchMu.Unlock()
 	}()
-	depth := 1
-	if req.Msg.Recursive {
-		depth = watchDepth
-	}
-	list := func() (map[string]seen, error) {
-		fis, err := sb.vm.Walk(ctx, p, depth)
-		if err != nil {
-			return nil, err
-		}
-		m := make(map[string]seen, len(fis))
-		for _, fi := range fis {
-			m[fi.Path()] = seen{fi.Mode(), fi.Size(), fi.ModTime(), fi}
-		}
-		return m, nil
-	}
-	before, err := list()
+	w, err := sb.vm.WatchDir(ctx, p, req.Msg.Recursive)
 	if err != nil {
 		return connectErr(err)
 	}
+	defer w.Close()
 	if err := stream.Send(&pb.WatchDirResponse{Event: &pb.WatchDirResponse_Start{Start: &pb.WatchDirResponse_StartEvent{}}}); err != nil {
 		return err
 	}
-	send := func(full string, t pb.EventType, fi *smolvm.FileInfo) error {
+	send := func(full string, t pb.EventType) error {
 		name := strings.TrimPrefix(strings.TrimPrefix(full, p), "/")
 		ev := &pb.FilesystemEvent{Name: name, Type: t}
-		if req.Msg.IncludeEntry && fi != nil {
-			ev.Entry = entryInfo(fi)
+		if req.Msg.IncludeEntry && t != pb.EventType_EVENT_TYPE_REMOVE && t != pb.EventType_EVENT_TYPE_RENAME {
+			if fi, err := sb.vm.Stat(ctx, full); err == nil {
+				ev.Entry = entryInfo(fi)
+			}
 		}
 		return stream.Send(&pb.WatchDirResponse{Event: &pb.WatchDirResponse_Filesystem{Filesystem: ev}})
 	}
-	poll := time.NewTicker(watchEvery)
-	defer poll.Stop()
 	keep := keepaliveOf(req.Header())
 	var keepC <-chan time.Time
 	if keep > 0 {
@@ -238,53 +220,23 @@ func (s *filesystemService) WatchDir(ctx context.Context, req *connect.Request[p
 			if err := stream.Send(&pb.WatchDirResponse{Event: &pb.WatchDirResponse_Keepalive{Keepalive: &pb.WatchDirResponse_KeepAlive{}}}); err != nil {
 				return err
 			}
-		case <-poll.C:
-			after, err := list()
-			if errors.Is(err, fs.ErrNotExist) || errors.Is(err, smolvm.ErrNotFound) {
-				return send(p, pb.EventType_EVENT_TYPE_REMOVE, nil)
-			}
-			if err != nil {
-				return connectErr(err)
-			}
-			for _, ev := range diffListings(before, after) {
-				if err := send(ev.path, ev.typ, ev.info); err != nil {
-					return err
+		case ev, ok := <-w.Events():
+			if !ok {
+				err := w.Err()
+				if errors.Is(err, fs.ErrNotExist) || errors.Is(err, smolvm.ErrNotFound) {
+					return send(p, pb.EventType_EVENT_TYPE_REMOVE)
 				}
+				if err != nil {
+					return connectErr(err)
+				}
+				return connect.NewError(connect.CodeCanceled, errors.New("the watch ended"))
 			}
-			before = after
+			if ev.Op == smolvm.DirOverflow {
+				return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("the watch of %s lost events (more changes than it queues): watch again and list the directory", p))
+			}
+			if err := send(ev.Path, watchOps[ev.Op]); err != nil {
+				return err
+			}
 		}
 	}
-}
-
-type watchEvent struct {
-	path string
-	typ  pb.EventType
-	info *smolvm.FileInfo
-}
-
-// diffListings is what changed from one listing to the next, in path
-// order.
-func diffListings(before, after map[string]seen) []watchEvent {
-	var out []watchEvent
-	for p, a := range after {
-		b, ok := before[p]
-		switch {
-		case !ok:
-			out = append(out, watchEvent{p, pb.EventType_EVENT_TYPE_CREATE, a.info})
-		case b.mode.Type() != a.mode.Type():
-			out = append(out, watchEvent{p, pb.EventType_EVENT_TYPE_REMOVE, nil}, watchEvent{p, pb.EventType_EVENT_TYPE_CREATE, a.info})
-		case b.size != a.size || !b.mtime.Equal(a.mtime):
-			out = append(out, watchEvent{p, pb.EventType_EVENT_TYPE_WRITE, a.info})
-		case b.mode != a.mode:
-			out = append(out, watchEvent{p, pb.EventType_EVENT_TYPE_CHMOD, a.info})
-		}
-	}
-	for p := range before {
-		if _, ok := after[p]; !ok {
-			out = append(out, watchEvent{p, pb.EventType_EVENT_TYPE_REMOVE, nil})
-		}
-	}
-	// By path; within one path the order built above stays.
-	slices.SortStableFunc(out, func(a, b watchEvent) int { return strings.Compare(a.path, b.path) })
-	return out
 }

@@ -1,7 +1,6 @@
 package e2b
 
 import (
-	"io/fs"
 	"net/http"
 	"net/url"
 	"strings"
@@ -71,32 +70,6 @@ func TestParseList(t *testing.T) {
 	}
 	if strings.Join(lq.states, ",") != "running,paused" || lq.limit != 5 || !lq.desc {
 		t.Errorf("parsed %+v", lq)
-	}
-}
-
-func TestDiffListings(t *testing.T) {
-	t0 := time.Unix(1000, 0)
-	before := map[string]seen{
-		"/d/same":  {mode: 0o644, size: 1, mtime: t0},
-		"/d/grown": {mode: 0o644, size: 1, mtime: t0},
-		"/d/chmod": {mode: 0o644, size: 1, mtime: t0},
-		"/d/gone":  {mode: 0o644, size: 1, mtime: t0},
-		"/d/kind":  {mode: 0o644, size: 1, mtime: t0},
-	}
-	after := map[string]seen{
-		"/d/same":  {mode: 0o644, size: 1, mtime: t0},
-		"/d/grown": {mode: 0o644, size: 2, mtime: t0},
-		"/d/chmod": {mode: 0o600, size: 1, mtime: t0},
-		"/d/new":   {mode: 0o644, size: 0, mtime: t0},
-		"/d/kind":  {mode: fs.ModeDir | 0o755, size: 1, mtime: t0},
-	}
-	var got []string
-	for _, ev := range diffListings(before, after) {
-		got = append(got, ev.path+":"+strings.TrimPrefix(ev.typ.String(), "EVENT_TYPE_"))
-	}
-	want := "/d/chmod:CHMOD /d/gone:REMOVE /d/grown:WRITE /d/kind:REMOVE /d/kind:CREATE /d/new:CREATE"
-	if strings.Join(got, " ") != want {
-		t.Errorf("events %v\nwant %s", got, want)
 	}
 }
 

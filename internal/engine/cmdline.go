@@ -40,7 +40,13 @@ func GuestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 	// stays.
 	parts = append(parts, idleKernelArgs...)
 	if !tuned {
-		parts = append(parts, "nowatchdog") // the tuned kernel has no lockup detector
+		// The tuned kernel has neither a lockup detector nor PSI. PSI's
+		// averaging work (every 2 s) kept itself going on an idle guest:
+		// the kworker that ran it counted as activity, so it re-armed
+		// forever, two thirds of an idle guest's wakes (each a wake of
+		// QEMU) once the PIT was gone. Nothing in the guest reads
+		// /proc/pressure.
+		parts = append(parts, "nowatchdog", "psi=0")
 	}
 	if accel == hypervisor.AccelTCG {
 		parts = append(parts, image.TCGKernelArgs()...)

@@ -139,6 +139,20 @@ test('files: watchDir reports a new file', async () => {
   await handle.stop()
 })
 
+test('files: a recursive watchDir reports renames, removes and a new subfolder\'s files', async () => {
+  const sbx = await create()
+  await sbx.files.makeDir('/tmp/tree')
+  const events = []
+  let wake = () => {}
+  const handle = await sbx.files.watchDir('/tmp/tree', (ev) => { events.push(`${ev.type} ${ev.name}`); wake() }, { recursive: true })
+  const until = async (want) => {
+    while (!events.includes(want)) await new Promise((r) => { wake = r })
+  }
+  await sbx.commands.run('echo a > /tmp/tree/a && mv /tmp/tree/a /tmp/tree/b && rm /tmp/tree/b && mkdir -p /tmp/tree/sub && echo x > /tmp/tree/sub/x')
+  for (const want of ['create a', 'rename a', 'create b', 'remove b', 'create sub', 'create sub/x']) await until(want)
+  await handle.stop()
+})
+
 test('list by metadata, connect, kill', async () => {
   const a = await create({ metadata: { pick: 'me' } })
   await create({ metadata: { pick: 'not-me' } })

@@ -26,6 +26,67 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// WatchOp is what happened to a path (fsnotify's operations, as E2B's
+// envd reports them). A rename is RENAME for the old path and CREATE for the
+// new one when it stays under the watched directory.
+type WatchOp int32
+
+const (
+	WatchOp_WATCH_OP_UNSPECIFIED WatchOp = 0
+	WatchOp_WATCH_OP_CREATE      WatchOp = 1
+	WatchOp_WATCH_OP_WRITE       WatchOp = 2
+	WatchOp_WATCH_OP_REMOVE      WatchOp = 3
+	WatchOp_WATCH_OP_RENAME      WatchOp = 4
+	WatchOp_WATCH_OP_CHMOD       WatchOp = 5
+)
+
+// Enum value maps for WatchOp.
+var (
+	WatchOp_name = map[int32]string{
+		0: "WATCH_OP_UNSPECIFIED",
+		1: "WATCH_OP_CREATE",
+		2: "WATCH_OP_WRITE",
+		3: "WATCH_OP_REMOVE",
+		4: "WATCH_OP_RENAME",
+		5: "WATCH_OP_CHMOD",
+	}
+	WatchOp_value = map[string]int32{
+		"WATCH_OP_UNSPECIFIED": 0,
+		"WATCH_OP_CREATE":      1,
+		"WATCH_OP_WRITE":       2,
+		"WATCH_OP_REMOVE":      3,
+		"WATCH_OP_RENAME":      4,
+		"WATCH_OP_CHMOD":       5,
+	}
+)
+
+func (x WatchOp) Enum() *WatchOp {
+	p := new(WatchOp)
+	*p = x
+	return p
+}
+
+func (x WatchOp) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (WatchOp) Descriptor() protoreflect.EnumDescriptor {
+	return file_agentpb_agent_proto_enumTypes[0].Descriptor()
+}
+
+func (WatchOp) Type() protoreflect.EnumType {
+	return &file_agentpb_agent_proto_enumTypes[0]
+}
+
+func (x WatchOp) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use WatchOp.Descriptor instead.
+func (WatchOp) EnumDescriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{0}
+}
+
 type PingRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2132,6 +2193,174 @@ func (*RefreshResponse) Descriptor() ([]byte, []int) {
 	return file_agentpb_agent_proto_rawDescGZIP(), []int{33}
 }
 
+type WatchDirRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Recursive     bool                   `protobuf:"varint,2,opt,name=recursive,proto3" json:"recursive,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchDirRequest) Reset() {
+	*x = WatchDirRequest{}
+	mi := &file_agentpb_agent_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchDirRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchDirRequest) ProtoMessage() {}
+
+func (x *WatchDirRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchDirRequest.ProtoReflect.Descriptor instead.
+func (*WatchDirRequest) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *WatchDirRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *WatchDirRequest) GetRecursive() bool {
+	if x != nil {
+		return x.Recursive
+	}
+	return false
+}
+
+type WatchEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Absolute path in the guest, under the watched directory.
+	Path          string  `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Op            WatchOp `protobuf:"varint,2,opt,name=op,proto3,enum=smolvm.agent.v1.WatchOp" json:"op,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchEvent) Reset() {
+	*x = WatchEvent{}
+	mi := &file_agentpb_agent_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchEvent) ProtoMessage() {}
+
+func (x *WatchEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
+func (*WatchEvent) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *WatchEvent) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *WatchEvent) GetOp() WatchOp {
+	if x != nil {
+		return x.Op
+	}
+	return WatchOp_WATCH_OP_UNSPECIFIED
+}
+
+type WatchDirResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The watch is in place (the first response, alone).
+	Started bool          `protobuf:"varint,1,opt,name=started,proto3" json:"started,omitempty"`
+	Events  []*WatchEvent `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
+	// Events were lost before these (a queue overflowed): list the directory
+	// again to learn its state.
+	Overflow      bool `protobuf:"varint,3,opt,name=overflow,proto3" json:"overflow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchDirResponse) Reset() {
+	*x = WatchDirResponse{}
+	mi := &file_agentpb_agent_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchDirResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchDirResponse) ProtoMessage() {}
+
+func (x *WatchDirResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentpb_agent_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchDirResponse.ProtoReflect.Descriptor instead.
+func (*WatchDirResponse) Descriptor() ([]byte, []int) {
+	return file_agentpb_agent_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *WatchDirResponse) GetStarted() bool {
+	if x != nil {
+		return x.Started
+	}
+	return false
+}
+
+func (x *WatchDirResponse) GetEvents() []*WatchEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *WatchDirResponse) GetOverflow() bool {
+	if x != nil {
+		return x.Overflow
+	}
+	return false
+}
+
 var File_agentpb_agent_proto protoreflect.FileDescriptor
 
 const file_agentpb_agent_proto_rawDesc = "" +
@@ -2276,7 +2505,25 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\bhostname\x18\x03 \x01(\tR\bhostname\x12\x1d\n" +
 	"\n" +
 	"machine_id\x18\x04 \x01(\tR\tmachineId\"\x11\n" +
-	"\x0fRefreshResponse2\xca\b\n" +
+	"\x0fRefreshResponse\"C\n" +
+	"\x0fWatchDirRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1c\n" +
+	"\trecursive\x18\x02 \x01(\bR\trecursive\"J\n" +
+	"\n" +
+	"WatchEvent\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12(\n" +
+	"\x02op\x18\x02 \x01(\x0e2\x18.smolvm.agent.v1.WatchOpR\x02op\"}\n" +
+	"\x10WatchDirResponse\x12\x18\n" +
+	"\astarted\x18\x01 \x01(\bR\astarted\x123\n" +
+	"\x06events\x18\x02 \x03(\v2\x1b.smolvm.agent.v1.WatchEventR\x06events\x12\x1a\n" +
+	"\boverflow\x18\x03 \x01(\bR\boverflow*\x8a\x01\n" +
+	"\aWatchOp\x12\x18\n" +
+	"\x14WATCH_OP_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fWATCH_OP_CREATE\x10\x01\x12\x12\n" +
+	"\x0eWATCH_OP_WRITE\x10\x02\x12\x13\n" +
+	"\x0fWATCH_OP_REMOVE\x10\x03\x12\x13\n" +
+	"\x0fWATCH_OP_RENAME\x10\x04\x12\x12\n" +
+	"\x0eWATCH_OP_CHMOD\x10\x052\x9d\t\n" +
 	"\x05Agent\x12C\n" +
 	"\x04Ping\x12\x1c.smolvm.agent.v1.PingRequest\x1a\x1d.smolvm.agent.v1.PingResponse\x12G\n" +
 	"\x04Exec\x12\x1c.smolvm.agent.v1.ExecRequest\x1a\x1d.smolvm.agent.v1.ExecResponse(\x010\x01\x12O\n" +
@@ -2293,7 +2540,8 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\x06Rename\x12\x1e.smolvm.agent.v1.RenameRequest\x1a\x1f.smolvm.agent.v1.RenameResponse\x12I\n" +
 	"\x06Remove\x12\x1e.smolvm.agent.v1.RemoveRequest\x1a\x1f.smolvm.agent.v1.RemoveResponse\x12R\n" +
 	"\tUpdateEnv\x12!.smolvm.agent.v1.UpdateEnvRequest\x1a\".smolvm.agent.v1.UpdateEnvResponse\x12L\n" +
-	"\aRefresh\x12\x1f.smolvm.agent.v1.RefreshRequest\x1a .smolvm.agent.v1.RefreshResponseB1Z/github.com/smolvm/smolvm/internal/proto/agentpbb\x06proto3"
+	"\aRefresh\x12\x1f.smolvm.agent.v1.RefreshRequest\x1a .smolvm.agent.v1.RefreshResponse\x12Q\n" +
+	"\bWatchDir\x12 .smolvm.agent.v1.WatchDirRequest\x1a!.smolvm.agent.v1.WatchDirResponse0\x01B1Z/github.com/smolvm/smolvm/internal/proto/agentpbb\x06proto3"
 
 var (
 	file_agentpb_agent_proto_rawDescOnce sync.Once
@@ -2307,90 +2555,99 @@ func file_agentpb_agent_proto_rawDescGZIP() []byte {
 	return file_agentpb_agent_proto_rawDescData
 }
 
-var file_agentpb_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_agentpb_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_agentpb_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_agentpb_agent_proto_goTypes = []any{
-	(*PingRequest)(nil),        // 0: smolvm.agent.v1.PingRequest
-	(*PingResponse)(nil),       // 1: smolvm.agent.v1.PingResponse
-	(*ExecRequest)(nil),        // 2: smolvm.agent.v1.ExecRequest
-	(*ExecStart)(nil),          // 3: smolvm.agent.v1.ExecStart
-	(*WindowSize)(nil),         // 4: smolvm.agent.v1.WindowSize
-	(*ExecResponse)(nil),       // 5: smolvm.agent.v1.ExecResponse
-	(*ExecStarted)(nil),        // 6: smolvm.agent.v1.ExecStarted
-	(*ExecExit)(nil),           // 7: smolvm.agent.v1.ExecExit
-	(*ShutdownRequest)(nil),    // 8: smolvm.agent.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),   // 9: smolvm.agent.v1.ShutdownResponse
-	(*WriteFileRequest)(nil),   // 10: smolvm.agent.v1.WriteFileRequest
-	(*WriteFileHeader)(nil),    // 11: smolvm.agent.v1.WriteFileHeader
-	(*WriteFileResponse)(nil),  // 12: smolvm.agent.v1.WriteFileResponse
-	(*ReadFileRequest)(nil),    // 13: smolvm.agent.v1.ReadFileRequest
-	(*DataChunk)(nil),          // 14: smolvm.agent.v1.DataChunk
-	(*PutArchiveRequest)(nil),  // 15: smolvm.agent.v1.PutArchiveRequest
-	(*PutArchiveHeader)(nil),   // 16: smolvm.agent.v1.PutArchiveHeader
-	(*PutArchiveResponse)(nil), // 17: smolvm.agent.v1.PutArchiveResponse
-	(*GetArchiveRequest)(nil),  // 18: smolvm.agent.v1.GetArchiveRequest
-	(*StatRequest)(nil),        // 19: smolvm.agent.v1.StatRequest
-	(*StatResponse)(nil),       // 20: smolvm.agent.v1.StatResponse
-	(*ReadDirRequest)(nil),     // 21: smolvm.agent.v1.ReadDirRequest
-	(*DirEntry)(nil),           // 22: smolvm.agent.v1.DirEntry
-	(*ReadDirResponse)(nil),    // 23: smolvm.agent.v1.ReadDirResponse
-	(*MakeDirRequest)(nil),     // 24: smolvm.agent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),    // 25: smolvm.agent.v1.MakeDirResponse
-	(*RenameRequest)(nil),      // 26: smolvm.agent.v1.RenameRequest
-	(*RenameResponse)(nil),     // 27: smolvm.agent.v1.RenameResponse
-	(*RemoveRequest)(nil),      // 28: smolvm.agent.v1.RemoveRequest
-	(*RemoveResponse)(nil),     // 29: smolvm.agent.v1.RemoveResponse
-	(*UpdateEnvRequest)(nil),   // 30: smolvm.agent.v1.UpdateEnvRequest
-	(*UpdateEnvResponse)(nil),  // 31: smolvm.agent.v1.UpdateEnvResponse
-	(*RefreshRequest)(nil),     // 32: smolvm.agent.v1.RefreshRequest
-	(*RefreshResponse)(nil),    // 33: smolvm.agent.v1.RefreshResponse
-	nil,                        // 34: smolvm.agent.v1.UpdateEnvRequest.SetEntry
-	nil,                        // 35: smolvm.agent.v1.UpdateEnvResponse.EnvEntry
+	(WatchOp)(0),               // 0: smolvm.agent.v1.WatchOp
+	(*PingRequest)(nil),        // 1: smolvm.agent.v1.PingRequest
+	(*PingResponse)(nil),       // 2: smolvm.agent.v1.PingResponse
+	(*ExecRequest)(nil),        // 3: smolvm.agent.v1.ExecRequest
+	(*ExecStart)(nil),          // 4: smolvm.agent.v1.ExecStart
+	(*WindowSize)(nil),         // 5: smolvm.agent.v1.WindowSize
+	(*ExecResponse)(nil),       // 6: smolvm.agent.v1.ExecResponse
+	(*ExecStarted)(nil),        // 7: smolvm.agent.v1.ExecStarted
+	(*ExecExit)(nil),           // 8: smolvm.agent.v1.ExecExit
+	(*ShutdownRequest)(nil),    // 9: smolvm.agent.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),   // 10: smolvm.agent.v1.ShutdownResponse
+	(*WriteFileRequest)(nil),   // 11: smolvm.agent.v1.WriteFileRequest
+	(*WriteFileHeader)(nil),    // 12: smolvm.agent.v1.WriteFileHeader
+	(*WriteFileResponse)(nil),  // 13: smolvm.agent.v1.WriteFileResponse
+	(*ReadFileRequest)(nil),    // 14: smolvm.agent.v1.ReadFileRequest
+	(*DataChunk)(nil),          // 15: smolvm.agent.v1.DataChunk
+	(*PutArchiveRequest)(nil),  // 16: smolvm.agent.v1.PutArchiveRequest
+	(*PutArchiveHeader)(nil),   // 17: smolvm.agent.v1.PutArchiveHeader
+	(*PutArchiveResponse)(nil), // 18: smolvm.agent.v1.PutArchiveResponse
+	(*GetArchiveRequest)(nil),  // 19: smolvm.agent.v1.GetArchiveRequest
+	(*StatRequest)(nil),        // 20: smolvm.agent.v1.StatRequest
+	(*StatResponse)(nil),       // 21: smolvm.agent.v1.StatResponse
+	(*ReadDirRequest)(nil),     // 22: smolvm.agent.v1.ReadDirRequest
+	(*DirEntry)(nil),           // 23: smolvm.agent.v1.DirEntry
+	(*ReadDirResponse)(nil),    // 24: smolvm.agent.v1.ReadDirResponse
+	(*MakeDirRequest)(nil),     // 25: smolvm.agent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),    // 26: smolvm.agent.v1.MakeDirResponse
+	(*RenameRequest)(nil),      // 27: smolvm.agent.v1.RenameRequest
+	(*RenameResponse)(nil),     // 28: smolvm.agent.v1.RenameResponse
+	(*RemoveRequest)(nil),      // 29: smolvm.agent.v1.RemoveRequest
+	(*RemoveResponse)(nil),     // 30: smolvm.agent.v1.RemoveResponse
+	(*UpdateEnvRequest)(nil),   // 31: smolvm.agent.v1.UpdateEnvRequest
+	(*UpdateEnvResponse)(nil),  // 32: smolvm.agent.v1.UpdateEnvResponse
+	(*RefreshRequest)(nil),     // 33: smolvm.agent.v1.RefreshRequest
+	(*RefreshResponse)(nil),    // 34: smolvm.agent.v1.RefreshResponse
+	(*WatchDirRequest)(nil),    // 35: smolvm.agent.v1.WatchDirRequest
+	(*WatchEvent)(nil),         // 36: smolvm.agent.v1.WatchEvent
+	(*WatchDirResponse)(nil),   // 37: smolvm.agent.v1.WatchDirResponse
+	nil,                        // 38: smolvm.agent.v1.UpdateEnvRequest.SetEntry
+	nil,                        // 39: smolvm.agent.v1.UpdateEnvResponse.EnvEntry
 }
 var file_agentpb_agent_proto_depIdxs = []int32{
-	3,  // 0: smolvm.agent.v1.ExecRequest.start:type_name -> smolvm.agent.v1.ExecStart
-	4,  // 1: smolvm.agent.v1.ExecRequest.resize:type_name -> smolvm.agent.v1.WindowSize
-	4,  // 2: smolvm.agent.v1.ExecStart.size:type_name -> smolvm.agent.v1.WindowSize
-	6,  // 3: smolvm.agent.v1.ExecResponse.started:type_name -> smolvm.agent.v1.ExecStarted
-	7,  // 4: smolvm.agent.v1.ExecResponse.exit:type_name -> smolvm.agent.v1.ExecExit
-	11, // 5: smolvm.agent.v1.WriteFileRequest.header:type_name -> smolvm.agent.v1.WriteFileHeader
-	16, // 6: smolvm.agent.v1.PutArchiveRequest.header:type_name -> smolvm.agent.v1.PutArchiveHeader
-	20, // 7: smolvm.agent.v1.DirEntry.stat:type_name -> smolvm.agent.v1.StatResponse
-	22, // 8: smolvm.agent.v1.ReadDirResponse.entries:type_name -> smolvm.agent.v1.DirEntry
-	34, // 9: smolvm.agent.v1.UpdateEnvRequest.set:type_name -> smolvm.agent.v1.UpdateEnvRequest.SetEntry
-	35, // 10: smolvm.agent.v1.UpdateEnvResponse.env:type_name -> smolvm.agent.v1.UpdateEnvResponse.EnvEntry
-	0,  // 11: smolvm.agent.v1.Agent.Ping:input_type -> smolvm.agent.v1.PingRequest
-	2,  // 12: smolvm.agent.v1.Agent.Exec:input_type -> smolvm.agent.v1.ExecRequest
-	8,  // 13: smolvm.agent.v1.Agent.Shutdown:input_type -> smolvm.agent.v1.ShutdownRequest
-	10, // 14: smolvm.agent.v1.Agent.WriteFile:input_type -> smolvm.agent.v1.WriteFileRequest
-	13, // 15: smolvm.agent.v1.Agent.ReadFile:input_type -> smolvm.agent.v1.ReadFileRequest
-	15, // 16: smolvm.agent.v1.Agent.PutArchive:input_type -> smolvm.agent.v1.PutArchiveRequest
-	18, // 17: smolvm.agent.v1.Agent.GetArchive:input_type -> smolvm.agent.v1.GetArchiveRequest
-	19, // 18: smolvm.agent.v1.Agent.Stat:input_type -> smolvm.agent.v1.StatRequest
-	21, // 19: smolvm.agent.v1.Agent.ReadDir:input_type -> smolvm.agent.v1.ReadDirRequest
-	24, // 20: smolvm.agent.v1.Agent.MakeDir:input_type -> smolvm.agent.v1.MakeDirRequest
-	26, // 21: smolvm.agent.v1.Agent.Rename:input_type -> smolvm.agent.v1.RenameRequest
-	28, // 22: smolvm.agent.v1.Agent.Remove:input_type -> smolvm.agent.v1.RemoveRequest
-	30, // 23: smolvm.agent.v1.Agent.UpdateEnv:input_type -> smolvm.agent.v1.UpdateEnvRequest
-	32, // 24: smolvm.agent.v1.Agent.Refresh:input_type -> smolvm.agent.v1.RefreshRequest
-	1,  // 25: smolvm.agent.v1.Agent.Ping:output_type -> smolvm.agent.v1.PingResponse
-	5,  // 26: smolvm.agent.v1.Agent.Exec:output_type -> smolvm.agent.v1.ExecResponse
-	9,  // 27: smolvm.agent.v1.Agent.Shutdown:output_type -> smolvm.agent.v1.ShutdownResponse
-	12, // 28: smolvm.agent.v1.Agent.WriteFile:output_type -> smolvm.agent.v1.WriteFileResponse
-	14, // 29: smolvm.agent.v1.Agent.ReadFile:output_type -> smolvm.agent.v1.DataChunk
-	17, // 30: smolvm.agent.v1.Agent.PutArchive:output_type -> smolvm.agent.v1.PutArchiveResponse
-	14, // 31: smolvm.agent.v1.Agent.GetArchive:output_type -> smolvm.agent.v1.DataChunk
-	20, // 32: smolvm.agent.v1.Agent.Stat:output_type -> smolvm.agent.v1.StatResponse
-	23, // 33: smolvm.agent.v1.Agent.ReadDir:output_type -> smolvm.agent.v1.ReadDirResponse
-	25, // 34: smolvm.agent.v1.Agent.MakeDir:output_type -> smolvm.agent.v1.MakeDirResponse
-	27, // 35: smolvm.agent.v1.Agent.Rename:output_type -> smolvm.agent.v1.RenameResponse
-	29, // 36: smolvm.agent.v1.Agent.Remove:output_type -> smolvm.agent.v1.RemoveResponse
-	31, // 37: smolvm.agent.v1.Agent.UpdateEnv:output_type -> smolvm.agent.v1.UpdateEnvResponse
-	33, // 38: smolvm.agent.v1.Agent.Refresh:output_type -> smolvm.agent.v1.RefreshResponse
-	25, // [25:39] is the sub-list for method output_type
-	11, // [11:25] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	4,  // 0: smolvm.agent.v1.ExecRequest.start:type_name -> smolvm.agent.v1.ExecStart
+	5,  // 1: smolvm.agent.v1.ExecRequest.resize:type_name -> smolvm.agent.v1.WindowSize
+	5,  // 2: smolvm.agent.v1.ExecStart.size:type_name -> smolvm.agent.v1.WindowSize
+	7,  // 3: smolvm.agent.v1.ExecResponse.started:type_name -> smolvm.agent.v1.ExecStarted
+	8,  // 4: smolvm.agent.v1.ExecResponse.exit:type_name -> smolvm.agent.v1.ExecExit
+	12, // 5: smolvm.agent.v1.WriteFileRequest.header:type_name -> smolvm.agent.v1.WriteFileHeader
+	17, // 6: smolvm.agent.v1.PutArchiveRequest.header:type_name -> smolvm.agent.v1.PutArchiveHeader
+	21, // 7: smolvm.agent.v1.DirEntry.stat:type_name -> smolvm.agent.v1.StatResponse
+	23, // 8: smolvm.agent.v1.ReadDirResponse.entries:type_name -> smolvm.agent.v1.DirEntry
+	38, // 9: smolvm.agent.v1.UpdateEnvRequest.set:type_name -> smolvm.agent.v1.UpdateEnvRequest.SetEntry
+	39, // 10: smolvm.agent.v1.UpdateEnvResponse.env:type_name -> smolvm.agent.v1.UpdateEnvResponse.EnvEntry
+	0,  // 11: smolvm.agent.v1.WatchEvent.op:type_name -> smolvm.agent.v1.WatchOp
+	36, // 12: smolvm.agent.v1.WatchDirResponse.events:type_name -> smolvm.agent.v1.WatchEvent
+	1,  // 13: smolvm.agent.v1.Agent.Ping:input_type -> smolvm.agent.v1.PingRequest
+	3,  // 14: smolvm.agent.v1.Agent.Exec:input_type -> smolvm.agent.v1.ExecRequest
+	9,  // 15: smolvm.agent.v1.Agent.Shutdown:input_type -> smolvm.agent.v1.ShutdownRequest
+	11, // 16: smolvm.agent.v1.Agent.WriteFile:input_type -> smolvm.agent.v1.WriteFileRequest
+	14, // 17: smolvm.agent.v1.Agent.ReadFile:input_type -> smolvm.agent.v1.ReadFileRequest
+	16, // 18: smolvm.agent.v1.Agent.PutArchive:input_type -> smolvm.agent.v1.PutArchiveRequest
+	19, // 19: smolvm.agent.v1.Agent.GetArchive:input_type -> smolvm.agent.v1.GetArchiveRequest
+	20, // 20: smolvm.agent.v1.Agent.Stat:input_type -> smolvm.agent.v1.StatRequest
+	22, // 21: smolvm.agent.v1.Agent.ReadDir:input_type -> smolvm.agent.v1.ReadDirRequest
+	25, // 22: smolvm.agent.v1.Agent.MakeDir:input_type -> smolvm.agent.v1.MakeDirRequest
+	27, // 23: smolvm.agent.v1.Agent.Rename:input_type -> smolvm.agent.v1.RenameRequest
+	29, // 24: smolvm.agent.v1.Agent.Remove:input_type -> smolvm.agent.v1.RemoveRequest
+	31, // 25: smolvm.agent.v1.Agent.UpdateEnv:input_type -> smolvm.agent.v1.UpdateEnvRequest
+	33, // 26: smolvm.agent.v1.Agent.Refresh:input_type -> smolvm.agent.v1.RefreshRequest
+	35, // 27: smolvm.agent.v1.Agent.WatchDir:input_type -> smolvm.agent.v1.WatchDirRequest
+	2,  // 28: smolvm.agent.v1.Agent.Ping:output_type -> smolvm.agent.v1.PingResponse
+	6,  // 29: smolvm.agent.v1.Agent.Exec:output_type -> smolvm.agent.v1.ExecResponse
+	10, // 30: smolvm.agent.v1.Agent.Shutdown:output_type -> smolvm.agent.v1.ShutdownResponse
+	13, // 31: smolvm.agent.v1.Agent.WriteFile:output_type -> smolvm.agent.v1.WriteFileResponse
+	15, // 32: smolvm.agent.v1.Agent.ReadFile:output_type -> smolvm.agent.v1.DataChunk
+	18, // 33: smolvm.agent.v1.Agent.PutArchive:output_type -> smolvm.agent.v1.PutArchiveResponse
+	15, // 34: smolvm.agent.v1.Agent.GetArchive:output_type -> smolvm.agent.v1.DataChunk
+	21, // 35: smolvm.agent.v1.Agent.Stat:output_type -> smolvm.agent.v1.StatResponse
+	24, // 36: smolvm.agent.v1.Agent.ReadDir:output_type -> smolvm.agent.v1.ReadDirResponse
+	26, // 37: smolvm.agent.v1.Agent.MakeDir:output_type -> smolvm.agent.v1.MakeDirResponse
+	28, // 38: smolvm.agent.v1.Agent.Rename:output_type -> smolvm.agent.v1.RenameResponse
+	30, // 39: smolvm.agent.v1.Agent.Remove:output_type -> smolvm.agent.v1.RemoveResponse
+	32, // 40: smolvm.agent.v1.Agent.UpdateEnv:output_type -> smolvm.agent.v1.UpdateEnvResponse
+	34, // 41: smolvm.agent.v1.Agent.Refresh:output_type -> smolvm.agent.v1.RefreshResponse
+	37, // 42: smolvm.agent.v1.Agent.WatchDir:output_type -> smolvm.agent.v1.WatchDirResponse
+	28, // [28:43] is the sub-list for method output_type
+	13, // [13:28] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_agentpb_agent_proto_init() }
@@ -2424,13 +2681,14 @@ func file_agentpb_agent_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agentpb_agent_proto_rawDesc), len(file_agentpb_agent_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   36,
+			NumEnums:      1,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_agentpb_agent_proto_goTypes,
 		DependencyIndexes: file_agentpb_agent_proto_depIdxs,
+		EnumInfos:         file_agentpb_agent_proto_enumTypes,
 		MessageInfos:      file_agentpb_agent_proto_msgTypes,
 	}.Build()
 	File_agentpb_agent_proto = out.File

@@ -38,6 +38,7 @@ const (
 	Agent_Remove_FullMethodName     = "/smolvm.agent.v1.Agent/Remove"
 	Agent_UpdateEnv_FullMethodName  = "/smolvm.agent.v1.Agent/UpdateEnv"
 	Agent_Refresh_FullMethodName    = "/smolvm.agent.v1.Agent/Refresh"
+	Agent_WatchDir_FullMethodName   = "/smolvm.agent.v1.Agent/WatchDir"
 )
 
 // AgentClient is the client API for Agent service.
@@ -82,6 +83,14 @@ type AgentClient interface {
 	// Refresh is called after a snapshot restore: new entropy, wall clock,
 	// hostname and machine id.
 	Refresh(ctx context.Context, in *RefreshRequest, opts ...grpc.CallOption) (*RefreshResponse, error)
+	// WatchDir streams the changes under a directory (inotify in the guest).
+	// The first response has started set: the watch is in place, and no
+	// change after it is missed. Then events, in batches. With recursive,
+	// subdirectories are watched too, also those made later. Bounded: the
+	// agent refuses a tree of more folders than its cap, and when its queue
+	// (or the kernel's) overflows it drops events and sets overflow. The
+	// stream ends when the directory itself is removed or moved.
+	WatchDir(ctx context.Context, in *WatchDirRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchDirResponse], error)
 }
 
 type agentClient struct {
@@ -259,6 +268,25 @@ func (c *agentClient) Refresh(ctx context.Context, in *RefreshRequest, opts ...g
 	return out, nil
 }
 
+func (c *agentClient) WatchDir(ctx context.Context, in *WatchDirRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchDirResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Agent_ServiceDesc.Streams[5], Agent_WatchDir_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchDirRequest, WatchDirResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_WatchDirClient = grpc.ServerStreamingClient[WatchDirResponse]
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -301,6 +329,14 @@ type AgentServer interface {
 	// Refresh is called after a snapshot restore: new entropy, wall clock,
 	// hostname and machine id.
 	Refresh(context.Context, *RefreshRequest) (*RefreshResponse, error)
+	// WatchDir streams the changes under a directory (inotify in the guest).
+	// The first response has started set: the watch is in place, and no
+	// change after it is missed. Then events, in batches. With recursive,
+	// subdirectories are watched too, also those made later. Bounded: the
+	// agent refuses a tree of more folders than its cap, and when its queue
+	// (or the kernel's) overflows it drops events and sets overflow. The
+	// stream ends when the directory itself is removed or moved.
+	WatchDir(*WatchDirRequest, grpc.ServerStreamingServer[WatchDirResponse]) error
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -352,6 +388,9 @@ func (UnimplementedAgentServer) UpdateEnv(context.Context, *UpdateEnvRequest) (*
 }
 func (UnimplementedAgentServer) Refresh(context.Context, *RefreshRequest) (*RefreshResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Refresh not implemented")
+}
+func (UnimplementedAgentServer) WatchDir(*WatchDirRequest, grpc.ServerStreamingServer[WatchDirResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchDir not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -579,6 +618,17 @@ func _Agent_Refresh_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_WatchDir_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchDirRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AgentServer).WatchDir(m, &grpc.GenericServerStream[WatchDirRequest, WatchDirResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_WatchDirServer = grpc.ServerStreamingServer[WatchDirResponse]
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -648,6 +698,11 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "GetArchive",
 			Handler:       _Agent_GetArchive_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchDir",
+			Handler:       _Agent_WatchDir_Handler,
 			ServerStreams: true,
 		},
 	},
