@@ -424,3 +424,80 @@ func TestMountBadInput(t *testing.T) {
 	}
 	assertNothingLeft(t, home)
 }
+
+// What is checked is what is mounted: a folder swapped for a link to a
+// folder outside after New checked it (here by a hook; on a server, by
+// anyone who can write beside it, another sandbox too) fails the boot
+// with the cause named, leaves nothing, and the guest never sees the
+// folder outside. Swapped before the check, a folder that must lie
+// within another is refused as outside it. Not parallel: the hook is
+// global.
+func TestMountSwappedForLink(t *testing.T) {
+	needMounts(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	allowed, outside := t.TempDir(), t.TempDir()
+	dir := filepath.Join(allowed, "project")
+	if err := os.WriteFile(filepath.Join(outside, "in"), []byte("outside\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// swap replaces the folder by a link to outside.
+	swap := func() {
+		if err := os.Rename(dir, dir+".old"); err != nil {
+			t.Error(err)
+		}
+		if err := os.Symlink(outside, dir); err != nil {
+			t.Error(err)
+		}
+	}
+	fresh := func() {
+		for _, p := range []string{dir, dir + ".old"} {
+			if err := os.RemoveAll(p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "in"), []byte("inside\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		name          string
+		within        string
+		before, after bool // swap before New, or after its check
+		want          string
+	}{
+		{"within, swapped after the check", allowed, false, true, "symbolic link"},
+		{"swapped after the check", "", false, true, "symbolic link"},
+		{"within, swapped before", allowed, true, false, "not within"},
+	} {
+		fresh()
+		if c.before {
+			swap()
+		}
+		smolvm.AfterMountCheck(t, func(ms []smolvm.Mount) {
+			if c.after && len(ms) == 1 && ms[0].HostPath == dir {
+				swap()
+			}
+		})
+		before := stateOf(t, home)
+		vm, err := smolvm.New(ctx, smolvm.Config{Home: home, BootTimeout: testutil.BootTimeout,
+			Mounts: []smolvm.Mount{{HostPath: dir, GuestPath: "/mnt", ReadOnly: true, Within: c.within}}})
+		if err == nil {
+			res, _ := vm.Run(ctx, "cat /mnt/in")
+			_ = vm.Close()
+			t.Errorf("%s: New mounted the folder; the guest reads %q", c.name, res.Stdout)
+			continue
+		}
+		t.Logf("%s: %v", c.name, err)
+		if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), dir) {
+			t.Errorf("%s: New = %v; want ErrInvalid naming %s and %q", c.name, err, dir, c.want)
+		}
+		if after := stateOf(t, home); !after.equal(before) {
+			t.Errorf("%s: left %+v", c.name, after)
+		}
+	}
+	assertNothingLeft(t, home)
+}

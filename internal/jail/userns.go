@@ -22,6 +22,9 @@ type IDMap struct{ UID, GID uint32 }
 type Bind struct {
 	Source, Target string
 	ReadOnly       bool
+	// Tree, when set, is what is bound: the folder Source that OpenTree
+	// opened (Source then only names it in errors).
+	Tree *os.File
 }
 
 // userNS sets attr up to start the process in a user namespace mapped
@@ -38,20 +41,27 @@ func (m *IDMap) userNS(attr *syscall.SysProcAttr) {
 
 // bindAt binds b.Source at b.Target in the jail's root.
 func (j *Jail) bindAt(b Bind) error {
-	fi, err := os.Stat(b.Source)
-	if err != nil {
-		return fmt.Errorf("jail: bind: %w", err)
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("jail: bind %s: not a folder", b.Source)
+	if b.Tree == nil {
+		fi, err := os.Stat(b.Source)
+		if err != nil {
+			return fmt.Errorf("jail: bind: %w", err)
+		}
+		if !fi.IsDir() {
+			return fmt.Errorf("jail: bind %s: not a folder", b.Source)
+		}
 	}
 	dst := j.Root + b.Target
 	if err := os.MkdirAll(dst, 0o755); err != nil {
 		return fmt.Errorf("jail: %w", err)
 	}
-	// Not recursive: what is mounted below the folder on the host stays
-	// out (the process sees the folder's own file system only).
-	if err := unix.Mount(b.Source, dst, "", unix.MS_BIND, ""); err != nil {
+	// Not recursive (nor is OpenTree's copy): what is mounted below the
+	// folder on the host stays out (the process sees the folder's own
+	// file system only).
+	if b.Tree != nil {
+		if err := bindTree(b, dst); err != nil {
+			return err
+		}
+	} else if err := unix.Mount(b.Source, dst, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("jail: bind %s: %w", b.Source, err)
 	}
 	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_NOSUID | unix.MS_NODEV)

@@ -3,10 +3,12 @@ package server
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"image/png"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -69,6 +71,50 @@ func TestV1MountsRefused(t *testing.T) {
 	if _, err := New(Options{Home: home, AllowMounts: []string{filepath.Join(allowed, "missing")}}); err == nil {
 		t.Error("a server allowing mounts under a missing folder started")
 	}
+}
+
+// TestV1MountSwapped: a folder under the allowed one that is swapped for
+// a link to a folder outside after the server checked it (by a hook
+// here; by anyone who can write in the allowed folder, such as another
+// sandbox with it mounted writable, in life) is refused, and nothing is
+// left: the library checks it again within the allowed folder, and opens
+// it from there without following links when it binds it (the root
+// package's TestMountSwappedForLink swaps it after that check too).
+func TestV1MountSwapped(t *testing.T) {
+	home := warmHome(t)
+	allowed, outside := t.TempDir(), t.TempDir()
+	dir := filepath.Join(allowed, "project")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(outside, "in"), []byte("outside\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	afterMountCheck = func([]smolvm.Mount) {
+		if err := os.Rename(dir, dir+".old"); err != nil {
+			t.Error(err)
+		}
+		if err := os.Symlink(outside, dir); err != nil {
+			t.Error(err)
+		}
+	}
+	t.Cleanup(func() { afterMountCheck = nil })
+	ts := newTestServer(t, Options{Home: home, AllowMounts: []string{allowed}})
+	status, body := ts.do("POST", "/v1/sandboxes", map[string]any{"timeout": 600,
+		"mounts": []map[string]any{{"host_path": dir, "guest_path": "/mnt/project"}}})
+	if status == 201 {
+		var sb sandboxJSON
+		if err := json.Unmarshal(body, &sb); err != nil {
+			t.Fatal(err)
+		}
+		res := ts.run(sb.ID, map[string]any{"command": "cat /mnt/project/in"})
+		ts.must(204, "DELETE", sbPath(sb.ID, ""), nil, nil)
+		t.Fatalf("a folder swapped for a link after the check was mounted: the guest reads %q", res.Stdout)
+	}
+	if status != 400 || !strings.Contains(string(body), "not within") {
+		t.Errorf("create: %d %s; want 400 naming the folder as not within the allowed one", status, body)
+	}
+	ts.noSandboxes(home)
 }
 
 // TestV1Mounts: a folder under the allowed one, mounted read-only by

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/jail"
 )
@@ -107,14 +108,17 @@ func startFSDaemons(cfg *hypervisor.MachineConfig, qemuUID, qemuGID uint32, cg *
 }
 
 func startFSDaemon(dir string, i int, mt hypervisor.Mount, qemuUID, qemuGID uint32, cg *jail.Cgroup) (*fsDaemon, error) {
-	fi, err := os.Stat(mt.HostPath)
+	// What was checked is what is served: the folder is opened without
+	// following links (a link on its path now means someone swapped a
+	// folder for one since the check) and bound from what was opened.
+	tree, st, err := jail.OpenTree(mt.Within, mt.HostPath)
+	if errors.Is(err, jail.ErrLinkOnPath) {
+		return nil, fmt.Errorf("%w: %w: the folder changed since it was checked (swapped for a link?): check where its path leads and give it again", errdefs.ErrInvalid, err)
+	}
 	if err != nil {
 		return nil, err
 	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !fi.IsDir() || !ok {
-		return nil, errors.New("not a folder")
-	}
+	defer tree.Close()
 	sock := fsSocket(dir, i)
 	_ = os.Remove(sock)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
@@ -151,7 +155,7 @@ func startFSDaemon(dir string, i int, mt hypervisor.Mount, qemuUID, qemuGID uint
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	j := &jail.Jail{
 		Root:   JailDir,
-		Binds:  []jail.Bind{{Source: mt.HostPath, Target: source, ReadOnly: mt.ReadOnly}},
+		Binds:  []jail.Bind{{Source: mt.HostPath, Target: source, ReadOnly: mt.ReadOnly, Tree: tree}},
 		Proc:   true, // virtiofsd reads its limits there, then mounts its own
 		UserNS: &jail.IDMap{UID: st.Uid, GID: st.Gid},
 		Cgroup: cg,
