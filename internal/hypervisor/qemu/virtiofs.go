@@ -157,7 +157,7 @@ func startFSDaemon(dir string, i int, mt hypervisor.Mount, qemuUID, qemuGID uint
 		Root:   JailDir,
 		Binds:  []jail.Bind{{Source: mt.HostPath, Target: source, ReadOnly: mt.ReadOnly, Tree: tree}},
 		Proc:   true, // virtiofsd reads its limits there, then mounts its own
-		UserNS: &jail.IDMap{UID: st.Uid, GID: st.Gid},
+		UserNS: fsIDMap(mt, st.Uid, st.Gid),
 		Cgroup: cg,
 	}
 	if d.release, err = j.Start(cmd); err != nil {
@@ -171,6 +171,28 @@ func startFSDaemon(dir string, i int, mt hypervisor.Mount, qemuUID, qemuGID uint
 		close(d.done)
 	}()
 	return d, nil
+}
+
+// fsIDMap is the user namespace of the daemon of a folder owned by uid
+// and gid: the guest's root is the owner, its other users and groups
+// the owner's subordinate ids, or else those of jail.User (`smolvm setup`
+// gives it some): a guest user N's files belong to the range's start+N-1
+// on the host. Without such ids (or when the owner is among them) only
+// the guest's root is mapped, and other guest users cannot make files.
+func fsIDMap(mt hypervisor.Mount, uid, gid uint32) *jail.IDMap {
+	m := &jail.IDMap{UID: uid, GID: gid}
+	uids, gids, ok := jail.SubIDs(uid)
+	switch {
+	case !ok:
+		slog.Warn("host folder: no subordinate ids in /etc/subuid and /etc/subgid for its owner or user "+jail.User+
+			": only the guest's root can make files there (run 'smolvm setup')", "folder", mt.HostPath, "owner", uid)
+	case uids.Holds(uid) || gids.Holds(gid):
+		slog.Warn("host folder: its owner is among the subordinate ids it would map the guest's users to: only the guest's root can make files there",
+			"folder", mt.HostPath, "owner", uid, "subuids", uids, "subgids", gids)
+	default:
+		m.SubUIDs, m.SubGIDs = uids, gids
+	}
+	return m
 }
 
 // watchFSDaemons kills the machine when a daemon ends before it: the
