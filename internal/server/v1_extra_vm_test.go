@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"image/png"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -184,7 +187,9 @@ func TestV1BrowserRefused(t *testing.T) {
 
 // TestV1Browser drives the browser of a sandbox of the browser image
 // through /v1: start (ws_url and DevTools answering on the host), state,
-// a screenshot decoded as a PNG of the asked size, stop (DevTools gone). The image is built (or taken from
+// a screenshot of a page the test serves on the host's loopback (as
+// web.test, mapped with "hosts") decoded as a PNG of the asked size,
+// stop (DevTools gone). The image is built (or taken from
 // the test cache) as the root package's browser tests do.
 func TestV1Browser(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -199,9 +204,22 @@ func TestV1Browser(t *testing.T) {
 		t.Fatalf("build the browser image: %v\n%s", err, prog.String())
 	}
 	ts := newTestServer(t, Options{Home: home})
-	// The browser may reach nothing but web.test (which no name maps):
-	// no traffic leaves the host.
+	// A page on the host's loopback, which the sandbox reaches as
+	// web.test through "hosts"; the browser may reach nothing else, so no
+	// traffic leaves the host.
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var served atomic.Int32
+	page := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		fmt.Fprint(w, "<!doctype html><title>v1</title><body style='background:#08c'><h1>Hello from the host</h1>")
+	})}
+	go func() { _ = page.Serve(ln) }()
+	t.Cleanup(func() { page.Close() })
 	sb := ts.createSandbox(map[string]any{"image": smolvm.BrowserImage, "cpus": 2, "memory_mib": 1024, "timeout": 1200,
+		"hosts":  map[string][]string{"web.test": {"127.0.0.1"}},
 		"egress": map[string]any{"mode": "allowlist", "allow_domains": []string{"web.test"}}})
 
 	var b smolvm.Browser
@@ -222,14 +240,16 @@ func TestV1Browser(t *testing.T) {
 	}
 	ts.wantError(409, "exists", "POST", sbPath(sb.ID, "/browser"), nil, "already")
 
-	// A data: URL: /v1 has no host-name mapping to reach a page on the
-	// host's loopback (the root package's TestBrowser does that).
-	status, png := ts.do("POST", sbPath(sb.ID, "/browser/screenshot"), map[string]any{"url": "data:text/html,<title>v1</title><body style='background:%2308c'>hi", "width": 640, "height": 400})
+	url := fmt.Sprintf("http://web.test:%d/", ln.Addr().(*net.TCPAddr).Port)
+	status, png := ts.do("POST", sbPath(sb.ID, "/browser/screenshot"), map[string]any{"url": url, "width": 640, "height": 400})
 	if status != 200 {
-		t.Fatalf("screenshot: %d %s", status, png)
+		t.Fatalf("screenshot of %s: %d %s", url, status, png)
 	}
 	if w, h := pngSize(t, png); w != 640 || h != 400 {
 		t.Errorf("screenshot is %dx%d, want 640x400", w, h)
+	}
+	if served.Load() == 0 {
+		t.Errorf("the page on the host's loopback was never asked for")
 	}
 	ts.wantError(400, "invalid", "POST", sbPath(sb.ID, "/browser/screenshot"), map[string]any{"url": "http://denied.test/"}, "did not load", "net::ERR_")
 	ts.must(204, "DELETE", sbPath(sb.ID, "/browser"), nil, nil)
