@@ -610,3 +610,40 @@ func TestMountNonRootUser(t *testing.T) {
 		t.Error("a guest write reached the read-only folder")
 	}
 }
+
+// Host folders work in a VM of a disk image (the Debian image, its disk
+// isolated): the agent mounts them in the image's root, where guest
+// root reads and writes them and a user of the image's makes files.
+func TestMountWithImageDisk(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	home := testutil.Home(t)
+	debianImage(t, home, "deb")
+	ctx := testutil.Context(t, 10*time.Minute)
+	ro, rw := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(ro, "a.txt"), []byte("from the host\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(rw, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	vm := newVM(t, smolvm.Config{Home: home, Image: "deb", Mounts: []smolvm.Mount{
+		{HostPath: ro, GuestPath: "/srv/in", ReadOnly: true},
+		{HostPath: rw, GuestPath: "/home/out"},
+	}})
+	if got := mountOK(t, ctx, vm, "grep PRETTY_NAME /etc/os-release >&2; cat /srv/in/a.txt && echo root > /home/out/r.txt && ls -ld /home/out >&2"); got != "from the host\n" {
+		t.Errorf("guest reads %q", got)
+	}
+	if res := mountRun(t, ctx, vm, "touch /srv/in/x"); res.ExitCode == 0 {
+		t.Error("guest root wrote the read-only folder")
+	}
+	res, err := vm.Run(ctx, "echo user > /home/out/u.txt && id -u", smolvm.WithUser("nobody"))
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("the image's user nobody in the writable folder: %v, %s", err, resultText(res))
+	}
+	for name, want := range map[string]string{"r.txt": "root\n", "u.txt": "user\n"} {
+		if b, err := os.ReadFile(filepath.Join(rw, name)); err != nil || string(b) != want {
+			t.Errorf("host reads %s: %q, %v; want %q", name, b, err, want)
+		}
+	}
+}
