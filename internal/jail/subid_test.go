@@ -4,7 +4,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"testing"
 )
@@ -84,18 +83,9 @@ func TestIDMapSubIDs(t *testing.T) {
 	const owner, start = 4321, 300000
 	j := &Jail{Root: t.TempDir(), Binds: []Bind{{Source: shared, Target: "/mnt"}},
 		UserNS: &IDMap{UID: owner, GID: owner, SubUIDs: IDRange{start, 65536}, SubGIDs: IDRange{start, 65536}}}
-	cmd := exec.Command("/bin/sh", "-c", "touch /mnt/root && setpriv --reuid 1000 --regid 1000 --clear-groups sh -c 'echo x > /mnt/user; mv /mnt/user /mnt/user2; id -u' && stat -c %u:%g /mnt/user2")
-	cmd.Dir = "/"
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	release, err := j.Start(cmd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = cmd.Wait()
-	release()
-	if err != nil || out.String() != "1000\n1000:1000\n" {
-		t.Fatalf("jailed shell: %v: %q", err, out.String())
+	out, err := runJailed(t, j, "/bin/sh", "-c", "touch /mnt/root && setpriv --reuid 1000 --regid 1000 --clear-groups sh -c 'echo x > /mnt/user; mv /mnt/user /mnt/user2; id -u' && stat -c %u:%g /mnt/user2")
+	if err != nil || out != "1000\n1000:1000\n" {
+		t.Fatalf("jailed shell: %v: %q", err, out)
 	}
 	for name, want := range map[string]uint32{"root": owner, "user2": start + 999} {
 		var st syscall.Stat_t

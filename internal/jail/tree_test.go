@@ -10,6 +10,22 @@ import (
 	"testing"
 )
 
+// runJailed runs argv in j and returns its output and how it ended.
+func runJailed(t *testing.T, j *Jail, argv ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Dir = "/"
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	release, err := j.Start(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = cmd.Wait()
+	release()
+	return out.String(), err
+}
+
 // A folder opened with OpenTree is what its Bind mounts, though it is
 // swapped for a link to a folder outside before the jail is built; a
 // folder already swapped, or outside the folder it must lie beneath, is
@@ -46,18 +62,8 @@ func TestOpenTreeSwapped(t *testing.T) {
 		t.Fatal(err)
 	}
 	j := &Jail{Root: t.TempDir(), Binds: []Bind{{Source: dir, Target: "/mnt", ReadOnly: true, Tree: tree}}}
-	cmd := exec.Command("/bin/cat", "/mnt/in")
-	cmd.Dir = "/"
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	release, err := j.Start(cmd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = cmd.Wait()
-	release()
-	if err != nil || out.String() != "inside" {
-		t.Errorf("the jail sees %q (%v) in the bound folder; want the folder opened, %q", out.String(), err, "inside")
+	if out, err := runJailed(t, j, "/bin/cat", "/mnt/in"); err != nil || out != "inside" {
+		t.Errorf("the jail sees %q (%v) in the bound folder; want the folder opened, %q", out, err, "inside")
 	}
 
 	if _, _, err := OpenTree(allowed, dir); !errors.Is(err, ErrLinkOnPath) {
