@@ -255,3 +255,16 @@ func mountArgs(ms []Mount) string {
 
 // errMountsNoSnapshot says why a VM with host folders has no snapshot.
 var errMountsNoSnapshot = fmt.Errorf("%w: a VM with host folders (mounts) cannot be snapshotted or restored from one: QEMU cannot save the state of its virtiofs devices (their daemons hold open files of the host); boot it instead", ErrUnsupported)
+
+// subIDCheck reports (smolvm doctor) the subordinate ids that host
+// folders map a guest's users other than root to (jail.SubIDs).
+func subIDCheck() HostCheck {
+	c := HostCheck{Name: "host folders", OK: true}
+	if uids, gids, ok := jail.SubIDs(0); ok {
+		c.Detail = fmt.Sprintf("a guest user N's files in a writable host folder belong to subordinate id start+N-1 on the host: uids from %d, gids from %d (a folder whose owner has subordinate ids of its own in /etc/subuid and /etc/subgid uses those)", uids.Start, gids.Start)
+	} else {
+		c.Detail = "no subordinate ids for user " + jail.User + " in /etc/subuid and /etc/subgid: in a writable host folder only the guest's root can make files"
+		c.Fix = "smolvm setup"
+	}
+	return c
+}

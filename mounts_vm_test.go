@@ -545,6 +545,14 @@ func TestMountNonRootUser(t *testing.T) {
 	subUID, subGID := subIDStart(t, "/etc/subuid", jail.User), subIDStart(t, "/etc/subgid", jail.User)
 	home := testutil.Home(t)
 	ctx := testutil.Context(t, 10*time.Minute)
+	// smolvm doctor says where the guest's users' files go.
+	want := "uids from " + strconv.Itoa(int(subUID)) + ", gids from " + strconv.Itoa(int(subGID))
+	checks := smolvm.CheckHost(ctx, home)
+	if i := slices.IndexFunc(checks, func(c smolvm.HostCheck) bool { return c.Name == "host folders" }); i < 0 {
+		t.Error("smolvm doctor has no host folders line")
+	} else if c := checks[i]; !c.OK || !strings.Contains(c.Detail, want) {
+		t.Errorf("smolvm doctor: %+v; want OK naming %q", c, want)
+	}
 	ro, rw := t.TempDir(), t.TempDir()
 	const uid, gid = 4321, 5432 // no user: its folder gets smolvm's range
 	if err := os.Chown(rw, uid, gid); err != nil {
