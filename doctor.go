@@ -119,6 +119,9 @@ func privilegeChecks() []HostCheck {
 			c.Fix = "mount the cgroup controllers (v2 with memory, cpu and pids delegated to smolvm's cgroup)"
 		}
 		out = append(out, c)
+		if h.UserErr == nil { // mounts.go: a guest's other users in host folders
+			out = append(out, subIDCheck())
+		}
 	}
 	capCheck := HostCheck{Name: "capacity", OK: true}
 	if vms, mem, err := Capacity(); err != nil {

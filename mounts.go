@@ -12,6 +12,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
+	"github.com/smolvm/smolvm/internal/jail"
 )
 
 // Mount shares a folder of the host with the guest (virtiofs: see the
@@ -21,10 +22,29 @@ import (
 // it. A writable one shows the guest's writes on the host at once; what
 // the guest makes there belongs to the folder's owner on the host. The
 // guest reaches nothing outside the folder.
+//
+// What is checked is what is mounted: the host path is resolved when
+// the VM is made, and at each boot its folder is opened from there
+// following no symbolic link and served from what was opened, so a
+// folder swapped for a link meanwhile fails the boot instead of sharing
+// where the link points.
 type Mount struct {
 	HostPath  string // an existing folder of the host
 	GuestPath string // absolute; not a system folder of the guest (/, /etc, /proc…)
 	ReadOnly  bool
+	// Within, when set, is a host folder that HostPath must lie beneath,
+	// once resolved and again at each boot, where it is opened from
+	// Within without following links (openat2 RESOLVE_BENEATH): what a
+	// caller sets that allows only the folders under some (smolvm serve
+	// --allow-mount), so that nobody who can change the folders there
+	// can swap one for a link to elsewhere between its check and the
+	// mount.
+	Within string `json:",omitempty"`
+
+	// resolved: checkMounts resolved HostPath and Within (New checks a
+	// config more than once; a later check must not follow a link that
+	// appeared since the first).
+	resolved bool
 }
 
 // MaxMounts is how many host folders one VM may have.
@@ -88,7 +108,12 @@ func checkMounts(c *Config) error {
 		if err != nil {
 			return err
 		}
-		ms[i] = Mount{HostPath: host, GuestPath: m.GuestPath, ReadOnly: m.ReadOnly}
+		ms[i] = Mount{HostPath: host, GuestPath: m.GuestPath, ReadOnly: m.ReadOnly, resolved: true}
+		if m.Within != "" {
+			if ms[i].Within, err = checkWithin(m, host); err != nil {
+				return err
+			}
+		}
 	}
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("%w: host folders need smolvm to run as root (it sandboxes their daemon, virtiofsd, in namespaces only root can make)", ErrUnsupported)
@@ -125,6 +150,25 @@ func checkMountPoint(p string) error {
 	return nil
 }
 
+// checkWithin returns the resolved path of m.Within, or why host (m's
+// resolved folder) does not lie beneath it.
+func checkWithin(m Mount, host string) (string, error) {
+	if !filepath.IsAbs(m.Within) {
+		return "", fmt.Errorf("%w: mount on %q: the folder it must lie within, %q, is not an absolute path", ErrInvalid, m.GuestPath, m.Within)
+	}
+	w, err := filepath.EvalSymlinks(m.Within)
+	if err != nil {
+		return "", fmt.Errorf("%w: mount on %q: the folder it must lie within: %w", ErrInvalid, m.GuestPath, err)
+	}
+	if w = filepath.Clean(w); m.resolved && w != m.Within {
+		return "", fmt.Errorf("%w: mount on %q: the folder it must lie within, %s, changed since it was checked: %s is on its path", ErrInvalid, m.GuestPath, m.Within, jail.ErrLinkOnPath)
+	}
+	if host != w && !strings.HasPrefix(host, strings.TrimSuffix(w, "/")+"/") {
+		return "", fmt.Errorf("%w: host folder %q (%s once its links are followed) is not within %s: share a folder under it", ErrInvalid, m.HostPath, host, m.Within)
+	}
+	return w, nil
+}
+
 // checkHostFolder returns the resolved path of m's host folder, or why it
 // cannot be shared: missing, not a folder, not readable (and, for a
 // writable mount, not writable) by its owner, whom its daemon runs as,
@@ -142,6 +186,9 @@ func checkHostFolder(m Mount, home string) (string, error) {
 			return "", fmt.Errorf("%w: host folder %q does not exist: create it or fix the path", ErrInvalid, m.HostPath)
 		}
 		return "", fmt.Errorf("%w: host folder %q: %w", ErrInvalid, m.HostPath, err)
+	}
+	if m.resolved && p != m.HostPath {
+		return "", fmt.Errorf("%w: host folder %q changed since it was checked: %s (it leads to %s now)", ErrInvalid, m.HostPath, jail.ErrLinkOnPath, p)
 	}
 	fi, err := os.Stat(p)
 	if err != nil {
@@ -178,12 +225,19 @@ func checkHostFolder(m Mount, home string) (string, error) {
 // machineMounts are the VM's host folders for the hypervisor, tagged
 // smolvm0, smolvm1, …
 func machineMounts(ms []Mount) []hypervisor.Mount {
+	if afterMountCheck != nil {
+		afterMountCheck(ms)
+	}
 	var out []hypervisor.Mount
 	for i, m := range ms {
-		out = append(out, hypervisor.Mount{Tag: "smolvm" + strconv.Itoa(i), HostPath: m.HostPath, ReadOnly: m.ReadOnly})
+		out = append(out, hypervisor.Mount{Tag: "smolvm" + strconv.Itoa(i), HostPath: m.HostPath, ReadOnly: m.ReadOnly, Within: m.Within})
 	}
 	return out
 }
+
+// afterMountCheck, when set (by tests), runs when the checked mounts go
+// into the machine's config, between their last check and their bind.
+var afterMountCheck func([]Mount)
 
 // mountArgs are the kernel command line options that tell the guest
 // agent where to mount each host folder: smolvm.mount=TAG:ro|rw:PATH.
@@ -201,3 +255,16 @@ func mountArgs(ms []Mount) string {
 
 // errMountsNoSnapshot says why a VM with host folders has no snapshot.
 var errMountsNoSnapshot = fmt.Errorf("%w: a VM with host folders (mounts) cannot be snapshotted or restored from one: QEMU cannot save the state of its virtiofs devices (their daemons hold open files of the host); boot it instead", ErrUnsupported)
+
+// subIDCheck reports (smolvm doctor) the subordinate ids that host
+// folders map a guest's users other than root to (jail.SubIDs).
+func subIDCheck() HostCheck {
+	c := HostCheck{Name: "host folders", OK: true}
+	if uids, gids, ok := jail.SubIDs(0); ok {
+		c.Detail = fmt.Sprintf("a guest user N's files in a writable host folder belong to subordinate id start+N-1 on the host: uids from %d, gids from %d (a folder whose owner has subordinate ids of its own in /etc/subuid and /etc/subgid uses those)", uids.Start, gids.Start)
+	} else {
+		c.Detail = "no subordinate ids for user " + jail.User + " in /etc/subuid and /etc/subgid: in a writable host folder only the guest's root can make files"
+		c.Fix = "smolvm setup"
+	}
+	return c
+}

@@ -7,6 +7,7 @@ import (
 
 	"errors"
 	"os/exec"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -59,12 +60,13 @@ func TestCheckMountPoint(t *testing.T) {
 }
 
 func TestMountArgs(t *testing.T) {
-	ms := []Mount{{HostPath: "/h1", GuestPath: "/a", ReadOnly: true}, {HostPath: "/h2", GuestPath: "/b/c"}}
+	ms := []Mount{{HostPath: "/h1", GuestPath: "/a", ReadOnly: true}, {HostPath: "/h/2", GuestPath: "/b/c", Within: "/h"}}
 	if got, want := mountArgs(ms), "smolvm.mount=smolvm0:ro:/a smolvm.mount=smolvm1:rw:/b/c"; got != want {
 		t.Errorf("mountArgs = %q; want %q", got, want)
 	}
 	mm := machineMounts(ms)
-	if len(mm) != 2 || mm[0].Tag != "smolvm0" || !mm[0].ReadOnly || mm[1].Tag != "smolvm1" || mm[1].ReadOnly || mm[1].HostPath != "/h2" {
+	if len(mm) != 2 || mm[0].Tag != "smolvm0" || !mm[0].ReadOnly || mm[1].Tag != "smolvm1" || mm[1].ReadOnly || mm[1].HostPath != "/h/2" ||
+		mm[0].Within != "" || mm[1].Within != "/h" {
 		t.Errorf("machineMounts = %+v", mm)
 	}
 }
@@ -104,5 +106,68 @@ func TestKillStrayFSDaemons(t *testing.T) {
 	}
 	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
 		t.Errorf("another VM's virtiofsd was killed: %v", err)
+	}
+}
+
+// A mount that must lie within a folder is refused when its host path,
+// once resolved, does not; the folder is kept resolved for the bind.
+func TestCheckWithin(t *testing.T) {
+	allowed, outside := t.TempDir(), t.TempDir()
+	link := filepath.Join(allowed, "out")
+	if err := os.Symlink(outside, link); err != nil {
+		t.Fatal(err)
+	}
+	in := filepath.Join(allowed, "in")
+	if err := os.Mkdir(in, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	viaLink := filepath.Join(t.TempDir(), "allowed")
+	if err := os.Symlink(allowed, viaLink); err != nil {
+		t.Fatal(err)
+	}
+	for _, host := range []string{in, allowed} {
+		w, err := checkWithin(Mount{HostPath: host, Within: viaLink}, host)
+		if err != nil || w != allowed {
+			t.Errorf("checkWithin(%s within %s) = %q, %v; want %s", host, viaLink, w, err, allowed)
+		}
+	}
+	for _, host := range []string{outside, filepath.Dir(allowed), allowed + "x"} {
+		if _, err := checkWithin(Mount{HostPath: link, Within: allowed}, host); !errors.Is(err, ErrInvalid) {
+			t.Errorf("checkWithin(%s within %s) = %v; want ErrInvalid", host, allowed, err)
+		}
+	}
+	if _, err := checkWithin(Mount{HostPath: in, Within: "rel"}, in); !errors.Is(err, ErrInvalid) {
+		t.Errorf("checkWithin of a relative folder = %v; want ErrInvalid", err)
+	}
+}
+
+// A check of mounts already checked follows no link that appeared since:
+// New checks a config more than once, and the first resolution stands.
+func TestCheckMountsAgain(t *testing.T) {
+	base, outside := t.TempDir(), t.TempDir()
+	dir := filepath.Join(base, "project")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c := &Config{Home: t.TempDir(), Mounts: []Mount{{HostPath: dir, GuestPath: "/w", Within: base}}}
+	first := checkMounts(c)
+	if first != nil && !errors.Is(first, ErrUnsupported) { // not root, or no virtiofsd
+		t.Fatal(first)
+	}
+	if !c.Mounts[0].resolved && first == nil {
+		t.Fatal("checkMounts did not mark the mount resolved")
+	}
+	if err := os.Rename(dir, dir+".old"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, dir); err != nil {
+		t.Fatal(err)
+	}
+	m := Mount{HostPath: dir, GuestPath: "/w", resolved: true}
+	if _, err := checkHostFolder(m, c.Home); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "symbolic link") {
+		t.Errorf("a second check of a folder swapped for a link = %v; want ErrInvalid naming the link", err)
+	}
+	if _, err := checkWithin(Mount{HostPath: dir, Within: dir, resolved: true}, outside); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "symbolic link") {
+		t.Errorf("a second check of a Within swapped for a link = %v; want ErrInvalid naming the link", err)
 	}
 }

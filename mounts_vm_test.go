@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/testutil"
 )
 
@@ -423,4 +424,234 @@ func TestMountBadInput(t *testing.T) {
 		t.Errorf("Restore with host folders = %v; want ErrUnsupported", err)
 	}
 	assertNothingLeft(t, home)
+}
+
+// What is checked is what is mounted: a folder swapped for a link to a
+// folder outside after New checked it (here by a hook; on a server, by
+// anyone who can write beside it, another sandbox too) fails the boot
+// with the cause named, leaves nothing, and the guest never sees the
+// folder outside. Swapped before the check, a folder that must lie
+// within another is refused as outside it. Not parallel: the hook is
+// global.
+func TestMountSwappedForLink(t *testing.T) {
+	needMounts(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	allowed, outside := t.TempDir(), t.TempDir()
+	dir := filepath.Join(allowed, "project")
+	if err := os.WriteFile(filepath.Join(outside, "in"), []byte("outside\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// swap replaces the folder by a link to outside.
+	swap := func() {
+		if err := os.Rename(dir, dir+".old"); err != nil {
+			t.Error(err)
+		}
+		if err := os.Symlink(outside, dir); err != nil {
+			t.Error(err)
+		}
+	}
+	fresh := func() {
+		for _, p := range []string{dir, dir + ".old"} {
+			if err := os.RemoveAll(p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "in"), []byte("inside\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		name          string
+		within        string
+		before, after bool // swap before New, or after its check
+		want          string
+	}{
+		{"within, swapped after the check", allowed, false, true, "symbolic link"},
+		{"swapped after the check", "", false, true, "symbolic link"},
+		{"within, swapped before", allowed, true, false, "not within"},
+	} {
+		fresh()
+		if c.before {
+			swap()
+		}
+		smolvm.AfterMountCheck(t, func(ms []smolvm.Mount) {
+			if c.after && len(ms) == 1 && ms[0].HostPath == dir {
+				swap()
+			}
+		})
+		before := stateOf(t, home)
+		vm, err := smolvm.New(ctx, smolvm.Config{Home: home, BootTimeout: testutil.BootTimeout,
+			Mounts: []smolvm.Mount{{HostPath: dir, GuestPath: "/mnt", ReadOnly: true, Within: c.within}}})
+		if err == nil {
+			res, _ := vm.Run(ctx, "cat /mnt/in")
+			_ = vm.Close()
+			t.Errorf("%s: New mounted the folder; the guest reads %q", c.name, res.Stdout)
+			continue
+		}
+		t.Logf("%s: %v", c.name, err)
+		if !errors.Is(err, smolvm.ErrInvalid) || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), dir) {
+			t.Errorf("%s: New = %v; want ErrInvalid naming %s and %q", c.name, err, dir, c.want)
+		}
+		if after := stateOf(t, home); !after.equal(before) {
+			t.Errorf("%s: left %+v", c.name, after)
+		}
+	}
+	assertNothingLeft(t, home)
+}
+
+// resultText shows a command's result for a test's message.
+func resultText(res *smolvm.Result) string {
+	if res == nil {
+		return "no result"
+	}
+	return "exit " + strconv.Itoa(res.ExitCode) + ", stdout " + strconv.Quote(string(res.Stdout)) + ", stderr " + strconv.Quote(string(res.Stderr))
+}
+
+// subIDStart is the first subordinate id that file (/etc/subuid or
+// /etc/subgid) gives user.
+func subIDStart(t *testing.T, file, user string) uint32 {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Split(line, ":"); len(f) == 3 && f[0] == user {
+			n, err := strconv.ParseUint(f[1], 10, 32)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return uint32(n)
+		}
+	}
+	t.Fatalf("%s gives %s no range", file, user)
+	return 0
+}
+
+// A guest user other than root makes, writes, renames and deletes files
+// and folders in a writable folder; on the host they belong to the
+// subordinate ids smolvm setup gives user smolvm (guest id N: start+N-1),
+// guest root's to the folder's owner. Read-only stays read-only for both.
+func TestMountNonRootUser(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	if err := jail.EnsureUser(); err != nil { // what smolvm setup does
+		t.Fatal(err)
+	}
+	subUID, subGID := subIDStart(t, "/etc/subuid", jail.User), subIDStart(t, "/etc/subgid", jail.User)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	// smolvm doctor says where the guest's users' files go.
+	want := "uids from " + strconv.Itoa(int(subUID)) + ", gids from " + strconv.Itoa(int(subGID))
+	checks := smolvm.CheckHost(ctx, home)
+	if i := slices.IndexFunc(checks, func(c smolvm.HostCheck) bool { return c.Name == "host folders" }); i < 0 {
+		t.Error("smolvm doctor has no host folders line")
+	} else if c := checks[i]; !c.OK || !strings.Contains(c.Detail, want) {
+		t.Errorf("smolvm doctor: %+v; want OK naming %q", c, want)
+	}
+	ro, rw := t.TempDir(), t.TempDir()
+	const uid, gid = 4321, 5432 // no user: its folder gets smolvm's range
+	if err := os.Chown(rw, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(ro, 0o777); err != nil { // the mount, not the mode, refuses
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(rw, "host.txt"), []byte("host\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(filepath.Join(rw, "host.txt"), uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	vm := newVM(t, smolvm.Config{Home: home, Mounts: []smolvm.Mount{
+		{HostPath: ro, GuestPath: "/data", ReadOnly: true},
+		{HostPath: rw, GuestPath: "/work"},
+	}})
+	// Root gives user 1000 a folder (chown to a mapped id).
+	mountOK(t, ctx, vm, "mkdir /work/u && chown 1000:1000 /work/u && echo root > /work/r.txt")
+	script := "cd /work/u && echo one > f && echo two >> f && mv f g && mkdir d && echo x > d/x && mv d e && " +
+		"rm e/x && rmdir e && echo gone > h && rm h && cat g && stat -c %u:%g g . ../host.txt ../r.txt"
+	res, err := vm.Run(ctx, script, smolvm.WithUser("1000:1000"))
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("guest user 1000 in the writable folder: %v, %s", err, resultText(res))
+	}
+	if got, want := string(res.Stdout), "one\ntwo\n1000:1000\n1000:1000\n0:0\n0:0\n"; got != want {
+		t.Errorf("guest user 1000 sees %q; want %q (its own ids, root's for the owner's files)", got, want)
+	}
+	for _, c := range []struct {
+		path     string
+		uid, gid uint32
+	}{{"u", subUID + 999, subGID + 999}, {"u/g", subUID + 999, subGID + 999}, {"r.txt", uid, gid}} {
+		var st syscall.Stat_t
+		if err := syscall.Lstat(filepath.Join(rw, c.path), &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Uid != c.uid || st.Gid != c.gid {
+			t.Errorf("%s belongs to %d:%d on the host; want %d:%d", c.path, st.Uid, st.Gid, c.uid, c.gid)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(rw, "u", "g")); err != nil || string(b) != "one\ntwo\n" {
+		t.Errorf("host reads %q, %v", b, err)
+	}
+	for _, gone := range []string{"u/f", "u/d", "u/e", "u/h"} {
+		if _, err := os.Lstat(filepath.Join(rw, gone)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s is on the host (%v); the guest renamed or removed it", gone, err)
+		}
+	}
+	// The owner's files stay the owner's: user 1000 is refused by their
+	// mode (not an error of the mapping).
+	if res, err := vm.Run(ctx, "echo x >> /work/host.txt; touch /work/new", smolvm.WithUser("1000:1000")); err != nil ||
+		res.ExitCode == 0 || !strings.Contains(string(res.Stderr), "Permission denied") {
+		t.Errorf("guest user 1000 writing the owner's file: %v, %s; want Permission denied", err, resultText(res))
+	}
+	for _, user := range []string{"0:0", "1000:1000"} {
+		res, err := vm.Run(ctx, "touch /data/new", smolvm.WithUser(user))
+		if err != nil || res.ExitCode == 0 || !strings.Contains(string(res.Stderr), "Read-only file system") {
+			t.Errorf("guest %s writing the read-only folder: %v, %s; want refused", user, err, resultText(res))
+		}
+	}
+	if _, err := os.Stat(filepath.Join(ro, "new")); err == nil {
+		t.Error("a guest write reached the read-only folder")
+	}
+}
+
+// Host folders work in a VM of a disk image (the Debian image, its disk
+// isolated): the agent mounts them in the image's root, where guest
+// root reads and writes them and a user of the image's makes files.
+func TestMountWithImageDisk(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	home := testutil.Home(t)
+	debianImage(t, home, "deb")
+	ctx := testutil.Context(t, 10*time.Minute)
+	ro, rw := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(ro, "a.txt"), []byte("from the host\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(rw, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	vm := newVM(t, smolvm.Config{Home: home, Image: "deb", Mounts: []smolvm.Mount{
+		{HostPath: ro, GuestPath: "/srv/in", ReadOnly: true},
+		{HostPath: rw, GuestPath: "/home/out"},
+	}})
+	if got := mountOK(t, ctx, vm, "grep PRETTY_NAME /etc/os-release >&2; cat /srv/in/a.txt && echo root > /home/out/r.txt && ls -ld /home/out >&2"); got != "from the host\n" {
+		t.Errorf("guest reads %q", got)
+	}
+	if res := mountRun(t, ctx, vm, "touch /srv/in/x"); res.ExitCode == 0 {
+		t.Error("guest root wrote the read-only folder")
+	}
+	res, err := vm.Run(ctx, "echo user > /home/out/u.txt && id -u", smolvm.WithUser("nobody"))
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("the image's user nobody in the writable folder: %v, %s", err, resultText(res))
+	}
+	for name, want := range map[string]string{"r.txt": "root\n", "u.txt": "user\n"} {
+		if b, err := os.ReadFile(filepath.Join(rw, name)); err != nil || string(b) != want {
+			t.Errorf("host reads %s: %q, %v; want %q", name, b, err, want)
+		}
+	}
 }

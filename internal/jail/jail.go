@@ -304,17 +304,17 @@ func Detect() Host {
 }
 
 // EnsureUser creates User as a system user without home or login shell
-// when it does not exist (root only).
+// when it does not exist, and gives it subordinate ids when it has none
+// (subid.go: what host folders map a guest's other users to; root only).
 func EnsureUser() error {
-	if _, err := user.Lookup(User); err == nil {
-		return nil
+	if _, err := user.Lookup(User); err != nil {
+		out, err := exec.Command("useradd", "--system", "--user-group", "--no-create-home",
+			"--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", User).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("create user %s: %w: %s", User, err, strings.TrimSpace(string(out)))
+		}
 	}
-	out, err := exec.Command("useradd", "--system", "--user-group", "--no-create-home",
-		"--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", User).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("create user %s: %w: %s", User, err, strings.TrimSpace(string(out)))
-	}
-	return nil
+	return ensureSubIDs()
 }
 
 // DisableEnv, set to "off", runs processes without a jail (to compare

@@ -29,6 +29,8 @@ func TestV1BadInput(t *testing.T) {
 		{"empty body", "POST", "/v1/sandboxes", "", 400, "invalid", []string{"JSON body"}},
 		{"bad network", "POST", "/v1/sandboxes", `{"network": "bridge"}`, 400, "invalid", []string{"user, none or tap"}},
 		{"bad timeout", "POST", "/v1/sandboxes", `{"timeout": -5}`, 400, "invalid", []string{"timeout"}},
+		{"hosts without address", "POST", "/v1/sandboxes", `{"hosts": {"app": []}}`, 400, "invalid", []string{`"app"`, "1 to 8"}},
+		{"hosts wrong type", "POST", "/v1/sandboxes", `{"hosts": {"app": "127.0.0.1"}}`, 400, "invalid", []string{"hosts"}},
 		{"oversized body", "POST", "/v1/sandboxes", `{"metadata": {"a": "` + strings.Repeat("x", maxJSONBody) + `"}}`, 413, "too_large", []string{"larger than"}},
 		{"bad label", "GET", "/v1/sandboxes?label=novalue", nil, 400, "invalid", []string{"KEY=VALUE"}},
 		{"unknown id", "GET", "/v1/sandboxes/nosuch", nil, 404, "not_found", []string{`"nosuch"`}},

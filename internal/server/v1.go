@@ -256,13 +256,17 @@ func sandboxOut(sb *Sandbox) sandboxJSON {
 
 // sandboxOptions are what a new sandbox and a restored one both take.
 type sandboxOptions struct {
-	Network   string            `json:"network"`
-	Egress    *smolvm.Egress    `json:"egress"`
-	Ports     []string          `json:"ports"`
-	Env       map[string]string `json:"env"`
-	Metadata  map[string]string `json:"metadata"`
-	Timeout   int64             `json:"timeout"`
-	AutoPause bool              `json:"auto_pause"`
+	Network string         `json:"network"`
+	Egress  *smolvm.Egress `json:"egress"`
+	Ports   []string       `json:"ports"`
+	// Hosts are name → IPv4 entries the sandbox's DNS answers
+	// (Config.Hosts, the CLI's --add-host): "app": ["127.0.0.1"] opens
+	// the host's loopback to the guest as app.
+	Hosts     map[string][]string `json:"hosts"`
+	Env       map[string]string   `json:"env"`
+	Metadata  map[string]string   `json:"metadata"`
+	Timeout   int64               `json:"timeout"`
+	AutoPause bool                `json:"auto_pause"`
 }
 
 type createBody struct {
@@ -286,12 +290,37 @@ func (o *sandboxOptions) request() (CreateRequest, error) {
 	if o.Timeout < -1 || o.Timeout > maxTimeoutSeconds {
 		return CreateRequest{}, fmt.Errorf("%w: timeout %d: give seconds from 1 to %d, 0 for the server's default or -1 for never", smolvm.ErrInvalid, o.Timeout, maxTimeoutSeconds)
 	}
+	if err := checkHosts(o.Hosts); err != nil {
+		return CreateRequest{}, err
+	}
 	req := CreateRequest{Metadata: o.Metadata, EnvVars: o.Env, Timeout: time.Duration(o.Timeout) * time.Second, AutoPause: o.AutoPause,
-		Config: smolvm.Config{Network: o.Network, Ports: o.Ports}}
+		Config: smolvm.Config{Network: o.Network, Ports: o.Ports, Hosts: o.Hosts}}
 	if o.Egress != nil {
 		req.Config.Egress = *o.Egress
 	}
 	return req, nil
+}
+
+// maxHosts and maxHostAddrs bound a body's hosts; the library checks
+// each name and address (network.Config).
+const (
+	maxHosts     = 64
+	maxHostAddrs = 8
+)
+
+func checkHosts(hosts map[string][]string) error {
+	if len(hosts) > maxHosts {
+		return fmt.Errorf("%w: %d hosts: at most %d names", smolvm.ErrInvalid, len(hosts), maxHosts)
+	}
+	for name, addrs := range hosts {
+		if len(name) > 253 {
+			return fmt.Errorf("%w: hosts: a name of %d bytes: at most 253", smolvm.ErrInvalid, len(name))
+		}
+		if len(addrs) == 0 || len(addrs) > maxHostAddrs {
+			return fmt.Errorf("%w: hosts: %q has %d addresses: give 1 to %d", smolvm.ErrInvalid, name, len(addrs), maxHostAddrs)
+		}
+	}
+	return nil
 }
 
 // maxTimeoutSeconds bounds a timeout (a year).

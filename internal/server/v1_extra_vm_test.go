@@ -3,10 +3,15 @@ package server
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"image/png"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -69,6 +74,50 @@ func TestV1MountsRefused(t *testing.T) {
 	if _, err := New(Options{Home: home, AllowMounts: []string{filepath.Join(allowed, "missing")}}); err == nil {
 		t.Error("a server allowing mounts under a missing folder started")
 	}
+}
+
+// TestV1MountSwapped: a folder under the allowed one that is swapped for
+// a link to a folder outside after the server checked it (by a hook
+// here; by anyone who can write in the allowed folder, such as another
+// sandbox with it mounted writable, in life) is refused, and nothing is
+// left: the library checks it again within the allowed folder, and opens
+// it from there without following links when it binds it (the root
+// package's TestMountSwappedForLink swaps it after that check too).
+func TestV1MountSwapped(t *testing.T) {
+	home := warmHome(t)
+	allowed, outside := t.TempDir(), t.TempDir()
+	dir := filepath.Join(allowed, "project")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(outside, "in"), []byte("outside\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	afterMountCheck = func([]smolvm.Mount) {
+		if err := os.Rename(dir, dir+".old"); err != nil {
+			t.Error(err)
+		}
+		if err := os.Symlink(outside, dir); err != nil {
+			t.Error(err)
+		}
+	}
+	t.Cleanup(func() { afterMountCheck = nil })
+	ts := newTestServer(t, Options{Home: home, AllowMounts: []string{allowed}})
+	status, body := ts.do("POST", "/v1/sandboxes", map[string]any{"timeout": 600,
+		"mounts": []map[string]any{{"host_path": dir, "guest_path": "/mnt/project"}}})
+	if status == 201 {
+		var sb sandboxJSON
+		if err := json.Unmarshal(body, &sb); err != nil {
+			t.Fatal(err)
+		}
+		res := ts.run(sb.ID, map[string]any{"command": "cat /mnt/project/in"})
+		ts.must(204, "DELETE", sbPath(sb.ID, ""), nil, nil)
+		t.Fatalf("a folder swapped for a link after the check was mounted: the guest reads %q", res.Stdout)
+	}
+	if status != 400 || !strings.Contains(string(body), "not within") {
+		t.Errorf("create: %d %s; want 400 naming the folder as not within the allowed one", status, body)
+	}
+	ts.noSandboxes(home)
 }
 
 // TestV1Mounts: a folder under the allowed one, mounted read-only by
@@ -138,7 +187,9 @@ func TestV1BrowserRefused(t *testing.T) {
 
 // TestV1Browser drives the browser of a sandbox of the browser image
 // through /v1: start (ws_url and DevTools answering on the host), state,
-// a screenshot decoded as a PNG of the asked size, stop (DevTools gone). The image is built (or taken from
+// a screenshot of a page the test serves on the host's loopback (as
+// web.test, mapped with "hosts") decoded as a PNG of the asked size,
+// stop (DevTools gone). The image is built (or taken from
 // the test cache) as the root package's browser tests do.
 func TestV1Browser(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -153,9 +204,22 @@ func TestV1Browser(t *testing.T) {
 		t.Fatalf("build the browser image: %v\n%s", err, prog.String())
 	}
 	ts := newTestServer(t, Options{Home: home})
-	// The browser may reach nothing but web.test (which no name maps):
-	// no traffic leaves the host.
+	// A page on the host's loopback, which the sandbox reaches as
+	// web.test through "hosts"; the browser may reach nothing else, so no
+	// traffic leaves the host.
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var served atomic.Int32
+	page := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		fmt.Fprint(w, "<!doctype html><title>v1</title><body style='background:#08c'><h1>Hello from the host</h1>")
+	})}
+	go func() { _ = page.Serve(ln) }()
+	t.Cleanup(func() { page.Close() })
 	sb := ts.createSandbox(map[string]any{"image": smolvm.BrowserImage, "cpus": 2, "memory_mib": 1024, "timeout": 1200,
+		"hosts":  map[string][]string{"web.test": {"127.0.0.1"}},
 		"egress": map[string]any{"mode": "allowlist", "allow_domains": []string{"web.test"}}})
 
 	var b smolvm.Browser
@@ -176,14 +240,16 @@ func TestV1Browser(t *testing.T) {
 	}
 	ts.wantError(409, "exists", "POST", sbPath(sb.ID, "/browser"), nil, "already")
 
-	// A data: URL: /v1 has no host-name mapping to reach a page on the
-	// host's loopback (the root package's TestBrowser does that).
-	status, png := ts.do("POST", sbPath(sb.ID, "/browser/screenshot"), map[string]any{"url": "data:text/html,<title>v1</title><body style='background:%2308c'>hi", "width": 640, "height": 400})
+	url := fmt.Sprintf("http://web.test:%d/", ln.Addr().(*net.TCPAddr).Port)
+	status, png := ts.do("POST", sbPath(sb.ID, "/browser/screenshot"), map[string]any{"url": url, "width": 640, "height": 400})
 	if status != 200 {
-		t.Fatalf("screenshot: %d %s", status, png)
+		t.Fatalf("screenshot of %s: %d %s", url, status, png)
 	}
 	if w, h := pngSize(t, png); w != 640 || h != 400 {
 		t.Errorf("screenshot is %dx%d, want 640x400", w, h)
+	}
+	if served.Load() == 0 {
+		t.Errorf("the page on the host's loopback was never asked for")
 	}
 	ts.wantError(400, "invalid", "POST", sbPath(sb.ID, "/browser/screenshot"), map[string]any{"url": "http://denied.test/"}, "did not load", "net::ERR_")
 	ts.must(204, "DELETE", sbPath(sb.ID, "/browser"), nil, nil)

@@ -74,23 +74,35 @@ func (s *Server) mounts(in []mountJSON) ([]smolvm.Mount, error) {
 			return nil, fmt.Errorf("%w: mount host_path %s: %s", smolvm.ErrInvalid, m.HostPath, err.Error())
 		}
 		real = filepath.Clean(real)
-		if !s.mountAllowed(real) {
+		within := s.mountAllowed(real)
+		if within == "" {
 			return nil, fmt.Errorf("%w: mount host_path %s (%s once its links are followed) is outside the folders this server allows (%s): mount a folder under them, or start the server with --allow-mount for it",
 				smolvm.ErrInvalid, m.HostPath, real, strings.Join(s.allowMounts, ", "))
 		}
 		ro := m.ReadOnly == nil || *m.ReadOnly
-		out = append(out, smolvm.Mount{HostPath: real, GuestPath: m.GuestPath, ReadOnly: ro})
+		// Within: the library checks again, and opens the folder from
+		// the allowed one without following links when it binds it,
+		// so that a folder swapped for a link after this check (by
+		// anyone who can write there, a sandbox too) is refused.
+		out = append(out, smolvm.Mount{HostPath: real, GuestPath: m.GuestPath, ReadOnly: ro, Within: within})
+	}
+	if afterMountCheck != nil {
+		afterMountCheck(out)
 	}
 	return out, nil
 }
 
-// mountAllowed tells whether the resolved path p is an allowed folder or
-// lies under one.
-func (s *Server) mountAllowed(p string) bool {
+// afterMountCheck, when set (by tests), runs once mounts has checked a
+// create body's mounts.
+var afterMountCheck func([]smolvm.Mount)
+
+// mountAllowed returns the allowed folder that the resolved path p is or
+// lies under, or "".
+func (s *Server) mountAllowed(p string) string {
 	for _, d := range s.allowMounts {
 		if p == d || strings.HasPrefix(p, strings.TrimSuffix(d, "/")+"/") {
-			return true
+			return d
 		}
 	}
-	return false
+	return ""
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/jail"
 )
@@ -107,14 +108,17 @@ func startFSDaemons(cfg *hypervisor.MachineConfig, qemuUID, qemuGID uint32, cg *
 }
 
 func startFSDaemon(dir string, i int, mt hypervisor.Mount, qemuUID, qemuGID uint32, cg *jail.Cgroup) (*fsDaemon, error) {
-	fi, err := os.Stat(mt.HostPath)
+	// What was checked is what is served: the folder is opened without
+	// following links (a link on its path now means someone swapped a
+	// folder for one since the check) and bound from what was opened.
+	tree, st, err := jail.OpenTree(mt.Within, mt.HostPath)
+	if errors.Is(err, jail.ErrLinkOnPath) {
+		return nil, fmt.Errorf("%w: %w: the folder changed since it was checked (swapped for a link?): check where its path leads and give it again", errdefs.ErrInvalid, err)
+	}
 	if err != nil {
 		return nil, err
 	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !fi.IsDir() || !ok {
-		return nil, errors.New("not a folder")
-	}
+	defer tree.Close()
 	sock := fsSocket(dir, i)
 	_ = os.Remove(sock)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
@@ -151,9 +155,9 @@ func startFSDaemon(dir string, i int, mt hypervisor.Mount, qemuUID, qemuGID uint
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	j := &jail.Jail{
 		Root:   JailDir,
-		Binds:  []jail.Bind{{Source: mt.HostPath, Target: source, ReadOnly: mt.ReadOnly}},
+		Binds:  []jail.Bind{{Source: mt.HostPath, Target: source, ReadOnly: mt.ReadOnly, Tree: tree}},
 		Proc:   true, // virtiofsd reads its limits there, then mounts its own
-		UserNS: &jail.IDMap{UID: st.Uid, GID: st.Gid},
+		UserNS: fsIDMap(mt, st.Uid, st.Gid),
 		Cgroup: cg,
 	}
 	if d.release, err = j.Start(cmd); err != nil {
@@ -167,6 +171,28 @@ func startFSDaemon(dir string, i int, mt hypervisor.Mount, qemuUID, qemuGID uint
 		close(d.done)
 	}()
 	return d, nil
+}
+
+// fsIDMap is the user namespace of the daemon of a folder owned by uid
+// and gid: the guest's root is the owner, its other users and groups
+// the owner's subordinate ids, or else those of jail.User (`smolvm setup`
+// gives it some): a guest user N's files belong to the range's start+N-1
+// on the host. Without such ids (or when the owner is among them) only
+// the guest's root is mapped, and other guest users cannot make files.
+func fsIDMap(mt hypervisor.Mount, uid, gid uint32) *jail.IDMap {
+	m := &jail.IDMap{UID: uid, GID: gid}
+	uids, gids, ok := jail.SubIDs(uid)
+	switch {
+	case !ok:
+		slog.Warn("host folder: no subordinate ids in /etc/subuid and /etc/subgid for its owner or user "+jail.User+
+			": only the guest's root can make files there (run 'smolvm setup')", "folder", mt.HostPath, "owner", uid)
+	case uids.Holds(uid) || gids.Holds(gid):
+		slog.Warn("host folder: its owner is among the subordinate ids it would map the guest's users to: only the guest's root can make files there",
+			"folder", mt.HostPath, "owner", uid, "subuids", uids, "subgids", gids)
+	default:
+		m.SubUIDs, m.SubGIDs = uids, gids
+	}
+	return m
 }
 
 // watchFSDaemons kills the machine when a daemon ends before it: the
