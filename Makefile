@@ -62,7 +62,7 @@ tools:
 	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
 	$(GO) install connectrpc.com/connect/cmd/protoc-gen-connect-go@v1.21.1
 
-# Regenerate the protobuf code (needs protoc, Debian's protobuf-compiler,
+# Regenerate the protobuf code (needs protoc, Debian's protobuf-compiler and libprotobuf-dev,
 # and the plugins of make tools). .ci/run fails when the result differs
 # from what is checked in.
 generate:
