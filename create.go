@@ -80,7 +80,7 @@ func create(ctx context.Context, h *Host, cfg *Config, started time.Time, snap *
 	st := h.st
 	// A full state folder fails with an error that names it: what was
 	// made is undone, and the database and other VMs stay as they were.
-	defer func() { err = noSpace(homeOf(st), err, stateFix) }()
+	defer func() { err = noSpace(homeOf(st), err, engine.StateFix) }()
 	log := cfg.Logger
 	log.Debug("phase create: allocating state", "name", cfg.Name)
 	var img *resolvedImage
@@ -99,7 +99,7 @@ func create(ctx context.Context, h *Host, cfg *Config, started time.Time, snap *
 	if err != nil {
 		return nil, err
 	}
-	if err := checkStateSpace(homeOf(st)); err != nil {
+	if err := engine.CheckStateSpace(homeOf(st)); err != nil {
 		return nil, err
 	}
 	if err := st.CreateVMWithin(ctx, rec, capacity); err != nil {

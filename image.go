@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/jail"
 )
@@ -142,7 +143,7 @@ func setupImage(ctx context.Context, h *Host, home, agent string, opts SetupOpti
 	// folder (see ensureWarm): on a file system without room for it, the
 	// guest would die writing its memory. VMs boot cold instead.
 	need := int64(defaultMemoryMiB + 64)
-	if free, err := freeBytes(home); err == nil && free>>20 < need {
+	if free, err := engine.FreeBytes(home); err == nil && free>>20 < need {
 		slog.Default().Warn(fmt.Sprintf("no warm snapshot: %s has %d MiB free and the warm snapshot needs up to %d MiB; VMs boot cold until you free some space and run 'smolvm setup' again", home, free, need))
 		return d, nil
 	}
