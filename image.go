@@ -7,22 +7,12 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 
 	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/jail"
 )
-
-// resolvedImage is the kernel and initrd a VM boots.
-type resolvedImage struct {
-	name        string
-	kernel      string
-	initrd      string
-	fingerprint string
-	tuned       bool // the tuned kernel: everything built in, booted through PVH
-}
 
 // SetupOptions tune Setup.
 type SetupOptions struct {
@@ -39,7 +29,7 @@ type SetupOptions struct {
 	// NoWarm skips the warm snapshot that lets New restore instead of boot.
 	NoWarm bool
 	// TunedKernel builds the tuned kernel (image.BuildTunedKernel) when it
-	// is not cached; New then boots it by default (see useTunedKernel).
+	// is not cached; New then boots it by default (see KernelEnv).
 	TunedKernel bool
 }
 
@@ -134,7 +124,7 @@ var buildTunedKernel = image.BuildTunedKernel
 func setupImage(ctx context.Context, h *Host, home, agent string, opts SetupOptions) (*image.Default, error) {
 	d, err := image.EnsureDefault(ctx, image.Options{
 		CacheDir: filepath.Join(home, "cache"), AgentPath: agent, KernelPath: opts.KernelPath, Progress: opts.Progress,
-		Tuned: opts.KernelPath == "" && useTunedKernel(filepath.Join(home, "cache")),
+		Tuned: opts.KernelPath == "" && engine.UseTunedKernel(filepath.Join(home, "cache")),
 	})
 	if err != nil || opts.NoWarm || opts.CachedOnly {
 		return d, err
@@ -164,66 +154,10 @@ func setupImage(ctx context.Context, h *Host, home, agent string, opts SetupOpti
 
 // AgentBinary finds the static guest agent: $SMOLVM_AGENT, smolvm-agent
 // beside the running executable or in ../libexec/smolvm, or in PATH.
-func AgentBinary() (string, error) {
-	if p := os.Getenv("SMOLVM_AGENT"); p != "" {
-		if _, err := os.Stat(p); err != nil {
-			return "", fmt.Errorf("SMOLVM_AGENT: %w", err)
-		}
-		return p, nil
-	}
-	if exe, err := os.Executable(); err == nil {
-		dir := filepath.Dir(exe)
-		for _, p := range []string{filepath.Join(dir, "smolvm-agent"), filepath.Join(dir, "..", "libexec", "smolvm", "smolvm-agent")} {
-			if _, err := os.Stat(p); err == nil {
-				return p, nil
-			}
-		}
-	}
-	if p, err := exec.LookPath("smolvm-agent"); err == nil {
-		return p, nil
-	}
-	return "", errors.New("guest agent binary smolvm-agent not found: build it with 'make build' (CGO_ENABLED=0 go build -tags grpcnotrace -o bin/smolvm-agent ./cmd/smolvm-agent) or set SMOLVM_AGENT")
-}
-
-func resolveImage(ctx context.Context, home string, cfg *Config) (*resolvedImage, error) {
-	if cfg.KernelPath != "" && cfg.InitrdPath != "" {
-		return &resolvedImage{name: "custom", kernel: cfg.KernelPath, initrd: cfg.InitrdPath}, nil
-	}
-	agent, err := AgentBinary()
-	if err != nil {
-		return nil, err
-	}
-	cache := filepath.Join(home, "cache")
-	tuned := cfg.KernelPath == "" && useTunedKernel(cache)
-	if cfg.KernelPath == "" && !tuned && os.Getenv(KernelEnv) == "tuned" {
-		return nil, fmt.Errorf("%s=tuned but no tuned kernel is cached in %s: run 'smolvm kernel build'", KernelEnv, image.TunedKernelDir(cache))
-	}
-	d, err := image.EnsureDefault(ctx, image.Options{
-		CacheDir: cache, AgentPath: agent, KernelPath: cfg.KernelPath, Logger: cfg.Logger, Tuned: tuned,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("default image: %w", err)
-	}
-	r := &resolvedImage{name: "default", kernel: d.Kernel, initrd: d.Initrd, fingerprint: d.Fingerprint, tuned: tuned}
-	if cfg.InitrdPath != "" {
-		r.initrd, r.name = cfg.InitrdPath, "custom"
-	}
-	return r, nil
-}
+func AgentBinary() (string, error) { return engine.AgentBinary() }
 
 // KernelEnv selects the default kernel: "stock" boots Debian's cloud kernel
 // even when a tuned kernel is cached, "tuned" requires the tuned kernel, and
 // unset (or anything else) boots the tuned kernel when one is cached and the
 // stock kernel otherwise. Config.KernelPath wins over all of these.
 const KernelEnv = "SMOLVM_KERNEL"
-
-// useTunedKernel reports whether New boots the tuned kernel cached under
-// cacheDir: it boots about twice as fast as the stock kernel, so a host that
-// built it ('smolvm kernel build' or 'smolvm setup --tuned-kernel') uses it.
-func useTunedKernel(cacheDir string) bool {
-	if os.Getenv(KernelEnv) == "stock" {
-		return false
-	}
-	_, ok := image.TunedKernel(cacheDir)
-	return ok
-}

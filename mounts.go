@@ -10,7 +10,6 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
 )
 
@@ -174,30 +173,3 @@ func checkHostFolder(m Mount, home string) (string, error) {
 	}
 	return p, nil
 }
-
-// machineMounts are the VM's host folders for the hypervisor, tagged
-// smolvm0, smolvm1, …
-func machineMounts(ms []Mount) []hypervisor.Mount {
-	var out []hypervisor.Mount
-	for i, m := range ms {
-		out = append(out, hypervisor.Mount{Tag: "smolvm" + strconv.Itoa(i), HostPath: m.HostPath, ReadOnly: m.ReadOnly})
-	}
-	return out
-}
-
-// mountArgs are the kernel command line options that tell the guest
-// agent where to mount each host folder: smolvm.mount=TAG:ro|rw:PATH.
-func mountArgs(ms []Mount) string {
-	var parts []string
-	for i, m := range ms {
-		mode := "rw"
-		if m.ReadOnly {
-			mode = "ro"
-		}
-		parts = append(parts, "smolvm.mount=smolvm"+strconv.Itoa(i)+":"+mode+":"+m.GuestPath)
-	}
-	return strings.Join(parts, " ")
-}
-
-// errMountsNoSnapshot says why a VM with host folders has no snapshot.
-var errMountsNoSnapshot = fmt.Errorf("%w: a VM with host folders (mounts) cannot be snapshotted or restored from one: QEMU cannot save the state of its virtiofs devices (their daemons hold open files of the host); boot it instead", ErrUnsupported)

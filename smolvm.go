@@ -20,7 +20,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"regexp"
 	"time"
 
@@ -29,7 +28,6 @@ import (
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
-	"github.com/smolvm/smolvm/internal/store"
 )
 
 // Version of smolvm, set at build time with -ldflags.
@@ -225,10 +223,6 @@ func (c *Config) setDefaults() error {
 // $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
 func Home() string { return engine.Home() }
 
-func openStore(ctx context.Context, home string) (*store.Store, error) {
-	return engine.OpenStore(ctx, home)
-}
-
 // SupervisorMain is the body of the smolvm binary's hidden `__supervise`
 // command, which runs a persistent VM's supervisor (see
 // Config.SupervisorBinary), and is meant for nothing else: args are the
@@ -268,6 +262,3 @@ type Timings struct {
 	// StopDelete is the VM's stop and deletion (set after Delete).
 	StopDelete time.Duration `json:"stop_delete,omitempty"`
 }
-
-// homeOf is the state folder a store lives in.
-func homeOf(st *store.Store) string { return filepath.Dir(st.Path()) }
