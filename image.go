@@ -2,16 +2,10 @@ package smolvm
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"io"
-	"log/slog"
-	"os"
-	"path/filepath"
 
 	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/image"
-	"github.com/smolvm/smolvm/internal/jail"
 )
 
 // SetupOptions tune Setup.
@@ -68,88 +62,22 @@ func Setup(ctx context.Context, opts SetupOptions) (*SetupResult, error) {
 // only for the warm snapshot: a setup that checks, or makes no snapshot,
 // opens no store).
 func setup(ctx context.Context, h *Host, home string, opts SetupOptions) (*SetupResult, error) {
-	if opts.InstallPackages {
-		if err := image.InstallHostPackages(ctx, opts.Progress); err != nil {
-			return nil, err
-		}
-	} else {
-		var probs []image.Problem
-		for _, p := range image.CheckHost(ctx) {
-			if !p.Optional {
-				probs = append(probs, p)
-			}
-		}
-		if len(probs) > 0 {
-			return nil, fmt.Errorf("host is missing: %v: run 'smolvm setup' as root", probs)
-		}
-	}
-	if os.Geteuid() == 0 && !opts.CachedOnly {
-		// QEMU runs as this user (see internal/jail).
-		if err := jail.EnsureUser(); err != nil {
-			return nil, err
-		}
-	}
 	if home == "" {
 		home = Home()
 	}
-	agent, err := AgentBinary()
-	if err != nil {
-		return nil, err
-	}
-	// A tuned kernel that cannot be built leaves the host set up with
-	// Debian's kernel (the fallback), and the error says so at the end.
-	var tunedErr error
-	if opts.TunedKernel && opts.KernelPath == "" && !opts.CachedOnly {
-		if _, err := buildTunedKernel(ctx, image.KernelBuildOptions{
-			CacheDir: filepath.Join(home, "cache"), InstallPackages: opts.InstallPackages, Progress: opts.Progress,
-		}); err != nil {
-			if ctx.Err() != nil {
-				return nil, fmt.Errorf("tuned kernel: %w", err)
+	d, err := engine.Setup(ctx, home, engine.SetupOptions{KernelPath: opts.KernelPath, InstallPackages: opts.InstallPackages,
+		Progress: opts.Progress, CachedOnly: opts.CachedOnly, NoWarm: opts.NoWarm, TunedKernel: opts.TunedKernel},
+		func(ctx context.Context) error {
+			if h == nil {
+				var err error
+				if h, err = OpenHost(home); err != nil {
+					return err
+				}
+				defer h.Close()
 			}
-			tunedErr = fmt.Errorf("tuned kernel: %w (setup went on with Debian's kernel, which new VMs boot until a tuned one is built)", err)
-		}
-	}
-	d, err := setupImage(ctx, h, home, agent, opts)
-	if err != nil {
-		return nil, errors.Join(err, tunedErr)
-	}
-	return setupResultOf(d), tunedErr
-}
-
-// buildTunedKernel is image.BuildTunedKernel; tests make it fail.
-var buildTunedKernel = image.BuildTunedKernel
-
-// setupImage is Setup after the tuned kernel: the default image and the
-// warm snapshot.
-func setupImage(ctx context.Context, h *Host, home, agent string, opts SetupOptions) (*image.Default, error) {
-	d, err := image.EnsureDefault(ctx, image.Options{
-		CacheDir: filepath.Join(home, "cache"), AgentPath: agent, KernelPath: opts.KernelPath, Progress: opts.Progress,
-		Tuned: opts.KernelPath == "" && engine.UseTunedKernel(filepath.Join(home, "cache")),
-	})
-	if err != nil || opts.NoWarm || opts.CachedOnly {
-		return d, err
-	}
-	// The warm snapshot's VM keeps its memory in a file in the state
-	// folder (see ensureWarm): on a file system without room for it, the
-	// guest would die writing its memory. VMs boot cold instead.
-	need := int64(defaultMemoryMiB + 64)
-	if free, err := engine.FreeBytes(home); err == nil && free>>20 < need {
-		slog.Default().Warn(fmt.Sprintf("no warm snapshot: %s has %d MiB free and the warm snapshot needs up to %d MiB; VMs boot cold until you free some space and run 'smolvm setup' again", home, free, need))
-		return d, nil
-	}
-	if opts.Progress != nil {
-		fmt.Fprintln(opts.Progress, "preparing the warm snapshot (one cold boot)…")
-	}
-	if h == nil {
-		if h, err = OpenHost(home); err != nil {
-			return nil, err
-		}
-		defer h.Close()
-	}
-	if err := ensureWarm(ctx, h, Config{KernelPath: opts.KernelPath}); err != nil {
-		return nil, err
-	}
-	return d, nil
+			return ensureWarm(ctx, h, Config{KernelPath: opts.KernelPath})
+		})
+	return setupResultOf(d), err
 }
 
 // AgentBinary finds the static guest agent: $SMOLVM_AGENT, smolvm-agent

@@ -42,15 +42,12 @@ package smolvm
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 
 	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
 	"github.com/smolvm/smolvm/internal/store"
-	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
 // Network modes (Config.Network).
@@ -165,11 +162,11 @@ func (vm *VM) Network(ctx context.Context) (*NetworkInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	var spec supervisor.Spec
-	if err := json.Unmarshal(rec.Config, &spec); err != nil {
-		return nil, fmt.Errorf("read VM %s: %w", vm.name, err)
+	nc, err := engine.NetworkOf(rec)
+	if err != nil {
+		return nil, err
 	}
-	return networkInfo(spec.Network), nil
+	return networkInfo(nc), nil
 }
 
 func (vm *VM) networkClient(ctx context.Context) (controlpb.NetworkClient, error) {

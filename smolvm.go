@@ -26,8 +26,6 @@ import (
 	"github.com/smolvm/smolvm/internal/consolelog"
 	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
-	"github.com/smolvm/smolvm/internal/hypervisor"
-	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
 )
 
 // Version of smolvm, set at build time with -ldflags.
@@ -157,7 +155,7 @@ type Config struct {
 }
 
 // defaultMemoryMiB is a VM's memory unless Config.MemoryMiB says otherwise.
-const defaultMemoryMiB = 512
+const defaultMemoryMiB = engine.DefaultMemoryMiB
 
 var nameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
 
@@ -190,10 +188,8 @@ func (c *Config) setDefaults() error {
 	default:
 		return fmt.Errorf("%w: channel %q: use vsock, virtio-serial or leave empty", ErrInvalid, c.Channel)
 	}
-	if c.Hypervisor == "" {
-		c.Hypervisor = hypervisor.Default
-	}
-	if _, err := hypervisor.Get(c.Hypervisor); err != nil {
+	var err error
+	if c.Hypervisor, err = engine.CheckDriver(c.Hypervisor); err != nil {
 		return err // ErrInvalid, naming the drivers there are
 	}
 	for _, p := range []struct{ what, path string }{{"kernel", c.KernelPath}, {"initrd", c.InitrdPath}, {"rootfs", c.RootfsPath}} {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -15,7 +14,6 @@ import (
 
 	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
-	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
@@ -285,17 +283,10 @@ func (vm *VM) Info(ctx context.Context) (*Info, error) {
 func infoOf(rec *store.VM) *Info {
 	in := &Info{ID: rec.ID, Name: rec.Name, State: State(rec.State), Reason: rec.Reason, Created: rec.Created,
 		Dir: rec.Dir, Image: rec.Image, Snapshot: rec.Snapshot, SupervisorPID: rec.SupervisorPID, HypervisorPID: rec.HypervisorPID}
-	var spec supervisor.Spec
-	if json.Unmarshal(rec.Config, &spec) == nil {
-		in.VCPUs, in.MemoryMiB, in.Persistent = spec.Machine.VCPUs, spec.Machine.MemoryMiB, spec.Persistent
-		in.Prelaunched = spec.Prelaunched
-		in.Accel, in.Channel = string(spec.Machine.Accel), string(spec.Machine.Channel)
-	}
+	m := engine.MachineOf(rec)
+	in.VCPUs, in.MemoryMiB, in.Persistent, in.Prelaunched = m.VCPUs, m.MemoryMiB, m.Persistent, m.Prelaunched
+	in.Accel, in.Channel, in.Hypervisor = m.Accel, m.Channel, m.Hypervisor
 	_ = json.Unmarshal(rec.Timings, &in.Timings)
-	var mi hypervisor.Info
-	if json.Unmarshal(rec.Info, &mi) == nil && mi.Driver != "" {
-		in.Hypervisor = strings.TrimSpace(mi.Driver + " " + mi.Version)
-	}
 	return in
 }
 

@@ -8,10 +8,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/smolvm/smolvm/internal/errdefs"
+	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/jail"
+	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
@@ -164,4 +167,52 @@ func (h *Host) Cleanup(ctx context.Context, all bool, kill func(ctx context.Cont
 		_ = os.RemoveAll(p)
 	}
 	return removed, errors.Join(errs...)
+}
+
+// Machine is what a VM's records say of its machine.
+type Machine struct {
+	VCPUs, MemoryMiB        int
+	Persistent, Prelaunched bool
+	Accel, Channel          string
+	// Hypervisor is the driver and its version, e.g. "qemu 8.2.2" (empty
+	// until the VM first ran).
+	Hypervisor string
+}
+
+// MachineOf reads a VM's machine from its record; what it cannot read
+// stays zero.
+func MachineOf(rec *store.VM) Machine {
+	var m Machine
+	var spec supervisor.Spec
+	if json.Unmarshal(rec.Config, &spec) == nil {
+		m.VCPUs, m.MemoryMiB, m.Persistent = spec.Machine.VCPUs, spec.Machine.MemoryMiB, spec.Persistent
+		m.Prelaunched = spec.Prelaunched
+		m.Accel, m.Channel = string(spec.Machine.Accel), string(spec.Machine.Channel)
+	}
+	var mi hypervisor.Info
+	if json.Unmarshal(rec.Info, &mi) == nil && mi.Driver != "" {
+		m.Hypervisor = strings.TrimSpace(mi.Driver + " " + mi.Version)
+	}
+	return m
+}
+
+// NetworkOf reads a VM's network from its record.
+func NetworkOf(rec *store.VM) (*network.Config, error) {
+	var spec supervisor.Spec
+	if err := json.Unmarshal(rec.Config, &spec); err != nil {
+		return nil, fmt.Errorf("read VM %s: %w", rec.Name, err)
+	}
+	return spec.Network, nil
+}
+
+// CheckDriver returns the hypervisor driver name names ("" is the
+// default), or ErrInvalid naming the drivers there are.
+func CheckDriver(name string) (string, error) {
+	if name == "" {
+		name = hypervisor.Default
+	}
+	if _, err := hypervisor.Get(name); err != nil {
+		return "", err
+	}
+	return name, nil
 }
