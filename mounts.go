@@ -10,7 +10,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
+	"github.com/smolvm/smolvm/internal/engine"
 )
 
 // Mount shares a folder of the host with the guest (virtiofs: see the
@@ -92,8 +92,8 @@ func checkMounts(c *Config) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("%w: host folders need smolvm to run as root (it sandboxes their daemon, virtiofsd, in namespaces only root can make)", ErrUnsupported)
 	}
-	if _, err := os.Stat(qemu.Virtiofsd); err != nil {
-		return fmt.Errorf("%w: host folders need %s: run 'smolvm setup' (or apt-get install qemu-system-common)", ErrUnsupported, qemu.Virtiofsd)
+	if _, err := os.Stat(engine.Virtiofsd); err != nil {
+		return fmt.Errorf("%w: host folders need %s: run 'smolvm setup' (or apt-get install qemu-system-common)", ErrUnsupported, engine.Virtiofsd)
 	}
 	c.Mounts = ms
 	return nil
