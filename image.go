@@ -5,7 +5,6 @@ import (
 	"io"
 
 	"github.com/smolvm/smolvm/internal/engine"
-	"github.com/smolvm/smolvm/internal/image"
 )
 
 // SetupOptions tune Setup.
@@ -41,13 +40,6 @@ type SetupResult struct {
 	Fingerprint string `json:"fingerprint"`
 }
 
-func setupResultOf(d *image.Default) *SetupResult {
-	if d == nil {
-		return nil
-	}
-	return &SetupResult{Kernel: d.Kernel, Initrd: d.Initrd, KernelVersion: d.KernelVersion, Fingerprint: d.Fingerprint}
-}
-
 // Setup prepares the host: host packages (when asked), the default kernel
 // and the initramfs with the guest agent. It is idempotent and fast when
 // everything is in place. When the tuned kernel it was asked for cannot be
@@ -77,7 +69,7 @@ func setup(ctx context.Context, h *Host, home string, opts SetupOptions) (*Setup
 			}
 			return ensureWarm(ctx, h, Config{KernelPath: opts.KernelPath})
 		})
-	return setupResultOf(d), err
+	return (*SetupResult)(d), err
 }
 
 // AgentBinary finds the static guest agent: $SMOLVM_AGENT, smolvm-agent

@@ -23,7 +23,6 @@ import (
 	"regexp"
 	"time"
 
-	"github.com/smolvm/smolvm/internal/consolelog"
 	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
 )
@@ -173,8 +172,8 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("%w: memory must be at least 64 MiB, got %d", ErrInvalid, c.MemoryMiB)
 	case c.MemoryMiB > 1<<20:
 		return fmt.Errorf("%w: memory of %d MiB is more than 1 TiB", ErrInvalid, c.MemoryMiB)
-	case c.ConsoleLogMaxBytes != 0 && c.ConsoleLogMaxBytes < consolelog.MinMaxBytes:
-		return fmt.Errorf("%w: console log size %d: give at least %d bytes (16K)", ErrInvalid, c.ConsoleLogMaxBytes, consolelog.MinMaxBytes)
+	case c.ConsoleLogMaxBytes != 0 && c.ConsoleLogMaxBytes < engine.MinConsoleLog:
+		return fmt.Errorf("%w: console log size %d: give at least %d bytes (16K)", ErrInvalid, c.ConsoleLogMaxBytes, engine.MinConsoleLog)
 	case c.Name != "" && !nameRE.MatchString(c.Name):
 		return fmt.Errorf("%w: name %q: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit", ErrInvalid, c.Name)
 	}

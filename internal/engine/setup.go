@@ -24,11 +24,15 @@ type SetupOptions struct {
 	CachedOnly, NoWarm, TunedKernel bool
 }
 
+// SetupResult is the default image Setup prepared (smolvm.SetupResult
+// documents it; same fields, in the same order).
+type SetupResult struct{ Kernel, Initrd, KernelVersion, Fingerprint string }
+
 // Setup prepares the host and the state folder home (see smolvm.Setup):
 // host packages, the default image and, through warm, the warm snapshot.
 // A tuned kernel that cannot be built leaves the rest set up, and the
 // error says so along with the image.
-func Setup(ctx context.Context, home string, opts SetupOptions, warm func(context.Context) error) (*image.Default, error) {
+func Setup(ctx context.Context, home string, opts SetupOptions, warm func(context.Context) error) (*SetupResult, error) {
 	if opts.InstallPackages {
 		if err := image.InstallHostPackages(ctx, opts.Progress); err != nil {
 			return nil, err
@@ -71,7 +75,7 @@ func Setup(ctx context.Context, home string, opts SetupOptions, warm func(contex
 	if err != nil {
 		return nil, errors.Join(err, tunedErr)
 	}
-	return d, tunedErr
+	return &SetupResult{Kernel: d.Kernel, Initrd: d.Initrd, KernelVersion: d.KernelVersion, Fingerprint: d.Fingerprint}, tunedErr
 }
 
 // BuildTunedKernel is image.BuildTunedKernel; tests make it fail.

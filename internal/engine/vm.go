@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/consolelog"
 	"github.com/smolvm/smolvm/internal/errdefs"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/jail"
@@ -215,4 +217,25 @@ func CheckDriver(name string) (string, error) {
 		return "", err
 	}
 	return name, nil
+}
+
+// MinConsoleLog is the least a VM's console log may be bounded to.
+const MinConsoleLog = consolelog.MinMaxBytes
+
+// Logs writes the guest console of the VM in dir, or with supervisorLog
+// its supervisor's log, to w; with running set it follows the log while
+// running says the VM is up, until ctx ends.
+func Logs(ctx context.Context, w io.Writer, dir, name string, supervisorLog bool, running func() bool) error {
+	file := supervisor.ConsoleLog
+	if supervisorLog {
+		file = supervisor.LogFile
+	}
+	path := filepath.Join(dir, file)
+	if _, err := os.Stat(path); err != nil {
+		return fmt.Errorf("read logs of VM %s: %w", name, err)
+	}
+	if running == nil {
+		return consolelog.Copy(w, path)
+	}
+	return consolelog.Follow(ctx, w, path, 200*time.Millisecond, running)
 }
