@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
@@ -19,6 +20,8 @@ func TestPublicMirrorsEngine(t *testing.T) {
 		{DefaultTAPSubnet, network.DefaultTAPSubnet},
 		{string(StateCreating), store.StateCreating}, {string(StateRunning), store.StateRunning}, {string(StatePaused), store.StatePaused},
 		{string(StateStopped), store.StateStopped}, {string(StateFailed), store.StateFailed},
+		{DefaultImage, engine.DefaultImage}, {DiskIsolated, engine.DiskIsolated}, {DiskShared, engine.DiskShared},
+		{KernelEnv, engine.KernelEnv}, {SnapshotCreating, engine.SnapshotCreating}, {SnapshotInterrupted, engine.SnapshotInterrupted},
 	} {
 		if c.public != c.engine {
 			t.Errorf("public constant %q, engine's %q", c.public, c.engine)
@@ -31,17 +34,31 @@ func TestPublicMirrorsEngine(t *testing.T) {
 		{Egress{Mode: EgressAllowlist, AllowDomains: []string{"a.example"}, AllowCIDRs: []string{"192.0.2.0/24"}},
 			network.Egress{Mode: network.EgressAllowlist, AllowDomains: []string{"a.example"}, AllowCIDRs: []string{"192.0.2.0/24"}}},
 		{PortForward{HostIP: "127.0.0.1", HostPort: 8080, GuestPort: 80}, network.Forward{HostIP: "127.0.0.1", HostPort: 8080, GuestPort: 80}},
+		// image.json records a build's options as the engine writes them.
+		{BuildOptions{Suite: "bookworm", Variant: "apt", Packages: []string{"git"}, Script: "true", Mirror: "http://m", SizeMiB: 1},
+			engine.BuildOptions{Suite: "bookworm", Variant: "apt", Packages: []string{"git"}, Script: "true", Mirror: "http://m", SizeMiB: 1}},
 	} {
 		a, _ := json.Marshal(p.public)
 		b, _ := json.Marshal(p.engine)
 		if string(a) != string(b) {
 			t.Errorf("%T marshals to %s, the engine's %T to %s", p.public, a, p.engine, b)
 		}
-		if n, m := reflect.TypeOf(p.public).NumField(), reflect.TypeOf(p.engine).NumField(); n != m {
+		if n, m := fields(p.public), fields(p.engine); n != m {
 			t.Errorf("%T has %d fields, the engine's %T %d", p.public, n, p.engine, m)
 		}
 	}
 	if got, want := (PortForward{HostIP: "127.0.0.1", HostPort: 8080, GuestPort: 80}).String(), "127.0.0.1:8080->80/tcp"; got != want {
 		t.Errorf("PortForward.String() = %q, want %q", got, want)
 	}
+}
+
+// fields counts a struct's fields that JSON carries.
+func fields(v any) int {
+	n, t := 0, reflect.TypeOf(v)
+	for i := range t.NumField() {
+		if t.Field(i).Tag.Get("json") != "-" {
+			n++
+		}
+	}
+	return n
 }

@@ -8,9 +8,6 @@ import (
 	"strconv"
 
 	"github.com/smolvm/smolvm/internal/engine"
-	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
-	"github.com/smolvm/smolvm/internal/image"
-	"github.com/smolvm/smolvm/internal/jail"
 )
 
 // HostCheck is one fact CheckHost found about this host: OK, or not and
@@ -34,19 +31,7 @@ func CheckHost(ctx context.Context, home string) []HostCheck {
 	if home == "" {
 		home = Home()
 	}
-	if v, err := qemu.Version(ctx, ""); err != nil {
-		out = append(out, HostCheck{Name: "qemu", Detail: err.Error(), Fix: "smolvm setup"})
-	} else {
-		out = append(out, HostCheck{Name: "qemu", OK: true, Detail: "qemu-system-x86_64 " + v})
-	}
-	for _, p := range image.CheckHost(ctx) {
-		c := HostCheck{Name: p.Missing, Detail: p.Detail, Fix: "apt-get install " + p.Package}
-		if p.Optional {
-			// Needed only by disk images and the bench: VMs run without.
-			c.OK, c.Detail = true, "optional, "+p.Detail
-		}
-		out = append(out, c)
-	}
+	out = append(out, checksOf(engine.ToolChecks(ctx))...)
 	agent, err := AgentBinary()
 	if err != nil {
 		out = append(out, HostCheck{Name: "agent", Detail: err.Error(), Fix: "make build"})
@@ -82,47 +67,7 @@ func CheckHost(ctx context.Context, home string) []HostCheck {
 // privilegeChecks report how QEMU is confined on this host and what is
 // missing, with its cost; and the host's capacity limits.
 func privilegeChecks() []HostCheck {
-	h := jail.Detect()
-	var out []HostCheck
-	switch {
-	case !h.Root:
-		out = append(out, HostCheck{Name: "jail", OK: true, Detail: fmt.Sprintf("not root (uid %d): QEMU runs as this user, without a mount namespace or cgroup of its own (both need root): "+
-			"a guest that escapes QEMU can reach everything this user can, and nothing bounds its memory, CPU or threads", os.Geteuid()), Fix: "run smolvm as root for jailed QEMUs"})
-	case h.UserErr != nil:
-		out = append(out, HostCheck{Name: "jail", OK: true, Detail: "QEMU runs as root (" + h.UserErr.Error() + "): a guest that escapes QEMU is root on the host", Fix: "smolvm setup"})
-	case jail.Disabled():
-		out = append(out, HostCheck{Name: "jail", OK: true, Detail: jail.DisableEnv + "=off: QEMU runs as root, with the host's whole file system", Fix: "unset " + jail.DisableEnv})
-	default:
-		out = append(out, HostCheck{Name: "jail", OK: true, Detail: fmt.Sprintf("QEMU runs as user %s (uid %d), in mount and pid namespaces of its own that show only its files", jail.User, h.UID)})
-	}
-	if h.Root {
-		cs := h.Cgroups
-		c := HostCheck{Name: "cgroups", OK: true}
-		switch cs.Version() {
-		case "v2":
-			c.Detail = "v2: a cgroup per QEMU under " + cs.V2 + " (memory.max, cpu.max, pids.max)"
-		case "v1":
-			c.Detail = "v1 (" + cs.Why + "): a cgroup per QEMU under"
-			for _, ctl := range []string{"memory", "cpu", "pids"} {
-				if d, ok := cs.V1[ctl]; ok {
-					c.Detail += " " + d
-				}
-			}
-		default:
-			c.Detail = "none usable (" + cs.Why + ")"
-		}
-		if cs.Unmounted {
-			c.Detail += " (this mount namespace shows no cgroup hierarchy, e.g. under 'ip netns exec': smolvm mounts them itself, attached to no folder)"
-		}
-		if len(cs.Missing) > 0 {
-			c.Detail += fmt.Sprintf("; no %v controller: a VM's QEMU is not bounded in %v (a runaway guest can take the host's)", cs.Missing, cs.Missing)
-			c.Fix = "mount the cgroup controllers (v2 with memory, cpu and pids delegated to smolvm's cgroup)"
-		}
-		out = append(out, c)
-		if h.UserErr == nil { // mounts.go: a guest's other users in host folders
-			out = append(out, subIDCheck())
-		}
-	}
+	out := checksOf(engine.JailChecks())
 	capCheck := HostCheck{Name: "capacity", OK: true}
 	if vms, mem, err := Capacity(); err != nil {
 		capCheck.OK, capCheck.Detail = false, err.Error()
@@ -135,6 +80,15 @@ func privilegeChecks() []HostCheck {
 }
 
 // limitText shows a resolved limit (0: none).
+// checksOf are the engine's checks as the API's.
+func checksOf(cs []engine.Check) []HostCheck {
+	out := make([]HostCheck, 0, len(cs))
+	for _, c := range cs {
+		out = append(out, HostCheck(c))
+	}
+	return out
+}
+
 func limitText(n int) string {
 	if n == 0 {
 		return "unlimited"

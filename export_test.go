@@ -22,9 +22,9 @@ func CmdOnLane(c *Cmd) bool { return c.lane != nil }
 // FailTunedKernelBuild makes Setup's tuned kernel build fail with err until
 // the test ends.
 func FailTunedKernelBuild(t interface{ Cleanup(func()) }, err error) {
-	old := buildTunedKernel
-	buildTunedKernel = func(context.Context, image.KernelBuildOptions) (string, error) { return "", err }
-	t.Cleanup(func() { buildTunedKernel = old })
+	old := engine.BuildTunedKernel
+	engine.BuildTunedKernel = func(context.Context, image.KernelBuildOptions) (string, error) { return "", err }
+	t.Cleanup(func() { engine.BuildTunedKernel = old })
 }
 
 // LiveSpares counts this process's prelaunched hypervisors that are ready

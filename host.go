@@ -22,7 +22,8 @@ import (
 // call (a VM they return closes it with itself).
 type Host struct {
 	home string
-	st   *store.Store
+	eng  *engine.Host // the engine of the state folder
+	st   *store.Store // eng.Store
 
 	mu     sync.Mutex
 	closed bool
@@ -33,15 +34,11 @@ type Host struct {
 // ~/.local/state/smolvm). Close it when done: the VMs it opened must not
 // be used after that.
 func OpenHost(home string) (*Host, error) {
-	if home == "" {
-		home = Home()
-	}
-	home = filepath.Clean(home)
-	st, err := openStore(context.Background(), home)
+	eng, err := engine.OpenHost(context.Background(), home, Version)
 	if err != nil {
 		return nil, err
 	}
-	return &Host{home: home, st: st}, nil
+	return &Host{home: eng.Home, eng: eng, st: eng.Store}, nil
 }
 
 // Home is the state folder of this host.
@@ -56,7 +53,7 @@ func (h *Host) Close() error {
 		return nil
 	}
 	h.closed = true
-	return h.st.Close()
+	return h.eng.Close()
 }
 
 // checkHome accepts an options' state folder that is empty or this host's
@@ -117,22 +114,41 @@ func (h *Host) Cleanup(ctx context.Context, opts CleanupOptions) ([]string, erro
 
 // Snapshots describes the snapshots of this host.
 func (h *Host) Snapshots(ctx context.Context) ([]*SnapshotInfo, error) {
-	return listSnapshots(ctx, h.st)
+	sns, err := h.eng.Snapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*SnapshotInfo, 0, len(sns))
+	for _, sn := range sns {
+		out = append(out, (*SnapshotInfo)(sn))
+	}
+	return out, nil
 }
 
 // DeleteSnapshot removes a snapshot; it is refused (ErrInUse) while a
 // running VM was restored from it, and while any VM (even stopped) has a
 // disk backed by the snapshot's.
 func (h *Host) DeleteSnapshot(ctx context.Context, name string) error {
-	return deleteSnapshot(ctx, h.st, name)
+	return h.eng.DeleteSnapshot(ctx, name)
 }
 
 // Images returns the default image (when set up) and every named image.
-func (h *Host) Images(ctx context.Context) ([]*ImageInfo, error) { return listImages(ctx, h.st) }
+func (h *Host) Images(ctx context.Context) ([]*ImageInfo, error) {
+	ims, err := h.eng.Images(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*ImageInfo, 0, len(ims))
+	for _, im := range ims {
+		in, _ := imageInfoOf(im, nil)
+		out = append(out, in)
+	}
+	return out, nil
+}
 
 // InspectImage describes one image; an unknown name wraps ErrNotFound.
 func (h *Host) InspectImage(ctx context.Context, name string) (*ImageInfo, error) {
-	return inspectImage(ctx, h.st, name)
+	return imageInfoOf(h.eng.InspectImage(ctx, name))
 }
 
 // RemoveImage deletes a named image. It is refused (ErrInUse) while a VM,
@@ -141,13 +157,19 @@ func (h *Host) RemoveImage(ctx context.Context, name string) error {
 	if name == DefaultImage {
 		return fmt.Errorf("%w: the default image cannot be removed (its files are in the cache)", ErrInvalid)
 	}
-	return removeImage(ctx, h.st, h.home, name)
+	return h.eng.RemoveImage(ctx, name)
 }
 
 // PruneImages removes the named images no VM uses, then the cached disks
 // and Debian trees no remaining image was built from, and leftovers of
 // interrupted builds.
-func (h *Host) PruneImages(ctx context.Context) (*PruneReport, error) { return pruneImages(ctx, h.st) }
+func (h *Host) PruneImages(ctx context.Context) (*PruneReport, error) {
+	rep, err := h.eng.PruneImages(ctx)
+	if rep == nil {
+		return nil, err
+	}
+	return &PruneReport{Images: rep.Images, Cache: rep.Cache, Freed: rep.Freed}, err
+}
 
 // BuildImage is BuildImage in this host's state folder: opts.Home is
 // empty or its own.
@@ -155,7 +177,11 @@ func (h *Host) BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, e
 	if _, err := h.checkHome(opts.Home); err != nil {
 		return nil, err
 	}
-	return buildImage(ctx, h.st, opts)
+	eo, err := buildOptions(opts)
+	if err != nil {
+		return nil, err
+	}
+	return imageInfoOf(h.eng.BuildImage(ctx, opts.Name, eo))
 }
 
 // ImportImage is ImportImage in this host's state folder: opts.Home is
@@ -164,7 +190,11 @@ func (h *Host) ImportImage(ctx context.Context, opts ImportOptions) (*ImageInfo,
 	if _, err := h.checkHome(opts.Home); err != nil {
 		return nil, err
 	}
-	return importImage(ctx, h.st, opts)
+	eo, err := importOptions(opts)
+	if err != nil {
+		return nil, err
+	}
+	return imageInfoOf(h.eng.ImportImage(ctx, eo))
 }
 
 // Setup is Setup for this host's state folder: opts.Home is empty or its
@@ -182,9 +212,7 @@ func (h *Host) Capacity() (maxVMs, maxMemoryMiB int, err error) { return Capacit
 
 // RetainedDisk is where the overlay of a VM created with RetainDisk is
 // kept after the VM is deleted.
-func (h *Host) RetainedDisk(vmName, vmID string) string {
-	return filepath.Join(h.home, "disks", vmName+"-"+vmID+".qcow2")
-}
+func (h *Host) RetainedDisk(vmName, vmID string) string { return h.eng.RetainedDisk(vmName, vmID) }
 
 // AccelReport says which accelerator VMs use on this host, and why.
 type AccelReport struct {

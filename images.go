@@ -33,23 +33,14 @@ package smolvm
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/smolvm/smolvm/internal/hypervisor"
-	"github.com/smolvm/smolvm/internal/image"
-	"github.com/smolvm/smolvm/internal/rootfs"
-	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/wire"
 )
 
@@ -147,16 +138,6 @@ func imageConfigOf(c *wire.ImageConfig) *ImageConfig {
 	return &ImageConfig{Env: c.Env, WorkingDir: c.WorkingDir, User: c.User, Entrypoint: c.Entrypoint, Cmd: c.Cmd, ExposedPorts: c.ExposedPorts}
 }
 
-// imageMeta is what the store's Info column and image.json hold.
-type imageMeta struct {
-	Format       string       `json:"format"`
-	Rootfs       string       `json:"rootfs"`
-	Fingerprint  string       `json:"fingerprint"`
-	AgentVersion string       `json:"agent_version"`
-	Build        rootfs.Info  `json:"build"`
-	Options      BuildOptions `json:"options"`
-}
-
 // BuildOptions describe a Debian image for BuildImage.
 type BuildOptions struct {
 	// Home is the state folder ("" = Home()); Host.BuildImage takes its own.
@@ -183,8 +164,6 @@ type ImportOptions struct {
 	Progress io.Writer
 }
 
-func imagesDir(home string) string { return filepath.Join(home, "images") }
-
 func checkImageName(name string) error {
 	if name == DefaultImage {
 		return fmt.Errorf("%w: %q is the built-in image", ErrInvalid, name)
@@ -207,9 +186,11 @@ func BuildImage(ctx context.Context, opts BuildOptions) (*ImageInfo, error) {
 	return h.BuildImage(ctx, opts)
 }
 
-func buildImage(ctx context.Context, st *store.Store, opts BuildOptions) (*ImageInfo, error) {
+// buildOptions checks a build's name and options, fills in a recipe
+// and the suite, and turns them into the engine's.
+func buildOptions(opts BuildOptions) (engine.BuildOptions, error) {
 	if err := checkImageName(opts.Name); err != nil {
-		return nil, err
+		return engine.BuildOptions{}, err
 	}
 	if r, ok := recipes[opts.Name]; ok && len(opts.Packages) == 0 && opts.Script == "" {
 		if opts.Suite == "" {
@@ -221,26 +202,15 @@ func buildImage(ctx context.Context, st *store.Store, opts BuildOptions) (*Image
 		opts.Suite = "bookworm"
 	}
 	if opts.SizeMiB < 0 {
-		return nil, fmt.Errorf("%w: negative size", ErrInvalid)
+		return engine.BuildOptions{}, fmt.Errorf("%w: negative size", ErrInvalid)
 	}
 	for _, p := range opts.Packages {
 		if p == "" || strings.ContainsAny(p, " ,'\"\\$;/") || strings.HasPrefix(p, "-") {
-			return nil, fmt.Errorf("%w: package name %q", ErrInvalid, p)
+			return engine.BuildOptions{}, fmt.Errorf("%w: package name %q", ErrInvalid, p)
 		}
 	}
-	home := homeOf(st)
-	agent, err := AgentBinary()
-	if err != nil {
-		return nil, err
-	}
-	res, err := rootfs.BuildDebian(ctx, rootfs.DebianOptions{
-		CacheDir: filepath.Join(home, "cache"), Suite: opts.Suite, Variant: opts.Variant, Packages: opts.Packages,
-		Script: opts.Script, Mirror: opts.Mirror, Size: int64(opts.SizeMiB) << 20, AgentPath: agent, Progress: opts.Progress,
-	})
-	if err != nil {
-		return nil, err
-	}
-	return installImage(ctx, st, opts.Name, res, opts)
+	return engine.BuildOptions{Suite: opts.Suite, Variant: opts.Variant, Packages: opts.Packages, Script: opts.Script,
+		Mirror: opts.Mirror, SizeMiB: opts.SizeMiB, Progress: opts.Progress}, nil
 }
 
 // ImportImage turns an OCI or Docker image into a bootable disk image
@@ -254,227 +224,30 @@ func ImportImage(ctx context.Context, opts ImportOptions) (*ImageInfo, error) {
 	return h.ImportImage(ctx, opts)
 }
 
-func importImage(ctx context.Context, st *store.Store, opts ImportOptions) (*ImageInfo, error) {
+// importOptions checks an import's options, names it when it has no
+// name, and turns them into the engine's.
+func importOptions(opts ImportOptions) (engine.ImportOptions, error) {
 	if (opts.Ref == "") == (opts.File == "") {
-		return nil, fmt.Errorf("%w: give an image reference or a file", ErrInvalid)
+		return engine.ImportOptions{}, fmt.Errorf("%w: give an image reference or a file", ErrInvalid)
 	}
 	if opts.Name == "" {
-		opts.Name = defaultImportName(opts.Ref, opts.File)
+		opts.Name = engine.ImportName(opts.Ref, opts.File)
 	}
 	if err := checkImageName(opts.Name); err != nil {
-		return nil, err
+		return engine.ImportOptions{}, err
 	}
-	home := homeOf(st)
-	agent, err := AgentBinary()
-	if err != nil {
-		return nil, err
-	}
-	res, err := rootfs.ImportOCI(ctx, rootfs.OCIOptions{CacheDir: filepath.Join(home, "cache"), Ref: opts.Ref, File: opts.File,
-		Size: int64(opts.SizeMiB) << 20, AgentPath: agent, Progress: opts.Progress})
-	if err != nil {
-		return nil, err
-	}
-	return installImage(ctx, st, opts.Name, res, BuildOptions{SizeMiB: opts.SizeMiB})
+	return engine.ImportOptions{Name: opts.Name, Ref: opts.Ref, File: opts.File, SizeMiB: opts.SizeMiB, Progress: opts.Progress}, nil
 }
 
-func defaultImportName(ref, file string) string {
-	s := ref
-	if s == "" {
-		s = strings.TrimSuffix(filepath.Base(file), filepath.Ext(file))
-	} else {
-		if i := strings.LastIndex(s, "@"); i >= 0 {
-			s = s[:i]
-		}
-		if i := strings.LastIndex(s, "/"); i >= 0 {
-			s = s[i+1:]
-		}
-		s = strings.ReplaceAll(s, ":", "-")
-	}
-	var b strings.Builder
-	for _, r := range s {
-		if r < 128 && (r == '-' || r == '_' || r == '.' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
-			b.WriteRune(r)
-		}
-	}
-	if b.Len() == 0 {
-		return "imported"
-	}
-	return b.String()
-}
-
-// installImage links (or copies) a cached disk to images/<name>/rootfs.img
-// and records it. An image of that name is replaced unless a VM uses it.
-func installImage(ctx context.Context, st *store.Store, name string, res *rootfs.Result, opts BuildOptions) (*ImageInfo, error) {
-	home := homeOf(st)
-	if users, err := imageUsers(ctx, st, name); err != nil {
-		return nil, err
-	} else if len(users) > 0 {
-		return nil, fmt.Errorf("image %q is %w by VM %s (their disks are backed by it): delete them first (smolvm rm, smolvm snapshot rm)", name, ErrInUse, strings.Join(users, ", "))
-	}
-	dir := filepath.Join(imagesDir(home), name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("create image folder: %w", err)
-	}
-	dst := filepath.Join(dir, "rootfs.img")
-	tmp := dst + ".tmp"
-	_ = os.Remove(tmp)
-	if err := os.Link(res.Path, tmp); err != nil {
-		out, cerr := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", res.Path, tmp).CombinedOutput()
-		if cerr != nil {
-			return nil, fmt.Errorf("copy the disk into %s: %w: %s", dir, cerr, strings.TrimSpace(string(out)))
-		}
-		_ = os.Chmod(tmp, 0o444)
-	}
-	if err := os.Rename(tmp, dst); err != nil {
-		return nil, err
-	}
-	meta := imageMeta{Format: "raw", Rootfs: dst, Fingerprint: res.Fingerprint, AgentVersion: Version, Build: res.Info, Options: opts}
-	mj, _ := json.MarshalIndent(meta, "", "  ")
-	if err := os.WriteFile(filepath.Join(dir, "image.json"), mj, 0o644); err != nil {
-		return nil, err
-	}
-	rec := &store.Image{Name: name, Dir: dir, Source: res.Info.Source, Digest: res.Digest, Size: res.Size, Info: mj}
-	if err := st.PutImage(ctx, rec); err != nil {
-		return nil, err
-	}
-	return imageInfo(ctx, st, rec)
-}
-
-// imageUsers lists the VMs (in any state: a stopped VM's overlay still
-// needs its base) whose image is name, and the snapshots of such VMs
-// ("snapshot NAME": their frozen disks are backed by it).
-func imageUsers(ctx context.Context, st *store.Store, name string) ([]string, error) {
-	vms, err := st.ListVMs(ctx)
+// imageInfoOf is the engine's description of an image in the API's types.
+func imageInfoOf(in *engine.ImageInfo, err error) (*ImageInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	var out []string
-	for _, v := range vms {
-		if v.Image == name {
-			out = append(out, v.Name+" ("+v.ID+")")
-		}
-	}
-	if name == DefaultImage {
-		return out, nil
-	}
-	sns, err := st.ListSnapshots(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for _, sn := range sns {
-		var info struct {
-			Image string `json:"image"`
-		}
-		if json.Unmarshal(sn.Info, &info) == nil && info.Image == name {
-			out = append(out, "snapshot "+sn.Name)
-		}
-	}
-	return out, nil
-}
-
-func imageInfo(ctx context.Context, st *store.Store, im *store.Image) (*ImageInfo, error) {
-	var meta imageMeta
-	if len(im.Info) > 0 {
-		_ = json.Unmarshal(im.Info, &meta)
-	}
-	info := &ImageInfo{Name: im.Name, Kind: meta.Build.Kind, Dir: im.Dir, Rootfs: meta.Rootfs, Format: meta.Format,
-		Created: im.Created, Size: im.Size, Source: im.Source, Digest: im.Digest, Fingerprint: meta.Fingerprint,
-		AgentVersion: meta.AgentVersion, AgentSHA256: meta.Build.AgentSHA256, Packages: meta.Build.Packages, BuildTime: meta.Build.BuildTime}
-	if info.Rootfs != "" {
-		info.DiskUsage = rootfs.DiskUsage(info.Rootfs)
-	}
-	users, err := imageUsers(ctx, st, im.Name)
-	if err != nil {
-		return nil, err
-	}
-	info.UsedBy = users
-	info.Config = imageConfigOf(meta.Build.Config)
-	return info, nil
-}
-
-// defaultImageInfo describes the built-in image when its kernel is
-// already in the cache (nothing is downloaded for a listing).
-func defaultImageInfo(ctx context.Context, st *store.Store, home string) *ImageInfo {
-	cache := filepath.Join(home, "cache")
-	if _, err := os.Stat(filepath.Join(cache, "kernel", "current")); err != nil {
-		return nil
-	}
-	agent, err := AgentBinary()
-	if err != nil {
-		return nil
-	}
-	d, err := image.EnsureDefault(ctx, image.Options{CacheDir: cache, AgentPath: agent})
-	if err != nil {
-		return nil
-	}
-	info := &ImageInfo{Name: DefaultImage, Kind: "initramfs", Dir: filepath.Dir(d.Initrd), Source: "builtin: " + d.KernelVersion + " + busybox + agent",
-		Fingerprint: d.Fingerprint, Digest: "sha256:" + d.Fingerprint, AgentVersion: Version}
-	if fi, err := os.Stat(d.Initrd); err == nil {
-		info.Created, info.Size, info.DiskUsage = fi.ModTime(), fi.Size(), fi.Size()
-	}
-	if fi, err := os.Stat(d.Kernel); err == nil {
-		info.DiskUsage += fi.Size()
-	}
-	info.UsedBy, _ = imageUsers(ctx, st, DefaultImage)
-	return info
-}
-
-func listImages(ctx context.Context, st *store.Store) ([]*ImageInfo, error) {
-	home := homeOf(st)
-	var out []*ImageInfo
-	if d := defaultImageInfo(ctx, st, home); d != nil {
-		out = append(out, d)
-	}
-	ims, err := st.ListImages(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for _, im := range ims {
-		info, err := imageInfo(ctx, st, im)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, info)
-	}
-	return out, nil
-}
-
-func inspectImage(ctx context.Context, st *store.Store, name string) (*ImageInfo, error) {
-	home := homeOf(st)
-	if name == DefaultImage {
-		if d := defaultImageInfo(ctx, st, home); d != nil {
-			return d, nil
-		}
-		return nil, fmt.Errorf("image %q: %w: run 'smolvm setup'", name, ErrNotFound)
-	}
-	im, err := st.GetImage(ctx, name)
-	if err != nil {
-		return nil, err
-	}
-	return imageInfo(ctx, st, im)
-}
-
-func removeImage(ctx context.Context, st *store.Store, home, name string) error {
-	im, err := st.GetImage(ctx, name)
-	if err != nil {
-		return err
-	}
-	if users, err := imageUsers(ctx, st, name); err != nil {
-		return err
-	} else if len(users) > 0 {
-		return fmt.Errorf("image %q is %w by VM %s: delete them first (smolvm rm, smolvm snapshot rm)", name, ErrInUse, strings.Join(users, ", "))
-	}
-	if err := st.DeleteImage(ctx, name); err != nil {
-		return err
-	}
-	dir := im.Dir
-	if dir == "" || filepath.Dir(dir) != imagesDir(home) {
-		dir = filepath.Join(imagesDir(home), name)
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("remove %s: %w", dir, err)
-	}
-	return nil
+	return &ImageInfo{Name: in.Name, Kind: in.Kind, Dir: in.Dir, Rootfs: in.Rootfs, Format: in.Format, Created: in.Created,
+		Size: in.Size, DiskUsage: in.DiskUsage, Source: in.Source, Digest: in.Digest, Fingerprint: in.Fingerprint,
+		AgentVersion: in.AgentVersion, AgentSHA256: in.AgentSHA256, Packages: in.Packages, BuildTime: in.BuildTime,
+		UsedBy: in.UsedBy, Config: imageConfigOf(in.Config)}, nil
 }
 
 // PruneReport lists what PruneImages removed.
@@ -482,66 +255,6 @@ type PruneReport struct {
 	Images []string `json:"images"`
 	Cache  []string `json:"cache"` // cache entries (disk fingerprints, Debian trees, build folders)
 	Freed  int64    `json:"freed"` // bytes
-}
-
-func pruneImages(ctx context.Context, st *store.Store) (*PruneReport, error) {
-	home := homeOf(st)
-	rep := &PruneReport{}
-	ims, err := st.ListImages(ctx)
-	if err != nil {
-		return nil, err
-	}
-	keep := map[string]bool{}
-	keepTrees := map[string]bool{}
-	for _, im := range ims {
-		users, err := imageUsers(ctx, st, im.Name)
-		if err != nil {
-			return nil, err
-		}
-		var meta imageMeta
-		_ = json.Unmarshal(im.Info, &meta)
-		if len(users) > 0 {
-			keep[meta.Fingerprint] = true
-			keepTrees[strings.Join(meta.Build.Packages, ",")+"|"+meta.Build.Suite] = true
-			continue
-		}
-		rep.Freed += rootfs.DiskUsage(meta.Rootfs)
-		if err := removeImage(ctx, st, home, im.Name); err != nil {
-			if errors.Is(err, ErrInUse) {
-				continue
-			}
-			return rep, err
-		}
-		rep.Images = append(rep.Images, im.Name)
-	}
-	cache := filepath.Join(home, "cache")
-	for _, fp := range rootfs.CacheEntries(cache) {
-		if keep[fp] {
-			continue
-		}
-		p := rootfs.CachePath(cache, fp)
-		rep.Freed += rootfs.DiskUsage(p)
-		if err := rootfs.RemoveCacheEntry(cache, fp); err != nil {
-			return rep, err
-		}
-		rep.Cache = append(rep.Cache, filepath.Base(p))
-	}
-	// Debian trees are the expensive part of a build: keep them while an
-	// image is in use (any of them may be rebuilt with a new agent).
-	if len(keepTrees) == 0 {
-		trees, _ := filepath.Glob(filepath.Join(cache, "rootfs", "debian-*.tar"))
-		for _, t := range trees {
-			rep.Freed += rootfs.DiskUsage(t)
-			if err := os.Remove(t); err == nil {
-				rep.Cache = append(rep.Cache, filepath.Base(t))
-			}
-		}
-	}
-	for _, p := range rootfs.RemoveStaleBuilds(cache) {
-		rep.Cache = append(rep.Cache, filepath.Base(p))
-	}
-	sort.Strings(rep.Cache)
-	return rep, nil
 }
 
 // ParseSizeMiB reads a size such as 2G, 512M, 1.5GiB or 300 (MiB).
@@ -577,118 +290,6 @@ func parseSize(s string, unit float64, bare string) (int64, error) {
 		return 0, fmt.Errorf("%w: size %q: use e.g. 2G, 512M or %s", ErrInvalid, s, bare)
 	}
 	return int64(v*mult + 0.5), nil
-}
-
-// useNamedImage checks the image cfg.Image names before a VM of it is
-// created and records its name on the VM.
-func useNamedImage(ctx context.Context, st *store.Store, cfg *Config, img *resolvedImage) error {
-	if cfg.Image == "" || cfg.Image == DefaultImage {
-		return nil
-	}
-	im, err := st.GetImage(ctx, cfg.Image)
-	if err != nil {
-		return fmt.Errorf("%w: see 'smolvm image ls'", err)
-	}
-	var meta imageMeta
-	_ = json.Unmarshal(im.Info, &meta)
-	if meta.Rootfs == "" {
-		return fmt.Errorf("image %q has no root disk: rebuild it", cfg.Image)
-	}
-	if err := rootfs.Validate(ctx, meta.Rootfs); err != nil {
-		return fmt.Errorf("image %q: %w: rebuild or re-import it", cfg.Image, err)
-	}
-	img.name = cfg.Image
-	img.fingerprint += "+" + im.Digest
-	return nil
-}
-
-// retainMarker in a VM folder names where its overlay goes on delete.
-const retainMarker = "retain-disk"
-
-// attachDisks adds the VM's disks to mc: Config.RootfsPath as given, or
-// the named image's disk in the VM's disk mode, with the kernel command
-// line that makes the guest switch its root to it.
-func attachDisks(ctx context.Context, st *store.Store, cfg *Config, rec *store.VM, mc *hypervisor.MachineConfig) error {
-	if cfg.RootfsPath != "" {
-		mc.Disks = append(mc.Disks, hypervisor.Disk{Path: cfg.RootfsPath, Format: diskFormat(cfg.RootfsPath)})
-	}
-	if cfg.Image == "" || cfg.Image == DefaultImage {
-		return nil
-	}
-	im, err := st.GetImage(ctx, cfg.Image)
-	if err != nil {
-		return err
-	}
-	var meta imageMeta
-	_ = json.Unmarshal(im.Info, &meta)
-	base, format := meta.Rootfs, meta.Format
-	if format == "" {
-		format = "raw"
-	}
-	dev := fmt.Sprintf("/dev/vd%c", 'a'+len(mc.Disks))
-	args := " " + wire.ParamRoot + "=" + dev
-	switch cfg.DiskMode {
-	case DiskShared:
-		mc.Disks = append(mc.Disks, hypervisor.Disk{Path: base, Format: format, ReadOnly: true})
-		args += " " + wire.ParamRootMode + "=ro"
-	default:
-		// The guest can write its whole disk, no more: the overlay grows
-		// to the disk's size and qcow2's tables for it (the guest makes
-		// no qcow2 snapshots). So the size is the bound, and it must fit.
-		size := max(int64(cfg.DiskSizeMiB)<<20, im.Size)
-		if err := checkSpace(mc.Dir, overlayBound(size), fmt.Sprintf("the disk of VM %s (%s, which its overlay can grow to)", rec.Name, sizeString(size)),
-			"give a smaller --disk-size (Config.DiskSizeMiB), or use --disk-mode shared"); err != nil {
-			return err
-		}
-		t0 := time.Now()
-		overlay := filepath.Join(mc.Dir, "disk.qcow2")
-		if err := rootfs.CreateOverlay(ctx, base, format, overlay, int64(cfg.DiskSizeMiB)<<20); err != nil {
-			return fmt.Errorf("%w: %w", ErrInvalid, err)
-		}
-		cfg.Logger.Debug("disk overlay created", "path", overlay, "base", base, "took", time.Since(t0))
-		mc.Disks = append(mc.Disks, hypervisor.Disk{Path: overlay, Format: "qcow2"})
-		args += " " + wire.ParamRootMode + "=rw"
-		if cfg.DiskSizeMiB > 0 && int64(cfg.DiskSizeMiB)<<20 > im.Size {
-			args += " " + wire.ParamRootGrow + "=1"
-		}
-		if cfg.RetainDisk {
-			dst := filepath.Join(homeOf(st), "disks", rec.Name+"-"+rec.ID+".qcow2")
-			if err := os.WriteFile(filepath.Join(mc.Dir, retainMarker), []byte(dst), 0o600); err != nil {
-				return err
-			}
-		}
-	}
-	mc.Cmdline += args
-	return nil
-}
-
-// overlayBound is the most a qcow2 overlay of a disk of size bytes takes
-// on the host: the disk's data plus qcow2's tables (8 bytes of L2 table
-// and 2 of refcount per 64 KiB cluster, a few clusters of header, L1 and
-// refcount table), with room to spare.
-func overlayBound(size int64) int64 { return size + size/1024 + 1<<20 }
-
-// retainDisk moves a VM's overlay out of its folder before the folder is
-// removed, when the VM was created with RetainDisk.
-func retainDisk(dir string) error {
-	if dir == "" {
-		return nil
-	}
-	dst, err := os.ReadFile(filepath.Join(dir, retainMarker))
-	if err != nil {
-		return nil
-	}
-	src := filepath.Join(dir, "disk.qcow2")
-	if _, err := os.Stat(src); err != nil {
-		return nil
-	}
-	if err := os.MkdirAll(filepath.Dir(string(dst)), 0o755); err != nil {
-		return fmt.Errorf("retain disk: %w", err)
-	}
-	if err := os.Rename(src, string(dst)); err != nil {
-		return fmt.Errorf("retain disk: %w", err)
-	}
-	return nil
 }
 
 func checkDiskConfig(c *Config) error {

@@ -4,11 +4,9 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"time"
 
-	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/engine"
 )
 
 // TunedKernel is a tuned guest kernel in a host's cache: built from
@@ -38,10 +36,11 @@ type TunedKernel struct {
 	Default bool `json:"default"`
 }
 
-func tunedKernelOf(ti *image.TunedKernelInfo) *TunedKernel {
-	return &TunedKernel{Vmlinux: ti.Vmlinux, BzImage: ti.BzImage, Release: ti.Release, SourcePackage: ti.SourcePackage,
-		SourceVersion: ti.SourceVersion, Built: ti.Built, BuildSeconds: ti.BuildSeconds, SourceEdits: ti.SourceEdits,
-		MissingEdits: ti.MissingEdits(), Default: os.Getenv(KernelEnv) != "stock"}
+func tunedKernelOf(tk *engine.TunedKernel, err error) (*TunedKernel, error) {
+	if err != nil {
+		return nil, err
+	}
+	return (*TunedKernel)(tk), nil
 }
 
 // KernelBuildOptions tune Host.BuildTunedKernel.
@@ -70,37 +69,21 @@ type KernelBuildOptions struct {
 // configuration (a few minutes to half an hour). It does not make the
 // warm snapshot of the new kernel: Setup does.
 func (h *Host) BuildTunedKernel(ctx context.Context, opts KernelBuildOptions) (*TunedKernel, error) {
-	ti, err := image.EnsureTunedKernel(ctx, image.KernelBuildOptions{
-		CacheDir: filepath.Join(h.home, "cache"), Jobs: opts.Jobs, Force: opts.Force, InstallPackages: opts.InstallPackages,
-		WorkDir: opts.WorkDir, Progress: opts.Progress, Output: opts.Output, Logger: opts.Logger,
-	})
-	if err != nil {
-		return nil, err
-	}
-	return tunedKernelOf(ti), nil
+	return tunedKernelOf(h.eng.BuildTunedKernel(ctx, engine.KernelBuildOptions(opts)))
 }
 
 // TunedKernel returns the tuned kernel cached for this host, if one was
 // built with this smolvm's configuration.
 func (h *Host) TunedKernel() (*TunedKernel, bool) {
-	ti, ok := image.LookupTunedKernel(filepath.Join(h.home, "cache"))
-	if !ok {
-		return nil, false
-	}
-	return tunedKernelOf(ti), true
+	tk, ok := h.eng.TunedKernel()
+	return (*TunedKernel)(tk), ok
 }
 
 // KernelBuildProblems lists what this host lacks to build the tuned
 // kernel (a tool or the source, with its Debian package); none means it
 // can.
-func KernelBuildProblems() []string {
-	var out []string
-	for _, p := range image.KernelBuildProblems() {
-		out = append(out, p.String())
-	}
-	return out
-}
+func KernelBuildProblems() []string { return engine.KernelBuildProblems() }
 
 // KernelConfigFragment is the configuration the tuned kernel applies over
 // the kernel's allnoconfig.
-func KernelConfigFragment() []byte { return image.KernelConfigFragment() }
+func KernelConfigFragment() []byte { return engine.KernelConfigFragment() }

@@ -2,14 +2,9 @@ package smolvm
 
 import (
 	"context"
-	"fmt"
 	"io"
-	"os"
-	"path/filepath"
-	"time"
 
-	"github.com/smolvm/smolvm/internal/consolelog"
-	"github.com/smolvm/smolvm/internal/supervisor"
+	"github.com/smolvm/smolvm/internal/engine"
 )
 
 // LogOptions tune VM.Logs.
@@ -25,19 +20,12 @@ type LogOptions struct {
 // Logs writes the VM's guest console (the newest output the host kept,
 // bounded by Config.ConsoleLogMaxBytes) or its supervisor's log to w.
 func (vm *VM) Logs(ctx context.Context, w io.Writer, opts LogOptions) error {
-	name := supervisor.ConsoleLog
-	if opts.Supervisor {
-		name = supervisor.LogFile
+	var running func() bool
+	if opts.Follow {
+		running = func() bool {
+			in, err := vm.Info(ctx)
+			return err == nil && (in.State == StateRunning || in.State == StateCreating)
+		}
 	}
-	path := filepath.Join(vm.dir, name)
-	if _, err := os.Stat(path); err != nil {
-		return fmt.Errorf("read logs of VM %s: %w", vm.name, err)
-	}
-	if !opts.Follow {
-		return consolelog.Copy(w, path)
-	}
-	return consolelog.Follow(ctx, w, path, 200*time.Millisecond, func() bool {
-		in, err := vm.Info(ctx)
-		return err == nil && (in.State == StateRunning || in.State == StateCreating)
-	})
+	return engine.Logs(ctx, w, vm.dir, vm.name, opts.Supervisor, running)
 }

@@ -10,9 +10,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/smolvm/smolvm/internal/hypervisor"
-	"github.com/smolvm/smolvm/internal/hypervisor/qemu"
-	"github.com/smolvm/smolvm/internal/jail"
+	"github.com/smolvm/smolvm/internal/engine"
 )
 
 // Mount shares a folder of the host with the guest (virtiofs: see the
@@ -118,8 +116,8 @@ func checkMounts(c *Config) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("%w: host folders need smolvm to run as root (it sandboxes their daemon, virtiofsd, in namespaces only root can make)", ErrUnsupported)
 	}
-	if _, err := os.Stat(qemu.Virtiofsd); err != nil {
-		return fmt.Errorf("%w: host folders need %s: run 'smolvm setup' (or apt-get install qemu-system-common)", ErrUnsupported, qemu.Virtiofsd)
+	if _, err := os.Stat(engine.Virtiofsd); err != nil {
+		return fmt.Errorf("%w: host folders need %s: run 'smolvm setup' (or apt-get install qemu-system-common)", ErrUnsupported, engine.Virtiofsd)
 	}
 	c.Mounts = ms
 	return nil
@@ -161,7 +159,7 @@ func checkWithin(m Mount, host string) (string, error) {
 		return "", fmt.Errorf("%w: mount on %q: the folder it must lie within: %w", ErrInvalid, m.GuestPath, err)
 	}
 	if w = filepath.Clean(w); m.resolved && w != m.Within {
-		return "", fmt.Errorf("%w: mount on %q: the folder it must lie within, %s, changed since it was checked: %s is on its path", ErrInvalid, m.GuestPath, m.Within, jail.ErrLinkOnPath)
+		return "", fmt.Errorf("%w: mount on %q: the folder it must lie within, %s, changed since it was checked: %s is on its path", ErrInvalid, m.GuestPath, m.Within, engine.ErrLinkOnPath)
 	}
 	if host != w && !strings.HasPrefix(host, strings.TrimSuffix(w, "/")+"/") {
 		return "", fmt.Errorf("%w: host folder %q (%s once its links are followed) is not within %s: share a folder under it", ErrInvalid, m.HostPath, host, m.Within)
@@ -188,7 +186,7 @@ func checkHostFolder(m Mount, home string) (string, error) {
 		return "", fmt.Errorf("%w: host folder %q: %w", ErrInvalid, m.HostPath, err)
 	}
 	if m.resolved && p != m.HostPath {
-		return "", fmt.Errorf("%w: host folder %q changed since it was checked: %s (it leads to %s now)", ErrInvalid, m.HostPath, jail.ErrLinkOnPath, p)
+		return "", fmt.Errorf("%w: host folder %q changed since it was checked: %s (it leads to %s now)", ErrInvalid, m.HostPath, engine.ErrLinkOnPath, p)
 	}
 	fi, err := os.Stat(p)
 	if err != nil {
@@ -222,49 +220,6 @@ func checkHostFolder(m Mount, home string) (string, error) {
 	return p, nil
 }
 
-// machineMounts are the VM's host folders for the hypervisor, tagged
-// smolvm0, smolvm1, …
-func machineMounts(ms []Mount) []hypervisor.Mount {
-	if afterMountCheck != nil {
-		afterMountCheck(ms)
-	}
-	var out []hypervisor.Mount
-	for i, m := range ms {
-		out = append(out, hypervisor.Mount{Tag: "smolvm" + strconv.Itoa(i), HostPath: m.HostPath, ReadOnly: m.ReadOnly, Within: m.Within})
-	}
-	return out
-}
-
 // afterMountCheck, when set (by tests), runs when the checked mounts go
-// into the machine's config, between their last check and their bind.
+// into the engine's config, between their last check and their bind.
 var afterMountCheck func([]Mount)
-
-// mountArgs are the kernel command line options that tell the guest
-// agent where to mount each host folder: smolvm.mount=TAG:ro|rw:PATH.
-func mountArgs(ms []Mount) string {
-	var parts []string
-	for i, m := range ms {
-		mode := "rw"
-		if m.ReadOnly {
-			mode = "ro"
-		}
-		parts = append(parts, "smolvm.mount=smolvm"+strconv.Itoa(i)+":"+mode+":"+m.GuestPath)
-	}
-	return strings.Join(parts, " ")
-}
-
-// errMountsNoSnapshot says why a VM with host folders has no snapshot.
-var errMountsNoSnapshot = fmt.Errorf("%w: a VM with host folders (mounts) cannot be snapshotted or restored from one: QEMU cannot save the state of its virtiofs devices (their daemons hold open files of the host); boot it instead", ErrUnsupported)
-
-// subIDCheck reports (smolvm doctor) the subordinate ids that host
-// folders map a guest's users other than root to (jail.SubIDs).
-func subIDCheck() HostCheck {
-	c := HostCheck{Name: "host folders", OK: true}
-	if uids, gids, ok := jail.SubIDs(0); ok {
-		c.Detail = fmt.Sprintf("a guest user N's files in a writable host folder belong to subordinate id start+N-1 on the host: uids from %d, gids from %d (a folder whose owner has subordinate ids of its own in /etc/subuid and /etc/subgid uses those)", uids.Start, gids.Start)
-	} else {
-		c.Detail = "no subordinate ids for user " + jail.User + " in /etc/subuid and /etc/subgid: in a writable host folder only the guest's root can make files"
-		c.Fix = "smolvm setup"
-	}
-	return c
-}

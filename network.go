@@ -42,15 +42,12 @@ package smolvm
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 
-	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
 	"github.com/smolvm/smolvm/internal/store"
-	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
 // Network modes (Config.Network).
@@ -114,11 +111,8 @@ func portForwardOf(f network.Forward) PortForward {
 // ParsePortForward reads docker's -p form: [IP:]HOST:GUEST, or GUEST alone
 // for a free host port.
 func ParsePortForward(s string) (PortForward, error) {
-	f, err := network.ParseForward(s)
-	if err != nil {
-		return portForwardOf(f), fmt.Errorf("%w: %w", ErrInvalid, err)
-	}
-	return portForwardOf(f), nil
+	f, err := engine.ParseForward(s)
+	return portForwardOf(f), err
 }
 
 // DefaultTAPSubnet is the address pool of tap mode (Config.TAPSubnet).
@@ -145,64 +139,6 @@ type NetworkInfo struct {
 	Summary string `json:"egress_summary,omitempty"`
 }
 
-// buildNetwork turns the config's network into the spec's, leases the
-// forwarded host ports (and in tap mode the guest's address) and adds the
-// NIC to the machine. Leases go with the VM's row if creation fails.
-func buildNetwork(ctx context.Context, st *store.Store, cfg *Config, rec *store.VM, mc *hypervisor.MachineConfig) (*network.Config, error) {
-	nc := &network.Config{Mode: network.Mode(cfg.Network), Hosts: cfg.Hosts, Subnet: cfg.TAPSubnet, Egress: network.Egress{Mode: cfg.Egress.Mode,
-		AllowDomains: append([]string(nil), cfg.Egress.AllowDomains...), AllowCIDRs: append([]string(nil), cfg.Egress.AllowCIDRs...)}}
-	for _, p := range cfg.Ports {
-		f, err := ParsePortForward(p)
-		if err != nil {
-			return nil, err
-		}
-		nc.Forwards = append(nc.Forwards, f.internal())
-	}
-	if cfg.TAPSubnet != "" && nc.Mode != network.ModeTAP {
-		return nil, fmt.Errorf("%w: a TAP address pool (--tap-cidr %s) needs network mode tap (--net tap)", ErrInvalid, cfg.TAPSubnet)
-	}
-	if err := nc.Normalize(); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
-	}
-	switch nc.Mode {
-	case network.ModeNone:
-		return nc, nil
-	case network.ModeTAP:
-		if err := network.CheckTAP(); err != nil {
-			return nil, err
-		}
-	}
-	for i := range nc.Forwards {
-		// The lease first (it names another VM holding the port), then a
-		// bind test, so a taken port fails before the guest boots.
-		f := &nc.Forwards[i]
-		if _, err := network.LeasePort(ctx, st, rec.ID, f); err != nil {
-			return nil, err
-		}
-		if err := network.CheckBindable(*f); err != nil {
-			return nil, err
-		}
-	}
-	if nc.Mode == network.ModeTAP {
-		subnet, err := network.ParseTAPSubnet(nc.Subnet)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
-		}
-		ip, err := network.LeaseTAPAddress(ctx, st, rec.ID, subnet)
-		if err != nil {
-			return nil, err
-		}
-		nc.GuestIP, nc.Gateway = ip.String(), network.TAPGateway(subnet).String()
-		nc.TAP, nc.MAC, nc.DNS = network.TAPName(rec.ID), network.TAPMAC(ip), network.HostDNS()
-		nc.NetNS = network.CurrentNetNS()
-		mc.Net = []hypervisor.NetDevice{{MAC: nc.MAC, TAP: nc.TAP}}
-	} else {
-		mc.Net = []hypervisor.NetDevice{{MAC: network.GuestMAC, StreamSocket: network.SocketPath(mc.Dir)}}
-	}
-	mc.Cmdline += " " + nc.GuestCmdline()
-	return nc, nil
-}
-
 func networkInfo(nc *network.Config) *NetworkInfo {
 	if nc == nil || nc.Mode == network.ModeNone || nc.Mode == "" {
 		return &NetworkInfo{Mode: NetworkNone}
@@ -226,11 +162,11 @@ func (vm *VM) Network(ctx context.Context) (*NetworkInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	var spec supervisor.Spec
-	if err := json.Unmarshal(rec.Config, &spec); err != nil {
-		return nil, fmt.Errorf("read VM %s: %w", vm.name, err)
+	nc, err := engine.NetworkOf(rec)
+	if err != nil {
+		return nil, err
 	}
-	return networkInfo(spec.Network), nil
+	return networkInfo(nc), nil
 }
 
 func (vm *VM) networkClient(ctx context.Context) (controlpb.NetworkClient, error) {

@@ -20,16 +20,11 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"regexp"
 	"time"
 
-	"github.com/smolvm/smolvm/internal/consolelog"
 	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
-	"github.com/smolvm/smolvm/internal/hypervisor"
-	_ "github.com/smolvm/smolvm/internal/hypervisor/qemu" // the QEMU driver
-	"github.com/smolvm/smolvm/internal/store"
 )
 
 // Version of smolvm, set at build time with -ldflags.
@@ -159,7 +154,7 @@ type Config struct {
 }
 
 // defaultMemoryMiB is a VM's memory unless Config.MemoryMiB says otherwise.
-const defaultMemoryMiB = 512
+const defaultMemoryMiB = engine.DefaultMemoryMiB
 
 var nameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
 
@@ -177,8 +172,8 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("%w: memory must be at least 64 MiB, got %d", ErrInvalid, c.MemoryMiB)
 	case c.MemoryMiB > 1<<20:
 		return fmt.Errorf("%w: memory of %d MiB is more than 1 TiB", ErrInvalid, c.MemoryMiB)
-	case c.ConsoleLogMaxBytes != 0 && c.ConsoleLogMaxBytes < consolelog.MinMaxBytes:
-		return fmt.Errorf("%w: console log size %d: give at least %d bytes (16K)", ErrInvalid, c.ConsoleLogMaxBytes, consolelog.MinMaxBytes)
+	case c.ConsoleLogMaxBytes != 0 && c.ConsoleLogMaxBytes < engine.MinConsoleLog:
+		return fmt.Errorf("%w: console log size %d: give at least %d bytes (16K)", ErrInvalid, c.ConsoleLogMaxBytes, engine.MinConsoleLog)
 	case c.Name != "" && !nameRE.MatchString(c.Name):
 		return fmt.Errorf("%w: name %q: use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit", ErrInvalid, c.Name)
 	}
@@ -192,10 +187,8 @@ func (c *Config) setDefaults() error {
 	default:
 		return fmt.Errorf("%w: channel %q: use vsock, virtio-serial or leave empty", ErrInvalid, c.Channel)
 	}
-	if c.Hypervisor == "" {
-		c.Hypervisor = hypervisor.Default
-	}
-	if _, err := hypervisor.Get(c.Hypervisor); err != nil {
+	var err error
+	if c.Hypervisor, err = engine.CheckDriver(c.Hypervisor); err != nil {
 		return err // ErrInvalid, naming the drivers there are
 	}
 	for _, p := range []struct{ what, path string }{{"kernel", c.KernelPath}, {"initrd", c.InitrdPath}, {"rootfs", c.RootfsPath}} {
@@ -224,10 +217,6 @@ func (c *Config) setDefaults() error {
 // Home returns the state folder smolvm uses: $SMOLVM_HOME, else
 // $XDG_STATE_HOME/smolvm, else ~/.local/state/smolvm.
 func Home() string { return engine.Home() }
-
-func openStore(ctx context.Context, home string) (*store.Store, error) {
-	return engine.OpenStore(ctx, home)
-}
 
 // SupervisorMain is the body of the smolvm binary's hidden `__supervise`
 // command, which runs a persistent VM's supervisor (see
@@ -268,6 +257,3 @@ type Timings struct {
 	// StopDelete is the VM's stop and deletion (set after Delete).
 	StopDelete time.Duration `json:"stop_delete,omitempty"`
 }
-
-// homeOf is the state folder a store lives in.
-func homeOf(st *store.Store) string { return filepath.Dir(st.Path()) }

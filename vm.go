@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -15,8 +14,6 @@ import (
 
 	"github.com/smolvm/smolvm/internal/engine"
 	"github.com/smolvm/smolvm/internal/errdefs"
-	"github.com/smolvm/smolvm/internal/hypervisor"
-	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
@@ -180,19 +177,8 @@ func (vm *VM) pausedHere() bool {
 	return sup != nil && sup.Paused()
 }
 
-func notRunning(rec *store.VM) error {
-	msg := fmt.Sprintf("VM %s is %s", rec.Name, rec.State)
-	if rec.Reason != "" && rec.Reason != "stopped" {
-		msg += " (" + rec.Reason + ")"
-	}
-	switch rec.State {
-	case store.StateFailed:
-		return fmt.Errorf("%w: %s: remove it with 'smolvm rm %s'", ErrNotRunning, msg, rec.Name)
-	case store.StatePaused:
-		return fmt.Errorf("%w: %s: resume it first with 'smolvm resume %s'", ErrNotRunning, msg, rec.Name)
-	}
-	return fmt.Errorf("%w: %s: start it with 'smolvm start %s'", ErrNotRunning, msg, rec.Name)
-}
+// notRunning is the ErrNotRunning of a VM that is not running.
+var notRunning = engine.NotRunning
 
 // AgentInfo is what the guest agent says about itself.
 type AgentInfo struct {
@@ -307,17 +293,10 @@ func (vm *VM) Info(ctx context.Context) (*Info, error) {
 func infoOf(rec *store.VM) *Info {
 	in := &Info{ID: rec.ID, Name: rec.Name, State: State(rec.State), Reason: rec.Reason, Created: rec.Created,
 		Dir: rec.Dir, Image: rec.Image, Snapshot: rec.Snapshot, SupervisorPID: rec.SupervisorPID, HypervisorPID: rec.HypervisorPID}
-	var spec supervisor.Spec
-	if json.Unmarshal(rec.Config, &spec) == nil {
-		in.VCPUs, in.MemoryMiB, in.Persistent = spec.Machine.VCPUs, spec.Machine.MemoryMiB, spec.Persistent
-		in.Prelaunched = spec.Prelaunched
-		in.Accel, in.Channel = string(spec.Machine.Accel), string(spec.Machine.Channel)
-	}
+	m := engine.MachineOf(rec)
+	in.VCPUs, in.MemoryMiB, in.Persistent, in.Prelaunched = m.VCPUs, m.MemoryMiB, m.Persistent, m.Prelaunched
+	in.Accel, in.Channel, in.Hypervisor = m.Accel, m.Channel, m.Hypervisor
 	_ = json.Unmarshal(rec.Timings, &in.Timings)
-	var mi hypervisor.Info
-	if json.Unmarshal(rec.Info, &mi) == nil && mi.Driver != "" {
-		in.Hypervisor = strings.TrimSpace(mi.Driver + " " + mi.Version)
-	}
 	return in
 }
 
@@ -399,48 +378,16 @@ func (vm *VM) disconnect() {
 
 // Start boots a stopped VM again (a fresh boot: memory is not kept).
 func (vm *VM) Start(ctx context.Context) error {
-	started := time.Now()
-	rec, err := vm.st.GetVM(ctx, vm.id)
+	cfg := &Config{} // the capacity of this process (see Capacity)
+	sup, err := vm.host.eng.Start(ctx, vm.id, cfg.capacity, vm.log)
 	if err != nil {
-		return err
-	}
-	if rec.Live() && engine.ProcessAlive(rec.SupervisorPID) {
-		return fmt.Errorf("%w: VM %s is already %s", ErrExists, rec.Name, rec.State)
-	}
-	var spec supervisor.Spec
-	if err := json.Unmarshal(rec.Config, &spec); err != nil {
-		return fmt.Errorf("read VM %s: %w", rec.Name, err)
-	}
-	cfg := &Config{SupervisorBinary: spec.SupervisorBinary, Logger: vm.log}
-	if _, err := engine.SupervisorBinary(cfg.SupervisorBinary); spec.Persistent && err != nil {
-		return err
-	}
-	capacity, err := cfg.capacity()
-	if err != nil {
-		return err
-	}
-	if _, err := vm.st.UpdateVMWithin(ctx, vm.id, capacity, func(v *store.VM) error {
-		v.State, v.Reason, v.SupervisorPID = store.StateCreating, "", os.Getpid()
-		if v.MemoryMiB == 0 { // made before the store recorded memory
-			v.MemoryMiB = spec.Machine.MemoryMiB
-		}
-		return nil
-	}); err != nil {
 		return capacityErr(err)
 	}
-	if spec.Persistent {
-		if err := cfg.spawnSupervisor(ctx, homeOf(vm.st), vm.id, started, started); err != nil {
-			return err
-		}
-		return vm.connect()
+	if sup != nil {
+		vm.mu.Lock()
+		vm.sup, vm.agent = sup, sup.Agent()
+		vm.mu.Unlock()
 	}
-	sup, err := supervisor.Start(ctx, vm.id, supervisor.Options{Store: vm.st, Logger: vm.log, Started: started})
-	if err != nil {
-		return err
-	}
-	vm.mu.Lock()
-	vm.sup, vm.agent = sup, sup.Agent()
-	vm.mu.Unlock()
 	return vm.connect()
 }
 
@@ -452,36 +399,13 @@ func (vm *VM) Delete(ctx context.Context) error {
 	if err != nil && !errors.Is(err, ErrNotRunning) {
 		return err
 	}
-	if err := removeVM(ctx, vm.st, vm.id, vm.dir); err != nil {
+	if err := vm.host.eng.RemoveVM(ctx, vm.id, vm.dir); err != nil {
 		return err
 	}
 	vm.mu.Lock()
 	vm.timings.StopDelete = time.Since(t0)
 	vm.mu.Unlock()
 	vm.log.Debug("phase stop+delete done", "vm", vm.id, "took", time.Since(t0))
-	return nil
-}
-
-func removeVM(ctx context.Context, st *store.Store, id, dir string) error {
-	if err := engine.ReleaseNetwork(ctx, st, id); err != nil { // internal/engine
-		return err
-	}
-	if err := retainDisk(dir); err != nil {
-		return err
-	}
-	if dir != "" {
-		// A hypervisor's cgroup outlives it when its supervisor was
-		// killed (the supervisor removes it otherwise).
-		if err := jail.RemoveRecordedCgroup(dir); err != nil {
-			return fmt.Errorf("remove the cgroup of VM %s: %w", id, err)
-		}
-		if err := os.RemoveAll(dir); err != nil {
-			return fmt.Errorf("remove state folder of VM %s: %w", id, err)
-		}
-	}
-	if err := st.DeleteVM(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
-		return err
-	}
 	return nil
 }
 

@@ -1,12 +1,18 @@
-// Package engine is the machinery behind the smolvm package's API: the
+// Package engine is everything behind the smolvm package's API. Host, one
+// per state folder, creates VMs (image resolution, spec building, disks,
+// the network spec, the warm snapshot's restore), takes and restores
+// snapshots, keeps the warm snapshots, builds and removes images, sets
+// the host up, starts, removes and cleans up VMs. Around it: the
 // persistent VM's supervisor process (its command line, the ready pipe,
 // spawning it), the health probes of supervisors and the killing of those
 // that do not answer, the reconciliation of the store with the processes
 // that live, the KVM probe and its cache, the process-wide pool of
 // prelaunched hypervisors, and the kernel command line. It works on the
-// store's records and the hypervisor's types; the smolvm package turns
-// them into its documented types. Nothing here is API: cmd/smolvm must not
-// import it (see the import test in the smolvm package).
+// store's records and the hypervisor's types; the smolvm package checks
+// what users give it, turns it into the engine's types and back, and
+// keeps the VM handle's calls to a running VM. Nothing here is API:
+// cmd/smolvm must not import it (see the import test in the smolvm
+// package).
 package engine
 
 import (

@@ -14,6 +14,7 @@ import (
 	"github.com/smolvm/smolvm/internal/lane"
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
 	"github.com/smolvm/smolvm/internal/proto/controlpb"
+	"github.com/smolvm/smolvm/internal/wire"
 )
 
 // SnapshotSpec is the file in a snapshot folder that says how to start a
@@ -187,15 +188,16 @@ func (s *Supervisor) prepareDisks(ctx context.Context, b *boot) error {
 	return nil
 }
 
-// withHostname sets smolvm.hostname= on a kernel command line.
+// withHostname sets the hostname option (wire.ParamHostname) on a kernel
+// command line.
 func withHostname(cmdline, hostname string) string {
 	if hostname == "" {
 		return cmdline
 	}
 	f := strings.Fields(cmdline)
 	for i := range f {
-		if strings.HasPrefix(f[i], "smolvm.hostname=") {
-			f[i] = "smolvm.hostname=" + hostname
+		if strings.HasPrefix(f[i], wire.ParamHostname+"=") {
+			f[i] = wire.ParamHostname + "=" + hostname
 		}
 	}
 	return strings.Join(f, " ")

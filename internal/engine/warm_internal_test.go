@@ -1,4 +1,4 @@
-package smolvm
+package engine
 
 import (
 	"bytes"
@@ -26,6 +26,7 @@ func TestWarnStaleWarm(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
+	h := &Host{Home: home, Store: st}
 	spec := func(fingerprint string, mem int, cmdline string) *supervisor.Spec {
 		return &supervisor.Spec{ImageFingerprint: fingerprint, MachineLayout: hypervisor.MachineLayout,
 			Machine: hypervisor.MachineConfig{VCPUs: 1, MemoryMiB: mem, Cmdline: cmdline}}
@@ -53,7 +54,7 @@ func TestWarnStaleWarm(t *testing.T) {
 		{"other boot arguments", spec("new", 512, "console=ttyS0 foo=1 smolvm.hostname=other"), false},
 	} {
 		var logs bytes.Buffer
-		warnStaleWarm(ctx, st, c.spec, slog.New(slog.NewTextHandler(&logs, nil)))
+		h.warnStaleWarm(ctx, c.spec, slog.New(slog.NewTextHandler(&logs, nil)))
 		got := strings.Contains(logs.String(), name+" is stale") && strings.Contains(logs.String(), "smolvm setup")
 		if got != c.warn {
 			t.Errorf("%s: warned %v, want %v (log %q)", c.name, got, c.warn, logs.String())
