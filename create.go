@@ -95,15 +95,11 @@ func create(ctx context.Context, h *Host, cfg *Config, started time.Time, snap *
 	if snap != nil {
 		rec.Snapshot, rec.MemoryMiB = snap.name, snap.spec.Machine.MemoryMiB
 	}
-	capacity, err := cfg.capacity()
-	if err != nil {
-		return nil, err
-	}
 	if err := checkStateSpace(homeOf(st)); err != nil {
 		return nil, err
 	}
-	if err := st.CreateVMWithin(ctx, rec, capacity); err != nil {
-		return nil, capacityErr(err)
+	if err := createWithin(ctx, st, cfg, rec); err != nil {
+		return nil, err
 	}
 	dir := filepath.Join(homeOf(st), "vms", rec.ID)
 	undo := func(cause error) error {

@@ -405,18 +405,14 @@ func (vm *VM) Start(ctx context.Context) error {
 	if _, err := engine.SupervisorBinary(cfg.SupervisorBinary); spec.Persistent && err != nil {
 		return err
 	}
-	capacity, err := cfg.capacity()
-	if err != nil {
-		return err
-	}
-	if _, err := vm.st.UpdateVMWithin(ctx, vm.id, capacity, func(v *store.VM) error {
+	if err := startWithin(ctx, vm.st, cfg, vm.id, func(v *store.VM) error {
 		v.State, v.Reason, v.SupervisorPID = store.StateCreating, "", os.Getpid()
 		if v.MemoryMiB == 0 { // made before the store recorded memory
 			v.MemoryMiB = spec.Machine.MemoryMiB
 		}
 		return nil
 	}); err != nil {
-		return capacityErr(err)
+		return err
 	}
 	if spec.Persistent {
 		if err := cfg.spawnSupervisor(ctx, homeOf(vm.st), vm.id, started, started); err != nil {
