@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -344,33 +343,4 @@ func TestJailedHypervisorCleanup(t *testing.T) {
 		}
 	}
 	assertNothingLeft(t, home)
-}
-
-// A host at its configured capacity refuses a new VM with an error that
-// names the limit and the fix, and leaves nothing of it behind.
-func TestCapacity(t *testing.T) {
-	t.Parallel()
-	home := testutil.Home(t)
-	ctx := testutil.Context(t, 10*time.Minute)
-	newVM(t, smolvm.Config{Home: home, MaxVMs: 1})
-	before := stateOf(t, home)
-	_, err := smolvm.New(ctx, smolvm.Config{Home: home, MaxVMs: 1})
-	if !errors.Is(err, smolvm.ErrCapacity) || !strings.Contains(err.Error(), "1 of 1 VMs running") || !strings.Contains(err.Error(), "smolvm rm") {
-		t.Fatalf("second VM with MaxVMs 1: %v, want ErrCapacity naming the limit and the fix", err)
-	}
-	_, err = smolvm.New(ctx, smolvm.Config{Home: home, MaxMemoryMiB: 600})
-	if !errors.Is(err, smolvm.ErrCapacity) || !strings.Contains(err.Error(), "512 of 600 MiB") || !strings.Contains(err.Error(), smolvm.MaxMemoryMiBEnv) {
-		t.Fatalf("second VM of 512 MiB with MaxMemoryMiB 600: %v, want ErrCapacity naming the memory limit", err)
-	}
-	if after := stateOf(t, home); !after.equal(before) {
-		t.Errorf("a refused VM left state: %+v, before %+v", after, before)
-	}
-	// The CLI: the environment sets the limit; exit code 6.
-	cmd := exec.CommandContext(ctx, testutil.Binary(t), "--home", home, "create")
-	cmd.Env = append(os.Environ(), smolvm.MaxVMsEnv+"=1")
-	out, err := cmd.CombinedOutput()
-	var ee *exec.ExitError
-	if !errors.As(err, &ee) || ee.ExitCode() != 6 || !strings.Contains(string(out), "host at capacity: 1 of 1 VMs running") {
-		t.Errorf("smolvm create with %s=1: %v\n%s", smolvm.MaxVMsEnv, err, out)
-	}
 }
