@@ -3,6 +3,7 @@ package smolvm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -203,5 +204,54 @@ func TestHostDirChecked(t *testing.T) {
 	}
 	if vms, _ := stores[0].ListVMs(context.Background()); len(vms) != 0 {
 		t.Errorf("a refused create left %d rows", len(vms))
+	}
+}
+
+// BenchmarkCreateWithin is the cost of the host-wide check per create,
+// with the given number of other state folders holding a VM each; the
+// baseline is the store's own transaction alone.
+func BenchmarkCreateWithin(b *testing.B) {
+	for _, others := range []int{-1, 0, 1, 10} {
+		name := fmt.Sprintf("others=%d", others)
+		if others < 0 {
+			name = "store-only"
+		}
+		b.Run(name, func(b *testing.B) {
+			b.Setenv(HostDirEnv, b.TempDir())
+			ctx := context.Background()
+			open := func() *store.Store {
+				st, err := store.Open(ctx, b.TempDir())
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { st.Close() })
+				return st
+			}
+			for range max(others, 0) {
+				if err := createWithin(ctx, open(), &Config{}, live(100)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			st := open()
+			cfg := &Config{MaxVMs: 1 << 20}
+			b.ResetTimer()
+			for b.Loop() {
+				rec := live(100)
+				var err error
+				if others < 0 {
+					err = st.CreateVMWithin(ctx, rec, store.Capacity{MaxVMs: 1 << 20})
+				} else {
+					err = createWithin(ctx, st, cfg, rec)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				if err := st.DeleteVM(ctx, rec.ID); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
 	}
 }

@@ -31,12 +31,18 @@ func holding(ctx context.Context, q querier, alive func(pid int) bool) (Usage, e
 	}
 	defer rows.Close()
 	var u Usage
+	seen := map[int]bool{} // VMs of one process share its pid
 	for rows.Next() {
 		var pid, mem int
 		if err := rows.Scan(&pid, &mem); err != nil {
 			return Usage{}, fmt.Errorf("count VMs: %w", err)
 		}
-		if alive == nil || alive(pid) {
+		ok, known := seen[pid]
+		if !known && alive != nil {
+			ok = alive(pid)
+			seen[pid] = ok
+		}
+		if alive == nil || ok {
 			u.VMs++
 			u.MemoryMiB += mem
 		}
