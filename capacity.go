@@ -97,12 +97,12 @@ func (c *Config) capacity() (limits, error) {
 	}
 	var l limits
 	l.MaxVMs, l.vmsFrom, err = limit(c.MaxVMs, "Config.MaxVMs or --max-vms", MaxVMsEnv, host.MaxVMs, "--max-vms N", defVMs,
-		fmt.Sprintf("the default (%d per CPU)", VMsPerCPU))
+		fmt.Sprintf("the default, %d per CPU", VMsPerCPU))
 	if err != nil {
 		return limits{}, err
 	}
 	l.MaxMemoryMiB, l.memFrom, err = limit(c.MaxMemoryMiB, "Config.MaxMemoryMiB or --max-memory", MaxMemoryMiBEnv, host.MaxMemoryMiB, "--max-memory SIZE", defMem,
-		"the default (the host's memory less 1 GiB)")
+		"the default, the host's memory less 1 GiB")
 	return l, err
 }
 

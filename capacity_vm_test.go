@@ -98,7 +98,7 @@ func TestHostCapacity(t *testing.T) {
 			capDetail = c.Detail
 		}
 	}
-	if !strings.Contains(capDetail, "past 1 VMs (the host's setting") || !strings.Contains(capDetail, "now 1 VMs and 512 MiB in 1 state folders") {
+	if !strings.Contains(capDetail, "past 1 VMs (from the host's setting") || !strings.Contains(capDetail, "now 1 VMs and 512 MiB in 1 state folders") {
 		t.Errorf("doctor's capacity: %q", capDetail)
 	}
 	cmd := exec.CommandContext(ctx, testutil.Binary(t), "--home", homeB, "create")

@@ -134,7 +134,7 @@ func capacityCheck() HostCheck {
 		c.Fix = fmt.Sprintf("set %s and %s to a positive number, -1 for no limit, or unset them; or 'smolvm setup --max-vms N --max-memory SIZE'", MaxVMsEnv, MaxMemoryMiBEnv)
 		return c
 	}
-	c.Detail = fmt.Sprintf("new VMs are refused past %s VMs (%s) or %s MiB of guest memory (%s), counted over every state folder of the host",
+	c.Detail = fmt.Sprintf("new VMs are refused past %s VMs (from %s) or %s MiB of guest memory (from %s), counted over every state folder of the host",
 		limitText(l.MaxVMs), l.vmsFrom, limitText(l.MaxMemoryMiB), l.memFrom)
 	if u, homes, err := hostcap.Usage(context.Background(), hostcap.Dir(), engine.ProcessAlive); err != nil {
 		c.Detail += "; " + err.Error()
