@@ -91,6 +91,18 @@ func TestHostCapacityShared(t *testing.T) {
 	if err := createWithin(ctx, stores[0], &Config{MaxMemoryMiB: 500}, live(100)); err != nil {
 		t.Errorf("100 MiB more with 500 MiB for the host: %v", err)
 	}
+	// Starting a stopped VM again counts the other folders too.
+	stopped := &store.VM{State: store.StateStopped, MemoryMiB: 100}
+	if err := createWithin(ctx, empty, cfg, stopped); err != nil {
+		t.Fatal(err)
+	}
+	start := func(v *store.VM) error { v.State, v.SupervisorPID = store.StateCreating, os.Getpid(); return nil }
+	if err := startWithin(ctx, empty, &Config{MaxVMs: 5}, stopped.ID, start); !errors.Is(err, ErrCapacity) || !strings.Contains(err.Error(), "5 of 5 VMs running") {
+		t.Errorf("start of a stopped VM with 5 VMs on the host and a limit of 5: %v", err)
+	}
+	if err := startWithin(ctx, empty, &Config{MaxVMs: 6}, stopped.ID, start); err != nil {
+		t.Errorf("start with a limit of 6: %v", err)
+	}
 }
 
 // VMs whose supervisor is gone hold nothing, in any folder; a folder that
