@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -49,4 +52,45 @@ func TestRegisterOnce(t *testing.T) {
 	if ents, _ := os.ReadDir(dir + "/homes"); len(ents) != 1 {
 		t.Errorf("%d entries for one state folder", len(ents))
 	}
+}
+
+// A holder killed with SIGKILL (a create interrupted while it counts)
+// leaves nothing that blocks the next create: the kernel drops its lock.
+func TestLockOfKilledHolder(t *testing.T) {
+	dir := t.TempDir()
+	if err := ensureDir(dir); err != nil {
+		t.Fatal(err)
+	}
+	// -o: the lock is flock(1)'s alone, not its child's too.
+	holder := exec.Command("flock", "-o", filepath.Join(dir, "lock"), "sleep", "60")
+	holder.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := holder.Start(); err != nil {
+		t.Skipf("flock(1): %v", err)
+	}
+	defer func() { _ = syscall.Kill(-holder.Process.Pid, syscall.SIGKILL); _ = holder.Wait() }()
+	held := false
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !held; {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		l, err := Acquire(ctx, dir)
+		cancel()
+		if err == nil {
+			l.Release() // flock(1) has not taken it yet
+			continue
+		}
+		held = errors.Is(err, context.DeadlineExceeded)
+	}
+	if !held {
+		t.Fatal("flock(1) never held the lock")
+	}
+	if err := holder.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = holder.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	l, err := Acquire(ctx, dir)
+	if err != nil {
+		t.Fatalf("Acquire after the holder was killed: %v", err)
+	}
+	l.Release()
 }
