@@ -94,7 +94,7 @@ func setup(ctx context.Context, h *Host, home string, opts SetupOptions) (*Setup
 	}
 	if os.Geteuid() == 0 && !opts.CachedOnly {
 		// QEMU runs as this user (see internal/jail).
-		if err := jail.EnsureUser(); err != nil {
+		if err := errors.Join(jail.EnsureUser(), jail.EnsureIDs()); err != nil {
 			return nil, err
 		}
 	}
