@@ -376,6 +376,8 @@ func TestJailedHypervisorCleanup(t *testing.T) {
 			t.Fatalf("the VM's cgroup: %v", err)
 		}
 	}
+	n, _ := strconv.ParseUint(procStatus(t, in.HypervisorPID, "Uid")[0], 10, 32)
+	uid := uint32(n)
 	if err := syscall.Kill(in.SupervisorPID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -394,6 +396,11 @@ func TestJailedHypervisorCleanup(t *testing.T) {
 		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("cgroup %s left after cleanup (%v)", d, err)
 		}
+	}
+	if !h.IDs.Held(uid) {
+		t.Logf("uid %d free after cleanup", uid)
+	} else {
+		t.Errorf("QEMU's uid %d still held after kill -9 and cleanup", uid)
 	}
 	assertNothingLeft(t, home)
 }

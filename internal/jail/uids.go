@@ -127,14 +127,23 @@ func (r IDRange) Alloc(dir string) (uint32, error) {
 		}
 		taken[uint32(n)] = string(b)
 	}
-	live := processUIDs()
+	// An id never recorded is free (entries are not removed, and /run
+	// starts empty); a recorded one whose folder is gone is free unless a
+	// process still runs as it (a prelaunched QEMU whose folder became a
+	// VM's), which only then costs a walk of /proc.
+	var live map[uint32]bool
 	for i := uint32(0); i < r.Count; i++ {
 		id := r.Start + i
-		if owner, ok := taken[id]; ok && (folderExists(owner) || live[id]) {
-			continue
-		}
-		if live[id] {
-			continue
+		if owner, ok := taken[id]; ok {
+			if folderExists(owner) {
+				continue
+			}
+			if live == nil {
+				live = processUIDs()
+			}
+			if live[id] {
+				continue
+			}
 		}
 		if err := os.WriteFile(filepath.Join(UIDDir, strconv.FormatUint(uint64(id), 10)), []byte(dir), 0o600); err != nil {
 			return 0, fmt.Errorf("jail: %w", err)
@@ -180,7 +189,8 @@ func lockUIDs() (func(), error) {
 	}
 }
 
-// processUIDs is the set of real uids of the host's live processes.
+// processUIDs is the set of real uids of the host's live processes
+// (zombies left out).
 func processUIDs() map[uint32]bool {
 	out := map[uint32]bool{}
 	ents, _ := os.ReadDir("/proc")
@@ -190,6 +200,10 @@ func processUIDs() map[uint32]bool {
 		}
 		b, err := os.ReadFile("/proc/" + e.Name() + "/status")
 		if err != nil {
+			continue
+		}
+		// A zombie (exited, not yet reaped) holds no file.
+		if i := bytes.Index(b, []byte("\nState:\t")); i >= 0 && i+8 < len(b) && (b[i+8] == 'Z' || b[i+8] == 'X') {
 			continue
 		}
 		if i := bytes.Index(b, []byte("\nUid:")); i >= 0 {
