@@ -47,25 +47,44 @@ func reservedIDs() (IDRange, error) {
 	return IDRange{Start: u.Start, Count: min(u.Count, g.Count)}, nil
 }
 
-// subIDs is User's first entry in a subordinate id file.
-func subIDs(path string) (IDRange, error) {
+// subIDEntry is a line of /etc/subuid or /etc/subgid.
+type subIDEntry struct {
+	user         string
+	start, count uint64
+}
+
+// subIDEntries reads the well-formed lines of a subordinate id file (none
+// when it does not exist).
+func subIDEntries(path string) ([]subIDEntry, error) {
 	b, err := os.ReadFile(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return IDRange{}, err
+		return nil, err
 	}
+	var out []subIDEntry
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	for sc.Scan() {
 		f := strings.Split(strings.TrimSpace(sc.Text()), ":")
-		if len(f) != 3 || f[0] != User {
+		if len(f) != 3 {
 			continue
 		}
 		start, err1 := strconv.ParseUint(f[1], 10, 32)
 		count, err2 := strconv.ParseUint(f[2], 10, 32)
-		if err1 == nil && err2 == nil && start > 0 && start+count <= 1<<31 {
-			return IDRange{Start: uint32(start), Count: uint32(count)}, nil
+		if err1 == nil && err2 == nil {
+			out = append(out, subIDEntry{f[0], start, count})
 		}
 	}
-	return IDRange{}, nil
+	return out, nil
+}
+
+// subIDs is User's first usable entry in a subordinate id file.
+func subIDs(path string) (IDRange, error) {
+	ents, err := subIDEntries(path)
+	for _, e := range ents {
+		if e.user == User && e.start > 0 && e.start+e.count <= 1<<31 {
+			return IDRange{Start: uint32(e.start), Count: uint32(e.count)}, nil
+		}
+	}
+	return IDRange{}, err
 }
 
 // EnsureIDs reserves idCount uids and gids for User (root only) when
@@ -77,17 +96,12 @@ func EnsureIDs() error {
 	}
 	end := uint64(100000)
 	for _, p := range []string{"/etc/subuid", "/etc/subgid"} {
-		b, _ := os.ReadFile(p)
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Split(strings.TrimSpace(line), ":")
-			if len(f) != 3 {
-				continue
-			}
-			s, err1 := strconv.ParseUint(f[1], 10, 32)
-			c, err2 := strconv.ParseUint(f[2], 10, 32)
-			if err1 == nil && err2 == nil {
-				end = max(end, s+c)
-			}
+		ents, err := subIDEntries(p)
+		if err != nil {
+			return fmt.Errorf("reserve ids for user %s: %w", User, err)
+		}
+		for _, e := range ents {
+			end = max(end, e.start+e.count)
 		}
 	}
 	ids := fmt.Sprintf("%d-%d", end, end+idCount-1)
