@@ -1,6 +1,7 @@
 package smolvm
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -9,6 +10,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/smolvm/smolvm/internal/engine"
+	"github.com/smolvm/smolvm/internal/hostcap"
 	"github.com/smolvm/smolvm/internal/store"
 )
 
@@ -16,6 +19,9 @@ import (
 const (
 	MaxVMsEnv       = "SMOLVM_MAX_VMS"
 	MaxMemoryMiBEnv = "SMOLVM_MAX_MEMORY_MIB"
+	// HostDirEnv names the host folder (see HostDir) in place of the
+	// default.
+	HostDirEnv = hostcap.DirEnv
 )
 
 // VMsPerCPU is the default limit of VMs per host CPU. Under emulation
@@ -28,8 +34,8 @@ const VMsPerCPU = 32
 const memoryReserveMiB = 1024
 
 // DefaultCapacity is the limit of VMs and of guest memory (MiB) a host
-// takes when neither Config nor the environment sets one: VMsPerCPU per
-// CPU, and the host's memory less 1 GiB.
+// takes when nothing sets one: VMsPerCPU per CPU, and the host's memory
+// less 1 GiB.
 func DefaultCapacity() (maxVMs, maxMemoryMiB int) {
 	maxVMs = VMsPerCPU * runtime.NumCPU()
 	var si unix.Sysinfo_t
@@ -40,54 +46,140 @@ func DefaultCapacity() (maxVMs, maxMemoryMiB int) {
 	return maxVMs, maxMemoryMiB
 }
 
+// HostDir is the host folder, where the limits of the whole host are
+// counted and set: $SMOLVM_HOST_DIR, else /var/lib/smolvm for root, else
+// smolvm in the user's config folder. Its capacity.json holds the limits
+// that SetHostCapacity (smolvm setup --max-vms/--max-memory) sets.
+func HostDir() string { return hostcap.Dir() }
+
+// HostCapacity are the host's capacity settings (HostDir's
+// capacity.json): 0 leaves a limit to the default, -1 is no limit.
+type HostCapacity struct {
+	MaxVMs       int `json:"max_vms,omitempty"`
+	MaxMemoryMiB int `json:"max_memory_mib,omitempty"`
+}
+
+// ReadHostCapacity returns the host's capacity settings.
+func ReadHostCapacity() (HostCapacity, error) {
+	l, err := hostcap.ReadLimits(hostcap.Dir())
+	return HostCapacity(l), err
+}
+
+// SetHostCapacity sets the limits every state folder of this host is
+// checked against when neither Config nor the environment sets one.
+func SetHostCapacity(c HostCapacity) error {
+	return hostcap.WriteLimits(hostcap.Dir(), hostcap.Limits(c))
+}
+
 // Capacity returns the limits a new VM of this process is checked
 // against when its Config sets none: $SMOLVM_MAX_VMS and
-// $SMOLVM_MAX_MEMORY_MIB, else DefaultCapacity; 0 is no limit. An
-// unusable variable is the ErrInvalid that creating a VM would return.
+// $SMOLVM_MAX_MEMORY_MIB, else the host's settings (SetHostCapacity),
+// else DefaultCapacity; 0 is no limit. An unusable variable or setting
+// is the ErrInvalid that creating a VM would return.
 func Capacity() (maxVMs, maxMemoryMiB int, err error) {
 	c, err := (&Config{}).capacity()
 	return c.MaxVMs, c.MaxMemoryMiB, err
 }
 
-// capacity resolves the limits of cfg: its fields, else the environment,
-// else DefaultCapacity; -1 is no limit.
-func (c *Config) capacity() (store.Capacity, error) {
-	defVMs, defMem := DefaultCapacity()
-	vms, err := limit(c.MaxVMs, MaxVMsEnv, defVMs)
-	if err != nil {
-		return store.Capacity{}, err
-	}
-	mem, err := limit(c.MaxMemoryMiB, MaxMemoryMiBEnv, defMem)
-	return store.Capacity{MaxVMs: vms, MaxMemoryMiB: mem}, err
+// limits are the resolved limits of a new VM and where each came from.
+type limits struct {
+	store.Capacity
+	vmsFrom, memFrom string
 }
 
-func limit(v int, env string, def int) (int, error) {
-	if v == 0 {
-		if s := os.Getenv(env); s != "" {
-			n, err := strconv.Atoi(s)
-			if err != nil || n < -1 || n == 0 {
-				return 0, fmt.Errorf("%w: %s=%q: want a positive number, or -1 for no limit", ErrInvalid, env, s)
-			}
-			v = n
-		} else {
-			v = def
+// capacity resolves the limits of cfg: its fields, else the environment,
+// else the host's settings, else DefaultCapacity; -1 is no limit.
+func (c *Config) capacity() (limits, error) {
+	defVMs, defMem := DefaultCapacity()
+	host, err := hostcap.ReadLimits(hostcap.Dir())
+	if err != nil {
+		return limits{}, err
+	}
+	var l limits
+	l.MaxVMs, l.vmsFrom, err = limit(c.MaxVMs, "Config.MaxVMs or --max-vms", MaxVMsEnv, host.MaxVMs, "--max-vms N", defVMs,
+		fmt.Sprintf("the default, %d per CPU", VMsPerCPU))
+	if err != nil {
+		return limits{}, err
+	}
+	l.MaxMemoryMiB, l.memFrom, err = limit(c.MaxMemoryMiB, "Config.MaxMemoryMiB or --max-memory", MaxMemoryMiBEnv, host.MaxMemoryMiB, "--max-memory SIZE", defMem,
+		"the default, the host's memory less 1 GiB")
+	return l, err
+}
+
+// limit resolves one limit (-1: none, returned as 0) and says where it
+// came from.
+func limit(v int, field, env string, host int, setupFlag string, def int, defFrom string) (int, string, error) {
+	from := field
+	switch {
+	case v != 0:
+	case os.Getenv(env) != "":
+		s := os.Getenv(env)
+		n, err := strconv.Atoi(s)
+		if err != nil || n < -1 || n == 0 {
+			return 0, "", fmt.Errorf("%w: %s=%q: want a positive number, or -1 for no limit", ErrInvalid, env, s)
 		}
+		v, from = n, "$"+env
+	case host != 0:
+		v, from = host, fmt.Sprintf("the host's setting in %s/%s ('smolvm setup %s')", hostcap.Dir(), hostcap.LimitsFile, setupFlag)
+	default:
+		v, from = def, defFrom
 	}
 	if v < 0 {
-		return 0, nil
+		return 0, from, nil
 	}
-	return v, nil
+	return v, from, nil
 }
 
-// capacityErr says which limit a refused VM hit and what to do.
-func capacityErr(err error) error {
+// within is the engine's capacity check of a VM of c in the state
+// folder home (see withinCapacity).
+func (c *Config) within(home string) engine.Within {
+	return func(ctx context.Context, write func(store.Capacity) error) error {
+		return withinCapacity(ctx, home, c, write)
+	}
+}
+
+// withinCapacity runs write (the transaction that makes a VM hold host
+// resources) under the host folder's lock, with the limits of cfg and
+// what the host's other state folders hold: two creates in any folders
+// of the host never pass a limit together. VMs whose supervisor is gone
+// are not counted.
+func withinCapacity(ctx context.Context, home string, cfg *Config, write func(store.Capacity) error) error {
+	l, err := cfg.capacity()
+	if err != nil {
+		return err
+	}
+	l.Alive = engine.ProcessAlive
+	lock, err := hostcap.Acquire(ctx, hostcap.Dir())
+	if err != nil {
+		return err
+	}
+	defer lock.Release()
+	// Registered before the count, so that a create elsewhere that waits
+	// for this lock sees this VM.
+	if err := lock.Register(home); err != nil {
+		return err
+	}
+	if l.MaxVMs > 0 || l.MaxMemoryMiB > 0 {
+		other, _, err := lock.Others(ctx, home, engine.ProcessAlive)
+		if err != nil {
+			return err
+		}
+		l.OtherVMs, l.OtherMemoryMiB = other.VMs, other.MemoryMiB
+	}
+	return l.explain(write(l.Capacity))
+}
+
+// explain says which limit a refused VM hit, where it was set and what
+// to do.
+func (l limits) explain(err error) error {
 	var ce *store.CapacityError
 	if !errors.As(err, &ce) {
 		return err
 	}
-	what, env := "VMs", MaxVMsEnv
+	from, set := l.vmsFrom, fmt.Sprintf("Config.MaxVMs, --max-vms, $%s, or 'smolvm setup --max-vms N' for the host", MaxVMsEnv)
 	if ce.Resource != "VMs" {
-		what, env = "guest memory", MaxMemoryMiBEnv
+		from, set = l.memFrom, fmt.Sprintf("Config.MaxMemoryMiB, --max-memory, $%s, or 'smolvm setup --max-memory SIZE' for the host", MaxMemoryMiBEnv)
 	}
-	return fmt.Errorf("%w (the limit of %s, Config or %s): delete one with 'smolvm rm' or raise the limit", err, what, env)
+	return fmt.Errorf("%w; the limit comes from %s: delete a VM with 'smolvm rm' (in any state folder of the host), or raise the limit (%s)",
+		err, from, set)
 }

@@ -33,22 +33,22 @@ func newVM(ctx context.Context, h *Host, cfg Config) (*VM, error) {
 		return nil, err
 	}
 	var vm *VM
-	if err := h.eng.New(ctx, cfg.engineConfig(), started, h.attach(&vm, cfg.Logger)); err != nil {
-		return nil, capacityErr(err)
+	if err := h.eng.New(ctx, cfg.engineConfig(h.home), started, h.attach(&vm, cfg.Logger)); err != nil {
+		return nil, err
 	}
 	return vm, nil
 }
 
 // engineConfig is the checked config (see setDefaults) in the engine's
-// types.
-func (c *Config) engineConfig() engine.VMConfig {
+// types, for a VM of the state folder home.
+func (c *Config) engineConfig(home string) engine.VMConfig {
 	ec := engine.VMConfig{Name: c.Name, VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB,
 		KernelPath: c.KernelPath, InitrdPath: c.InitrdPath, RootfsPath: c.RootfsPath,
 		Image: c.Image, DiskMode: c.DiskMode, DiskSizeMiB: c.DiskSizeMiB, RetainDisk: c.RetainDisk,
 		ConsoleLogMaxBytes: c.ConsoleLogMaxBytes, BootArgs: c.BootArgs, Accel: c.Accel, Channel: c.Channel,
 		Hypervisor: c.Hypervisor, BootTimeout: c.BootTimeout, Persistent: c.Persistent, SupervisorBinary: c.SupervisorBinary,
 		Cold: c.Cold, Network: c.Network, TAPSubnet: c.TAPSubnet, Ports: c.Ports, Egress: network.Egress(c.Egress),
-		Hosts: c.Hosts, Logger: c.Logger, Prelaunch: c.Prelaunch, Limits: c.capacity, FileMemory: c.fileMemory}
+		Hosts: c.Hosts, Logger: c.Logger, Prelaunch: c.Prelaunch, Within: c.within(home), FileMemory: c.fileMemory}
 	if afterMountCheck != nil {
 		afterMountCheck(c.Mounts)
 	}

@@ -8,6 +8,7 @@ import (
 	"strconv"
 
 	"github.com/smolvm/smolvm/internal/engine"
+	"github.com/smolvm/smolvm/internal/hostcap"
 )
 
 // HostCheck is one fact CheckHost found about this host: OK, or not and
@@ -67,16 +68,27 @@ func CheckHost(ctx context.Context, home string) []HostCheck {
 // privilegeChecks report how QEMU is confined on this host and what is
 // missing, with its cost; and the host's capacity limits.
 func privilegeChecks() []HostCheck {
-	out := checksOf(engine.JailChecks())
-	capCheck := HostCheck{Name: "capacity", OK: true}
-	if vms, mem, err := Capacity(); err != nil {
-		capCheck.OK, capCheck.Detail = false, err.Error()
-		capCheck.Fix = fmt.Sprintf("set %s and %s to a positive number, -1 for no limit, or unset them", MaxVMsEnv, MaxMemoryMiBEnv)
-	} else {
-		capCheck.Detail = fmt.Sprintf("new VMs are refused past %s VMs or %s MiB of guest memory in this state folder (%s, %s; -1: no limit)",
-			limitText(vms), limitText(mem), MaxVMsEnv, MaxMemoryMiBEnv)
+	return append(checksOf(engine.JailChecks()), capacityCheck())
+}
+
+// capacityCheck reports the host's limits, where each comes from, and
+// what the VMs of every state folder hold now.
+func capacityCheck() HostCheck {
+	c := HostCheck{Name: "capacity", OK: true}
+	l, err := (&Config{}).capacity()
+	if err != nil {
+		c.OK, c.Detail = false, err.Error()
+		c.Fix = fmt.Sprintf("set %s and %s to a positive number, -1 for no limit, or unset them; or 'smolvm setup --max-vms N --max-memory SIZE'", MaxVMsEnv, MaxMemoryMiBEnv)
+		return c
 	}
-	return append(out, capCheck)
+	c.Detail = fmt.Sprintf("new VMs are refused past %s VMs (from %s) or %s MiB of guest memory (from %s), counted over every state folder of the host",
+		limitText(l.MaxVMs), l.vmsFrom, limitText(l.MaxMemoryMiB), l.memFrom)
+	if u, homes, err := hostcap.Usage(context.Background(), hostcap.Dir(), engine.ProcessAlive); err != nil {
+		c.Detail += "; " + err.Error()
+	} else {
+		c.Detail += fmt.Sprintf("; now %d VMs and %d MiB in %d state folders (registry: %s)", u.VMs, u.MemoryMiB, homes, hostcap.Dir())
+	}
+	return c
 }
 
 // limitText shows a resolved limit (0: none).

@@ -94,16 +94,31 @@ func TestJailedHypervisor(t *testing.T) {
 		t.Fatalf("no live hypervisor: %+v", in)
 	}
 
+	otherIn, err := other.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var uid uint32
 	t.Run("User", func(t *testing.T) {
-		uid, gid := strconv.Itoa(int(h.UID)), strconv.Itoa(int(h.GID))
-		if u := procStatus(t, pid, "Uid"); !slices.Equal(u, []string{uid, uid, uid, uid}) {
-			t.Errorf("QEMU's uids %v, want all %s (%s)", u, uid, jail.User)
+		// A uid and gid of its own, from the range reserved for user
+		// smolvm; smolvm's group alone as a supplementary group.
+		if h.IDsErr != nil {
+			t.Fatalf("no ids reserved for %s: %v", jail.User, h.IDsErr)
 		}
-		if g := procStatus(t, pid, "Gid"); !slices.Equal(g, []string{gid, gid, gid, gid}) {
-			t.Errorf("QEMU's gids %v, want all %s", g, gid)
+		u := procStatus(t, pid, "Uid")
+		n, _ := strconv.ParseUint(u[0], 10, 32)
+		uid = uint32(n)
+		if !slices.Equal(u, []string{u[0], u[0], u[0], u[0]}) || uid < h.IDs.Start || uid >= h.IDs.Start+h.IDs.Count {
+			t.Errorf("QEMU's uids %v, want all one id of %s's range %+v", u, jail.User, h.IDs)
 		}
-		if g := procStatus(t, pid, "Groups"); len(g) != 0 {
-			t.Errorf("QEMU has supplementary groups %v", g)
+		if g := procStatus(t, pid, "Gid"); !slices.Equal(g, []string{u[0], u[0], u[0], u[0]}) {
+			t.Errorf("QEMU's gids %v, want all %s (its uid)", g, u[0])
+		}
+		if g := procStatus(t, pid, "Groups"); !slices.Equal(g, []string{strconv.Itoa(int(h.GID))}) {
+			t.Errorf("QEMU has supplementary groups %v, want %s's alone (%d)", g, jail.User, h.GID)
+		}
+		if ou := procStatus(t, otherIn.HypervisorPID, "Uid"); ou[0] == u[0] {
+			t.Errorf("two VMs' QEMUs run as one uid %s", u[0])
 		}
 		if eff := procStatus(t, pid, "CapEff"); len(eff) != 1 || eff[0] != "0000000000000000" {
 			t.Errorf("QEMU has capabilities %v", eff)
@@ -178,6 +193,14 @@ func TestJailedHypervisor(t *testing.T) {
 		}
 	})
 
+	t.Run("OwnFiles", func(t *testing.T) {
+		// The other VM's QEMU uid (its gid and smolvm's group) cannot
+		// open this VM's files, even where the path to them is open
+		// (the home and vms/ are made traversable for the test); this
+		// VM's own uid can.
+		testOwnFiles(t, home, vm.Dir(), procStatus(t, otherIn.HypervisorPID, "Uid")[0], procStatus(t, pid, "Uid")[0], h.GID)
+	})
+
 	if _, err := vm.Run(ctx, "true"); err != nil {
 		t.Fatalf("Run in the jailed VM: %v", err)
 	}
@@ -188,6 +211,35 @@ func TestJailedHypervisor(t *testing.T) {
 		t.Errorf("QEMU %d alive after Delete", pid)
 	}
 	assertNoCgroup(t, h, vm.ID(), "after Delete")
+	if uid != 0 && h.IDs.Held(uid) {
+		t.Errorf("uid %d still held after Delete", uid)
+	}
+}
+
+// testOwnFiles opens the console log in dir as uid other and as uid own
+// (each with its gid and group smolvm) with setpriv.
+func testOwnFiles(t *testing.T, home, dir, other, own string, group uint32) {
+	for _, d := range []string{home, filepath.Join(home, "vms")} {
+		fi, err := os.Stat(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(d, fi.Mode().Perm()|0o011); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = os.Chmod(d, fi.Mode().Perm()) })
+	}
+	open := func(uid string) (string, error) {
+		out, err := exec.Command("setpriv", "--reuid", uid, "--regid", uid, "--groups", strconv.Itoa(int(group)),
+			"head", "-c", "16", filepath.Join(dir, "console.log")).CombinedOutput()
+		return string(out), err
+	}
+	if out, err := open(own); err != nil {
+		t.Fatalf("its own uid %s cannot read its console log: %v: %s", own, err, out)
+	}
+	if out, err := open(other); err == nil || !strings.Contains(out, "Permission denied") {
+		t.Errorf("the other QEMU's uid %s read this VM's console log: %v: %q", other, err, out)
+	}
 }
 
 // assertCgroup checks that QEMU (pid) of VM id runs alone in the VM's
@@ -324,6 +376,8 @@ func TestJailedHypervisorCleanup(t *testing.T) {
 			t.Fatalf("the VM's cgroup: %v", err)
 		}
 	}
+	n, _ := strconv.ParseUint(procStatus(t, in.HypervisorPID, "Uid")[0], 10, 32)
+	uid := uint32(n)
 	if err := syscall.Kill(in.SupervisorPID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -343,34 +397,10 @@ func TestJailedHypervisorCleanup(t *testing.T) {
 			t.Errorf("cgroup %s left after cleanup (%v)", d, err)
 		}
 	}
+	if !h.IDs.Held(uid) {
+		t.Logf("uid %d free after cleanup", uid)
+	} else {
+		t.Errorf("QEMU's uid %d still held after kill -9 and cleanup", uid)
+	}
 	assertNothingLeft(t, home)
-}
-
-// A host at its configured capacity refuses a new VM with an error that
-// names the limit and the fix, and leaves nothing of it behind.
-func TestCapacity(t *testing.T) {
-	t.Parallel()
-	home := testutil.Home(t)
-	ctx := testutil.Context(t, 10*time.Minute)
-	newVM(t, smolvm.Config{Home: home, MaxVMs: 1})
-	before := stateOf(t, home)
-	_, err := smolvm.New(ctx, smolvm.Config{Home: home, MaxVMs: 1})
-	if !errors.Is(err, smolvm.ErrCapacity) || !strings.Contains(err.Error(), "1 of 1 VMs running") || !strings.Contains(err.Error(), "smolvm rm") {
-		t.Fatalf("second VM with MaxVMs 1: %v, want ErrCapacity naming the limit and the fix", err)
-	}
-	_, err = smolvm.New(ctx, smolvm.Config{Home: home, MaxMemoryMiB: 600})
-	if !errors.Is(err, smolvm.ErrCapacity) || !strings.Contains(err.Error(), "512 of 600 MiB") || !strings.Contains(err.Error(), smolvm.MaxMemoryMiBEnv) {
-		t.Fatalf("second VM of 512 MiB with MaxMemoryMiB 600: %v, want ErrCapacity naming the memory limit", err)
-	}
-	if after := stateOf(t, home); !after.equal(before) {
-		t.Errorf("a refused VM left state: %+v, before %+v", after, before)
-	}
-	// The CLI: the environment sets the limit; exit code 6.
-	cmd := exec.CommandContext(ctx, testutil.Binary(t), "--home", home, "create")
-	cmd.Env = append(os.Environ(), smolvm.MaxVMsEnv+"=1")
-	out, err := cmd.CombinedOutput()
-	var ee *exec.ExitError
-	if !errors.As(err, &ee) || ee.ExitCode() != 6 || !strings.Contains(string(out), "host at capacity: 1 of 1 VMs running") {
-		t.Errorf("smolvm create with %s=1: %v\n%s", smolvm.MaxVMsEnv, err, out)
-	}
 }

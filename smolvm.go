@@ -140,12 +140,12 @@ type Config struct {
 	// it. See prelaunch.go.
 	Prelaunch bool
 	// MaxVMs and MaxMemoryMiB are the host's capacity, checked when the
-	// VM is created, atomically with every other process of this state
-	// folder: a VM that would make more VMs hold host resources
-	// (creating, running or paused), or more guest memory, than this
-	// fails with ErrCapacity instead of slowing every VM down. 0 takes
-	// $SMOLVM_MAX_VMS / $SMOLVM_MAX_MEMORY_MIB, else DefaultCapacity;
-	// -1 is no limit.
+	// VM is created, atomically with every other process of the host: a
+	// VM that would make more VMs hold host resources (creating, running
+	// or paused, in any state folder of the host), or more guest memory,
+	// than this fails with ErrCapacity instead of slowing every VM down.
+	// 0 takes $SMOLVM_MAX_VMS / $SMOLVM_MAX_MEMORY_MIB, else the host's
+	// settings (SetHostCapacity), else DefaultCapacity; -1 is no limit.
 	MaxVMs, MaxMemoryMiB int
 
 	// fileMemory backs guest RAM with a shared file in the VM's folder

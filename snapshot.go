@@ -110,11 +110,11 @@ func restore(ctx context.Context, h *Host, snapshot string, cfg Config) (*VM, er
 	if len(cfg.Mounts) > 0 {
 		return nil, engine.ErrMountsNoSnapshot
 	}
-	ec := cfg.engineConfig()
+	ec := cfg.engineConfig(h.home)
 	ec.MemoryMiB, ec.VCPUs = mem, cpus
 	var vm *VM
 	if err := h.eng.Restore(ctx, snapshot, ec, started, h.attach(&vm, cfg.Logger)); err != nil {
-		return nil, capacityErr(err)
+		return nil, err
 	}
 	return vm, nil
 }

@@ -379,9 +379,9 @@ func (vm *VM) disconnect() {
 // Start boots a stopped VM again (a fresh boot: memory is not kept).
 func (vm *VM) Start(ctx context.Context) error {
 	cfg := &Config{} // the capacity of this process (see Capacity)
-	sup, err := vm.host.eng.Start(ctx, vm.id, cfg.capacity, vm.log)
+	sup, err := vm.host.eng.Start(ctx, vm.id, cfg.within(vm.host.home), vm.log)
 	if err != nil {
-		return capacityErr(err)
+		return err
 	}
 	if sup != nil {
 		vm.mu.Lock()

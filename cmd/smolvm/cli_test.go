@@ -163,7 +163,8 @@ func TestCLIBadInput(t *testing.T) {
 		}
 	}
 	// Network settings that would open the host's loopback, or do
-	// nothing, are refused as invalid (exit 3), naming the fix.
+	// nothing, and capacity limits that are no limit, are refused as
+	// invalid (exit 3), naming the fix.
 	for _, c := range []struct {
 		args []string
 		want string
@@ -171,6 +172,9 @@ func TestCLIBadInput(t *testing.T) {
 		{[]string{"create", "--egress", "allowlist", "--allow-cidr", "127.0.0.1/32"}, "--add-host NAME:127.0.0.1"},
 		{[]string{"create", "--add-host", "svc:127.0.0.1", "--egress", "off"}, "--egress off"},
 		{[]string{"create", "--allow-domain", "example.com", "--add-host", "svc:127.0.0.1"}, "--allow-domain svc"},
+		{[]string{"create", "--max-vms", "-2"}, "--max-vms -2"},
+		{[]string{"run", "--max-memory", "lots", "--", "true"}, "--max-memory"},
+		{[]string{"setup", "--no-install", "--max-vms", "-5"}, "--max-vms -5"},
 	} {
 		r = smolvmRun(t, home, "", c.args...)
 		if r.code != 3 || !strings.Contains(r.stderr, c.want) {

@@ -28,7 +28,8 @@ type vmFlags struct {
 	retainDisk  bool
 	consoleSize string
 	mounts      []string
-	net         netFlags // port.go
+	net         netFlags      // port.go
+	capacity    capacityFlags // capacity.go
 }
 
 func (f *vmFlags) register(fs *pflag.FlagSet) {
@@ -50,6 +51,7 @@ func (f *vmFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.consoleSize, "console-log-size", "1M", "keep at most this much of the guest console on the host (the newest), e.g. 256K, 4M")
 	fs.StringArrayVar(&f.mounts, "mount", nil, "share a host folder with the guest: HOST_DIR:GUEST_DIR[:ro|rw] (read-only unless :rw; repeatable)")
 	f.net.register(fs)
+	f.capacity.register(fs, "this VM")
 }
 
 func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
@@ -74,6 +76,10 @@ func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
 	if err != nil {
 		return smolvm.Config{}, err
 	}
+	maxVMs, maxMemMiB, err := f.capacity.limits()
+	if err != nil {
+		return smolvm.Config{}, err
+	}
 	var mounts []smolvm.Mount
 	for _, s := range f.mounts {
 		m, err := smolvm.ParseMount(s)
@@ -88,6 +94,6 @@ func (f *vmFlags) config(g *globals) (smolvm.Config, error) {
 		Name: f.name, VCPUs: f.cpus, MemoryMiB: f.memory,
 		KernelPath: f.kernel, InitrdPath: f.initrd, RootfsPath: f.rootfs, BootArgs: f.bootArgs,
 		Accel: f.accel, Channel: f.channel, BootTimeout: f.bootTimeout, Cold: f.cold, Logger: g.log,
-		ConsoleLogMaxBytes: consoleBytes, Mounts: mounts,
+		ConsoleLogMaxBytes: consoleBytes, Mounts: mounts, MaxVMs: maxVMs, MaxMemoryMiB: maxMemMiB,
 	}, nil
 }

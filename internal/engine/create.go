@@ -16,6 +16,10 @@ import (
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
+// Within runs write, which records a VM as holding host resources, with
+// the host's capacity limits (VMConfig.Within).
+type Within func(ctx context.Context, write func(store.Capacity) error) error
+
 // VMConfig is a VM to create: smolvm.Config checked, with its defaults
 // set and its public types turned into the engine's (the smolvm package
 // documents each field).
@@ -40,9 +44,11 @@ type VMConfig struct {
 	Mounts                             []Mount
 	Logger                             *slog.Logger
 	Prelaunch                          bool
-	// Limits resolves the host's capacity (the caller's Config, else the
-	// environment), checked as the VM is recorded.
-	Limits func() (store.Capacity, error)
+	// Within records the VM within the host's capacity: it runs write,
+	// the transaction that makes the VM hold host resources, with the
+	// limits that apply (and whatever lock makes the count and the write
+	// one step across the host).
+	Within Within
 	// FileMemory backs guest RAM with a shared file in the VM's folder
 	// (the warm snapshot's VM).
 	FileMemory bool
@@ -111,14 +117,10 @@ func (h *Host) create(ctx context.Context, cfg *VMConfig, started time.Time, sna
 	if snap != nil {
 		rec.Snapshot, rec.MemoryMiB = snap.name, snap.spec.Machine.MemoryMiB
 	}
-	capacity, err := cfg.Limits()
-	if err != nil {
-		return err
-	}
 	if err := CheckStateSpace(h.Home); err != nil {
 		return err
 	}
-	if err := st.CreateVMWithin(ctx, rec, capacity); err != nil {
+	if err := cfg.Within(ctx, func(c store.Capacity) error { return st.CreateVMWithin(ctx, rec, c) }); err != nil {
 		return err
 	}
 	dir := filepath.Join(h.Home, "vms", rec.ID)

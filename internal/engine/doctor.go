@@ -54,8 +54,11 @@ func JailChecks() []Check {
 		out = append(out, Check{Name: "jail", OK: true, Detail: "QEMU runs as root (" + h.UserErr.Error() + "): a guest that escapes QEMU is root on the host", Fix: "smolvm setup"})
 	case jail.Disabled():
 		out = append(out, Check{Name: "jail", OK: true, Detail: jail.DisableEnv + "=off: QEMU runs as root, with the host's whole file system", Fix: "unset " + jail.DisableEnv})
+	case h.IDsErr != nil:
+		out = append(out, Check{Name: "jail", OK: true, Detail: fmt.Sprintf("QEMU runs as user %s (uid %d), one uid for every VM (%v): a QEMU that escaped its mount namespace could open other VMs' files; in mount and pid namespaces of its own that show only its files", jail.User, h.UID, h.IDsErr), Fix: "smolvm setup"})
 	default:
-		out = append(out, Check{Name: "jail", OK: true, Detail: fmt.Sprintf("QEMU runs as user %s (uid %d), in mount and pid namespaces of its own that show only its files", jail.User, h.UID)})
+		out = append(out, Check{Name: "jail", OK: true, Detail: fmt.Sprintf("each QEMU runs as a uid and gid of its own, from %d-%d (reserved for user %s in /etc/subuid and /etc/subgid; group %s, %d, for the shared read-only files), in mount and pid namespaces of its own that show only its files",
+			h.IDs.Start, h.IDs.Start+h.IDs.Count-1, jail.User, jail.User, h.GID)})
 	}
 	if h.Root {
 		cs := h.Cgroups

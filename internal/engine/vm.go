@@ -37,10 +37,10 @@ func NotRunning(rec *store.VM) error {
 	return fmt.Errorf("%w: %s: start it with 'smolvm start %s'", errdefs.ErrNotRunning, msg, rec.Name)
 }
 
-// Start boots stopped VM id again (a fresh boot); limits is the host's
+// Start boots stopped VM id again (a fresh boot) within the host's
 // capacity. It returns the VM's supervisor when the VM lives in this
 // process, nil for a persistent VM (its supervisor is spawned).
-func (h *Host) Start(ctx context.Context, id string, limits func() (store.Capacity, error), log *slog.Logger) (*supervisor.Supervisor, error) {
+func (h *Host) Start(ctx context.Context, id string, within Within, log *slog.Logger) (*supervisor.Supervisor, error) {
 	started := time.Now()
 	st := h.Store
 	rec, err := st.GetVM(ctx, id)
@@ -57,16 +57,15 @@ func (h *Host) Start(ctx context.Context, id string, limits func() (store.Capaci
 	if _, err := SupervisorBinary(spec.SupervisorBinary); spec.Persistent && err != nil {
 		return nil, err
 	}
-	capacity, err := limits()
-	if err != nil {
-		return nil, err
-	}
-	if _, err := st.UpdateVMWithin(ctx, id, capacity, func(v *store.VM) error {
-		v.State, v.Reason, v.SupervisorPID = store.StateCreating, "", os.Getpid()
-		if v.MemoryMiB == 0 { // made before the store recorded memory
-			v.MemoryMiB = spec.Machine.MemoryMiB
-		}
-		return nil
+	if err := within(ctx, func(c store.Capacity) error {
+		_, err := st.UpdateVMWithin(ctx, id, c, func(v *store.VM) error {
+			v.State, v.Reason, v.SupervisorPID = store.StateCreating, "", os.Getpid()
+			if v.MemoryMiB == 0 { // made before the store recorded memory
+				v.MemoryMiB = spec.Machine.MemoryMiB
+			}
+			return nil
+		})
+		return err
 	}); err != nil {
 		return nil, err
 	}

@@ -39,6 +39,8 @@ const User = "smolvm"
 type Jail struct {
 	// UID and GID the process runs as; 0 keeps the caller's.
 	UID, GID uint32
+	// Groups are its supplementary groups (none when empty).
+	Groups []uint32
 	// Root is an empty folder that the jail's root is mounted on inside
 	// its mount namespace ("" runs without a mount namespace).
 	Root string
@@ -143,7 +145,7 @@ func (j *Jail) start(cmd *exec.Cmd) error {
 	if j.UserNS != nil {
 		j.UserNS.userNS(attr)
 	} else if j.UID != 0 || j.GID != 0 {
-		attr.Credential = &syscall.Credential{Uid: j.UID, Gid: j.GID, Groups: []uint32{}}
+		attr.Credential = &syscall.Credential{Uid: j.UID, Gid: j.GID, Groups: append([]uint32{}, j.Groups...)}
 	}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("jail: %w", err)
@@ -274,6 +276,10 @@ type Host struct {
 	UID, GID uint32
 	// UserErr says why User cannot be used (missing), if Root.
 	UserErr error
+	// IDs are the per-process uids and gids reserved for User (uids.go);
+	// IDsErr says why there are none (then every process runs as User).
+	IDs    IDRange
+	IDsErr error
 	// Cgroups is where per-process cgroups can be made.
 	Cgroups CgroupSupport
 }
@@ -300,6 +306,7 @@ func Detect() Host {
 		return h
 	}
 	h.UID, h.GID = uint32(uid), uint32(gid)
+	h.IDs, h.IDsErr = reservedIDs()
 	return h
 }
 

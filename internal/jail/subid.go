@@ -95,56 +95,79 @@ func readRanges(file string) ([]namedRange, error) {
 	return out, sc.Err()
 }
 
-// ensureSubIDs gives User a range of subordinate uids and gids when
-// /etc/subuid or /etc/subgid has none for it: the first 65536 ids from
-// 100000 on, in steps of 65536, that no range of either file and no
-// user or group of the host holds (usermod --add-subuids).
+// subIDRanges is how many ranges EnsureUser gives User: the first maps
+// a guest's users in host folders (SubIDs), the second gives each jailed
+// QEMU ids of its own (reservedIDs).
+const subIDRanges = 2
+
+// userRanges are User's ranges in a subuid(5) file, in order (by name or
+// by uid).
+func userRanges(file string) []IDRange {
+	names := map[string]bool{User: true}
+	if u, err := user.Lookup(User); err == nil {
+		names[u.Uid] = true
+	}
+	rs, _ := readRanges(file)
+	var out []IDRange
+	for _, r := range rs {
+		if names[r.name] {
+			out = append(out, r.IDRange)
+		}
+	}
+	return out
+}
+
+// ensureSubIDs gives User subIDRanges ranges of subordinate uids and gids
+// when /etc/subuid or /etc/subgid has fewer: each the first 65536 ids
+// from 100000 on, in steps of 65536, that no range of either file and no
+// user or group of the host holds, the same in both files (usermod
+// --add-subuids, --add-subgids).
 func ensureSubIDs() error {
 	u, err := user.Lookup(User)
 	if err != nil {
 		return fmt.Errorf("subordinate ids: %w", err)
 	}
-	_, uok := firstRange(subUIDFile, User)
-	_, gok := firstRange(subGIDFile, User)
-	if uok && gok {
-		return nil
-	}
-	var taken []IDRange
-	for _, file := range []string{subUIDFile, subGIDFile} {
-		rs, err := readRanges(file)
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("subordinate ids: %w", err)
+	for {
+		nu, ng := len(userRanges(subUIDFile)), len(userRanges(subGIDFile))
+		if nu >= subIDRanges && ng >= subIDRanges {
+			return nil
 		}
-		for _, r := range rs {
-			taken = append(taken, r.IDRange)
+		var taken []IDRange
+		for _, file := range []string{subUIDFile, subGIDFile} {
+			rs, err := readRanges(file)
+			if err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("subordinate ids: %w", err)
+			}
+			for _, r := range rs {
+				taken = append(taken, r.IDRange)
+			}
+			// usermod refuses to add ranges to a file that does not exist.
+			f, err := os.OpenFile(file, os.O_CREATE|os.O_RDONLY, 0o644)
+			if err != nil {
+				return fmt.Errorf("subordinate ids: %w", err)
+			}
+			f.Close()
 		}
-		// usermod refuses to add ranges to a file that does not exist.
-		f, err := os.OpenFile(file, os.O_CREATE|os.O_RDONLY, 0o644)
+		for _, file := range []string{"/etc/passwd", "/etc/group"} {
+			taken = append(taken, idsIn(file)...)
+		}
+		start, ok := freeRange(taken)
+		if !ok {
+			return fmt.Errorf("subordinate ids: no free range of %d ids for user %s in %s", subIDSize, User, subUIDFile)
+		}
+		r := fmt.Sprintf("%d-%d", start, start+subIDSize-1)
+		var args []string
+		if nu < subIDRanges {
+			args = append(args, "--add-subuids", r)
+		}
+		if ng < subIDRanges {
+			args = append(args, "--add-subgids", r)
+		}
+		out, err := exec.Command("usermod", append(args, u.Username)...).CombinedOutput()
 		if err != nil {
-			return fmt.Errorf("subordinate ids: %w", err)
+			return fmt.Errorf("give user %s subordinate ids %s: %w: %s", User, r, err, strings.TrimSpace(string(out)))
 		}
-		f.Close()
 	}
-	for _, file := range []string{"/etc/passwd", "/etc/group"} {
-		taken = append(taken, idsIn(file)...)
-	}
-	start, ok := freeRange(taken)
-	if !ok {
-		return fmt.Errorf("subordinate ids: no free range of %d ids for user %s in %s", subIDSize, User, subUIDFile)
-	}
-	r := fmt.Sprintf("%d-%d", start, start+subIDSize-1)
-	var args []string
-	if !uok {
-		args = append(args, "--add-subuids", r)
-	}
-	if !gok {
-		args = append(args, "--add-subgids", r)
-	}
-	out, err := exec.Command("usermod", append(args, u.Username)...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("give user %s subordinate ids %s: %w: %s", User, r, err, strings.TrimSpace(string(out)))
-	}
-	return nil
 }
 
 // idsIn are the ids (third field) of a passwd(5) or group(5) file.

@@ -141,11 +141,18 @@ func nameOwner(ctx context.Context, tx *sql.Tx, name string) (string, error) {
 	return id, err
 }
 
-// Capacity bounds the VMs of a store that hold host resources (those
-// creating, running or paused); a zero field is no limit.
+// Capacity bounds the VMs that hold host resources (those creating,
+// running or paused): this store's and, through OtherVMs and
+// OtherMemoryMiB, those of the host's other state folders (see Holding);
+// a zero limit is no limit.
 type Capacity struct {
 	MaxVMs       int
 	MaxMemoryMiB int // guest memory (VM.MemoryMiB) of them all
+	// OtherVMs and OtherMemoryMiB are held outside this store.
+	OtherVMs, OtherMemoryMiB int
+	// Alive, when set, says whether a VM's supervisor process lives: a
+	// VM whose supervisor is gone holds nothing and is not counted.
+	Alive func(pid int) bool
 }
 
 // CapacityError says which limit a new VM would pass; it wraps
@@ -153,15 +160,24 @@ type Capacity struct {
 type CapacityError struct {
 	Resource string // "VMs" or "MiB of guest memory"
 	Used     int    // what the VMs holding resources have
+	Other    int    // of Used, what other state folders' VMs have
 	Asked    int    // what the new VM needs
 	Max      int
 }
 
 func (e *CapacityError) Error() string {
 	if e.Resource == "VMs" {
-		return fmt.Sprintf("%v: %d of %d VMs running", ErrCapacity, e.Used, e.Max)
+		other := ""
+		if e.Other > 0 {
+			other = fmt.Sprintf(", %d of them in other state folders", e.Other)
+		}
+		return fmt.Sprintf("%v: %d of %d VMs running%s", ErrCapacity, e.Used, e.Max, other)
 	}
-	return fmt.Sprintf("%v: %d of %d %s in use, and the new VM needs %d", ErrCapacity, e.Used, e.Max, e.Resource, e.Asked)
+	other := ""
+	if e.Other > 0 {
+		other = fmt.Sprintf(", %d of it in other state folders", e.Other)
+	}
+	return fmt.Sprintf("%v: %d of %d %s in use%s, and the new VM needs %d", ErrCapacity, e.Used, e.Max, e.Resource, other, e.Asked)
 }
 
 func (e *CapacityError) Unwrap() error { return ErrCapacity }
@@ -171,16 +187,15 @@ func checkCapacity(ctx context.Context, tx *sql.Tx, vm *VM, c Capacity) error {
 	if c.MaxVMs <= 0 && c.MaxMemoryMiB <= 0 {
 		return nil
 	}
-	var n, mem int
-	err := tx.QueryRowContext(ctx, "SELECT COUNT(*), COALESCE(SUM(memory_mib), 0) FROM vms WHERE state IN (?, ?, ?)",
-		StateCreating, StateRunning, StatePaused).Scan(&n, &mem)
+	u, err := holding(ctx, tx, c.Alive)
+	n, mem := u.VMs+c.OtherVMs, u.MemoryMiB+c.OtherMemoryMiB
 	switch {
 	case err != nil:
-		return fmt.Errorf("count VMs: %w", err)
+		return err
 	case c.MaxVMs > 0 && n+1 > c.MaxVMs:
-		return &CapacityError{Resource: "VMs", Used: n, Asked: 1, Max: c.MaxVMs}
+		return &CapacityError{Resource: "VMs", Used: n, Other: c.OtherVMs, Asked: 1, Max: c.MaxVMs}
 	case c.MaxMemoryMiB > 0 && mem+vm.MemoryMiB > c.MaxMemoryMiB:
-		return &CapacityError{Resource: "MiB of guest memory", Used: mem, Asked: vm.MemoryMiB, Max: c.MaxMemoryMiB}
+		return &CapacityError{Resource: "MiB of guest memory", Used: mem, Other: c.OtherMemoryMiB, Asked: vm.MemoryMiB, Max: c.MaxMemoryMiB}
 	}
 	return nil
 }

@@ -81,6 +81,7 @@ func run(m *testing.M) int {
 		_ = os.RemoveAll(d)
 	}
 	tmpMu.Unlock()
+	removeOwnHostDir()
 	return code
 }
 

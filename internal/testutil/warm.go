@@ -82,6 +82,7 @@ func CloseWarm() error {
 	if err := os.RemoveAll(warm.home); err != nil {
 		return err
 	}
+	removeOwnHostDir()
 	if len(left) > 0 {
 		return fmt.Errorf("VMs left by the tests: %s", strings.Join(left, ", "))
 	}

@@ -58,9 +58,18 @@ func jailFor(cfg *hypervisor.MachineConfig, host *jail.Host) (*jail.Jail, error)
 	if err := os.MkdirAll(JailDir, 0o700); err != nil {
 		return nil, fmt.Errorf("jail: %w", err)
 	}
+	if host.IDsErr == nil && host.IDs.Count > 0 {
+		// A uid and gid of its own (uids.go); the group of User (kept as
+		// a supplementary group) reaches the shared read-only files.
+		id, err := host.IDs.Alloc(cfg.Dir)
+		if err != nil {
+			return nil, err
+		}
+		j.UID, j.GID, j.Groups = id, id, []uint32{host.GID}
+	}
 	// The state folder: QEMU makes its sockets and console log there;
 	// sticky, so it cannot remove or replace the supervisor's files.
-	if err := os.Chown(cfg.Dir, 0, int(host.GID)); err != nil {
+	if err := os.Chown(cfg.Dir, 0, int(j.GID)); err != nil {
 		return nil, fmt.Errorf("jail: %w", err)
 	}
 	if err := os.Chmod(cfg.Dir, 0o770|os.ModeSticky); err != nil {
@@ -97,7 +106,7 @@ func jailFor(cfg *hypervisor.MachineConfig, host *jail.Host) (*jail.Jail, error)
 			j.Writable = append(j.Writable, p)
 			continue
 		}
-		if err := os.Lchown(p, int(host.UID), int(host.GID)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := os.Lchown(p, int(j.UID), int(j.GID)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("jail: %w", err)
 		}
 	}

@@ -1,0 +1,96 @@
+package hostcap
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// A second holder waits for the lock and gives up when its context ends;
+// it gets the lock once the first lets it go.
+func TestLockWaits(t *testing.T) {
+	dir := t.TempDir()
+	l, err := Acquire(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := Acquire(ctx, dir); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("second Acquire while held: %v, want the context's deadline", err)
+	}
+	l.Release()
+	l2, err := Acquire(context.Background(), dir)
+	if err != nil {
+		t.Fatalf("Acquire after Release: %v", err)
+	}
+	l2.Release()
+}
+
+// The same state folder by two paths (a symbolic link) is one entry.
+func TestRegisterOnce(t *testing.T) {
+	dir, home := t.TempDir(), t.TempDir()
+	link := t.TempDir() + "/link"
+	if err := os.Symlink(home, link); err != nil {
+		t.Fatal(err)
+	}
+	l, err := Acquire(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release()
+	for _, h := range []string{home, link, home + "/."} {
+		if err := l.Register(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ents, _ := os.ReadDir(dir + "/homes"); len(ents) != 1 {
+		t.Errorf("%d entries for one state folder", len(ents))
+	}
+}
+
+// A holder killed with SIGKILL (a create interrupted while it counts)
+// leaves nothing that blocks the next create: the kernel drops its lock.
+func TestLockOfKilledHolder(t *testing.T) {
+	dir := t.TempDir()
+	if err := ensureDir(dir); err != nil {
+		t.Fatal(err)
+	}
+	// -o: the lock is flock(1)'s alone, not its child's too.
+	holder := exec.Command("flock", "-o", filepath.Join(dir, "lock"), "sleep", "60")
+	holder.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := holder.Start(); err != nil {
+		t.Skipf("flock(1): %v", err)
+	}
+	defer func() { _ = syscall.Kill(-holder.Process.Pid, syscall.SIGKILL); _ = holder.Wait() }()
+	held := false
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !held; {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		l, err := Acquire(ctx, dir)
+		cancel()
+		if err == nil {
+			l.Release() // flock(1) has not taken it yet
+			continue
+		}
+		held = errors.Is(err, context.DeadlineExceeded)
+	}
+	if !held {
+		t.Fatal("flock(1) never held the lock")
+	}
+	if err := holder.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = holder.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	l, err := Acquire(ctx, dir)
+	if err != nil {
+		t.Fatalf("Acquire after the holder was killed: %v", err)
+	}
+	l.Release()
+}
