@@ -15,10 +15,10 @@ import (
 // with O_CREAT or O_TMPFILE, mknod, mknodat, when mode&06000 != 0),
 // answers EOPNOTSUPP to the calls that write an extended attribute (file
 // capabilities are privilege too; tools such as cp -p take that answer
-// for a file system without them), and answers ENOSYS to openat2 (its mode is in a struct a filter
-// cannot read; callers fall back to openat), to io_uring_setup (io_uring
-// operations pass no seccomp filter) and to any other architecture's
-// calls (x32, i386). Everything else is allowed: it stacks on whatever
+// for a file system without them), and answers ENOSYS to openat2 (its
+// mode is in a struct a filter cannot read; callers fall back to
+// openat), to io_uring_setup (io_uring operations pass no seccomp
+// filter) and to any other architecture's calls (x32, i386). Everything else is allowed: it stacks on whatever
 // filter the process installs itself.
 //
 // The filter is installed on the thread that starts the process, which
@@ -37,12 +37,15 @@ type modeRule struct {
 	mode, flags int
 }
 
-// seccompArch and the rules per architecture: seccompRules_*.go.
+// seccompArch and the rules per architecture: setid_*.go.
+
+// seccompXattrCalls write extended attributes.
+var seccompXattrCalls = []uint32{unix.SYS_SETXATTR, unix.SYS_LSETXATTR, unix.SYS_FSETXATTR, unix.SYS_SETXATTRAT}
 
 // noSetIDFilter is the filter's program.
 func noSetIDFilter() ([]bpf.Instruction, error) {
 	if seccompArch == 0 {
-		return nil, fmt.Errorf("jail: no setuid filter for %s", runtime.GOARCH)
+		return nil, fmt.Errorf("jail: no setuid filter for %s (only amd64 and arm64 have one)", runtime.GOARCH)
 	}
 	const (
 		offNr   = 0

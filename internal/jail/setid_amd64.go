@@ -19,5 +19,3 @@ var seccompModeRules = []modeRule{
 	{nr: unix.SYS_MKNOD, mode: 1, flags: -1},
 	{nr: unix.SYS_MKNODAT, mode: 2, flags: -1},
 }
-
-var seccompXattrCalls = []uint32{unix.SYS_SETXATTR, unix.SYS_LSETXATTR, unix.SYS_FSETXATTR, unix.SYS_SETXATTRAT}

@@ -7,11 +7,7 @@ import (
 )
 
 // legacySetIDCalls are x86-64's calls without *at.
-func legacySetIDCalls(p func(string) string) []struct {
-	name string
-	want error
-	call func() error
-} {
+func legacySetIDCalls(p func(string) string) []setIDCall {
 	path := func(name string) uintptr { return uintptr(unsafe.Pointer(bytePtr(p(name)))) }
 	call := func(nr, a1, a2, a3 uintptr) error {
 		r, _, e := unix.Syscall(nr, a1, a2, a3)
@@ -20,11 +16,7 @@ func legacySetIDCalls(p func(string) string) []struct {
 		}
 		return errnoErr(e)
 	}
-	return []struct {
-		name string
-		want error
-		call func() error
-	}{
+	return []setIDCall{
 		{"chmod (legacy) 4755", unix.EPERM, func() error { return call(unix.SYS_CHMOD, path("plain"), 0o4755, 0) }},
 		{"chmod (legacy) 0750", nil, func() error { return call(unix.SYS_CHMOD, path("plain"), 0o750, 0) }},
 		{"creat 2755", unix.EPERM, func() error { return call(unix.SYS_CREAT, path("creat"), 0o2755, 0) }},

@@ -15,5 +15,3 @@ var seccompModeRules = []modeRule{
 	{nr: unix.SYS_OPENAT, mode: 3, flags: 2},
 	{nr: unix.SYS_MKNODAT, mode: 2, flags: -1},
 }
-
-var seccompXattrCalls = []uint32{unix.SYS_SETXATTR, unix.SYS_LSETXATTR, unix.SYS_FSETXATTR, unix.SYS_SETXATTRAT}

@@ -7,7 +7,4 @@ const (
 	seccompNrMask = 0
 )
 
-var (
-	seccompModeRules  []modeRule
-	seccompXattrCalls []uint32
-)
+var seccompModeRules []modeRule

@@ -2,10 +2,6 @@
 
 package jail
 
-func legacySetIDCalls(func(string) string) []struct {
-	name string
-	want error
-	call func() error
-} {
+func legacySetIDCalls(func(string) string) []setIDCall {
 	return nil
 }

@@ -16,13 +16,16 @@ import (
 // it tries setid.go's calls in the folder the variable names.
 const setIDChildEnv = "SMOLVM_JAIL_TEST_SETID_CHILD"
 
-// setIDCalls are what the child tries, by name, each with what the
-// filter must answer (nil: allowed).
-func setIDCalls(dir string) []struct {
+// setIDCall is one call of the child's, with what the filter must
+// answer (nil: allowed).
+type setIDCall struct {
 	name string
 	want error
 	call func() error
-} {
+}
+
+// setIDCalls are what the child tries.
+func setIDCalls(dir string) []setIDCall {
 	p := func(name string) string { return filepath.Join(dir, name) }
 	create := func(name string, flags int, mode uint32) func() error {
 		return func() error {
@@ -43,11 +46,7 @@ func setIDCalls(dir string) []struct {
 			return unix.Fchmod(fd, mode)
 		}
 	}
-	calls := []struct {
-		name string
-		want error
-		call func() error
-	}{
+	calls := []setIDCall{
 		{"create 0644", nil, create("plain", unix.O_CREAT|unix.O_WRONLY, 0o644)},
 		{"chmod 0755", nil, func() error { return unix.Fchmodat(unix.AT_FDCWD, p("plain"), 0o755, 0) }},
 		{"chmod 4755", unix.EPERM, func() error { return unix.Fchmodat(unix.AT_FDCWD, p("plain"), 0o4755, 0) }},
