@@ -15,6 +15,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -653,5 +654,114 @@ func TestMountWithImageDisk(t *testing.T) {
 		if b, err := os.ReadFile(filepath.Join(rw, name)); err != nil || string(b) != want {
 			t.Errorf("host reads %s: %q, %v; want %q", name, b, err, want)
 		}
+	}
+}
+
+// setIDProgram tries, in the folder it is given, the calls that would
+// leave a setuid or setgid file or file capabilities, as install -m and
+// setcap do (the default guest image has neither tool), and prints what
+// each returned.
+const setIDProgram = `package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+)
+
+func main() {
+	dir := os.Args[1]
+	try := func(name string, err error) { fmt.Printf("%s: %v\n", name, err) }
+	fd, err := syscall.Open(filepath.Join(dir, "o"), syscall.O_CREAT|syscall.O_WRONLY, 0o4755)
+	try("open O_CREAT 4755", err)
+	fd, err = syscall.Open(filepath.Join(dir, "i"), syscall.O_CREAT|syscall.O_WRONLY, 0o755)
+	if err == nil {
+		err = syscall.Fchmod(fd, 0o6755) // install -m 6755
+	}
+	try("fchmod 6755", err)
+	try("setxattr user", syscall.Setxattr(filepath.Join(dir, "i"), "user.x", []byte("1"), 0))
+	// cap_setuid+ep, as setcap writes it (VFS_CAP_REVISION_2).
+	caps := []byte{1, 0, 0, 2, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+	try("setxattr security.capability", syscall.Setxattr(filepath.Join(dir, "i"), "security.capability", caps, 0))
+}
+`
+
+// buildSetIDProgram compiles setIDProgram into a static binary in a
+// folder of its own.
+func buildSetIDProgram(t *testing.T) string {
+	t.Helper()
+	src, dir := filepath.Join(t.TempDir(), "main.go"), t.TempDir()
+	if err := os.WriteFile(src, []byte(setIDProgram), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(dir, "setid"), src)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build the guest program: %v\n%s", err, out)
+	}
+	return dir
+}
+
+// In a writable folder that root owns on the host, the guest's root
+// (the folder's owner there) cannot leave a setuid or setgid file: not
+// by chmod, open with O_CREAT, fchmod (install -m), cp -p of a setuid
+// file of its own, mknod, nor a setgid folder; nor can it write
+// extended attributes (file capabilities); a plain chmod works.
+func TestMountNoSetID(t *testing.T) {
+	t.Parallel()
+	needMounts(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	rw := t.TempDir() // root's, as the test runs as root
+	prog := buildSetIDProgram(t)
+	vm := newVM(t, smolvm.Config{Home: home, Mounts: []smolvm.Mount{
+		{HostPath: rw, GuestPath: "/work/rw"},
+		{HostPath: prog, GuestPath: "/opt/setid", ReadOnly: true},
+	}})
+
+	mountOK(t, ctx, vm, "cd /work/rw && echo '#!/bin/sh' > f && chmod 0755 f && mkdir d && "+
+		"cp /bin/busybox /tmp/sb && chmod 4755 /tmp/sb && test -u /tmp/sb")
+	for _, w := range []string{
+		"chmod 4755 /work/rw/f", "chmod g+s /work/rw/f", "chmod u+s,g+s /work/rw/f", "chmod 2755 /work/rw/d",
+		"cp -p /tmp/sb /work/rw/c", "mknod -m 4755 /work/rw/n p",
+	} {
+		res := mountRun(t, ctx, vm, w)
+		t.Logf("%s: exit %d %s", w, res.ExitCode, strings.TrimSpace(string(res.Stderr)))
+		if res.ExitCode == 0 {
+			t.Errorf("guest root could %q", w)
+		} else if !strings.Contains(string(res.Stderr), "not permitted") {
+			t.Errorf("%q: stderr %q; want EPERM", w, res.Stderr)
+		}
+	}
+	out := mountOK(t, ctx, vm, "/opt/setid/setid /work/rw")
+	t.Logf("guest program:\n%s", out)
+	for _, want := range []string{"open O_CREAT 4755: operation not permitted", "fchmod 6755: operation not permitted"} {
+		if !strings.Contains(out, want+"\n") {
+			t.Errorf("guest program: want %q", want)
+		}
+	}
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if strings.HasPrefix(l, "setxattr") && strings.HasSuffix(l, ": <nil>") {
+			t.Errorf("guest root wrote an extended attribute in the host folder: %s", l)
+		}
+	}
+	err := filepath.Walk(rw, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		if fi.Mode()&(os.ModeSetuid|os.ModeSetgid) != 0 {
+			t.Errorf("%s has mode %v on the host", p, fi.Mode())
+		}
+		if n, _ := syscall.Listxattr(p, make([]byte, 256)); n > 0 && p != rw {
+			t.Errorf("%s has extended attributes on the host", p)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(filepath.Join(rw, "f")); err != nil || fi.Mode() != 0o755 {
+		t.Errorf("f on the host: %v %v; want 0755 (the guest's plain chmod)", fi.Mode(), err)
 	}
 }

@@ -61,6 +61,11 @@ type Jail struct {
 	UserNS *IDMap
 	// Cgroup, when set, is the cgroup the process starts in.
 	Cgroup *Cgroup
+	// NoSetID runs the process under a seccomp filter that refuses
+	// (EPERM) to give any file a setuid or setgid bit, or an extended
+	// attribute (setid.go): for a process that writes files on behalf
+	// of someone less trusted, as virtiofsd does for a guest.
+	NoSetID bool
 }
 
 // systemDirs are bound read-only into every jail (what a dynamically
@@ -146,6 +151,12 @@ func (j *Jail) start(cmd *exec.Cmd) error {
 		j.UserNS.userNS(attr)
 	} else if j.UID != 0 || j.GID != 0 {
 		attr.Credential = &syscall.Credential{Uid: j.UID, Gid: j.GID, Groups: append([]uint32{}, j.Groups...)}
+	}
+	if j.NoSetID {
+		// Last: only the process needs it, and this thread ends with it.
+		if err := noSetID(); err != nil {
+			return err
+		}
 	}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("jail: %w", err)

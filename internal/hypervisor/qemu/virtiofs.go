@@ -73,7 +73,10 @@ type fsDaemon struct {
 // no privilege over anything else), a mount namespace whose root holds
 // the system folders read-only and the host folder alone (read-only for
 // a read-only mount: the kernel refuses the daemon's writes, whatever
-// the guest sends), and the cgroup cg (QEMU's) when set. virtiofsd
+// the guest sends), the cgroup cg (QEMU's) when set, and a seccomp
+// filter that refuses setuid and setgid bits and xattr writes (the
+// guest's root is the folder's owner; xattrs are off in virtiofsd too,
+// as no -o xattr asks for them). virtiofsd
 // itself then moves into new mount, pid and network namespaces with the
 // folder as its root (pivot_root) and a seccomp filter. The socket QEMU
 // connects to is made here, owned by qemuUID and qemuGID (QEMU's jail
@@ -159,6 +162,9 @@ func startFSDaemon(dir string, i int, mt hypervisor.Mount, qemuUID, qemuGID uint
 		Proc:   true, // virtiofsd reads its limits there, then mounts its own
 		UserNS: fsIDMap(mt, st.Uid, st.Gid),
 		Cgroup: cg,
+		// The guest's root is the folder's owner: without this, in a
+		// folder root owns it leaves setuid-root programs on the host.
+		NoSetID: true,
 	}
 	if d.release, err = j.Start(cmd); err != nil {
 		return nil, fmt.Errorf("start %s: %w", Virtiofsd, err)

@@ -1,0 +1,7 @@
+//go:build !amd64
+
+package jail
+
+func legacySetIDCalls(func(string) string) []setIDCall {
+	return nil
+}
