@@ -123,9 +123,11 @@ func TestImportRules(t *testing.T) {
 	// kernels (rootfs, image), the driver contract and its drivers
 	// (hypervisor, qemu: the engine registers QEMU), QEMU's jail and the
 	// console log are the engine's. What it may import besides the engine
-	// is the client side of the guest API and the records it converts; a
-	// new entry needs a reason.
-	root := []string{"internal/engine", "internal/errdefs", "internal/lane", "internal/network",
+	// is the client side of the guest API and the records it converts,
+	// and the host's capacity settings and registry (hostcap), which the
+	// limits of a Config are resolved against and explained with; a new
+	// entry needs a reason.
+	root := []string{"internal/engine", "internal/errdefs", "internal/hostcap", "internal/lane", "internal/network",
 		"internal/proto/agentpb", "internal/proto/controlpb", "internal/store", "internal/supervisor",
 		"internal/tarx", "internal/wire"}
 	for _, p := range directImports(t, ".") {
