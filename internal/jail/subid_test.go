@@ -31,19 +31,7 @@ func TestFreeRange(t *testing.T) {
 // SubIDs takes the owner's range when the files give one (by number or
 // name), else User's, else none; lines it cannot read are skipped.
 func TestSubIDs(t *testing.T) {
-	dir := t.TempDir()
-	oldU, oldG := subUIDFile, subGIDFile
-	subUIDFile, subGIDFile = filepath.Join(dir, "subuid"), filepath.Join(dir, "subgid")
-	t.Cleanup(func() { subUIDFile, subGIDFile = oldU, oldG })
-	write := func(u, g string) {
-		t.Helper()
-		if err := os.WriteFile(subUIDFile, []byte(u), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(subGIDFile, []byte(g), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	write := fakeSubIDFiles(t)
 	write("# comment\nbad line\n4321:x:5\n4321:300000:65536\n4321:400000:10\n", "4321:500000:1000\n")
 	u, g, ok := SubIDs(4321)
 	if !ok || u != (IDRange{300000, 65536}) || g != (IDRange{500000, 1000}) {
@@ -94,6 +82,24 @@ func TestIDMapSubIDs(t *testing.T) {
 		}
 		if st.Uid != want || st.Gid != want {
 			t.Errorf("%s belongs to %d:%d on the host; want %d:%d", name, st.Uid, st.Gid, want, want)
+		}
+	}
+}
+
+// fakeSubIDFiles points subUIDFile and subGIDFile at files of a test
+// folder for the test's length; the function it returns writes them.
+func fakeSubIDFiles(t *testing.T) func(u, g string) {
+	dir := t.TempDir()
+	oldU, oldG := subUIDFile, subGIDFile
+	subUIDFile, subGIDFile = filepath.Join(dir, "subuid"), filepath.Join(dir, "subgid")
+	t.Cleanup(func() { subUIDFile, subGIDFile = oldU, oldG })
+	return func(u, g string) {
+		t.Helper()
+		if err := os.WriteFile(subUIDFile, []byte(u), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(subGIDFile, []byte(g), 0o644); err != nil {
+			t.Fatal(err)
 		}
 	}
 }

@@ -10,19 +10,7 @@ import (
 // The QEMUs' ids are User's second range in both files, at the same
 // start; the first is the host folders'.
 func TestReservedIDs(t *testing.T) {
-	dir := t.TempDir()
-	oldU, oldG := subUIDFile, subGIDFile
-	subUIDFile, subGIDFile = filepath.Join(dir, "subuid"), filepath.Join(dir, "subgid")
-	t.Cleanup(func() { subUIDFile, subGIDFile = oldU, oldG })
-	write := func(u, g string) {
-		t.Helper()
-		if err := os.WriteFile(subUIDFile, []byte(u), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(subGIDFile, []byte(g), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	write := fakeSubIDFiles(t)
 	two := "root:100000:65536\n" + User + ":165536:65536\n" + User + ":300000:1000\n"
 	write(two, two)
 	if r, err := reservedIDs(); err != nil || r != (IDRange{Start: 300000, Count: 1000}) {
