@@ -153,8 +153,9 @@ type Config struct {
 	fileMemory bool
 }
 
-// defaultMemoryMiB is a VM's memory unless Config.MemoryMiB says otherwise.
-const defaultMemoryMiB = engine.DefaultMemoryMiB
+// DefaultMemoryMiB is a VM's guest memory unless Config.MemoryMiB says
+// otherwise.
+const DefaultMemoryMiB = engine.DefaultMemoryMiB
 
 var nameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$`)
 
@@ -163,7 +164,7 @@ func (c *Config) setDefaults() error {
 		c.VCPUs = 1
 	}
 	if c.MemoryMiB == 0 {
-		c.MemoryMiB = defaultMemoryMiB
+		c.MemoryMiB = DefaultMemoryMiB
 	}
 	switch {
 	case c.VCPUs < 1 || c.VCPUs > 64:

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,6 +19,23 @@ func TestRunIdleValidates(t *testing.T) {
 		if _, err := RunIdle(context.Background(), IdleOptions{Counts: c}); !errors.Is(err, smolvm.ErrInvalid) {
 			t.Errorf("RunIdle(counts %v) = %v, want ErrInvalid", c, err)
 		}
+	}
+}
+
+// A bench the host's limits would stop halfway is refused before it
+// makes any VM, naming the limits and how to lift them.
+func TestRunIdleNeedsRoom(t *testing.T) {
+	home := t.TempDir()
+	t.Setenv(smolvm.MaxVMsEnv, "3")
+	t.Setenv(smolvm.MaxMemoryMiBEnv, "-1")
+	_, err := RunIdle(context.Background(), IdleOptions{Counts: []int{2, 4}, Home: home, Binary: "/nonexistent"})
+	if !errors.Is(err, smolvm.ErrCapacity) || !strings.Contains(err.Error(), smolvm.MaxVMsEnv+"=-1") {
+		t.Errorf("RunIdle(4 VMs, room for 3) = %v; want ErrCapacity naming %s=-1", err, smolvm.MaxVMsEnv)
+	}
+	t.Setenv(smolvm.MaxVMsEnv, "-1")
+	t.Setenv(smolvm.MaxMemoryMiBEnv, "1024")
+	if _, err := RunIdle(context.Background(), IdleOptions{Counts: []int{3}, Home: home, Binary: "/nonexistent"}); !errors.Is(err, smolvm.ErrCapacity) {
+		t.Errorf("RunIdle(3 VMs, room for 1024 MiB) = %v; want ErrCapacity", err)
 	}
 }
 
