@@ -92,10 +92,11 @@ func TestRunIdle(t *testing.T) {
 	}
 	var got struct {
 		Steps []struct {
-			VMs  int             `json:"vms"`
-			CPU  struct{ N int } `json:"cpu_pct"`
-			PSS  float64         `json:"pss_mib_median"`
-			Exec struct{ N int } `json:"exec_true"`
+			VMs       int             `json:"vms"`
+			CPU       struct{ N int } `json:"cpu_pct"`
+			PSS       float64         `json:"pss_mib_median"`
+			Exec      struct{ N int } `json:"exec_true"`
+			ExecAgain struct{ N int } `json:"exec_true_again"`
 		} `json:"steps"`
 	}
 	if err := json.Unmarshal(b.Bytes(), &got); err != nil {
@@ -105,7 +106,7 @@ func TestRunIdle(t *testing.T) {
 		t.Fatalf("steps: %s", b.String())
 	}
 	for i, s := range got.Steps {
-		if s.VMs != i+1 || s.CPU.N != i+1 || s.PSS <= 0 || s.Exec.N != 2 {
+		if s.VMs != i+1 || s.CPU.N != i+1 || s.PSS <= 0 || s.Exec.N != 2 || s.ExecAgain.N != 2 {
 			t.Errorf("step %d: %+v", i, s)
 		}
 	}
