@@ -30,6 +30,7 @@ func newServeCmd(g *globals) *cobra.Command {
 		defaultTimeout time.Duration
 		maxSandboxes   int
 		allowMounts    []string
+		allowLoopback  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -60,7 +61,7 @@ cleanly; the sandboxes keep running.`,
 				return fmt.Errorf("%w: --default-timeout %s: give a duration, 0 for never", smolvm.ErrInvalid, defaultTimeout)
 			}
 			return serve(cmd.Context(), g, server.Options{Home: smolvm.Home(), Listen: listen, APIKey: key,
-				DefaultTimeout: defaultTimeout, MaxSandboxes: maxSandboxes, AllowMounts: allowMounts, Logger: g.log})
+				DefaultTimeout: defaultTimeout, MaxSandboxes: maxSandboxes, AllowMounts: allowMounts, AllowHostLoopback: allowLoopback, Logger: g.log})
 		},
 	}
 	f := cmd.Flags()
@@ -69,6 +70,7 @@ cleanly; the sandboxes keep running.`,
 	f.DurationVar(&defaultTimeout, "default-timeout", 5*time.Minute, "a sandbox's lifetime when its creation gives no timeout (0: never)")
 	f.IntVar(&maxSandboxes, "max-sandboxes", 0, "most sandboxes at once (0: only the host's capacity bounds them)")
 	f.StringArrayVar(&allowMounts, "allow-mount", nil, "a host folder under which sandboxes may mount host folders (repeatable; none: mounts refused)")
+	f.BoolVar(&allowLoopback, "allow-host-loopback", false, "let a sandbox's \"hosts\" map a name to 127.0.0.1, opening every service bound to this host's loopback to that sandbox (default: refused)")
 	return cmd
 }
 

@@ -31,6 +31,7 @@ func TestV1BadInput(t *testing.T) {
 		{"bad timeout", "POST", "/v1/sandboxes", `{"timeout": -5}`, 400, "invalid", []string{"timeout"}},
 		{"hosts without address", "POST", "/v1/sandboxes", `{"hosts": {"app": []}}`, 400, "invalid", []string{`"app"`, "1 to 8"}},
 		{"hosts wrong type", "POST", "/v1/sandboxes", `{"hosts": {"app": "127.0.0.1"}}`, 400, "invalid", []string{"hosts"}},
+		{"hosts to the loopback, not allowed", "POST", "/v1/sandboxes", `{"hosts": {"app": ["127.0.0.1"]}}`, 400, "invalid", []string{"app", "--allow-host-loopback"}},
 		{"oversized body", "POST", "/v1/sandboxes", `{"metadata": {"a": "` + strings.Repeat("x", maxJSONBody) + `"}}`, 413, "too_large", []string{"larger than"}},
 		{"bad label", "GET", "/v1/sandboxes?label=novalue", nil, 400, "invalid", []string{"KEY=VALUE"}},
 		{"unknown id", "GET", "/v1/sandboxes/nosuch", nil, 404, "not_found", []string{`"nosuch"`}},

@@ -34,7 +34,11 @@ type Options struct {
 	// AllowMounts are the host folders under which a sandbox may mount
 	// host folders (--allow-mount); none refuses every mount.
 	AllowMounts []string
-	Logger      *slog.Logger
+	// AllowHostLoopback lets a sandbox's hosts map a name to the host's
+	// loopback (--allow-host-loopback); refused otherwise (400), as
+	// mounts are without --allow-mount.
+	AllowHostLoopback bool
+	Logger            *slog.Logger
 }
 
 // Server serves the APIs over one registry.

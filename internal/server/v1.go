@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"strings"
 	"time"
@@ -280,8 +281,9 @@ type createBody struct {
 	sandboxOptions
 }
 
-// request turns the options into the registry's request.
-func (o *sandboxOptions) request() (CreateRequest, error) {
+// request turns the options into the registry's request; loopback says
+// whether hosts may map a name to the host's loopback (--allow-host-loopback).
+func (o *sandboxOptions) request(loopback bool) (CreateRequest, error) {
 	switch o.Network {
 	case "", "user", "none", "tap":
 	default:
@@ -290,7 +292,7 @@ func (o *sandboxOptions) request() (CreateRequest, error) {
 	if o.Timeout < -1 || o.Timeout > maxTimeoutSeconds {
 		return CreateRequest{}, fmt.Errorf("%w: timeout %d: give seconds from 1 to %d, 0 for the server's default or -1 for never", smolvm.ErrInvalid, o.Timeout, maxTimeoutSeconds)
 	}
-	if err := checkHosts(o.Hosts); err != nil {
+	if err := checkHosts(o.Hosts, loopback); err != nil {
 		return CreateRequest{}, err
 	}
 	req := CreateRequest{Metadata: o.Metadata, EnvVars: o.Env, Timeout: time.Duration(o.Timeout) * time.Second, AutoPause: o.AutoPause,
@@ -308,7 +310,11 @@ const (
 	maxHostAddrs = 8
 )
 
-func checkHosts(hosts map[string][]string) error {
+// checkHosts bounds hosts and refuses a name mapped to the host's
+// loopback unless the operator allows it: such a name opens every service
+// bound to 127.0.0.1 on the server's host, the server's own included, to
+// the sandbox, which an API caller must not get by asking.
+func checkHosts(hosts map[string][]string, loopback bool) error {
 	if len(hosts) > maxHosts {
 		return fmt.Errorf("%w: %d hosts: at most %d names", smolvm.ErrInvalid, len(hosts), maxHosts)
 	}
@@ -318,6 +324,11 @@ func checkHosts(hosts map[string][]string) error {
 		}
 		if len(addrs) == 0 || len(addrs) > maxHostAddrs {
 			return fmt.Errorf("%w: hosts: %q has %d addresses: give 1 to %d", smolvm.ErrInvalid, name, len(addrs), maxHostAddrs)
+		}
+		for _, a := range addrs {
+			if ip, err := netip.ParseAddr(a); err == nil && ip.IsLoopback() && !loopback {
+				return fmt.Errorf("%w: hosts: %s → %s would open the host's loopback (every service bound to it, this server's included) to the sandbox, which this server does not allow: its operator can with 'smolvm serve --allow-host-loopback'", smolvm.ErrInvalid, name, a)
+			}
 		}
 	}
 	return nil
@@ -331,7 +342,7 @@ func (s *Server) createSandbox(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &body, false); err != nil {
 		return err
 	}
-	req, err := body.request()
+	req, err := body.request(s.opts.AllowHostLoopback)
 	if err != nil {
 		return err
 	}
@@ -589,7 +600,7 @@ func (s *Server) restoreSnapshot(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &body, true); err != nil {
 		return err
 	}
-	req, err := body.request()
+	req, err := body.request(s.opts.AllowHostLoopback)
 	if err != nil {
 		return err
 	}

@@ -203,7 +203,7 @@ func TestV1Browser(t *testing.T) {
 	if _, err := smolvm.BuildImage(testutil.Context(t, 45*time.Minute), smolvm.BuildOptions{Home: home, Name: smolvm.BrowserImage, Progress: &prog}); err != nil {
 		t.Fatalf("build the browser image: %v\n%s", err, prog.String())
 	}
-	ts := newTestServer(t, Options{Home: home})
+	ts := newTestServer(t, Options{Home: home, AllowHostLoopback: true})
 	// A page on the host's loopback, which the sandbox reaches as
 	// web.test through "hosts"; the browser may reach nothing else, so no
 	// traffic leaves the host.
