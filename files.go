@@ -5,6 +5,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -392,10 +393,70 @@ func (r *recvReader) Read(p []byte) (int, error) {
 // missing), like 'docker cp - VM:dir'. The guest refuses entries that would
 // land outside the directory, by name or through a symlink.
 func (vm *VM) PutArchive(ctx context.Context, guestDir string, tarStream io.Reader) error {
-	return vm.putArchive(ctx, guestDir, func(w io.Writer) error {
-		_, err := io.Copy(w, tarStream)
+	return vm.putArchive(ctx, guestDir, false, copyFrom(tarStream))
+}
+
+func copyFrom(r io.Reader) func(io.Writer) error {
+	return func(w io.Writer) error {
+		_, err := io.Copy(w, r)
 		return err
-	})
+	}
+}
+
+// PutArchiveStaged is PutArchive for a guest directory that exists, all or
+// nothing: the archive is extracted into a staging folder beside the
+// directory's entries, and its entries are moved into place (merging
+// folders that exist in both, as extracting there would have) only once
+// the whole stream arrived and extracted. A stream that fails or is cut
+// off, or a bad archive, leaves nothing behind, even when ctx ends first.
+func (vm *VM) PutArchiveStaged(ctx context.Context, guestDir string, tarStream io.Reader) error {
+	fi, err := vm.Stat(ctx, guestDir)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%w: %s in VM %s is not a directory: give the directory to extract into", ErrInvalid, guestDir, vm.name)
+	}
+	staging := path.Join(path.Clean(guestDir), ".smolvm-upload-"+rand.Text())
+	if err := vm.putArchive(ctx, staging, true, copyFrom(tarStream)); err != nil {
+		return err // the guest removed the staging folder
+	}
+	// Moving in is a few renames; a failure halfway still removes what is
+	// left of the staging folder, even when ctx ended.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	err = vm.moveInto(ctx, staging, guestDir, 0)
+	if rerr := vm.Remove(cctx, staging); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) && err == nil {
+		err = rerr
+	}
+	return err
+}
+
+// moveInto moves the entries of from into to, merging folders that exist
+// in both.
+func (vm *VM) moveInto(ctx context.Context, from, to string, depth int) error {
+	if depth > 64 {
+		return fmt.Errorf("%w: the archive nests folders deeper than 64 levels over existing ones", ErrInvalid)
+	}
+	ents, err := vm.ReadDir(ctx, from)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		src, dst := path.Join(from, e.Name()), path.Join(to, e.Name())
+		if e.IsDir() {
+			if fi, err := vm.Stat(ctx, dst); err == nil && fi.IsDir() {
+				if err := vm.moveInto(ctx, src, dst, depth+1); err != nil {
+					return err
+				}
+				continue
+			}
+		}
+		if err := vm.Rename(ctx, src, dst); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // errRemoteClosed is returned by chunkSender when the guest ended the call;
@@ -417,7 +478,7 @@ func (s chunkSender) Write(p []byte) (int, error) {
 	return total, nil
 }
 
-func (vm *VM) putArchive(ctx context.Context, guestDir string, write func(io.Writer) error) error {
+func (vm *VM) putArchive(ctx context.Context, guestDir string, fresh bool, write func(io.Writer) error) error {
 	if err := checkGuestPath(guestDir); err != nil {
 		return err
 	}
@@ -438,7 +499,7 @@ func (vm *VM) putArchive(ctx context.Context, guestDir string, write func(io.Wri
 		}
 		return nil
 	}
-	werr := send(&agentpb.PutArchiveRequest{Msg: &agentpb.PutArchiveRequest_Header{Header: &agentpb.PutArchiveHeader{Dir: guestDir}}})
+	werr := send(&agentpb.PutArchiveRequest{Msg: &agentpb.PutArchiveRequest_Header{Header: &agentpb.PutArchiveHeader{Dir: guestDir, Fresh: fresh}}})
 	if werr == nil {
 		bw := bufio.NewWriterSize(chunkSender(func(b []byte) error {
 			return send(&agentpb.PutArchiveRequest{Msg: &agentpb.PutArchiveRequest_Data{Data: b}})
@@ -542,7 +603,7 @@ func (vm *VM) Upload(ctx context.Context, localPath, guestPath string) error {
 				localPath, vm.name, guestPath, fs.ErrNotExist, plan.dir, vm.name, plan.dir)
 		}
 	}
-	return vm.putArchive(ctx, plan.dir, func(w io.Writer) error {
+	return vm.putArchive(ctx, plan.dir, false, func(w io.Writer) error {
 		tw := tar.NewWriter(w)
 		if err := writeTree(tw, src, plan.name, sfi); err != nil {
 			return err

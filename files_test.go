@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/smolvm/smolvm"
@@ -203,6 +204,63 @@ func TestPutArchiveRefusesEscapes(t *testing.T) {
 				t.Errorf("written outside the target: %q %v", res.Stdout, err)
 			}
 		})
+	}
+}
+
+// PutArchiveStaged merges a whole archive into a folder, and leaves nothing
+// when the stream fails halfway: no entry, no staging folder, even though
+// the call returns before the guest has stopped writing.
+func TestPutArchiveStaged(t *testing.T) {
+	t.Parallel()
+	vm := testutil.SharedVM(t)
+	ctx := stCtx(t)
+	dir := fmt.Sprintf("/tmp/staged-%d", time.Now().UnixNano())
+	if _, err := vm.Run(ctx, "mkdir -p "+dir+"/sub && echo old >"+dir+"/sub/keep && echo old >"+dir+"/over"); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _, _ = vm.Run(ctx, "rm -rf "+dir) }()
+	ls := func() string {
+		t.Helper()
+		res, err := vm.Run(ctx, "cd "+dir+" && find . | sort | tr '\\n' ' '; cat over")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(res.Stdout)
+	}
+	big := strings.Repeat("y", 1<<20)
+	data := makeTar(t, tarEntry{name: "sub/", typ: tar.TypeDir, mode: 0o755},
+		tarEntry{name: "sub/new", typ: tar.TypeReg, body: "n"},
+		tarEntry{name: "over", typ: tar.TypeReg, body: "new\n"},
+		tarEntry{name: "big", typ: tar.TypeReg, body: big})
+	before := ls()
+
+	// Cut off after the first entries reached the guest: the caller's
+	// reader fails, PutArchiveStaged returns at once, the guest cleans up.
+	cut := io.MultiReader(bytes.NewReader(data[:len(data)/2]), iotest.ErrReader(errors.New("client went")))
+	if err := vm.PutArchiveStaged(ctx, dir, cut); err == nil || !strings.Contains(err.Error(), "client went") {
+		t.Errorf("cut stream: %v, want the reader's error", err)
+	}
+	var now string
+	if err := testutil.Poll(time.Minute, func() bool { now = ls(); return now == before }); err != nil {
+		t.Errorf("after a cut stream: %q, want %q", now, before)
+	}
+	// A bad archive: refused, nothing left.
+	if err := vm.PutArchiveStaged(ctx, dir, bytes.NewReader(makeTar(t, tarEntry{name: "../evil", typ: tar.TypeReg, body: "x"}))); !errors.Is(err, smolvm.ErrInvalid) {
+		t.Errorf("bad archive: %v, want ErrInvalid", err)
+	}
+	if now := ls(); now != before {
+		t.Errorf("after a bad archive: %q, want %q", now, before)
+	}
+	// Not a folder.
+	if err := vm.PutArchiveStaged(ctx, dir+"/over", bytes.NewReader(data)); !errors.Is(err, smolvm.ErrInvalid) {
+		t.Errorf("onto a file: %v, want ErrInvalid", err)
+	}
+	// The whole archive: merged, the file replaced.
+	if err := vm.PutArchiveStaged(ctx, dir, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := ls(), ". ./big ./over ./sub ./sub/keep ./sub/new new\n"; got != want {
+		t.Errorf("after a whole archive: %q, want %q", got, want)
 	}
 }
 

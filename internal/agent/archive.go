@@ -22,7 +22,7 @@ import (
 
 // PutArchive extracts a tar stream under a directory. Entries that would
 // land outside it — by name or through a symlink — are refused.
-func (s *Server) PutArchive(stream grpc.ClientStreamingServer[agentpb.PutArchiveRequest, agentpb.PutArchiveResponse]) error {
+func (s *Server) PutArchive(stream grpc.ClientStreamingServer[agentpb.PutArchiveRequest, agentpb.PutArchiveResponse]) (err error) {
 	first, err := stream.Recv()
 	if err != nil {
 		return err
@@ -35,7 +35,19 @@ func (s *Server) PutArchive(stream grpc.ClientStreamingServer[agentpb.PutArchive
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if hdr.GetFresh() {
+		// A staging folder is this call's own: it goes again whenever the
+		// call fails, here and not by the caller, which cannot know when a
+		// call it abandoned has stopped writing.
+		if err := os.Mkdir(dir, 0o700); err != nil {
+			return fsError("create directory", dir, err)
+		}
+		defer func() {
+			if err != nil {
+				_ = os.RemoveAll(dir)
+			}
+		}()
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fsError("create directory", dir, err)
 	}
 	in := &recvReader{recv: func() ([]byte, error) {
@@ -52,7 +64,9 @@ func (s *Server) PutArchive(stream grpc.ClientStreamingServer[agentpb.PutArchive
 	if err != nil {
 		return err
 	}
-	_, _ = io.Copy(io.Discard, in) // trailing padding
+	if _, err := io.Copy(io.Discard, in); err != nil {
+		return err // trailing padding; a caller that went did not finish
+	}
 	return stream.SendAndClose(&agentpb.PutArchiveResponse{Entries: st.Entries, Bytes: st.Bytes})
 }
 

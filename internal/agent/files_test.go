@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/smolvm/smolvm/internal/proto/agentpb"
+	"github.com/smolvm/smolvm/internal/testutil"
 	"github.com/smolvm/smolvm/internal/wire"
 )
 
@@ -391,4 +393,77 @@ func TestSendSparse(t *testing.T) {
 	if err != nil || !last || end != 6<<30 || sent == 0 || sent > 1<<20 {
 		t.Errorf("sendSparse: %v; last %v at %d, %d data bytes sent; want the 6 GiB size and a block of data", err, last, end, sent)
 	}
+}
+
+// A fresh (staging) folder is the call's own: the agent removes it when
+// the extraction fails or the caller goes mid-stream, so a caller that
+// gave up cannot race the agent's last writes with its own cleanup.
+func TestPutArchiveFresh(t *testing.T) {
+	te := newTestEnv(t)
+	base := t.TempDir()
+	body := strings.Repeat("x", 64<<10)
+	data := makeTar(t, tarEntry{name: "sub/", typ: tar.TypeDir, mode: 0o755},
+		tarEntry{name: "sub/a", typ: tar.TypeReg, body: body}, tarEntry{name: "b", typ: tar.TypeReg, body: body})
+	send := func(ctx context.Context, dir string, data []byte) agentpb.Agent_PutArchiveClient {
+		s, err := te.client.PutArchive(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Send(&agentpb.PutArchiveRequest{Msg: &agentpb.PutArchiveRequest_Header{Header: &agentpb.PutArchiveHeader{Dir: dir, Fresh: true}}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Send(&agentpb.PutArchiveRequest{Msg: &agentpb.PutArchiveRequest_Data{Data: data}}); err != nil && !errors.Is(err, io.EOF) {
+			t.Fatal(err) // EOF: the agent ended the call; CloseAndRecv says why
+		}
+		return s
+	}
+	gone := func(dir string) {
+		t.Helper()
+		if err := testutil.Poll(time.Minute, func() bool {
+			_, err := os.Lstat(dir)
+			return errors.Is(err, fs.ErrNotExist)
+		}); err != nil {
+			t.Errorf("%s is still there after a failed call", dir)
+		}
+	}
+
+	// A whole archive stays, as made by the call.
+	ok := filepath.Join(base, "ok")
+	if _, err := send(testCtx(t), ok, data).CloseAndRecv(); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(ok, "sub", "a")); len(b) != len(body) {
+		t.Errorf("sub/a: %d bytes, %v", len(b), err)
+	}
+	if fi, err := os.Stat(ok); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("staging folder: %v, %v; want mode 0700", fi, err)
+	}
+	// It must not exist: two calls cannot share one.
+	if _, err := send(testCtx(t), ok, data).CloseAndRecv(); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("existing folder: %v, want FailedPrecondition", err)
+	}
+	if _, err := os.Stat(filepath.Join(ok, "b")); err != nil {
+		t.Errorf("a refused call removed the folder it did not make: %v", err)
+	}
+
+	// A caller that goes mid-stream: the agent cleans up after itself.
+	ctx, cancel := context.WithCancel(testCtx(t))
+	cut := filepath.Join(base, "cut")
+	s := send(ctx, cut, data[:len(data)/2])
+	if err := testutil.Poll(time.Minute, func() bool {
+		_, err := os.Stat(filepath.Join(cut, "sub", "a"))
+		return err == nil
+	}); err != nil {
+		t.Fatal("the first half never arrived")
+	}
+	cancel()
+	_, _ = s.CloseAndRecv()
+	gone(cut)
+
+	// A bad stream.
+	bad := filepath.Join(base, "bad")
+	if _, err := send(testCtx(t), bad, append(data[:1024:1024], make([]byte, 512)...)).CloseAndRecv(); err == nil {
+		t.Error("a cut archive was accepted")
+	}
+	gone(bad)
 }

@@ -1,8 +1,6 @@
 package server
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -191,65 +189,17 @@ func (s *Server) getArchive(w http.ResponseWriter, r *http.Request) error {
 	return err
 }
 
-// putArchive unpacks the body into a folder of the guest. It unpacks into
-// a staging folder beside the entries first and moves them in at the end,
-// so that a client that goes mid-upload (or a bad archive) leaves nothing
-// behind.
+// putArchive unpacks the body into a folder of the guest, all or nothing
+// (VM.PutArchiveStaged): a client that goes mid-upload, or a bad archive,
+// leaves nothing behind.
 func (s *Server) putArchive(w http.ResponseWriter, r *http.Request) error {
 	vm, dir, err := s.vmAndPath(r)
 	if err != nil {
 		return err
 	}
-	ctx := r.Context()
-	fi, err := vm.Stat(ctx, dir)
-	if err != nil {
-		return err
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("%w: %s is not a folder: give the folder to unpack into", smolvm.ErrInvalid, dir)
-	}
-	staging := path.Join(dir, ".smolvm-upload-"+newID())
-	// Cleanup runs even when the request's context ended.
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
-	defer cancel()
-	defer func() {
-		if err := vm.Remove(cctx, staging); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			s.log.Warn("could not remove an upload's staging folder", "path", staging, "err", err)
-		}
-	}()
-	if err := vm.PutArchive(ctx, staging, s.maxUpload(w, r)); err != nil {
-		return err
-	}
-	if err := moveInto(ctx, vm, staging, dir, 0); err != nil {
+	if err := vm.PutArchiveStaged(r.Context(), dir, s.maxUpload(w, r)); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-// moveInto moves the entries of from into to, merging folders that exist
-// in both (as unpacking there would have).
-func moveInto(ctx context.Context, vm *smolvm.VM, from, to string, depth int) error {
-	if depth > 64 {
-		return fmt.Errorf("%w: the archive nests folders deeper than 64 levels over existing ones", smolvm.ErrInvalid)
-	}
-	ents, err := vm.ReadDir(ctx, from)
-	if err != nil {
-		return err
-	}
-	for _, e := range ents {
-		src, dst := path.Join(from, e.Name()), path.Join(to, e.Name())
-		if e.IsDir() {
-			if fi, err := vm.Stat(ctx, dst); err == nil && fi.IsDir() {
-				if err := moveInto(ctx, vm, src, dst, depth+1); err != nil {
-					return err
-				}
-				continue
-			}
-		}
-		if err := vm.Rename(ctx, src, dst); err != nil {
-			return err
-		}
-	}
 	return nil
 }

@@ -1258,7 +1258,12 @@ func (*PutArchiveRequest_Data) isPutArchiveRequest_Msg() {}
 type PutArchiveHeader struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Directory to extract into; created when missing.
-	Dir           string `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
+	Dir string `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
+	// The directory must not exist yet: it is made (mode 0700, its parent
+	// must exist), and removed again, whatever was extracted into it, when
+	// the extraction fails or the caller goes. A staging folder: the caller
+	// moves the entries to their place only after a whole archive arrived.
+	Fresh         bool `protobuf:"varint,2,opt,name=fresh,proto3" json:"fresh,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1298,6 +1303,13 @@ func (x *PutArchiveHeader) GetDir() string {
 		return x.Dir
 	}
 	return ""
+}
+
+func (x *PutArchiveHeader) GetFresh() bool {
+	if x != nil {
+		return x.Fresh
+	}
+	return false
 }
 
 type PutArchiveResponse struct {
@@ -2442,9 +2454,10 @@ const file_agentpb_agent_proto_rawDesc = "" +
 	"\x11PutArchiveRequest\x12;\n" +
 	"\x06header\x18\x01 \x01(\v2!.smolvm.agent.v1.PutArchiveHeaderH\x00R\x06header\x12\x14\n" +
 	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\x05\n" +
-	"\x03msg\"$\n" +
+	"\x03msg\":\n" +
 	"\x10PutArchiveHeader\x12\x10\n" +
-	"\x03dir\x18\x01 \x01(\tR\x03dir\"D\n" +
+	"\x03dir\x18\x01 \x01(\tR\x03dir\x12\x14\n" +
+	"\x05fresh\x18\x02 \x01(\bR\x05fresh\"D\n" +
 	"\x12PutArchiveResponse\x12\x18\n" +
 	"\aentries\x18\x01 \x01(\x03R\aentries\x12\x14\n" +
 	"\x05bytes\x18\x02 \x01(\x03R\x05bytes\"'\n" +
