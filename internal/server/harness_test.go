@@ -37,7 +37,7 @@ func newTestServer(t *testing.T, opts Options) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	doc, _, err := OpenAPI()
+	doc, err := openAPIDoc()
 	if err != nil {
 		t.Fatal(err)
 	}
