@@ -29,6 +29,7 @@ type Client struct {
 
 	mu     sync.Mutex
 	next   uint32
+	runs   uint64 // TypeRun calls started
 	calls  map[uint32]*Call
 	queued int           // bytes of replies queued in all calls, under mu
 	space  chan struct{} // a queue shrank (capacity 1)
@@ -90,6 +91,9 @@ func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call
 		return nil, fmt.Errorf("%w: %w", ErrNotSent, err)
 	}
 	c.next++
+	if typ == TypeRun {
+		c.runs++
+	}
 	k := &Call{c: c, id: c.next, ready: make(chan struct{}, 1)}
 	c.calls[k.id] = k
 	c.mu.Unlock()
@@ -99,6 +103,13 @@ func (c *Client) Start(ctx context.Context, typ uint8, req proto.Message) (*Call
 		return nil, fmt.Errorf("%w: %w", ErrNotSent, err)
 	}
 	return k, nil
+}
+
+// Runs is how many commands (TypeRun calls) were started on the client.
+func (c *Client) Runs() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.runs
 }
 
 // Send sends a message that has no reply (id 0).

@@ -220,6 +220,9 @@ func (s *Supervisor) ready(ctx context.Context, b *boot) error {
 		return err
 	}
 	now := time.Now()
+	if s.spec.Restored {
+		s.warmUpSoon(warmUpDelay)
+	}
 	s.laneEarly = b.earlyLane != nil && s.fast.current() == b.earlyLane
 	s.timings.FirstCommand = now.Sub(launched)
 	s.timings.CreateToFirstCommand = now.Sub(b.started)

@@ -391,3 +391,68 @@ func TestSnapshot(t *testing.T) {
 		t.Error("a failed snapshot left the machine paused")
 	}
 }
+
+// TestWarmUp: a restored VM runs `true` once over its fast lane soon after
+// it answered, unless a command started first; a booted VM does not.
+func TestWarmUp(t *testing.T) {
+	var fire []func()
+	old := afterFunc
+	afterFunc = func(_ time.Duration, f func()) { fire = append(fire, f) }
+	t.Cleanup(func() { afterFunc = old })
+	ctx := context.Background()
+	run := func(s *Supervisor) {
+		t.Helper()
+		l, err := s.Lane(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := warmUp(ctx, l); err != nil { // the same call a caller's run makes
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name     string
+		restored bool
+		command  bool // a caller's command before the warm-up's time
+		want     int  // runs of `true`
+	}{
+		{"Restored", true, false, 1},
+		{"CommandFirst", true, true, 1},
+		{"Booted", false, false, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fire = nil
+			drv := &fake.Driver{}
+			f := newFixture(t, drv)
+			if tc.restored {
+				f.restored()
+			}
+			s, _, err := f.start()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.restored != (len(fire) == 1) {
+				t.Fatalf("%d warm-ups scheduled, restored %v", len(fire), tc.restored)
+			}
+			if tc.command {
+				run(s)
+			}
+			for _, f := range fire {
+				f()
+			}
+			ms := drv.Machines()
+			if len(ms) != 1 {
+				t.Fatalf("%d machines", len(ms))
+			}
+			runs := ms[0].Runs()
+			if len(runs) != tc.want {
+				t.Fatalf("runs %q, want %d", runs, tc.want)
+			}
+			for _, r := range runs {
+				if len(r) != 1 || r[0] != "true" {
+					t.Errorf("run %q, want [true]", r)
+				}
+			}
+		})
+	}
+}

@@ -14,8 +14,11 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/lane"
+	"github.com/smolvm/smolvm/internal/proto/agentpb"
 )
 
 // Layout is the fake's snapshot layout.
@@ -209,6 +212,15 @@ type Machine struct {
 	paused bool
 	kills  int
 	lanes  []net.Conn // the guest ends of the fast lanes
+	runs   [][]string // the argv of each command run on a lane
+}
+
+// Runs returns the argv (or ["sh", "-c", shell]) of each command run on
+// the machine's fast lanes, in order.
+func (m *Machine) Runs() [][]string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([][]string(nil), m.runs...)
 }
 
 // NewMachine is a running machine of cfg with the default calls.
@@ -321,13 +333,14 @@ func (m *Machine) DialFast(ctx context.Context) (net.Conn, error) {
 	m.mu.Lock()
 	m.lanes = append(m.lanes, guest)
 	m.mu.Unlock()
-	go serveLane(guest)
+	go m.serveLane(guest)
 	return host, nil
 }
 
-// serveLane answers each ping and refresh with an empty reply, and every
-// other call with an error.
-func serveLane(c net.Conn) {
+// serveLane answers each ping and refresh with an empty reply, each
+// command with its exit (code 0, no output), and every other call with an
+// error.
+func (m *Machine) serveLane(c net.Conn) {
 	defer c.Close()
 	buf := make([]byte, 4096)
 	for {
@@ -339,6 +352,20 @@ func serveLane(c net.Conn) {
 		switch f.Type {
 		case lane.TypePing, lane.TypeRefresh:
 			out, _ = lane.Append(nil, f.ID, f.Type, nil)
+		case lane.TypeRun:
+			var start agentpb.ExecStart
+			if err := proto.Unmarshal(f.Payload, &start); err != nil {
+				out = lane.AppendError(nil, f.ID, err.Error())
+				break
+			}
+			argv := start.GetArgv()
+			if start.GetShell() != "" {
+				argv = []string{"sh", "-c", start.GetShell()}
+			}
+			m.mu.Lock()
+			m.runs = append(m.runs, argv)
+			m.mu.Unlock()
+			out, _ = lane.Append(nil, f.ID, lane.TypeOutput, &agentpb.RunOutput{Exit: &agentpb.ExecExit{}})
 		case lane.TypeAck:
 			continue
 		default:
