@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
@@ -125,6 +126,7 @@ func (h *Host) create(ctx context.Context, cfg *VMConfig, started time.Time, sna
 	}
 	dir := filepath.Join(h.Home, "vms", rec.ID)
 	undo := func(cause error) error {
+		_ = jail.ReleaseID(dir)
 		_ = os.RemoveAll(dir)
 		return errors.Join(cause, st.DeleteVM(context.WithoutCancel(ctx), rec.ID))
 	}
