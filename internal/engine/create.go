@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/hostcap"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/network"
@@ -50,6 +51,9 @@ type VMConfig struct {
 	// limits that apply (and whatever lock makes the count and the write
 	// one step across the host).
 	Within Within
+	// SpareRoom, with Prelaunch, counts the spare it starts against the
+	// host's capacity (nil: not counted).
+	SpareRoom SpareRoom
 	// FileMemory backs guest RAM with a shared file in the VM's folder
 	// (the warm snapshot's VM).
 	FileMemory bool
@@ -172,6 +176,8 @@ func (h *Host) create(ctx context.Context, cfg *VMConfig, started time.Time, sna
 			spare.Discard()
 			spare = nil
 		} else {
+			// The VM's row counts it now (see hostcap.Spare).
+			_ = os.Remove(filepath.Join(dir, hostcap.SpareFile))
 			spec.Machine.Net, spec.Prelaunched = mc.Net, true
 		}
 	}
@@ -204,7 +210,7 @@ func (h *Host) create(ctx context.Context, cfg *VMConfig, started time.Time, sna
 		return undo(err)
 	}
 	if cfg.Prelaunch && snap == nil && spec.Restored {
-		Prelaunch(h.Home, rec.Snapshot, spec.Driver, spec.Machine, log)
+		Prelaunch(h.Home, rec.Snapshot, spec.Driver, spec.Machine, cfg.SpareRoom, log)
 	}
 	if err := attach(ctx, rec.ID, sup); err != nil {
 		_ = sup.Stop(context.WithoutCancel(ctx), true, 0)

@@ -100,6 +100,9 @@ func relocate(mc hypervisor.MachineConfig, dir, id string) hypervisor.MachineCon
 	return mc
 }
 
+// Dir is the spare's folder (until a VM claims it).
+func (sp *Spare) Dir() string { return sp.dir }
+
 // Alive reports whether the spare's hypervisor still runs.
 func (sp *Spare) Alive() bool {
 	select {
