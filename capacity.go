@@ -133,10 +133,40 @@ func limit(v int, field, env string, host int, setupFlag string, def int, defFro
 }
 
 // within is the engine's capacity check of a VM of c in the state
-// folder home (see withinCapacity).
+// folder home (see withinCapacity) that claims no spare (a start): the
+// spares it leaves no room for give way at once.
 func (c *Config) within(home string) engine.Within {
 	return func(ctx context.Context, write func(store.Capacity) error) error {
-		return withinCapacity(ctx, home, c, write)
+		return withinCapacity(ctx, home, c, write, true)
+	}
+}
+
+// withinThenGiveWay is the capacity check of a VM of c that may claim a
+// spare (a create): the spares give way only once it has or has not
+// (giveWay), so that it never reclaims the one it would claim.
+func (c *Config) withinThenGiveWay(home string) engine.Within {
+	return func(ctx context.Context, write func(store.Capacity) error) error {
+		return withinCapacity(ctx, home, c, write, false)
+	}
+}
+
+// giveWay reclaims the spares the host's VMs leave no room for (a
+// create's, once it claimed a spare or not).
+func (c *Config) giveWay(home string) func(ctx context.Context) error {
+	return func(ctx context.Context) error {
+		lock, err := hostcap.Acquire(ctx, hostcap.Dir())
+		if err != nil {
+			return err
+		}
+		defer lock.Release()
+		if len(lock.Spares(home, engine.ProcessAlive)) == 0 {
+			return nil // the usual case: no count of the VMs
+		}
+		l, err := c.count(ctx, lock, home)
+		if err == nil && (l.MaxVMs > 0 || l.MaxMemoryMiB > 0) {
+			reclaimSpares(ctx, lock, home, l, 0, 0)
+		}
+		return err
 	}
 }
 
@@ -152,11 +182,6 @@ func (c *Config) spareRoom(home string) engine.SpareRoom {
 // home, with the limits of cfg (Alive set) and what the host's other
 // state folders' VMs hold.
 func hostLock(ctx context.Context, home string, cfg *Config) (*hostcap.Lock, limits, error) {
-	l, err := cfg.capacity()
-	if err != nil {
-		return nil, limits{}, err
-	}
-	l.Alive = engine.ProcessAlive
 	lock, err := hostcap.Acquire(ctx, hostcap.Dir())
 	if err != nil {
 		return nil, limits{}, err
@@ -167,15 +192,30 @@ func hostLock(ctx context.Context, home string, cfg *Config) (*hostcap.Lock, lim
 		lock.Release()
 		return nil, limits{}, err
 	}
+	l, err := cfg.count(ctx, lock, home)
+	if err != nil {
+		lock.Release()
+		return nil, limits{}, err
+	}
+	return lock, l, nil
+}
+
+// count returns the limits of c (Alive set) and what the VMs of the
+// host's state folders other than home hold, under lock.
+func (c *Config) count(ctx context.Context, lock *hostcap.Lock, home string) (limits, error) {
+	l, err := c.capacity()
+	if err != nil {
+		return limits{}, err
+	}
+	l.Alive = engine.ProcessAlive
 	if l.MaxVMs > 0 || l.MaxMemoryMiB > 0 {
 		other, _, err := lock.Others(ctx, home, engine.ProcessAlive)
 		if err != nil {
-			lock.Release()
-			return nil, limits{}, err
+			return limits{}, err
 		}
 		l.OtherVMs, l.OtherMemoryMiB = other.VMs, other.MemoryMiB
 	}
-	return lock, l, nil
+	return l, nil
 }
 
 // withinCapacity runs write (the transaction that makes a VM hold host
@@ -184,8 +224,9 @@ func hostLock(ctx context.Context, home string, cfg *Config) (*hostcap.Lock, lim
 // of the host never pass a limit together. VMs whose supervisor is gone
 // are not counted. Prelaunched hypervisors (spares) do not stop a VM:
 // when the VM leaves too little room for them, as many as it takes are
-// reclaimed (ended by the processes that made them).
-func withinCapacity(ctx context.Context, home string, cfg *Config, write func(store.Capacity) error) error {
+// reclaimed (ended by the processes that made them), now with giveWay,
+// else later (giveWay).
+func withinCapacity(ctx context.Context, home string, cfg *Config, write func(store.Capacity) error, giveWay bool) error {
 	lock, l, err := hostLock(ctx, home, cfg)
 	if err != nil {
 		return err
@@ -194,7 +235,7 @@ func withinCapacity(ctx context.Context, home string, cfg *Config, write func(st
 	if err := l.explain(write(l.Capacity)); err != nil {
 		return err
 	}
-	if l.MaxVMs > 0 || l.MaxMemoryMiB > 0 {
+	if giveWay && (l.MaxVMs > 0 || l.MaxMemoryMiB > 0) {
 		reclaimSpares(ctx, lock, home, l, 0, 0)
 	}
 	return nil

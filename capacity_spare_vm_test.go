@@ -2,22 +2,26 @@ package smolvm_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/smolvm/smolvm"
 	"github.com/smolvm/smolvm/internal/hostcap"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/testutil"
 )
 
 // TestSpareCapacity: a prelaunched hypervisor (a spare) counts against
-// the host's capacity, and gives way to VMs. With room for 3 VMs: a
-// spare taken off the count by another process's create ends; a create
-// that fits only without the spare succeeds and the spare ends; at the
-// limit no spare is started. Nothing of a spare is left.
+// the host's capacity, and gives way to VMs: a spare taken off the count
+// by another process's create ends; at the limit no spare is started; a
+// create that fits only without the spare succeeds and the spare ends.
+// Nothing of a spare is left, its uid included.
 func TestSpareCapacity(t *testing.T) {
 	// A host folder of its own: only this test's VMs count.
 	t.Setenv(smolvm.HostDirEnv, t.TempDir())
@@ -51,8 +55,17 @@ func TestSpareCapacity(t *testing.T) {
 			ents, _ := os.ReadDir(spares)
 			t.Fatalf("%s: %d live spares, folders %v; want none", when, smolvm.LiveSpares(), ents)
 		}
+		// A claimed spare's QEMU, a VM's now, still names its first folder.
+		vms, err := testutil.OpenHost(t, home).List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
 		cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 		for _, f := range cmdlines {
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(f)))
+			if slices.ContainsFunc(vms, func(in *smolvm.Info) bool { return in.HypervisorPID == pid }) {
+				continue
+			}
 			if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), spares+"/") {
 				t.Errorf("%s: a spare's process still runs: %s", when, f)
 			}
@@ -69,33 +82,62 @@ func TestSpareCapacity(t *testing.T) {
 		}
 		return dirs[0]
 	}
+	// freed checks that a jailed QEMU's uid, read from its folder before
+	// it went, is free again: its record is gone, or names another
+	// folder than dirs (a VM made since has the id).
+	freed := func(what, uid string, dirs ...string) {
+		t.Helper()
+		if uid == "" {
+			return // not jailed (not root)
+		}
+		b, err := os.ReadFile(filepath.Join(jail.UIDDir, uid))
+		if err == nil && slices.Contains(dirs, string(b)) || err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: the record of its QEMU's uid %s is left: %q, %v", what, uid, b, err)
+		}
+	}
+	uidOf := func(dir string) string { b, _ := os.ReadFile(filepath.Join(dir, jail.IDFile)); return string(b) }
 	pcfg := smolvm.Config{Home: home, Prelaunch: true, MaxVMs: 3}
 
 	newVM(t, pcfg)
 	// Another process's create that needs the room removes the record;
 	// the spare's owner (this process) ends it.
-	if err := os.Remove(filepath.Join(prelaunched(), hostcap.SpareFile)); err != nil {
+	dir := prelaunched()
+	uid := uidOf(dir)
+	if err := os.Remove(filepath.Join(dir, hostcap.SpareFile)); err != nil {
 		t.Fatal(err)
 	}
 	noSpare("after the spare's room was reclaimed")
+	freed("a reclaimed spare", uid, dir)
 
-	// 2 VMs and a spare: a third VM fits only without the spare. It is
-	// made, and the spare ends.
+	// A VM claims the spare, at the limit: no spare is started beside it.
+	// Its uid is freed when it is deleted (the spare's, moved with its
+	// folder).
 	newVM(t, pcfg)
-	prelaunched()
-	third := newVM(t, smolvm.Config{Home: home, Cold: true, MaxVMs: 3})
-	if got := sh(t, third, "echo ok"); got != "ok" {
-		t.Errorf("the third VM: %q", got)
+	dir = prelaunched()
+	claimed := newVM(t, pcfg)
+	in, err := claimed.Info(ctx)
+	if err != nil || !in.Prelaunched {
+		t.Fatalf("a VM after a spare was made: %+v, %v; want it prelaunched", in, err)
 	}
-	noSpare("after a VM took the spare's room")
-
-	// At the limit: the VM is made, but no spare is started beside it.
-	if err := third.Delete(ctx); err != nil {
-		t.Fatal(err)
-	}
-	newVM(t, pcfg)
 	if err := smolvm.WaitPrelaunched(ctx); err != nil {
 		t.Fatal(err)
 	}
 	noSpare("at the limit of VMs")
+	uid = uidOf(in.Dir)
+	if err := claimed.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	freed("a deleted VM that claimed a spare", uid, dir, in.Dir)
+
+	// 3 VMs and a spare, room for 4: a fourth VM fits only without the
+	// spare. It is made, and the spare ends.
+	newVM(t, smolvm.Config{Home: home, Prelaunch: true, MaxVMs: 4})
+	dir = prelaunched()
+	uid = uidOf(dir)
+	fourth := newVM(t, smolvm.Config{Home: home, Cold: true, MaxVMs: 4})
+	if got := sh(t, fourth, "echo ok"); got != "ok" {
+		t.Errorf("the fourth VM: %q", got)
+	}
+	noSpare("after a VM took the spare's room")
+	freed("a spare that gave way", uid, dir)
 }

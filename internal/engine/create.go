@@ -54,6 +54,11 @@ type VMConfig struct {
 	// SpareRoom, with Prelaunch, counts the spare it starts against the
 	// host's capacity (nil: not counted).
 	SpareRoom SpareRoom
+	// GiveWay, when set, runs once the VM has claimed a spare or not,
+	// before it starts a hypervisor of its own: the host's spares that
+	// its VMs leave no room for are reclaimed (Within leaves them, so that
+	// the VM can still claim one).
+	GiveWay func(ctx context.Context) error
 	// FileMemory backs guest RAM with a shared file in the VM's folder
 	// (the warm snapshot's VM).
 	FileMemory bool
@@ -179,6 +184,11 @@ func (h *Host) create(ctx context.Context, cfg *VMConfig, started time.Time, sna
 			// The VM's row counts it now (see hostcap.Spare).
 			_ = os.Remove(filepath.Join(dir, hostcap.SpareFile))
 			spec.Machine.Net, spec.Prelaunched = mc.Net, true
+		}
+	}
+	if cfg.GiveWay != nil {
+		if err := cfg.GiveWay(ctx); err != nil {
+			log.Warn("prelaunched hypervisors could not give way to a new VM: the host may hold more than its capacity until they are used or ended", "err", err)
 		}
 	}
 	if snap == nil && spec.Restored {
