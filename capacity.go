@@ -154,14 +154,14 @@ func (c *Config) withinThenGiveWay(home string) engine.Within {
 // create's, once it claimed a spare or not).
 func (c *Config) giveWay(home string) func(ctx context.Context) error {
 	return func(ctx context.Context) error {
+		if len(hostcap.SparesOn(hostcap.Dir(), home, engine.ProcessAlive)) == 0 {
+			return nil // the usual case: no lock, no count of the VMs
+		}
 		lock, err := hostcap.Acquire(ctx, hostcap.Dir())
 		if err != nil {
 			return err
 		}
 		defer lock.Release()
-		if len(lock.Spares(home, engine.ProcessAlive)) == 0 {
-			return nil // the usual case: no count of the VMs
-		}
 		l, err := c.count(ctx, lock, home)
 		if err == nil && (l.MaxVMs > 0 || l.MaxMemoryMiB > 0) {
 			reclaimSpares(ctx, lock, home, l, 0, 0)

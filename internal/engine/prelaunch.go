@@ -187,7 +187,9 @@ func ReclaimSpare(dir string) {
 	}
 	spares.Unlock()
 	if sp != nil {
-		sp.Discard()
+		// Killed at once; the wait for its end is not the create's (it
+		// holds the host folder's lock).
+		go sp.Discard()
 	}
 }
 

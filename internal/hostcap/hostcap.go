@@ -357,9 +357,16 @@ func spares(home string, alive func(pid int) bool) []Spare {
 // Spares returns the spares on the host that count: those of home and
 // of every registered state folder.
 func (l *Lock) Spares(home string, alive func(pid int) bool) []Spare {
+	return SparesOn(l.dir, home, alive)
+}
+
+// SparesOn is Spares of host folder dir read without its lock: a create
+// whose VM is recorded learns that no spare has to give way to it (a
+// spare recorded after it counted that VM).
+func SparesOn(dir, home string, alive func(pid int) bool) []Spare {
 	self, abs := key(home)
 	out := spares(abs, alive)
-	ents, _ := os.ReadDir(filepath.Join(l.dir, "homes"))
+	ents, _ := os.ReadDir(filepath.Join(dir, "homes"))
 	if len(ents) > maxHomes {
 		ents = ents[:maxHomes]
 	}
@@ -367,7 +374,7 @@ func (l *Lock) Spares(home string, alive func(pid int) bool) []Spare {
 		if e.Name() == self || strings.HasPrefix(e.Name(), ".") {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(l.dir, "homes", e.Name()))
+		b, err := os.ReadFile(filepath.Join(dir, "homes", e.Name()))
 		if err != nil || len(b) > 4096 {
 			continue
 		}
