@@ -1,9 +1,13 @@
 package smolvm_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -140,4 +144,58 @@ func TestSpareCapacity(t *testing.T) {
 	}
 	noSpare("after a VM took the spare's room")
 	freed("a spare that gave way", uid, dir)
+
+	// Another process's spare gives way too: 5 VMs here and the helper's
+	// VM and spare, room for 7; one VM more ends the helper's spare.
+	helper := exec.Command(os.Args[0], "-test.run=^TestSpareHelper$")
+	helper.Env = append(os.Environ(), "SMOLVM_SPARE_HELPER="+home)
+	in2, err := helper.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := helper.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	helper.Stderr = os.Stderr
+	if err := helper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = helper.Process.Kill(); _ = helper.Wait() })
+	newVM(t, smolvm.Config{Home: home, Cold: true})
+	rd := bufio.NewReader(out)
+	if line, err := rd.ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("helper: %q, %v", line, err)
+	}
+	dirs := spareDirs()
+	if len(dirs) != 1 {
+		t.Fatalf("the helper's spares: %v, want one", dirs)
+	}
+	newVM(t, smolvm.Config{Home: home, Cold: true, MaxVMs: 7})
+	noSpare("after a VM took the room of another process's spare")
+	_ = in2.Close() // the helper deletes its VM and exits
+	if err := helper.Wait(); err != nil {
+		t.Errorf("helper: %v", err)
+	}
+}
+
+// TestSpareHelper is TestSpareCapacity's other process: it makes a VM
+// with Prelaunch, room for 7 VMs, in $SMOLVM_SPARE_HELPER, says "ready"
+// once its spare is up, and deletes the VM when its stdin closes.
+func TestSpareHelper(t *testing.T) {
+	home := os.Getenv("SMOLVM_SPARE_HELPER")
+	if home == "" {
+		t.Skip("run by TestSpareCapacity")
+	}
+	ctx := testutil.Context(t, 5*time.Minute)
+	vm := newVM(t, smolvm.Config{Home: home, Prelaunch: true, MaxVMs: 7})
+	defer smolvm.DiscardPrelaunched(context.Background())
+	if err := smolvm.WaitPrelaunched(ctx); err != nil || smolvm.LiveSpares() != 1 {
+		t.Fatalf("the helper's spare: %d, %v", smolvm.LiveSpares(), err)
+	}
+	fmt.Println("ready")
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	if err := vm.Delete(ctx); err != nil {
+		t.Error(err)
+	}
 }
