@@ -189,7 +189,7 @@ func TestSpareHelper(t *testing.T) {
 	}
 	ctx := testutil.Context(t, 5*time.Minute)
 	vm := newVM(t, smolvm.Config{Home: home, Prelaunch: true, MaxVMs: 7})
-	defer smolvm.DiscardPrelaunched(context.Background())
+	defer func() { _ = smolvm.DiscardPrelaunched(context.Background()) }()
 	if err := smolvm.WaitPrelaunched(ctx); err != nil || smolvm.LiveSpares() != 1 {
 		t.Fatalf("the helper's spare: %d, %v", smolvm.LiveSpares(), err)
 	}
