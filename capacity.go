@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"runtime"
+	"sort"
 	"strconv"
 
 	"golang.org/x/sys/unix"
@@ -131,42 +133,164 @@ func limit(v int, field, env string, host int, setupFlag string, def int, defFro
 }
 
 // within is the engine's capacity check of a VM of c in the state
-// folder home (see withinCapacity).
+// folder home (see withinCapacity) that claims no spare (a start): the
+// spares it leaves no room for give way at once.
 func (c *Config) within(home string) engine.Within {
 	return func(ctx context.Context, write func(store.Capacity) error) error {
-		return withinCapacity(ctx, home, c, write)
+		return withinCapacity(ctx, home, c, write, true)
 	}
+}
+
+// withinThenGiveWay is the capacity check of a VM of c that may claim a
+// spare (a create): the spares give way only once it has or has not
+// (giveWay), so that it never reclaims the one it would claim.
+func (c *Config) withinThenGiveWay(home string) engine.Within {
+	return func(ctx context.Context, write func(store.Capacity) error) error {
+		return withinCapacity(ctx, home, c, write, false)
+	}
+}
+
+// giveWay reclaims the spares the host's VMs leave no room for (a
+// create's, once it claimed a spare or not).
+func (c *Config) giveWay(home string) func(ctx context.Context) error {
+	return func(ctx context.Context) error {
+		if len(hostcap.SparesOn(hostcap.Dir(), home, engine.ProcessAlive)) == 0 {
+			return nil // the usual case: no lock, no count of the VMs
+		}
+		lock, err := hostcap.Acquire(ctx, hostcap.Dir())
+		if err != nil {
+			return err
+		}
+		defer lock.Release()
+		l, err := c.count(ctx, lock, home)
+		if err == nil && (l.MaxVMs > 0 || l.MaxMemoryMiB > 0) {
+			reclaimSpares(ctx, lock, home, l, 0, 0)
+		}
+		return err
+	}
+}
+
+// spareRoom is the engine's capacity check of a prelaunched hypervisor
+// started after a VM of c in the state folder home (see spareWithin).
+func (c *Config) spareRoom(home string) engine.SpareRoom {
+	return func(ctx context.Context, memMiB int, record func() error) error {
+		return spareWithin(ctx, home, c, memMiB, record)
+	}
+}
+
+// hostLock takes the host folder's lock for a create in state folder
+// home, with the limits of cfg (Alive set) and what the host's other
+// state folders' VMs hold.
+func hostLock(ctx context.Context, home string, cfg *Config) (*hostcap.Lock, limits, error) {
+	lock, err := hostcap.Acquire(ctx, hostcap.Dir())
+	if err != nil {
+		return nil, limits{}, err
+	}
+	// Registered before the count, so that a create elsewhere that waits
+	// for this lock sees this VM.
+	if err := lock.Register(home); err != nil {
+		lock.Release()
+		return nil, limits{}, err
+	}
+	l, err := cfg.count(ctx, lock, home)
+	if err != nil {
+		lock.Release()
+		return nil, limits{}, err
+	}
+	return lock, l, nil
+}
+
+// count returns the limits of c (Alive set) and what the VMs of the
+// host's state folders other than home hold, under lock.
+func (c *Config) count(ctx context.Context, lock *hostcap.Lock, home string) (limits, error) {
+	l, err := c.capacity()
+	if err != nil {
+		return limits{}, err
+	}
+	l.Alive = engine.ProcessAlive
+	if l.MaxVMs > 0 || l.MaxMemoryMiB > 0 {
+		other, _, err := lock.Others(ctx, home, engine.ProcessAlive)
+		if err != nil {
+			return limits{}, err
+		}
+		l.OtherVMs, l.OtherMemoryMiB = other.VMs, other.MemoryMiB
+	}
+	return l, nil
 }
 
 // withinCapacity runs write (the transaction that makes a VM hold host
 // resources) under the host folder's lock, with the limits of cfg and
 // what the host's other state folders hold: two creates in any folders
 // of the host never pass a limit together. VMs whose supervisor is gone
-// are not counted.
-func withinCapacity(ctx context.Context, home string, cfg *Config, write func(store.Capacity) error) error {
-	l, err := cfg.capacity()
-	if err != nil {
-		return err
-	}
-	l.Alive = engine.ProcessAlive
-	lock, err := hostcap.Acquire(ctx, hostcap.Dir())
+// are not counted. Prelaunched hypervisors (spares) do not stop a VM:
+// when the VM leaves too little room for them, as many as it takes are
+// reclaimed (ended by the processes that made them), now with giveWay,
+// else later (giveWay).
+func withinCapacity(ctx context.Context, home string, cfg *Config, write func(store.Capacity) error, giveWay bool) error {
+	lock, l, err := hostLock(ctx, home, cfg)
 	if err != nil {
 		return err
 	}
 	defer lock.Release()
-	// Registered before the count, so that a create elsewhere that waits
-	// for this lock sees this VM.
-	if err := lock.Register(home); err != nil {
+	if err := l.explain(write(l.Capacity)); err != nil {
 		return err
 	}
-	if l.MaxVMs > 0 || l.MaxMemoryMiB > 0 {
-		other, _, err := lock.Others(ctx, home, engine.ProcessAlive)
-		if err != nil {
-			return err
-		}
-		l.OtherVMs, l.OtherMemoryMiB = other.VMs, other.MemoryMiB
+	if giveWay && (l.MaxVMs > 0 || l.MaxMemoryMiB > 0) {
+		reclaimSpares(ctx, lock, home, l, 0, 0)
 	}
-	return l.explain(write(l.Capacity))
+	return nil
+}
+
+// reclaimSpares takes spares off the count, this process's first, until
+// the VMs that hold host resources, the spares left and vms VMs more of
+// memMiB fit the limits l. It reports whether they fit.
+func reclaimSpares(ctx context.Context, lock *hostcap.Lock, home string, l limits, vms, memMiB int) bool {
+	spares := lock.Spares(home, engine.ProcessAlive)
+	if len(spares) == 0 && vms == 0 {
+		return true // write checked the VMs
+	}
+	own, err := store.Holding(ctx, home, engine.ProcessAlive)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		slog.Warn("host capacity: the state folder's VMs could not be counted to make room for them beside prelaunched hypervisors", "home", home, "err", err)
+		return false
+	}
+	n, mem := own.VMs+l.OtherVMs+vms, own.MemoryMiB+l.OtherMemoryMiB+memMiB
+	for _, s := range spares {
+		n, mem = n+1, mem+s.MemoryMiB
+	}
+	over := func() bool { return l.MaxVMs > 0 && n > l.MaxVMs || l.MaxMemoryMiB > 0 && mem > l.MaxMemoryMiB }
+	if vms > 0 {
+		return !over() // a spare reclaims no other
+	}
+	sort.SliceStable(spares, func(i, j int) bool { return spares[i].Owner == os.Getpid() && spares[j].Owner != os.Getpid() })
+	for _, s := range spares {
+		if !over() {
+			break
+		}
+		if lock.Reclaim(s) {
+			slog.Debug("host capacity: a prelaunched hypervisor gives its room to a VM", "spare", s.Dir, "owner", s.Owner)
+			if s.Owner == os.Getpid() {
+				engine.ReclaimSpare(s.Dir)
+			}
+		}
+		n, mem = n-1, mem-s.MemoryMiB
+	}
+	return !over()
+}
+
+// spareWithin runs record (which makes a prelaunched hypervisor of
+// memMiB count) under the host folder's lock when the host has room for
+// it with every VM and spare counted; else it fails with ErrCapacity.
+func spareWithin(ctx context.Context, home string, cfg *Config, memMiB int, record func() error) error {
+	lock, l, err := hostLock(ctx, home, cfg)
+	if err != nil {
+		return err
+	}
+	defer lock.Release()
+	if (l.MaxVMs > 0 || l.MaxMemoryMiB > 0) && !reclaimSpares(ctx, lock, home, l, 1, memMiB) {
+		return fmt.Errorf("%w: no room for a prelaunched hypervisor of %d MiB beside the host's VMs and spares (max %d VMs, %d MiB)", ErrCapacity, memMiB, l.MaxVMs, l.MaxMemoryMiB)
+	}
+	return record()
 }
 
 // explain says which limit a refused VM hit, where it was set and what

@@ -48,7 +48,7 @@ func (c *Config) engineConfig(home string) engine.VMConfig {
 		ConsoleLogMaxBytes: c.ConsoleLogMaxBytes, BootArgs: c.BootArgs, Accel: c.Accel, Channel: c.Channel,
 		Hypervisor: c.Hypervisor, BootTimeout: c.BootTimeout, Persistent: c.Persistent, SupervisorBinary: c.SupervisorBinary,
 		Cold: c.Cold, Network: c.Network, TAPSubnet: c.TAPSubnet, Ports: c.Ports, Egress: network.Egress(c.Egress),
-		Hosts: c.Hosts, Logger: c.Logger, Prelaunch: c.Prelaunch, Within: c.within(home), FileMemory: c.fileMemory}
+		Hosts: c.Hosts, Logger: c.Logger, Prelaunch: c.Prelaunch, Within: c.withinThenGiveWay(home), SpareRoom: c.spareRoom(home), GiveWay: c.giveWay(home), FileMemory: c.fileMemory}
 	if afterMountCheck != nil {
 		afterMountCheck(c.Mounts)
 	}

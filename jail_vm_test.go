@@ -402,5 +402,52 @@ func TestJailedHypervisorCleanup(t *testing.T) {
 	} else {
 		t.Errorf("QEMU's uid %d still held after kill -9 and cleanup", uid)
 	}
+	if _, err := os.Stat(uidRecord(uid)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("cleanup left the record of QEMU's uid %d (%v)", uid, err)
+	}
+	assertNothingLeft(t, home)
+}
+
+// uidRecord is the allocation record of a QEMU's uid.
+func uidRecord(uid uint32) string {
+	return filepath.Join(jail.UIDDir, strconv.FormatUint(uint64(uid), 10))
+}
+
+// hypervisorUID is the uid the VM's QEMU runs as; its record names the
+// VM's folder.
+func hypervisorUID(t *testing.T, vm *smolvm.VM) uint32 {
+	t.Helper()
+	in, err := vm.Info(testutil.Context(t, time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.ParseUint(procStatus(t, in.HypervisorPID, "Uid")[0], 10, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(uidRecord(uint32(n))); err != nil {
+		t.Fatalf("no record of QEMU's uid %d: %v", n, err)
+	}
+	return uint32(n)
+}
+
+// Deleting a VM frees its QEMU's uid at once (the record goes with the
+// VM), for a VM of this process and a persistent one, not only when a
+// later start finds the folder gone.
+func TestJailedUIDReleased(t *testing.T) {
+	t.Parallel()
+	jailHost(t)
+	home := testutil.Home(t)
+	ctx := testutil.Context(t, 10*time.Minute)
+	for _, persistent := range []bool{false, true} {
+		vm := newVM(t, smolvm.Config{Home: home, Persistent: persistent})
+		uid := hypervisorUID(t, vm)
+		if err := vm.Delete(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(uidRecord(uid)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("persistent %v: the record of QEMU's uid %d is left after delete (%v)", persistent, uid, err)
+		}
+	}
 	assertNothingLeft(t, home)
 }

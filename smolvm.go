@@ -136,8 +136,10 @@ type Config struct {
 	// the restore, so that it does not slow the new VM's first command
 	// (WaitPrelaunched starts it at once). It costs an idle QEMU process
 	// until it is used, DiscardPrelaunched is called or the process
-	// exits. For programs that create VM after VM; persistent VMs ignore
-	// it. See prelaunch.go.
+	// exits; it counts against the host's capacity (MaxVMs, MaxMemoryMiB)
+	// until then, and is ended when a VM needs its room (a spare never
+	// stops a VM). For programs that create VM after VM; persistent VMs
+	// ignore it. See prelaunch.go.
 	Prelaunch bool
 	// MaxVMs and MaxMemoryMiB are the host's capacity, checked when the
 	// VM is created, atomically with every other process of the host: a

@@ -31,6 +31,7 @@ func newServeCmd(g *globals) *cobra.Command {
 		maxSandboxes   int
 		allowMounts    []string
 		allowLoopback  bool
+		capacity       capacityFlags // capacity.go
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -60,8 +61,13 @@ cleanly; the sandboxes keep running.`,
 			if defaultTimeout < 0 {
 				return fmt.Errorf("%w: --default-timeout %s: give a duration, 0 for never", smolvm.ErrInvalid, defaultTimeout)
 			}
+			maxVMs, maxMemMiB, err := capacity.limits()
+			if err != nil {
+				return err
+			}
 			return serve(cmd.Context(), g, server.Options{Home: smolvm.Home(), Listen: listen, APIKey: key,
-				DefaultTimeout: defaultTimeout, MaxSandboxes: maxSandboxes, AllowMounts: allowMounts, AllowHostLoopback: allowLoopback, Logger: g.log})
+				DefaultTimeout: defaultTimeout, MaxSandboxes: maxSandboxes, MaxVMs: maxVMs, MaxMemoryMiB: maxMemMiB,
+				AllowMounts: allowMounts, AllowHostLoopback: allowLoopback, Logger: g.log})
 		},
 	}
 	f := cmd.Flags()
@@ -69,6 +75,7 @@ cleanly; the sandboxes keep running.`,
 	f.StringVar(&keyFile, "api-key-file", "", "file whose first line is the API key (default: $SMOLVM_API_KEY)")
 	f.DurationVar(&defaultTimeout, "default-timeout", 5*time.Minute, "a sandbox's lifetime when its creation gives no timeout (0: never)")
 	f.IntVar(&maxSandboxes, "max-sandboxes", 0, "most sandboxes at once (0: only the host's capacity bounds them)")
+	capacity.register(f, "new sandboxes (of every API it serves)")
 	f.StringArrayVar(&allowMounts, "allow-mount", nil, "a host folder under which sandboxes may mount host folders (repeatable; none: mounts refused)")
 	f.BoolVar(&allowLoopback, "allow-host-loopback", false, "let a sandbox's \"hosts\" map a name to 127.0.0.1, opening every service bound to this host's loopback to that sandbox (default: refused)")
 	return cmd
@@ -122,7 +129,7 @@ func serve(ctx context.Context, g *globals, opts server.Options) error {
 	// MCP over streamable HTTP at /mcp (internal/mcpserver), the same key
 	// as a bearer token; its sessions' sandboxes go when they end.
 	mcpSrv := mcpserver.New(mcpserver.Options{Home: opts.Home, APIKey: opts.APIKey,
-		SupervisorBinary: os.Getenv("SMOLVM_BIN"), Logger: opts.Logger})
+		SupervisorBinary: os.Getenv("SMOLVM_BIN"), MaxVMs: opts.MaxVMs, MaxMemoryMiB: opts.MaxMemoryMiB, Logger: opts.Logger})
 	srv.Handle("/mcp", mcpSrv.Handler())
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 30 * time.Second}
 	hs.RegisterOnShutdown(srv.StopStreams)

@@ -32,6 +32,8 @@ func TestServeRefuses(t *testing.T) {
 		{[]string{"serve", "--listen", "nonsense"}, "", "give HOST:PORT"},
 		{[]string{"serve", "--api-key-file", filepath.Join(home, "none")}, "", "--api-key-file"},
 		{[]string{"serve", "--max-sandboxes", "-1"}, "", "--max-sandboxes"},
+		{[]string{"serve", "--max-vms", "-2"}, "", "--max-vms -2"},
+		{[]string{"serve", "--max-memory", "lots"}, "", "--max-memory"},
 	} {
 		r := smolvmRunWithin(t, time.Minute, home, "", c.args...)
 		if r.code != 3 || !strings.Contains(r.stderr, c.want) {
@@ -187,5 +189,69 @@ func sigterm(t *testing.T, cmd *exec.Cmd) {
 	t.Helper()
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatalf("SIGTERM to serve: %v", err)
+	}
+}
+
+// TestServeCapacity: serve's --max-vms holds for every API it serves, over
+// $SMOLVM_MAX_VMS (the same precedence as on run and create): past it a
+// /v1 create is 503 "capacity" naming the flag, an E2B create is 429 (as
+// E2B answers its limit of concurrent sandboxes, a RateLimitError in its
+// SDKs); neither leaves a VM behind, and once a sandbox is deleted the
+// next create has room.
+func TestServeCapacity(t *testing.T) {
+	home := testutil.Home(t)
+	// A host folder of its own: no other test's VMs count here.
+	env := []string{"SMOLVM_API_KEY=", "SMOLVM_MAX_VMS=100", "SMOLVM_HOST_DIR=" + t.TempDir()}
+	url, cmd, _ := startServe(t, home, env, "--max-vms", "1")
+	post := func(path, body string, header ...string) (int, []byte) {
+		t.Helper()
+		req, _ := http.NewRequest("POST", url+path, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		for i := 0; i+1 < len(header); i += 2 {
+			req.Header.Set(header[i], header[i+1])
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, b
+	}
+	st, b := post("/v1/sandboxes", `{"timeout": -1}`)
+	var sb struct{ ID string }
+	if err := json.Unmarshal(b, &sb); st != 201 || err != nil {
+		t.Fatalf("first create: %d %s", st, b)
+	}
+	st, b = post("/v1/sandboxes", `{"timeout": -1}`)
+	var e struct{ Code, Message string }
+	if err := json.Unmarshal(b, &e); st != 503 || err != nil || e.Code != "capacity" || !strings.Contains(e.Message, "1 of 1 VMs") || !strings.Contains(e.Message, "--max-vms") {
+		t.Errorf("/v1 create past serve --max-vms 1 (with $SMOLVM_MAX_VMS=100): %d %s; want 503 capacity naming --max-vms", st, b)
+	}
+	st, b = post("/sandboxes", `{"templateID": "base", "timeout": 60}`)
+	if st != 429 || !strings.Contains(string(b), "--max-vms") {
+		t.Errorf("E2B create past serve --max-vms 1: %d %s; want 429 naming --max-vms", st, b)
+	}
+	if vms, err := testutil.OpenHost(t, home).List(testutil.Context(t, time.Minute)); err != nil || len(vms) != 1 {
+		t.Errorf("VMs after the refused creates: %d, %v; want 1", len(vms), err)
+	}
+	req, _ := http.NewRequest("DELETE", url+"/v1/sandboxes/"+sb.ID, nil)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 204 {
+		t.Fatalf("delete: %v %v", err, resp)
+	}
+	st, b = post("/v1/sandboxes", `{"timeout": -1}`)
+	if err := json.Unmarshal(b, &sb); st != 201 || err != nil {
+		t.Fatalf("create after a delete made room: %d %s", st, b)
+	}
+	req, _ = http.NewRequest("DELETE", url+"/v1/sandboxes/"+sb.ID, nil)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 204 {
+		t.Errorf("delete: %v %v", err, resp)
+	}
+	sigterm(t, cmd)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("serve after SIGTERM: %v", err)
 	}
 }

@@ -209,6 +209,12 @@ func (h *Handler) create(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusNotFound, fmt.Sprintf("template %q: %v (templates are smolvm images: 'smolvm image ls'; \"base\" is the default image)", cr.Template, err))
 			return
 		}
+		if errors.Is(err, smolvm.ErrCapacity) {
+			// E2B's API answers its limit of concurrent sandboxes with
+			// 429, which its SDKs raise as a RateLimitError.
+			writeError(w, http.StatusTooManyRequests, err.Error())
+			return
+		}
 		writeErr(w, err)
 		return
 	}

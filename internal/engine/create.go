@@ -10,7 +10,9 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/hostcap"
 	"github.com/smolvm/smolvm/internal/hypervisor"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/supervisor"
@@ -49,6 +51,14 @@ type VMConfig struct {
 	// limits that apply (and whatever lock makes the count and the write
 	// one step across the host).
 	Within Within
+	// SpareRoom, with Prelaunch, counts the spare it starts against the
+	// host's capacity (nil: not counted).
+	SpareRoom SpareRoom
+	// GiveWay, when set, runs once the VM has claimed a spare or not,
+	// before it starts a hypervisor of its own: the host's spares that
+	// its VMs leave no room for are reclaimed (Within leaves them, so that
+	// the VM can still claim one).
+	GiveWay func(ctx context.Context) error
 	// FileMemory backs guest RAM with a shared file in the VM's folder
 	// (the warm snapshot's VM).
 	FileMemory bool
@@ -125,6 +135,7 @@ func (h *Host) create(ctx context.Context, cfg *VMConfig, started time.Time, sna
 	}
 	dir := filepath.Join(h.Home, "vms", rec.ID)
 	undo := func(cause error) error {
+		_ = jail.ReleaseID(dir)
 		_ = os.RemoveAll(dir)
 		return errors.Join(cause, st.DeleteVM(context.WithoutCancel(ctx), rec.ID))
 	}
@@ -170,7 +181,14 @@ func (h *Host) create(ctx context.Context, cfg *VMConfig, started time.Time, sna
 			spare.Discard()
 			spare = nil
 		} else {
+			// The VM's row counts it now (see hostcap.Spare).
+			_ = os.Remove(filepath.Join(dir, hostcap.SpareFile))
 			spec.Machine.Net, spec.Prelaunched = mc.Net, true
+		}
+	}
+	if cfg.GiveWay != nil {
+		if err := cfg.GiveWay(ctx); err != nil {
+			log.Warn("prelaunched hypervisors could not give way to a new VM: the host may hold more than its capacity until they are used or ended", "err", err)
 		}
 	}
 	if snap == nil && spec.Restored {
@@ -202,7 +220,7 @@ func (h *Host) create(ctx context.Context, cfg *VMConfig, started time.Time, sna
 		return undo(err)
 	}
 	if cfg.Prelaunch && snap == nil && spec.Restored {
-		Prelaunch(h.Home, rec.Snapshot, spec.Driver, spec.Machine, log)
+		Prelaunch(h.Home, rec.Snapshot, spec.Driver, spec.Machine, cfg.SpareRoom, log)
 	}
 	if err := attach(ctx, rec.ID, sup); err != nil {
 		_ = sup.Stop(context.WithoutCancel(ctx), true, 0)

@@ -5,10 +5,12 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/hostcap"
 	"github.com/smolvm/smolvm/internal/hypervisor"
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
@@ -27,7 +29,18 @@ import (
 // folder then), and DiscardPrelaunched ends it earlier.
 
 // SparesDir is where unclaimed spares live.
-func SparesDir(home string) string { return filepath.Join(home, "spares") }
+func SparesDir(home string) string { return hostcap.SparesDir(home) }
+
+// SpareRoom runs record, which makes a spare of memMiB of guest memory
+// count against the host's capacity (hostcap.RecordSpare), when the
+// host has room for it with every VM and spare counted, under the lock
+// that makes the count and the record one step (VMConfig.SpareRoom);
+// else it fails with ErrCapacity. A spare only uses room no VM needs.
+type SpareRoom func(ctx context.Context, memMiB int, record func() error) error
+
+// spareWatch is how often a ready spare checks that it still counts: a
+// create that needed its room took it off the count, and it ends then.
+const spareWatch = 500 * time.Millisecond
 
 var spares = struct {
 	sync.Mutex
@@ -65,8 +78,9 @@ func TakeSpare(home, snapshot string) *supervisor.Spare {
 }
 
 // Prelaunch starts a spare like mc (a VM just restored from the warm
-// snapshot) in the background, unless one is ready or being made.
-func Prelaunch(home, snapshot, driver string, mc hypervisor.MachineConfig, log *slog.Logger) {
+// snapshot) in the background, unless one is ready or being made, or the
+// host's capacity has no room for it (room; nil: no check).
+func Prelaunch(home, snapshot, driver string, mc hypervisor.MachineConfig, room SpareRoom, log *slog.Logger) {
 	k := spareKey(home, snapshot)
 	spares.Lock()
 	if spares.ready[k] != nil || spares.making[k] != nil {
@@ -81,7 +95,7 @@ func Prelaunch(home, snapshot, driver string, mc hypervisor.MachineConfig, log *
 			spares.Lock()
 			delete(spares.starts, k)
 			spares.Unlock()
-			go makeSpare(k, done, home, snapshot, driver, mc, log)
+			go makeSpare(k, done, home, snapshot, driver, mc, room, log)
 		})
 	}
 	cancel := func() {
@@ -98,23 +112,84 @@ func Prelaunch(home, snapshot, driver string, mc hypervisor.MachineConfig, log *
 	spares.Unlock()
 }
 
-// makeSpare starts the spare for key k and closes done.
-func makeSpare(k string, done chan struct{}, home, snapshot, driver string, mc hypervisor.MachineConfig, log *slog.Logger) {
+// makeSpare starts the spare for key k, if the host has room for it,
+// and closes done.
+func makeSpare(k string, done chan struct{}, home, snapshot, driver string, mc hypervisor.MachineConfig, room SpareRoom, log *slog.Logger) {
 	defer close(done)
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
-	sp, err := supervisor.PrepareSpare(context.Background(), driver, mc, filepath.Join(SparesDir(home), hex.EncodeToString(b)))
+	dir := filepath.Join(SparesDir(home), hex.EncodeToString(b))
+	record := func() error { return hostcap.RecordSpare(dir, mc.MemoryMiB) }
+	if room == nil {
+		room = func(_ context.Context, _ int, record func() error) error { return record() }
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := room(ctx, mc.MemoryMiB, record); err != nil {
+		_ = os.RemoveAll(dir)
+		spares.Lock()
+		delete(spares.making, k)
+		spares.Unlock()
+		log.Debug("no hypervisor prelaunched: the host has no room for it beside its VMs", "err", err)
+		return
+	}
+	sp, err := supervisor.PrepareSpare(ctx, driver, mc, dir)
 	spares.Lock()
 	defer spares.Unlock()
 	delete(spares.making, k)
 	switch {
 	case err != nil:
+		_ = os.RemoveAll(dir) // a failure before the spare had its folder
 		log.Debug("prelaunching a hypervisor failed; the next VM starts its own", "err", err)
-	case spares.ready[k] != nil:
-		sp.Discard()
+	case spares.ready[k] != nil || !hostcap.SpareRecorded(dir):
+		sp.Discard() // one is ready already, or a create reclaimed its room
 	default:
 		spares.ready[k] = sp
+		go watchSpare(k, sp, dir)
 		log.Debug("hypervisor prelaunched for the next restore", "snapshot", snapshot)
+	}
+}
+
+// watchSpare ends ready spare sp (key k) once it no longer counts (a
+// create reclaimed its room) or its hypervisor died, unless it was taken
+// or discarded first.
+func watchSpare(k string, sp *supervisor.Spare, dir string) {
+	t := time.NewTicker(spareWatch)
+	defer t.Stop()
+	for range t.C {
+		spares.Lock()
+		if spares.ready[k] != sp {
+			spares.Unlock()
+			return
+		}
+		if hostcap.SpareRecorded(dir) && sp.Alive() {
+			spares.Unlock()
+			continue
+		}
+		delete(spares.ready, k)
+		spares.Unlock()
+		sp.Discard()
+		return
+	}
+}
+
+// ReclaimSpare ends this process's ready spare in folder dir at once (a
+// create took its room; see SpareRoom), if it is still unclaimed.
+func ReclaimSpare(dir string) {
+	spares.Lock()
+	var sp *supervisor.Spare
+	for k, s := range spares.ready {
+		if s.Dir() == dir {
+			sp = s
+			delete(spares.ready, k)
+			break
+		}
+	}
+	spares.Unlock()
+	if sp != nil {
+		// Killed at once; the wait for its end is not the create's (it
+		// holds the host folder's lock).
+		go sp.Discard()
 	}
 }
 

@@ -86,9 +86,10 @@ func (h *Host) RemoveVM(ctx context.Context, id, dir string) error {
 	}
 	if dir != "" {
 		// A hypervisor's cgroup outlives it when its supervisor was
-		// killed (the supervisor removes it otherwise).
-		if err := jail.RemoveRecordedCgroup(dir); err != nil {
-			return fmt.Errorf("remove the cgroup of VM %s: %w", id, err)
+		// killed (the supervisor removes it otherwise); its uid is
+		// freed now, not at some later VM's start.
+		if err := jail.ReleaseFolder(dir); err != nil {
+			return fmt.Errorf("release the cgroup and uid of VM %s: %w", id, err)
 		}
 		if err := os.RemoveAll(dir); err != nil {
 			return fmt.Errorf("remove state folder of VM %s: %w", id, err)
@@ -134,7 +135,7 @@ func (h *Host) Cleanup(ctx context.Context, all bool, kill func(ctx context.Cont
 	for _, e := range entries {
 		if !known[e.Name()] {
 			dir := filepath.Join(h.Home, "vms", e.Name())
-			if err := errors.Join(jail.RemoveRecordedCgroup(dir), os.RemoveAll(dir)); err != nil {
+			if err := errors.Join(jail.ReleaseFolder(dir), os.RemoveAll(dir)); err != nil {
 				errs = append(errs, err)
 			} else {
 				removed = append(removed, e.Name())
@@ -164,7 +165,7 @@ func (h *Host) Cleanup(ctx context.Context, all bool, kill func(ctx context.Cont
 	}
 	probes, _ := filepath.Glob(filepath.Join(h.Home, "probe-*"))
 	for _, p := range probes {
-		_ = jail.RemoveRecordedCgroup(p)
+		_ = jail.ReleaseFolder(p)
 		_ = os.RemoveAll(p)
 	}
 	return removed, errors.Join(errs...)

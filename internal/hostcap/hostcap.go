@@ -14,6 +14,9 @@
 //	                resources: its path
 //	capacity.json   the host's limits (smolvm setup --max-vms/--max-memory)
 //
+// and each state folder's prelaunched hypervisors have a record in their
+// folders there (see Spare).
+//
 // A state folder registers itself at each create; one found holding
 // nothing leaves the registry (its next create registers it again), and
 // so does one that no longer exists. Nothing there needs cleaning after
@@ -201,10 +204,12 @@ func usage(ctx context.Context, dir, self string, alive func(pid int) bool, prun
 		}
 		u, err := store.Holding(ctx, string(b), alive)
 		switch {
-		case errors.Is(err, os.ErrNotExist) || err == nil && u.VMs == 0:
+		case (errors.Is(err, os.ErrNotExist) || err == nil && u.VMs == 0) && len(spares(string(b), alive)) == 0:
 			if prune {
 				_ = os.Remove(p)
 			}
+		case errors.Is(err, os.ErrNotExist) || err == nil && u.VMs == 0:
+			// Only spares: Spares counts them.
 		case err != nil:
 			if ctx.Err() != nil {
 				return store.Usage{}, 0, ctx.Err()
@@ -273,4 +278,107 @@ func WriteLimits(dir string, l Limits) error {
 		return fmt.Errorf("host capacity settings: %w", err)
 	}
 	return nil
+}
+
+// Prelaunched hypervisors (spares) hold host memory before any VM has
+// them, so they count: each has a record, SpareFile in its folder under
+// the state folder's SparesDir, made under the lock before its process
+// starts, and it counts while the record is there and its owner process
+// lives. A spare never stops a VM: a create that passes a limit only with
+// the spares counted reclaims them (Reclaim removes the record; the owner
+// ends an unclaimed spare whose record is gone). A spare that a VM
+// claims leaves SparesDir with its folder: the VM's row counts it then.
+
+// SparesDir is the folder of state folder home's spares.
+func SparesDir(home string) string { return filepath.Join(home, "spares") }
+
+// SpareFile is a spare's record in its folder.
+const SpareFile = "capacity"
+
+// Spare is a spare's record.
+type Spare struct {
+	Dir       string `json:"-"`
+	Owner     int    `json:"owner"` // the process that made it and may claim it
+	MemoryMiB int    `json:"memory_mib"`
+}
+
+// RecordSpare makes the record of a spare of this process in folder dir
+// (made), holding memMiB of guest memory. Call it under the lock, once
+// the limits allow it.
+func RecordSpare(dir string, memMiB int) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("record a prelaunched hypervisor: %w", err)
+	}
+	b, _ := json.Marshal(Spare{Owner: os.Getpid(), MemoryMiB: memMiB})
+	if err := os.WriteFile(filepath.Join(dir, SpareFile), b, 0o600); err != nil {
+		return fmt.Errorf("record a prelaunched hypervisor: %w", err)
+	}
+	return nil
+}
+
+// SpareRecorded reports whether the spare in dir still counts (no create
+// reclaimed it).
+func SpareRecorded(dir string) bool {
+	_, err := os.Lstat(filepath.Join(dir, SpareFile))
+	return err == nil
+}
+
+// Reclaim takes spare s off the count (under the lock): its owner ends
+// it, unless a VM claims it first (then the VM's row counts it). It
+// reports whether the record was there.
+func (l *Lock) Reclaim(s Spare) bool {
+	return os.Remove(filepath.Join(s.Dir, SpareFile)) == nil
+}
+
+// spares returns the spares of state folder home whose owner lives.
+func spares(home string, alive func(pid int) bool) []Spare {
+	dir := SparesDir(home)
+	ents, _ := os.ReadDir(dir)
+	var out []Spare
+	for _, e := range ents {
+		if len(out) >= maxHomes {
+			break
+		}
+		p := filepath.Join(dir, e.Name())
+		b, err := os.ReadFile(filepath.Join(p, SpareFile))
+		var s Spare
+		if err != nil || len(b) > 4096 || json.Unmarshal(b, &s) != nil || s.Owner <= 0 || s.MemoryMiB < 0 {
+			continue
+		}
+		if alive != nil && !alive(s.Owner) {
+			continue // gone with its owner; cleanup removes the folder
+		}
+		s.Dir = p
+		out = append(out, s)
+	}
+	return out
+}
+
+// Spares returns the spares on the host that count: those of home and
+// of every registered state folder.
+func (l *Lock) Spares(home string, alive func(pid int) bool) []Spare {
+	return SparesOn(l.dir, home, alive)
+}
+
+// SparesOn is Spares of host folder dir read without its lock: a create
+// whose VM is recorded learns that no spare has to give way to it (a
+// spare recorded after it counted that VM).
+func SparesOn(dir, home string, alive func(pid int) bool) []Spare {
+	self, abs := key(home)
+	out := spares(abs, alive)
+	ents, _ := os.ReadDir(filepath.Join(dir, "homes"))
+	if len(ents) > maxHomes {
+		ents = ents[:maxHomes]
+	}
+	for _, e := range ents {
+		if e.Name() == self || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, "homes", e.Name()))
+		if err != nil || len(b) > 4096 {
+			continue
+		}
+		out = append(out, spares(string(b), alive)...)
+	}
+	return out
 }

@@ -94,3 +94,73 @@ func TestLockOfKilledHolder(t *testing.T) {
 	}
 	l.Release()
 }
+
+// A spare counts while its record is there and its owner lives, in its
+// own state folder and in every registered one (a folder with spares
+// alone stays registered); Reclaim takes it off the count.
+func TestSpares(t *testing.T) {
+	dir, home, other := t.TempDir(), t.TempDir(), t.TempDir()
+	l, err := Acquire(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release()
+	if err := l.Register(other); err != nil {
+		t.Fatal(err)
+	}
+	mine := filepath.Join(SparesDir(home), "a")
+	theirs := filepath.Join(SparesDir(other), "b")
+	for _, d := range []string{mine, theirs} {
+		if err := RecordSpare(d, 256); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A record whose owner is gone does not count.
+	dead := filepath.Join(SparesDir(other), "c")
+	if err := os.MkdirAll(dead, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dead, SpareFile), []byte(`{"owner": 999999999, "memory_mib": 256}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	alive := func(pid int) bool { return pid == os.Getpid() }
+	got := l.Spares(home, alive)
+	if len(got) != 2 || got[0].Dir != mine || got[1].Dir != theirs || got[0].MemoryMiB != 256 || got[0].Owner != os.Getpid() {
+		t.Fatalf("Spares: %+v, want %s and %s", got, mine, theirs)
+	}
+	// The other folder holds no VM, but a spare: it stays registered.
+	if _, _, err := l.Others(context.Background(), home, alive); err != nil {
+		t.Fatal(err)
+	}
+	if got := l.Spares(home, alive); len(got) != 2 {
+		t.Errorf("Spares after Others: %+v; the folder with a spare left the registry", got)
+	}
+	if !l.Reclaim(got[1]) || SpareRecorded(theirs) || l.Reclaim(got[1]) {
+		t.Error("Reclaim did not take the spare off the count once")
+	}
+	if got := l.Spares(home, alive); len(got) != 1 || got[0].Dir != mine {
+		t.Errorf("Spares after Reclaim: %+v", got)
+	}
+}
+
+// BenchmarkGiveWay is what a create pays to learn that no spare needs to
+// give way (the usual case): a look for spares without the lock, with 8
+// registered state folders.
+func BenchmarkGiveWay(b *testing.B) {
+	dir, home := b.TempDir(), b.TempDir()
+	l, err := Acquire(context.Background(), dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for range 8 {
+		if err := l.Register(b.TempDir()); err != nil {
+			b.Fatal(err)
+		}
+	}
+	l.Release()
+	for b.Loop() {
+		if len(SparesOn(dir, home, nil)) != 0 {
+			b.Fatal("spares")
+		}
+	}
+}

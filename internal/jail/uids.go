@@ -25,6 +25,12 @@ import (
 // allocates again).
 const UIDDir = "/run/smolvm/uids"
 
+// IDFile in a folder names the id Alloc gave it, so that ReleaseID frees
+// it when the folder goes (a VM's deletion) and not only at a later
+// allocation that finds the folder gone. It moves with the folder (a
+// prelaunched QEMU's folder that becomes a VM's).
+const IDFile = "jail-id"
+
 // reservedIDs reads the QEMUs' range: User's second range in both
 // /etc/subuid and /etc/subgid, starting at the same number.
 func reservedIDs() (IDRange, error) {
@@ -60,7 +66,7 @@ func (r IDRange) Alloc(dir string) (uint32, error) {
 			continue
 		}
 		if string(b) == dir {
-			return uint32(n), nil
+			return uint32(n), writeIDFile(dir, uint32(n))
 		}
 		taken[uint32(n)] = string(b)
 	}
@@ -82,12 +88,90 @@ func (r IDRange) Alloc(dir string) (uint32, error) {
 		if _, ok := taken[id]; ok {
 			continue
 		}
-		if err := os.WriteFile(filepath.Join(UIDDir, strconv.FormatUint(uint64(id), 10)), []byte(dir), 0o600); err != nil {
+		rec := filepath.Join(UIDDir, strconv.FormatUint(uint64(id), 10))
+		if err := os.WriteFile(rec, []byte(dir), 0o600); err != nil {
 			return 0, fmt.Errorf("jail: %w", err)
+		}
+		if err := writeIDFile(dir, id); err != nil {
+			_ = os.Remove(rec)
+			return 0, err
 		}
 		return id, nil
 	}
 	return 0, fmt.Errorf("jail: all %d ids reserved for user %s are held (reserve more in /etc/subuid and /etc/subgid)", r.Count, User)
+}
+
+// writeIDFile records in dir the id it holds (see IDFile).
+func writeIDFile(dir string, id uint32) error {
+	p := filepath.Join(dir, IDFile)
+	if b, err := readOwnRecord(p); err == nil && string(b) == strconv.FormatUint(uint64(id), 10) {
+		return nil
+	}
+	// A file there of someone else's (the jailed process may write in
+	// dir) is replaced, not written through.
+	_ = os.Remove(p)
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+	if err == nil {
+		_, err = f.WriteString(strconv.FormatUint(uint64(id), 10))
+		err = errors.Join(err, f.Close())
+	}
+	if err != nil {
+		return fmt.Errorf("jail: record the id of %s: %w", dir, err)
+	}
+	return nil
+}
+
+// ReleaseID frees the id that Alloc gave folder dir, which is going
+// (a deleted VM's folder, before it is removed): its record is removed
+// unless a process still runs as the id (then the next allocation that
+// finds the folder gone frees it), or the record is another folder's.
+// A folder that holds no id (never jailed, or not root) costs one
+// failed open.
+func ReleaseID(dir string) error {
+	b, err := readOwnRecord(filepath.Join(dir, IDFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	id, err := strconv.ParseUint(string(b), 10, 32)
+	if err != nil {
+		return fmt.Errorf("jail: %s/%s: %w", dir, IDFile, err)
+	}
+	unlock, err := lockUIDs()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	rec := filepath.Join(UIDDir, strconv.FormatUint(id, 10))
+	owner, err := os.ReadFile(rec)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return fmt.Errorf("jail: %w", err)
+	// The record names dir, or the folder dir was made as (a spare's,
+	// renamed): anything else is another folder's now.
+	case string(owner) != dir && folderExists(string(owner)):
+	case processUIDs()[uint32(id)]:
+		// Its process is ending (killed, not yet reaped): the next
+		// allocation frees the id once it is gone.
+	default:
+		if err := os.Remove(rec); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("jail: %w", err)
+		}
+	}
+	if err := os.Remove(filepath.Join(dir, IDFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("jail: %w", err)
+	}
+	return nil
+}
+
+// ReleaseFolder lets go of what jailed processes of folder dir held
+// once they are gone: its recorded cgroup (RemoveRecordedCgroup) and its
+// id (ReleaseID). Call it before dir is removed.
+func ReleaseFolder(dir string) error {
+	return errors.Join(RemoveRecordedCgroup(dir), ReleaseID(dir))
 }
 
 // staleFree returns the recorded ids of r whose folder is gone and as

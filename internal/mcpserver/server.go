@@ -67,6 +67,9 @@ type Options struct {
 	// SupervisorBinary is the smolvm binary that runs sandboxes'
 	// supervisors (see smolvm.Config.SupervisorBinary).
 	SupervisorBinary string
+	// MaxVMs and MaxMemoryMiB are the host's capacity limits sandboxes
+	// are created within (smolvm.Config's fields of those names).
+	MaxVMs, MaxMemoryMiB int
 	// Logger receives the server's logs (default slog.Default()).
 	Logger *slog.Logger
 	// Prelaunch keeps a hypervisor started ahead of time for the next

@@ -247,7 +247,8 @@ func (s *Server) createSandbox(ctx context.Context, req *mcp.CallToolRequest, in
 
 // config is the smolvm configuration every sandbox starts from.
 func (s *Server) config() smolvm.Config {
-	return smolvm.Config{Home: s.opts.Home, SupervisorBinary: s.opts.SupervisorBinary, Logger: s.log}
+	return smolvm.Config{Home: s.opts.Home, SupervisorBinary: s.opts.SupervisorBinary, Logger: s.log,
+		MaxVMs: s.opts.MaxVMs, MaxMemoryMiB: s.opts.MaxMemoryMiB}
 }
 
 func setNetwork(cfg *smolvm.Config, in createInput) error {

@@ -73,9 +73,11 @@ type Registry struct {
 	home       string
 	defTimeout time.Duration
 	max        int
-	log        *slog.Logger
-	recs       *records
-	host       *smolvm.Host // one store for every VM of the registry
+	// maxVMs and maxMemoryMiB are RegistryOptions' host limits.
+	maxVMs, maxMemoryMiB int
+	log                  *slog.Logger
+	recs                 *records
+	host                 *smolvm.Host // one store for every VM of the registry
 	// newVM makes a VM (smolvm.New or smolvm.Restore); open opens one.
 	newVM func(ctx context.Context, snapshot string, cfg smolvm.Config) (*smolvm.VM, error)
 	open  func(ctx context.Context, id string) (*smolvm.VM, error)
@@ -101,7 +103,10 @@ type RegistryOptions struct {
 	Home           string
 	DefaultTimeout time.Duration
 	MaxSandboxes   int // 0: no limit of the server's own
-	Logger         *slog.Logger
+	// MaxVMs and MaxMemoryMiB set a new sandbox's Config.MaxVMs and
+	// Config.MaxMemoryMiB when its request sets none (Options).
+	MaxVMs, MaxMemoryMiB int
+	Logger               *slog.Logger
 }
 
 // NewRegistry opens the registry of a state folder and reconciles its
@@ -126,6 +131,7 @@ func NewRegistry(ctx context.Context, opts RegistryOptions) (*Registry, error) {
 		return nil, errors.Join(err, host.Close())
 	}
 	r := &Registry{home: opts.Home, host: host, defTimeout: opts.DefaultTimeout, max: opts.MaxSandboxes,
+		maxVMs: opts.MaxVMs, maxMemoryMiB: opts.MaxMemoryMiB,
 		log: opts.Logger, recs: recs, entries: map[string]*entry{}}
 	r.newVM = func(ctx context.Context, snapshot string, cfg smolvm.Config) (*smolvm.VM, error) {
 		if snapshot != "" {
@@ -254,6 +260,12 @@ func (r *Registry) create(ctx context.Context, e *entry, req CreateRequest) (_ *
 	}
 	cfg := req.Config
 	cfg.Name, cfg.Persistent, cfg.Home, cfg.Image = id, true, r.home, req.Template
+	if cfg.MaxVMs == 0 {
+		cfg.MaxVMs = r.maxVMs
+	}
+	if cfg.MaxMemoryMiB == 0 {
+		cfg.MaxMemoryMiB = r.maxMemoryMiB
+	}
 	if cfg.Image == "base" {
 		cfg.Image = ""
 	}

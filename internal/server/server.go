@@ -29,6 +29,12 @@ type Options struct {
 	// MaxSandboxes bounds the sandboxes of this server (0: only the
 	// host's capacity bounds them).
 	MaxSandboxes int
+	// MaxVMs and MaxMemoryMiB are the host's capacity limits this
+	// server's sandboxes are created within (smolvm.Config's fields of
+	// those names: 0 leaves them to $SMOLVM_MAX_VMS and
+	// $SMOLVM_MAX_MEMORY_MIB, the host's settings or the default; -1 is
+	// no limit).
+	MaxVMs, MaxMemoryMiB int
 	// MaxUploadBytes bounds one file or archive upload (0: 8 GiB).
 	MaxUploadBytes int64
 	// AllowMounts are the host folders under which a sandbox may mount
@@ -68,7 +74,7 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	reg, err := NewRegistry(context.Background(), RegistryOptions{Home: opts.Home, DefaultTimeout: opts.DefaultTimeout,
-		MaxSandboxes: opts.MaxSandboxes, Logger: opts.Logger})
+		MaxSandboxes: opts.MaxSandboxes, MaxVMs: opts.MaxVMs, MaxMemoryMiB: opts.MaxMemoryMiB, Logger: opts.Logger})
 	if err != nil {
 		return nil, err
 	}

@@ -100,6 +100,9 @@ func relocate(mc hypervisor.MachineConfig, dir, id string) hypervisor.MachineCon
 	return mc
 }
 
+// Dir is the spare's folder (until a VM claims it).
+func (sp *Spare) Dir() string { return sp.dir }
+
 // Alive reports whether the spare's hypervisor still runs.
 func (sp *Spare) Alive() bool {
 	select {
@@ -128,14 +131,20 @@ func (sp *Spare) Claim(dir, id string, consoleLogMaxBytes int64) (hypervisor.Mac
 	return sp.mc, nil
 }
 
-// Discard kills an unclaimed spare and removes its folder.
+// Discard kills an unclaimed spare and removes its folder, freeing its
+// uid once its hypervisor has ended (within a few seconds).
 func (sp *Spare) Discard() {
 	if sp.m != nil {
 		_ = sp.m.Kill()
+		select {
+		case <-sp.m.Done():
+		case <-time.After(5 * time.Second):
+		}
 	}
 	if sp.netConn != nil {
 		_ = sp.netConn.Close()
 	}
+	_ = jail.ReleaseID(sp.dir)
 	_ = os.RemoveAll(sp.dir)
 }
 
@@ -151,7 +160,7 @@ func RemoveAbandonedSpares(dir string) []string {
 		if err == nil && perr == nil && pid > 0 && !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
 			continue // its owner runs
 		}
-		if jail.RemoveRecordedCgroup(p) == nil && os.RemoveAll(p) == nil {
+		if jail.ReleaseFolder(p) == nil && os.RemoveAll(p) == nil {
 			removed = append(removed, e.Name())
 		}
 	}
