@@ -364,8 +364,8 @@ type Machine interface {
 }
 
 // Inspector is a Machine that can describe where its guest is, for the
-// report of a boot that never answered: the hypervisor process's state
-// and CPU use, the run state and each vCPU's instruction pointer. It
+// report of a boot that never answered: the hypervisor process's state,
+// CPU use and threads, the run state and each vCPU's instruction pointer. It
 // returns within ctx and says what it could not read.
 type Inspector interface {
 	Inspect(ctx context.Context) string

@@ -338,7 +338,7 @@ func inspect(t *testing.T, m hypervisor.Machine, want ...string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	got := in.Inspect(ctx)
-	for _, w := range append(want, fmt.Sprintf("pid %d ", m.PID())) {
+	for _, w := range append(want, fmt.Sprintf("pid %d ", m.PID()), "threads [") {
 		if !strings.Contains(got, w) {
 			t.Errorf("Inspect = %q, want it to say %q", got, w)
 		}

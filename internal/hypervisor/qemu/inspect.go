@@ -17,7 +17,7 @@ const userHZ = 100
 
 // Inspect implements hypervisor.Inspector: QEMU's process state and the
 // CPU it used over a second (a guest that spins uses a core under TCG, an
-// idle or stuck one nothing), the run state, and where each vCPU is: its
+// idle or stuck one nothing), its threads' states, the run state, and where each vCPU is: its
 // instruction pointer, in kernel or user space, and whether it is halted
 // (waiting for an interrupt).
 func (m *Machine) Inspect(ctx context.Context) string {
@@ -81,13 +81,41 @@ func (m *Machine) processState(ctx context.Context) string {
 	if err != nil {
 		return fmt.Sprintf("QEMU pid %d state %s, then: %v", pid, state0, err)
 	}
-	return fmt.Sprintf("QEMU pid %d state %s, %.2f s of CPU in %.1f s", pid, state, float64(cpu1-cpu0)/userHZ, time.Since(t0).Seconds())
+	return fmt.Sprintf("QEMU pid %d state %s, %.2f s of CPU in %.1f s, threads %s", pid, state, float64(cpu1-cpu0)/userHZ, time.Since(t0).Seconds(), threads(pid))
+}
+
+// threads lists the state of each of a process's threads and the kernel
+// function it waits in, if any ("S do_sys_poll"): a main loop blocked in
+// a write shows here when QMP cannot answer.
+func threads(pid int) string {
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return "unknown: " + err.Error()
+	}
+	var out []string
+	for _, e := range ents {
+		state, _, err := readStat(dir + "/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		if b, err := os.ReadFile(dir + "/" + e.Name() + "/wchan"); err == nil && len(b) > 0 && string(b) != "0" {
+			state += " " + string(b)
+		}
+		out = append(out, state)
+	}
+	return "[" + strings.Join(out, ", ") + "]"
 }
 
 // procStat returns a process's state letter and its user and system CPU
 // time in USER_HZ ticks.
 func procStat(pid int) (string, int64, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	return readStat("/proc/" + strconv.Itoa(pid) + "/stat")
+}
+
+// readStat reads a stat file of /proc (a process's or a thread's).
+func readStat(path string) (string, int64, error) {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return "", 0, err
 	}
@@ -95,11 +123,11 @@ func procStat(pid int) (string, int64, error) {
 	// after its last ')'.
 	i := strings.LastIndexByte(string(b), ')')
 	if i < 0 {
-		return "", 0, fmt.Errorf("cannot read /proc/%d/stat", pid)
+		return "", 0, fmt.Errorf("cannot read %s", path)
 	}
 	f := strings.Fields(string(b[i+1:]))
 	if len(f) < 13 {
-		return "", 0, fmt.Errorf("cannot read /proc/%d/stat", pid)
+		return "", 0, fmt.Errorf("cannot read %s", path)
 	}
 	utime, _ := strconv.ParseInt(f[11], 10, 64)
 	stime, _ := strconv.ParseInt(f[12], 10, 64)

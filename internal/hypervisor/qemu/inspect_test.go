@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -33,11 +34,23 @@ func TestDescribeVCPUs(t *testing.T) {
 }
 
 func TestProcStat(t *testing.T) {
+	// The process's state is its main thread's, which may wait while
+	// this one runs.
 	state, cpu, err := procStat(os.Getpid())
-	if err != nil || state != "R" || cpu < 0 {
-		t.Errorf("procStat(self) = %q, %d, %v; want R, a CPU time, nil", state, cpu, err)
+	if err != nil || len(state) != 1 || cpu < 0 {
+		t.Errorf("procStat(self) = %q, %d, %v; want a state letter, a CPU time, nil", state, cpu, err)
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if state, _, err := readStat("/proc/thread-self/stat"); err != nil || state != "R" {
+		t.Errorf("this thread's state = %q, %v; want R", state, err)
 	}
 	if _, _, err := procStat(-1); err == nil {
 		t.Error("procStat of no process: no error")
+	}
+	// This test's thread runs (where the others wait depends on the
+	// kernel's wchan).
+	if got := threads(os.Getpid()); !strings.HasPrefix(got, "[R") && !strings.Contains(got, ", R") {
+		t.Errorf("threads(self) = %q, want this running thread among them", got)
 	}
 }
