@@ -123,6 +123,8 @@ func initSystem() *slog.Logger {
 	log := slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
 	log.Debug("init: mounts and console ready", "uptime", uptime())
+	w := watchSteps(log, initStepWarn)
+	defer w.done()
 	for _, err := range errs {
 		log.Error("init", "err", err)
 	}
@@ -140,7 +142,7 @@ func initSystem() *slog.Logger {
 			log.Warn("set hostname", "hostname", bp.hostname, "err", err)
 		}
 	}
-	late := loadModules(log, DefaultModulesFile)
+	late := loadModules(log, DefaultModulesFile, w.enter)
 	go func() {
 		for _, p := range late {
 			if err := loadModule(p); err != nil {
@@ -148,9 +150,11 @@ func initSystem() *slog.Logger {
 			}
 		}
 	}()
+	w.enter("bring up lo")
 	if err := linkUp("lo"); err != nil {
 		log.Warn("bring up lo", "err", err)
 	}
+	w.enter("configure eth0")
 	configureNetwork(log) // net.go: eth0 from smolvm.net=
 	log.Debug("init done", "uptime", uptime())
 	return log
@@ -217,8 +221,9 @@ func virtioDevices() map[int]bool {
 
 // loadModules loads the kernel modules listed one path per line (in
 // dependency order): first the bus drivers, then the drivers of the virtio
-// devices that are present. It returns the modules left for later.
-func loadModules(log *slog.Logger, list string) []string {
+// devices that are present, telling enter of each. It returns the modules
+// left for later.
+func loadModules(log *slog.Logger, list string, enter func(step string)) []string {
 	data, err := os.ReadFile(list)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
@@ -241,6 +246,7 @@ func loadModules(log *slog.Logger, list string) []string {
 	entries, _ := os.ReadDir("/sys/bus/pci/devices")
 	hasPCI := len(entries) > 0
 	load := func(p string) {
+		enter("load kernel module " + p)
 		if err := loadModule(p); err != nil {
 			log.Error("load kernel module", "path", p, "err", err)
 		} else {

@@ -54,8 +54,19 @@ func GuestCmdline(hostname string, accel hypervisor.Accel, extra string, tuned b
 	if extra = strings.TrimSpace(extra); extra != "" {
 		parts = append(parts, extra)
 	}
+	if env := strings.TrimSpace(os.Getenv(BootArgsEnv)); env != "" {
+		parts = append(parts, env)
+	}
 	return strings.Join(parts, " ")
 }
+
+// BootArgsEnv names kernel command line arguments added to every VM's
+// boot after all others, for debugging boots: "loglevel=7 smolvm.debug=1"
+// lifts the quiet console (a later loglevel wins) and logs the agent's
+// steps, so that a boot that never answers shows how far it got. A VM
+// booted with it does not match the warm snapshot (its command line
+// differs), so it boots cold.
+const BootArgsEnv = "SMOLVM_BOOT_ARGS"
 
 // idleKernelArgs keep an idle guest's kernel from waking (see GuestCmdline).
 // The NIC's IPv6 sends no router solicitations: the user-mode network is

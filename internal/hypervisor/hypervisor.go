@@ -363,6 +363,14 @@ type Machine interface {
 	Restore(ctx context.Context, dir string) error
 }
 
+// Inspector is a Machine that can describe where its guest is, for the
+// report of a boot that never answered: the hypervisor process's state,
+// CPU use and threads, the run state and each vCPU's instruction pointer. It
+// returns within ctx and says what it could not read.
+type Inspector interface {
+	Inspect(ctx context.Context) string
+}
+
 // Info is what a machine reports about itself.
 type Info struct {
 	Driver  string  `json:"driver"`

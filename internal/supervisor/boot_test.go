@@ -191,6 +191,17 @@ func TestBootFailureUndone(t *testing.T) {
 				return m
 			}
 		}, true, "guest died during boot: boom"},
+		{"silent", func(f *vmFixture) {
+			f.spec.BootTimeout = 200 * time.Millisecond
+			f.drv.NewMachine = func(cfg *hypervisor.MachineConfig) *fake.Machine {
+				m := fake.NewMachine(cfg)
+				m.DialFastFunc = func(context.Context) (net.Conn, error) {
+					host, _ := net.Pipe() // a guest that never reads nor answers
+					return host, nil
+				}
+				return m
+			}
+		}, true, "guest agent did not answer within 200ms (raise the boot timeout if the host is slow)\nguest: the hypervisor cannot describe it"},
 		{"serve", func(f *vmFixture) {
 			// Something in the way of the API socket.
 			if err := os.MkdirAll(filepath.Join(f.dir, APISocket, "x"), 0o700); err != nil {

@@ -262,7 +262,7 @@ func (s *Supervisor) waitReady(ctx context.Context, probe func(context.Context) 
 	default:
 	}
 	if ctx.Err() != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		return fmt.Errorf("guest agent did not answer within %s (raise the boot timeout if the host is slow)\nlast console lines:\n%s", timeout, tail)
+		return fmt.Errorf("guest agent did not answer within %s (raise the boot timeout if the host is slow)\nguest: %s\nlast console lines:\n%s", timeout, s.inspect(ctx), tail)
 	}
 	return fmt.Errorf("wait for guest agent: %w", err)
 }
@@ -341,6 +341,22 @@ func (s *Supervisor) watch() {
 // guestPanic is the reason of the guest kernel's panic in this boot, or "".
 func (s *Supervisor) guestPanic() string {
 	return GuestPanic(filepath.Join(s.spec.Machine.Dir, ConsoleLog), s.consoleFrom)
+}
+
+// inspect describes where a guest that never answered is (the machine's
+// Inspector), logged in full and returned for the boot's error: with an
+// empty console (the kernel boots quiet) it is all there is to tell a
+// guest halted for good from one that spins or crawls.
+func (s *Supervisor) inspect(ctx context.Context) string {
+	in, ok := s.machine.(hypervisor.Inspector)
+	if !ok {
+		return "the hypervisor cannot describe it"
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	state := in.Inspect(ctx)
+	s.log.Error("guest agent did not answer", "guest", state)
+	return state
 }
 
 // teardown releases everything the supervisor holds, machine included:

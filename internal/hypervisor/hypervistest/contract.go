@@ -6,6 +6,7 @@ package hypervistest
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -88,10 +89,12 @@ func Contract(t *testing.T, d hypervisor.Driver, fx Fixture) {
 		if err := m.Pause(context.Background()); err != nil {
 			t.Fatalf("Pause: %v", err)
 		}
+		inspect(t, m, "run state paused")
 		if err := m.Resume(context.Background()); err != nil {
 			t.Fatalf("Resume: %v", err)
 		}
 		pingOn(t, c, fx.BootTimeout)
+		inspect(t, m, "run state running", "vCPU 0 ")
 	})
 	t.Run("Snapshot", func(t *testing.T) { snapshot(t, d, fx, caps) })
 	t.Run("Disks", func(t *testing.T) { disks(t, d, fx, caps) })
@@ -322,4 +325,22 @@ func shortDir(t *testing.T) string {
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	return dir
+}
+
+// inspect checks that a machine that can describe its guest
+// (hypervisor.Inspector) names its process and says each of want.
+func inspect(t *testing.T, m hypervisor.Machine, want ...string) {
+	t.Helper()
+	in, ok := m.(hypervisor.Inspector)
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	got := in.Inspect(ctx)
+	for _, w := range append(want, fmt.Sprintf("pid %d ", m.PID()), "threads [") {
+		if !strings.Contains(got, w) {
+			t.Errorf("Inspect = %q, want it to say %q", got, w)
+		}
+	}
 }
