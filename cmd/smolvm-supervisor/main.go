@@ -6,7 +6,7 @@
 // It is the smolvm CLI's hidden `__supervise` command alone, without the
 // CLI, the HTTP and MCP servers, the E2B API and their libraries: their
 // package initialisation and data would otherwise be paid again by every
-// idle VM's supervisor (3 MiB of private memory each; docs/benchmarks.md).
+// idle VM's supervisor (3.4–4.1 MiB each, half its memory; docs/benchmarks.md).
 // Build it like the guest agent, static and without gRPC's request tracing:
 //
 //	CGO_ENABLED=0 go build -tags grpcnotrace -o smolvm-supervisor ./cmd/smolvm-supervisor

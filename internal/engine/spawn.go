@@ -39,7 +39,7 @@ func SupervisorBinary(explicit string) (string, error) {
 // SupervisorProgram is the small binary that runs detached supervisors
 // (cmd/smolvm-supervisor: the CLI's __supervise command without the rest
 // of the CLI, whose servers and their libraries would cost every idle
-// VM's supervisor 3 MiB of private memory more). make build puts it beside
+// VM's supervisor 3.4–4.1 MiB more, docs/benchmarks.md). make build puts it beside
 // smolvm.
 const SupervisorProgram = "smolvm-supervisor"
 
