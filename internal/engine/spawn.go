@@ -17,8 +17,8 @@ import (
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
-// SupervisorBinary finds the smolvm CLI that runs detached supervisors,
-// or names the folder of the SupervisorProgram that does (see
+// SupervisorBinary finds the smolvm CLI that runs detached supervisors
+// (with SupervisorProgram when one lies beside it: see
 // supervisorProgram).
 func SupervisorBinary(explicit string) (string, error) {
 	if explicit != "" {
@@ -39,8 +39,8 @@ func SupervisorBinary(explicit string) (string, error) {
 // SupervisorProgram is the small binary that runs detached supervisors
 // (cmd/smolvm-supervisor: the CLI's __supervise command without the rest
 // of the CLI, whose servers and their libraries would cost every idle
-// VM's supervisor 3.4–4.1 MiB more, docs/benchmarks.md). make build puts it beside
-// smolvm.
+// VM's supervisor 3.4–4.1 MiB more; docs/benchmarks.md). make build puts
+// it beside smolvm.
 const SupervisorProgram = "smolvm-supervisor"
 
 // supervisorProgram is the program that runs the supervisor for the smolvm
