@@ -11,6 +11,7 @@ AGENT_LDFLAGS := -s -w -X github.com/smolvm/smolvm/internal/agent.Version=$(VERS
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/smolvm ./cmd/smolvm
 	CGO_ENABLED=0 $(GO) build -trimpath -tags grpcnotrace -ldflags '$(AGENT_LDFLAGS)' -o $(BIN)/smolvm-agent ./cmd/smolvm-agent
+	CGO_ENABLED=0 $(GO) build -trimpath -tags grpcnotrace -ldflags '-s -w' -o $(BIN)/smolvm-supervisor ./cmd/smolvm-supervisor
 
 # One command from a fresh clone: build, set the host up, run a command in a sandbox.
 demo: build

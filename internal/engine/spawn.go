@@ -17,7 +17,9 @@ import (
 	"github.com/smolvm/smolvm/internal/supervisor"
 )
 
-// SupervisorBinary finds the smolvm CLI that runs detached supervisors.
+// SupervisorBinary finds the smolvm CLI that runs detached supervisors
+// (with SupervisorProgram when one lies beside it: see
+// supervisorProgram).
 func SupervisorBinary(explicit string) (string, error) {
 	if explicit != "" {
 		return explicit, nil
@@ -34,14 +36,43 @@ func SupervisorBinary(explicit string) (string, error) {
 	return "", errors.New("persistent VMs need the smolvm binary: put it in PATH, set $SMOLVM_BIN or set Config.SupervisorBinary")
 }
 
+// SupervisorProgram is the small binary that runs detached supervisors
+// (cmd/smolvm-supervisor: the CLI's __supervise command without the rest
+// of the CLI, whose servers and their libraries would cost every idle
+// VM's supervisor 3.4–4.1 MiB more; docs/benchmarks.md). make build puts
+// it beside smolvm.
+const SupervisorProgram = "smolvm-supervisor"
+
+// supervisorProgram is the program that runs the supervisor for the smolvm
+// binary bin: SupervisorProgram beside bin, or beside the file bin links
+// to, or in ../libexec/smolvm from either (where AgentBinary also looks);
+// else bin itself, whose __supervise command does the same.
+func supervisorProgram(bin string) string {
+	dirs := []string{filepath.Dir(bin)}
+	if real, err := filepath.EvalSymlinks(bin); err == nil && filepath.Dir(real) != dirs[0] {
+		dirs = append(dirs, filepath.Dir(real))
+	}
+	for _, dir := range dirs {
+		for _, p := range []string{filepath.Join(dir, SupervisorProgram), filepath.Join(dir, "..", "libexec", "smolvm", SupervisorProgram)} {
+			if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+				return p
+			}
+		}
+	}
+	return bin
+}
+
 // ErrSupervisorDied is a supervisor process that ended before it reported
 // the VM ready or why not (it was killed).
 var ErrSupervisorDied = errors.New("supervisor exited before the VM was ready")
 
-// SpawnSupervisor starts `smolvm __supervise ID` (bin, see
-// SupervisorBinary) detached from this process and waits until it reports
-// the VM ready (or why not) on a pipe.
+// SpawnSupervisor starts `smolvm-supervisor __supervise ID` (see
+// supervisorProgram; `smolvm __supervise ID` with bin, the smolvm binary
+// SupervisorBinary found, when there is none) detached from this process
+// and waits until it reports the VM ready (or why not) on a pipe.
 func SpawnSupervisor(ctx context.Context, bin, home, id string, started, createDone time.Time, log *slog.Logger) error {
+	bin = supervisorProgram(bin)
+	log.Debug("start supervisor", "program", bin)
 	r, w, err := os.Pipe()
 	if err != nil {
 		return err

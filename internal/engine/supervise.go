@@ -22,7 +22,10 @@ import (
 // persistent VM's supervisor: SpawnSupervisor runs
 // `BINARY __supervise ID --started T --create-done T` with the ready pipe
 // as fd 3, and that command calls smolvm.SupervisorMain, which calls
-// SupervisorMain here.
+// SupervisorMain here. BINARY is SupervisorProgram when there is one
+// (cmd/smolvm-supervisor, which calls SupervisorMain itself), and the
+// command's name stays in its arguments: health checks and leak checks
+// find a VM's supervisor by it.
 const SuperviseCommand = "__supervise"
 
 // SupervisorMain parses the arguments SpawnSupervisor gave the hidden
