@@ -41,9 +41,10 @@ func smolvmRun(t *testing.T, home, stdin string, args ...string) cliResult {
 // the test fails (rather than waits) when it hangs.
 func smolvmRunWithin(t *testing.T, limit time.Duration, home, stdin string, args ...string) cliResult {
 	t.Helper()
+	bin := testutil.Binary(t) // the first call builds it: not on the command's clock
 	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, testutil.Binary(t), args...)
+	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = append(os.Environ(), "SMOLVM_HOME="+home)
 	cmd.Stdin = strings.NewReader(stdin)
 	var out, errOut bytes.Buffer
