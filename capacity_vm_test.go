@@ -151,6 +151,27 @@ func TestHostCapacity(t *testing.T) {
 		t.Errorf("%d of 4 concurrent creates got in with room for 2 on the host: %+v", made, results)
 	}
 
+	// A start is held to the limits too, its own flag's first: one of
+	// the three stopped, another 'start --max-vms 2' finds 2 of 2.
+	for _, r := range results {
+		if r.code != 0 {
+			continue
+		}
+		id := created(r.out)
+		if code, out := smolvmCmd(ctx, t, r.home, "stop", id); code != 0 {
+			t.Fatalf("stop %s: exit %d: %s", id, code, out)
+		}
+		code, out := smolvmCmd(ctx, t, r.home, "start", "--max-vms", "2", id)
+		if code != 6 || !strings.Contains(out, "start VM ") || !strings.Contains(out, "host at capacity: 2 of 2 VMs running") || !strings.Contains(out, "--max-vms") {
+			t.Errorf("start --max-vms 2 with 2 running: exit %d: %s", code, out)
+		}
+		t.Logf("start --max-vms 2 with 2 running: exit %d: %s", code, strings.TrimSpace(out))
+		if code, out := smolvmCmd(ctx, t, r.home, "start", id); code != 0 {
+			t.Errorf("start within the host's 3: exit %d: %s", code, out)
+		}
+		break
+	}
+
 	// A's VM gone, B has room for one more.
 	if err := a.Delete(ctx); err != nil {
 		t.Fatal(err)

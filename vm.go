@@ -376,9 +376,23 @@ func (vm *VM) disconnect() {
 	vm.conn, vm.agent, vm.control, vm.sup = nil, nil, nil, nil
 }
 
-// Start boots a stopped VM again (a fresh boot: memory is not kept).
+// Start boots a stopped VM again (a fresh boot: memory is not kept),
+// within the host's capacity as this process sees it (see Capacity).
 func (vm *VM) Start(ctx context.Context) error {
-	cfg := &Config{} // the capacity of this process (see Capacity)
+	return vm.StartWith(ctx, StartOptions{})
+}
+
+// StartOptions are a start's own capacity limits, as Config's are a
+// create's: 0 takes the environment's or the host's, -1 is no limit.
+type StartOptions struct {
+	MaxVMs       int
+	MaxMemoryMiB int
+}
+
+// StartWith is Start within the limits of opts (a server's --max-vms
+// for the VMs it starts again).
+func (vm *VM) StartWith(ctx context.Context, opts StartOptions) error {
+	cfg := &Config{MaxVMs: opts.MaxVMs, MaxMemoryMiB: opts.MaxMemoryMiB}
 	sup, err := vm.host.eng.Start(ctx, vm.id, cfg.within(vm.host.home), vm.log)
 	if err != nil {
 		return err

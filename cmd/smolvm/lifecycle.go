@@ -31,13 +31,19 @@ func eachVM(g *globals, cmd *cobra.Command, refs []string, fn func(vm *smolvm.VM
 }
 
 func newStartCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var capacity capacityFlags
+	cmd := &cobra.Command{
 		Use:   "start VM...",
 		Short: "Boot stopped VMs again",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			vms, memMiB, err := capacity.limits()
+			if err != nil {
+				return err
+			}
+			opts := smolvm.StartOptions{MaxVMs: vms, MaxMemoryMiB: memMiB}
 			return eachVM(g, cmd, args, func(vm *smolvm.VM) error {
-				if err := vm.Start(cmd.Context()); err != nil {
+				if err := vm.StartWith(cmd.Context(), opts); err != nil {
 					return err
 				}
 				fmt.Println(vm.ID())
@@ -45,6 +51,8 @@ func newStartCmd(g *globals) *cobra.Command {
 			})
 		},
 	}
+	capacity.register(cmd.Flags(), "the start")
+	return cmd
 }
 
 func newStopCmd(g *globals) *cobra.Command {

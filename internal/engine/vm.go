@@ -67,7 +67,7 @@ func (h *Host) Start(ctx context.Context, id string, within Within, log *slog.Lo
 		})
 		return err
 	}); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("start VM %s: %w", rec.Name, err)
 	}
 	if spec.Persistent {
 		return nil, h.spawn(ctx, spec.SupervisorBinary, id, started, started, log)

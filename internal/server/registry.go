@@ -180,7 +180,7 @@ func (r *Registry) reconcile(ctx context.Context) error {
 			// A VM whose supervisor died with the host: boot it again.
 			vm, err := r.open(ctx, rec.ID)
 			if err == nil {
-				err = vm.Start(ctx)
+				err = vm.StartWith(ctx, smolvm.StartOptions{MaxVMs: r.maxVMs, MaxMemoryMiB: r.maxMemoryMiB})
 				e.vm = vm
 			}
 			if err != nil {

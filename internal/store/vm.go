@@ -415,6 +415,9 @@ func (s *Store) UpdateVMWithin(ctx context.Context, id string, c Capacity, fn fu
 		out = vm
 		return nil
 	})
+	if ce := (*CapacityError)(nil); errors.As(err, &ce) {
+		return nil, err // the caller names what it was starting
+	}
 	if err != nil {
 		return nil, fmt.Errorf("update VM %s: %w", id, err)
 	}
