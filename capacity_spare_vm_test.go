@@ -138,6 +138,11 @@ func TestSpareCapacity(t *testing.T) {
 	newVM(t, smolvm.Config{Home: home, Prelaunch: true, MaxVMs: 4})
 	dir = prelaunched()
 	uid = uidOf(dir)
+	for _, c := range smolvm.CheckHost(ctx, home) {
+		if c.Name == "capacity" && (!strings.Contains(c.Detail, "now 3 VMs and 1536 MiB in 1 state folders") || !strings.Contains(c.Detail, ", and 1 prelaunched hypervisors of 512 MiB")) {
+			t.Errorf("doctor's capacity with 3 VMs and a spare: %q", c.Detail)
+		}
+	}
 	fourth := newVM(t, smolvm.Config{Home: home, Cold: true, MaxVMs: 4})
 	if got := sh(t, fourth, "echo ok"); got != "ok" {
 		t.Errorf("the fourth VM: %q", got)

@@ -52,7 +52,7 @@ func CheckHost(ctx context.Context, home string) []HostCheck {
 	} else {
 		out = append(out, HostCheck{Name: "channel", OK: true, Detail: "virtio-serial (no /dev/vhost-vsock; modprobe vhost_vsock for vsock)"})
 	}
-	out = append(out, privilegeChecks()...)
+	out = append(out, privilegeChecks(home)...)
 	if err := os.MkdirAll(home, 0o700); err != nil {
 		out = append(out, HostCheck{Name: "state folder", Detail: err.Error(), Fix: "set SMOLVM_HOME to a writable folder"})
 	} else if f, err := os.CreateTemp(home, ".doctor-"); err != nil {
@@ -67,13 +67,14 @@ func CheckHost(ctx context.Context, home string) []HostCheck {
 
 // privilegeChecks report how QEMU is confined on this host and what is
 // missing, with its cost; and the host's capacity limits.
-func privilegeChecks() []HostCheck {
-	return append(checksOf(engine.JailChecks()), capacityCheck())
+func privilegeChecks(home string) []HostCheck {
+	return append(checksOf(engine.JailChecks()), capacityCheck(home))
 }
 
 // capacityCheck reports the host's limits, where each comes from, and
-// what the VMs of every state folder hold now.
-func capacityCheck() HostCheck {
+// what the VMs of every state folder and the prelaunched hypervisors
+// (spares) hold now.
+func capacityCheck(home string) HostCheck {
 	c := HostCheck{Name: "capacity", OK: true}
 	l, err := (&Config{}).capacity()
 	if err != nil {
@@ -87,6 +88,13 @@ func capacityCheck() HostCheck {
 		c.Detail += "; " + err.Error()
 	} else {
 		c.Detail += fmt.Sprintf("; now %d VMs and %d MiB in %d state folders (registry: %s)", u.VMs, u.MemoryMiB, homes, hostcap.Dir())
+	}
+	if sp := hostcap.SparesOn(hostcap.Dir(), home, engine.ProcessAlive); len(sp) > 0 {
+		mem := 0
+		for _, s := range sp {
+			mem += s.MemoryMiB
+		}
+		c.Detail += fmt.Sprintf(", and %d prelaunched hypervisors of %d MiB, which give way to new VMs", len(sp), mem)
 	}
 	return c
 }
