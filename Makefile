@@ -33,17 +33,13 @@ test-short:
 	$(GO) test -short -count=1 ./...
 
 # Every fuzz target (the decoders of bytes from the other side of a channel)
-# for FUZZTIME each, one after the other: go test -fuzz takes one target at
-# a time. New crashers land in the package's testdata/fuzz.
+# for FUZZTIME each, one after the other (.ci/fuzz; it tries a target once
+# more when Go's coordinator fails it on the fuzztime deadline alone). New
+# crashers land in the package's testdata/fuzz.
 FUZZTIME ?= 10s
 FUZZ_PKGS := . ./internal/lane ./internal/agent ./internal/network ./internal/supervisor ./internal/tarx
 fuzz:
-	@set -e; for pkg in $(FUZZ_PKGS); do \
-		for t in $$($(GO) test -short -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
-			echo "== $$pkg $$t ($(FUZZTIME))"; \
-			$(GO) test -short -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) $$pkg; \
-		done; \
-	done
+	GO=$(GO) FUZZTIME=$(FUZZTIME) .ci/fuzz $(FUZZ_PKGS)
 
 # Lint: formatting, vet, staticcheck, errorlint (errors compared with == or
 # asserted instead of errors.Is/As) and errcheck (unchecked errors; the
