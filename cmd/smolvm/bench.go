@@ -30,6 +30,10 @@ func newBenchCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "bench",
 		Short: "Measure create, launch, first command, warm command and stop + delete",
+		// The bench opens the state folder itself, through the library;
+		// --idle with --idle-bin drives another build's CLI, whose state
+		// folder this build's store must not upgrade.
+		Annotations: map[string]string{noHost: "the bench opens its own"},
 		Long: `Create VMs one after another in each mode and report, per phase, the minimum,
 median, 95th percentile and maximum: create, launch (hypervisor up), first
 command (guest agent answers), warm command ('true'), stop + delete, and the
@@ -99,7 +103,7 @@ Ctrl-C.`,
 			if tuned != "" {
 				opts.TunedKernel = func(string) (string, error) { return tuned, nil }
 			}
-			opts.Home = g.h.Home()
+			opts.Home = g.homeDir()
 			opts.Logger = g.log
 			opts.Command = "smolvm " + strings.Join(os.Args[1:], " ")
 			if term.IsTerminal(int(os.Stderr.Fd())) {
@@ -109,7 +113,7 @@ Ctrl-C.`,
 				opts.Verbose = os.Stderr
 			}
 			if len(idle.Counts) > 0 {
-				return runIdleBench(ctx, g.h.Home(), idle, asJSON)
+				return runIdleBench(ctx, opts.Home, idle, asJSON)
 			}
 			var rep interface {
 				WriteJSON(io.Writer) error

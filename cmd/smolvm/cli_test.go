@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
@@ -467,5 +468,20 @@ func assertRemoved(t *testing.T, home string) {
 	}
 	if left := testutil.WaitNoProcesses(home, 30*time.Second); len(left) > 0 {
 		t.Errorf("processes after rm -f: %v", left)
+	}
+}
+
+// TestBenchOpensNoStore: bench opens the state folder only through the
+// library, so 'bench --idle N --idle-bin OLD' leaves another build's
+// folder as that build made it (this build's store would upgrade its
+// database past what OLD reads).
+func TestBenchOpensNoStore(t *testing.T) {
+	home := t.TempDir()
+	r := smolvmRunWithin(t, time.Minute, home, "", "bench", "--idle", "1", "--idle-bin", "/bin/false", "--idle-window", "1s", "--idle-settle", "1s")
+	if r.code == 0 || !strings.Contains(r.stderr, "/bin/false") && !strings.Contains(r.stderr, "exit status 1") {
+		t.Errorf("bench with an idle binary that fails: exit %d, %q; want a failure naming it", r.code, r.stderr)
+	}
+	if _, err := os.Stat(filepath.Join(home, "smolvm.db")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("bench --idle-bin made or opened this build's store in %s: %v", home, err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -54,6 +55,17 @@ func (g *globals) host() (*smolvm.Host, error) {
 		g.h = h
 	}
 	return g.h, nil
+}
+
+// homeDir is the run's state folder, for a command that opens no Host.
+func (g *globals) homeDir() string {
+	if g.h != nil {
+		return g.h.Home()
+	}
+	if g.home == "" {
+		return smolvm.Home()
+	}
+	return filepath.Clean(g.home)
 }
 
 // open is Host.Open on the run's state folder.
