@@ -6,7 +6,7 @@ LDFLAGS := -s -w -X github.com/smolvm/smolvm.Version=$(VERSION)
 GOBIN_DIR := $(or $(shell $(GO) env GOBIN),$(shell $(GO) env GOPATH)/bin)
 AGENT_LDFLAGS := -s -w -X github.com/smolvm/smolvm/internal/agent.Version=$(VERSION)
 
-.PHONY: build demo test test-short fuzz lint setup clean generate tools
+.PHONY: build demo test test-clients test-short fuzz lint setup clean generate tools
 
 # All three are static (no cgo: nothing here needs libc) and leave out
 # gRPC's tracing pages: a CLI call starts ~7 ms of CPU sooner without the
@@ -25,9 +25,20 @@ setup: build
 	$(BIN)/smolvm setup
 
 # The whole suite: unit tests and real-VM tests (QEMU, TCG here).
-test: build
+test: build test-clients
 	$(BIN)/smolvm setup
 	SMOLVM_AGENT=$(CURDIR)/$(BIN)/smolvm-agent SMOLVM_BIN=$(CURDIR)/$(BIN)/smolvm $(GO) test -count=1 -timeout 45m ./...
+
+# The official clients some tests drive smolvm with (Node.js 18 or later):
+# the TypeScript MCP SDK (test/mcp) and the e2b SDK (test/e2b), each pinned
+# by its package-lock.json, installed when missing or older than the lock.
+test-clients:
+	@for d in test/mcp test/e2b; do \
+		if [ ! -f $$d/node_modules/.package-lock.json ] || [ $$d/package-lock.json -nt $$d/node_modules/.package-lock.json ]; then \
+			command -v npm >/dev/null || { echo "npm is needed for the official clients' tests: apt-get install nodejs npm"; exit 1; }; \
+			echo "npm ci --prefix $$d"; npm ci --prefix $$d --no-audit --no-fund || exit 1; \
+		fi; \
+	done
 
 test-short:
 	$(GO) test -short -count=1 ./...
