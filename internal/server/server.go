@@ -10,6 +10,7 @@ import (
 	"crypto/subtle"
 	"log/slog"
 	"net/http"
+	"sync"
 	"time"
 )
 
@@ -58,6 +59,56 @@ type Server struct {
 	// ctx ends at Shutdown: streams watch it to end cleanly.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// streams are the WebSocket streams running, which Shutdown lets
+	// close (1001) before it returns: their connections are hijacked, so
+	// http.Server.Shutdown does not wait for them.
+	streams streamSet
+}
+
+// streamWait bounds how long Shutdown waits for the streams to close.
+const streamWait = 10 * time.Second
+
+// streamSet counts running streams and tells a waiter when none is left.
+type streamSet struct {
+	mu   sync.Mutex
+	n    int
+	idle chan struct{} // closed when n falls to 0 while someone waits
+}
+
+func (s *streamSet) add() {
+	s.mu.Lock()
+	s.n++
+	s.mu.Unlock()
+}
+
+func (s *streamSet) done() {
+	s.mu.Lock()
+	s.n--
+	if s.n == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
+	s.mu.Unlock()
+}
+
+// wait returns once no stream runs, or after d.
+func (s *streamSet) wait(d time.Duration) {
+	s.mu.Lock()
+	if s.n == 0 {
+		s.mu.Unlock()
+		return
+	}
+	if s.idle == nil {
+		s.idle = make(chan struct{})
+	}
+	idle := s.idle
+	s.mu.Unlock()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-idle:
+	case <-t.C:
+	}
 }
 
 // New opens the registry of opts.Home (reconciling it with the VMs there)
@@ -124,5 +175,6 @@ func (s *Server) StopStreams() { s.cancel() }
 // returned (no request uses the registry any more).
 func (s *Server) Shutdown() error {
 	s.cancel()
+	s.streams.wait(streamWait) // each closes with 1001 before the process may exit
 	return s.reg.Close()
 }

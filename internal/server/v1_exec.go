@@ -205,6 +205,8 @@ type execExit struct {
 // for the messages). Output goes out as the client reads it: a client
 // that stops reading holds its own command's output only.
 func (s *Server) execStream(w http.ResponseWriter, r *http.Request) error {
+	s.streams.add()
+	defer s.streams.done()
 	vm, err := s.vm(r)
 	if err != nil {
 		return err
@@ -264,13 +266,13 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) error {
 	}
 	go s.readControl(connCtx, clientGone, conn, c, stdin)
 	err = c.Wait()
+	if err != nil && ctx.Err() != nil && s.ctx.Err() != nil {
+		// The shutdown ended the command (whether it reports a kill or
+		// a lost call): the client hears that the server goes away.
+		_ = conn.Close(websocket.StatusGoingAway, "the server is shutting down")
+		return nil
+	}
 	if ee := (*smolvm.ExitError)(nil); err != nil && !errors.As(err, &ee) {
-		select {
-		case <-s.Done():
-			_ = conn.Close(websocket.StatusGoingAway, "the server is shutting down")
-			return nil
-		default:
-		}
 		if connCtx.Err() != nil {
 			return nil // the client went: nothing to tell
 		}
