@@ -1,35 +1,18 @@
 package agent
 
 import (
-	"bytes"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/smolvm/smolvm/internal/testutil"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // An init step that outlasts the interval is named on the log, with how
 // long it has run, until the watch is done.
 func TestStepWatch(t *testing.T) {
-	var out lockedBuffer
+	var out testutil.SyncBuffer
 	w := watchSteps(slog.New(slog.NewTextHandler(&out, nil)), 5*time.Millisecond)
 	defer w.done()
 	w.enter("load kernel module /lib/modules/virtio_net.ko")
